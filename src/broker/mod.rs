@@ -1,0 +1,548 @@
+//! The broker core shared by all connections: sessions, the subscription
+//! trie, retained messages, wills and counters.
+//!
+//! Boundary: connections call [`Broker::connect`], [`Broker::publish`],
+//! [`Broker::subscribe`]... with decoded packets' contents; the broker never
+//! touches a socket. One PUBLISH: the trie is read-locked to collect the
+//! matching sessions, then each session gets one delivery under its own
+//! lock and its connection is woken.
+
+pub mod message;
+pub mod retained;
+pub mod session;
+pub mod sys;
+pub mod trie;
+
+use crate::config::MqttConfig;
+use crate::protocol::topic::{parse_shared, valid_topic_filter};
+use crate::protocol::{DisconnectReason, QoS, SubscriptionOptions};
+use crate::storage::{Storage, StorageError};
+use message::{now_ms, Message};
+use parking_lot::{Mutex, RwLock};
+use retained::RetainedTree;
+use session::{Attachment, AttachmentHandle, Delivery, EndedSession, PendingWill, Session, Subscription};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use trie::SubscriptionTrie;
+
+/// A subscriber in the trie: client id, and the share group for `$share`.
+type SubscriberKey = (Arc<str>, Option<Arc<str>>);
+
+struct SubscriberEntry {
+    session: Arc<Session>,
+    options: SubscriptionOptions,
+    identifier: Option<u32>,
+    /// For shared subscriptions: the filter, which with the group names it.
+    shared_filter: Option<Arc<str>>,
+}
+
+/// Counters behind `$SYS` and the logs.
+#[derive(Default)]
+pub struct Stats {
+    pub clients_connected: AtomicU64,
+    pub clients_total: AtomicU64,
+    pub messages_received: AtomicU64,
+    pub messages_sent: AtomicU64,
+    pub messages_dropped: AtomicU64,
+    pub bytes_received: AtomicU64,
+    pub bytes_sent: AtomicU64,
+}
+
+impl Stats {
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+}
+
+pub struct Broker {
+    pub config: MqttConfig,
+    pub storage: Storage,
+    pub stats: Stats,
+    pub started: Instant,
+    sessions: Mutex<HashMap<Arc<str>, Arc<Session>>>,
+    subscriptions: RwLock<SubscriptionTrie<SubscriberKey, SubscriberEntry>>,
+    retained: RwLock<RetainedTree>,
+    next_connection_id: AtomicU64,
+    shared_cursor: AtomicUsize,
+}
+
+/// Result of attaching a connection to a session.
+pub struct Connected {
+    pub session: Arc<Session>,
+    pub session_present: bool,
+    pub handle: AttachmentHandle,
+}
+
+/// How a connection ended, for will and session handling.
+pub struct Departure {
+    pub connection_id: u64,
+    /// The will to publish: `None` after a normal DISCONNECT.
+    pub will: Option<(Message, u32)>,
+}
+
+/// One filter of a SUBSCRIBE, after the protocol checks.
+pub struct SubscribeRequest {
+    pub filter: String,
+    pub options: SubscriptionOptions,
+    pub identifier: Option<u32>,
+}
+
+impl Broker {
+    /// Opens the broker on a storage, restoring retained messages and
+    /// persistent sessions (dropping those that expired while it was down).
+    pub fn open(config: MqttConfig, storage: Storage) -> Result<Broker, StorageError> {
+        let broker = Broker {
+            config,
+            storage,
+            stats: Stats::default(),
+            started: Instant::now(),
+            sessions: Mutex::new(HashMap::new()),
+            subscriptions: RwLock::new(SubscriptionTrie::new()),
+            retained: RwLock::new(RetainedTree::default()),
+            next_connection_id: AtomicU64::new(1),
+            shared_cursor: AtomicUsize::new(0),
+        };
+        let now = now_ms();
+        {
+            let mut retained = broker.retained.write();
+            for message in broker.storage.retained()? {
+                if !message.is_expired(now) {
+                    retained.insert(Arc::new(message));
+                }
+            }
+        }
+        for (client_id, stored) in broker.storage.sessions()? {
+            let expired = stored
+                .disconnected_at_ms
+                .is_some_and(|at| expires_at(at, stored.expiry_interval).is_some_and(|end| end <= now));
+            if expired || stored.expiry_interval == 0 {
+                broker.storage.remove_session(&client_id)?;
+                continue;
+            }
+            let deliveries = broker.storage.deliveries(&client_id)?;
+            let client_id: Arc<str> = client_id.into();
+            let session = Arc::new(Session::restore(client_id.clone(), stored, deliveries));
+            {
+                let st = session.lock();
+                let mut trie = broker.subscriptions.write();
+                for (filter, sub) in &st.subscriptions {
+                    broker.index(&mut trie, &session, filter, sub);
+                }
+                session.save(&st, &broker.storage);
+            }
+            broker.sessions.lock().insert(client_id, session);
+        }
+        broker.storage.flush()?;
+        Ok(broker)
+    }
+
+    pub fn next_connection_id(&self) -> u64 {
+        self.next_connection_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub fn subscription_count(&self) -> usize {
+        self.subscriptions.read().len()
+    }
+
+    pub fn retained_count(&self) -> usize {
+        self.retained.read().len()
+    }
+
+    pub fn session_count(&self) -> usize {
+        self.sessions.lock().len()
+    }
+
+    /// Attaches a new connection to the session of `client_id`, taking it
+    /// over from a connection that holds it, starting a new session when
+    /// `clean_start` asks or none exists.
+    pub async fn connect(&self, client_id: &str, clean_start: bool, expiry_interval: u32) -> Connected {
+        let connection_id = self.next_connection_id();
+        loop {
+            let existing = self.sessions.lock().get(client_id).cloned();
+            let Some(session) = existing else {
+                let session = Arc::new(Session::new(client_id.into(), expiry_interval));
+                let (attachment, handle) = Attachment::new(connection_id);
+                session.lock().connection = Some(attachment);
+                {
+                    let mut sessions = self.sessions.lock();
+                    if sessions.contains_key(client_id) {
+                        continue; // raced with another CONNECT for this id
+                    }
+                    sessions.insert(client_id.into(), session.clone());
+                }
+                self.save_session(&session);
+                return Connected { session, session_present: false, handle };
+            };
+            // Decide under the session lock, act after releasing it.
+            let step = {
+                let mut st = session.lock();
+                if st.ended {
+                    Step::Retry
+                } else if let Some(old) = st.connection.take() {
+                    Step::TakeOver(old)
+                } else {
+                    let expired = st
+                        .disconnected_at_ms
+                        .and_then(|at| expires_at(at, st.expiry_interval))
+                        .is_some_and(|end| end <= now_ms());
+                    if clean_start || expired {
+                        Step::Discard
+                    } else {
+                        // Resume: a will still waiting for its delay is cancelled.
+                        st.pending_will = None;
+                        st.expiry_interval = expiry_interval;
+                        st.disconnected_at_ms = None;
+                        let (attachment, handle) = Attachment::new(connection_id);
+                        st.connection = Some(attachment);
+                        session.save(&st, &self.storage);
+                        Step::Resumed(handle)
+                    }
+                }
+            };
+            match step {
+                Step::Retry => continue,
+                Step::TakeOver(old) => {
+                    tracing::debug!(client_id, "session taken over");
+                    old.take_over(DisconnectReason::SessionTakenOver, Duration::from_secs(5)).await;
+                }
+                Step::Discard => self.end_session(&session),
+                Step::Resumed(handle) => return Connected { session, session_present: true, handle },
+            }
+        }
+    }
+
+    /// Detaches a connection from its session: schedules or publishes the
+    /// will, and ends the session if it does not outlive the connection.
+    pub fn disconnect(&self, session: &Arc<Session>, departure: Departure) {
+        let mut st = session.lock();
+        let attached = st.connection.as_ref().is_some_and(|a| a.connection_id == departure.connection_id);
+        if attached {
+            st.connection = None;
+            st.disconnected_at_ms = Some(now_ms());
+        }
+        let ends = attached && !st.is_persistent();
+        let mut publish_now = None;
+        if let Some((will, delay)) = departure.will {
+            let delay = delay.min(st.expiry_interval);
+            if delay == 0 || ends {
+                publish_now = Some(will);
+            } else {
+                st.pending_will = Some(PendingWill { at_ms: now_ms() + delay as u64 * 1000, message: will });
+            }
+        }
+        if attached && !ends {
+            session.save(&st, &self.storage);
+        }
+        drop(st);
+        if ends {
+            self.end_session(session);
+        }
+        if let Some(will) = publish_now {
+            self.publish(will);
+        }
+    }
+
+    /// Changes the session expiry (MQTT 5 DISCONNECT may do so).
+    pub fn set_expiry(&self, session: &Session, expiry_interval: u32) {
+        let mut st = session.lock();
+        st.expiry_interval = expiry_interval;
+        session.save(&st, &self.storage);
+    }
+
+    fn save_session(&self, session: &Session) {
+        let st = session.lock();
+        session.save(&st, &self.storage);
+    }
+
+    /// Removes a session everywhere and publishes its pending will.
+    fn end_session(&self, session: &Arc<Session>) {
+        {
+            let mut sessions = self.sessions.lock();
+            if sessions.get(&session.client_id).is_some_and(|s| Arc::ptr_eq(s, session)) {
+                sessions.remove(&session.client_id);
+            }
+        }
+        let EndedSession { subscriptions, pending_will } = session.end(&self.storage);
+        {
+            let mut trie = self.subscriptions.write();
+            for filter in subscriptions.keys() {
+                Self::unindex(&mut trie, session, filter);
+            }
+        }
+        if let Some(will) = pending_will {
+            self.publish(will.message);
+        }
+    }
+
+    /// Expires sessions and publishes delayed wills whose time has come.
+    /// Called about once a second.
+    pub fn sweep(&self) {
+        let now = now_ms();
+        let sessions: Vec<Arc<Session>> = self.sessions.lock().values().cloned().collect();
+        for session in sessions {
+            let mut st = session.lock();
+            if st.connection.is_some() {
+                continue;
+            }
+            let expired =
+                st.disconnected_at_ms.and_then(|at| expires_at(at, st.expiry_interval)).is_some_and(|end| end <= now);
+            if expired {
+                drop(st);
+                tracing::debug!(client_id = %session.client_id, "session expired");
+                self.end_session(&session);
+                continue;
+            }
+            if st.pending_will.as_ref().is_some_and(|w| w.at_ms <= now) {
+                let will = st.pending_will.take().expect("checked above");
+                drop(st);
+                self.publish(will.message);
+            }
+        }
+        if let Err(err) = self.storage.flush() {
+            tracing::error!(cause = %err, "storage flush failed");
+        }
+    }
+
+    /// Routes a message to every matching session; returns the number of
+    /// deliveries queued. Retained messages are stored or cleared first.
+    pub fn publish(&self, message: Message) -> usize {
+        if message.retain {
+            self.retain(&message);
+        }
+        let message = Arc::new(message);
+        let mut direct: Vec<(Arc<Session>, QoS, bool, Vec<u32>)> = Vec::new();
+        type Member = (Arc<Session>, QoS, bool, Option<u32>);
+        let mut groups: Vec<(Arc<str>, Arc<str>, Vec<Member>)> = Vec::new();
+        let trie = self.subscriptions.read();
+        trie.for_each_match(&message.topic, |(client_id, group), entry| {
+            let qos = message.qos.min(entry.options.qos);
+            let retain = message.retain && entry.options.retain_as_published;
+            match (group, &entry.shared_filter) {
+                (Some(group), Some(filter)) => {
+                    let member = (entry.session.clone(), qos, retain, entry.identifier);
+                    match groups.iter_mut().find(|(g, f, _)| g == group && f == filter) {
+                        Some((_, _, members)) => members.push(member),
+                        None => groups.push((group.clone(), filter.clone(), vec![member])),
+                    }
+                }
+                _ => {
+                    if entry.options.no_local && message.origin.as_deref() == Some(&**client_id) {
+                        return;
+                    }
+                    let ids = entry.identifier.into_iter().collect();
+                    direct.push((entry.session.clone(), qos, retain, ids));
+                }
+            }
+        });
+        // One delivery per client for overlapping subscriptions: the highest
+        // QoS, every subscription identifier.
+        direct.sort_by_key(|(s, ..)| Arc::as_ptr(s));
+        direct.dedup_by(|later, kept| {
+            if !Arc::ptr_eq(&later.0, &kept.0) {
+                return false;
+            }
+            kept.1 = kept.1.max(later.1);
+            kept.2 |= later.2;
+            kept.3.append(&mut later.3);
+            true
+        });
+        // Session locks are taken only after the trie lock is released:
+        // subscribe takes them in the other order.
+        drop(trie);
+        let shared: Vec<_> = groups.into_iter().map(|(_, _, members)| self.pick_member(members)).collect();
+
+        let mut queued = 0;
+        let targets =
+            direct.into_iter().chain(shared.into_iter().map(|(s, q, r, id)| (s, q, r, id.into_iter().collect())));
+        for (session, qos, retain, mut subscription_ids) in targets {
+            subscription_ids.sort_unstable();
+            let delivery = Delivery { message: message.clone(), qos, retain, subscription_ids, seq: None };
+            match session.enqueue(
+                delivery,
+                self.config.max_queued_messages,
+                self.config.queue_qos0_offline,
+                &self.storage,
+            ) {
+                Ok(()) => queued += 1,
+                Err(session::Dropped::QueueFull) => {
+                    Stats::add(&self.stats.messages_dropped, 1);
+                    tracing::debug!(client_id = %session.client_id, "queue full, message dropped");
+                }
+                Err(_) => {}
+            }
+        }
+        queued
+    }
+
+    /// Picks one member of a shared group: the next connected one in turn,
+    /// or, when none is connected, the next one (its session queues).
+    fn pick_member<T>(
+        &self,
+        mut members: Vec<(Arc<Session>, T, bool, Option<u32>)>,
+    ) -> (Arc<Session>, T, bool, Option<u32>) {
+        members.sort_by(|a, b| a.0.client_id.cmp(&b.0.client_id));
+        let start = self.shared_cursor.fetch_add(1, Ordering::Relaxed) % members.len();
+        let online = (0..members.len())
+            .map(|i| (start + i) % members.len())
+            .find(|&i| members[i].0.lock().connection.is_some())
+            .unwrap_or(start);
+        members.swap_remove(online)
+    }
+
+    fn retain(&self, message: &Message) {
+        // `$SYS` is rebuilt from counters at start; no need to store it.
+        let durable = !message.topic.starts_with("$SYS/");
+        if message.payload.is_empty() {
+            self.retained.write().remove(&message.topic);
+            if durable {
+                if let Err(err) = self.storage.remove_retained(&message.topic) {
+                    tracing::error!(cause = %err, "could not clear a retained message");
+                }
+            }
+            return;
+        }
+        let mut stored = message.clone();
+        stored.origin = None;
+        if durable {
+            if let Err(err) = self.storage.put_retained(&stored) {
+                tracing::error!(cause = %err, "could not store a retained message");
+            }
+        }
+        self.retained.write().insert(Arc::new(stored));
+    }
+
+    /// Adds or replaces subscriptions; queues the retained messages each
+    /// one asks for. Returns per filter the granted QoS or a reason code.
+    pub fn subscribe(&self, session: &Arc<Session>, requests: Vec<SubscribeRequest>) -> Vec<u8> {
+        let mut reasons = Vec::with_capacity(requests.len());
+        let mut retained_for = Vec::new();
+        {
+            let mut st = session.lock();
+            let mut trie = self.subscriptions.write();
+            for request in requests {
+                let shared = match parse_shared(&request.filter) {
+                    Ok(shared) => shared,
+                    Err(_) => {
+                        reasons.push(0x8F);
+                        continue;
+                    }
+                };
+                if shared.is_none() && !valid_topic_filter(&request.filter) {
+                    reasons.push(0x8F);
+                    continue;
+                }
+                let subscription = Subscription { options: request.options, identifier: request.identifier };
+                let existed = st.subscriptions.insert(request.filter.clone(), subscription.clone()).is_some();
+                self.index(&mut trie, session, &request.filter, &subscription);
+                reasons.push(request.options.qos as u8);
+                let send_retained = match request.options.retain_handling {
+                    0 => true,
+                    1 => !existed,
+                    _ => false,
+                };
+                if send_retained && shared.is_none() {
+                    retained_for.push((request.filter, subscription));
+                }
+            }
+            session.save(&st, &self.storage);
+        }
+        let now = now_ms();
+        for (filter, subscription) in retained_for {
+            let messages = self.retained.read().matching(&filter);
+            for message in messages {
+                if message.is_expired(now) {
+                    continue;
+                }
+                let delivery = Delivery {
+                    qos: message.qos.min(subscription.options.qos),
+                    retain: true,
+                    subscription_ids: subscription.identifier.into_iter().collect(),
+                    message,
+                    seq: None,
+                };
+                if session.enqueue(delivery, self.config.max_queued_messages, true, &self.storage).is_err() {
+                    Stats::add(&self.stats.messages_dropped, 1);
+                }
+            }
+        }
+        reasons
+    }
+
+    /// Removes subscriptions; per filter 0x00 or 0x11 (no subscription existed).
+    pub fn unsubscribe(&self, session: &Arc<Session>, filters: &[String]) -> Vec<u8> {
+        let mut st = session.lock();
+        let mut trie = self.subscriptions.write();
+        let reasons = filters
+            .iter()
+            .map(|filter| {
+                if st.subscriptions.remove(filter).is_some() {
+                    Self::unindex(&mut trie, session, filter);
+                    0x00
+                } else {
+                    0x11
+                }
+            })
+            .collect();
+        drop(trie);
+        session.save(&st, &self.storage);
+        reasons
+    }
+
+    fn index(
+        &self,
+        trie: &mut SubscriptionTrie<SubscriberKey, SubscriberEntry>,
+        session: &Arc<Session>,
+        filter: &str,
+        subscription: &Subscription,
+    ) {
+        let (trie_filter, group) = match parse_shared(filter) {
+            Ok(Some(shared)) => (shared.filter, Some(Arc::<str>::from(shared.group))),
+            _ => (filter, None),
+        };
+        let entry = SubscriberEntry {
+            session: session.clone(),
+            options: subscription.options,
+            identifier: subscription.identifier,
+            shared_filter: group.as_ref().map(|_| Arc::from(trie_filter)),
+        };
+        trie.insert(trie_filter, (session.client_id.clone(), group), entry);
+    }
+
+    fn unindex(trie: &mut SubscriptionTrie<SubscriberKey, SubscriberEntry>, session: &Session, filter: &str) {
+        let (trie_filter, group) = match parse_shared(filter) {
+            Ok(Some(shared)) => (shared.filter, Some(Arc::<str>::from(shared.group))),
+            _ => (filter, None),
+        };
+        trie.remove(trie_filter, &(session.client_id.clone(), group));
+    }
+
+    /// Closes every connection (server shutting down) and waits for them.
+    pub async fn kick_all(&self, reason: DisconnectReason) {
+        let sessions: Vec<Arc<Session>> = self.sessions.lock().values().cloned().collect();
+        let mut waits = Vec::new();
+        for session in sessions {
+            if let Some(attachment) = session.lock().connection.take() {
+                waits.push(attachment.take_over(reason, Duration::from_secs(2)));
+            }
+        }
+        futures_util::future::join_all(waits).await;
+    }
+}
+
+/// What `connect` does with an existing session.
+enum Step {
+    Retry,
+    TakeOver(Attachment),
+    Discard,
+    Resumed(AttachmentHandle),
+}
+
+fn expires_at(disconnected_at_ms: u64, expiry_interval: u32) -> Option<u64> {
+    (expiry_interval != session::NEVER_EXPIRES).then(|| disconnected_at_ms + expiry_interval as u64 * 1000)
+}

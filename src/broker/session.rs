@@ -1,0 +1,534 @@
+//! One client's session: its subscriptions, the messages owed to it (queued,
+//! or sent and awaiting acknowledgement) and the QoS 2 ids it has sent us.
+//!
+//! A session outlives connections. The router appends deliveries under the
+//! session's lock and wakes the attached connection, which takes what its
+//! inflight window allows. Persistent sessions mirror every QoS 1/2 delivery
+//! into storage so a restart loses nothing that was acknowledged upstream.
+
+use super::message::{now_ms, Message};
+use crate::protocol::{
+    self, DisconnectReason, Packet, PubAck, Publish, PublishProperties, QoS, SubscriptionOptions, Version,
+};
+use crate::storage::{Storage, StoredDelivery, StoredSession, StoredSubscription};
+use parking_lot::{Mutex, MutexGuard};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use tokio::sync::{oneshot, Notify};
+
+/// Session expiry that never ends (3.1.1 persistent sessions).
+pub const NEVER_EXPIRES: u32 = u32::MAX;
+
+pub struct Session {
+    pub client_id: Arc<str>,
+    state: Mutex<SessionState>,
+    /// Wakes the attached connection when deliveries are queued.
+    wake: Notify,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Subscription {
+    pub options: SubscriptionOptions,
+    pub identifier: Option<u32>,
+}
+
+/// A message on its way to this session's client.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub message: Arc<Message>,
+    pub qos: QoS,
+    pub retain: bool,
+    pub subscription_ids: Vec<u32>,
+    /// Key of the stored copy, for persistent sessions and QoS > 0.
+    pub seq: Option<u64>,
+}
+
+struct Inflight {
+    delivery: Delivery,
+    /// QoS 2: PUBREC came and PUBREL was sent; waiting for PUBCOMP.
+    released: bool,
+}
+
+/// The connection attached to a session. Taking it over means sending on
+/// `kick` and waiting for `gone` to close.
+pub struct Attachment {
+    pub connection_id: u64,
+    kick: oneshot::Sender<DisconnectReason>,
+    gone: oneshot::Receiver<()>,
+}
+
+/// What the connection task keeps: it learns of a takeover on `kicked` and
+/// signals that it is done by dropping `_gone`.
+pub struct AttachmentHandle {
+    pub connection_id: u64,
+    pub kicked: oneshot::Receiver<DisconnectReason>,
+    pub gone: oneshot::Sender<()>,
+}
+
+impl Attachment {
+    pub fn new(connection_id: u64) -> (Attachment, AttachmentHandle) {
+        let (kick, kicked) = oneshot::channel();
+        let (gone_tx, gone) = oneshot::channel();
+        (Attachment { connection_id, kick, gone }, AttachmentHandle { connection_id, kicked, gone: gone_tx })
+    }
+
+    /// Asks the attached connection to close and waits until it has.
+    pub async fn take_over(self, reason: DisconnectReason, wait: std::time::Duration) {
+        let _ = self.kick.send(reason);
+        let _ = tokio::time::timeout(wait, self.gone).await;
+    }
+}
+
+pub struct PendingWill {
+    pub at_ms: u64,
+    pub message: Message,
+}
+
+pub struct SessionState {
+    /// Seconds the session lives after its connection closes; 0 = ends with it.
+    pub expiry_interval: u32,
+    pub subscriptions: HashMap<String, Subscription>,
+    queue: VecDeque<Delivery>,
+    inflight: BTreeMap<u16, Inflight>,
+    next_packet_id: u16,
+    next_seq: u64,
+    pub incoming_qos2: HashSet<u16>,
+    pub connection: Option<Attachment>,
+    pub disconnected_at_ms: Option<u64>,
+    pub pending_will: Option<PendingWill>,
+    /// Set when the session was discarded; late deliveries are dropped.
+    pub ended: bool,
+    /// What the attached client accepts (from its CONNECT).
+    pub client_limits: ClientLimits,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct ClientLimits {
+    pub version: Version,
+    pub receive_maximum: u16,
+    pub maximum_packet_size: usize,
+}
+
+impl Default for ClientLimits {
+    fn default() -> Self {
+        ClientLimits { version: Version::V5, receive_maximum: u16::MAX, maximum_packet_size: protocol::MAX_PACKET_SIZE }
+    }
+}
+
+/// Why a delivery was not queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dropped {
+    SessionEnded,
+    QueueFull,
+    Offline,
+}
+
+impl SessionState {
+    pub fn is_persistent(&self) -> bool {
+        self.expiry_interval > 0
+    }
+
+    pub fn to_stored(&self) -> StoredSession {
+        let mut subscriptions: Vec<StoredSubscription> = self
+            .subscriptions
+            .iter()
+            .map(|(filter, s)| StoredSubscription {
+                filter: filter.clone(),
+                options: s.options,
+                identifier: s.identifier,
+            })
+            .collect();
+        subscriptions.sort_by(|a, b| a.filter.cmp(&b.filter));
+        let mut incoming_qos2: Vec<u16> = self.incoming_qos2.iter().copied().collect();
+        incoming_qos2.sort_unstable();
+        StoredSession {
+            expiry_interval: self.expiry_interval,
+            subscriptions,
+            incoming_qos2,
+            disconnected_at_ms: self.disconnected_at_ms,
+        }
+    }
+
+    pub fn queued(&self) -> usize {
+        self.queue.len()
+    }
+
+    pub fn inflight(&self) -> usize {
+        self.inflight.len()
+    }
+
+    fn store_delivery(
+        &self,
+        client_id: &str,
+        delivery: &Delivery,
+        packet_id: Option<u16>,
+        released: bool,
+        storage: &Storage,
+    ) {
+        let Some(seq) = delivery.seq else { return };
+        let stored = StoredDelivery {
+            message: (*delivery.message).clone(),
+            qos: delivery.qos,
+            retain: delivery.retain,
+            subscription_ids: delivery.subscription_ids.clone(),
+            packet_id,
+            released,
+        };
+        if let Err(err) = storage.put_delivery(client_id, seq, &stored) {
+            tracing::error!(cause = %err, client_id, "could not persist a delivery");
+        }
+    }
+
+    fn forget_delivery(&self, client_id: &str, delivery: &Delivery, storage: &Storage) {
+        if let Some(seq) = delivery.seq {
+            if let Err(err) = storage.remove_delivery(client_id, seq) {
+                tracing::error!(cause = %err, client_id, "could not remove a delivery");
+            }
+        }
+    }
+
+    fn free_packet_id(&mut self) -> Option<u16> {
+        for _ in 0..=u16::MAX {
+            let id = self.next_packet_id;
+            self.next_packet_id = self.next_packet_id.checked_add(1).unwrap_or(1);
+            if id != 0 && !self.inflight.contains_key(&id) {
+                return Some(id);
+            }
+        }
+        None
+    }
+}
+
+impl Session {
+    pub fn new(client_id: Arc<str>, expiry_interval: u32) -> Session {
+        Session {
+            client_id,
+            state: Mutex::new(SessionState {
+                expiry_interval,
+                subscriptions: HashMap::new(),
+                queue: VecDeque::new(),
+                inflight: BTreeMap::new(),
+                next_packet_id: 1,
+                next_seq: 1,
+                incoming_qos2: HashSet::new(),
+                connection: None,
+                disconnected_at_ms: None,
+                pending_will: None,
+                ended: false,
+                client_limits: ClientLimits::default(),
+            }),
+            wake: Notify::new(),
+        }
+    }
+
+    /// Rebuilds a persistent session from storage (offline, with its queue;
+    /// deliveries that had been sent are sent again, with DUP, on resume).
+    pub fn restore(client_id: Arc<str>, stored: StoredSession, deliveries: Vec<(u64, StoredDelivery)>) -> Session {
+        let session = Session::new(client_id, stored.expiry_interval);
+        {
+            let mut st = session.state.lock();
+            st.subscriptions = stored
+                .subscriptions
+                .into_iter()
+                .map(|s| (s.filter, Subscription { options: s.options, identifier: s.identifier }))
+                .collect();
+            st.incoming_qos2 = stored.incoming_qos2.into_iter().collect();
+            st.disconnected_at_ms = Some(stored.disconnected_at_ms.unwrap_or_else(now_ms));
+            for (seq, d) in deliveries {
+                st.next_seq = st.next_seq.max(seq + 1);
+                let delivery = Delivery {
+                    message: Arc::new(d.message),
+                    qos: d.qos,
+                    retain: d.retain,
+                    subscription_ids: d.subscription_ids,
+                    seq: Some(seq),
+                };
+                match d.packet_id {
+                    Some(id) if !st.inflight.contains_key(&id) => {
+                        st.inflight.insert(id, Inflight { delivery, released: d.released });
+                        st.next_packet_id = st.next_packet_id.max(id.wrapping_add(1)).max(1);
+                    }
+                    _ => st.queue.push_back(delivery),
+                }
+            }
+        }
+        session
+    }
+
+    pub fn lock(&self) -> MutexGuard<'_, SessionState> {
+        self.state.lock()
+    }
+
+    pub async fn woken(&self) {
+        self.wake.notified().await
+    }
+
+    /// Persists the session record if the session is persistent.
+    pub fn save(&self, st: &SessionState, storage: &Storage) {
+        if st.is_persistent() && !st.ended {
+            if let Err(err) = storage.put_session(&self.client_id, &st.to_stored()) {
+                tracing::error!(cause = %err, client_id = %self.client_id, "could not persist session");
+            }
+        }
+    }
+
+    /// Queues a message for the client. Offline sessions keep QoS 1/2 (and
+    /// QoS 0 when `queue_qos0_offline`); every session holds at most
+    /// `max_queued` messages waiting to be sent.
+    pub fn enqueue(
+        &self,
+        mut delivery: Delivery,
+        max_queued: usize,
+        queue_qos0_offline: bool,
+        storage: &Storage,
+    ) -> Result<(), Dropped> {
+        let mut st = self.state.lock();
+        if st.ended {
+            return Err(Dropped::SessionEnded);
+        }
+        let online = st.connection.is_some();
+        if !online && (!st.is_persistent() || (delivery.qos == QoS::AtMostOnce && !queue_qos0_offline)) {
+            return Err(Dropped::Offline);
+        }
+        if st.queue.len() >= max_queued {
+            return Err(Dropped::QueueFull);
+        }
+        if st.is_persistent() && delivery.qos != QoS::AtMostOnce {
+            delivery.seq = Some(st.next_seq);
+            st.next_seq += 1;
+            st.store_delivery(&self.client_id, &delivery, None, false, storage);
+        }
+        st.queue.push_back(delivery);
+        drop(st);
+        if online {
+            self.wake.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Moves deliveries from the queue into the inflight window and returns
+    /// them as PUBLISH packets, at most `batch`. Expired messages and
+    /// messages larger than the client accepts are dropped (the latter as
+    /// MQTT 5 requires). Returns whether more are ready.
+    pub fn take_ready(&self, batch: usize, out: &mut Vec<Publish>, storage: &Storage) -> (bool, usize) {
+        let mut st = self.state.lock();
+        let limits = st.client_limits;
+        let now = now_ms();
+        let mut dropped = 0;
+        let mut taken = 0;
+        while taken < batch {
+            let Some(front) = st.queue.front() else { break };
+            if front.qos != QoS::AtMostOnce && st.inflight.len() >= limits.receive_maximum as usize {
+                break;
+            }
+            let delivery = st.queue.pop_front().expect("front exists");
+            if delivery.message.is_expired(now) {
+                st.forget_delivery(&self.client_id, &delivery, storage);
+                dropped += 1;
+                continue;
+            }
+            let packet_id = if delivery.qos == QoS::AtMostOnce {
+                None
+            } else {
+                match st.free_packet_id() {
+                    Some(id) => Some(id),
+                    None => {
+                        st.queue.push_front(delivery);
+                        break;
+                    }
+                }
+            };
+            let publish = to_publish(&delivery, packet_id, false, now);
+            if protocol::encoded_len(&Packet::Publish(publish.clone()), limits.version) > limits.maximum_packet_size {
+                st.forget_delivery(&self.client_id, &delivery, storage);
+                dropped += 1;
+                continue;
+            }
+            if let Some(id) = packet_id {
+                st.store_delivery(&self.client_id, &delivery, Some(id), false, storage);
+                st.inflight.insert(id, Inflight { delivery, released: false });
+            }
+            out.push(publish);
+            taken += 1;
+        }
+        let more = st
+            .queue
+            .front()
+            .is_some_and(|d| d.qos == QoS::AtMostOnce || st.inflight.len() < limits.receive_maximum as usize);
+        (more, dropped)
+    }
+
+    /// What must be sent again when a client resumes the session: PUBLISH
+    /// with DUP for unacknowledged messages, PUBREL for released QoS 2.
+    pub fn resend_inflight(&self) -> Vec<Packet> {
+        let st = self.state.lock();
+        let now = now_ms();
+        st.inflight
+            .iter()
+            .map(|(&id, inflight)| {
+                if inflight.released {
+                    Packet::PubRel(PubAck::new(id))
+                } else {
+                    Packet::Publish(to_publish(&inflight.delivery, Some(id), true, now))
+                }
+            })
+            .collect()
+    }
+
+    /// PUBACK (QoS 1) or PUBCOMP (QoS 2) from the client: the message is done.
+    pub fn complete(&self, packet_id: u16, storage: &Storage) -> bool {
+        let mut st = self.state.lock();
+        match st.inflight.remove(&packet_id) {
+            Some(inflight) => {
+                st.forget_delivery(&self.client_id, &inflight.delivery, storage);
+                drop(st);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// PUBREC from the client: returns whether the id was awaiting it (the
+    /// caller answers PUBREL either way, as the spec asks). A PUBREC with an
+    /// error reason ends the exchange.
+    pub fn received(&self, packet_id: u16, reason: u8, storage: &Storage) -> bool {
+        let mut st = self.state.lock();
+        if reason >= 0x80 {
+            if let Some(inflight) = st.inflight.remove(&packet_id) {
+                st.forget_delivery(&self.client_id, &inflight.delivery, storage);
+            }
+            return false;
+        }
+        let Some(inflight) = st.inflight.get_mut(&packet_id) else { return false };
+        inflight.released = true;
+        let delivery = inflight.delivery.clone();
+        st.store_delivery(&self.client_id, &delivery, Some(packet_id), true, storage);
+        true
+    }
+
+    /// Drops everything owed to the client (session discarded) and hands
+    /// back what the broker must still clean up or publish.
+    pub fn end(&self, storage: &Storage) -> EndedSession {
+        let mut st = self.state.lock();
+        st.ended = true;
+        st.queue.clear();
+        st.inflight.clear();
+        let ended =
+            EndedSession { subscriptions: std::mem::take(&mut st.subscriptions), pending_will: st.pending_will.take() };
+        drop(st);
+        if let Err(err) = storage.remove_session(&self.client_id) {
+            tracing::error!(cause = %err, client_id = %self.client_id, "could not remove session from storage");
+        }
+        ended
+    }
+}
+
+/// What is left of a session that ended.
+pub struct EndedSession {
+    pub subscriptions: HashMap<String, Subscription>,
+    pub pending_will: Option<PendingWill>,
+}
+
+fn to_publish(delivery: &Delivery, packet_id: Option<u16>, dup: bool, now: u64) -> Publish {
+    let mut message_properties = delivery.message.properties.clone();
+    if let Some(remaining) = delivery.message.remaining_secs(now) {
+        message_properties.message_expiry_interval = Some(remaining.max(1));
+    }
+    Publish {
+        dup,
+        qos: delivery.qos,
+        retain: delivery.retain,
+        topic: delivery.message.topic.clone(),
+        packet_id,
+        payload: delivery.message.payload.clone(),
+        properties: PublishProperties {
+            message: message_properties,
+            topic_alias: None,
+            subscription_identifiers: delivery.subscription_ids.clone(),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::MessageProperties;
+    use bytes::Bytes;
+
+    fn delivery(qos: QoS) -> Delivery {
+        Delivery {
+            message: Arc::new(Message {
+                topic: "t".into(),
+                payload: Bytes::from_static(b"p"),
+                qos,
+                retain: false,
+                properties: MessageProperties::default(),
+                expires_at_ms: None,
+                origin: None,
+            }),
+            qos,
+            retain: false,
+            subscription_ids: vec![],
+            seq: None,
+        }
+    }
+
+    fn storage() -> (tempfile::TempDir, Storage) {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path()).unwrap();
+        (dir, storage)
+    }
+
+    #[test]
+    fn inflight_window_honours_receive_maximum() {
+        let (_dir, storage) = storage();
+        let session = Session::new("c".into(), 0);
+        let (attachment, _handle) = Attachment::new(1);
+        {
+            let mut st = session.lock();
+            st.connection = Some(attachment);
+            st.client_limits.receive_maximum = 2;
+        }
+        for _ in 0..5 {
+            session.enqueue(delivery(QoS::AtLeastOnce), 100, false, &storage).unwrap();
+        }
+        let mut out = Vec::new();
+        let (more, _) = session.take_ready(100, &mut out, &storage);
+        assert_eq!(out.len(), 2);
+        assert!(!more);
+        assert!(session.complete(out[0].packet_id.unwrap(), &storage));
+        out.clear();
+        session.take_ready(100, &mut out, &storage);
+        assert_eq!(out.len(), 1);
+    }
+
+    #[test]
+    fn offline_persistent_session_queues_and_bounds() {
+        let (_dir, storage) = storage();
+        let session = Session::new("c".into(), 60);
+        assert_eq!(session.enqueue(delivery(QoS::AtMostOnce), 2, false, &storage), Err(Dropped::Offline));
+        session.enqueue(delivery(QoS::AtLeastOnce), 2, false, &storage).unwrap();
+        session.enqueue(delivery(QoS::ExactlyOnce), 2, false, &storage).unwrap();
+        assert_eq!(session.enqueue(delivery(QoS::AtLeastOnce), 2, false, &storage), Err(Dropped::QueueFull));
+        assert_eq!(storage.deliveries("c").unwrap().len(), 2);
+    }
+
+    #[test]
+    fn restore_resends_inflight_with_dup() {
+        let (_dir, storage) = storage();
+        let session = Session::new("c".into(), 60);
+        session.lock().connection = Some(Attachment::new(1).0);
+        session.enqueue(delivery(QoS::AtLeastOnce), 10, false, &storage).unwrap();
+        session.enqueue(delivery(QoS::ExactlyOnce), 10, false, &storage).unwrap();
+        let mut out = Vec::new();
+        session.take_ready(10, &mut out, &storage);
+        assert!(session.received(out[1].packet_id.unwrap(), 0, &storage));
+
+        let stored = session.lock().to_stored();
+        let restored = Session::restore("c".into(), stored, storage.deliveries("c").unwrap());
+        let resend = restored.resend_inflight();
+        assert_eq!(resend.len(), 2);
+        assert!(matches!(&resend[0], Packet::Publish(p) if p.dup && p.packet_id == out[0].packet_id));
+        assert!(matches!(&resend[1], Packet::PubRel(a) if Some(a.packet_id) == out[1].packet_id));
+    }
+}

@@ -1,0 +1,151 @@
+//! The command line: `kadmq start`, `kadmq config`. Every option of
+//! `start` is also a `KADMQ_*` environment variable and a TOML key; flags
+//! win over the environment, which wins over the file.
+
+use crate::config::{Config, ConfigError};
+use clap::{Args, Parser, Subcommand};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "kadmq",
+    version,
+    about = "An MQTT 3.1.1 / 5.0 broker: one node, or a fleet with a sharded route table"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Start a broker. With no options: MQTT on 127.0.0.1:1883, WebSocket on
+    /// 127.0.0.1:8083/mqtt, data in ./kadmq-data.
+    Start(StartArgs),
+    /// Print the default configuration file, with every key commented.
+    Config,
+}
+
+#[derive(Debug, Args, Default)]
+pub struct StartArgs {
+    /// Configuration file (TOML); see `kadmq config` for every key.
+    #[arg(long, short = 'c', env = "KADMQ_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// MQTT over TCP listen address; repeat for several [toml: listeners.mqtt]
+    #[arg(long = "mqtt", env = "KADMQ_MQTT", value_name = "ADDR", value_delimiter = ',')]
+    pub mqtt: Vec<SocketAddr>,
+    /// MQTT over WebSocket listen address (path /mqtt) [toml: listeners.ws]
+    #[arg(long = "ws", env = "KADMQ_WS", value_name = "ADDR", value_delimiter = ',')]
+    pub ws: Vec<SocketAddr>,
+    /// Turn the WebSocket listener off
+    #[arg(long, env = "KADMQ_NO_WS")]
+    pub no_ws: bool,
+    /// Data directory for retained messages and sessions [toml: data_dir]
+    #[arg(long, env = "KADMQ_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Log filter, e.g. info or kadmq=debug [toml: log; also RUST_LOG]
+    #[arg(long, env = "KADMQ_LOG", value_name = "FILTER")]
+    pub log: Option<String>,
+    /// Largest packet accepted, in bytes [toml: mqtt.max_packet_size]
+    #[arg(long, env = "KADMQ_MAX_PACKET_SIZE", value_name = "BYTES")]
+    pub max_packet_size: Option<u32>,
+    /// Connections served at once [toml: mqtt.max_connections]
+    #[arg(long, env = "KADMQ_MAX_CONNECTIONS", value_name = "N")]
+    pub max_connections: Option<usize>,
+    /// Unacknowledged QoS 1/2 messages a client may send [toml: mqtt.receive_maximum]
+    #[arg(long, env = "KADMQ_RECEIVE_MAXIMUM", value_name = "N")]
+    pub receive_maximum: Option<u16>,
+    /// Messages waiting per session before new ones drop [toml: mqtt.max_queued_messages]
+    #[arg(long, env = "KADMQ_MAX_QUEUED_MESSAGES", value_name = "N")]
+    pub max_queued_messages: Option<usize>,
+    /// Offline persistent sessions also queue QoS 0 [toml: mqtt.queue_qos0_offline]
+    #[arg(long, env = "KADMQ_QUEUE_QOS0_OFFLINE", value_name = "BOOL")]
+    pub queue_qos0_offline: Option<bool>,
+    /// Topic aliases a client may use [toml: mqtt.topic_alias_maximum]
+    #[arg(long, env = "KADMQ_TOPIC_ALIAS_MAXIMUM", value_name = "N")]
+    pub topic_alias_maximum: Option<u16>,
+    /// Largest keep-alive granted in seconds, 0 = client decides [toml: mqtt.max_keep_alive]
+    #[arg(long, env = "KADMQ_MAX_KEEP_ALIVE", value_name = "SECS")]
+    pub max_keep_alive: Option<u16>,
+    /// Largest session expiry granted in seconds [toml: mqtt.max_session_expiry]
+    #[arg(long, env = "KADMQ_MAX_SESSION_EXPIRY", value_name = "SECS")]
+    pub max_session_expiry: Option<u32>,
+    /// Seconds a client has to send CONNECT [toml: mqtt.connect_timeout_secs]
+    #[arg(long, env = "KADMQ_CONNECT_TIMEOUT", value_name = "SECS")]
+    pub connect_timeout: Option<u64>,
+    /// Seconds between $SYS updates, 0 = off [toml: mqtt.sys_interval_secs]
+    #[arg(long, env = "KADMQ_SYS_INTERVAL", value_name = "SECS")]
+    pub sys_interval: Option<u64>,
+}
+
+impl StartArgs {
+    /// The file (or defaults) with flags and environment applied on top.
+    pub fn resolve(&self) -> Result<Config, ConfigError> {
+        let mut config = Config::load(self.config.as_deref())?;
+        if !self.mqtt.is_empty() {
+            config.listeners.mqtt = self.mqtt.clone();
+        }
+        if !self.ws.is_empty() {
+            config.listeners.ws = self.ws.clone();
+        }
+        if self.no_ws {
+            config.listeners.ws.clear();
+        }
+        fn set<T: Clone>(slot: &mut T, value: &Option<T>) {
+            if let Some(v) = value {
+                *slot = v.clone();
+            }
+        }
+        set(&mut config.data_dir, &self.data_dir);
+        set(&mut config.log, &self.log);
+        let m = &mut config.mqtt;
+        set(&mut m.max_packet_size, &self.max_packet_size);
+        set(&mut m.max_connections, &self.max_connections);
+        set(&mut m.receive_maximum, &self.receive_maximum);
+        set(&mut m.max_queued_messages, &self.max_queued_messages);
+        set(&mut m.queue_qos0_offline, &self.queue_qos0_offline);
+        set(&mut m.topic_alias_maximum, &self.topic_alias_maximum);
+        set(&mut m.max_keep_alive, &self.max_keep_alive);
+        set(&mut m.max_session_expiry, &self.max_session_expiry);
+        set(&mut m.connect_timeout_secs, &self.connect_timeout);
+        set(&mut m.sys_interval_secs, &self.sys_interval);
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_file_which_overrides_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("kadmq.toml");
+        std::fs::write(&file, "[mqtt]\nreceive_maximum = 7\nmax_queued_messages = 9\n").unwrap();
+        let cli = Cli::try_parse_from([
+            "kadmq",
+            "start",
+            "--config",
+            file.to_str().unwrap(),
+            "--receive-maximum",
+            "11",
+            "--mqtt",
+            "127.0.0.1:0",
+        ])
+        .unwrap();
+        let Command::Start(args) = cli.command else { panic!("start expected") };
+        let config = args.resolve().unwrap();
+        assert_eq!(config.mqtt.receive_maximum, 11);
+        assert_eq!(config.mqtt.max_queued_messages, 9);
+        assert_eq!(config.listeners.mqtt, vec!["127.0.0.1:0".parse().unwrap()]);
+        assert_eq!(config.mqtt.sys_interval_secs, Config::default().mqtt.sys_interval_secs);
+    }
+
+    #[test]
+    fn help_is_well_formed() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

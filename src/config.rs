@@ -1,0 +1,176 @@
+//! Configuration: defaults, the TOML file, environment and flags.
+//!
+//! Precedence is flags > environment > file > defaults. clap handles the
+//! first two (every flag has a `KADMQ_*` variable); [`Config::load`] reads
+//! the file over the defaults, and the CLI layer applies what clap found on
+//! top. [`Config::validate`] runs before anything starts.
+
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// The commented default configuration, printed by `kadmq config`.
+pub const DEFAULT_CONFIG_TOML: &str = include_str!("../deploy/kadmq.toml");
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {path}: {source}")]
+    Parse { path: PathBuf, source: Box<toml::de::Error> },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Directory of the embedded store (retained messages, sessions).
+    pub data_dir: PathBuf,
+    /// Log filter, `RUST_LOG` syntax (`info`, `kadmq=debug,warn`).
+    pub log: String,
+    pub listeners: Listeners,
+    pub mqtt: MqttConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Listeners {
+    /// MQTT over TCP.
+    pub mqtt: Vec<SocketAddr>,
+    /// MQTT over WebSocket (path `/mqtt`, subprotocol `mqtt`).
+    pub ws: Vec<SocketAddr>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MqttConfig {
+    /// Largest packet accepted from a client, in bytes (advertised in CONNACK).
+    pub max_packet_size: u32,
+    /// Connections accepted at once; more wait for a free slot.
+    pub max_connections: usize,
+    /// QoS 1/2 messages a client may have unacknowledged towards us (MQTT 5
+    /// Receive Maximum advertised in CONNACK).
+    pub receive_maximum: u16,
+    /// Messages waiting per session (online or offline) before new ones are
+    /// dropped.
+    pub max_queued_messages: usize,
+    /// Whether offline persistent sessions also queue QoS 0 messages.
+    pub queue_qos0_offline: bool,
+    /// Topic aliases a client may use towards us.
+    pub topic_alias_maximum: u16,
+    /// Largest keep-alive granted, in seconds (0 = whatever the client asks).
+    pub max_keep_alive: u16,
+    /// Largest session expiry interval granted, in seconds.
+    pub max_session_expiry: u32,
+    /// Seconds a new connection has to send CONNECT.
+    pub connect_timeout_secs: u64,
+    /// Seconds between `$SYS` updates (0 = off).
+    pub sys_interval_secs: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            data_dir: PathBuf::from("kadmq-data"),
+            log: "info".into(),
+            listeners: Listeners::default(),
+            mqtt: MqttConfig::default(),
+        }
+    }
+}
+
+impl Default for Listeners {
+    fn default() -> Self {
+        Listeners {
+            mqtt: vec![SocketAddr::from(([127, 0, 0, 1], 1883))],
+            ws: vec![SocketAddr::from(([127, 0, 0, 1], 8083))],
+        }
+    }
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        MqttConfig {
+            max_packet_size: 1024 * 1024,
+            max_connections: 100_000,
+            receive_maximum: 1024,
+            max_queued_messages: 10_000,
+            queue_qos0_offline: false,
+            topic_alias_maximum: 64,
+            max_keep_alive: 0,
+            max_session_expiry: u32::MAX,
+            connect_timeout_secs: 10,
+            sys_interval_secs: 5,
+        }
+    }
+}
+
+impl Config {
+    /// The defaults, overlaid with `path` when given.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let Some(path) = path else { return Ok(Config::default()) };
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        Self::from_toml(&text)
+            .map_err(|source| ConfigError::Parse { path: path.to_path_buf(), source: Box::new(source) })
+    }
+
+    pub fn from_toml(text: &str) -> Result<Config, toml::de::Error> {
+        toml::from_str(text)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |msg: &str| Err(ConfigError::Invalid(msg.to_string()));
+        if self.listeners.mqtt.is_empty() && self.listeners.ws.is_empty() {
+            return invalid("no listener: give at least one of listeners.mqtt / listeners.ws");
+        }
+        let m = &self.mqtt;
+        if m.max_packet_size < 64 || m.max_packet_size as usize > crate::protocol::MAX_PACKET_SIZE {
+            return invalid("mqtt.max_packet_size must be between 64 and 268435460 bytes");
+        }
+        if m.receive_maximum == 0 {
+            return invalid("mqtt.receive_maximum must be at least 1");
+        }
+        if m.max_connections == 0 {
+            return invalid("mqtt.max_connections must be at least 1");
+        }
+        if m.max_queued_messages == 0 {
+            return invalid("mqtt.max_queued_messages must be at least 1");
+        }
+        if m.connect_timeout_secs == 0 {
+            return invalid("mqtt.connect_timeout_secs must be at least 1");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_default_file_is_the_defaults() {
+        assert_eq!(Config::from_toml(DEFAULT_CONFIG_TOML).unwrap(), Config::default());
+    }
+
+    #[test]
+    fn file_overrides_defaults_and_rejects_unknown_keys() {
+        let config = Config::from_toml("[mqtt]\nmax_queued_messages = 5\n").unwrap();
+        assert_eq!(config.mqtt.max_queued_messages, 5);
+        assert_eq!(config.mqtt.receive_maximum, MqttConfig::default().receive_maximum);
+        assert!(Config::from_toml("[mqtt]\nmax_queue = 5\n").is_err());
+    }
+
+    #[test]
+    fn validation_catches_nonsense() {
+        let mut config = Config::default();
+        config.mqtt.receive_maximum = 0;
+        assert!(config.validate().is_err());
+        let mut config = Config::default();
+        config.listeners.mqtt.clear();
+        config.listeners.ws.clear();
+        assert!(config.validate().is_err());
+        assert!(Config::default().validate().is_ok());
+    }
+}

@@ -1,0 +1,560 @@
+//! One client connection, from CONNECT to close.
+//!
+//! Boundary: bytes from a transport (TCP or a WebSocket bridge) are decoded
+//! into packets and turned into broker calls; deliveries the broker queued
+//! on the session are taken within the client's inflight window, encoded
+//! and written. Writes are batched: everything ready goes out in one write.
+//! Before an acknowledgement leaves that promises durability (PUBACK,
+//! PUBREC, SUBACK of a persistent session), storage is flushed.
+
+use crate::broker::message::{now_ms, Message};
+use crate::broker::session::{AttachmentHandle, ClientLimits, Session, NEVER_EXPIRES};
+use crate::broker::{Broker, Departure, Stats, SubscribeRequest};
+use crate::protocol::{
+    self, topic, ConnAck, ConnAckProperties, Connect, ConnectReason, DecodeError, Disconnect, DisconnectReason,
+    LastWill, Packet, PubAck, Publish, QoS, ReasonProperties, SubAck, Subscribe, UnsubAck, Unsubscribe, Version,
+};
+use bytes::BytesMut;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::broadcast;
+use tokio::time::Instant;
+
+/// Deliveries taken per wake-up before the write buffer is flushed.
+const DELIVERY_BATCH: usize = 512;
+
+/// Why a connection ends.
+#[derive(Debug)]
+enum Close {
+    /// Client sent DISCONNECT; `will` for reason 0x04.
+    ClientDisconnect { will: bool },
+    /// We end it, telling a 5.0 client why.
+    Error(DisconnectReason, &'static str),
+    /// The socket closed or failed.
+    Transport,
+}
+
+/// Serves one client until it disconnects, fails, or the broker stops.
+pub async fn serve<S>(stream: S, peer: SocketAddr, broker: Arc<Broker>, shutdown: broadcast::Receiver<()>)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut link = Link { stream, rbuf: BytesMut::with_capacity(8 * 1024), wbuf: BytesMut::with_capacity(8 * 1024) };
+    let timeout = Duration::from_secs(broker.config.connect_timeout_secs);
+    let connect = match tokio::time::timeout(timeout, link.read_connect(&broker)).await {
+        Ok(Ok(connect)) => connect,
+        Ok(Err(reason)) => {
+            tracing::info!(%peer, reason, "connection refused before CONNECT");
+            let _ = link.flush().await;
+            return;
+        }
+        Err(_) => {
+            tracing::info!(%peer, "no CONNECT within {}s", timeout.as_secs());
+            return;
+        }
+    };
+    let Some(mut connection) = Connection::accept(link, connect, peer, broker.clone()).await else {
+        return;
+    };
+    Stats::add(&broker.stats.clients_connected, 1);
+    Stats::add(&broker.stats.clients_total, 1);
+    connection.run(shutdown).await;
+    broker.stats.clients_connected.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+}
+
+struct Link<S> {
+    stream: S,
+    rbuf: BytesMut,
+    wbuf: BytesMut,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Link<S> {
+    /// Reads the first packet, which must be a CONNECT. On error, a CONNACK
+    /// saying why may already be in the write buffer.
+    async fn read_connect(&mut self, broker: &Broker) -> Result<Connect, &'static str> {
+        loop {
+            match protocol::decode(&mut self.rbuf, Version::V5, broker.config.max_packet_size as usize) {
+                Ok(Some(Packet::Connect(connect))) => return Ok(connect),
+                Ok(Some(_)) => return Err("first packet is not CONNECT"),
+                Ok(None) => {}
+                Err(DecodeError::UnsupportedProtocolVersion(level)) => {
+                    // Answer in the form the client can read: 3.1.1 return code 1.
+                    let version = if level == 5 { Version::V5 } else { Version::V311 };
+                    self.queue(&connack(ConnectReason::UnsupportedProtocolVersion, false), version);
+                    return Err("unsupported protocol version");
+                }
+                Err(err) => {
+                    tracing::debug!(cause = %err, "bad CONNECT");
+                    return Err("malformed CONNECT");
+                }
+            }
+            match self.stream.read_buf(&mut self.rbuf).await {
+                Ok(0) | Err(_) => return Err("closed before CONNECT"),
+                Ok(_) => {}
+            }
+        }
+    }
+
+    fn queue(&mut self, packet: &Packet, version: Version) {
+        if let Err(err) = protocol::encode(packet, version, &mut self.wbuf) {
+            tracing::error!(cause = %err, packet = packet.name(), "could not encode");
+        }
+    }
+
+    async fn flush(&mut self) -> std::io::Result<usize> {
+        let n = self.wbuf.len();
+        if n > 0 {
+            self.stream.write_all(&self.wbuf).await?;
+            self.stream.flush().await?;
+            self.wbuf.clear();
+        }
+        Ok(n)
+    }
+}
+
+fn connack(code: ConnectReason, session_present: bool) -> Packet {
+    Packet::ConnAck(ConnAck { session_present, code, properties: ConnAckProperties::default() })
+}
+
+struct Connection<S> {
+    link: Link<S>,
+    peer: SocketAddr,
+    broker: Arc<Broker>,
+    version: Version,
+    session: Arc<Session>,
+    attachment: AttachmentHandle,
+    will: Option<LastWill>,
+    keep_alive: Option<Duration>,
+    /// Session expiry at CONNECT: 0 forbids a later non-zero value.
+    connect_expiry: u32,
+    topic_aliases: HashMap<u16, String>,
+    problem_information: bool,
+    /// Set when storage must be flushed before the write buffer goes out.
+    needs_flush: bool,
+    publishes: Vec<Publish>,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
+    /// Checks the CONNECT, attaches to the session and answers CONNACK.
+    async fn accept(mut link: Link<S>, connect: Connect, peer: SocketAddr, broker: Arc<Broker>) -> Option<Self> {
+        let version = connect.version;
+        let refuse = |link: &mut Link<S>, code: ConnectReason, why: &'static str| {
+            tracing::info!(%peer, client_id = %connect.client_id, why, "CONNECT refused");
+            link.queue(&connack(code, false), version);
+        };
+        if connect.properties.authentication_method.is_some() {
+            refuse(&mut link, ConnectReason::BadAuthenticationMethod, "enhanced authentication is not supported");
+            let _ = link.flush().await;
+            return None;
+        }
+        if let Some(will) = &connect.will {
+            if !topic::valid_topic_name(&will.topic) {
+                refuse(&mut link, ConnectReason::TopicNameInvalid, "invalid will topic");
+                let _ = link.flush().await;
+                return None;
+            }
+        }
+        let config = &broker.config;
+        let mut props = ConnAckProperties::default();
+        let mut client_id = connect.client_id.clone();
+        if client_id.is_empty() {
+            if version == Version::V311 && !connect.clean_start {
+                refuse(&mut link, ConnectReason::ClientIdentifierNotValid, "empty client id needs a clean session");
+                let _ = link.flush().await;
+                return None;
+            }
+            client_id = format!("kadmq-{:016x}", rand::random::<u64>());
+            props.assigned_client_identifier = Some(client_id.clone());
+        }
+        let requested_expiry = match version {
+            Version::V311 if connect.clean_start => 0,
+            Version::V311 => NEVER_EXPIRES,
+            Version::V5 => connect.properties.session_expiry_interval.unwrap_or(0),
+        };
+        let expiry = requested_expiry.min(config.max_session_expiry);
+        if version == Version::V5 && expiry != requested_expiry {
+            props.session_expiry_interval = Some(expiry);
+        }
+        let mut keep_alive = connect.keep_alive;
+        if config.max_keep_alive > 0 && (keep_alive == 0 || keep_alive > config.max_keep_alive) {
+            keep_alive = config.max_keep_alive;
+            if version == Version::V5 {
+                props.server_keep_alive = Some(keep_alive);
+            }
+        }
+        let connected = broker.connect(&client_id, connect.clean_start, expiry).await;
+        {
+            let mut st = connected.session.lock();
+            st.client_limits = ClientLimits {
+                version,
+                receive_maximum: connect.properties.receive_maximum.unwrap_or(u16::MAX),
+                maximum_packet_size: connect
+                    .properties
+                    .maximum_packet_size
+                    .map_or(protocol::MAX_PACKET_SIZE, |m| m as usize),
+            };
+        }
+        if version == Version::V5 {
+            props.receive_maximum = Some(config.receive_maximum);
+            props.maximum_packet_size = Some(config.max_packet_size);
+            props.topic_alias_maximum = Some(config.topic_alias_maximum);
+        }
+        link.queue(
+            &Packet::ConnAck(ConnAck {
+                session_present: connected.session_present,
+                code: ConnectReason::Success,
+                properties: props,
+            }),
+            version,
+        );
+        tracing::debug!(%peer, client_id, version = ?version, session_present = connected.session_present, "connected");
+        let mut connection = Connection {
+            link,
+            peer,
+            broker,
+            version,
+            session: connected.session,
+            attachment: connected.handle,
+            will: connect.will,
+            keep_alive: (keep_alive > 0).then(|| Duration::from_millis(keep_alive as u64 * 1500)),
+            connect_expiry: expiry,
+            topic_aliases: HashMap::new(),
+            problem_information: connect.properties.request_problem_information != Some(0),
+            needs_flush: true,
+            publishes: Vec::new(),
+        };
+        for packet in connection.session.resend_inflight() {
+            connection.send(&packet);
+        }
+        Some(connection)
+    }
+
+    async fn run(&mut self, mut shutdown: broadcast::Receiver<()>) {
+        let mut last_seen = Instant::now();
+        let far = Duration::from_secs(3600 * 24 * 365);
+        let keep_alive_timer = tokio::time::sleep(self.keep_alive.unwrap_or(far));
+        tokio::pin!(keep_alive_timer);
+        let mut more = true;
+        let close = loop {
+            if more {
+                more = self.take_deliveries();
+            }
+            if let Err(err) = self.flush().await {
+                tracing::debug!(peer = %self.peer, cause = %err, "write failed");
+                break Close::Transport;
+            }
+            tokio::select! {
+                biased;
+                read = self.link.stream.read_buf(&mut self.link.rbuf) => {
+                    match read {
+                        Ok(0) | Err(_) => break Close::Transport,
+                        Ok(n) => {
+                            Stats::add(&self.broker.stats.bytes_received, n as u64);
+                            last_seen = Instant::now();
+                            if let Err(close) = self.handle_input() {
+                                break close;
+                            }
+                            more = true;
+                        }
+                    }
+                }
+                reason = &mut self.attachment.kicked => {
+                    let reason = reason.unwrap_or(DisconnectReason::SessionTakenOver);
+                    break Close::Error(reason, "closed by the broker");
+                }
+                _ = shutdown.recv() => break Close::Error(DisconnectReason::ServerShuttingDown, "broker shutting down"),
+                _ = self.session.woken(), if !more => more = true,
+                _ = &mut keep_alive_timer => {
+                    let Some(keep_alive) = self.keep_alive else { continue };
+                    if last_seen.elapsed() >= keep_alive {
+                        break Close::Error(DisconnectReason::KeepAliveTimeout, "keep-alive timeout");
+                    }
+                    keep_alive_timer.as_mut().reset(last_seen + keep_alive);
+                }
+            }
+        };
+        self.close(close).await;
+    }
+
+    /// Decodes and handles every complete packet in the read buffer.
+    fn handle_input(&mut self) -> Result<(), Close> {
+        loop {
+            let packet = match protocol::decode(
+                &mut self.link.rbuf,
+                self.version,
+                self.broker.config.max_packet_size as usize,
+            ) {
+                Ok(Some(packet)) => packet,
+                Ok(None) => return Ok(()),
+                Err(err) => {
+                    tracing::info!(peer = %self.peer, client_id = %self.session.client_id, cause = %err, "bad packet");
+                    return Err(Close::Error(err.disconnect_reason(), "malformed or oversize packet"));
+                }
+            };
+            self.handle(packet)?;
+        }
+    }
+
+    fn handle(&mut self, packet: Packet) -> Result<(), Close> {
+        match packet {
+            Packet::Publish(publish) => self.on_publish(publish),
+            Packet::PubAck(ack) | Packet::PubComp(ack) => {
+                self.session.complete(ack.packet_id, &self.broker.storage);
+                Ok(())
+            }
+            Packet::PubRec(ack) => {
+                let known = self.session.received(ack.packet_id, ack.reason, &self.broker.storage);
+                if ack.reason < 0x80 {
+                    let reason = if known { 0 } else { 0x92 }; // 0x92: packet identifier not found
+                    self.send(&Packet::PubRel(PubAck::with_reason(ack.packet_id, reason)));
+                }
+                Ok(())
+            }
+            Packet::PubRel(ack) => {
+                let known = {
+                    let mut st = self.session.lock();
+                    let known = st.incoming_qos2.remove(&ack.packet_id);
+                    if known {
+                        self.session.save(&st, &self.broker.storage);
+                    }
+                    known
+                };
+                let reason = if known { 0 } else { 0x92 };
+                self.send(&Packet::PubComp(PubAck::with_reason(ack.packet_id, reason)));
+                Ok(())
+            }
+            Packet::Subscribe(subscribe) => self.on_subscribe(subscribe),
+            Packet::Unsubscribe(unsubscribe) => self.on_unsubscribe(unsubscribe),
+            Packet::PingReq => {
+                self.send(&Packet::PingResp);
+                Ok(())
+            }
+            Packet::Disconnect(disconnect) => self.on_disconnect(disconnect),
+            Packet::Connect(_) => Err(Close::Error(DisconnectReason::ProtocolError, "second CONNECT")),
+            Packet::Auth(_) => {
+                Err(Close::Error(DisconnectReason::ProtocolError, "AUTH without enhanced authentication"))
+            }
+            other => {
+                tracing::debug!(packet = other.name(), "client sent a server-only packet");
+                Err(Close::Error(DisconnectReason::ProtocolError, "server-only packet from client"))
+            }
+        }
+    }
+
+    fn on_publish(&mut self, mut publish: Publish) -> Result<(), Close> {
+        Stats::add(&self.broker.stats.messages_received, 1);
+        // Topic aliases (client to broker).
+        if let Some(alias) = publish.properties.topic_alias.take() {
+            if alias == 0 || alias > self.broker.config.topic_alias_maximum {
+                return Err(Close::Error(DisconnectReason::TopicAliasInvalid, "topic alias out of range"));
+            }
+            if publish.topic.is_empty() {
+                match self.topic_aliases.get(&alias) {
+                    Some(topic) => publish.topic = topic.clone(),
+                    None => return Err(Close::Error(DisconnectReason::ProtocolError, "unknown topic alias")),
+                }
+            } else {
+                self.topic_aliases.insert(alias, publish.topic.clone());
+            }
+        }
+        if !topic::valid_topic_name(&publish.topic) {
+            return Err(Close::Error(DisconnectReason::TopicNameInvalid, "invalid topic name"));
+        }
+        let packet_id = publish.packet_id.unwrap_or(0);
+        if publish.properties.message.payload_format_indicator == Some(1)
+            && std::str::from_utf8(&publish.payload).is_err()
+        {
+            // MQTT 5: acknowledge with 0x99 (payload format invalid), do not route.
+            match publish.qos {
+                QoS::AtMostOnce => {}
+                QoS::AtLeastOnce => self.send(&Packet::PubAck(PubAck::with_reason(packet_id, 0x99))),
+                QoS::ExactlyOnce => self.send(&Packet::PubRec(PubAck::with_reason(packet_id, 0x99))),
+            }
+            return Ok(());
+        }
+        if publish.qos == QoS::ExactlyOnce {
+            let mut st = self.session.lock();
+            if st.incoming_qos2.contains(&packet_id) {
+                // A retransmission: already routed; acknowledge again.
+                drop(st);
+                self.send(&Packet::PubRec(PubAck::new(packet_id)));
+                return Ok(());
+            }
+            if st.incoming_qos2.len() >= self.broker.config.receive_maximum as usize {
+                return Err(Close::Error(DisconnectReason::ReceiveMaximumExceeded, "receive maximum exceeded"));
+            }
+            st.incoming_qos2.insert(packet_id);
+            self.session.save(&st, &self.broker.storage);
+        }
+        let now = now_ms();
+        let message = Message {
+            expires_at_ms: publish.properties.message.message_expiry_interval.map(|s| now + s as u64 * 1000),
+            topic: publish.topic,
+            payload: publish.payload,
+            qos: publish.qos,
+            retain: publish.retain,
+            properties: publish.properties.message,
+            origin: Some(self.session.client_id.to_string()),
+        };
+        let matched = self.broker.publish(message);
+        // MQTT 5: 0x10 tells the publisher nobody was subscribed.
+        let reason = if matched == 0 && self.version == Version::V5 { 0x10 } else { 0 };
+        match publish.qos {
+            QoS::AtMostOnce => {}
+            QoS::AtLeastOnce => {
+                self.needs_flush = true;
+                self.send(&Packet::PubAck(PubAck::with_reason(packet_id, reason)));
+            }
+            QoS::ExactlyOnce => {
+                self.needs_flush = true;
+                self.send(&Packet::PubRec(PubAck::with_reason(packet_id, reason)));
+            }
+        }
+        Ok(())
+    }
+
+    fn on_subscribe(&mut self, subscribe: Subscribe) -> Result<(), Close> {
+        let mut requests = Vec::with_capacity(subscribe.filters.len());
+        for f in subscribe.filters {
+            if f.options.no_local && f.filter.starts_with("$share/") {
+                return Err(Close::Error(DisconnectReason::ProtocolError, "No Local on a shared subscription"));
+            }
+            requests.push(SubscribeRequest {
+                filter: f.filter,
+                options: f.options,
+                identifier: subscribe.subscription_identifier,
+            });
+        }
+        let reasons = self.broker.subscribe(&self.session, requests);
+        self.needs_flush = true;
+        self.send(&Packet::SubAck(SubAck {
+            packet_id: subscribe.packet_id,
+            reasons,
+            properties: ReasonProperties::default(),
+        }));
+        Ok(())
+    }
+
+    fn on_unsubscribe(&mut self, unsubscribe: Unsubscribe) -> Result<(), Close> {
+        let reasons = self.broker.unsubscribe(&self.session, &unsubscribe.filters);
+        self.needs_flush = true;
+        self.send(&Packet::UnsubAck(UnsubAck {
+            packet_id: unsubscribe.packet_id,
+            reasons,
+            properties: ReasonProperties::default(),
+        }));
+        Ok(())
+    }
+
+    fn on_disconnect(&mut self, disconnect: Disconnect) -> Result<(), Close> {
+        if let Some(expiry) = disconnect.session_expiry_interval {
+            if self.connect_expiry == 0 && expiry != 0 {
+                return Err(Close::Error(DisconnectReason::ProtocolError, "session expiry set after CONNECT with 0"));
+            }
+            self.broker.set_expiry(&self.session, expiry.min(self.broker.config.max_session_expiry));
+        }
+        Err(Close::ClientDisconnect { will: disconnect.reason == DisconnectReason::DisconnectWithWillMessage })
+    }
+
+    /// Takes deliveries within the window and encodes them; returns whether
+    /// more are ready.
+    fn take_deliveries(&mut self) -> bool {
+        let mut publishes = std::mem::take(&mut self.publishes);
+        let (more, dropped) = self.session.take_ready(DELIVERY_BATCH, &mut publishes, &self.broker.storage);
+        if dropped > 0 {
+            Stats::add(&self.broker.stats.messages_dropped, dropped as u64);
+        }
+        Stats::add(&self.broker.stats.messages_sent, publishes.len() as u64);
+        for publish in publishes.drain(..) {
+            self.send(&Packet::Publish(publish));
+        }
+        self.publishes = publishes;
+        more
+    }
+
+    fn send(&mut self, packet: &Packet) {
+        let packet = if self.problem_information { packet.clone() } else { strip_problem_information(packet) };
+        self.link.queue(&packet, self.version);
+    }
+
+    async fn flush(&mut self) -> std::io::Result<()> {
+        if self.link.wbuf.is_empty() {
+            return Ok(());
+        }
+        if self.needs_flush || self.broker.storage.is_dirty() {
+            self.needs_flush = false;
+            if let Err(err) = self.broker.storage.flush() {
+                tracing::error!(cause = %err, "storage flush failed");
+            }
+        }
+        let n = self.link.flush().await?;
+        Stats::add(&self.broker.stats.bytes_sent, n as u64);
+        Ok(())
+    }
+
+    async fn close(&mut self, close: Close) {
+        let client_id = self.session.client_id.clone();
+        let will = match &close {
+            Close::ClientDisconnect { will } => *will,
+            Close::Error(DisconnectReason::SessionTakenOver | DisconnectReason::ServerShuttingDown, _) => {
+                // Takeover: the will follows the usual rules. Shutdown: the
+                // session is kept for the restart and the will with it... but
+                // the will is not durable, so a shutdown does not publish it.
+                matches!(close, Close::Error(DisconnectReason::SessionTakenOver, _))
+            }
+            Close::Error(..) | Close::Transport => true,
+        };
+        match &close {
+            Close::Error(reason, why) => {
+                tracing::info!(peer = %self.peer, %client_id, reason = ?reason, why, "closing connection");
+                if self.version == Version::V5 {
+                    let mut disconnect = Disconnect::new(*reason);
+                    if self.problem_information {
+                        disconnect.reason_string = Some((*why).to_string());
+                    }
+                    self.send(&Packet::Disconnect(disconnect));
+                }
+                let _ = self.flush().await;
+            }
+            Close::ClientDisconnect { .. } => tracing::debug!(peer = %self.peer, %client_id, "client disconnected"),
+            Close::Transport => tracing::debug!(peer = %self.peer, %client_id, "connection lost"),
+        }
+        let _ = self.link.stream.shutdown().await;
+        let now = now_ms();
+        let will = self.will.take().filter(|_| will).map(|w| {
+            let delay = if self.version == Version::V5 { w.properties.will_delay_interval.unwrap_or(0) } else { 0 };
+            let message = Message {
+                expires_at_ms: w.properties.message.message_expiry_interval.map(|s| now + s as u64 * 1000),
+                topic: w.topic,
+                payload: w.payload,
+                qos: w.qos,
+                retain: w.retain,
+                properties: w.properties.message,
+                origin: Some(client_id.to_string()),
+            };
+            (message, delay)
+        });
+        self.broker.disconnect(&self.session, Departure { connection_id: self.attachment.connection_id, will });
+        if let Err(err) = self.broker.storage.flush() {
+            tracing::error!(cause = %err, "storage flush failed");
+        }
+    }
+}
+
+/// Request Problem Information = 0: no reason string or user properties on
+/// anything but PUBLISH, CONNACK and DISCONNECT.
+fn strip_problem_information(packet: &Packet) -> Packet {
+    let mut packet = packet.clone();
+    match &mut packet {
+        Packet::PubAck(a) | Packet::PubRec(a) | Packet::PubRel(a) | Packet::PubComp(a) => {
+            a.properties = ReasonProperties::default()
+        }
+        Packet::SubAck(s) => s.properties = ReasonProperties::default(),
+        Packet::UnsubAck(u) => u.properties = ReasonProperties::default(),
+        _ => {}
+    }
+    packet
+}

@@ -1,0 +1,29 @@
+//! # kadmq
+//!
+//! An MQTT 3.1.1 / 5.0 broker that runs as one node or as a fleet whose
+//! route table is sharded over a Kademlia DHT (`kadmq-dht`).
+//!
+//! # Layout
+//!
+//! - [`protocol`]: packets, the 3.1.1/5.0 codec, topic rules. No I/O.
+//! - [`broker`]: sessions, the subscription trie, retained messages, wills,
+//!   `$SYS`. Shared by all connections; never touches a socket.
+//! - [`connection`]: one client connection, CONNECT to close.
+//! - [`websocket`]: MQTT over WebSocket as a byte stream.
+//! - [`server`]: listeners, background tasks, start and graceful stop.
+//! - [`storage`]: the fjall store in the data directory.
+//! - [`config`] and [`cli`]: configuration file, environment, flags.
+//!
+//! `docs/ARCHITECTURE.md` follows one PUBLISH through these modules.
+
+pub mod broker;
+pub mod cli;
+pub mod config;
+pub mod connection;
+pub mod protocol;
+pub mod server;
+pub mod storage;
+pub mod websocket;
+
+pub use config::Config;
+pub use server::{run, Server, StartError};

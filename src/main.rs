@@ -1,0 +1,43 @@
+//! The `kadmq` binary: parse the command line, set up logging, run.
+
+use anyhow::Context;
+use clap::Parser;
+use kadmq::cli::{Cli, Command};
+use tracing_subscriber::EnvFilter;
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Config => {
+            print!("{}", kadmq::config::DEFAULT_CONFIG_TOML);
+            Ok(())
+        }
+        Command::Start(args) => {
+            let config = args.resolve()?;
+            let filter = std::env::var("RUST_LOG").ok().unwrap_or_else(|| config.log.clone());
+            tracing_subscriber::fmt()
+                .with_env_filter(EnvFilter::try_new(&filter).context("invalid log filter")?)
+                .init();
+            let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+            runtime.block_on(kadmq::run(config, shutdown_signal())).map_err(anyhow::Error::from)
+        }
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing a SIGTERM handler cannot fail on unix");
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

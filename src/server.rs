@@ -1,0 +1,204 @@
+//! Starting and stopping a broker: storage, listeners, background tasks.
+//!
+//! [`Server::start`] binds every listener and returns once the broker
+//! accepts connections (tests use it with port 0 and read the bound
+//! addresses); [`run`] is what the binary calls: start, wait for the
+//! shutdown signal, stop gracefully.
+
+use crate::broker::{sys, Broker};
+use crate::config::Config;
+use crate::connection;
+use crate::protocol::DisconnectReason;
+use crate::storage::Storage;
+use crate::websocket;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{broadcast, Semaphore};
+use tokio::task::JoinSet;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Storage(#[from] crate::storage::StorageError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+}
+
+/// A running broker.
+pub struct Server {
+    pub broker: Arc<Broker>,
+    mqtt_addrs: Vec<SocketAddr>,
+    ws_addrs: Vec<SocketAddr>,
+    stop: broadcast::Sender<()>,
+    tasks: JoinSet<()>,
+}
+
+#[derive(Clone, Copy)]
+enum Transport {
+    Tcp,
+    WebSocket,
+}
+
+impl Server {
+    pub async fn start(config: Config) -> Result<Server, StartError> {
+        config.validate()?;
+        let storage = Storage::open(&config.data_dir)?;
+        let broker = Arc::new(Broker::open(config.mqtt.clone(), storage)?);
+        let (stop, _) = broadcast::channel(1);
+        let permits = Arc::new(Semaphore::new(config.mqtt.max_connections));
+        let mut tasks = JoinSet::new();
+        let tcp = bound(&config.listeners.mqtt).await?;
+        let ws = bound(&config.listeners.ws).await?;
+        let local = |ls: &[TcpListener]| ls.iter().filter_map(|l| l.local_addr().ok()).collect::<Vec<_>>();
+        let (mqtt_addrs, ws_addrs) = (local(&tcp), local(&ws));
+        for (listener, transport) in
+            tcp.into_iter().map(|l| (l, Transport::Tcp)).chain(ws.into_iter().map(|l| (l, Transport::WebSocket)))
+        {
+            let (broker, stop, permits) = (broker.clone(), stop.clone(), permits.clone());
+            tasks.spawn(accept_loop(listener, transport, broker, stop, permits));
+        }
+        {
+            let broker = broker.clone();
+            let mut stop_rx = stop.subscribe();
+            tasks.spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(1));
+                loop {
+                    tokio::select! {
+                        _ = stop_rx.recv() => return,
+                        _ = tick.tick() => broker.sweep(),
+                    }
+                }
+            });
+        }
+        if config.mqtt.sys_interval_secs > 0 {
+            let mut stop_rx = stop.subscribe();
+            let stopped = async move {
+                let _ = stop_rx.recv().await;
+            };
+            tasks.spawn(sys::run(broker.clone(), Duration::from_secs(config.mqtt.sys_interval_secs), stopped));
+        }
+        for addr in &mqtt_addrs {
+            tracing::info!(%addr, "MQTT listener ready");
+        }
+        for addr in &ws_addrs {
+            tracing::info!(%addr, "MQTT over WebSocket listener ready (path /mqtt)");
+        }
+        Ok(Server { broker, mqtt_addrs, ws_addrs, stop, tasks })
+    }
+
+    pub fn mqtt_addrs(&self) -> &[SocketAddr] {
+        &self.mqtt_addrs
+    }
+
+    pub fn ws_addrs(&self) -> &[SocketAddr] {
+        &self.ws_addrs
+    }
+
+    /// Stops accepting, closes every connection (MQTT 5 clients get
+    /// DISCONNECT 0x8B), waits for the tasks and syncs storage.
+    pub async fn shutdown(mut self) {
+        let _ = self.stop.send(());
+        self.broker.kick_all(DisconnectReason::ServerShuttingDown).await;
+        let deadline = tokio::time::sleep(Duration::from_secs(5));
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                next = self.tasks.join_next() => if next.is_none() { break },
+                _ = &mut deadline => {
+                    tracing::warn!("tasks still running after 5s; stopping them");
+                    self.tasks.abort_all();
+                    break;
+                }
+            }
+        }
+        match self.broker.storage.sync() {
+            Ok(()) => tracing::info!("storage synced; stopped"),
+            Err(err) => tracing::error!(cause = %err, "storage sync at shutdown failed"),
+        }
+    }
+}
+
+/// Runs a broker until `shutdown` resolves, then stops it gracefully.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
+    let server = Server::start(config).await?;
+    shutdown.await;
+    tracing::info!("shutting down");
+    server.shutdown().await;
+    Ok(())
+}
+
+async fn bound(addrs: &[SocketAddr]) -> Result<Vec<TcpListener>, StartError> {
+    let mut listeners = Vec::new();
+    for &addr in addrs {
+        let listener = TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })?;
+        listeners.push(listener);
+    }
+    Ok(listeners)
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    transport: Transport,
+    broker: Arc<Broker>,
+    stop: broadcast::Sender<()>,
+    permits: Arc<Semaphore>,
+) {
+    let mut stop_rx = stop.subscribe();
+    let mut connections = JoinSet::new();
+    loop {
+        let permit = tokio::select! {
+            _ = stop_rx.recv() => break,
+            permit = permits.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break,
+            },
+        };
+        let (stream, peer) = tokio::select! {
+            _ = stop_rx.recv() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(err) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(cause = %err, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        // Reap finished connection tasks so the set does not grow.
+        while connections.try_join_next().is_some() {}
+        let broker = broker.clone();
+        let shutdown = stop.subscribe();
+        connections.spawn(async move {
+            serve_stream(stream, peer, transport, broker, shutdown).await;
+            drop(permit);
+        });
+    }
+    // Give connections a moment to send DISCONNECT, then stop them.
+    let _ =
+        tokio::time::timeout(Duration::from_secs(3), async { while connections.join_next().await.is_some() {} }).await;
+    connections.abort_all();
+}
+
+async fn serve_stream(
+    stream: TcpStream,
+    peer: SocketAddr,
+    transport: Transport,
+    broker: Arc<Broker>,
+    shutdown: broadcast::Receiver<()>,
+) {
+    // Small MQTT packets must not wait for Nagle's algorithm.
+    let _ = stream.set_nodelay(true);
+    match transport {
+        Transport::Tcp => connection::serve(stream, peer, broker, shutdown).await,
+        Transport::WebSocket => match websocket::accept(stream).await {
+            Ok(bridge) => connection::serve(bridge, peer, broker, shutdown).await,
+            Err(err) => tracing::info!(%peer, cause = %err, "WebSocket handshake refused"),
+        },
+    }
+}

@@ -1,0 +1,10 @@
+//! Integration tests: real brokers on 127.0.0.1 (ephemeral ports, temporary
+//! data directories) and real MQTT clients. One binary, one module per area.
+
+mod common;
+
+mod bad_input;
+mod persistence;
+mod v311;
+mod v5;
+mod websocket;
