@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Runs the whole kadmq test suite: unit, property and integration tests of
+# every crate in the workspace. Optional third-party clients used by interop
+# tests are installed here when possible; when not, the tests that need them
+# print why they are skipped.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+if ! python3 -c "import paho.mqtt" 2>/dev/null; then
+  if command -v pip >/dev/null 2>&1 && pip install --quiet 'paho-mqtt>=2,<3' 2>/dev/null; then
+    echo "test.sh: installed paho-mqtt for the interop tests"
+  else
+    echo "test.sh: paho-mqtt is not available; the paho interop test will print 'skipped'"
+  fi
+fi
+
+cargo test --workspace --locked "$@"
