@@ -22,7 +22,7 @@ pub struct Cli {
 pub enum Command {
     /// Start a broker. With no options: MQTT on 127.0.0.1:1883, WebSocket on
     /// 127.0.0.1:8083/mqtt, data in ./kadmq-data.
-    Start(StartArgs),
+    Start(Box<StartArgs>),
     /// Print the default configuration file, with every key commented.
     Config,
 }

@@ -227,7 +227,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             publishes: Vec::new(),
         };
         for packet in connection.session.resend_inflight() {
-            connection.send(&packet);
+            connection.send(packet);
         }
         Some(connection)
     }
@@ -238,6 +238,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         let keep_alive_timer = tokio::time::sleep(self.keep_alive.unwrap_or(far));
         tokio::pin!(keep_alive_timer);
         let mut more = true;
+        // Packets that arrived in the same read as the CONNECT are already
+        // buffered: handle them now, not after the next read.
+        if !self.link.rbuf.is_empty() {
+            if let Err(close) = self.handle_input() {
+                self.close(close).await;
+                return;
+            }
+        }
         let close = loop {
             if more {
                 more = self.take_deliveries();
@@ -309,7 +317,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 let known = self.session.received(ack.packet_id, ack.reason, &self.broker.storage);
                 if ack.reason < 0x80 {
                     let reason = if known { 0 } else { 0x92 }; // 0x92: packet identifier not found
-                    self.send(&Packet::PubRel(PubAck::with_reason(ack.packet_id, reason)));
+                    self.send(Packet::PubRel(PubAck::with_reason(ack.packet_id, reason)));
                 }
                 Ok(())
             }
@@ -323,13 +331,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                     known
                 };
                 let reason = if known { 0 } else { 0x92 };
-                self.send(&Packet::PubComp(PubAck::with_reason(ack.packet_id, reason)));
+                self.send(Packet::PubComp(PubAck::with_reason(ack.packet_id, reason)));
                 Ok(())
             }
             Packet::Subscribe(subscribe) => self.on_subscribe(subscribe),
             Packet::Unsubscribe(unsubscribe) => self.on_unsubscribe(unsubscribe),
             Packet::PingReq => {
-                self.send(&Packet::PingResp);
+                self.send(Packet::PingResp);
                 Ok(())
             }
             Packet::Disconnect(disconnect) => self.on_disconnect(disconnect),
@@ -346,6 +354,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
 
     fn on_publish(&mut self, mut publish: Publish) -> Result<(), Close> {
         Stats::add(&self.broker.stats.messages_received, 1);
+        if !publish.properties.subscription_identifiers.is_empty() {
+            // MQTT-3.3.4-6: only the server sends Subscription Identifiers.
+            return Err(Close::Error(DisconnectReason::ProtocolError, "subscription identifier in PUBLISH"));
+        }
         // Topic aliases (client to broker).
         if let Some(alias) = publish.properties.topic_alias.take() {
             if alias == 0 || alias > self.broker.config.topic_alias_maximum {
@@ -370,8 +382,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             // MQTT 5: acknowledge with 0x99 (payload format invalid), do not route.
             match publish.qos {
                 QoS::AtMostOnce => {}
-                QoS::AtLeastOnce => self.send(&Packet::PubAck(PubAck::with_reason(packet_id, 0x99))),
-                QoS::ExactlyOnce => self.send(&Packet::PubRec(PubAck::with_reason(packet_id, 0x99))),
+                QoS::AtLeastOnce => self.send(Packet::PubAck(PubAck::with_reason(packet_id, 0x99))),
+                QoS::ExactlyOnce => self.send(Packet::PubRec(PubAck::with_reason(packet_id, 0x99))),
             }
             return Ok(());
         }
@@ -380,7 +392,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             if st.incoming_qos2.contains(&packet_id) {
                 // A retransmission: already routed; acknowledge again.
                 drop(st);
-                self.send(&Packet::PubRec(PubAck::new(packet_id)));
+                self.send(Packet::PubRec(PubAck::new(packet_id)));
                 return Ok(());
             }
             if st.incoming_qos2.len() >= self.broker.config.receive_maximum as usize {
@@ -406,11 +418,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             QoS::AtMostOnce => {}
             QoS::AtLeastOnce => {
                 self.needs_flush = true;
-                self.send(&Packet::PubAck(PubAck::with_reason(packet_id, reason)));
+                self.send(Packet::PubAck(PubAck::with_reason(packet_id, reason)));
             }
             QoS::ExactlyOnce => {
                 self.needs_flush = true;
-                self.send(&Packet::PubRec(PubAck::with_reason(packet_id, reason)));
+                self.send(Packet::PubRec(PubAck::with_reason(packet_id, reason)));
             }
         }
         Ok(())
@@ -430,7 +442,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         }
         let reasons = self.broker.subscribe(&self.session, requests);
         self.needs_flush = true;
-        self.send(&Packet::SubAck(SubAck {
+        self.send(Packet::SubAck(SubAck {
             packet_id: subscribe.packet_id,
             reasons,
             properties: ReasonProperties::default(),
@@ -441,7 +453,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     fn on_unsubscribe(&mut self, unsubscribe: Unsubscribe) -> Result<(), Close> {
         let reasons = self.broker.unsubscribe(&self.session, &unsubscribe.filters);
         self.needs_flush = true;
-        self.send(&Packet::UnsubAck(UnsubAck {
+        self.send(Packet::UnsubAck(UnsubAck {
             packet_id: unsubscribe.packet_id,
             reasons,
             properties: ReasonProperties::default(),
@@ -469,14 +481,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         }
         Stats::add(&self.broker.stats.messages_sent, publishes.len() as u64);
         for publish in publishes.drain(..) {
-            self.send(&Packet::Publish(publish));
+            self.send(Packet::Publish(publish));
         }
         self.publishes = publishes;
         more
     }
 
-    fn send(&mut self, packet: &Packet) {
-        let packet = if self.problem_information { packet.clone() } else { strip_problem_information(packet) };
+    fn send(&mut self, mut packet: Packet) {
+        if !self.problem_information {
+            strip_problem_information(&mut packet);
+        }
         self.link.queue(&packet, self.version);
     }
 
@@ -515,7 +529,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                     if self.problem_information {
                         disconnect.reason_string = Some((*why).to_string());
                     }
-                    self.send(&Packet::Disconnect(disconnect));
+                    self.send(Packet::Disconnect(disconnect));
                 }
                 let _ = self.flush().await;
             }
@@ -546,9 +560,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
 
 /// Request Problem Information = 0: no reason string or user properties on
 /// anything but PUBLISH, CONNACK and DISCONNECT.
-fn strip_problem_information(packet: &Packet) -> Packet {
-    let mut packet = packet.clone();
-    match &mut packet {
+fn strip_problem_information(packet: &mut Packet) {
+    match packet {
         Packet::PubAck(a) | Packet::PubRec(a) | Packet::PubRel(a) | Packet::PubComp(a) => {
             a.properties = ReasonProperties::default()
         }
@@ -556,5 +569,4 @@ fn strip_problem_information(packet: &Packet) -> Packet {
         Packet::UnsubAck(u) => u.properties = ReasonProperties::default(),
         _ => {}
     }
-    packet
 }

@@ -18,6 +18,8 @@ pub const PATH: &str = "/mqtt";
 
 /// Accepts the WebSocket handshake on `stream`.
 pub async fn accept(stream: TcpStream) -> Result<WsBridge, tokio_tungstenite::tungstenite::Error> {
+    // The callback's signature is tungstenite's; its error type is large by design.
+    #[allow(clippy::result_large_err)]
     let callback = |request: &Request, mut response: Response| -> Result<Response, ErrorResponse> {
         if request.uri().path() != PATH {
             let mut refusal = ErrorResponse::new(Some(format!("MQTT is served on {PATH}")));

@@ -226,7 +226,9 @@ impl Broker {
             st.connection = None;
             st.disconnected_at_ms = Some(now_ms());
         }
-        let ends = attached && !st.is_persistent();
+        // A takeover detaches the old connection before it closes: an
+        // expiry-0 session still ends with it, unless another took it.
+        let ends = (attached || st.connection.is_none()) && !st.ended && !st.is_persistent();
         let mut publish_now = None;
         if let Some((will, delay)) = departure.will {
             let delay = delay.min(st.expiry_interval);

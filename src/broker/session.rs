@@ -339,16 +339,23 @@ impl Session {
                 }
             };
             let publish = to_publish(&delivery, packet_id, false, now);
-            if protocol::encoded_len(&Packet::Publish(publish.clone()), limits.version) > limits.maximum_packet_size {
-                st.forget_delivery(&self.client_id, &delivery, storage);
-                dropped += 1;
-                continue;
+            if limits.maximum_packet_size < protocol::MAX_PACKET_SIZE {
+                let packet = Packet::Publish(publish);
+                let too_large = protocol::encoded_len(&packet, limits.version) > limits.maximum_packet_size;
+                let Packet::Publish(publish) = packet else { unreachable!("wrapped just above") };
+                if too_large {
+                    st.forget_delivery(&self.client_id, &delivery, storage);
+                    dropped += 1;
+                    continue;
+                }
+                out.push(publish);
+            } else {
+                out.push(publish);
             }
             if let Some(id) = packet_id {
                 st.store_delivery(&self.client_id, &delivery, Some(id), false, storage);
                 st.inflight.insert(id, Inflight { delivery, released: false });
             }
-            out.push(publish);
             taken += 1;
         }
         let more = st

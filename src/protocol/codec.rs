@@ -15,23 +15,29 @@
 //! field are slices of it). The only allocations are the topic `String` and
 //! the properties that are present.
 //!
-//! Why not `mqttbytes` 0.6 (still a dependency; the differential tests in
-//! `codec/mqttbytes_diff.rs` compare against it). Bugs demonstrated there:
-//! 1. v5 DISCONNECT with remaining length 0 (the normal form, reason 0 and no
-//!    properties) is rejected (`PayloadRequired`).
-//! 2. v5 DISCONNECT with remaining length 1 (reason code, no property length)
-//!    is rejected.
-//! 3. v5 AUTH (packet type 15) is not supported at all.
-//! 4. v5 DISCONNECT written by mqttbytes for reason 0 / no properties is a
-//!    broken 2-byte packet `E0 00` followed by nothing, but the packet
-//!    it reports writing is the wrong length (see the test).
-//! 5. The maximum packet size is compared with the remaining length instead
-//!    of the whole packet, so a packet up to 5 bytes over the limit passes.
-//! 6. Validation gaps: mqttbytes accepts (v4/v5) a PUBLISH with QoS 0 and DUP,
-//!    a PUBLISH topic with wildcards, SUBSCRIBE with reserved flag bits
-//!    wrong, CONNECT with the reserved flag set, and trailing bytes after a
-//!    packet's content — all of which we reject.
-//! (The list is kept in sync with the tests; see each `mqttbytes_bug_*`.)
+//! Why not `mqttbytes` 0.6 (still a dependency; `codec/mqttbytes_diff.rs`
+//! compares our bytes with its bytes both ways wherever it is right). Bugs
+//! demonstrated there, one `mqttbytes_bug_*` test each:
+//! 1. v5 DISCONNECT with remaining length 0 (reason 0, no properties) or 1
+//!    (reason only) is rejected by `v5::read`, although mqttbytes itself
+//!    writes exactly those forms (`E0 00`, `E0 01 8E`).
+//! 2. v5 AUTH (packet type 15) does not exist.
+//! 3. v5 CONNACK without properties is written without the property length
+//!    (`20 02 00 87`), which MQTT 5.0 §3.2.2.3 requires (only the acks,
+//!    DISCONNECT and AUTH may omit it).
+//! 4. v5 CONNECT with a password and no user name (allowed in 5.0) reads as
+//!    user name `""`.
+//! 5. The maximum packet size is compared with the remaining length, not
+//!    the whole packet, so a packet up to 5 bytes over the limit passes.
+//! 6. It writes a QoS 0 PUBLISH with DUP set (malformed).
+//! 7. It accepts malformed packets we reject: QoS 0 with DUP, wildcards or
+//!    U+0000 in a topic name, an empty topic without alias, payload format
+//!    indicator 2, a duplicated property, SUBSCRIBE with flags 0000, no
+//!    filters, or reserved option bits, trailing bytes (PUBACK, PINGREQ),
+//!    the CONNECT reserved flag, receive maximum 0.
+//!
+//! Not a bug, though once suspected: mqttbytes 0.6 does read v5
+//! PUBACK/PUBREC/PUBREL/PUBCOMP with remaining length 2 or 3.
 
 use super::packet::{ConnectReason, DisconnectReason};
 

@@ -41,11 +41,9 @@ fn err(bytes: &[u8], v: Version) -> DecodeError {
 pub(super) fn normalize(p: &Packet, v: Version) -> Packet {
     let mut p = p.clone();
     match &mut p {
-        Packet::Publish(p) => {
-            if p.qos == QoS::AtMostOnce {
-                p.dup = false;
-                p.packet_id = None;
-            }
+        Packet::Publish(p) if p.qos == QoS::AtMostOnce => {
+            p.dup = false;
+            p.packet_id = None;
         }
         Packet::ConnAck(c) => c.session_present &= c.code == ConnectReason::Success,
         _ => {}
