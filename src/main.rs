@@ -5,8 +5,19 @@ use clap::Parser;
 use kadmq::cli::{Cli, Command};
 use tracing_subscriber::EnvFilter;
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    match execute(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            // One readable line (with causes), not a backtrace.
+            eprintln!("kadmq: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn execute(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Config => {
             print!("{}", kadmq::config::DEFAULT_CONFIG_TOML);

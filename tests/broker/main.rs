@@ -4,6 +4,7 @@
 mod common;
 
 mod bad_input;
+mod cli;
 mod persistence;
 mod v311;
 mod v5;
