@@ -80,10 +80,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Link<S> {
                 Ok(Some(Packet::Connect(connect))) => return Ok(connect),
                 Ok(Some(_)) => return Err("first packet is not CONNECT"),
                 Ok(None) => {}
-                Err(DecodeError::UnsupportedProtocolVersion(level)) => {
-                    // Answer in the form the client can read: 3.1.1 return code 1.
-                    let version = if level == 5 { Version::V5 } else { Version::V311 };
-                    self.queue(&connack(ConnectReason::UnsupportedProtocolVersion, false), version);
+                Err(DecodeError::UnsupportedProtocolVersion(_)) => {
+                    // A client of an unknown version cannot read 5.0 properties;
+                    // the 3.1.1 form (return code 1) is what every client parses.
+                    self.queue(&connack(ConnectReason::UnsupportedProtocolVersion, false), Version::V311);
                     return Err("unsupported protocol version");
                 }
                 Err(err) => {

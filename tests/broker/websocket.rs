@@ -1,1 +1,309 @@
-//! (being written)
+//! MQTT over WebSocket (path /mqtt, subprotocol mqtt): a raw tungstenite
+//! client carrying MQTT bytes, mixed with TCP clients; paho-mqtt interop.
+
+use crate::common::{connect_packet, encode311, options311, publish_packet, Client311, Raw, TestBroker, QUIET, WAIT};
+use bytes::BytesMut;
+use futures_util::{SinkExt, StreamExt};
+use kadmq::protocol::{self, ConnectReason, Packet as P, PubAck, QoS as Q, Subscribe, SubscribeFilter, Version};
+use std::net::SocketAddr;
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::{Response, StatusCode};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+async fn ws_open(
+    addr: SocketAddr,
+    path: &str,
+    subprotocol: Option<&str>,
+) -> Result<(Ws, Response<Option<Vec<u8>>>), WsError> {
+    let mut request = format!("ws://{addr}{path}").into_client_request().unwrap();
+    if let Some(p) = subprotocol {
+        request.headers_mut().insert("Sec-WebSocket-Protocol", p.parse().unwrap());
+    }
+    tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(request)).await.expect("handshake in time")
+}
+
+/// An MQTT 3.1.1 client over a WebSocket: binary frames carry the bytes.
+struct WsMqtt {
+    ws: Ws,
+    buf: BytesMut,
+}
+
+impl WsMqtt {
+    async fn connect(addr: SocketAddr, client_id: &str) -> WsMqtt {
+        let (ws, response) = ws_open(addr, "/mqtt", Some("mqtt")).await.expect("WebSocket handshake");
+        assert_eq!(response.headers().get("sec-websocket-protocol").map(|v| v.as_bytes()), Some(&b"mqtt"[..]));
+        let mut c = WsMqtt { ws, buf: BytesMut::new() };
+        c.send(&P::Connect(connect_packet(client_id, true, 30))).await;
+        match c.recv().await {
+            P::ConnAck(a) => assert_eq!(a.code, ConnectReason::Success),
+            other => panic!("expected CONNACK, got {other:?}"),
+        }
+        c
+    }
+
+    async fn send(&mut self, packet: &P) {
+        self.send_bytes(encode311(packet)).await;
+    }
+
+    async fn send_bytes(&mut self, bytes: Vec<u8>) {
+        self.ws.send(Message::Binary(bytes.into())).await.expect("send frame");
+    }
+
+    /// The next MQTT packet, whatever the framing; panics after [`WAIT`].
+    async fn recv(&mut self) -> P {
+        tokio::time::timeout(WAIT, async {
+            loop {
+                if let Some(p) = protocol::decode(&mut self.buf, Version::V311, protocol::MAX_PACKET_SIZE).unwrap() {
+                    return p;
+                }
+                match self.ws.next().await {
+                    Some(Ok(Message::Binary(data))) => self.buf.extend_from_slice(&data),
+                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                    other => panic!("expected a binary frame, got {other:?}"),
+                }
+            }
+        })
+        .await
+        .expect("packet in time")
+    }
+
+    /// Waits for the broker to end the WebSocket (close frame, EOF or reset).
+    async fn expect_closed(&mut self) {
+        match tokio::time::timeout(WAIT, self.ws.next()).await.expect("closed in time") {
+            None | Some(Err(_)) | Some(Ok(Message::Close(_))) => {}
+            Some(Ok(m)) => panic!("expected the close, got {m:?}"),
+        }
+    }
+}
+
+fn subscribe(packet_id: u16, filter: &str, qos: Q) -> P {
+    P::Subscribe(Subscribe {
+        packet_id,
+        filters: vec![SubscribeFilter { filter: filter.into(), options: protocol::SubscriptionOptions::qos(qos) }],
+        subscription_identifier: None,
+        user_properties: vec![],
+    })
+}
+
+#[tokio::test]
+async fn ws_handshake_answers_subprotocol_mqtt() {
+    let broker = TestBroker::start().await;
+    let (_ws, response) = ws_open(broker.ws(), "/mqtt", Some("mqtt")).await.expect("handshake");
+    assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
+    let protocols: Vec<_> = response.headers().get_all("sec-websocket-protocol").iter().collect();
+    assert_eq!(protocols.len(), 1, "{protocols:?}");
+    assert_eq!(protocols[0], "mqtt");
+    // Offered among others, mqtt is the one chosen.
+    let (_ws, response) = ws_open(broker.ws(), "/mqtt", Some("mqttv3.1, mqtt")).await.expect("handshake");
+    assert_eq!(response.headers().get("sec-websocket-protocol").unwrap(), "mqtt");
+}
+
+#[tokio::test]
+async fn ws_wrong_path_is_refused() {
+    let broker = TestBroker::start().await;
+    for path in ["/", "/mqt", "/mqtt/x", "/other"] {
+        match ws_open(broker.ws(), path, Some("mqtt")).await {
+            Err(WsError::Http(response)) => assert_eq!(response.status(), StatusCode::NOT_FOUND, "path {path}"),
+            Err(other) => panic!("path {path}: expected an HTTP refusal, got {other:?}"),
+            Ok(_) => panic!("path {path} must be refused"),
+        }
+    }
+    // The listener still serves the right path.
+    WsMqtt::connect(broker.ws(), "ws-after-refusals").await;
+}
+
+#[tokio::test]
+async fn ws_connect_subscribe_and_receive_from_tcp_and_back() {
+    let broker = TestBroker::start().await;
+    let mut ws = WsMqtt::connect(broker.ws(), "ws-sub").await;
+    ws.send(&subscribe(1, "mix/ws", Q::AtLeastOnce)).await;
+    match ws.recv().await {
+        P::SubAck(a) => assert_eq!((a.packet_id, a.reasons), (1, vec![1])),
+        other => panic!("expected SUBACK, got {other:?}"),
+    }
+
+    // TCP (rumqttc) → WebSocket.
+    let (mut tcp, _) = Client311::connect(options311("tcp-pub", broker.port())).await;
+    tcp.client.publish("mix/ws", rumqttc::QoS::AtLeastOnce, false, "from tcp").await.unwrap();
+    match ws.recv().await {
+        P::Publish(p) => {
+            assert_eq!((p.topic.as_str(), &p.payload[..], p.qos), ("mix/ws", &b"from tcp"[..], Q::AtLeastOnce));
+            ws.send(&P::PubAck(PubAck::new(p.packet_id.unwrap()))).await;
+        }
+        other => panic!("expected PUBLISH, got {other:?}"),
+    }
+
+    // WebSocket → TCP, QoS 2 with the full flow over WebSocket.
+    assert_eq!(tcp.subscribe("mix/tcp", rumqttc::QoS::ExactlyOnce).await.len(), 1);
+    ws.send(&publish_packet("mix/tcp", b"from ws", Q::ExactlyOnce, false, Some(9))).await;
+    assert_eq!(ws.recv().await, P::PubRec(PubAck::new(9)));
+    ws.send(&P::PubRel(PubAck::new(9))).await;
+    assert_eq!(ws.recv().await, P::PubComp(PubAck::new(9)));
+    let p = tcp.next_publish().await;
+    assert_eq!((p.topic.as_str(), &p.payload[..], p.qos), ("mix/tcp", &b"from ws"[..], rumqttc::QoS::ExactlyOnce));
+
+    ws.send_bytes(vec![0xC0, 0x00]).await;
+    assert_eq!(ws.recv().await, P::PingResp);
+}
+
+#[tokio::test]
+async fn ws_packets_may_span_frames_and_share_frames() {
+    let broker = TestBroker::start().await;
+    let (ws, _) = ws_open(broker.ws(), "/mqtt", Some("mqtt")).await.unwrap();
+    let mut c = WsMqtt { ws, buf: BytesMut::new() };
+    // CONNECT cut in three frames.
+    let connect = encode311(&P::Connect(connect_packet("ws-frames", true, 30)));
+    c.send_bytes(connect[..1].to_vec()).await;
+    c.send_bytes(connect[1..5].to_vec()).await;
+    c.send_bytes(connect[5..].to_vec()).await;
+    assert!(matches!(c.recv().await, P::ConnAck(a) if a.code == ConnectReason::Success));
+    // SUBSCRIBE, PUBLISH to itself and PINGREQ in one frame.
+    let mut frame = encode311(&subscribe(2, "frames/t", Q::AtMostOnce));
+    frame.extend(encode311(&publish_packet("frames/t", b"x", Q::AtMostOnce, false, None)));
+    frame.extend([0xC0, 0x00]);
+    c.send_bytes(frame).await;
+    let mut got = vec![c.recv().await, c.recv().await, c.recv().await];
+    got.sort_by_key(|p| p.name());
+    assert!(matches!(&got[0], P::PingResp), "{got:?}");
+    assert!(matches!(&got[1], P::Publish(p) if &p.payload[..] == b"x"), "{got:?}");
+    assert!(matches!(&got[2], P::SubAck(a) if a.reasons == vec![0]), "{got:?}");
+}
+
+#[tokio::test]
+async fn ws_text_frame_or_garbage_closes_only_that_connection() {
+    let broker = TestBroker::start().await;
+    let mut bystander = WsMqtt::connect(broker.ws(), "ws-bystander").await;
+
+    let mut texting = WsMqtt::connect(broker.ws(), "ws-text").await;
+    texting.ws.send(Message::Text("hello".into())).await.unwrap();
+    texting.expect_closed().await;
+
+    let (ws, _) = ws_open(broker.ws(), "/mqtt", Some("mqtt")).await.unwrap();
+    let mut garbage = WsMqtt { ws, buf: BytesMut::new() };
+    garbage.send_bytes(vec![0xff; 16]).await;
+    garbage.expect_closed().await;
+
+    bystander.send_bytes(vec![0xC0, 0x00]).await;
+    assert_eq!(bystander.recv().await, P::PingResp);
+}
+
+#[tokio::test]
+async fn ws_will_is_published_when_the_websocket_drops() {
+    let broker = TestBroker::start().await;
+    let (mut watcher, _) = Raw::connect(broker.mqtt(), "ws-will-watch", true).await;
+    watcher.subscribe(1, &[("wswill/t", Q::AtLeastOnce)]).await;
+    let (ws, _) = ws_open(broker.ws(), "/mqtt", Some("mqtt")).await.unwrap();
+    let mut c = WsMqtt { ws, buf: BytesMut::new() };
+    let mut connect = connect_packet("ws-will", true, 30);
+    connect.will = Some(crate::common::will("wswill/t", "ws gone", Q::AtLeastOnce, false));
+    c.send(&P::Connect(connect)).await;
+    assert!(matches!(c.recv().await, P::ConnAck(_)));
+    drop(c); // TCP closed without a close frame or DISCONNECT
+    let p = watcher.recv_publish().await;
+    assert_eq!(&p.payload[..], b"ws gone");
+    watcher.ack(&p).await;
+}
+
+// --- interop with paho-mqtt (python) ------------------------------------------------
+
+const PAHO_SCRIPT: &str = r#"
+import sys, threading, time
+import paho.mqtt.client as mqtt
+
+host, port, transport, tag = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+topic = "interop/" + tag
+subscribed, done = threading.Event(), threading.Event()
+got = []
+
+def client(name):
+    c = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=name,
+                    protocol=mqtt.MQTTv311, transport=transport)
+    if transport == "websockets":
+        c.ws_set_options(path="/mqtt")
+    return c
+
+def on_connect(c, userdata, flags, reason_code, properties):
+    if reason_code != 0:
+        print("connect failed", reason_code); sys.exit(2)
+    c.subscribe(topic, qos=2)
+
+def on_subscribe(c, userdata, mid, reason_codes, properties):
+    if [int(r.value) for r in reason_codes] != [2]:
+        print("suback", reason_codes)
+    subscribed.set()
+
+def on_message(c, userdata, msg):
+    got.append((msg.qos, msg.payload.decode()))
+    if len(got) == 3:
+        done.set()
+
+sub = client("paho-sub-" + tag)
+sub.on_connect, sub.on_subscribe, sub.on_message = on_connect, on_subscribe, on_message
+sub.connect(host, port, keepalive=30)
+sub.loop_start()
+if not subscribed.wait(5):
+    print("no SUBACK"); sys.exit(1)
+
+pub = client("paho-pub-" + tag)
+pub.connect(host, port, keepalive=30)
+pub.loop_start()
+for qos in (0, 1, 2):
+    info = pub.publish(topic, "q%d" % qos, qos=qos)
+    info.wait_for_publish(5)
+    if not info.is_published():
+        print("publish at QoS", qos, "not acknowledged"); sys.exit(1)
+if not done.wait(5):
+    print("received only", got); sys.exit(1)
+if sorted(got) != [(0, "q0"), (1, "q1"), (2, "q2")]:
+    print("wrong messages", got); sys.exit(1)
+pub.disconnect(); sub.disconnect()
+pub.loop_stop(); sub.loop_stop()
+print("OK", transport)
+"#;
+
+async fn paho_installed() -> bool {
+    let probe = tokio::process::Command::new("python3").args(["-c", "import paho.mqtt.client"]).output();
+    matches!(tokio::time::timeout(WAIT, probe).await, Ok(Ok(out)) if out.status.success())
+}
+
+async fn run_paho(port: u16, transport: &str, tag: &str) {
+    let run = tokio::process::Command::new("python3")
+        .args(["-c", PAHO_SCRIPT, "127.0.0.1", &port.to_string(), transport, tag])
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(std::time::Duration::from_secs(20), run)
+        .await
+        .expect("paho script finishes within 20 s")
+        .expect("python3 runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "paho over {transport} failed: {stdout}\n{stderr}");
+    assert!(stdout.contains(&format!("OK {transport}")), "{stdout}\n{stderr}");
+}
+
+#[tokio::test]
+async fn paho_interop_over_tcp_and_websocket() {
+    if !paho_installed().await {
+        println!("skipped: paho-mqtt not installed");
+        eprintln!("skipped: paho-mqtt not installed");
+        return;
+    }
+    let broker = TestBroker::start().await;
+    // A Rust TCP subscriber sees what paho publishes over both transports.
+    let (mut watcher, _) = Raw::connect(broker.mqtt(), "paho-watch", true).await;
+    watcher.subscribe(1, &[("interop/#", Q::ExactlyOnce)]).await;
+    run_paho(broker.port(), "tcp", "tcp").await;
+    run_paho(broker.ws().port(), "websockets", "ws").await;
+    let mut got: Vec<(String, Vec<u8>)> =
+        watcher.drain(QUIET).await.into_iter().map(|p| (p.topic, p.payload.to_vec())).collect();
+    got.sort();
+    let want: Vec<(String, Vec<u8>)> = ["tcp", "ws"]
+        .iter()
+        .flat_map(|t| (0..3).map(move |q| (format!("interop/{t}"), format!("q{q}").into_bytes())))
+        .collect();
+    assert_eq!(got, want);
+}
