@@ -275,6 +275,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 }
                 _ = shutdown.recv() => break Close::Error(DisconnectReason::ServerShuttingDown, "broker shutting down"),
                 _ = self.session.woken(), if !more => more = true,
+                // More deliveries are ready than one batch took: go round
+                // again at once (after a look at the socket above).
+                _ = std::future::ready(()), if more => {}
                 _ = &mut keep_alive_timer => {
                     let Some(keep_alive) = self.keep_alive else { continue };
                     if last_seen.elapsed() >= keep_alive {

@@ -854,3 +854,29 @@ async fn sys_clients_connected_goes_down_after_disconnect() {
     }
     sys_until(&mut sys, &mut v, |v| num(v, "clients/connected") == 1).await;
 }
+
+/// A burst bigger than one delivery batch reaches a QoS 0 subscriber that
+/// never sends anything (it used to stop after the first 512 until the
+/// client spoke again).
+#[tokio::test]
+async fn qos0_burst_larger_than_a_batch_is_delivered_without_client_traffic() {
+    let broker = TestBroker::start().await;
+    let (mut sub, _) = Raw::connect(broker.mqtt(), "burst-sub", true).await;
+    sub.subscribe(1, &[("burst/t", Q::AtMostOnce)]).await;
+    let (mut publisher, _) = Raw::connect(broker.mqtt(), "burst-pub", true).await;
+    let mut bytes = Vec::new();
+    for i in 0..2000u32 {
+        bytes.extend(crate::common::encode311(&publish_packet(
+            "burst/t",
+            &i.to_be_bytes(),
+            Q::AtMostOnce,
+            false,
+            None,
+        )));
+    }
+    publisher.send_bytes(&bytes).await;
+    publisher.ping().await; // all 2000 routed once the PINGRESP is back
+    let got = sub.drain(Duration::from_secs(1)).await;
+    assert_eq!(got.len(), 2000);
+    assert!(got.iter().enumerate().all(|(i, p)| p.payload[..] == (i as u32).to_be_bytes()), "order kept");
+}
