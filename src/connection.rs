@@ -25,6 +25,8 @@ use tokio::time::Instant;
 
 /// Deliveries taken per wake-up before the write buffer is flushed.
 const DELIVERY_BATCH: usize = 512;
+/// A write buffer grown past this by a burst is given back once written.
+const MAX_IDLE_WBUF: usize = 256 * 1024;
 
 /// Why a connection ends.
 #[derive(Debug)]
@@ -105,11 +107,37 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Link<S> {
     }
 
     async fn flush(&mut self) -> std::io::Result<usize> {
+        self.flush_within(None).await
+    }
+
+    /// Writes the buffer; with `stall`, fails when the peer accepts no byte
+    /// for that long (a client that stopped reading must not pin the task).
+    async fn flush_within(&mut self, stall: Option<Duration>) -> std::io::Result<usize> {
+        async fn bounded<T>(
+            stall: Option<Duration>,
+            io: impl std::future::Future<Output = std::io::Result<T>>,
+        ) -> std::io::Result<T> {
+            match stall {
+                Some(limit) => tokio::time::timeout(limit, io)
+                    .await
+                    .unwrap_or_else(|_| Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "peer stopped reading"))),
+                None => io.await,
+            }
+        }
         let n = self.wbuf.len();
+        let mut written = 0;
+        while written < n {
+            match bounded(stall, self.stream.write(&self.wbuf[written..])).await? {
+                0 => return Err(std::io::ErrorKind::WriteZero.into()),
+                m => written += m,
+            }
+        }
         if n > 0 {
-            self.stream.write_all(&self.wbuf).await?;
-            self.stream.flush().await?;
+            bounded(stall, self.stream.flush()).await?;
             self.wbuf.clear();
+        }
+        if self.wbuf.capacity() > MAX_IDLE_WBUF {
+            self.wbuf = BytesMut::with_capacity(8 * 1024);
         }
         Ok(n)
     }
@@ -507,7 +535,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 tracing::error!(cause = %err, "storage flush failed");
             }
         }
-        let n = self.link.flush().await?;
+        // No byte taken for a keep-alive period: the client is gone.
+        let n = self.link.flush_within(self.keep_alive).await?;
         Stats::add(&self.broker.stats.bytes_sent, n as u64);
         Ok(())
     }
@@ -539,7 +568,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             Close::ClientDisconnect { .. } => tracing::debug!(peer = %self.peer, %client_id, "client disconnected"),
             Close::Transport => tracing::debug!(peer = %self.peer, %client_id, "connection lost"),
         }
-        let _ = self.link.stream.shutdown().await;
+        let shutdown = self.link.stream.shutdown();
+        let _ = tokio::time::timeout(self.keep_alive.unwrap_or(Duration::from_secs(5)), shutdown).await;
         let now = now_ms();
         let will = self.will.take().filter(|_| will).map(|w| {
             let delay = if self.version == Version::V5 { w.properties.will_delay_interval.unwrap_or(0) } else { 0 };
@@ -571,5 +601,28 @@ fn strip_problem_information(packet: &mut Packet) {
         Packet::SubAck(s) => s.properties = ReasonProperties::default(),
         Packet::UnsubAck(u) => u.properties = ReasonProperties::default(),
         _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One burst (512 deliveries of up to the packet size limit each) must
+    /// not leave an idle connection holding a buffer of that size for good.
+    #[tokio::test]
+    async fn write_buffer_is_released_after_a_burst() {
+        let (ours, mut theirs) = tokio::io::duplex(64 * 1024);
+        let reader = tokio::spawn(async move {
+            let mut sink = Vec::new();
+            theirs.read_to_end(&mut sink).await.unwrap();
+            sink.len()
+        });
+        let mut link = Link { stream: ours, rbuf: BytesMut::new(), wbuf: BytesMut::with_capacity(8 * 1024) };
+        link.wbuf.extend_from_slice(&vec![0u8; 4 << 20]);
+        assert_eq!(link.flush().await.unwrap(), 4 << 20);
+        assert!(link.wbuf.capacity() <= MAX_IDLE_WBUF, "write buffer kept {} bytes", link.wbuf.capacity());
+        drop(link);
+        assert_eq!(reader.await.unwrap(), 4 << 20);
     }
 }

@@ -78,6 +78,9 @@ pub struct Storage {
     sessions: Keyspace,
     deliveries: Keyspace,
     dirty: AtomicBool,
+    /// Held across "clear dirty, persist": a caller that finds nothing
+    /// dirty must still wait for a persist in progress that covers its write.
+    flushing: parking_lot::Mutex<()>,
 }
 
 impl Storage {
@@ -109,7 +112,15 @@ impl Storage {
             Ok(Err(err)) => return Err(corrupt(err.to_string())),
             Err(_) => return Err(corrupt("the store panicked while opening".into())),
         };
-        Ok(Storage { path: path.to_path_buf(), db, retained, sessions, deliveries, dirty: AtomicBool::new(false) })
+        Ok(Storage {
+            path: path.to_path_buf(),
+            db,
+            retained,
+            sessions,
+            deliveries,
+            dirty: AtomicBool::new(false),
+            flushing: parking_lot::Mutex::new(()),
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -205,6 +216,7 @@ impl Storage {
     /// Hands buffered journal writes to the operating system, so they
     /// survive the process being killed. Cheap when nothing was written.
     pub fn flush(&self) -> Result<()> {
+        let _flushing = self.flushing.lock();
         if self.dirty.swap(false, Ordering::AcqRel) {
             self.db.persist(PersistMode::Buffer)?;
         }
@@ -213,6 +225,7 @@ impl Storage {
 
     /// Flushes and fsyncs: used at shutdown.
     pub fn sync(&self) -> Result<()> {
+        let _flushing = self.flushing.lock();
         self.dirty.store(false, Ordering::Release);
         self.db.persist(PersistMode::SyncAll)?;
         Ok(())

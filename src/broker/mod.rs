@@ -196,6 +196,13 @@ impl Broker {
                     } else {
                         // Resume: a will still waiting for its delay is cancelled.
                         st.pending_will = None;
+                        if st.is_persistent() && expiry_interval == 0 {
+                            // No longer persistent: a stale record must not
+                            // bring it back after a restart.
+                            if let Err(err) = self.storage.remove_session(client_id) {
+                                tracing::error!(cause = %err, client_id, "could not remove session from storage");
+                            }
+                        }
                         st.expiry_interval = expiry_interval;
                         st.disconnected_at_ms = None;
                         let (attachment, handle) = Attachment::new(connection_id);
@@ -206,7 +213,8 @@ impl Broker {
                 }
             };
             match step {
-                Step::Retry => continue,
+                // Another task is ending this session; let it finish.
+                Step::Retry => tokio::task::yield_now().await,
                 Step::TakeOver(old) => {
                     tracing::debug!(client_id, "session taken over");
                     old.take_over(DisconnectReason::SessionTakenOver, Duration::from_secs(5)).await;
@@ -264,22 +272,36 @@ impl Broker {
 
     /// Removes a session everywhere and publishes its pending will.
     fn end_session(&self, session: &Arc<Session>) {
-        {
-            let mut sessions = self.sessions.lock();
-            if sessions.get(&session.client_id).is_some_and(|s| Arc::ptr_eq(s, session)) {
-                sessions.remove(&session.client_id);
-            }
-        }
-        let EndedSession { subscriptions, pending_will } = session.end(&self.storage);
+        // Clean up storage and the trie while the session is still in the
+        // map (marked ended): a CONNECT for the same client id waits for the
+        // map entry to go, so it can never have its new record deleted or
+        // its new subscriptions unindexed by this cleanup.
+        let EndedSession { subscriptions, pending_will, orphans } = session.end(&self.storage);
         {
             let mut trie = self.subscriptions.write();
             for filter in subscriptions.keys() {
                 Self::unindex(&mut trie, session, filter);
             }
         }
-        if let Some(will) = pending_will {
-            self.publish(will.message);
+        {
+            let mut sessions = self.sessions.lock();
+            if sessions.get(&session.client_id).is_some_and(|s| Arc::ptr_eq(s, session)) {
+                sessions.remove(&session.client_id);
+            }
         }
+        for orphan in orphans {
+            self.reroute_shared(orphan);
+        }
+        if let Some(will) = pending_will {
+            self.publish_will(will.message);
+        }
+    }
+
+    /// Publishes a will whose delay has passed: its Message Expiry Interval
+    /// counts from now, the moment of publication (MQTT 5 §3.1.3.2.3).
+    fn publish_will(&self, mut will: Message) {
+        will.expires_at_ms = will.properties.message_expiry_interval.map(|s| now_ms() + s as u64 * 1000);
+        self.publish(will);
     }
 
     /// Expires sessions and publishes delayed wills whose time has come.
@@ -303,7 +325,7 @@ impl Broker {
             if st.pending_will.as_ref().is_some_and(|w| w.at_ms <= now) {
                 let will = st.pending_will.take().expect("checked above");
                 drop(st);
-                self.publish(will.message);
+                self.publish_will(will.message);
             }
         }
         if let Err(err) = self.storage.flush() {
@@ -357,14 +379,17 @@ impl Broker {
         // Session locks are taken only after the trie lock is released:
         // subscribe takes them in the other order.
         drop(trie);
-        let shared: Vec<_> = groups.into_iter().map(|(_, _, members)| self.pick_member(members)).collect();
+        let shared: Vec<_> =
+            groups.into_iter().map(|(group, filter, members)| (self.pick_member(members), group, filter)).collect();
 
         let mut queued = 0;
-        let targets =
-            direct.into_iter().chain(shared.into_iter().map(|(s, q, r, id)| (s, q, r, id.into_iter().collect())));
-        for (session, qos, retain, mut subscription_ids) in targets {
+        let targets = direct
+            .into_iter()
+            .map(|(s, q, r, ids)| (s, q, r, ids, None))
+            .chain(shared.into_iter().map(|((s, q, r, id), g, f)| (s, q, r, id.into_iter().collect(), Some((g, f)))));
+        for (session, qos, retain, mut subscription_ids, shared) in targets {
             subscription_ids.sort_unstable();
-            let delivery = Delivery { message: message.clone(), qos, retain, subscription_ids, seq: None };
+            let delivery = Delivery { message: message.clone(), qos, retain, subscription_ids, seq: None, shared };
             match session.enqueue(
                 delivery,
                 self.config.max_queued_messages,
@@ -380,6 +405,30 @@ impl Broker {
             }
         }
         queued
+    }
+
+    /// Gives a shared-subscription delivery whose session ended undelivered
+    /// to another member of its group (MQTT 5 §4.8.2), if one is left.
+    fn reroute_shared(&self, orphan: Delivery) {
+        let Some((group, filter)) = orphan.shared else { return };
+        let message = orphan.message;
+        let mut members = Vec::new();
+        self.subscriptions.read().for_each_match(&message.topic, |(_, g), entry| {
+            if g.as_ref() == Some(&group) && entry.shared_filter.as_ref() == Some(&filter) {
+                let retain = message.retain && entry.options.retain_as_published;
+                members.push((entry.session.clone(), message.qos.min(entry.options.qos), retain, entry.identifier));
+            }
+        });
+        if members.is_empty() {
+            return;
+        }
+        let (session, qos, retain, identifier) = self.pick_member(members);
+        let subscription_ids = identifier.into_iter().collect();
+        let delivery = Delivery { message, qos, retain, subscription_ids, seq: None, shared: Some((group, filter)) };
+        let (max, qos0) = (self.config.max_queued_messages, self.config.queue_qos0_offline);
+        if let Err(session::Dropped::QueueFull) = session.enqueue(delivery, max, qos0, &self.storage) {
+            Stats::add(&self.stats.messages_dropped, 1);
+        }
     }
 
     /// Picks one member of a shared group: the next connected one in turn,
@@ -467,6 +516,7 @@ impl Broker {
                     subscription_ids: subscription.identifier.into_iter().collect(),
                     message,
                     seq: None,
+                    shared: None,
                 };
                 if session.enqueue(delivery, self.config.max_queued_messages, true, &self.storage).is_err() {
                     Stats::add(&self.stats.messages_dropped, 1);

@@ -41,6 +41,9 @@ pub struct Delivery {
     pub subscription_ids: Vec<u32>,
     /// Key of the stored copy, for persistent sessions and QoS > 0.
     pub seq: Option<u64>,
+    /// Share group and filter when routed through a shared subscription:
+    /// if this session ends first, another member gets the message.
+    pub shared: Option<(Arc<str>, Arc<str>)>,
 }
 
 struct Inflight {
@@ -242,6 +245,7 @@ impl Session {
                     retain: d.retain,
                     subscription_ids: d.subscription_ids,
                     seq: Some(seq),
+                    shared: None,
                 };
                 match d.packet_id {
                     Some(id) if !st.inflight.contains_key(&id) => {
@@ -418,10 +422,19 @@ impl Session {
     pub fn end(&self, storage: &Storage) -> EndedSession {
         let mut st = self.state.lock();
         st.ended = true;
-        st.queue.clear();
-        st.inflight.clear();
-        let ended =
-            EndedSession { subscriptions: std::mem::take(&mut st.subscriptions), pending_will: st.pending_will.take() };
+        // Not yet received by the client (QoS 2 after PUBREC was received).
+        let mut orphans: Vec<Delivery> = st.queue.drain(..).filter(|d| d.shared.is_some()).collect();
+        orphans.extend(
+            std::mem::take(&mut st.inflight)
+                .into_values()
+                .filter(|i| !i.released && i.delivery.shared.is_some())
+                .map(|i| i.delivery),
+        );
+        let ended = EndedSession {
+            subscriptions: std::mem::take(&mut st.subscriptions),
+            pending_will: st.pending_will.take(),
+            orphans,
+        };
         drop(st);
         if let Err(err) = storage.remove_session(&self.client_id) {
             tracing::error!(cause = %err, client_id = %self.client_id, "could not remove session from storage");
@@ -434,6 +447,8 @@ impl Session {
 pub struct EndedSession {
     pub subscriptions: HashMap<String, Subscription>,
     pub pending_will: Option<PendingWill>,
+    /// Shared-subscription deliveries the client never got, to re-route.
+    pub orphans: Vec<Delivery>,
 }
 
 fn to_publish(delivery: &Delivery, packet_id: Option<u16>, dup: bool, now: u64) -> Publish {
@@ -477,6 +492,7 @@ mod tests {
             retain: false,
             subscription_ids: vec![],
             seq: None,
+            shared: None,
         }
     }
 

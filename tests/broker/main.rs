@@ -6,6 +6,7 @@ mod common;
 mod bad_input;
 mod cli;
 mod persistence;
+mod review;
 mod v311;
 mod v5;
 mod websocket;
