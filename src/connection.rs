@@ -305,7 +305,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 _ = self.session.woken(), if !more => more = true,
                 // More deliveries are ready than one batch took: go round
                 // again at once (after a look at the socket above).
-                _ = std::future::ready(()), if more => {}
+                _ = tokio::task::yield_now(), if more => {}
                 _ = &mut keep_alive_timer => {
                     let Some(keep_alive) = self.keep_alive else { continue };
                     if last_seen.elapsed() >= keep_alive {
@@ -440,7 +440,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             qos: publish.qos,
             retain: publish.retain,
             properties: publish.properties.message,
-            origin: Some(self.session.client_id.to_string()),
+            origin: Some(self.session.client_id.clone()),
         };
         let matched = self.broker.publish(message);
         // MQTT 5: 0x10 tells the publisher nobody was subscribed.
@@ -580,7 +580,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 qos: w.qos,
                 retain: w.retain,
                 properties: w.properties.message,
-                origin: Some(client_id.to_string()),
+                origin: Some(client_id.clone()),
             };
             (message, delay)
         });

@@ -4,6 +4,7 @@
 use crate::protocol::{MessageProperties, QoS};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -18,7 +19,7 @@ pub struct Message {
     /// Wall-clock expiry (Unix milliseconds), from the Message Expiry Interval.
     pub expires_at_ms: Option<u64>,
     /// Client id of the publisher, for the No Local option; not for clients.
-    pub origin: Option<String>,
+    pub origin: Option<Arc<str>>,
 }
 
 impl Message {
