@@ -38,6 +38,9 @@ pub struct StartArgs {
     /// MQTT over WebSocket listen address (path /mqtt) [toml: listeners.ws]
     #[arg(long = "ws", env = "KADMQ_WS", value_name = "ADDR", value_delimiter = ',')]
     pub ws: Vec<SocketAddr>,
+    /// HTTP endpoint for /metrics and /api/v1 (off unless given) [toml: listeners.http]
+    #[arg(long, env = "KADMQ_HTTP", value_name = "ADDR")]
+    pub http: Option<SocketAddr>,
     /// Turn the WebSocket listener off
     #[arg(long, env = "KADMQ_NO_WS")]
     pub no_ws: bool,
@@ -88,6 +91,9 @@ impl StartArgs {
         }
         if !self.ws.is_empty() {
             config.listeners.ws = self.ws.clone();
+        }
+        if self.http.is_some() {
+            config.listeners.http = self.http;
         }
         if self.no_ws {
             config.listeners.ws.clear();

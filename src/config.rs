@@ -40,6 +40,8 @@ pub struct Listeners {
     pub mqtt: Vec<SocketAddr>,
     /// MQTT over WebSocket (path `/mqtt`, subprotocol `mqtt`).
     pub ws: Vec<SocketAddr>,
+    /// HTTP endpoint: `/metrics` (Prometheus) and `/api/v1/...`; off if unset.
+    pub http: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -85,6 +87,7 @@ impl Default for Listeners {
         Listeners {
             mqtt: vec![SocketAddr::from(([127, 0, 0, 1], 1883))],
             ws: vec![SocketAddr::from(([127, 0, 0, 1], 8083))],
+            http: None,
         }
     }
 }

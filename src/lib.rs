@@ -10,6 +10,7 @@
 //!   `$SYS`. Shared by all connections; never touches a socket.
 //! - [`connection`]: one client connection, CONNECT to close.
 //! - [`websocket`]: MQTT over WebSocket as a byte stream.
+//! - [`http`]: `/metrics` (Prometheus) and `/api/v1/broker`.
 //! - [`server`]: listeners, background tasks, start and graceful stop.
 //! - [`storage`]: the fjall store in the data directory.
 //! - [`config`] and [`cli`]: configuration file, environment, flags.
@@ -20,6 +21,7 @@ pub mod broker;
 pub mod cli;
 pub mod config;
 pub mod connection;
+pub mod http;
 pub mod protocol;
 pub mod server;
 pub mod storage;

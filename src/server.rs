@@ -8,6 +8,7 @@
 use crate::broker::{sys, Broker};
 use crate::config::Config;
 use crate::connection;
+use crate::http;
 use crate::protocol::DisconnectReason;
 use crate::storage::Storage;
 use crate::websocket;
@@ -34,6 +35,7 @@ pub struct Server {
     pub broker: Arc<Broker>,
     mqtt_addrs: Vec<SocketAddr>,
     ws_addrs: Vec<SocketAddr>,
+    http_addr: Option<SocketAddr>,
     stop: broadcast::Sender<()>,
     tasks: JoinSet<()>,
 }
@@ -56,6 +58,11 @@ impl Server {
         let ws = bound(&config.listeners.ws).await?;
         let local = |ls: &[TcpListener]| ls.iter().filter_map(|l| l.local_addr().ok()).collect::<Vec<_>>();
         let (mqtt_addrs, ws_addrs) = (local(&tcp), local(&ws));
+        let http = match config.listeners.http {
+            Some(addr) => Some(TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })?),
+            None => None,
+        };
+        let http_addr = http.as_ref().and_then(|l| l.local_addr().ok());
         for (listener, transport) in
             tcp.into_iter().map(|l| (l, Transport::Tcp)).chain(ws.into_iter().map(|l| (l, Transport::WebSocket)))
         {
@@ -82,13 +89,23 @@ impl Server {
             };
             tasks.spawn(sys::run(broker.clone(), Duration::from_secs(config.mqtt.sys_interval_secs), stopped));
         }
+        if let Some(listener) = http {
+            let mut stop_rx = stop.subscribe();
+            let stopped = async move {
+                let _ = stop_rx.recv().await;
+            };
+            tasks.spawn(http::serve(listener, broker.clone(), stopped));
+        }
+        if let Some(addr) = http_addr {
+            tracing::info!(%addr, "HTTP endpoint ready (/metrics, /api/v1/broker)");
+        }
         for addr in &mqtt_addrs {
             tracing::info!(%addr, "MQTT listener ready");
         }
         for addr in &ws_addrs {
             tracing::info!(%addr, "MQTT over WebSocket listener ready (path /mqtt)");
         }
-        Ok(Server { broker, mqtt_addrs, ws_addrs, stop, tasks })
+        Ok(Server { broker, mqtt_addrs, ws_addrs, http_addr, stop, tasks })
     }
 
     pub fn mqtt_addrs(&self) -> &[SocketAddr] {
@@ -97,6 +114,10 @@ impl Server {
 
     pub fn ws_addrs(&self) -> &[SocketAddr] {
         &self.ws_addrs
+    }
+
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http_addr
     }
 
     /// Stops accepting, closes every connection (MQTT 5 clients get
