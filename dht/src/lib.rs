@@ -8,6 +8,8 @@
 //! names the shard a topic filter belongs to and the shards a publish must
 //! consult.
 
+pub mod core;
+pub mod driver;
 pub mod shard;
 
 pub use shard::{filter_shard, publish_shards, ShardKey, DEFAULT_SHARD_DEPTH};

@@ -1,0 +1,719 @@
+//! Tests of [`Node`]s talking to each other, through a tiny deterministic
+//! in-memory network: it carries encoded frames and forwards between nodes
+//! (FIFO per pair of nodes, interleaved across pairs by a seeded RNG), hands
+//! out membership views and fires timers. It makes no routing decision; the
+//! oracle it is checked against is one global table of subscriptions.
+
+use super::*;
+use crate::shard::ShardKey;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
+
+enum Wire {
+    Frame(Vec<u8>),
+    Forward { msg: u64, route: ForwardRoute },
+}
+
+struct Net {
+    config: Config,
+    nodes: BTreeMap<NodeId, Node>,
+    membership: Arc<Membership>,
+    /// In flight, FIFO per (from, to).
+    links: BTreeMap<(NodeId, NodeId), VecDeque<Wire>>,
+    timers: BTreeMap<NodeId, u64>,
+    now: u64,
+    rng: StdRng,
+    topics: BTreeMap<u64, String>,
+    next_msg: u64,
+    deliveries: Vec<(NodeId, u64, ForwardRoute)>,
+    /// The oracle: every live node's subscriptions.
+    oracle: BTreeMap<NodeId, BTreeMap<(String, Option<String>), u32>>,
+    next_id: u64,
+}
+
+impl Net {
+    fn new(seed: u64, config: Config, ownership: OwnershipConfig, nodes: usize) -> Net {
+        let mut net = Net {
+            config,
+            nodes: BTreeMap::new(),
+            membership: Arc::new(Membership::empty(ownership)),
+            links: BTreeMap::new(),
+            timers: BTreeMap::new(),
+            now: 0,
+            rng: StdRng::seed_from_u64(seed),
+            topics: BTreeMap::new(),
+            next_msg: 0,
+            deliveries: Vec::new(),
+            oracle: BTreeMap::new(),
+            next_id: 0,
+        };
+        let ids: Vec<NodeId> = (0..nodes).map(|_| net.fresh_id()).collect();
+        for &id in &ids {
+            net.nodes.insert(id, Node::with_ownership(id, net.config.clone(), ownership));
+        }
+        net.set_members(ids);
+        net
+    }
+
+    fn fresh_id(&mut self) -> NodeId {
+        self.next_id += 1;
+        NodeId::from_peer_bytes(format!("peer-{}", self.next_id).as_bytes())
+    }
+
+    fn ids(&self) -> Vec<NodeId> {
+        self.nodes.keys().copied().collect()
+    }
+
+    fn set_members(&mut self, members: Vec<NodeId>) {
+        self.membership = Arc::new(self.membership.next(members));
+        for id in self.ids() {
+            let view = self.membership.clone();
+            self.handle(id, Event::Membership(view));
+        }
+    }
+
+    fn handle(&mut self, id: NodeId, event: Event<'_>) {
+        let mut actions = Vec::new();
+        let now = self.now;
+        let Some(node) = self.nodes.get_mut(&id) else { return };
+        node.handle(now, event, &mut actions).expect("valid input");
+        for action in actions {
+            match action {
+                Action::Send { to, frame } => {
+                    assert_ne!(to, id, "frames to self stay inside the core");
+                    self.links.entry((id, to)).or_default().push_back(Wire::Frame(encode(&frame)));
+                }
+                Action::Forward { to, msg, route } => {
+                    assert_ne!(to, id);
+                    self.links.entry((id, to)).or_default().push_back(Wire::Forward { msg, route });
+                }
+                Action::Deliver { msg, route } => self.deliveries.push((id, msg, route)),
+                Action::Routed { .. } => {}
+                Action::ArmTimer { at } => {
+                    self.timers.insert(id, at);
+                }
+            }
+        }
+    }
+
+    /// Delivers one in-flight message from a random link; false if none.
+    fn step(&mut self) -> bool {
+        self.links.retain(|_, q| !q.is_empty());
+        if self.links.is_empty() {
+            return false;
+        }
+        let i = self.rng.gen_range(0..self.links.len());
+        let (&(from, to), queue) = self.links.iter_mut().nth(i).expect("in range");
+        let wire = queue.pop_front().expect("non-empty");
+        if !self.nodes.contains_key(&to) {
+            return true;
+        }
+        match wire {
+            Wire::Frame(bytes) => {
+                let frame = decode(&bytes).expect("decodes");
+                self.handle(to, Event::Frame { from, frame });
+            }
+            Wire::Forward { msg, route } => {
+                let topic = self.topics[&msg].clone();
+                self.handle(to, Event::Forwarded { from, topic: &topic, msg, route });
+            }
+        }
+        true
+    }
+
+    fn deliver_all(&mut self) {
+        let mut steps = 0;
+        while self.step() {
+            steps += 1;
+            assert!(steps < 5_000_000, "the network does not quiesce");
+        }
+    }
+
+    /// Advances the clock by `ms`, firing timers and delivering everything.
+    fn run_for(&mut self, ms: u64) {
+        let end = self.now + ms;
+        loop {
+            self.deliver_all();
+            let next =
+                self.timers.iter().filter(|(_, &at)| at <= end).min_by_key(|(_, &at)| at).map(|(&n, &at)| (n, at));
+            let Some((id, at)) = next else { break };
+            self.now = self.now.max(at);
+            self.timers.remove(&id);
+            self.handle(id, Event::Timer);
+        }
+        self.now = end;
+        self.deliver_all();
+    }
+
+    /// Long enough for grace periods and two anti-entropy rounds.
+    fn settle(&mut self) {
+        let ms = self.config.handoff_grace_ms + 2 * self.config.anti_entropy_interval_ms + 10;
+        self.run_for(ms);
+    }
+
+    fn subscribe(&mut self, id: NodeId, filter: &str, group: Option<&str>) {
+        *self.oracle.entry(id).or_default().entry((filter.into(), group.map(Into::into))).or_default() += 1;
+        self.handle(id, Event::Subscribe { filter, group });
+    }
+
+    fn unsubscribe(&mut self, id: NodeId, filter: &str, group: Option<&str>) {
+        let subs = self.oracle.get_mut(&id).expect("has subscriptions");
+        let key = (filter.to_string(), group.map(str::to_string));
+        let count = subs.get_mut(&key).expect("subscribed");
+        *count -= 1;
+        if *count == 0 {
+            subs.remove(&key);
+        }
+        self.handle(id, Event::Unsubscribe { filter, group });
+    }
+
+    fn join(&mut self) -> NodeId {
+        let id = self.fresh_id();
+        let ownership = self.membership.config();
+        self.nodes.insert(id, Node::with_ownership(id, self.config.clone(), ownership));
+        let mut members = self.membership.members().to_vec();
+        members.push(id);
+        self.set_members(members);
+        id
+    }
+
+    /// Removes a node: `crash` also loses what it had in flight.
+    fn remove(&mut self, id: NodeId, crash: bool) {
+        self.nodes.remove(&id);
+        self.timers.remove(&id);
+        self.oracle.remove(&id);
+        if crash {
+            self.links.retain(|(from, _), _| *from != id);
+        }
+        let members = self.membership.members().iter().copied().filter(|n| *n != id).collect();
+        self.set_members(members);
+    }
+
+    /// Publishes `topic` from `from`, runs the network, and returns who got it.
+    fn publish(&mut self, from: NodeId, topic: &str) -> Vec<(NodeId, ForwardRoute)> {
+        self.next_msg += 1;
+        let msg = self.next_msg;
+        self.topics.insert(msg, topic.to_string());
+        self.handle(from, Event::Publish { topic, msg });
+        self.deliver_all();
+        let got = self.deliveries.iter().filter(|(_, m, _)| *m == msg).map(|(n, _, r)| (*n, r.clone())).collect();
+        self.deliveries.retain(|(_, m, _)| *m != msg);
+        got
+    }
+
+    /// Checks a publish's deliveries against the oracle.
+    fn check(&self, topic: &str, got: &[(NodeId, ForwardRoute)]) -> Result<(), String> {
+        let nodes: Vec<NodeId> = got.iter().map(|(n, _)| *n).collect();
+        let distinct: BTreeSet<NodeId> = nodes.iter().copied().collect();
+        if distinct.len() != nodes.len() {
+            return Err(format!("{topic}: a node got it twice: {got:?}"));
+        }
+        let plain_expected: BTreeSet<NodeId> = self
+            .oracle
+            .iter()
+            .filter(|(_, subs)| subs.keys().any(|(f, g)| g.is_none() && topic::matches(f, topic)))
+            .map(|(n, _)| *n)
+            .collect();
+        let plain_got: BTreeSet<NodeId> = got.iter().filter(|(_, r)| r.plain).map(|(n, _)| *n).collect();
+        if plain_expected != plain_got {
+            return Err(format!("{topic}: plain delivery to {plain_got:?}, oracle says {plain_expected:?}"));
+        }
+        let mut groups: BTreeMap<(String, String), BTreeSet<NodeId>> = BTreeMap::new();
+        for (node, subs) in &self.oracle {
+            for (filter, group) in subs.keys() {
+                if let Some(group) = group {
+                    if topic::matches(filter, topic) {
+                        groups.entry((group.clone(), filter.clone())).or_default().insert(*node);
+                    }
+                }
+            }
+        }
+        let mut picked: BTreeMap<(String, String), Vec<NodeId>> = BTreeMap::new();
+        for (node, route) in got {
+            for pick in &route.shared {
+                picked.entry((pick.group.clone(), pick.filter.clone())).or_default().push(*node);
+            }
+        }
+        for (group, members) in &groups {
+            match picked.get(group).map(Vec::as_slice) {
+                Some([one]) if members.contains(one) => {}
+                other => return Err(format!("{topic}: group {group:?} of {members:?} delivered to {other:?}")),
+            }
+        }
+        if picked.keys().any(|g| !groups.contains_key(g)) {
+            return Err(format!("{topic}: groups delivered {picked:?}, oracle has {groups:?}"));
+        }
+        Ok(())
+    }
+
+    fn total_lookups(&self) -> u64 {
+        self.nodes.values().map(|n| n.counters().lookups_sent).sum()
+    }
+}
+
+fn test_config() -> Config {
+    Config {
+        replication: 3,
+        shard_depth: 1,
+        cache_capacity: 1_000,
+        handoff_grace_ms: 500,
+        lookup_timeout_ms: 200,
+        anti_entropy_interval_ms: 1_000,
+    }
+}
+
+#[test]
+fn a_publish_reaches_subscribers_on_other_nodes_once() {
+    let mut net = Net::new(1, test_config(), OwnershipConfig::Xor, 5);
+    let ids = net.ids();
+    net.subscribe(ids[1], "a/+", None);
+    net.subscribe(ids[1], "a/b", None);
+    net.subscribe(ids[2], "#", None);
+    net.subscribe(ids[3], "x/y", None);
+    net.settle();
+    let got = net.publish(ids[0], "a/b");
+    net.check("a/b", &got).unwrap();
+    assert_eq!(got.len(), 2, "{got:?}");
+    let got = net.publish(ids[1], "a/b");
+    net.check("a/b", &got).unwrap();
+    let got = net.publish(ids[4], "$SYS/x");
+    assert!(got.is_empty(), "root wildcards do not match $ topics: {got:?}");
+}
+
+#[test]
+fn concurrent_misses_share_one_lookup() {
+    let mut net = Net::new(2, test_config(), OwnershipConfig::Xor, 5);
+    let ids = net.ids();
+    net.subscribe(ids[1], "s/+", None);
+    net.settle();
+    // A publisher that owns neither shard of "s/..." (root and "s").
+    let owners_s = net.membership.owners(&ShardKey::of_prefix("s"), 3);
+    let owners_root = net.membership.owners(&ShardKey::of_prefix(""), 3);
+    let publisher = ids.iter().copied().find(|n| !owners_s.contains(n) && !owners_root.contains(n));
+    let Some(publisher) = publisher else { return };
+    let mut actions = Vec::new();
+    let node = net.nodes.get_mut(&publisher).unwrap();
+    for msg in 100..110 {
+        node.handle(0, Event::Publish { topic: "s/x", msg }, &mut actions).unwrap();
+    }
+    let lookups = actions.iter().filter(|a| matches!(a, Action::Send { frame: Frame::Lookup { .. }, .. })).count();
+    assert_eq!(lookups, 2, "one lookup per missing shard (root and \"s\"), not per publish");
+    assert_eq!(node.parked(), 10);
+    assert!(!actions.iter().any(|a| matches!(a, Action::Forward { .. })));
+}
+
+#[test]
+fn shared_groups_get_each_message_once() {
+    let mut net = Net::new(3, test_config(), OwnershipConfig::Xor, 5);
+    let ids = net.ids();
+    for &n in &ids[1..4] {
+        net.subscribe(n, "jobs/+", Some("workers"));
+    }
+    net.subscribe(ids[4], "jobs/+", None);
+    net.settle();
+    let mut per_node: BTreeMap<NodeId, u32> = BTreeMap::new();
+    for _ in 0..60 {
+        let got = net.publish(ids[0], "jobs/run");
+        net.check("jobs/run", &got).unwrap();
+        for (n, route) in got {
+            if !route.shared.is_empty() {
+                *per_node.entry(n).or_default() += 1;
+            }
+        }
+    }
+    assert_eq!(per_node.values().sum::<u32>(), 60);
+    assert_eq!(per_node.len(), 3, "spread over the members' nodes: {per_node:?}");
+}
+
+#[test]
+fn steady_state_publishes_make_no_lookups() {
+    let mut net = Net::new(4, test_config(), OwnershipConfig::Xor, 5);
+    let ids = net.ids();
+    for i in 0..20 {
+        net.subscribe(ids[i % 5], &format!("t{i}/+"), None);
+    }
+    net.settle();
+    for &p in &ids {
+        for i in 0..20 {
+            let topic = format!("t{i}/x");
+            let got = net.publish(p, &topic);
+            net.check(&topic, &got).unwrap();
+        }
+    }
+    let warm = net.total_lookups();
+    assert!(warm > 0);
+    // Changes reach caches as pushed deltas, not as new lookups.
+    net.subscribe(ids[0], "t3/x", None);
+    net.unsubscribe(ids[3], "t3/+", None);
+    net.deliver_all();
+    for &p in &ids {
+        for i in 0..20 {
+            let topic = format!("t{i}/x");
+            let got = net.publish(p, &topic);
+            net.check(&topic, &got).unwrap();
+        }
+    }
+    assert_eq!(net.total_lookups(), warm, "no lookup after warm-up");
+    let hits: u64 = net.nodes.values().map(|n| n.counters().cache_hits + n.counters().owned_reads).sum();
+    assert!(hits > 0);
+}
+
+/// The issue's balance check: 5 nodes, R = 3, 10,000 distinct filters.
+#[test]
+fn five_nodes_hold_three_fifths_each() {
+    for ownership in [OwnershipConfig::Xor, OwnershipConfig::Ring { vnodes: 128 }] {
+        let mut config = test_config();
+        config.cache_capacity = 50_000;
+        let mut net = Net::new(5, config, ownership, 5);
+        let ids = net.ids();
+        for i in 0..10_000 {
+            net.subscribe(ids[0], &format!("f{i}/x"), None);
+        }
+        net.settle();
+        let owned: Vec<usize> = ids.iter().map(|n| net.nodes[n].entries_owned()).collect();
+        assert_eq!(owned.iter().sum::<usize>(), 30_000, "{ownership:?}: each entry on exactly R owners");
+        let (lo, hi) = match ownership {
+            OwnershipConfig::Xor => (3_500, 8_500),
+            OwnershipConfig::Ring { .. } => (4_500, 7_500),
+        };
+        assert!(owned.iter().all(|&e| (lo..=hi).contains(&e)), "{ownership:?}: {owned:?}");
+        eprintln!("{ownership:?}: entries per node {owned:?} (ideal 6000)");
+        // Warm up one publisher, then publish again: no lookups.
+        for i in 0..10_000 {
+            net.publish(ids[1], &format!("f{i}/x"));
+        }
+        let warm = net.total_lookups();
+        for i in (0..10_000).step_by(7) {
+            let topic = format!("f{i}/x");
+            let got = net.publish(ids[1], &topic);
+            assert_eq!(got.len(), 1);
+        }
+        assert_eq!(net.total_lookups(), warm, "{ownership:?}");
+    }
+}
+
+#[test]
+fn a_crashed_nodes_entries_disappear_and_replicas_return_to_r() {
+    let mut net = Net::new(6, test_config(), OwnershipConfig::Xor, 6);
+    let ids = net.ids();
+    for (i, &n) in ids.iter().enumerate() {
+        net.subscribe(n, &format!("k{i}/#"), None);
+        net.subscribe(n, "all/+", None);
+    }
+    net.settle();
+    for &p in &ids {
+        net.publish(p, "all/x");
+    }
+    let victim = ids[2];
+    net.remove(victim, true);
+    net.settle();
+    let key = ShardKey::of_prefix("all");
+    let holders: Vec<NodeId> =
+        net.nodes.values().filter(|n| n.owned_shard(&key).is_some_and(|s| !s.is_empty())).map(|n| n.id()).collect();
+    assert_eq!(holders.len(), 3, "back to R replicas");
+    for n in net.nodes.values() {
+        if let Some(shard) = n.owned_shard(&key) {
+            assert!(shard.entries_of(victim).is_empty());
+            assert_eq!(shard.len(), 5);
+        }
+    }
+    for p in net.ids() {
+        let got = net.publish(p, "all/x");
+        net.check("all/x", &got).unwrap();
+    }
+}
+
+#[test]
+fn anti_entropy_repairs_a_replica_that_lost_entries() {
+    let mut net = Net::new(7, test_config(), OwnershipConfig::Xor, 5);
+    let ids = net.ids();
+    net.subscribe(ids[0], "r/a", None);
+    net.subscribe(ids[1], "r/+", Some("g"));
+    net.settle();
+    let key = ShardKey::of_prefix("r");
+    let owners = net.membership.owners(&key, 3);
+    // Corrupt one replica behind the protocol's back: it forgets node 0 and
+    // invents an entry for node 1.
+    let victim = owners[1];
+    {
+        let shard = net.nodes.get_mut(&victim).unwrap().owned.get_mut(&key).unwrap();
+        shard.remove_node(ids[0]);
+        shard.set(ids[1], "r/zzz", None, 1);
+    }
+    let repairs_before: u64 = net.nodes.values().map(|n| n.counters().repairs_requested).sum();
+    net.settle();
+    let repairs: u64 = net.nodes.values().map(|n| n.counters().repairs_requested).sum();
+    assert!(repairs > repairs_before);
+    let digests: BTreeSet<u64> = owners.iter().map(|o| net.nodes[o].owned_shard(&key).unwrap().digest()).collect();
+    assert_eq!(digests.len(), 1, "replicas agree again");
+    assert_eq!(net.nodes[&victim].owned_shard(&key).unwrap().len(), 2);
+}
+
+#[test]
+fn a_joining_node_takes_over_shards_and_old_owners_let_go() {
+    let mut net = Net::new(8, test_config(), OwnershipConfig::Ring { vnodes: 16 }, 4);
+    let ids = net.ids();
+    for i in 0..300 {
+        net.subscribe(ids[i % 4], &format!("m{i}"), None);
+    }
+    net.settle();
+    let before: usize = net.nodes.values().map(|n| n.entries_held()).sum();
+    assert_eq!(before, 900);
+    let newcomer = net.join();
+    // Right after the join, old owners still hold their shards (grace).
+    net.deliver_all();
+    assert!(net.nodes.values().map(|n| n.entries_held()).sum::<usize>() > 900);
+    net.settle();
+    assert_eq!(net.nodes.values().map(|n| n.entries_held()).sum::<usize>(), 900);
+    let moved = net.nodes[&newcomer].entries_owned();
+    // Ideal: 900 entries / 5 nodes = 180 move to the newcomer.
+    assert!((100..300).contains(&moved), "moved {moved} of 900 to the newcomer (ideal 180)");
+    for i in (0..300).step_by(13) {
+        let topic = format!("m{i}");
+        let got = net.publish(newcomer, &topic);
+        net.check(&topic, &got).unwrap();
+    }
+}
+
+#[test]
+fn frames_round_trip_through_the_harness() {
+    let mut net = Net::new(9, test_config(), OwnershipConfig::Xor, 3);
+    let ids = net.ids();
+    net.subscribe(ids[0], "w/#", Some("g"));
+    net.settle();
+    let sent: u64 = net.nodes.values().map(|n| FrameKind::ALL.iter().map(|k| n.counters().sent(*k)).sum::<u64>()).sum();
+    let received: u64 =
+        net.nodes.values().map(|n| FrameKind::ALL.iter().map(|k| n.counters().received(*k)).sum::<u64>()).sum();
+    assert!(sent > 0);
+    assert_eq!(sent, received, "every frame encoded, carried, decoded");
+}
+
+mod churn {
+    use super::*;
+    use proptest::prelude::*;
+
+    const FILTERS: &[&str] =
+        &["a/b", "a/+", "a/#", "#", "+/b", "+", "b", "b/c/d", "b/+/d", "$SYS/x", "$SYS/#", "c/d", "+/+/d", "c/#"];
+    const TOPICS: &[&str] = &["a/b", "a", "b", "b/c/d", "$SYS/x", "c/d", "x/b", "a/b/c", "c"];
+    const GROUPS: &[Option<&str>] = &[None, None, Some("g1"), Some("g2")];
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Subscribe {
+            node: usize,
+            filter: usize,
+            group: usize,
+        },
+        Unsubscribe {
+            node: usize,
+            sub: usize,
+        },
+        Join,
+        Leave {
+            node: usize,
+        },
+        Crash {
+            node: usize,
+        },
+        /// Deliver some messages now (interleaves protocol steps with events).
+        Deliver {
+            messages: usize,
+        },
+        Tick {
+            ms: u64,
+        },
+        /// Publish without checking (warms caches; parks on lookups mid-churn).
+        Publish {
+            node: usize,
+            topic: usize,
+        },
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            6 => (any::<usize>(), 0..FILTERS.len(), 0..GROUPS.len())
+                .prop_map(|(node, filter, group)| Op::Subscribe { node, filter, group }),
+            3 => (any::<usize>(), any::<usize>()).prop_map(|(node, sub)| Op::Unsubscribe { node, sub }),
+            1 => Just(Op::Join),
+            1 => any::<usize>().prop_map(|node| Op::Leave { node }),
+            1 => any::<usize>().prop_map(|node| Op::Crash { node }),
+            3 => (0usize..30).prop_map(|messages| Op::Deliver { messages }),
+            1 => (0u64..800).prop_map(|ms| Op::Tick { ms }),
+            4 => (any::<usize>(), 0..TOPICS.len()).prop_map(|(node, topic)| Op::Publish { node, topic }),
+        ]
+    }
+
+    fn apply(net: &mut Net, op: &Op) {
+        let ids = net.ids();
+        match *op {
+            Op::Subscribe { node, filter, group } => {
+                net.subscribe(ids[node % ids.len()], FILTERS[filter], GROUPS[group]);
+            }
+            Op::Unsubscribe { node, sub } => {
+                let id = ids[node % ids.len()];
+                let subs: Vec<(String, Option<String>)> =
+                    net.oracle.get(&id).map(|s| s.keys().cloned().collect()).unwrap_or_default();
+                if !subs.is_empty() {
+                    let (filter, group) = subs[sub % subs.len()].clone();
+                    net.unsubscribe(id, &filter, group.as_deref());
+                }
+            }
+            Op::Join => {
+                if ids.len() < 8 {
+                    net.join();
+                }
+            }
+            Op::Leave { node } | Op::Crash { node } => {
+                if ids.len() > 1 {
+                    net.remove(ids[node % ids.len()], matches!(op, Op::Crash { .. }));
+                }
+            }
+            Op::Deliver { messages } => {
+                for _ in 0..messages {
+                    net.step();
+                }
+            }
+            Op::Publish { node, topic } => {
+                let id = ids[node % ids.len()];
+                net.next_msg += 1;
+                let msg = net.next_msg;
+                net.topics.insert(msg, TOPICS[topic].to_string());
+                net.handle(id, Event::Publish { topic: TOPICS[topic], msg });
+            }
+            Op::Tick { ms } => {
+                // Time passes with messages in flight: fire due timers only.
+                net.now += ms;
+                let due: Vec<NodeId> = net.timers.iter().filter(|(_, &at)| at <= net.now).map(|(&n, _)| n).collect();
+                for n in due {
+                    net.timers.remove(&n);
+                    net.handle(n, Event::Timer);
+                }
+            }
+        }
+    }
+
+    proptest! {
+        // 96 cases by default; PROPTEST_CASES=2000 for a longer hunt.
+        #![proptest_config(ProptestConfig {
+            cases: std::env::var("PROPTEST_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(96),
+            ..ProptestConfig::default()
+        })]
+
+        /// After any churn, once the network settles, every publish from
+        /// every node reaches exactly the nodes the global table names.
+        #[test]
+        fn settled_cluster_delivers_exactly_what_the_oracle_says(
+            seed in any::<u64>(),
+            nodes in 1usize..6,
+            replication in 1usize..4,
+            ring in any::<bool>(),
+            ops in proptest::collection::vec(op(), 0..60),
+        ) {
+            let mut config = test_config();
+            config.replication = replication;
+            let ownership = if ring { OwnershipConfig::Ring { vnodes: 8 } } else { OwnershipConfig::Xor };
+            let mut net = Net::new(seed, config, ownership, nodes);
+            for op in &ops {
+                apply(&mut net, op);
+            }
+            net.settle();
+            net.deliveries.clear();
+            for publisher in net.ids() {
+                for topic in TOPICS {
+                    let got = net.publish(publisher, topic);
+                    if let Err(e) = net.check(topic, &got) {
+                        return Err(TestCaseError::fail(format!("seed {seed}, from {publisher:?}: {e}")));
+                    }
+                }
+            }
+            // Publishing again makes no lookups: caches hold, deltas flow.
+            let warm = net.total_lookups();
+            for publisher in net.ids() {
+                for topic in TOPICS {
+                    let got = net.publish(publisher, topic);
+                    prop_assert!(net.check(topic, &got).is_ok());
+                }
+            }
+            prop_assert_eq!(net.total_lookups(), warm);
+        }
+    }
+}
+
+/// A rough cost check for the simulator (run with
+/// `cargo test --release -p kadmq-dht timing -- --ignored --nocapture`).
+#[test]
+#[ignore]
+fn timing() {
+    use std::time::Instant;
+    for (name, config) in [("xor", OwnershipConfig::Xor), ("ring/128", OwnershipConfig::Ring { vnodes: 128 })] {
+        let start = Instant::now();
+        let members = Membership::new(1, (0..100_000).map(NodeId), config);
+        let built = start.elapsed();
+        let keys: Vec<ShardKey> = (0..100_000).map(|i| ShardKey::of_prefix(&format!("k{i}"))).collect();
+        let start = Instant::now();
+        let mut sum = 0;
+        let mut out = Owners::new();
+        for key in &keys {
+            members.owners_into(key, 3, &mut out);
+            sum += out[0].0 & 1;
+        }
+        let per = start.elapsed() / keys.len() as u32;
+        eprintln!("{name}: 100k members built in {built:?}; owners() {per:?} per key ({sum})");
+    }
+    eprintln!("size_of Node = {} bytes", std::mem::size_of::<Node>());
+    let mut config = test_config();
+    config.cache_capacity = 1_000_000;
+    let mut net = Net::new(1, config, OwnershipConfig::Xor, 5);
+    let ids = net.ids();
+    let start = Instant::now();
+    for i in 0..100_000 {
+        net.subscribe(ids[i % 5], &format!("d{}/{}/+", i % 1000, i), None);
+    }
+    net.deliver_all();
+    eprintln!("100k subscribes on 5 nodes (frames encoded + decoded): {:?}", start.elapsed());
+    for &p in &ids {
+        for i in 0..1000 {
+            net.publish(p, &format!("d{i}/{i}/x"));
+        }
+    }
+    let lookups = net.total_lookups();
+    let topics: Vec<String> = (0..100_000).map(|i| format!("d{}/{}/x", i % 1000, i)).collect();
+    let mut actions = Vec::new();
+    let rounds: usize = std::env::var("PUBLISH_ROUNDS").ok().and_then(|r| r.parse().ok()).unwrap_or(0);
+    for _ in 0..rounds {
+        for (i, topic) in topics.iter().enumerate() {
+            actions.clear();
+            let node = net.nodes.get_mut(&ids[i % 5]).unwrap();
+            node.handle(0, Event::Publish { topic, msg: i as u64 }, &mut actions).unwrap();
+        }
+    }
+    let start = Instant::now();
+    for (i, topic) in topics.iter().enumerate() {
+        actions.clear();
+        let node = net.nodes.get_mut(&ids[i % 5]).unwrap();
+        node.handle(0, Event::Publish { topic, msg: i as u64 }, &mut actions).unwrap();
+    }
+    eprintln!("publish (warm cache, 100 filters per shard): {:?} each", start.elapsed() / 100_000);
+    let start = Instant::now();
+    let mut n = 0;
+    for topic in &topics {
+        n += crate::shard::publish_shards(topic, 1).len();
+    }
+    eprintln!("  of which publish_shards: {:?} each ({n})", start.elapsed() / 100_000);
+    let node = &net.nodes[&ids[0]];
+    let key = ShardKey::of_prefix("d7");
+    let shard = node
+        .owned_shard(&key)
+        .map(|s| s.routes().clone())
+        .or_else(|| node.cache().peek(&key).map(|c| c.routes.clone()))
+        .unwrap();
+    let start = Instant::now();
+    let mut hits = 0;
+    for i in 0..100_000 {
+        shard.match_topic(&topics[(i / 1000) * 1000 + 7], |_, _, _| hits += 1);
+    }
+    eprintln!("  trie match in a 100-filter shard: {:?} each ({hits})", start.elapsed() / 100_000);
+    assert_eq!(net.total_lookups(), lookups);
+}

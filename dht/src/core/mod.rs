@@ -1,0 +1,87 @@
+//! The sans-IO routing core: who owns which shard of the route table, what
+//! owners hold, how publishers cache it, and the per-node state machine that
+//! ties them together. The libp2p driver (`driver/`) and the simulator
+//! (`sim/`) both drive this one core, so what the simulator measures is what
+//! the fleet runs.
+//!
+//! # Layout
+//!
+//! - [`id`]: [`NodeId`] (a `u64`) and its position in the key space; stable hashes.
+//! - [`ownership`]: the [`Ownership`] trait, XOR and ring strategies, [`Membership`].
+//! - [`topic`]: MQTT filter matching, [`FilterTrie`].
+//! - [`route_shard`]: owner side, [`RouteShard`].
+//! - [`route_cache`]: publisher side, [`RouteCache`].
+//! - [`frame`]: [`Frame`]s between nodes, [`encode`]/[`decode`] (rmp-serde).
+//! - [`node`]: the state machine, [`Node`], its [`Event`]s and [`Action`]s.
+//!
+//! # Driving a node
+//!
+//! ```
+//! use kadmq_dht::core::{Action, Config, Event, Membership, Node, NodeId, OwnershipConfig};
+//! use std::sync::Arc;
+//!
+//! let me = NodeId::from_peer_bytes(b"peer id bytes");
+//! let mut node = Node::new(me, Config::default());
+//! let mut actions = Vec::new();
+//! let view = Arc::new(Membership::new(1, [me], OwnershipConfig::Xor));
+//! node.handle(0, Event::Membership(view), &mut actions).unwrap();
+//! node.handle(5, Event::Subscribe { filter: "a/+", group: None }, &mut actions).unwrap();
+//! node.handle(9, Event::Publish { topic: "a/b", msg: 1 }, &mut actions).unwrap();
+//! assert!(actions.iter().any(|a| matches!(a, Action::Deliver { msg: 1, .. })));
+//! ```
+//!
+//! Events (all with `now` in ms, from the caller's clock):
+//! `Membership(Arc<Membership>)` — the live set (build the next one with
+//! [`Membership::next`] and share the `Arc` among nodes with the same view);
+//! `Subscribe`/`Unsubscribe { filter, group }` — a local client's
+//! (`$share/group/filter` → `group: Some("group")`, `filter` without the prefix);
+//! `Publish { topic, msg }` — a local publish, `msg` the caller's handle;
+//! `Frame { from, frame }` — a decoded [`Frame`] from another node;
+//! `Forwarded { from, topic, msg, route }` — another node's `Action::Forward`;
+//! `Timer`.
+//!
+//! Actions: `Send { to, frame }` (encode with [`encode`]); `Forward { to,
+//! msg, route }` — send the message (topic + payload, which the caller kept)
+//! and the [`ForwardRoute`] to `to`, where it becomes `Event::Forwarded`;
+//! `Deliver { msg, route }` — deliver through the local trie: every matching
+//! non-shared subscription if `route.plain`, one member of each listed shared
+//! group; `Routed { msg, forwards, local }` — the publish is fully routed;
+//! `ArmTimer { at }` — one timer, each `ArmTimer` replaces it.
+//!
+//! Counters: [`Node::counters`] ([`Counters`]: lookups sent, cache hits and
+//! misses, frames sent/received by kind, …) and gauges [`Node::entries_owned`],
+//! [`Node::shards_owned`], [`RouteCache::entries`], [`Node::local_filters`],
+//! [`Node::parked`].
+//!
+//! # Not yet here
+//!
+//! Hot-prefix splitting (DESIGN.md "Hot prefixes") is not implemented: a
+//! shard holds every filter whose literal prefix names it, however many.
+//! The intended shape: an owner whose shard passes a threshold marks it split
+//! (a `split: bool` in the lookup answer, cached like routes); filters whose
+//! literal prefix goes a level deeper are re-asserted by their nodes to the
+//! child shard `ShardKey::of_prefix(prefix + "/" + level)`; a publisher that
+//! finds a split shard also consults the child on its topic's path.
+
+pub mod frame;
+pub mod id;
+pub mod node;
+pub mod ownership;
+pub mod route_cache;
+pub mod route_shard;
+pub mod topic;
+
+#[cfg(test)]
+mod cluster_tests;
+
+pub use frame::{
+    decode, encode, ForwardRoute, Frame, FrameError, FrameKind, LookupAnswer, RouteChange, RouteOp, SharedPick,
+};
+pub use id::NodeId;
+pub use node::{Action, Config, CoreError, Counters, Event, Node};
+pub use ownership::{
+    Membership, MembershipDelta, Owners, Ownership, OwnershipConfig, Placement, RingOwnership, XorOwnership,
+};
+pub use route_cache::RouteCache;
+pub use route_shard::{FilterRoutes, RouteShard};
+pub use topic::FilterTrie;

@@ -1,0 +1,1068 @@
+//! The routing state machine of one cluster member.
+//!
+//! [`Node::handle`] takes an [`Event`] and the current time and appends
+//! [`Action`]s for its caller (the libp2p driver or the simulator) to carry
+//! out. It plays three roles at once:
+//!
+//! - **subscriber node**: keeps its local filters (the truth: filter → local
+//!   subscriber count, per shared group) and asserts one entry per filter to
+//!   the `R` owners of the filter's shard, on 0↔1 transitions; re-asserts a
+//!   shard in full to owners that are new after a membership change, and on
+//!   request after replicas disagree.
+//! - **owner**: holds [`RouteShard`]s, answers lookups, registers watchers
+//!   and pushes them deltas; drops the entries of dead nodes; releases shards
+//!   it no longer owns after a grace period; runs anti-entropy with the other
+//!   owners of each shard (digest per shard → per-node digests → the
+//!   subscriber node re-asserts).
+//! - **publisher**: routes a publish through the [`RouteCache`] (a shard it
+//!   owns itself is read directly), asks one owner on a miss (single flight,
+//!   publishes park until the answer), matches the topic and forwards once per
+//!   destination node with what it matched; `$share` groups get exactly one
+//!   node per message, picked by a hash of (message, group, filter) so every
+//!   publisher with the same view picks the same node.
+//!
+//! Boundary: no sockets, no clock, no randomness: time comes in with each
+//! event, and everything else is a function of the events. Liveness (who is
+//! in the [`Membership`]) is decided outside.
+
+use super::frame::{ForwardRoute, Frame, FrameKind, LookupAnswer, RouteChange, RouteOp, SharedPick};
+use super::id::{FastMap, NodeId, StableHasher};
+use super::ownership::{Membership, Owners, Ownership, OwnershipConfig, XorOwnership};
+use super::route_cache::{Evicted, PendingLookup, RouteCache};
+use super::route_shard::{FilterRoutes, RouteShard};
+use super::topic::{join_filter, valid_filter, valid_topic, FilterTrie};
+use crate::shard::{filter_shard, publish_shards, ShardKey, DEFAULT_SHARD_DEPTH};
+use smallvec::SmallVec;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
+
+/// Settings shared by the whole fleet (every node must agree on
+/// `replication`, `shard_depth` and the ownership strategy).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct Config {
+    /// Owners per shard (R).
+    pub replication: usize,
+    /// Literal prefix levels that name a shard.
+    pub shard_depth: usize,
+    /// Route cache bound, in entries.
+    pub cache_capacity: usize,
+    /// How long a node keeps serving a shard it no longer owns.
+    pub handoff_grace_ms: u64,
+    /// How long to wait for a lookup answer before asking the next owner.
+    pub lookup_timeout_ms: u64,
+    /// Period of the replica digest exchange (0 = off).
+    pub anti_entropy_interval_ms: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            replication: 3,
+            shard_depth: DEFAULT_SHARD_DEPTH,
+            cache_capacity: 100_000,
+            handoff_grace_ms: 10_000,
+            lookup_timeout_ms: 2_000,
+            anti_entropy_interval_ms: 30_000,
+        }
+    }
+}
+
+/// An input to the core.
+#[derive(Clone, Debug)]
+pub enum Event<'a> {
+    /// The live set changed (or this is the first view). Share one `Arc`
+    /// between nodes with the same view: it holds the precomputed placement.
+    Membership(Arc<Membership>),
+    /// A local client subscribed; `group` is `Some` for `$share/group/filter`
+    /// (pass the filter without the `$share/group/` part).
+    Subscribe { filter: &'a str, group: Option<&'a str> },
+    /// A local client unsubscribed (or its session ended).
+    Unsubscribe { filter: &'a str, group: Option<&'a str> },
+    /// A local client published; `msg` is the caller's handle for the
+    /// message (the payload never enters the core).
+    Publish { topic: &'a str, msg: u64 },
+    /// A route frame from another node.
+    Frame { from: NodeId, frame: Frame },
+    /// Another node's [`Action::Forward`] arrived here.
+    Forwarded { from: NodeId, topic: &'a str, msg: u64, route: ForwardRoute },
+    /// The timer armed by [`Action::ArmTimer`] went off (early or extra
+    /// calls are harmless).
+    Timer,
+}
+
+/// An output of the core, for the caller to carry out in order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Send a route frame to a node (never to this node itself).
+    Send { to: NodeId, frame: Frame },
+    /// Send publish `msg` (topic + payload, kept by the caller) to node `to`,
+    /// with `route` telling it what to deliver. Exactly one per destination
+    /// node per publish.
+    Forward { to: NodeId, msg: u64, route: ForwardRoute },
+    /// Deliver `msg` to local subscribers as `route` says (for a local
+    /// publish, or for a forward that still matches here).
+    Deliver { msg: u64, route: ForwardRoute },
+    /// Routing of publish `msg` is complete: `forwards` Forward actions and
+    /// `local` Deliver were emitted for it (a QoS 1/2 publisher waits for
+    /// that many acknowledgements).
+    Routed { msg: u64, forwards: u32, local: bool },
+    /// Call `handle(Event::Timer)` at `at` (ms). Replaces any earlier-armed
+    /// time: the core only emits this when its next deadline moves earlier,
+    /// and re-arms after each timer event.
+    ArmTimer { at: u64 },
+}
+
+/// Rejected inputs.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CoreError {
+    #[error("invalid topic filter {0:?}")]
+    InvalidFilter(String),
+    #[error("invalid topic {0:?}")]
+    InvalidTopic(String),
+    #[error("not subscribed to {0:?}")]
+    NotSubscribed(String),
+}
+
+/// Monotonic counters (the driver exports them as metrics; the simulator
+/// sums them). Gauges are methods on [`Node`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Counters {
+    pub publishes: u64,
+    /// Shards answered from the route cache.
+    pub cache_hits: u64,
+    /// Shards not cached when a publish needed them (each starts or joins a lookup).
+    pub cache_misses: u64,
+    /// Shards answered from this node's own owned shard.
+    pub owned_reads: u64,
+    /// Lookup frames sent, retries included.
+    pub lookups_sent: u64,
+    pub lookup_retries: u64,
+    /// Lookups abandoned after every owner was tried; the publish went on without that shard.
+    pub lookups_failed: u64,
+    /// Publishes that waited for a lookup.
+    pub publishes_parked: u64,
+    pub forwards_sent: u64,
+    pub local_deliveries: u64,
+    pub forwards_received: u64,
+    /// Forwards that matched nothing here any more (stale routes).
+    pub forwards_stale: u64,
+    pub cache_evictions: u64,
+    /// Cached shards dropped because their source died, moved or released them.
+    pub cache_invalidations: u64,
+    /// Full re-assertions of a shard sent (rebalancing and repairs).
+    pub reassertions: u64,
+    /// Re-assertions requested from subscriber nodes by anti-entropy.
+    pub repairs_requested: u64,
+    pub shards_released: u64,
+    /// Entries dropped because their node left the membership.
+    pub entries_dropped: u64,
+    /// Frames sent, by [`FrameKind`] (index: position in [`FrameKind::ALL`]).
+    pub frames_sent: [u64; 9],
+    pub frames_received: [u64; 9],
+}
+
+impl Counters {
+    pub fn sent(&self, kind: FrameKind) -> u64 {
+        self.frames_sent[kind_index(kind)]
+    }
+
+    pub fn received(&self, kind: FrameKind) -> u64 {
+        self.frames_received[kind_index(kind)]
+    }
+}
+
+fn kind_index(kind: FrameKind) -> usize {
+    FrameKind::ALL.iter().position(|k| *k == kind).expect("listed")
+}
+
+/// Local subscribers of one filter on this node.
+#[derive(Clone, Debug, Default)]
+struct LocalCounts {
+    plain: u32,
+    groups: SmallVec<[(Box<str>, u32); 1]>,
+}
+
+impl LocalCounts {
+    fn get(&self, group: Option<&str>) -> u32 {
+        match group {
+            None => self.plain,
+            Some(g) => self.groups.iter().find(|(n, _)| &**n == g).map_or(0, |(_, c)| *c),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.plain == 0 && self.groups.is_empty()
+    }
+}
+
+/// This node's filters in one shard and the shard's owners in the current view.
+#[derive(Clone, Debug, Default)]
+struct LocalShard {
+    filters: BTreeSet<Box<str>>,
+    owners: Owners,
+}
+
+/// A publish waiting for lookups.
+#[derive(Debug)]
+struct Parked {
+    topic: Box<str>,
+    msg: u64,
+    matched: Vec<(NodeId, Option<SharedPick>)>,
+    waiting: u32,
+}
+
+/// One cluster member's routing core.
+#[derive(Debug)]
+pub struct Node {
+    id: NodeId,
+    config: Config,
+    membership: Arc<Membership>,
+    local: FilterTrie<LocalCounts>,
+    local_shards: FastMap<ShardKey, LocalShard>,
+    pub(super) owned: FastMap<ShardKey, RouteShard>,
+    cache: RouteCache,
+    parked: Vec<Option<Parked>>,
+    free_slots: Vec<u32>,
+    next_req: u64,
+    releases: BTreeSet<(u64, ShardKey)>,
+    lookup_deadlines: BTreeSet<(u64, ShardKey)>,
+    next_anti_entropy: Option<u64>,
+    armed: Option<u64>,
+    inbox: VecDeque<Frame>,
+    counters: Counters,
+}
+
+impl Node {
+    /// A node with an empty view; feed it [`Event::Membership`] first.
+    pub fn new(id: NodeId, config: Config) -> Node {
+        Node::with_ownership(id, config, OwnershipConfig::default())
+    }
+
+    /// As [`Node::new`], with the strategy of the initial empty view.
+    pub fn with_ownership(id: NodeId, config: Config, ownership: OwnershipConfig) -> Node {
+        let cache = RouteCache::new(config.cache_capacity);
+        Node {
+            id,
+            config,
+            membership: Arc::new(Membership::empty(ownership)),
+            local: FilterTrie::new(),
+            local_shards: FastMap::default(),
+            owned: FastMap::default(),
+            cache,
+            parked: Vec::new(),
+            free_slots: Vec::new(),
+            next_req: 0,
+            releases: BTreeSet::new(),
+            lookup_deadlines: BTreeSet::new(),
+            next_anti_entropy: None,
+            armed: None,
+            inbox: VecDeque::new(),
+            counters: Counters::default(),
+        }
+    }
+
+    pub fn id(&self) -> NodeId {
+        self.id
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn membership(&self) -> &Arc<Membership> {
+        &self.membership
+    }
+
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    /// Entries in the shards this node currently owns.
+    pub fn entries_owned(&self) -> usize {
+        self.owned.values().filter(|s| s.release_at.is_none()).map(|s| s.len()).sum()
+    }
+
+    /// Entries held, shards in their grace period included.
+    pub fn entries_held(&self) -> usize {
+        self.owned.values().map(|s| s.len()).sum()
+    }
+
+    /// Shards this node currently owns and holds state for.
+    pub fn shards_owned(&self) -> usize {
+        self.owned.values().filter(|s| s.release_at.is_none()).count()
+    }
+
+    pub fn owned_shard(&self, key: &ShardKey) -> Option<&RouteShard> {
+        self.owned.get(key)
+    }
+
+    pub fn cache(&self) -> &RouteCache {
+        &self.cache
+    }
+
+    /// Distinct local filters (shared or not).
+    pub fn local_filters(&self) -> usize {
+        self.local.len()
+    }
+
+    /// Publishes waiting for lookups.
+    pub fn parked(&self) -> usize {
+        self.parked.len() - self.free_slots.len()
+    }
+
+    /// The earliest time the core wants [`Event::Timer`].
+    pub fn next_deadline(&self) -> Option<u64> {
+        [self.releases.first().map(|e| e.0), self.lookup_deadlines.first().map(|e| e.0), self.next_anti_entropy]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    /// Handles one event at time `now` (ms), appending actions to `out`.
+    pub fn handle(&mut self, now: u64, event: Event<'_>, out: &mut Vec<Action>) -> Result<(), CoreError> {
+        let result = match event {
+            Event::Membership(membership) => {
+                self.on_membership(now, membership, out);
+                Ok(())
+            }
+            Event::Subscribe { filter, group } => self.subscribe(filter, group, out),
+            Event::Unsubscribe { filter, group } => self.unsubscribe(filter, group, out),
+            Event::Publish { topic, msg } => self.publish(now, topic, msg, out),
+            Event::Frame { from, frame } => {
+                self.counters.frames_received[kind_index(frame.kind())] += 1;
+                self.on_frame(now, from, frame, out);
+                Ok(())
+            }
+            Event::Forwarded { from: _, topic, msg, route } => {
+                self.on_forwarded(topic, msg, route, out);
+                Ok(())
+            }
+            Event::Timer => {
+                self.armed = None;
+                self.on_timer(now, out);
+                Ok(())
+            }
+        };
+        // Frames this node sent to itself (it owns shards it subscribes to).
+        while let Some(frame) = self.inbox.pop_front() {
+            self.on_frame(now, self.id, frame, out);
+        }
+        self.rearm(out);
+        result
+    }
+
+    fn rearm(&mut self, out: &mut Vec<Action>) {
+        if let Some(at) = self.next_deadline() {
+            if self.armed.is_none_or(|armed| at < armed) {
+                self.armed = Some(at);
+                out.push(Action::ArmTimer { at });
+            }
+        }
+    }
+
+    fn send(&mut self, to: NodeId, frame: Frame, out: &mut Vec<Action>) {
+        if to == self.id {
+            self.inbox.push_back(frame);
+        } else {
+            self.counters.frames_sent[kind_index(frame.kind())] += 1;
+            out.push(Action::Send { to, frame });
+        }
+    }
+
+    fn owners(&self, key: &ShardKey) -> Owners {
+        self.membership.owners(key, self.config.replication)
+    }
+
+    // ----- subscriber side -------------------------------------------------
+
+    fn subscribe(&mut self, filter: &str, group: Option<&str>, out: &mut Vec<Action>) -> Result<(), CoreError> {
+        if !valid_filter(filter) {
+            return Err(CoreError::InvalidFilter(filter.to_string()));
+        }
+        let counts = self.local.get_or_insert_with(filter, LocalCounts::default);
+        let count = match group {
+            None => {
+                counts.plain += 1;
+                counts.plain
+            }
+            Some(g) => match counts.groups.iter_mut().find(|(n, _)| &**n == g) {
+                Some((_, c)) => {
+                    *c += 1;
+                    *c
+                }
+                None => {
+                    counts.groups.push((g.into(), 1));
+                    1
+                }
+            },
+        };
+        if count == 1 {
+            let key = filter_shard(filter, self.config.shard_depth);
+            if !self.local_shards.contains_key(&key) {
+                let owners = self.owners(&key);
+                self.local_shards.insert(key, LocalShard { filters: BTreeSet::new(), owners });
+            }
+            let shard = self.local_shards.get_mut(&key).expect("inserted");
+            shard.filters.insert(filter.into());
+            let owners = shard.owners.clone();
+            self.assert_op(key, &owners, filter, group, 1, out);
+        }
+        Ok(())
+    }
+
+    fn unsubscribe(&mut self, filter: &str, group: Option<&str>, out: &mut Vec<Action>) -> Result<(), CoreError> {
+        let not_subscribed = || CoreError::NotSubscribed(filter.to_string());
+        let counts = self.local.get_mut(filter).ok_or_else(not_subscribed)?;
+        let left = match group {
+            None if counts.plain > 0 => {
+                counts.plain -= 1;
+                counts.plain
+            }
+            None => return Err(not_subscribed()),
+            Some(g) => {
+                let i = counts.groups.iter().position(|(n, _)| &**n == g).ok_or_else(not_subscribed)?;
+                counts.groups[i].1 -= 1;
+                let left = counts.groups[i].1;
+                if left == 0 {
+                    counts.groups.remove(i);
+                }
+                left
+            }
+        };
+        if left > 0 {
+            return Ok(());
+        }
+        let gone = counts.is_empty();
+        if gone {
+            self.local.remove(filter);
+        }
+        let key = filter_shard(filter, self.config.shard_depth);
+        let Some(shard) = self.local_shards.get_mut(&key) else { return Ok(()) };
+        let owners = shard.owners.clone();
+        if gone {
+            shard.filters.remove(filter);
+            if shard.filters.is_empty() {
+                self.local_shards.remove(&key);
+            }
+        }
+        self.assert_op(key, &owners, filter, group, 0, out);
+        Ok(())
+    }
+
+    fn assert_op(
+        &mut self,
+        key: ShardKey,
+        owners: &[NodeId],
+        filter: &str,
+        group: Option<&str>,
+        count: u32,
+        out: &mut Vec<Action>,
+    ) {
+        for &owner in owners {
+            let op = RouteOp { filter: filter.to_string(), group: group.map(str::to_string), count };
+            self.send(owner, Frame::Assert { shard: key, replace: false, ops: vec![op] }, out);
+        }
+    }
+
+    /// All of this node's entries in shard `key`.
+    fn local_ops(&self, key: &ShardKey) -> Vec<RouteOp> {
+        let mut ops = Vec::new();
+        let Some(shard) = self.local_shards.get(key) else { return ops };
+        for filter in &shard.filters {
+            let Some(counts) = self.local.get(filter) else { continue };
+            if counts.plain > 0 {
+                ops.push(RouteOp { filter: filter.to_string(), group: None, count: counts.plain });
+            }
+            for (group, count) in &counts.groups {
+                ops.push(RouteOp { filter: filter.to_string(), group: Some(group.to_string()), count: *count });
+            }
+        }
+        ops
+    }
+
+    fn reassert(&mut self, key: ShardKey, to: &[NodeId], out: &mut Vec<Action>) {
+        if to.is_empty() {
+            return;
+        }
+        let ops = self.local_ops(&key);
+        for &owner in to {
+            self.counters.reassertions += 1;
+            self.send(owner, Frame::Assert { shard: key, replace: true, ops: ops.clone() }, out);
+        }
+    }
+
+    // ----- membership --------------------------------------------------------
+
+    fn on_membership(&mut self, now: u64, membership: Arc<Membership>, out: &mut Vec<Action>) {
+        let old = std::mem::replace(&mut self.membership, membership);
+        let delta = self.membership.delta_since(&old);
+        let strategy_changed = old.config() != self.membership.config();
+        let r = self.config.replication;
+        let xor = matches!(self.membership.config(), OwnershipConfig::Xor);
+        // Could `delta` change the owners of a key whose owners were `owners`?
+        // A leave matters only if the leaver owned it; a join (XOR) only if
+        // the joiner is closer than the farthest owner.
+        let may_change = |key: &ShardKey, owners: &[NodeId]| {
+            strategy_changed
+                || delta.removed.iter().any(|n| owners.contains(n))
+                || delta.added.iter().any(|&n| !xor || XorOwnership::join_changes(key, owners, r, n))
+        };
+
+        // Subscriber side: re-assert to owners that are new for a shard.
+        let mut reasserts: Vec<(ShardKey, Owners)> = Vec::new();
+        for (key, shard) in self.local_shards.iter_mut() {
+            if !may_change(key, &shard.owners) {
+                continue;
+            }
+            let owners = self.membership.owners(key, r);
+            let fresh: Owners = owners.iter().copied().filter(|o| !shard.owners.contains(o)).collect();
+            shard.owners = owners;
+            if !fresh.is_empty() {
+                reasserts.push((*key, fresh));
+            }
+        }
+        reasserts.sort_unstable_by_key(|(k, _)| *k);
+        for (key, to) in reasserts {
+            self.reassert(key, &to, out);
+        }
+
+        // Owner side: drop the dead, then find out what we still own.
+        type Push = (ShardKey, Vec<(NodeId, u64)>, Vec<RouteChange>);
+        let mut pushes: Vec<Push> = Vec::new();
+        for (key, shard) in self.owned.iter_mut() {
+            let mut changes = Vec::new();
+            for &dead in &delta.removed {
+                changes.extend(shard.remove_node(dead));
+            }
+            self.counters.entries_dropped += changes.len() as u64;
+            shard.retain_watchers(|w| !delta.removed.contains(&w));
+            if may_change(key, &shard.owners) {
+                shard.owners = self.membership.owners(key, r);
+            }
+            if shard.owners.contains(&self.id) {
+                shard.release_at = None;
+            } else if shard.release_at.is_none() {
+                let at = now + self.config.handoff_grace_ms;
+                shard.release_at = Some(at);
+                self.releases.insert((at, *key));
+            }
+            if !changes.is_empty() && !shard.watchers().is_empty() {
+                pushes.push((*key, shard.watchers().to_vec(), changes));
+            }
+        }
+        pushes.sort_unstable_by_key(|(k, _, _)| *k);
+        for (key, watchers, changes) in pushes {
+            for (w, req) in watchers {
+                self.send(w, Frame::Delta { shard: key, req, changes: changes.clone() }, out);
+            }
+        }
+
+        // Publisher side: forget shards whose source died or no longer owns them.
+        let mut stale: Vec<(ShardKey, NodeId, u64)> = Vec::new();
+        for (key, source, req) in self.cache.sources() {
+            let changed = strategy_changed || !delta.added.is_empty() || !delta.removed.is_empty();
+            if delta.removed.contains(&source) || (changed && !self.owners(&key).contains(&source)) {
+                stale.push((key, source, req));
+            }
+        }
+        stale.sort_unstable();
+        for (key, source, req) in stale {
+            self.cache.remove(&key);
+            self.counters.cache_invalidations += 1;
+            if self.membership.contains(source) {
+                self.send(source, Frame::Unwatch { shard: key, req }, out);
+            }
+        }
+        // Lookups waiting on a node that died: ask someone else now.
+        let mut retry: Vec<ShardKey> =
+            self.cache.pending_keys().filter(|(_, p)| delta.removed.contains(&p.asked)).map(|(k, _)| *k).collect();
+        retry.sort_unstable();
+        for key in retry {
+            self.try_next_owner(now, key, out);
+        }
+
+        if self.next_anti_entropy.is_none() && self.config.anti_entropy_interval_ms > 0 {
+            // Stagger the rounds of different nodes.
+            let interval = self.config.anti_entropy_interval_ms;
+            self.next_anti_entropy = Some(now + 1 + StableHasher::new().u64(self.id.0).finish() % interval);
+        }
+        self.drop_idle_owned();
+    }
+
+    /// Forgets owned shards with no entries, no watchers and no pending release.
+    fn drop_idle_owned(&mut self) {
+        self.owned.retain(|_, s| !(s.is_empty() && s.watchers().is_empty()));
+    }
+
+    // ----- publisher side ----------------------------------------------------
+
+    fn publish(&mut self, now: u64, topic: &str, msg: u64, out: &mut Vec<Action>) -> Result<(), CoreError> {
+        if !valid_topic(topic) {
+            return Err(CoreError::InvalidTopic(topic.to_string()));
+        }
+        self.counters.publishes += 1;
+        let mut keys: SmallVec<[ShardKey; 4]> =
+            publish_shards(topic, self.config.shard_depth).into_iter().map(|(_, k)| k).collect();
+        keys.sort_unstable();
+        keys.dedup();
+        let mut matched = Vec::new();
+        let mut missing: SmallVec<[ShardKey; 4]> = SmallVec::new();
+        for key in keys {
+            if let Some(shard) = self.owned.get(&key).filter(|s| s.release_at.is_none()) {
+                self.counters.owned_reads += 1;
+                collect(shard.routes(), topic, msg, self.id, &self.membership, &mut matched);
+            } else if let Some(shard) = self.cache.get(&key) {
+                self.counters.cache_hits += 1;
+                collect(&shard.routes, topic, msg, self.id, &self.membership, &mut matched);
+            } else if self.owners(&key).contains(&self.id) {
+                // We own it and hold nothing: nobody subscribes there.
+                self.counters.owned_reads += 1;
+            } else {
+                self.counters.cache_misses += 1;
+                missing.push(key);
+            }
+        }
+        if missing.is_empty() {
+            self.finish(topic, msg, matched, out);
+            return Ok(());
+        }
+        self.counters.publishes_parked += 1;
+        let parked = Parked { topic: topic.into(), msg, matched, waiting: missing.len() as u32 };
+        let slot = match self.free_slots.pop() {
+            Some(slot) => {
+                self.parked[slot as usize] = Some(parked);
+                slot
+            }
+            None => {
+                self.parked.push(Some(parked));
+                (self.parked.len() - 1) as u32
+            }
+        };
+        for key in missing {
+            if let Some(pending) = self.cache.pending_mut(&key) {
+                pending.waiters.push(slot);
+                continue;
+            }
+            self.next_req += 1;
+            let lookup = PendingLookup {
+                req: self.next_req,
+                asked: self.id,
+                tried: SmallVec::new(),
+                deadline: now,
+                waiters: smallvec::smallvec![slot],
+            };
+            self.cache.start(key, lookup);
+            self.try_next_owner(now, key, out);
+        }
+        Ok(())
+    }
+
+    /// Sends the pending lookup of `key` to an owner not yet tried, or gives
+    /// up and lets its publishes go on without the shard.
+    fn try_next_owner(&mut self, now: u64, key: ShardKey, out: &mut Vec<Action>) {
+        let owners = self.owners(&key);
+        let Some(pending) = self.cache.pending_mut(&key) else { return };
+        let candidates: Owners = owners.iter().copied().filter(|o| *o != self.id).collect();
+        // Spread publishers over the replicas: each starts at its own offset.
+        let start = if candidates.is_empty() {
+            0
+        } else {
+            (StableHasher::new().u64(self.id.0).bytes(&key.0).finish() % candidates.len() as u64) as usize
+        };
+        let next = (0..candidates.len())
+            .map(|i| candidates[(start + i) % candidates.len()])
+            .find(|c| !pending.tried.contains(c));
+        match next {
+            Some(owner) => {
+                if !pending.tried.is_empty() {
+                    self.counters.lookup_retries += 1;
+                }
+                pending.tried.push(owner);
+                pending.asked = owner;
+                pending.deadline = now + self.config.lookup_timeout_ms;
+                let req = pending.req;
+                self.lookup_deadlines.insert((pending.deadline, key));
+                self.counters.lookups_sent += 1;
+                self.send(owner, Frame::Lookup { shard: key, req }, out);
+            }
+            None => {
+                let pending = self.cache.take_pending(&key).expect("pending");
+                self.counters.lookups_failed += 1;
+                self.resolve_waiters(&key, pending.waiters, out);
+            }
+        }
+    }
+
+    /// Matches each waiting publish against the shard now cached for `key`
+    /// (if any) and finishes those that wait for nothing else.
+    fn resolve_waiters(&mut self, key: &ShardKey, waiters: SmallVec<[u32; 4]>, out: &mut Vec<Action>) {
+        for slot in waiters {
+            let Some(parked) = self.parked[slot as usize].as_mut() else { continue };
+            if let Some(shard) = self.cache.peek(key) {
+                collect(&shard.routes, &parked.topic, parked.msg, self.id, &self.membership, &mut parked.matched);
+            }
+            parked.waiting -= 1;
+            if parked.waiting == 0 {
+                let parked = self.parked[slot as usize].take().expect("parked");
+                self.free_slots.push(slot);
+                self.finish(&parked.topic, parked.msg, parked.matched, out);
+            }
+        }
+    }
+
+    /// Emits one forward per destination node and the local delivery.
+    fn finish(&mut self, topic: &str, msg: u64, mut matched: Vec<(NodeId, Option<SharedPick>)>, out: &mut Vec<Action>) {
+        matched.sort_unstable();
+        matched.dedup();
+        let mut local = ForwardRoute::default();
+        self.local.match_topic(topic, |_, _, counts| local.plain |= counts.plain > 0);
+        let mut forwards = 0;
+        let mut i = 0;
+        while i < matched.len() {
+            let node = matched[i].0;
+            let mut route = ForwardRoute::default();
+            while i < matched.len() && matched[i].0 == node {
+                match matched[i].1.take() {
+                    None => route.plain = true,
+                    Some(pick) => route.shared.push(pick),
+                }
+                i += 1;
+            }
+            if node == self.id {
+                // Only shared picks land here (plain local matches come from
+                // the local filters, the truth); keep those still subscribed.
+                for pick in route.shared {
+                    if self.local.get(&pick.filter).is_some_and(|c| c.get(Some(&pick.group)) > 0) {
+                        local.shared.push(pick);
+                    }
+                }
+            } else {
+                forwards += 1;
+                out.push(Action::Forward { to: node, msg, route });
+            }
+        }
+        self.counters.forwards_sent += forwards as u64;
+        let delivered = !local.is_empty();
+        if delivered {
+            self.counters.local_deliveries += 1;
+            out.push(Action::Deliver { msg, route: local });
+        }
+        out.push(Action::Routed { msg, forwards, local: delivered });
+    }
+
+    fn on_forwarded(&mut self, topic: &str, msg: u64, route: ForwardRoute, out: &mut Vec<Action>) {
+        self.counters.forwards_received += 1;
+        let mut local = ForwardRoute::default();
+        if route.plain {
+            self.local.match_topic(topic, |_, _, counts| local.plain |= counts.plain > 0);
+        }
+        for pick in route.shared {
+            let member = self.local.get(&pick.filter).is_some_and(|c| c.get(Some(&pick.group)) > 0);
+            if member && super::topic::matches(&pick.filter, topic) {
+                local.shared.push(pick);
+            }
+        }
+        if local.is_empty() {
+            self.counters.forwards_stale += 1;
+        } else {
+            self.counters.local_deliveries += 1;
+            out.push(Action::Deliver { msg, route: local });
+        }
+    }
+
+    // ----- frames --------------------------------------------------------------
+
+    fn on_frame(&mut self, now: u64, from: NodeId, frame: Frame, out: &mut Vec<Action>) {
+        match frame {
+            Frame::Assert { shard: key, replace, ops } => self.on_assert(now, from, key, replace, &ops, out),
+            Frame::Lookup { shard: key, req } => {
+                let owner = self.owned.get(&key).map(|s| s.release_at.is_none());
+                let answer = match owner {
+                    Some(true) => {
+                        let shard = self.owned.get_mut(&key).expect("owned");
+                        shard.watch(from, req);
+                        LookupAnswer::Entries(shard.entries())
+                    }
+                    None if self.owners(&key).contains(&self.id) => {
+                        let mut shard = RouteShard::new();
+                        shard.owners = self.owners(&key);
+                        shard.watch(from, req);
+                        self.owned.insert(key, shard);
+                        LookupAnswer::Entries(Vec::new())
+                    }
+                    _ => LookupAnswer::NotOwner,
+                };
+                self.send(from, Frame::LookupReply { shard: key, req, answer }, out);
+            }
+            Frame::LookupReply { shard: key, req, answer } => self.on_lookup_reply(now, from, key, req, answer, out),
+            Frame::Unwatch { shard: key, req } => {
+                if let Some(shard) = self.owned.get_mut(&key) {
+                    shard.unwatch(from, req);
+                    if shard.is_empty() && shard.watchers().is_empty() && shard.release_at.is_none() {
+                        self.owned.remove(&key);
+                    }
+                }
+            }
+            Frame::Delta { shard: key, req, changes } => match self.cache.apply(&key, from, req, &changes) {
+                Some(evicted) => self.unwatch_evicted(evicted, out),
+                None => self.send(from, Frame::Unwatch { shard: key, req }, out),
+            },
+            Frame::Released { shard: key } => {
+                if self.cache.peek(&key).is_some_and(|s| s.source == from) {
+                    self.cache.remove(&key);
+                    self.counters.cache_invalidations += 1;
+                }
+            }
+            Frame::Digest { items } => {
+                for (key, hash) in items {
+                    let mine = match self.owned.get(&key) {
+                        Some(s) if s.release_at.is_none() => s.digest(),
+                        Some(_) => continue,
+                        None if self.owners(&key).contains(&self.id) => 0,
+                        None => continue,
+                    };
+                    if mine != hash {
+                        let items = self.owned.get(&key).map(|s| s.node_digests()).unwrap_or_default();
+                        self.send(from, Frame::NodeDigests { shard: key, items }, out);
+                    }
+                }
+            }
+            Frame::NodeDigests { shard: key, items } => self.on_node_digests(key, items, out),
+            Frame::Reassert { shards } => {
+                for key in shards {
+                    let owners = self.owners(&key);
+                    self.reassert(key, &owners, out);
+                }
+            }
+        }
+    }
+
+    fn on_assert(
+        &mut self,
+        now: u64,
+        from: NodeId,
+        key: ShardKey,
+        replace: bool,
+        ops: &[RouteOp],
+        out: &mut Vec<Action>,
+    ) {
+        if !self.owned.contains_key(&key) {
+            if ops.iter().all(|op| op.count == 0) {
+                return;
+            }
+            let mut shard = RouteShard::new();
+            shard.owners = self.owners(&key);
+            if !shard.owners.contains(&self.id) {
+                // The sender's view differs from ours; keep it for the grace
+                // period in case ours is the stale one.
+                let at = now + self.config.handoff_grace_ms;
+                shard.release_at = Some(at);
+                self.releases.insert((at, key));
+            }
+            self.owned.insert(key, shard);
+        }
+        let changes = self.owned.get_mut(&key).expect("present").assert_from(from, replace, ops);
+        self.push_changes(key, changes, out);
+    }
+
+    fn on_lookup_reply(
+        &mut self,
+        now: u64,
+        from: NodeId,
+        key: ShardKey,
+        req: u64,
+        answer: LookupAnswer,
+        out: &mut Vec<Action>,
+    ) {
+        let current = self.cache.pending(&key).is_some_and(|p| p.req == req && p.asked == from);
+        // An answer from a node our view says no longer owns the shard would
+        // go stale silently (its owners assert elsewhere): ask a current owner.
+        let answer = match answer {
+            LookupAnswer::Entries(_) if current && !self.owners(&key).contains(&from) => {
+                self.send(from, Frame::Unwatch { shard: key, req }, out);
+                LookupAnswer::NotOwner
+            }
+            answer => answer,
+        };
+        match answer {
+            LookupAnswer::Entries(entries) if current => {
+                let pending = self.cache.take_pending(&key).expect("pending");
+                let evicted = self.cache.insert(key, from, req, &entries);
+                self.unwatch_evicted(evicted, out);
+                self.resolve_waiters(&key, pending.waiters, out);
+            }
+            LookupAnswer::Entries(_) => {
+                // A late answer: it registered a watch we do not need.
+                self.send(from, Frame::Unwatch { shard: key, req }, out);
+            }
+            LookupAnswer::NotOwner if current => self.try_next_owner(now, key, out),
+            LookupAnswer::NotOwner => {}
+        }
+    }
+
+    fn unwatch_evicted(&mut self, evicted: Vec<Evicted>, out: &mut Vec<Action>) {
+        for (key, source, req) in evicted {
+            self.counters.cache_evictions += 1;
+            self.send(source, Frame::Unwatch { shard: key, req }, out);
+        }
+    }
+
+    fn on_node_digests(&mut self, key: ShardKey, theirs: Vec<(NodeId, u64)>, out: &mut Vec<Action>) {
+        let mine = self.owned.get(&key).map(|s| s.node_digests()).unwrap_or_default();
+        let (mut i, mut j) = (0, 0);
+        let mut differ = Vec::new();
+        while i < mine.len() || j < theirs.len() {
+            match (mine.get(i), theirs.get(j)) {
+                (Some(a), Some(b)) if a.0 == b.0 => {
+                    if a.1 != b.1 {
+                        differ.push(a.0);
+                    }
+                    i += 1;
+                    j += 1;
+                }
+                (Some(a), Some(b)) if a.0 < b.0 => {
+                    differ.push(a.0);
+                    i += 1;
+                }
+                (Some(a), None) => {
+                    differ.push(a.0);
+                    i += 1;
+                }
+                (_, Some(b)) => {
+                    differ.push(b.0);
+                    j += 1;
+                }
+                (None, None) => unreachable!(),
+            }
+        }
+        for node in differ {
+            if node == self.id {
+                let owners = self.owners(&key);
+                self.reassert(key, &owners, out);
+            } else if self.membership.contains(node) {
+                self.counters.repairs_requested += 1;
+                self.send(node, Frame::Reassert { shards: vec![key] }, out);
+            } else if let Some(shard) = self.owned.get_mut(&key) {
+                let changes = shard.remove_node(node);
+                self.counters.entries_dropped += changes.len() as u64;
+                self.push_changes(key, changes, out);
+            }
+        }
+    }
+
+    // ----- timers ----------------------------------------------------------------
+
+    fn on_timer(&mut self, now: u64, out: &mut Vec<Action>) {
+        // Lookups that timed out: ask the next owner.
+        while let Some(&(at, key)) = self.lookup_deadlines.first() {
+            if at > now {
+                break;
+            }
+            self.lookup_deadlines.pop_first();
+            if self.cache.pending(&key).is_some_and(|p| p.deadline == at) {
+                self.try_next_owner(now, key, out);
+            }
+        }
+        // Shards whose grace period ended.
+        while let Some(&(at, key)) = self.releases.first() {
+            if at > now {
+                break;
+            }
+            self.releases.pop_first();
+            if self.owned.get(&key).is_some_and(|s| s.release_at == Some(at)) {
+                let shard = self.owned.remove(&key).expect("owned");
+                self.counters.shards_released += 1;
+                for &(w, _) in shard.watchers() {
+                    self.send(w, Frame::Released { shard: key }, out);
+                }
+            }
+        }
+        if self.next_anti_entropy.is_some_and(|at| at <= now) {
+            self.next_anti_entropy = Some(now + self.config.anti_entropy_interval_ms);
+            self.anti_entropy_round(out);
+        }
+    }
+
+    /// Sends each other owner of each shard we own our digest of it, and
+    /// sweeps entries and watchers of nodes no longer live.
+    fn anti_entropy_round(&mut self, out: &mut Vec<Action>) {
+        let mut digests: BTreeMap<NodeId, Vec<(ShardKey, u64)>> = BTreeMap::new();
+        let mut pushes = Vec::new();
+        for (key, shard) in self.owned.iter_mut() {
+            if shard.release_at.is_some() {
+                continue;
+            }
+            shard.retain_watchers(|w| self.membership.contains(w));
+            let mut dead: Vec<NodeId> = shard.subscriber_nodes().filter(|n| !self.membership.contains(*n)).collect();
+            dead.sort_unstable();
+            let mut changes = Vec::new();
+            for node in dead {
+                changes.extend(shard.remove_node(node));
+            }
+            if !changes.is_empty() {
+                self.counters.entries_dropped += changes.len() as u64;
+                pushes.push((*key, changes));
+            }
+            for &peer in &shard.owners {
+                if peer != self.id {
+                    digests.entry(peer).or_default().push((*key, shard.digest()));
+                }
+            }
+        }
+        pushes.sort_unstable_by_key(|(k, _)| *k);
+        for (key, changes) in pushes {
+            self.push_changes(key, changes, out);
+        }
+        for (peer, mut items) in digests {
+            items.sort_unstable();
+            self.send(peer, Frame::Digest { items }, out);
+        }
+        self.drop_idle_owned();
+    }
+
+    /// Pushes owner-side changes of shard `key` to its watchers.
+    fn push_changes(&mut self, key: ShardKey, changes: Vec<RouteChange>, out: &mut Vec<Action>) {
+        if changes.is_empty() {
+            return;
+        }
+        let watchers = self.owned.get(&key).map(|s| s.watchers().to_vec()).unwrap_or_default();
+        for (w, req) in watchers {
+            self.send(w, Frame::Delta { shard: key, req, changes: changes.clone() }, out);
+        }
+    }
+}
+
+/// Adds to `matched` the destinations `routes` gives for `topic`: every live
+/// node with a non-shared match (other than `me`: local matches come from
+/// the local filters), and one node per matching shared group.
+fn collect(
+    routes: &FilterTrie<FilterRoutes>,
+    topic: &str,
+    msg: u64,
+    me: NodeId,
+    membership: &Membership,
+    matched: &mut Vec<(NodeId, Option<SharedPick>)>,
+) {
+    routes.match_topic(topic, |levels, hash, filter_routes| {
+        for &(node, _) in &filter_routes.nodes {
+            if node != me && membership.contains(node) {
+                matched.push((node, None));
+            }
+        }
+        if filter_routes.groups.is_empty() {
+            return;
+        }
+        let filter = join_filter(levels, hash);
+        for (group, counts) in &filter_routes.groups {
+            let live: SmallVec<[NodeId; 8]> =
+                counts.iter().map(|&(n, _)| n).filter(|&n| n == me || membership.contains(n)).collect();
+            if live.is_empty() {
+                continue;
+            }
+            let h = StableHasher::new().u64(msg).bytes(group.as_bytes()).bytes(filter.as_bytes()).finish();
+            let pick = live[(h % live.len() as u64) as usize];
+            matched.push((pick, Some(SharedPick { group: group.to_string(), filter: filter.clone() })));
+        }
+    });
+}

@@ -1,0 +1,390 @@
+//! Owner side: the route entries of one shard this node owns.
+//!
+//! A [`RouteShard`] maps each filter of the shard to [`FilterRoutes`]: the
+//! nodes holding non-shared subscribers (with their count) and, per shared
+//! group, the nodes holding members. One entry per (filter, group, node), not
+//! per client: clients stay on their node. It applies idempotent assertions
+//! from subscriber nodes and returns the changes to push to watchers, and it
+//! keeps an order-independent hash of its entries (whole shard and per
+//! subscriber node) for anti-entropy, updated in O(1) per change.
+//!
+//! Boundary: data and bookkeeping only. Who owns what, timers and frames are
+//! the [`Node`](super::node::Node)'s business.
+
+use super::frame::{RouteChange, RouteOp};
+use super::id::{FastMap, NodeId, StableHasher};
+use super::ownership::Owners;
+use super::topic::{join_filter, FilterTrie};
+use smallvec::SmallVec;
+
+/// Subscribers per node, sorted by node.
+pub type NodeCounts = SmallVec<[(NodeId, u32); 2]>;
+
+/// The route entries of one filter.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FilterRoutes {
+    /// Nodes with non-shared subscribers (count per node), sorted by node.
+    pub nodes: NodeCounts,
+    /// Shared groups, sorted by name: the nodes holding members of each.
+    pub groups: Vec<(Box<str>, NodeCounts)>,
+}
+
+impl FilterRoutes {
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty() && self.groups.is_empty()
+    }
+
+    /// Number of (group, node) entries.
+    pub fn len(&self) -> usize {
+        self.nodes.len() + self.groups.iter().map(|(_, n)| n.len()).sum::<usize>()
+    }
+
+    /// Sets `node`'s count (0 removes); returns the previous count (0 if none).
+    pub fn set(&mut self, group: Option<&str>, node: NodeId, count: u32) -> u32 {
+        let counts = match group {
+            None => &mut self.nodes,
+            Some(group) => match self.groups.binary_search_by(|(g, _)| (**g).cmp(group)) {
+                Ok(i) => &mut self.groups[i].1,
+                Err(_) if count == 0 => return 0,
+                Err(i) => {
+                    self.groups.insert(i, (group.into(), NodeCounts::new()));
+                    &mut self.groups[i].1
+                }
+            },
+        };
+        let previous = match counts.binary_search_by_key(&node, |&(n, _)| n) {
+            Ok(i) if count == 0 => counts.remove(i).1,
+            Ok(i) => std::mem::replace(&mut counts[i].1, count),
+            Err(_) if count == 0 => 0,
+            Err(i) => {
+                counts.insert(i, (node, count));
+                0
+            }
+        };
+        if count == 0 {
+            if let Some(group) = group {
+                self.groups.retain(|(g, n)| &**g != group || !n.is_empty());
+            }
+        }
+        previous
+    }
+
+    /// Visits every (group, node, count).
+    pub fn for_each(&self, mut visit: impl FnMut(Option<&str>, NodeId, u32)) {
+        for &(node, count) in &self.nodes {
+            visit(None, node, count);
+        }
+        for (group, counts) in &self.groups {
+            for &(node, count) in counts {
+                visit(Some(group), node, count);
+            }
+        }
+    }
+
+    /// Removes every entry of `node`; returns the groups it was in (None =
+    /// non-shared) with their counts.
+    pub fn remove_node(&mut self, node: NodeId) -> SmallVec<[(Option<Box<str>>, u32); 2]> {
+        let mut removed = SmallVec::new();
+        if let Ok(i) = self.nodes.binary_search_by_key(&node, |&(n, _)| n) {
+            removed.push((None, self.nodes.remove(i).1));
+        }
+        self.groups.retain_mut(|(group, counts)| {
+            if let Ok(i) = counts.binary_search_by_key(&node, |&(n, _)| n) {
+                removed.push((Some(group.clone()), counts.remove(i).1));
+            }
+            !counts.is_empty()
+        });
+        removed
+    }
+}
+
+/// The anti-entropy hash of one entry. XOR-combined, so the shard hash is
+/// independent of insertion order and updated in O(1).
+pub fn entry_hash(node: NodeId, filter: &str, group: Option<&str>) -> u64 {
+    let h = StableHasher::new().u64(node.0).bytes(filter.as_bytes());
+    match group {
+        None => h.bytes(b"").u64(0),
+        Some(g) => h.bytes(g.as_bytes()).u64(1),
+    }
+    .finish()
+}
+
+/// What a shard holds about one subscriber node.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NodeSummary {
+    pub entries: u32,
+    pub hash: u64,
+}
+
+/// The entries of one owned shard, its watchers and its digest.
+#[derive(Clone, Debug, Default)]
+pub struct RouteShard {
+    routes: FilterTrie<FilterRoutes>,
+    by_node: FastMap<NodeId, NodeSummary>,
+    hash: u64,
+    entries: usize,
+    /// Publishers caching this shard, sorted, with the lookup that registered each.
+    watchers: Vec<(NodeId, u64)>,
+    /// The shard's owners in the current membership view.
+    pub(crate) owners: Owners,
+    /// When this node stopped owning the shard, the time it lets it go.
+    pub(crate) release_at: Option<u64>,
+}
+
+impl RouteShard {
+    pub fn new() -> RouteShard {
+        RouteShard::default()
+    }
+
+    /// Number of (filter, group, node) entries.
+    pub fn len(&self) -> usize {
+        self.entries
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries == 0
+    }
+
+    /// Number of distinct filters.
+    pub fn filters(&self) -> usize {
+        self.routes.len()
+    }
+
+    /// XOR of every entry's [`entry_hash`]; replicas that agree have equal hashes.
+    pub fn digest(&self) -> u64 {
+        self.hash
+    }
+
+    pub fn routes(&self) -> &FilterTrie<FilterRoutes> {
+        &self.routes
+    }
+
+    /// Per subscriber node: its entries and their hash, sorted by node.
+    pub fn node_digests(&self) -> Vec<(NodeId, u64)> {
+        let mut items: Vec<(NodeId, u64)> = self.by_node.iter().map(|(&n, s)| (n, s.hash)).collect();
+        items.sort_unstable();
+        items
+    }
+
+    pub fn node_summary(&self, node: NodeId) -> NodeSummary {
+        self.by_node.get(&node).copied().unwrap_or_default()
+    }
+
+    /// Subscriber nodes with entries here.
+    pub fn subscriber_nodes(&self) -> impl Iterator<Item = NodeId> + '_ {
+        self.by_node.keys().copied()
+    }
+
+    /// Sets one entry; returns the change to push if anything changed.
+    pub fn set(&mut self, node: NodeId, filter: &str, group: Option<&str>, count: u32) -> Option<RouteChange> {
+        let previous = if count == 0 {
+            let routes = self.routes.get_mut(filter)?;
+            let previous = routes.set(group, node, 0);
+            if routes.is_empty() {
+                self.routes.remove(filter);
+            }
+            previous
+        } else {
+            self.routes.get_or_insert_with(filter, FilterRoutes::default).set(group, node, count)
+        };
+        if previous == count {
+            return None;
+        }
+        if (previous == 0) != (count == 0) {
+            self.account(node, entry_hash(node, filter, group), count != 0);
+        }
+        Some(RouteChange { filter: filter.to_string(), group: group.map(str::to_string), node, count })
+    }
+
+    fn account(&mut self, node: NodeId, hash: u64, added: bool) {
+        self.hash ^= hash;
+        let summary = self.by_node.entry(node).or_default();
+        summary.hash ^= hash;
+        if added {
+            summary.entries += 1;
+            self.entries += 1;
+        } else {
+            summary.entries -= 1;
+            self.entries -= 1;
+            if summary.entries == 0 {
+                self.by_node.remove(&node);
+            }
+        }
+    }
+
+    /// Applies `node`'s assertion; with `replace`, entries of `node` absent
+    /// from `ops` are removed. Returns the changes, for watchers.
+    pub fn assert_from(&mut self, node: NodeId, replace: bool, ops: &[RouteOp]) -> Vec<RouteChange> {
+        let mut changes = Vec::new();
+        for op in ops {
+            changes.extend(self.set(node, &op.filter, op.group.as_deref(), op.count));
+        }
+        if !replace {
+            return changes;
+        }
+        let asserted: std::collections::HashSet<(&str, Option<&str>)> =
+            ops.iter().filter(|op| op.count > 0).map(|op| (op.filter.as_str(), op.group.as_deref())).collect();
+        // Every asserted entry is now present; if that is all the node has
+        // here, nothing is stale and the O(shard) scan is skipped (the usual
+        // re-assertion after a move, or a repair that finds nothing).
+        if self.node_summary(node).entries as usize == asserted.len() {
+            return changes;
+        }
+        let mut stale = Vec::new();
+        self.routes.for_each(|levels, hash, routes| {
+            routes.for_each(|group, n, _| {
+                if n == node {
+                    let filter = join_filter(levels, hash);
+                    if !asserted.contains(&(filter.as_str(), group)) {
+                        stale.push((filter, group.map(str::to_string)));
+                    }
+                }
+            })
+        });
+        for (filter, group) in stale {
+            changes.extend(self.set(node, &filter, group.as_deref(), 0));
+        }
+        changes
+    }
+
+    /// Drops every entry of `node` (it died or its entries are stale).
+    pub fn remove_node(&mut self, node: NodeId) -> Vec<RouteChange> {
+        if !self.by_node.contains_key(&node) {
+            return Vec::new();
+        }
+        let mut changes = Vec::new();
+        let mut removed_hash = 0;
+        self.routes.for_each(|levels, hash, routes| {
+            routes.for_each(|group, n, _| {
+                if n == node {
+                    let filter = join_filter(levels, hash);
+                    removed_hash ^= entry_hash(node, &filter, group);
+                    changes.push(RouteChange { filter, group: group.map(str::to_string), node, count: 0 });
+                }
+            })
+        });
+        self.routes.retain(|routes| {
+            routes.remove_node(node);
+            !routes.is_empty()
+        });
+        self.hash ^= removed_hash;
+        self.entries -= changes.len();
+        self.by_node.remove(&node);
+        changes
+    }
+
+    /// Every entry, for a lookup answer.
+    pub fn entries(&self) -> Vec<RouteChange> {
+        let mut out = Vec::with_capacity(self.entries);
+        self.routes.for_each(|levels, hash, routes| {
+            let filter = join_filter(levels, hash);
+            routes.for_each(|group, node, count| {
+                out.push(RouteChange { filter: filter.clone(), group: group.map(str::to_string), node, count })
+            })
+        });
+        out
+    }
+
+    /// The asserted entries of `node` in this shard (anti-entropy tests).
+    pub fn entries_of(&self, node: NodeId) -> Vec<RouteChange> {
+        self.entries().into_iter().filter(|c| c.node == node).collect()
+    }
+
+    /// Watchers and the lookup request each registered with.
+    pub fn watchers(&self) -> &[(NodeId, u64)] {
+        &self.watchers
+    }
+
+    /// Registers (or re-registers, with a newer request) a watcher.
+    pub fn watch(&mut self, node: NodeId, req: u64) {
+        match self.watchers.binary_search_by_key(&node, |&(n, _)| n) {
+            Ok(i) => self.watchers[i].1 = req,
+            Err(i) => self.watchers.insert(i, (node, req)),
+        }
+    }
+
+    /// Removes the watch registered by `node`'s lookup `req` (not a newer one).
+    pub fn unwatch(&mut self, node: NodeId, req: u64) -> bool {
+        match self.watchers.binary_search_by_key(&node, |&(n, _)| n) {
+            Ok(i) if self.watchers[i].1 == req => {
+                self.watchers.remove(i);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Keeps only watchers for which `keep` is true.
+    pub fn retain_watchers(&mut self, mut keep: impl FnMut(NodeId) -> bool) {
+        self.watchers.retain(|&(n, _)| keep(n));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn op(filter: &str, group: Option<&str>, count: u32) -> RouteOp {
+        RouteOp { filter: filter.into(), group: group.map(Into::into), count }
+    }
+
+    #[test]
+    fn assertions_are_idempotent_and_push_only_changes() {
+        let mut shard = RouteShard::new();
+        let ops = [op("a/+", None, 2), op("a/b", Some("g"), 1)];
+        assert_eq!(shard.assert_from(NodeId(1), false, &ops).len(), 2);
+        assert!(shard.assert_from(NodeId(1), false, &ops).is_empty(), "re-assertion changes nothing");
+        assert_eq!(shard.len(), 2);
+        assert_eq!(shard.filters(), 2);
+        // A count change is pushed but is not a new entry.
+        assert_eq!(shard.assert_from(NodeId(1), false, &[op("a/+", None, 3)]).len(), 1);
+        assert_eq!(shard.len(), 2);
+        shard.assert_from(NodeId(2), false, &[op("a/+", None, 1)]);
+        assert_eq!(shard.routes().get("a/+").unwrap().nodes.as_slice(), &[(NodeId(1), 3), (NodeId(2), 1)]);
+        assert_eq!(shard.node_summary(NodeId(1)).entries, 2);
+    }
+
+    #[test]
+    fn replace_drops_what_was_not_asserted() {
+        let mut shard = RouteShard::new();
+        shard.assert_from(NodeId(1), false, &[op("a", None, 1), op("a/#", None, 1), op("a/x", Some("g"), 1)]);
+        shard.assert_from(NodeId(2), false, &[op("a", None, 1)]);
+        let changes = shard.assert_from(NodeId(1), true, &[op("a", None, 1)]);
+        assert_eq!(changes.len(), 2);
+        assert!(changes.iter().all(|c| c.count == 0));
+        assert_eq!(shard.len(), 2);
+        assert_eq!(shard.entries_of(NodeId(1)).len(), 1);
+    }
+
+    #[test]
+    fn digest_depends_on_content_not_order() {
+        let (mut a, mut b) = (RouteShard::new(), RouteShard::new());
+        a.assert_from(NodeId(1), false, &[op("x", None, 1), op("y", Some("g"), 1)]);
+        a.assert_from(NodeId(2), false, &[op("x", None, 5)]);
+        b.assert_from(NodeId(2), false, &[op("x", None, 1)]);
+        b.assert_from(NodeId(1), false, &[op("y", Some("g"), 4), op("x", None, 1)]);
+        assert_eq!(a.digest(), b.digest(), "counts are hints, not part of the digest");
+        assert_eq!(a.node_digests(), b.node_digests());
+        b.set(NodeId(1), "z", None, 1);
+        assert_ne!(a.digest(), b.digest());
+        b.set(NodeId(1), "z", None, 0);
+        assert_eq!(a.digest(), b.digest());
+        // Group None and group "" are different entries.
+        assert_ne!(entry_hash(NodeId(1), "x", None), entry_hash(NodeId(1), "x", Some("")));
+    }
+
+    #[test]
+    fn removing_a_node_keeps_the_digest_consistent() {
+        let mut shard = RouteShard::new();
+        shard.assert_from(NodeId(1), false, &[op("x", None, 1), op("x", Some("g"), 1), op("y/#", None, 1)]);
+        shard.assert_from(NodeId(2), false, &[op("x", None, 1)]);
+        let removed = shard.remove_node(NodeId(1));
+        assert_eq!(removed.len(), 3);
+        let mut only_two = RouteShard::new();
+        only_two.assert_from(NodeId(2), false, &[op("x", None, 1)]);
+        assert_eq!(shard.digest(), only_two.digest());
+        assert_eq!(shard.len(), 1);
+        assert_eq!(shard.filters(), 1);
+        assert!(shard.remove_node(NodeId(1)).is_empty());
+    }
+}

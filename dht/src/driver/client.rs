@@ -1,0 +1,186 @@
+//! The handle the rest of kadmq holds on the cluster.
+//!
+//! Job: a cheap, cloneable [`Client`] that asks the event loop for things by
+//! sending a `Command` with a oneshot reply, and the [`Event`]s the event
+//! loop reports back. Boundary: the client never touches the swarm; frame
+//! payloads go straight into the per-peer writer queue the event loop hands
+//! out (and the client caches), so sending does not cost an event-loop
+//! round trip per frame.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+};
+
+use bytes::Bytes;
+use libp2p::{Multiaddr, PeerId};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{frames::MAX_FRAME, Error, Member};
+
+/// What the driver reports to its user.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// A member joined, restarted (higher incarnation), or was heard from
+    /// again after being suspect or dead.
+    MemberUp(Member),
+    /// No heartbeat from this member for the suspect timeout.
+    MemberSuspect(PeerId),
+    /// No heartbeat for the dead timeout, or it left cleanly.
+    MemberDead(PeerId),
+    /// A frame from another node, in the order that node sent it.
+    Frame { from: PeerId, bytes: Bytes },
+}
+
+/// Requests from a [`Client`] to the event loop.
+#[derive(Debug)]
+pub(crate) enum Command {
+    /// The writer queue for a peer, created on demand; `None` if frames to
+    /// it are being dropped (blocked by the fault hook).
+    Link {
+        peer: PeerId,
+        reply: oneshot::Sender<Result<Option<mpsc::Sender<Bytes>>, Error>>,
+    },
+    Members {
+        reply: oneshot::Sender<Vec<Member>>,
+    },
+    ListenAddrs {
+        reply: oneshot::Sender<Vec<Multiaddr>>,
+    },
+    ConnectedPeers {
+        reply: oneshot::Sender<Vec<PeerId>>,
+    },
+    SetLoad {
+        load: u64,
+        reply: oneshot::Sender<()>,
+    },
+    Dial {
+        addr: Multiaddr,
+        reply: oneshot::Sender<Result<PeerId, Error>>,
+    },
+    Block {
+        peer: PeerId,
+        reply: oneshot::Sender<()>,
+    },
+    Unblock {
+        peer: PeerId,
+        reply: oneshot::Sender<()>,
+    },
+    Shutdown {
+        reply: oneshot::Sender<()>,
+    },
+}
+
+/// A handle on a running node. Cheap to clone; every clone talks to the same
+/// event loop. When every clone is dropped, the event loop stops.
+#[derive(Clone)]
+pub struct Client {
+    commands: mpsc::Sender<Command>,
+    local_peer_id: PeerId,
+    links: Arc<Mutex<HashMap<PeerId, mpsc::Sender<Bytes>>>>,
+}
+
+impl Client {
+    pub(crate) fn new(commands: mpsc::Sender<Command>, local_peer_id: PeerId) -> Self {
+        Self { commands, local_peer_id, links: Arc::default() }
+    }
+
+    async fn request<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, Error> {
+        let (reply, rx) = oneshot::channel();
+        self.commands.send(make(reply)).await.map_err(|_| Error::Stopped)?;
+        rx.await.map_err(|_| Error::Stopped)
+    }
+
+    /// Queues `frame` for `peer` on the long-lived stream to it. Returns once
+    /// queued (waiting while the peer's queue is full); delivery is at most
+    /// once: frames in flight when a link drops are lost, and frames to a
+    /// blocked peer are dropped silently. Refused for a peer that is dead,
+    /// or neither a member nor connected.
+    pub async fn send(&self, peer: PeerId, frame: impl Into<Bytes>) -> Result<(), Error> {
+        let frame = frame.into();
+        if frame.len() > MAX_FRAME {
+            return Err(Error::FrameTooLarge(frame.len()));
+        }
+        if peer == self.local_peer_id {
+            return Err(Error::SelfSend);
+        }
+        let cached = {
+            let links = self.links.lock().expect("link cache poisoned");
+            links.get(&peer).filter(|tx| !tx.is_closed()).cloned()
+        };
+        let tx = match cached {
+            Some(tx) => tx,
+            None => {
+                let link = self.request(|reply| Command::Link { peer, reply }).await??;
+                let mut links = self.links.lock().expect("link cache poisoned");
+                match link {
+                    Some(tx) => {
+                        links.insert(peer, tx.clone());
+                        tx
+                    }
+                    None => {
+                        links.remove(&peer);
+                        return Ok(());
+                    }
+                }
+            }
+        };
+        // A closed queue means the link was torn down (peer blocked or
+        // dead) after we looked it up: the frame is dropped, as it would
+        // be in flight.
+        let _ = tx.send(frame).await;
+        Ok(())
+    }
+
+    /// Every known member, this node included (always `Alive`).
+    pub async fn members(&self) -> Result<Vec<Member>, Error> {
+        self.request(|reply| Command::Members { reply }).await
+    }
+
+    /// This node's peer id.
+    pub fn local_peer_id(&self) -> PeerId {
+        self.local_peer_id
+    }
+
+    /// The addresses this node listens on, each ending in `/p2p/<peer id>`
+    /// so it can be handed to another node as a bootstrap address.
+    pub async fn listen_addrs(&self) -> Result<Vec<Multiaddr>, Error> {
+        self.request(|reply| Command::ListenAddrs { reply }).await
+    }
+
+    /// The peers this node holds a connection to right now.
+    pub async fn connected_peers(&self) -> Result<Vec<PeerId>, Error> {
+        self.request(|reply| Command::ConnectedPeers { reply }).await
+    }
+
+    /// Sets the load figure carried in this node's next heartbeats.
+    pub async fn set_load(&self, load: u64) -> Result<(), Error> {
+        self.request(|reply| Command::SetLoad { load, reply }).await
+    }
+
+    /// Dials `addr` and waits until the connection is up (or has failed).
+    pub async fn dial(&self, addr: Multiaddr) -> Result<PeerId, Error> {
+        self.request(|reply| Command::Dial { addr, reply }).await?
+    }
+
+    /// Fault hook for tests: cut every link to `peer`, refuse its
+    /// connections, drop frames to it and ignore its heartbeats (also when
+    /// relayed by others) until [`Client::unblock_peer`]. Block on both
+    /// sides for a clean partition.
+    pub async fn block_peer(&self, peer: PeerId) -> Result<(), Error> {
+        self.links.lock().expect("link cache poisoned").remove(&peer);
+        self.request(|reply| Command::Block { peer, reply }).await
+    }
+
+    /// Undoes [`Client::block_peer`]; links are re-established by the
+    /// event loop's reconnect logic.
+    pub async fn unblock_peer(&self, peer: PeerId) -> Result<(), Error> {
+        self.request(|reply| Command::Unblock { peer, reply }).await
+    }
+
+    /// Announces that this node leaves (others mark it dead at once) and
+    /// stops the event loop.
+    pub async fn shutdown(&self) -> Result<(), Error> {
+        self.request(|reply| Command::Shutdown { reply }).await
+    }
+}

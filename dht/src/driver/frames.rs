@@ -1,0 +1,169 @@
+//! The `/kadmq/frames/1` stream protocol: opaque frames between two nodes.
+//!
+//! Job: carry length-delimited opaque frames (4-byte big-endian length, then
+//! the bytes) on ONE long-lived yamux stream per peer pair and direction.
+//! The writer side batches: it takes every frame queued for the peer (up to
+//! [`MAX_BATCH_FRAMES`]) and sends them in one write and one flush. It
+//! re-opens the stream (re-dialling through libp2p-stream) with backoff when
+//! the link drops. Boundary: frames are opaque here (the routing core fills
+//! them with rmp-serde encoded messages); delivery is at most once: a batch
+//! whose write failed is dropped and logged, because only the core knows
+//! which frames need acknowledging and resending.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::{AsyncReadExt as _, AsyncWriteExt as _};
+use libp2p::{PeerId, Stream, StreamProtocol};
+use tokio::sync::mpsc;
+use tracing::{debug, trace, warn};
+
+use super::Event;
+
+/// The frame protocol's name.
+pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/kadmq/frames/1");
+/// Largest frame accepted (16 MiB); a larger length prefix kills the stream.
+pub const MAX_FRAME: usize = 16 << 20;
+/// Most frames written in one batch.
+pub const MAX_BATCH_FRAMES: usize = 1024;
+
+const BACKOFF_MIN: Duration = Duration::from_millis(50);
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
+const READ_BUFFER: usize = 64 << 10;
+
+/// Appends `frame` with its length prefix to `buf`.
+pub fn encode_frame(frame: &[u8], buf: &mut Vec<u8>) {
+    buf.extend_from_slice(&(frame.len() as u32).to_be_bytes());
+    buf.extend_from_slice(frame);
+}
+
+/// Reads one frame; `Ok(None)` at a clean end of stream.
+pub async fn read_frame<R>(reader: &mut R) -> std::io::Result<Option<Bytes>>
+where
+    R: futures::AsyncRead + Unpin,
+{
+    let mut len = [0u8; 4];
+    match reader.read_exact(&mut len).await {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let len = u32::from_be_bytes(len) as usize;
+    if len > MAX_FRAME {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("frame of {len} bytes exceeds {MAX_FRAME}"),
+        ));
+    }
+    let mut frame = vec![0u8; len];
+    reader.read_exact(&mut frame).await?;
+    Ok(Some(Bytes::from(frame)))
+}
+
+/// The sending half of one peer's link: owns the outbound stream to `peer`
+/// and drains `queue` onto it, re-opening the stream after failures. Ends
+/// when every sender of `queue` is gone, or when the event loop aborts it
+/// (peer blocked or dead, or the event loop itself dropped).
+pub(crate) async fn write_loop(peer: PeerId, mut control: libp2p_stream::Control, mut queue: mpsc::Receiver<Bytes>) {
+    let mut batch: Vec<Bytes> = Vec::with_capacity(MAX_BATCH_FRAMES);
+    let mut buf: Vec<u8> = Vec::new();
+    let mut backoff = BACKOFF_MIN;
+    'link: loop {
+        // Open a stream only once there is something to send.
+        if batch.is_empty() && queue.recv_many(&mut batch, MAX_BATCH_FRAMES).await == 0 {
+            return;
+        }
+        let mut stream = match control.open_stream(peer, PROTOCOL).await {
+            Ok(stream) => {
+                debug!(%peer, "frame stream opened");
+                backoff = BACKOFF_MIN;
+                stream
+            }
+            Err(e) => {
+                // Keep the batch: nothing of it was written yet.
+                debug!(%peer, cause = %e, retry_in = ?backoff, "opening frame stream failed");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+                continue 'link;
+            }
+        };
+        loop {
+            if batch.is_empty() && queue.recv_many(&mut batch, MAX_BATCH_FRAMES).await == 0 {
+                let _ = stream.close().await;
+                return;
+            }
+            buf.clear();
+            for frame in &batch {
+                encode_frame(frame, &mut buf);
+            }
+            trace!(%peer, frames = batch.len(), bytes = buf.len(), "writing batch");
+            let written = async {
+                stream.write_all(&buf).await?;
+                stream.flush().await
+            }
+            .await;
+            if let Err(e) = written {
+                warn!(%peer, cause = %e, lost_frames = batch.len(), "frame stream broke; re-opening");
+                batch.clear();
+                continue 'link;
+            }
+            batch.clear();
+            // Large batches leave a large buffer behind; do not hold it
+            // forever for one burst.
+            if buf.capacity() > 4 * MAX_FRAME {
+                buf = Vec::new();
+            }
+        }
+    }
+}
+
+/// The receiving half: reads frames from one inbound stream of `peer` and
+/// hands them to the driver's user as [`Event::Frame`]. Frames go straight
+/// to the event channel, not through the event loop, so a slow consumer
+/// pushes back on this stream (yamux flow control) without stalling the
+/// swarm.
+pub(crate) async fn read_loop(peer: PeerId, stream: Stream, events: mpsc::Sender<Event>) {
+    let mut reader = futures::io::BufReader::with_capacity(READ_BUFFER, stream);
+    loop {
+        match read_frame(&mut reader).await {
+            Ok(Some(bytes)) => {
+                if events.send(Event::Frame { from: peer, bytes }).await.is_err() {
+                    return;
+                }
+            }
+            Ok(None) => {
+                debug!(%peer, "frame stream closed by peer");
+                return;
+            }
+            Err(e) => {
+                debug!(%peer, cause = %e, "frame stream ended");
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn frames_round_trip_through_the_codec() {
+        let mut buf = Vec::new();
+        encode_frame(b"hello", &mut buf);
+        encode_frame(b"", &mut buf);
+        encode_frame(&[7u8; 1000], &mut buf);
+        let mut reader = futures::io::Cursor::new(buf);
+        assert_eq!(read_frame(&mut reader).await.unwrap().unwrap(), &b"hello"[..]);
+        assert_eq!(read_frame(&mut reader).await.unwrap().unwrap().len(), 0);
+        assert_eq!(read_frame(&mut reader).await.unwrap().unwrap().len(), 1000);
+        assert!(read_frame(&mut reader).await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn oversized_length_prefix_is_refused() {
+        let buf = ((MAX_FRAME + 1) as u32).to_be_bytes().to_vec();
+        let mut reader = futures::io::Cursor::new(buf);
+        assert!(read_frame(&mut reader).await.is_err());
+    }
+}
