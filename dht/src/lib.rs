@@ -7,6 +7,11 @@
 //! it holds the first piece every other part builds on: [`shard`], which
 //! names the shard a topic filter belongs to and the shards a publish must
 //! consult.
+//!
+//! [`core`] is the sans-IO routing core (ownership, route shards, route
+//! cache, rebalancing, anti-entropy): a `Node` state machine that takes
+//! events and returns actions. Its module docs describe the API the driver
+//! and the simulator drive it with.
 
 pub mod core;
 pub mod driver;
