@@ -1,0 +1,381 @@
+//! The oracle: one global table of every live subscription, the reference
+//! the simulated fleet is compared with.
+//!
+//! It answers two questions. Which nodes should receive a publish (every
+//! live node with a matching non-shared subscription, and exactly one
+//! member of each matching shared group)? And what should each shard of the
+//! route table hold (its entries and their anti-entropy digest, computed
+//! with the core's own `entry_hash` so the two can be compared in O(1) per
+//! replica)? Its matcher is its own, written from the MQTT rules and not
+//! shared with the core: a reference that reused the code under test would
+//! agree with its bugs.
+//!
+//! Boundary: truth only. It never routes, and it is updated by the fleet
+//! the instant a subscription is made or its node dies.
+
+use kadmq_dht::core::route_shard::entry_hash;
+use kadmq_dht::core::NodeId;
+use kadmq_dht::{filter_shard, ShardKey};
+use rustc_hash::FxHashMap;
+
+const NONE: u32 = u32::MAX;
+
+#[derive(Clone, Copy)]
+struct TrieNode {
+    plus: u32,
+    hash: u32,
+    slot: u32,
+}
+
+#[derive(Default)]
+struct Slot {
+    /// Nodes with non-shared subscriptions to this filter, their count and
+    /// since when they have had one.
+    plain: Vec<Entry>,
+    /// Shared groups on this filter.
+    shared: Vec<u32>,
+}
+
+struct Group {
+    filter: Box<str>,
+    group: Box<str>,
+    members: Vec<Entry>,
+}
+
+/// (node, local subscribers, virtual time the entry appeared)
+type Entry = (u32, u32, u64);
+
+/// What a shard of the route table should hold.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ShardTruth {
+    pub entries: u64,
+    pub digest: u64,
+}
+
+/// Who should receive one publish.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Expected {
+    /// Nodes with a matching non-shared subscription, sorted.
+    pub plain: Vec<u32>,
+    /// Since when each of `plain` has had a matching subscription.
+    pub plain_since: Vec<u64>,
+    /// Matching shared groups with at least one member, sorted; each should
+    /// get the message exactly once.
+    pub shared: Vec<u32>,
+    /// Since when each of `shared` has had a member.
+    pub shared_since: Vec<u64>,
+}
+
+#[derive(Default)]
+struct Found {
+    plain: Vec<(u32, u64)>,
+    shared: Vec<(u32, u64)>,
+}
+
+/// The global subscription table.
+pub struct Oracle {
+    shard_depth: usize,
+    nodes: Vec<TrieNode>,
+    edges: FxHashMap<(u32, u32), u32>,
+    symbols: FxHashMap<Box<str>, u32>,
+    slots: Vec<Slot>,
+    groups: Vec<Group>,
+    group_ids: FxHashMap<(Box<str>, Box<str>), u32>,
+    shards: FxHashMap<ShardKey, ShardTruth>,
+    entries: u64,
+}
+
+impl Oracle {
+    pub fn new(shard_depth: usize) -> Oracle {
+        Oracle {
+            shard_depth,
+            nodes: vec![TrieNode { plus: NONE, hash: NONE, slot: NONE }],
+            edges: FxHashMap::default(),
+            symbols: FxHashMap::default(),
+            slots: Vec::new(),
+            groups: Vec::new(),
+            group_ids: FxHashMap::default(),
+            shards: FxHashMap::default(),
+            entries: 0,
+        }
+    }
+
+    /// Distinct (filter, group, node) entries: the size of a fully
+    /// replicated route table.
+    pub fn entries(&self) -> u64 {
+        self.entries
+    }
+
+    /// Every shard ever seen and what it should hold now (possibly nothing).
+    pub fn shards(&self) -> impl Iterator<Item = (&ShardKey, &ShardTruth)> {
+        self.shards.iter()
+    }
+
+    pub fn shard_count(&self) -> usize {
+        self.shards.values().filter(|s| s.entries > 0).count()
+    }
+
+    fn new_node(&mut self) -> u32 {
+        self.nodes.push(TrieNode { plus: NONE, hash: NONE, slot: NONE });
+        (self.nodes.len() - 1) as u32
+    }
+
+    fn slot_of(&mut self, filter: &str) -> u32 {
+        let mut at = 0u32;
+        for level in filter.split('/') {
+            at = match level {
+                "+" => match self.nodes[at as usize].plus {
+                    NONE => {
+                        let n = self.new_node();
+                        self.nodes[at as usize].plus = n;
+                        n
+                    }
+                    n => n,
+                },
+                "#" => match self.nodes[at as usize].hash {
+                    NONE => {
+                        let n = self.new_node();
+                        self.nodes[at as usize].hash = n;
+                        n
+                    }
+                    n => n,
+                },
+                literal => {
+                    let next = self.symbols.len() as u32;
+                    let sym = *self.symbols.entry(literal.into()).or_insert(next);
+                    match self.edges.get(&(at, sym)) {
+                        Some(&n) => n,
+                        None => {
+                            let n = self.new_node();
+                            self.edges.insert((at, sym), n);
+                            n
+                        }
+                    }
+                }
+            };
+        }
+        if self.nodes[at as usize].slot == NONE {
+            self.slots.push(Slot::default());
+            self.nodes[at as usize].slot = (self.slots.len() - 1) as u32;
+        }
+        self.nodes[at as usize].slot
+    }
+
+    /// The id of a shared group on a filter, if anyone ever subscribed.
+    pub fn group_id(&self, group: &str, filter: &str) -> Option<u32> {
+        self.group_ids.get(&(Box::from(group), Box::from(filter))).copied()
+    }
+
+    pub fn group_name(&self, id: u32) -> (&str, &str) {
+        let g = &self.groups[id as usize];
+        (&g.group, &g.filter)
+    }
+
+    pub fn is_member(&self, id: u32, node: u32) -> bool {
+        self.groups[id as usize].members.iter().any(|&(n, _, _)| n == node)
+    }
+
+    /// Adds `delta` (+1 or -1) local subscribers of `node` to (filter,
+    /// group) at virtual time `now`. Returns true if the entry appeared or
+    /// disappeared.
+    pub fn change(&mut self, now: u64, node: u32, filter: &str, group: Option<&str>, delta: i64) -> bool {
+        let slot = self.slot_of(filter) as usize;
+        let counts = match group {
+            None => &mut self.slots[slot].plain,
+            Some(g) => {
+                let key = (Box::from(g), Box::from(filter));
+                let id = match self.group_ids.get(&key) {
+                    Some(&id) => id,
+                    None => {
+                        let id = self.groups.len() as u32;
+                        self.groups.push(Group { filter: filter.into(), group: g.into(), members: Vec::new() });
+                        self.group_ids.insert(key, id);
+                        self.slots[slot].shared.push(id);
+                        id
+                    }
+                };
+                &mut self.groups[id as usize].members
+            }
+        };
+        let (before, after) = match counts.binary_search_by_key(&node, |&(n, _, _)| n) {
+            Ok(i) => {
+                let before = counts[i].1;
+                let after = (before as i64 + delta).max(0) as u32;
+                if after == 0 {
+                    counts.remove(i);
+                } else {
+                    counts[i].1 = after;
+                }
+                (before, after)
+            }
+            Err(i) => {
+                if delta > 0 {
+                    counts.insert(i, (node, delta as u32, now));
+                    (0, delta as u32)
+                } else {
+                    (0, 0)
+                }
+            }
+        };
+        let flipped = (before == 0) != (after == 0);
+        if flipped {
+            let key = filter_shard(filter, self.shard_depth);
+            let truth = self.shards.entry(key).or_default();
+            truth.digest ^= entry_hash(NodeId(node as u64), filter, group);
+            if after > 0 {
+                truth.entries += 1;
+                self.entries += 1;
+            } else {
+                truth.entries -= 1;
+                self.entries -= 1;
+            }
+        }
+        flipped
+    }
+
+    /// Who should receive a publish to `topic` now.
+    pub fn expected(&self, topic: &str) -> Expected {
+        let levels: Vec<&str> = topic.split('/').collect();
+        let mut found = Found::default();
+        let dollar = topic.starts_with('$');
+        self.walk(0, &levels, 0, dollar, &mut found);
+        // Oldest first per node: any matching subscription receives it.
+        found.plain.sort_unstable();
+        found.plain.dedup_by_key(|(n, _)| *n);
+        found.shared.sort_unstable();
+        found.shared.dedup_by_key(|(g, _)| *g);
+        Expected {
+            plain: found.plain.iter().map(|p| p.0).collect(),
+            plain_since: found.plain.iter().map(|p| p.1).collect(),
+            shared: found.shared.iter().map(|p| p.0).collect(),
+            shared_since: found.shared.iter().map(|p| p.1).collect(),
+        }
+    }
+
+    fn collect(&self, node: u32, out: &mut Found) {
+        let slot = self.nodes[node as usize].slot;
+        if slot == NONE {
+            return;
+        }
+        let slot = &self.slots[slot as usize];
+        out.plain.extend(slot.plain.iter().map(|&(n, _, since)| (n, since)));
+        for &g in &slot.shared {
+            if let Some(since) = self.groups[g as usize].members.iter().map(|m| m.2).min() {
+                out.shared.push((g, since));
+            }
+        }
+    }
+
+    fn walk(&self, at: u32, levels: &[&str], i: usize, dollar: bool, out: &mut Found) {
+        let node = self.nodes[at as usize];
+        // `#` matches the parent level and everything below, but a `$`
+        // topic matches no filter that starts with a wildcard.
+        let wildcard_ok = !(dollar && i == 0);
+        if node.hash != NONE && wildcard_ok {
+            self.collect(node.hash, out);
+        }
+        if i == levels.len() {
+            self.collect(at, out);
+            return;
+        }
+        if node.plus != NONE && wildcard_ok {
+            self.walk(node.plus, levels, i + 1, dollar, out);
+        }
+        if let Some(&sym) = self.symbols.get(levels[i]) {
+            if let Some(&child) = self.edges.get(&(at, sym)) {
+                self.walk(child, levels, i + 1, dollar, out);
+            }
+        }
+    }
+
+    /// What shard `key` should hold.
+    pub fn shard(&self, key: &ShardKey) -> ShardTruth {
+        self.shards.get(key).copied().unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    /// The MQTT rules written out plainly, to check the trie against.
+    fn plain_match(filter: &str, topic: &str) -> bool {
+        if topic.starts_with('$') && (filter.starts_with('+') || filter.starts_with('#')) {
+            return false;
+        }
+        let (f, t): (Vec<&str>, Vec<&str>) = (filter.split('/').collect(), topic.split('/').collect());
+        for (i, level) in f.iter().enumerate() {
+            if *level == "#" {
+                return true;
+            }
+            match t.get(i) {
+                Some(tl) if *level == "+" || level == tl => {}
+                _ => return false,
+            }
+        }
+        f.len() == t.len()
+    }
+
+    #[test]
+    fn matching_follows_mqtt_rules() {
+        let mut o = Oracle::new(1);
+        let filters = ["a/b", "a/+", "a/#", "#", "+/b", "+", "a/b/c", "$SYS/#", "b/+/c"];
+        for (i, f) in filters.iter().enumerate() {
+            o.change(0, i as u32, f, None, 1);
+        }
+        let who = |t: &str| o.expected(t).plain;
+        assert_eq!(who("a/b"), vec![0, 1, 2, 3, 4]);
+        assert_eq!(who("a"), vec![2, 3, 5]);
+        assert_eq!(who("$SYS/x"), vec![7]);
+        assert_eq!(who("b/x/c"), vec![3, 8]);
+    }
+
+    #[test]
+    fn trie_agrees_with_the_plain_rules() {
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        let level = |rng: &mut ChaCha8Rng| ["a", "b", "", "$x"][rng.gen_range(0..4)];
+        let mut o = Oracle::new(2);
+        let mut filters = Vec::new();
+        for node in 0..300u32 {
+            let depth = rng.gen_range(1..4);
+            let mut f: Vec<&str> = (0..depth).map(|_| if rng.gen_bool(0.3) { "+" } else { level(&mut rng) }).collect();
+            if rng.gen_bool(0.2) {
+                f.push("#");
+            }
+            let f = f.join("/");
+            o.change(0, node, &f, None, 1);
+            filters.push(f);
+        }
+        for _ in 0..300 {
+            let depth = rng.gen_range(1..4);
+            let topic = (0..depth).map(|_| level(&mut rng)).collect::<Vec<_>>().join("/");
+            let want: Vec<u32> = (0..300u32).filter(|&n| plain_match(&filters[n as usize], &topic)).collect();
+            assert_eq!(o.expected(&topic).plain, want, "topic {topic:?}");
+        }
+    }
+
+    #[test]
+    fn counts_groups_and_shard_digests() {
+        let mut o = Oracle::new(1);
+        assert!(o.change(0, 1, "a/+", None, 1));
+        assert!(!o.change(0, 1, "a/+", None, 1), "a second subscriber is not a new entry");
+        assert!(o.change(0, 2, "a/+", Some("g"), 1));
+        assert!(o.change(0, 3, "a/+", Some("g"), 1));
+        let e = o.expected("a/x");
+        assert_eq!(e.plain, vec![1]);
+        let g = o.group_id("g", "a/+").unwrap();
+        assert_eq!(e.shared, vec![g]);
+        assert!(o.is_member(g, 3) && !o.is_member(g, 1));
+        let shard = o.shard(&filter_shard("a/+", 1));
+        assert_eq!(shard.entries, 3);
+        assert_eq!(o.entries(), 3);
+        o.change(0, 1, "a/+", None, -1);
+        o.change(0, 1, "a/+", None, -1);
+        o.change(0, 2, "a/+", Some("g"), -1);
+        o.change(0, 3, "a/+", Some("g"), -1);
+        assert_eq!(o.expected("a/x"), Expected::default());
+        assert_eq!(o.shard(&filter_shard("a/+", 1)), ShardTruth::default(), "digest returns to 0");
+    }
+}
