@@ -124,24 +124,10 @@ mod tests {
             let mut filter = filter;
             if hash { filter.push("#".into()); }
             let filter = filter.join("/");
-            if matches(&topic, &filter) {
+            if crate::core::topic::matches(&filter, &topic) {
                 let key = filter_shard(&filter, depth);
                 prop_assert!(publish_shards(&topic, depth).iter().any(|(_, k)| *k == key),
                     "filter {} for topic {} not in its shards", filter, topic);
-            }
-        }
-    }
-
-    /// Reference MQTT matcher for the property above.
-    fn matches(topic: &str, filter: &str) -> bool {
-        let (mut t, mut f) = (topic.split('/'), filter.split('/'));
-        loop {
-            match (f.next(), t.next()) {
-                (Some("#"), _) => return true,
-                (Some("+"), Some(_)) => {}
-                (Some(a), Some(b)) if a == b => {}
-                (None, None) => return true,
-                _ => return false,
             }
         }
     }
