@@ -73,12 +73,16 @@ pub struct FleetConfig {
 impl Default for FleetConfig {
     fn default() -> Self {
         let core = CoreConfig::default();
+        let (ownership, vnodes) = match OwnershipConfig::default() {
+            OwnershipConfig::Xor => (OwnershipKind::Xor, 128),
+            OwnershipConfig::Ring { vnodes } => (OwnershipKind::Ring, vnodes),
+        };
         FleetConfig {
             nodes: 30,
             replication: core.replication,
             shard_depth: core.shard_depth,
-            ownership: OwnershipKind::Xor,
-            vnodes: 16,
+            ownership,
+            vnodes,
             cache_capacity: core.cache_capacity,
             handoff_grace_ms: core.handoff_grace_ms,
             lookup_timeout_ms: core.lookup_timeout_ms,

@@ -43,14 +43,22 @@ pub trait Ownership {
 }
 
 /// Which strategy a cluster uses (a config value; the simulator compares).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum OwnershipConfig {
     /// Kademlia XOR distance between key and node positions.
-    #[default]
     Xor,
     /// Consistent-hash ring with this many virtual points per node.
     Ring { vnodes: u32 },
+}
+
+/// The ring with 128 virtual points per node: in the simulator it balanced
+/// entries best (max/mean 1.52 against 2.86 for XOR on 1,000 nodes) and moved
+/// 0.99 x 1/N of the entries per join (docs/SIMULATION.md, "Ownership").
+impl Default for OwnershipConfig {
+    fn default() -> Self {
+        OwnershipConfig::Ring { vnodes: 128 }
+    }
 }
 
 /// Kademlia closeness: node positions sorted, searched as an implicit binary
