@@ -25,6 +25,32 @@ pub enum Command {
     Start(Box<StartArgs>),
     /// Print the default configuration file, with every key commented.
     Config,
+    /// Write a new random cluster key (pre-shared key) file: every node of a
+    /// fleet needs the same one.
+    Keygen {
+        /// Where to write the key
+        #[arg(long, value_name = "FILE", default_value = "cluster.key")]
+        out: PathBuf,
+        /// Overwrite an existing file
+        #[arg(long)]
+        force: bool,
+    },
+    /// Print this node's peer id (the node key is created in the data
+    /// directory on first use and kept), and with --p2p-listen the full
+    /// multiaddr other nodes bootstrap from.
+    Id {
+        /// Data directory of the node
+        #[arg(long, env = "KADMQ_DATA_DIR", value_name = "DIR", default_value = "kadmq-data")]
+        data_dir: PathBuf,
+        /// The node's cluster listen address, e.g. /ip4/10.0.0.5/tcp/7000
+        #[arg(long, env = "KADMQ_P2P_LISTEN", value_name = "MULTIADDR")]
+        p2p_listen: Option<kadmq_dht::driver::Multiaddr>,
+    },
+}
+
+/// Where the node key lives inside the data directory.
+pub fn node_key_dir(data_dir: &std::path::Path) -> PathBuf {
+    data_dir.join("cluster")
 }
 
 #[derive(Debug, Args, Default)]

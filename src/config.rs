@@ -75,7 +75,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             data_dir: PathBuf::from("kadmq-data"),
-            log: "info".into(),
+            log: "info,fjall=warn,lsm_tree=warn".into(),
             listeners: Listeners::default(),
             mqtt: MqttConfig::default(),
         }

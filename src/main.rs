@@ -23,6 +23,27 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
             print!("{}", kadmq::config::DEFAULT_CONFIG_TOML);
             Ok(())
         }
+        Command::Keygen { out, force } => {
+            if out.exists() && !force {
+                anyhow::bail!(
+                    "{} exists; pass --force to replace it (every node must then get the new key)",
+                    out.display()
+                );
+            }
+            kadmq_dht::driver::write_cluster_key(&out, &kadmq_dht::driver::generate_cluster_key())?;
+            println!("wrote cluster key to {}", out.display());
+            Ok(())
+        }
+        Command::Id { data_dir, p2p_listen } => {
+            kadmq::storage::prepare_data_dir(&data_dir)?;
+            let keypair = kadmq_dht::driver::load_or_generate_keypair(&kadmq::cli::node_key_dir(&data_dir))?;
+            let peer_id = keypair.public().to_peer_id();
+            match p2p_listen {
+                Some(addr) => println!("{}", addr.with(kadmq_dht::driver::multiaddr::Protocol::P2p(peer_id))),
+                None => println!("{peer_id}"),
+            }
+            Ok(())
+        }
         Command::Start(args) => {
             let config = args.resolve()?;
             let filter = std::env::var("RUST_LOG").ok().unwrap_or_else(|| config.log.clone());

@@ -87,9 +87,7 @@ impl Storage {
     /// Opens (or creates) the data directory. Never panics on a damaged
     /// directory: it returns an error saying what is wrong.
     pub fn open(path: &Path) -> Result<Storage> {
-        let io = |source| StorageError::Io { path: path.to_path_buf(), source };
-        std::fs::create_dir_all(path).map_err(io)?;
-        check_format(path)?;
+        prepare_data_dir(path)?;
         let store = path.join("store");
         let corrupt = |detail: String| StorageError::Corrupt { path: path.to_path_buf(), detail };
         // fjall reports damage as errors, but a store written by something
@@ -230,6 +228,14 @@ impl Storage {
         self.db.persist(PersistMode::SyncAll)?;
         Ok(())
     }
+}
+
+/// Creates the data directory if needed and checks (or, when empty, writes)
+/// its `FORMAT` file. Anything that puts files in the data directory calls
+/// this first, so a directory is never half kadmq's.
+pub fn prepare_data_dir(path: &Path) -> Result<()> {
+    std::fs::create_dir_all(path).map_err(|source| StorageError::Io { path: path.to_path_buf(), source })?;
+    check_format(path)
 }
 
 fn check_format(path: &Path) -> Result<()> {

@@ -117,3 +117,44 @@ fn a_port_in_use_is_a_clear_error() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains(&format!("cannot listen on 127.0.0.1:{port}")), "{stderr}");
 }
+
+#[test]
+fn keygen_writes_a_cluster_key_and_will_not_overwrite_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("cluster.key");
+    let out = kadmq().args(["keygen", "--out"]).arg(&key).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let first = std::fs::read_to_string(&key).unwrap();
+    assert!(kadmq_dht::driver::parse_cluster_key(&first).is_ok(), "{first}");
+
+    let out = kadmq().args(["keygen", "--out"]).arg(&key).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--force"));
+    assert_eq!(std::fs::read_to_string(&key).unwrap(), first, "kept");
+
+    let out = kadmq().args(["keygen", "--force", "--out"]).arg(&key).output().unwrap();
+    assert!(out.status.success());
+    assert_ne!(std::fs::read_to_string(&key).unwrap(), first, "replaced");
+}
+
+#[test]
+fn id_is_stable_for_a_data_dir_and_the_broker_still_starts_on_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let id = |extra: &[&str]| {
+        let out = kadmq().args(["id", "--data-dir"]).arg(&data).args(extra).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    };
+    let peer = id(&[]);
+    assert!(peer.starts_with("12D3Koo"), "{peer}");
+    assert_eq!(id(&[]), peer, "same data dir, same peer id");
+    let addr = id(&["--p2p-listen", "/ip4/127.0.0.1/tcp/7001"]);
+    assert_eq!(addr, format!("/ip4/127.0.0.1/tcp/7001/p2p/{peer}"));
+
+    // The node key shares the data directory with the store.
+    let port = free_port();
+    let mut command = kadmq();
+    command.args(["start", "--no-ws", "--mqtt", &format!("127.0.0.1:{port}"), "--data-dir"]).arg(&data);
+    assert_listens_on(command, port, free_port());
+}
