@@ -112,7 +112,9 @@ impl Broker {
         {
             let mut retained = broker.retained.write();
             for message in broker.storage.retained()? {
-                if !message.is_expired(now) {
+                if message.is_expired(now) {
+                    broker.storage.remove_retained(&message.topic)?;
+                } else {
                     retained.insert(Arc::new(message));
                 }
             }
@@ -446,6 +448,15 @@ impl Broker {
         members.swap_remove(online)
     }
 
+    /// Clears a retained message found expired, in memory and in storage.
+    fn forget_expired_retained(&self, topic: &str, now: u64) {
+        if self.retained.write().remove_expired(topic, now) {
+            if let Err(err) = self.storage.remove_retained(topic) {
+                tracing::error!(cause = %err, "could not clear an expired retained message");
+            }
+        }
+    }
+
     fn retain(&self, message: &Message) {
         // `$SYS` is rebuilt from counters at start; no need to store it.
         let durable = !message.topic.starts_with("$SYS/");
@@ -508,6 +519,7 @@ impl Broker {
             let messages = self.retained.read().matching(&filter);
             for message in messages {
                 if message.is_expired(now) {
+                    self.forget_expired_retained(&message.topic, now);
                     continue;
                 }
                 let delivery = Delivery {

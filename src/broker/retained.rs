@@ -66,6 +66,21 @@ impl RetainedTree {
         removed
     }
 
+    /// Clears `topic` if its retained message has expired at `now_ms`;
+    /// returns whether it did.
+    pub fn remove_expired(&mut self, topic: &str, now_ms: u64) -> bool {
+        let expired = self.get(topic).is_some_and(|m| m.is_expired(now_ms));
+        expired && self.remove(topic)
+    }
+
+    fn get(&self, topic: &str) -> Option<&Arc<Message>> {
+        let mut node = &self.root;
+        for level in topic.split('/') {
+            node = node.children.get(level)?;
+        }
+        node.message.as_ref()
+    }
+
     /// The retained messages whose topics match `filter`.
     pub fn matching(&self, filter: &str) -> Vec<Arc<Message>> {
         let mut out = Vec::new();
@@ -149,6 +164,20 @@ mod tests {
             want.sort();
             assert_eq!(got, want, "filter {filter}");
         }
+    }
+
+    #[test]
+    fn only_an_expired_message_is_removed_as_expired() {
+        let mut tree = RetainedTree::default();
+        let mut expiring = (*msg("a/b")).clone();
+        expiring.expires_at_ms = Some(1_000);
+        tree.insert(Arc::new(expiring));
+        tree.insert(msg("a/c"));
+        assert!(!tree.remove_expired("a/b", 999));
+        assert!(!tree.remove_expired("a/c", 5_000), "no expiry, kept");
+        assert!(!tree.remove_expired("a/x", 5_000), "nothing there");
+        assert!(tree.remove_expired("a/b", 1_000));
+        assert_eq!(tree.len(), 1);
     }
 
     #[test]

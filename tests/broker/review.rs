@@ -224,3 +224,37 @@ async fn resuming_with_expiry_zero_forgets_the_stored_session() {
     let (_third, ack) = V5::connect(addr, "expiry-drop", persistent).await;
     assert!(!ack.session_present, "an expiry-0 session must not survive a restart");
 }
+
+/// An expired retained message is not only skipped: a subscribe that finds
+/// it clears it, in memory and in storage.
+#[tokio::test]
+async fn an_expired_retained_message_is_cleared_when_found() {
+    let mut broker = TestBroker::start_with(|c| c.mqtt.sys_interval_secs = 0).await;
+    let (mut publisher, _) = V5::connect(broker.mqtt(), "expiring-retainer", |_| {}).await;
+    publisher
+        .send(&Packet::Publish(Publish {
+            dup: false,
+            qos: QoS::AtLeastOnce,
+            retain: true,
+            topic: "expiring/r".into(),
+            packet_id: Some(1),
+            payload: Bytes::from_static(b"soon gone"),
+            properties: PublishProperties {
+                message: MessageProperties { message_expiry_interval: Some(1), ..Default::default() },
+                ..Default::default()
+            },
+        }))
+        .await;
+    assert!(matches!(publisher.next(WAIT).await, Some(Packet::PubAck(_))));
+    let count = |b: &TestBroker| b.server.as_ref().unwrap().broker.retained_count();
+    assert_eq!(count(&broker), 1);
+    tokio::time::sleep(Duration::from_millis(1_300)).await;
+    let (mut subscriber, _) = V5::connect(broker.mqtt(), "expiring-reader", |_| {}).await;
+    subscriber.subscribe("expiring/#", QoS::AtLeastOnce).await;
+    assert!(subscriber.publish_in(Duration::from_millis(300)).await.is_none(), "expired: not delivered");
+    assert_eq!(count(&broker), 0, "cleared from memory");
+    let stored = broker.server.as_ref().unwrap().broker.storage.retained().unwrap();
+    assert!(stored.is_empty(), "cleared from storage: {stored:?}");
+    broker.restart(|c| c.mqtt.sys_interval_secs = 0).await;
+    assert_eq!(count(&broker), 0);
+}
