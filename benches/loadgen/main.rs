@@ -43,7 +43,8 @@ use subscriber::{SubConfig, SubResult};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
 enum Mode {
     /// N publishers -> every subscriber (default 1) on one wildcard filter.
     FanIn,
@@ -115,10 +116,13 @@ struct Args {
     topic_prefix: String,
 }
 
-#[derive(Debug)]
+/// One run's result; `--json` prints it as is (serde_json writes a
+/// non-finite figure as null).
+#[derive(Debug, serde::Serialize)]
 struct Report {
     mode: Mode,
     qos: u8,
+    #[serde(rename = "mqtt_version")]
     version: &'static str,
     publishers: u32,
     subscribers: u32,
@@ -136,12 +140,19 @@ struct Report {
     reordered: u64,
     foreign: u64,
     elapsed_s: f64,
+    #[serde(rename = "throughput_msg_s")]
     throughput: f64,
+    #[serde(rename = "send_rate_msg_s")]
     send_rate: f64,
+    #[serde(rename = "latency_p50_us")]
     p50_us: f64,
+    #[serde(rename = "latency_p99_us")]
     p99_us: f64,
+    #[serde(rename = "latency_p999_us")]
     p999_us: f64,
+    #[serde(rename = "latency_max_us")]
     max_us: f64,
+    #[serde(rename = "latency_mean_us")]
     mean_us: f64,
     errors: Vec<String>,
 }
@@ -171,7 +182,7 @@ fn main() -> Result<()> {
     let runtime = runtime.enable_all().build().context("starting the tokio runtime")?;
     let report = runtime.block_on(run(&args))?;
     if args.json {
-        println!("{}", to_json(&report));
+        println!("{}", serde_json::to_string(&report)?);
     } else {
         print_text(&report);
     }
@@ -389,62 +400,4 @@ fn print_text(r: &Report) {
     for e in &r.errors {
         println!("  error       {e}");
     }
-}
-
-fn to_json(r: &Report) -> String {
-    let num = |v: f64| if v.is_finite() { format!("{v:.3}") } else { "null".into() };
-    let errors: Vec<String> = r.errors.iter().map(|e| json_string(e)).collect();
-    format!(
-        concat!(
-            "{{\"mode\":\"{}\",\"qos\":{},\"mqtt_version\":\"{}\",\"publishers\":{},\"subscribers\":{},",
-            "\"messages_per_publisher\":{},\"payload\":{},\"rate_per_publisher\":{},",
-            "\"sent\":{},\"completed\":{},\"rejected\":{},\"expected\":{},\"received\":{},\"unique\":{},",
-            "\"lost\":{},\"duplicates\":{},\"reordered\":{},\"foreign\":{},",
-            "\"elapsed_s\":{},\"throughput_msg_s\":{},\"send_rate_msg_s\":{},",
-            "\"latency_p50_us\":{},\"latency_p99_us\":{},\"latency_p999_us\":{},\"latency_max_us\":{},",
-            "\"latency_mean_us\":{},\"errors\":[{}]}}"
-        ),
-        r.mode.name(),
-        r.qos,
-        r.version,
-        r.publishers,
-        r.subscribers,
-        r.messages_per_publisher,
-        r.payload,
-        num(r.rate_per_publisher),
-        r.sent,
-        r.completed,
-        r.rejected,
-        r.expected,
-        r.received,
-        r.unique,
-        r.lost,
-        r.duplicates,
-        r.reordered,
-        r.foreign,
-        num(r.elapsed_s),
-        num(r.throughput),
-        num(r.send_rate),
-        num(r.p50_us),
-        num(r.p99_us),
-        num(r.p999_us),
-        num(r.max_us),
-        num(r.mean_us),
-        errors.join(",")
-    )
-}
-
-fn json_string(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
 }
