@@ -106,6 +106,27 @@ pub struct StartArgs {
     /// Seconds between $SYS updates, 0 = off [toml: mqtt.sys_interval_secs]
     #[arg(long, env = "KADMQ_SYS_INTERVAL", value_name = "SECS")]
     pub sys_interval: Option<u64>,
+    /// Node name in the cluster [toml: cluster.node_name]
+    #[arg(long, env = "KADMQ_NODE_NAME", value_name = "NAME")]
+    pub node_name: Option<String>,
+    /// Cluster listen multiaddr, e.g. /ip4/0.0.0.0/tcp/7000; turns cluster mode on [toml: cluster.p2p_listen]
+    #[arg(long, env = "KADMQ_P2P_LISTEN", value_name = "MULTIADDR", value_delimiter = ',')]
+    pub p2p_listen: Vec<String>,
+    /// Node to join through, /ip4/../tcp/7000/p2p/<id> or /dns4/../tcp/7000; repeat for several [toml: cluster.bootstrap]
+    #[arg(long, env = "KADMQ_BOOTSTRAP", value_name = "MULTIADDR", value_delimiter = ',')]
+    pub bootstrap: Vec<String>,
+    /// Pre-shared cluster key file, from `kadmq keygen` [toml: cluster.cluster_key_file]
+    #[arg(long, env = "KADMQ_CLUSTER_KEY_FILE", value_name = "FILE")]
+    pub cluster_key_file: Option<PathBuf>,
+    /// Owners per route shard, the same on every node [toml: cluster.replication]
+    #[arg(long, env = "KADMQ_REPLICATION", value_name = "N")]
+    pub replication: Option<usize>,
+    /// Topic levels naming a route shard, the same on every node [toml: cluster.shard_depth]
+    #[arg(long, env = "KADMQ_SHARD_DEPTH", value_name = "N")]
+    pub shard_depth: Option<usize>,
+    /// Seconds of silence before a node is declared dead [toml: cluster.dead_timeout_secs]
+    #[arg(long, env = "KADMQ_DEAD_TIMEOUT", value_name = "SECS")]
+    pub dead_timeout: Option<u64>,
 }
 
 impl StartArgs {
@@ -142,6 +163,22 @@ impl StartArgs {
         set(&mut m.max_session_expiry, &self.max_session_expiry);
         set(&mut m.connect_timeout_secs, &self.connect_timeout);
         set(&mut m.sys_interval_secs, &self.sys_interval);
+        let c = &mut config.cluster;
+        if self.node_name.is_some() {
+            c.node_name = self.node_name.clone();
+        }
+        if !self.p2p_listen.is_empty() {
+            c.p2p_listen = self.p2p_listen.clone();
+        }
+        if !self.bootstrap.is_empty() {
+            c.bootstrap = self.bootstrap.clone();
+        }
+        if self.cluster_key_file.is_some() {
+            c.cluster_key_file = self.cluster_key_file.clone();
+        }
+        set(&mut c.replication, &self.replication);
+        set(&mut c.shard_depth, &self.shard_depth);
+        set(&mut c.dead_timeout_secs, &self.dead_timeout);
         config.validate()?;
         Ok(config)
     }

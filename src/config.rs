@@ -31,6 +31,7 @@ pub struct Config {
     pub log: String,
     pub listeners: Listeners,
     pub mqtt: MqttConfig,
+    pub cluster: ClusterSettings,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -71,6 +72,46 @@ pub struct MqttConfig {
     pub sys_interval_secs: u64,
 }
 
+/// Cluster membership: on when `p2p_listen` is set.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterSettings {
+    /// Human-readable node name (default: the start of the peer id).
+    pub node_name: Option<String>,
+    /// libp2p listen multiaddrs, e.g. `/ip4/0.0.0.0/tcp/7000`; empty = single node.
+    pub p2p_listen: Vec<String>,
+    /// Multiaddrs of nodes to join through (`/ip4/../tcp/7000/p2p/<id>`, `/dns4/../tcp/7000`).
+    pub bootstrap: Vec<String>,
+    /// Pre-shared cluster key file (`kadmq keygen`); required in a cluster.
+    pub cluster_key_file: Option<PathBuf>,
+    /// Owners per route shard (R); every node of a fleet must agree.
+    pub replication: usize,
+    /// Literal topic levels that name a shard; every node of a fleet must agree.
+    pub shard_depth: usize,
+    /// Seconds without a heartbeat before a node is declared dead (suspect at half).
+    pub dead_timeout_secs: u64,
+}
+
+impl ClusterSettings {
+    pub fn enabled(&self) -> bool {
+        !self.p2p_listen.is_empty()
+    }
+}
+
+impl Default for ClusterSettings {
+    fn default() -> Self {
+        ClusterSettings {
+            node_name: None,
+            p2p_listen: Vec::new(),
+            bootstrap: Vec::new(),
+            cluster_key_file: None,
+            replication: 3,
+            shard_depth: kadmq_dht::shard::DEFAULT_SHARD_DEPTH,
+            dead_timeout_secs: 8,
+        }
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -78,6 +119,7 @@ impl Default for Config {
             log: "info,fjall=warn,lsm_tree=warn".into(),
             listeners: Listeners::default(),
             mqtt: MqttConfig::default(),
+            cluster: ClusterSettings::default(),
         }
     }
 }
@@ -143,6 +185,40 @@ impl Config {
         }
         if m.connect_timeout_secs == 0 {
             return invalid("mqtt.connect_timeout_secs must be at least 1");
+        }
+        self.validate_cluster()
+    }
+
+    fn validate_cluster(&self) -> Result<(), ConfigError> {
+        let c = &self.cluster;
+        let invalid = |msg: String| Err(ConfigError::Invalid(msg));
+        for (key, addrs) in [("cluster.p2p_listen", &c.p2p_listen), ("cluster.bootstrap", &c.bootstrap)] {
+            for addr in addrs {
+                if let Err(err) = addr.parse::<kadmq_dht::driver::Multiaddr>() {
+                    return invalid(format!("{key}: {addr:?} is not a multiaddr ({err})"));
+                }
+            }
+        }
+        if !c.enabled() {
+            if !c.bootstrap.is_empty() {
+                return invalid("cluster.bootstrap needs cluster.p2p_listen (--p2p-listen) too".into());
+            }
+            return Ok(());
+        }
+        if c.cluster_key_file.is_none() {
+            return invalid(
+                "a cluster needs a key: give cluster.cluster_key_file (--cluster-key-file); create one with `kadmq keygen`"
+                    .into(),
+            );
+        }
+        if c.replication == 0 {
+            return invalid("cluster.replication must be at least 1".into());
+        }
+        if c.shard_depth == 0 {
+            return invalid("cluster.shard_depth must be at least 1".into());
+        }
+        if c.dead_timeout_secs < 2 {
+            return invalid("cluster.dead_timeout_secs must be at least 2".into());
         }
         Ok(())
     }

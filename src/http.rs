@@ -3,10 +3,13 @@
 //!
 //! - `GET /metrics`: Prometheus text format 0.0.4.
 //! - `GET /api/v1/broker`: the same figures as JSON.
+//! - `GET /api/v1/cluster`: the fleet's members (404 on a single node).
+//! - `GET /api/v1/routes?topic=a/b`: where a publish to the topic goes (404 on a single node).
 
 use crate::broker::{Broker, Stats};
-use axum::extract::State;
-use axum::http::header;
+use crate::cluster::Cluster;
+use axum::extract::{Query, State};
+use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
@@ -15,10 +18,25 @@ use std::future::Future;
 use std::sync::Arc;
 use tokio::net::TcpListener;
 
+#[derive(Clone)]
+struct App {
+    broker: Arc<Broker>,
+    cluster: Option<Arc<Cluster>>,
+}
+
 /// Serves the endpoint on `listener` until `stop` resolves.
-pub async fn serve(listener: TcpListener, broker: Arc<Broker>, stop: impl Future<Output = ()> + Send + 'static) {
-    let app =
-        Router::new().route("/metrics", get(metrics)).route("/api/v1/broker", get(broker_json)).with_state(broker);
+pub async fn serve(
+    listener: TcpListener,
+    broker: Arc<Broker>,
+    cluster: Option<Arc<Cluster>>,
+    stop: impl Future<Output = ()> + Send + 'static,
+) {
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/api/v1/broker", get(broker_json))
+        .route("/api/v1/cluster", get(cluster_json))
+        .route("/api/v1/routes", get(routes_json))
+        .with_state(App { broker, cluster });
     if let Err(err) = axum::serve(listener, app).with_graceful_shutdown(stop).await {
         tracing::error!(cause = %err, "HTTP endpoint failed");
     }
@@ -32,7 +50,7 @@ struct Figure {
     value: u64,
 }
 
-fn figures(broker: &Broker) -> Vec<Figure> {
+fn figures(broker: &Broker, cluster: Option<&Cluster>) -> Vec<Figure> {
     let s = &broker.stats;
     let figure = |name, kind, help, value| Figure { name, kind, help, value };
     vec![
@@ -68,25 +86,52 @@ fn figures(broker: &Broker) -> Vec<Figure> {
         figure("kadmq_bytes_received_total", "counter", "Bytes received from clients.", Stats::get(&s.bytes_received)),
         figure("kadmq_bytes_sent_total", "counter", "Bytes sent to clients.", Stats::get(&s.bytes_sent)),
     ]
+    .into_iter()
+    .chain(cluster.into_iter().flat_map(|c| c.figures()).map(|f| figure(f.name, f.kind, f.help, f.value)))
+    .collect()
 }
 
-/// The Prometheus text exposition of the broker's figures.
-pub fn render_metrics(broker: &Broker) -> String {
-    let mut out = String::with_capacity(2048);
-    for f in figures(broker) {
+/// The Prometheus text exposition of the broker's (and cluster's) figures.
+pub fn render_metrics(broker: &Broker, cluster: Option<&Cluster>) -> String {
+    let mut out = String::with_capacity(4096);
+    for f in figures(broker, cluster) {
         let _ = writeln!(out, "# HELP {} {}\n# TYPE {} {}\n{} {}", f.name, f.help, f.name, f.kind, f.name, f.value);
     }
     out
 }
 
-async fn metrics(State(broker): State<Arc<Broker>>) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], render_metrics(&broker))
+async fn metrics(State(app): State<App>) -> impl IntoResponse {
+    let text = render_metrics(&app.broker, app.cluster.as_deref());
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text)
 }
 
-async fn broker_json(State(broker): State<Arc<Broker>>) -> impl IntoResponse {
-    let map: serde_json::Map<String, serde_json::Value> = figures(&broker)
+async fn broker_json(State(app): State<App>) -> impl IntoResponse {
+    let map: serde_json::Map<String, serde_json::Value> = figures(&app.broker, None)
         .into_iter()
         .map(|f| (f.name.trim_start_matches("kadmq_").to_string(), f.value.into()))
         .collect();
     Json(serde_json::Value::Object(map))
+}
+
+const NOT_CLUSTERED: &str = "this node runs alone (start it with --p2p-listen to join a cluster)";
+
+async fn cluster_json(State(app): State<App>) -> axum::response::Response {
+    match app.cluster {
+        Some(cluster) => Json(cluster.status().await).into_response(),
+        None => (StatusCode::NOT_FOUND, NOT_CLUSTERED).into_response(),
+    }
+}
+
+async fn routes_json(
+    State(app): State<App>,
+    Query(mut query): Query<std::collections::HashMap<String, String>>,
+) -> axum::response::Response {
+    let Some(cluster) = app.cluster else { return (StatusCode::NOT_FOUND, NOT_CLUSTERED).into_response() };
+    let Some(topic) = query.remove("topic") else {
+        return (StatusCode::BAD_REQUEST, "give the topic: /api/v1/routes?topic=a/b").into_response();
+    };
+    if !crate::protocol::topic::valid_topic_name(&topic) {
+        return (StatusCode::BAD_REQUEST, format!("{topic:?} is not a valid topic name")).into_response();
+    }
+    Json(cluster.routes(&topic).await).into_response()
 }

@@ -11,6 +11,7 @@
 //! - [`connection`]: one client connection, CONNECT to close.
 //! - [`websocket`]: MQTT over WebSocket as a byte stream.
 //! - [`http`]: `/metrics` (Prometheus) and `/api/v1/broker`.
+//! - [`cluster`]: the node in a fleet: routing core, libp2p driver, forwards.
 //! - [`server`]: listeners, background tasks, start and graceful stop.
 //! - [`storage`]: the fjall store in the data directory.
 //! - [`config`] and [`cli`]: configuration file, environment, flags.
@@ -19,6 +20,7 @@
 
 pub mod broker;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod connection;
 pub mod http;

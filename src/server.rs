@@ -6,6 +6,7 @@
 //! shutdown signal, stop gracefully.
 
 use crate::broker::{sys, Broker};
+use crate::cluster::{self, Cluster};
 use crate::config::Config;
 use crate::connection;
 use crate::http;
@@ -28,11 +29,15 @@ pub enum StartError {
     Storage(#[from] crate::storage::StorageError),
     #[error("cannot listen on {addr}: {source}")]
     Bind { addr: SocketAddr, source: std::io::Error },
+    #[error(transparent)]
+    Cluster(#[from] crate::cluster::ClusterError),
 }
 
 /// A running broker.
 pub struct Server {
     pub broker: Arc<Broker>,
+    /// This node's part of the fleet, when `cluster.p2p_listen` is set.
+    pub cluster: Option<Arc<Cluster>>,
     mqtt_addrs: Vec<SocketAddr>,
     ws_addrs: Vec<SocketAddr>,
     http_addr: Option<SocketAddr>,
@@ -63,6 +68,17 @@ impl Server {
             None => None,
         };
         let http_addr = http.as_ref().and_then(|l| l.local_addr().ok());
+        // Join the fleet before the first client can subscribe or publish.
+        let cluster = if config.cluster.enabled() {
+            let context = cluster::StartContext {
+                data_dir: &config.data_dir,
+                broker: &broker,
+                mqtt_listeners: mqtt_addrs.iter().map(|a| format!("mqtt://{a}")).collect(),
+            };
+            Some(cluster::start(&config.cluster, context).await?)
+        } else {
+            None
+        };
         for (listener, transport) in
             tcp.into_iter().map(|l| (l, Transport::Tcp)).chain(ws.into_iter().map(|l| (l, Transport::WebSocket)))
         {
@@ -94,7 +110,7 @@ impl Server {
             let stopped = async move {
                 let _ = stop_rx.recv().await;
             };
-            tasks.spawn(http::serve(listener, broker.clone(), stopped));
+            tasks.spawn(http::serve(listener, broker.clone(), cluster.clone(), stopped));
         }
         if let Some(addr) = http_addr {
             tracing::info!(%addr, "HTTP endpoint ready (/metrics, /api/v1/broker)");
@@ -105,7 +121,7 @@ impl Server {
         for addr in &ws_addrs {
             tracing::info!(%addr, "MQTT over WebSocket listener ready (path /mqtt)");
         }
-        Ok(Server { broker, mqtt_addrs, ws_addrs, http_addr, stop, tasks })
+        Ok(Server { broker, cluster, mqtt_addrs, ws_addrs, http_addr, stop, tasks })
     }
 
     pub fn mqtt_addrs(&self) -> &[SocketAddr] {
@@ -125,6 +141,9 @@ impl Server {
     pub async fn shutdown(mut self) {
         let _ = self.stop.send(());
         self.broker.kick_all(DisconnectReason::ServerShuttingDown).await;
+        if let Some(cluster) = &self.cluster {
+            cluster.shutdown().await;
+        }
         let deadline = tokio::time::sleep(Duration::from_secs(5));
         tokio::pin!(deadline);
         loop {

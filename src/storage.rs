@@ -77,6 +77,7 @@ pub struct Storage {
     retained: Keyspace,
     sessions: Keyspace,
     deliveries: Keyspace,
+    outbox: Keyspace,
     dirty: AtomicBool,
     /// Held across "clear dirty, persist": a caller that finds nothing
     /// dirty must still wait for a persist in progress that covers its write.
@@ -97,9 +98,10 @@ impl Storage {
             let retained = db.keyspace("retained", KeyspaceCreateOptions::default)?;
             let sessions = db.keyspace("sessions", KeyspaceCreateOptions::default)?;
             let deliveries = db.keyspace("deliveries", KeyspaceCreateOptions::default)?;
-            Ok((db, retained, sessions, deliveries))
+            let outbox = db.keyspace("outbox", KeyspaceCreateOptions::default)?;
+            Ok((db, retained, sessions, deliveries, outbox))
         });
-        let (db, retained, sessions, deliveries) = match opened {
+        let (db, retained, sessions, deliveries, outbox) = match opened {
             Ok(Ok(parts)) => parts,
             Ok(Err(fjall::Error::Locked)) => {
                 return Err(StorageError::Io {
@@ -116,6 +118,7 @@ impl Storage {
             retained,
             sessions,
             deliveries,
+            outbox,
             dirty: AtomicBool::new(false),
             flushing: parking_lot::Mutex::new(()),
         })
@@ -198,6 +201,35 @@ impl Storage {
                 Ok((seq, d))
             })
             .collect()
+    }
+
+    // --- cluster outbox ----------------------------------------------------
+
+    /// Keeps a QoS 1/2 message forwarded to other nodes until they
+    /// acknowledge it (`record` is the cluster's own encoding).
+    pub fn put_outbox(&self, id: u64, record: &[u8]) -> Result<()> {
+        self.outbox.insert(id.to_be_bytes(), record)?;
+        self.mark_dirty();
+        Ok(())
+    }
+
+    pub fn remove_outbox(&self, id: u64) -> Result<()> {
+        self.outbox.remove(id.to_be_bytes())?;
+        self.mark_dirty();
+        Ok(())
+    }
+
+    /// Every outbox record, oldest id first.
+    pub fn outbox(&self) -> Result<Vec<(u64, Vec<u8>)>> {
+        let mut out = Vec::new();
+        for guard in self.outbox.prefix(b"") {
+            let (key, value) = guard.into_inner()?;
+            let id = <[u8; 8]>::try_from(&*key)
+                .map(u64::from_be_bytes)
+                .map_err(|_| StorageError::Record { keyspace: "outbox", detail: "bad key".into() })?;
+            out.push((id, value.to_vec()));
+        }
+        Ok(out)
     }
 
     // --- durability --------------------------------------------------------

@@ -136,11 +136,11 @@ async fn three_nodes_form_full_membership_from_one_bootstrap_address() {
     assert!(!seen_a.listen_addrs.is_empty());
 
     // The load figure travels with the heartbeats.
-    a.client.set_load(42).await.unwrap();
+    a.client.set_load(driver::Load { connections: 42, shards: 3, entries: 7 }).await.unwrap();
     timeout(Duration::from_secs(5), async {
         loop {
             let members = b.client.members().await.unwrap();
-            if members.iter().any(|m| m.peer_id == a.peer && m.load == 42) {
+            if members.iter().any(|m| m.peer_id == a.peer && m.load.connections == 42 && m.load.entries == 7) {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;

@@ -17,13 +17,14 @@ use crate::config::MqttConfig;
 use crate::protocol::topic::{parse_shared, valid_topic_filter};
 use crate::protocol::{DisconnectReason, QoS, SubscriptionOptions};
 use crate::storage::{Storage, StorageError};
+use kadmq_dht::core::ForwardRoute;
 use message::{now_ms, Message};
 use parking_lot::{Mutex, RwLock};
 use retained::RetainedTree;
 use session::{Attachment, AttachmentHandle, Delivery, EndedSession, PendingWill, Session, Subscription};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 use trie::SubscriptionTrie;
 
@@ -36,6 +37,27 @@ struct SubscriberEntry {
     identifier: Option<u32>,
     /// For shared subscriptions: the filter, which with the group names it.
     shared_filter: Option<Arc<str>>,
+}
+
+/// The rest of the fleet, as the broker sees it (implemented by
+/// `crate::cluster`). Without one the broker is a single node.
+pub trait Fleet: Send + Sync {
+    /// A local subscription to `filter` (`group` for `$share/group/filter`) began.
+    fn subscribed(&self, filter: &str, group: Option<&str>);
+    /// A local subscription ended.
+    fn unsubscribed(&self, filter: &str, group: Option<&str>);
+    /// Routes a local publish: the fleet delivers to this node's own
+    /// subscribers through [`Broker::deliver`] and forwards to other nodes.
+    /// Returns a lower bound of the matching subscribers, or `None` when it
+    /// cannot tell yet (the route is being looked up). For QoS 1/2, when this
+    /// returns the message is safe: delivered here, or in the persisted
+    /// outbox until the destination nodes acknowledge it.
+    fn publish(&self, message: Arc<Message>) -> Option<usize>;
+}
+
+/// Topics that never leave the node: each node has its own `$SYS` tree.
+pub fn node_local(topic_or_filter: &str) -> bool {
+    topic_or_filter.starts_with("$SYS")
 }
 
 /// Counters behind `$SYS` and the logs.
@@ -70,6 +92,7 @@ pub struct Broker {
     retained: RwLock<RetainedTree>,
     next_connection_id: AtomicU64,
     shared_cursor: AtomicUsize,
+    fleet: OnceLock<Arc<dyn Fleet>>,
 }
 
 /// Result of attaching a connection to a session.
@@ -107,6 +130,7 @@ impl Broker {
             retained: RwLock::new(RetainedTree::default()),
             next_connection_id: AtomicU64::new(1),
             shared_cursor: AtomicUsize::new(0),
+            fleet: OnceLock::new(),
         };
         let now = now_ms();
         {
@@ -142,6 +166,31 @@ impl Broker {
         }
         broker.storage.flush()?;
         Ok(broker)
+    }
+
+    /// Joins the broker to a fleet: every subscription from now on (and
+    /// every one restored from storage) is announced to it, and publishes
+    /// are routed through it. Call once, before clients connect.
+    pub fn attach_fleet(&self, fleet: Arc<dyn Fleet>) {
+        if self.fleet.set(fleet.clone()).is_err() {
+            tracing::error!("a fleet is already attached");
+            return;
+        }
+        let sessions: Vec<Arc<Session>> = self.sessions.lock().values().cloned().collect();
+        for session in sessions {
+            let st = session.lock();
+            for filter in st.subscriptions.keys() {
+                let (filter, group) = split_shared(filter);
+                if !node_local(filter) {
+                    fleet.subscribed(filter, group.as_deref());
+                }
+            }
+        }
+    }
+
+    /// The fleet this node belongs to, if any.
+    pub fn fleet(&self) -> Option<&Arc<dyn Fleet>> {
+        self.fleet.get()
     }
 
     pub fn next_connection_id(&self) -> u64 {
@@ -282,7 +331,7 @@ impl Broker {
         {
             let mut trie = self.subscriptions.write();
             for filter in subscriptions.keys() {
-                Self::unindex(&mut trie, session, filter);
+                self.unindex(&mut trie, session, filter);
             }
         }
         {
@@ -335,13 +384,29 @@ impl Broker {
         }
     }
 
-    /// Routes a message to every matching session; returns the number of
-    /// deliveries queued. Retained messages are stored or cleared first.
+    /// Routes a message to every matching session (in a fleet, through
+    /// it); returns the number of deliveries queued, or 1 when a fleet
+    /// cannot tell yet. Retained messages are stored or cleared first.
     pub fn publish(&self, message: Message) -> usize {
         if message.retain {
             self.retain(&message);
         }
         let message = Arc::new(message);
+        match self.fleet.get() {
+            Some(fleet) if !node_local(&message.topic) => fleet.publish(message).unwrap_or(1),
+            _ => self.deliver(message, None),
+        }
+    }
+
+    /// Queues `message` for this node's matching sessions: all of them
+    /// (`route` `None`), or as a fleet route says (the plain subscribers
+    /// if `route.plain`, one member of each listed shared group). Returns
+    /// the number of deliveries queued.
+    pub fn deliver(&self, message: Arc<Message>, route: Option<&ForwardRoute>) -> usize {
+        let plain = route.is_none_or(|r| r.plain);
+        let group_wanted = |group: &str, filter: &str| {
+            route.is_none_or(|r| r.shared.iter().any(|p| p.group == group && p.filter == filter))
+        };
         let mut direct: Vec<(Arc<Session>, QoS, bool, Vec<u32>)> = Vec::new();
         type Member = (Arc<Session>, QoS, bool, Option<u32>);
         let mut groups: Vec<(Arc<str>, Arc<str>, Vec<Member>)> = Vec::new();
@@ -351,6 +416,9 @@ impl Broker {
             let retain = message.retain && entry.options.retain_as_published;
             match (group, &entry.shared_filter) {
                 (Some(group), Some(filter)) => {
+                    if !group_wanted(group, filter) {
+                        return;
+                    }
                     let member = (entry.session.clone(), qos, retain, entry.identifier);
                     match groups.iter_mut().find(|(g, f, _)| g == group && f == filter) {
                         Some((_, _, members)) => members.push(member),
@@ -358,6 +426,9 @@ impl Broker {
                     }
                 }
                 _ => {
+                    if !plain {
+                        return;
+                    }
                     if entry.options.no_local && message.origin.as_deref() == Some(&**client_id) {
                         return;
                     }
@@ -546,7 +617,7 @@ impl Broker {
             .iter()
             .map(|filter| {
                 if st.subscriptions.remove(filter).is_some() {
-                    Self::unindex(&mut trie, session, filter);
+                    self.unindex(&mut trie, session, filter);
                     0x00
                 } else {
                     0x11
@@ -565,25 +636,29 @@ impl Broker {
         filter: &str,
         subscription: &Subscription,
     ) {
-        let (trie_filter, group) = match parse_shared(filter) {
-            Ok(Some(shared)) => (shared.filter, Some(Arc::<str>::from(shared.group))),
-            _ => (filter, None),
-        };
+        let (trie_filter, group) = split_shared(filter);
         let entry = SubscriberEntry {
             session: session.clone(),
             options: subscription.options,
             identifier: subscription.identifier,
             shared_filter: group.as_ref().map(|_| Arc::from(trie_filter)),
         };
-        trie.insert(trie_filter, (session.client_id.clone(), group), entry);
+        let fresh = trie.insert(trie_filter, (session.client_id.clone(), group.clone()), entry).is_none();
+        if fresh && !node_local(trie_filter) {
+            if let Some(fleet) = self.fleet.get() {
+                fleet.subscribed(trie_filter, group.as_deref());
+            }
+        }
     }
 
-    fn unindex(trie: &mut SubscriptionTrie<SubscriberKey, SubscriberEntry>, session: &Session, filter: &str) {
-        let (trie_filter, group) = match parse_shared(filter) {
-            Ok(Some(shared)) => (shared.filter, Some(Arc::<str>::from(shared.group))),
-            _ => (filter, None),
-        };
-        trie.remove(trie_filter, &(session.client_id.clone(), group));
+    fn unindex(&self, trie: &mut SubscriptionTrie<SubscriberKey, SubscriberEntry>, session: &Session, filter: &str) {
+        let (trie_filter, group) = split_shared(filter);
+        let removed = trie.remove(trie_filter, &(session.client_id.clone(), group.clone())).is_some();
+        if removed && !node_local(trie_filter) {
+            if let Some(fleet) = self.fleet.get() {
+                fleet.unsubscribed(trie_filter, group.as_deref());
+            }
+        }
     }
 
     /// Closes every connection (server shutting down) and waits for them.
@@ -605,6 +680,14 @@ enum Step {
     TakeOver(Attachment),
     Discard,
     Resumed(AttachmentHandle),
+}
+
+/// `$share/g/f` → (`f`, `Some(g)`); any other filter → (filter, `None`).
+fn split_shared(filter: &str) -> (&str, Option<Arc<str>>) {
+    match parse_shared(filter) {
+        Ok(Some(shared)) => (shared.filter, Some(Arc::from(shared.group))),
+        _ => (filter, None),
+    }
 }
 
 fn expires_at(disconnected_at_ms: u64, expiry_interval: u32) -> Option<u64> {

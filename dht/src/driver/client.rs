@@ -16,7 +16,7 @@ use bytes::Bytes;
 use libp2p::{Multiaddr, PeerId};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{frames::MAX_FRAME, Error, Member};
+use super::{frames::MAX_FRAME, membership::Load, Error, Member};
 
 /// What the driver reports to its user.
 #[derive(Debug, Clone)]
@@ -51,7 +51,7 @@ pub(crate) enum Command {
         reply: oneshot::Sender<Vec<PeerId>>,
     },
     SetLoad {
-        load: u64,
+        load: Load,
         reply: oneshot::Sender<()>,
     },
     Dial {
@@ -153,8 +153,8 @@ impl Client {
         self.request(|reply| Command::ConnectedPeers { reply }).await
     }
 
-    /// Sets the load figure carried in this node's next heartbeats.
-    pub async fn set_load(&self, load: u64) -> Result<(), Error> {
+    /// Sets the load figures carried in this node's next heartbeats.
+    pub async fn set_load(&self, load: Load) -> Result<(), Error> {
         self.request(|reply| Command::SetLoad { load, reply }).await
     }
 

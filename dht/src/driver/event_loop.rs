@@ -38,7 +38,7 @@ use super::{
     client::{Client, Command, Event},
     config::peer_id_of,
     frames::{self, PROTOCOL},
-    membership::{Change, Member, MemberState, Membership, NodeRecord, RECORD_VERSION},
+    membership::{Change, Load, Member, MemberState, Membership, NodeRecord, RECORD_VERSION},
     ClusterConfig, Error,
 };
 
@@ -113,7 +113,7 @@ pub async fn start(config: ClusterConfig) -> Result<(Client, mpsc::Receiver<Even
         listen_addrs: Vec::new(),
         mqtt_listeners: config.mqtt_listeners.clone(),
         incarnation: config.incarnation,
-        load: 0,
+        load: Load::default(),
         seq: 0,
         leaving: false,
     };

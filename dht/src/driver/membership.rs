@@ -34,8 +34,9 @@ pub struct NodeRecord {
     pub mqtt_listeners: Vec<String>,
     /// Grows across restarts of the same peer id.
     pub incarnation: u64,
-    /// Caller-supplied load figure (e.g. connected sessions).
-    pub load: u64,
+    /// Caller-supplied load figures.
+    #[serde(default)]
+    pub load: Load,
     /// Heartbeat counter within one incarnation: a record that is not newer
     /// than the last one seen (a late gossip retransmission) is not a sign
     /// of life.
@@ -71,6 +72,19 @@ impl NodeRecord {
     }
 }
 
+/// What a node reports about its load in its heartbeats (opaque to the
+/// driver; the broker fills it).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Load {
+    /// Connected MQTT clients.
+    pub connections: u64,
+    /// Route shards this node owns.
+    pub shards: u64,
+    /// Route entries in the shards this node owns.
+    pub entries: u64,
+}
+
 /// Liveness of a member as this node sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum MemberState {
@@ -90,7 +104,7 @@ pub struct Member {
     pub listen_addrs: Vec<Multiaddr>,
     pub mqtt_listeners: Vec<String>,
     pub incarnation: u64,
-    pub load: u64,
+    pub load: Load,
     pub state: MemberState,
 }
 
@@ -230,7 +244,7 @@ mod tests {
             listen_addrs: vec!["/ip4/127.0.0.1/tcp/1".into()],
             mqtt_listeners: vec!["tcp://127.0.0.1:1883".into()],
             incarnation,
-            load: 0,
+            load: Load::default(),
             seq,
             leaving: false,
         }

@@ -1,0 +1,605 @@
+//! The broker in a fleet: the glue between the broker, the routing core
+//! (`kadmq_dht::core`) and the libp2p driver (`kadmq_dht::driver`).
+//!
+//! Job: tell the core about this node's subscriptions and the live members,
+//! route every publish through it, carry out what it asks (route frames and
+//! forwarded messages to other nodes, deliveries to local sessions), and
+//! make QoS 1/2 forwards safe: each is held in a persisted [`outbox`] until
+//! its destination nodes acknowledge it, resent while they do not, and
+//! delivered once at the destination (a [`outbox::Dedup`] per sender).
+//!
+//! Boundary: the broker knows this module only as a [`Fleet`]; the core
+//! never sees a socket. One mutex guards the core: publishing connections
+//! take it briefly to route (a cached route needs no network), the cluster
+//! task takes it for frames from other nodes, membership changes and the
+//! core's timer. Frames leave in the order the core emits them (a single
+//! sender task per node), so per-pair FIFO holds. Local deliveries run
+//! after the mutex is released.
+//!
+//! # Layout
+//!
+//! - [`wire`]: the envelope between brokers (route frame, forward, ack).
+//! - [`outbox`]: unacknowledged QoS 1/2 forwards; the receiver's duplicate filter.
+//! - [`status`]: `/api/v1/cluster`, `/api/v1/routes` and the cluster metrics.
+
+pub mod outbox;
+pub mod status;
+pub mod wire;
+
+use crate::broker::message::Message;
+use crate::broker::{Broker, Fleet};
+use crate::config::ClusterSettings;
+use crate::protocol::QoS;
+use crate::storage::Storage;
+use bytes::Bytes;
+use kadmq_dht::core::{self, Action, Event, ForwardRoute, Membership, Node, NodeId, OwnershipConfig};
+use kadmq_dht::driver::{self, ClusterConfig, Multiaddr, PeerId};
+use outbox::{Dedup, Outbox};
+use parking_lot::Mutex;
+use std::collections::{BTreeSet, HashMap};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, Notify};
+use wire::Wire;
+
+/// Forward ids remembered per sending node to drop resent duplicates.
+const DEDUP_WINDOW: usize = 1 << 16;
+/// Driver events handled per lock of the core.
+const EVENT_BATCH: usize = 512;
+/// Outbox records of the previous run that were not routed yet are routed
+/// again this long after start (so the node has heard of its peers).
+const REPLAY_AFTER: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("cluster: {0}")]
+    Driver(#[from] driver::Error),
+    #[error("cluster: invalid multiaddr {addr:?}: {cause}")]
+    Multiaddr { addr: String, cause: String },
+    #[error("cluster: no cluster key file configured (create one with `kadmq keygen`)")]
+    NoKey,
+}
+
+/// Counters of the glue (the core keeps its own, see [`core::Counters`]).
+#[derive(Default)]
+pub struct ClusterStats {
+    /// Messages sent to other nodes (one per destination node).
+    pub forwarded_out: AtomicU64,
+    /// Messages received from other nodes.
+    pub forwarded_in: AtomicU64,
+    /// Resent forwards that had already arrived (acknowledged, not delivered).
+    pub duplicates: AtomicU64,
+    /// Frames from other nodes that could not be decoded.
+    pub bad_frames: AtomicU64,
+    /// Frames for a node whose peer id is unknown (dropped).
+    pub unroutable: AtomicU64,
+}
+
+fn bump(counter: &AtomicU64, n: u64) {
+    counter.fetch_add(n, Ordering::Relaxed);
+}
+
+/// A local publish being routed (waiting for a lookup) or just routed.
+struct Routing {
+    message: Arc<Message>,
+    /// Destinations of its QoS 1/2 forwards.
+    waiting: Vec<(NodeId, ForwardRoute)>,
+    /// An outbox record (`routed: false`) was written while it waited.
+    persisted: bool,
+}
+
+struct State {
+    node: Node,
+    peers: HashMap<NodeId, PeerId>,
+    incarnations: HashMap<NodeId, u64>,
+    live: BTreeSet<NodeId>,
+    routing: HashMap<u64, Routing>,
+    outbox: Outbox,
+    /// Unrouted outbox records of the previous run, routed again at [`REPLAY_AFTER`].
+    replay: Vec<(u64, Message)>,
+    dedup: HashMap<NodeId, Dedup>,
+    next_id: u64,
+    timer_at: Option<u64>,
+}
+
+/// This node's part of the fleet. Create with [`start`].
+pub struct Cluster {
+    state: Mutex<State>,
+    broker: Weak<Broker>,
+    client: driver::Client,
+    outbound: mpsc::UnboundedSender<(PeerId, Bytes)>,
+    timer: Notify,
+    started: Instant,
+    me: NodeId,
+    name: String,
+    pub stats: ClusterStats,
+}
+
+/// Everything [`start`] needs besides the settings.
+pub struct StartContext<'a> {
+    pub data_dir: &'a Path,
+    pub broker: &'a Arc<Broker>,
+    /// MQTT listener URLs announced to other nodes (e.g. `mqtt://10.0.0.5:1883`).
+    pub mqtt_listeners: Vec<String>,
+}
+
+/// Joins the fleet: starts the libp2p driver and the cluster task, and
+/// attaches the cluster to the broker (its restored subscriptions are
+/// announced). Returns once the node listens.
+pub async fn start(settings: &ClusterSettings, cx: StartContext<'_>) -> Result<Arc<Cluster>, ClusterError> {
+    let key_dir = crate::cli::node_key_dir(cx.data_dir);
+    let keypair = driver::load_or_generate_keypair(&key_dir)?;
+    let key_file = settings.cluster_key_file.as_ref().ok_or(ClusterError::NoKey)?;
+    let cluster_key = driver::read_cluster_key(key_file)?;
+    let peer_id = keypair.public().to_peer_id();
+    let name = settings.node_name.clone().unwrap_or_else(|| default_name(&peer_id));
+    let mut config = ClusterConfig::new(name.clone(), keypair, cluster_key);
+    config.listen_addrs = parse_addrs(&settings.p2p_listen)?;
+    config.bootstrap = parse_addrs(&settings.bootstrap)?;
+    config.mqtt_listeners = cx.mqtt_listeners;
+    config.incarnation = driver::next_incarnation(&key_dir)?;
+    config.dead_timeout = Duration::from_secs(settings.dead_timeout_secs);
+    config.suspect_timeout = config.dead_timeout / 2;
+    let (client, events, event_loop) = driver::start(config).await?;
+    tokio::spawn(event_loop.run());
+
+    let me = node_id(&peer_id);
+    let core_config = core::Config {
+        replication: settings.replication,
+        shard_depth: settings.shard_depth,
+        ..core::Config::default()
+    };
+    let mut node = Node::new(me, core_config);
+    let mut actions = Vec::new();
+    let first_view = Arc::new(Membership::new(1, [me], OwnershipConfig::default()));
+    node.handle(0, Event::Membership(first_view), &mut actions).expect("a membership event is always accepted");
+
+    let storage = &cx.broker.storage;
+    let mut outbox = Outbox::default();
+    let mut replay = Vec::new();
+    let mut next_id = crate::broker::message::now_ms() << 16;
+    for (id, record) in outbox::restore(storage) {
+        next_id = next_id.max(id + 1);
+        if record.routed {
+            let waiting = record.waiting.into_iter().map(|(n, r)| (NodeId(n), r)).collect();
+            outbox.restore(id, Arc::new(record.message), waiting);
+        } else {
+            replay.push((id, record.message));
+        }
+    }
+    if !outbox.is_empty() || !replay.is_empty() {
+        tracing::info!(held = outbox.len(), unrouted = replay.len(), "cluster outbox restored");
+    }
+
+    let (outbound, outbound_rx) = mpsc::unbounded_channel();
+    let cluster = Arc::new(Cluster {
+        state: Mutex::new(State {
+            node,
+            peers: HashMap::from([(me, peer_id)]),
+            incarnations: HashMap::new(),
+            live: BTreeSet::from([me]),
+            routing: HashMap::new(),
+            outbox,
+            replay,
+            dedup: HashMap::new(),
+            next_id,
+            timer_at: None,
+        }),
+        broker: Arc::downgrade(cx.broker),
+        client: client.clone(),
+        outbound,
+        timer: Notify::new(),
+        started: Instant::now(),
+        me,
+        name,
+        stats: ClusterStats::default(),
+    });
+    {
+        let mut st = cluster.state.lock();
+        let mut local = Vec::new();
+        cluster.execute(&mut st, storage, actions, None, &mut local);
+    }
+    tokio::spawn(send_frames(client.clone(), outbound_rx));
+    tokio::spawn(cluster.clone().run(events));
+    cx.broker.attach_fleet(cluster.clone());
+    for addr in client.listen_addrs().await? {
+        tracing::info!(%addr, node = %cluster.name, "cluster listener ready");
+    }
+    Ok(cluster)
+}
+
+/// The routing core's id of a libp2p peer.
+pub fn node_id(peer: &PeerId) -> NodeId {
+    NodeId::from_peer_bytes(&peer.to_bytes())
+}
+
+fn default_name(peer: &PeerId) -> String {
+    let text = peer.to_string();
+    format!("kadmq-{}", &text[text.len().saturating_sub(6)..])
+}
+
+fn parse_addrs(addrs: &[String]) -> Result<Vec<Multiaddr>, ClusterError> {
+    addrs
+        .iter()
+        .map(|addr| {
+            addr.parse().map_err(|err: driver::multiaddr::Error| ClusterError::Multiaddr {
+                addr: addr.clone(),
+                cause: err.to_string(),
+            })
+        })
+        .collect()
+}
+
+/// Sends frames in the order the core emitted them.
+async fn send_frames(client: driver::Client, mut outbound: mpsc::UnboundedReceiver<(PeerId, Bytes)>) {
+    while let Some((peer, bytes)) = outbound.recv().await {
+        if let Err(err) = client.send(peer, bytes).await {
+            match err {
+                driver::Error::Stopped => return,
+                err => tracing::debug!(%peer, cause = %err, "frame not sent"),
+            }
+        }
+    }
+}
+
+impl Fleet for Cluster {
+    fn subscribed(&self, filter: &str, group: Option<&str>) {
+        self.handle_local(|node, now, out| node.handle(now, Event::Subscribe { filter, group }, out));
+    }
+
+    fn unsubscribed(&self, filter: &str, group: Option<&str>) {
+        self.handle_local(|node, now, out| node.handle(now, Event::Unsubscribe { filter, group }, out));
+    }
+
+    fn publish(&self, message: Arc<Message>) -> Option<usize> {
+        let Some(broker) = self.broker.upgrade() else { return Some(0) };
+        let mut local = Vec::new();
+        let routed = {
+            let mut st = self.state.lock();
+            let id = st.next_id;
+            st.next_id += 1;
+            self.route(&mut st, &broker.storage, id, message.clone(), &mut local)
+        };
+        let queued: usize = local.into_iter().map(|(m, route)| broker.deliver(m, Some(&route))).sum();
+        routed.map(|forwards| forwards + queued)
+    }
+}
+
+impl Cluster {
+    pub fn client(&self) -> &driver::Client {
+        &self.client
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn node_id(&self) -> NodeId {
+        self.me
+    }
+
+    /// The core's clock: milliseconds since this node started.
+    fn now(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    /// Runs `f` on the core (read-only access for status and metrics).
+    pub fn with_core<T>(&self, f: impl FnOnce(&Node) -> T) -> T {
+        f(&self.state.lock().node)
+    }
+
+    /// Forwards held until their destinations acknowledge them.
+    pub fn outbox_len(&self) -> usize {
+        self.state.lock().outbox.len()
+    }
+
+    /// (outbox messages given up, forwards resent).
+    pub fn outbox_counters(&self) -> (u64, u64) {
+        let st = self.state.lock();
+        (st.outbox.dropped, st.outbox.resent)
+    }
+
+    /// A subscribe or unsubscribe from a local session.
+    fn handle_local(&self, f: impl FnOnce(&mut Node, u64, &mut Vec<Action>) -> Result<(), core::CoreError>) {
+        let Some(broker) = self.broker.upgrade() else { return };
+        let mut actions = Vec::new();
+        let mut st = self.state.lock();
+        if let Err(err) = f(&mut st.node, self.now(), &mut actions) {
+            // The broker validated the filter; a mismatch is a bug, not user input.
+            tracing::error!(cause = %err, "routing core refused a local subscription change");
+        }
+        let mut local = Vec::new();
+        self.execute(&mut st, &broker.storage, actions, None, &mut local);
+        drop(st);
+        for (message, route) in local {
+            broker.deliver(message, Some(&route));
+        }
+    }
+
+    /// Routes local publish `id`. Returns the number of forwards once it is
+    /// routed, `None` while a lookup is outstanding (a QoS 1/2 message is
+    /// then persisted unrouted first).
+    fn route(
+        &self,
+        st: &mut State,
+        storage: &Storage,
+        id: u64,
+        message: Arc<Message>,
+        local: &mut Vec<(Arc<Message>, ForwardRoute)>,
+    ) -> Option<usize> {
+        let durable = message.qos != QoS::AtMostOnce;
+        st.routing.insert(id, Routing { message: message.clone(), waiting: Vec::new(), persisted: false });
+        let mut actions = Vec::new();
+        if let Err(err) = st.node.handle(self.now(), Event::Publish { topic: &message.topic, msg: id }, &mut actions) {
+            // The protocol layer validated the topic; deliver locally rather than lose it.
+            tracing::error!(cause = %err, "routing core refused a publish; delivering locally only");
+            st.routing.remove(&id);
+            local.push((message, ForwardRoute { plain: true, shared: Vec::new() }));
+            return Some(0);
+        }
+        let routed = self.execute(st, storage, actions, None, local);
+        match routed.iter().find(|(m, _)| *m == id) {
+            Some((_, forwards)) => Some(*forwards as usize),
+            None => {
+                if durable {
+                    if let Some(pending) = st.routing.get_mut(&id) {
+                        outbox::persist(storage, id, &message, false, &[]);
+                        pending.persisted = true;
+                    }
+                }
+                None
+            }
+        }
+    }
+
+    /// Carries out the core's actions: frames and forwards leave at once
+    /// (in order), local deliveries are collected in `local` for after the
+    /// lock. `forwarded` is the message when the actions answer an
+    /// `Event::Forwarded`. Returns the publishes routed, with their forward counts.
+    fn execute(
+        &self,
+        st: &mut State,
+        storage: &Storage,
+        actions: Vec<Action>,
+        forwarded: Option<&Arc<Message>>,
+        local: &mut Vec<(Arc<Message>, ForwardRoute)>,
+    ) -> Vec<(u64, u32)> {
+        let mut routed = Vec::new();
+        for action in actions {
+            match action {
+                Action::Send { to, frame } => self.send(st, to, wire::encode_route(&frame)),
+                Action::Forward { to, msg, route } => {
+                    let Some(pending) = st.routing.get_mut(&msg) else { continue };
+                    let bytes = wire::encode_forward(msg, &pending.message, &route);
+                    if pending.message.qos != QoS::AtMostOnce {
+                        pending.waiting.push((to, route));
+                    }
+                    bump(&self.stats.forwarded_out, 1);
+                    self.send(st, to, bytes);
+                }
+                Action::Deliver { msg, route } => {
+                    let message = match forwarded {
+                        Some(message) => Some(message.clone()),
+                        None => st.routing.get(&msg).map(|p| p.message.clone()),
+                    };
+                    if let Some(message) = message {
+                        local.push((message, route));
+                    }
+                }
+                Action::Routed { msg, forwards, .. } => {
+                    if let Some(pending) = st.routing.remove(&msg) {
+                        if !pending.waiting.is_empty() {
+                            st.outbox.hold(storage, msg, pending.message, pending.waiting, self.now());
+                        } else if pending.persisted {
+                            outbox::forget(storage, msg);
+                        }
+                    }
+                    routed.push((msg, forwards));
+                }
+                Action::ArmTimer { at } => {
+                    st.timer_at = Some(at);
+                    self.timer.notify_one();
+                }
+            }
+        }
+        routed
+    }
+
+    fn send(&self, st: &State, to: NodeId, bytes: Bytes) {
+        match st.peers.get(&to) {
+            Some(peer) => {
+                let _ = self.outbound.send((*peer, bytes));
+            }
+            None => bump(&self.stats.unroutable, 1),
+        }
+    }
+
+    /// The cluster task: driver events, the core's timer, and a 1 s tick
+    /// for outbox resends, replays and the load in our heartbeats.
+    async fn run(self: Arc<Self>, mut events: mpsc::Receiver<driver::Event>) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut batch = Vec::with_capacity(EVENT_BATCH);
+        loop {
+            let timer_at = self.state.lock().timer_at;
+            let wake = timer_at.map(|at| tokio::time::Instant::from_std(self.started + Duration::from_millis(at)));
+            let timer = async {
+                match wake {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                received = events.recv_many(&mut batch, EVENT_BATCH) => {
+                    if received == 0 {
+                        tracing::info!("cluster driver stopped");
+                        return;
+                    }
+                    self.on_events(batch.drain(..));
+                }
+                _ = timer => self.on_timer(),
+                _ = self.timer.notified() => {}
+                _ = tick.tick() => self.on_tick().await,
+            }
+        }
+    }
+
+    fn on_timer(&self) {
+        let Some(broker) = self.broker.upgrade() else { return };
+        let mut local = Vec::new();
+        {
+            let mut st = self.state.lock();
+            st.timer_at = None;
+            let mut actions = Vec::new();
+            let _ = st.node.handle(self.now(), Event::Timer, &mut actions);
+            self.execute(&mut st, &broker.storage, actions, None, &mut local);
+        }
+        for (message, route) in local {
+            broker.deliver(message, Some(&route));
+        }
+    }
+
+    fn on_events(&self, events: impl Iterator<Item = driver::Event>) {
+        let Some(broker) = self.broker.upgrade() else { return };
+        let storage = &broker.storage;
+        let mut local = Vec::new();
+        let mut acks: HashMap<PeerId, Vec<u64>> = HashMap::new();
+        {
+            let mut st = self.state.lock();
+            for event in events {
+                match event {
+                    driver::Event::MemberUp(member) => {
+                        let id = node_id(&member.peer_id);
+                        st.peers.insert(id, member.peer_id);
+                        let restarted =
+                            st.incarnations.insert(id, member.incarnation).is_some_and(|old| old < member.incarnation);
+                        tracing::info!(node = %member.name, peer = %member.peer_id, restarted, "member up");
+                        if restarted && st.live.remove(&id) {
+                            // It lost its routing state: let the core drop
+                            // what it knew of it, then see it join afresh.
+                            self.apply_membership(&mut st, storage, &mut local);
+                        }
+                        if st.live.insert(id) {
+                            self.apply_membership(&mut st, storage, &mut local);
+                        }
+                    }
+                    driver::Event::MemberSuspect(peer) => tracing::info!(%peer, "member suspect"),
+                    driver::Event::MemberDead(peer) => {
+                        tracing::info!(%peer, "member dead");
+                        if st.live.remove(&node_id(&peer)) {
+                            self.apply_membership(&mut st, storage, &mut local);
+                        }
+                    }
+                    driver::Event::Frame { from, bytes } => {
+                        self.on_frame(&mut st, storage, from, &bytes, &mut local, &mut acks);
+                    }
+                }
+            }
+        }
+        for (message, route) in local {
+            broker.deliver(message, Some(&route));
+        }
+        if !acks.is_empty() {
+            // What we acknowledge must survive a crash of this node.
+            if let Err(err) = storage.flush() {
+                tracing::error!(cause = %err, "storage flush failed; forwards not acknowledged");
+                return;
+            }
+            for (peer, ids) in acks {
+                let _ = self.outbound.send((peer, wire::encode_ack(&ids)));
+            }
+        }
+    }
+
+    fn on_frame(
+        &self,
+        st: &mut State,
+        storage: &Storage,
+        from: PeerId,
+        bytes: &[u8],
+        local: &mut Vec<(Arc<Message>, ForwardRoute)>,
+        acks: &mut HashMap<PeerId, Vec<u64>>,
+    ) {
+        let sender = node_id(&from);
+        st.peers.entry(sender).or_insert(from);
+        let wire = match wire::decode(bytes) {
+            Ok(wire) => wire,
+            Err(err) => {
+                bump(&self.stats.bad_frames, 1);
+                tracing::warn!(peer = %from, cause = %err, "undecodable frame from another node dropped");
+                return;
+            }
+        };
+        let mut actions = Vec::new();
+        match wire {
+            Wire::Route(frame) => {
+                let _ = st.node.handle(self.now(), Event::Frame { from: sender, frame }, &mut actions);
+                self.execute(st, storage, actions, None, local);
+            }
+            Wire::Forward(forward) => {
+                let wire::Forward { id, message, route } = *forward;
+                if message.qos != QoS::AtMostOnce {
+                    acks.entry(from).or_default().push(id);
+                    let dedup = st.dedup.entry(sender).or_insert_with(|| Dedup::new(DEDUP_WINDOW));
+                    if !dedup.first_time(id) {
+                        bump(&self.stats.duplicates, 1);
+                        return;
+                    }
+                }
+                bump(&self.stats.forwarded_in, 1);
+                let message = Arc::new(message);
+                let event = Event::Forwarded { from: sender, topic: &message.topic, msg: id, route };
+                let _ = st.node.handle(self.now(), event, &mut actions);
+                self.execute(st, storage, actions, Some(&message), local);
+            }
+            Wire::Ack(ids) => st.outbox.ack(storage, sender, &ids),
+        }
+    }
+
+    fn apply_membership(&self, st: &mut State, storage: &Storage, local: &mut Vec<(Arc<Message>, ForwardRoute)>) {
+        let next = Arc::new(st.node.membership().next(st.live.iter().copied()));
+        tracing::info!(members = next.len(), version = next.version(), "membership changed");
+        let mut actions = Vec::new();
+        let _ = st.node.handle(self.now(), Event::Membership(next), &mut actions);
+        self.execute(st, storage, actions, None, local);
+    }
+
+    async fn on_tick(&self) {
+        let Some(broker) = self.broker.upgrade() else { return };
+        let now = self.now();
+        let mut local = Vec::new();
+        let load = {
+            let mut st = self.state.lock();
+            let st = &mut *st;
+            let (live, peers) = (&st.live, &st.peers);
+            for (id, message, to, route) in st.outbox.due(now, |node| live.contains(&node)) {
+                if let Some(peer) = peers.get(&to) {
+                    let _ = self.outbound.send((*peer, wire::encode_forward(id, &message, &route)));
+                }
+            }
+            if self.started.elapsed() >= REPLAY_AFTER {
+                for (id, message) in std::mem::take(&mut st.replay) {
+                    self.route(st, &broker.storage, id, Arc::new(message), &mut local);
+                }
+            }
+            driver::Load {
+                connections: crate::broker::Stats::get(&broker.stats.clients_connected),
+                shards: st.node.shards_owned() as u64,
+                entries: st.node.entries_owned() as u64,
+            }
+        };
+        for (message, route) in local {
+            broker.deliver(message, Some(&route));
+        }
+        let _ = self.client.set_load(load).await;
+    }
+
+    /// Leaves the fleet (other nodes mark this one dead at once).
+    pub async fn shutdown(&self) {
+        if let Err(err) = self.client.shutdown().await {
+            tracing::debug!(cause = %err, "cluster driver already stopped");
+        }
+    }
+}

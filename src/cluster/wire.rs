@@ -1,0 +1,137 @@
+//! What brokers send each other over the driver's frame streams.
+//!
+//! Job: one envelope around the three kinds of traffic between nodes (the
+//! routing core's route frames, forwarded messages, and acknowledgements of
+//! QoS 1/2 forwards), with a version byte so a fleet can be upgraded node by
+//! node. Boundary: pure encoding, no state.
+//!
+//! Layout: byte 0 is [`VERSION`], byte 1 the kind; a route frame follows as
+//! the core encoded it (it carries its own version), the others are
+//! rmp-serde.
+
+use crate::broker::message::Message;
+use bytes::Bytes;
+use kadmq_dht::core::{self, ForwardRoute};
+use serde::{Deserialize, Serialize};
+
+pub const VERSION: u8 = 1;
+
+const ROUTE: u8 = 1;
+const FORWARD: u8 = 2;
+const ACK: u8 = 3;
+
+/// A message forwarded to one destination node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Forward {
+    /// The publishing node's id for this message; QoS 1/2 forwards are
+    /// acknowledged by it and deduplicated with it.
+    pub id: u64,
+    pub message: Message,
+    pub route: ForwardRoute,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Wire {
+    Route(core::Frame),
+    Forward(Box<Forward>),
+    /// The destination holds these forwards (queued for, or delivered to,
+    /// its sessions); the sender may forget them.
+    Ack(Vec<u64>),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    #[error("empty frame")]
+    Empty,
+    #[error("frame version {0} is not {VERSION}: is every node running the same kadmq?")]
+    Version(u8),
+    #[error("unknown frame kind {0}")]
+    Kind(u8),
+    #[error("route frame: {0}")]
+    Route(#[from] core::FrameError),
+    #[error("undecodable frame: {0}")]
+    Body(#[from] rmp_serde::decode::Error),
+}
+
+pub fn encode_route(frame: &core::Frame) -> Bytes {
+    with_header(ROUTE, &core::encode(frame))
+}
+
+/// Encodes a forward without copying the message (same layout as [`Forward`]).
+pub fn encode_forward(id: u64, message: &Message, route: &ForwardRoute) -> Bytes {
+    #[derive(Serialize)]
+    struct ForwardRef<'a> {
+        id: u64,
+        message: &'a Message,
+        route: &'a ForwardRoute,
+    }
+    let body = rmp_serde::to_vec(&ForwardRef { id, message, route }).expect("in-memory forwards always encode");
+    with_header(FORWARD, &body)
+}
+
+pub fn encode_ack(ids: &[u64]) -> Bytes {
+    with_header(ACK, &rmp_serde::to_vec(ids).expect("ids always encode"))
+}
+
+fn with_header(kind: u8, body: &[u8]) -> Bytes {
+    let mut out = Vec::with_capacity(body.len() + 2);
+    out.extend_from_slice(&[VERSION, kind]);
+    out.extend_from_slice(body);
+    Bytes::from(out)
+}
+
+pub fn decode(bytes: &[u8]) -> Result<Wire, WireError> {
+    let [version, kind, body @ ..] = bytes else { return Err(WireError::Empty) };
+    if *version != VERSION {
+        return Err(WireError::Version(*version));
+    }
+    Ok(match *kind {
+        ROUTE => Wire::Route(core::decode(body)?),
+        FORWARD => Wire::Forward(Box::new(rmp_serde::from_slice(body)?)),
+        ACK => Wire::Ack(rmp_serde::from_slice(body)?),
+        other => return Err(WireError::Kind(other)),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::QoS;
+    use kadmq_dht::core::SharedPick;
+
+    fn forward() -> Forward {
+        Forward {
+            id: 7,
+            message: Message {
+                topic: "a/b".into(),
+                payload: Bytes::from_static(b"hello"),
+                qos: QoS::ExactlyOnce,
+                retain: false,
+                properties: Default::default(),
+                expires_at_ms: Some(99),
+                origin: Some("c1".into()),
+            },
+            route: ForwardRoute { plain: true, shared: vec![SharedPick { group: "g".into(), filter: "a/+".into() }] },
+        }
+    }
+
+    #[test]
+    fn forwards_and_acks_round_trip() {
+        let f = forward();
+        assert_eq!(decode(&encode_forward(f.id, &f.message, &f.route)).unwrap(), Wire::Forward(Box::new(f)));
+        assert_eq!(decode(&encode_ack(&[1, 2, u64::MAX])).unwrap(), Wire::Ack(vec![1, 2, u64::MAX]));
+    }
+
+    #[test]
+    fn bad_frames_are_errors_not_panics() {
+        assert!(matches!(decode(&[]), Err(WireError::Empty)));
+        assert!(matches!(decode(&[9, ACK, 0x90]), Err(WireError::Version(9))));
+        assert!(matches!(decode(&[VERSION, 77]), Err(WireError::Kind(77))));
+        assert!(matches!(decode(&[VERSION, FORWARD, 0xc1]), Err(WireError::Body(_))));
+        assert!(matches!(decode(&[VERSION, ROUTE, 0xc1]), Err(WireError::Route(_))));
+        let f = forward();
+        let mut truncated = encode_forward(f.id, &f.message, &f.route).to_vec();
+        truncated.truncate(truncated.len() - 3);
+        assert!(decode(&truncated).is_err());
+    }
+}
