@@ -46,6 +46,8 @@ use wire::Wire;
 
 /// Forward ids remembered per sending node to drop resent duplicates.
 const DEDUP_WINDOW: usize = 1 << 16;
+/// Frames queued per destination node before new ones are dropped.
+const PEER_QUEUE: usize = 65_536;
 /// Driver events handled per lock of the core.
 const EVENT_BATCH: usize = 512;
 /// Outbox records of the previous run that were not routed yet are routed
@@ -75,6 +77,8 @@ pub struct ClusterStats {
     pub bad_frames: AtomicU64,
     /// Frames for a node whose peer id is unknown (dropped).
     pub unroutable: AtomicU64,
+    /// Frames dropped because their node's send queue was full.
+    pub frames_dropped: AtomicU64,
 }
 
 fn bump(counter: &AtomicU64, n: u64) {
@@ -201,7 +205,7 @@ pub async fn start(settings: &ClusterSettings, cx: StartContext<'_>) -> Result<A
         let mut local = Vec::new();
         cluster.execute(&mut st, storage, actions, None, &mut local);
     }
-    tokio::spawn(send_frames(client.clone(), outbound_rx));
+    tokio::spawn(send_frames(client.clone(), outbound_rx, Arc::downgrade(&cluster)));
     tokio::spawn(cluster.clone().run(events));
     cx.broker.attach_fleet(cluster.clone());
     for addr in client.listen_addrs().await? {
@@ -232,9 +236,33 @@ fn parse_addrs(addrs: &[String]) -> Result<Vec<Multiaddr>, ClusterError> {
         .collect()
 }
 
-/// Sends frames in the order the core emitted them.
-async fn send_frames(client: driver::Client, mut outbound: mpsc::UnboundedReceiver<(PeerId, Bytes)>) {
+/// Hands frames to one sender task per destination node, in the order the
+/// core emitted them: a slow or unreachable node holds up only its own
+/// frames. A node whose queue passes [`PEER_QUEUE`] loses the excess
+/// (counted; QoS 1/2 forwards are resent from the outbox, routes repaired
+/// by anti-entropy).
+async fn send_frames(
+    client: driver::Client,
+    mut outbound: mpsc::UnboundedReceiver<(PeerId, Bytes)>,
+    cluster: Weak<Cluster>,
+) {
+    let mut queues: HashMap<PeerId, mpsc::Sender<Bytes>> = HashMap::new();
     while let Some((peer, bytes)) = outbound.recv().await {
+        let queue = queues.entry(peer).or_insert_with(|| {
+            let (tx, rx) = mpsc::channel(PEER_QUEUE);
+            tokio::spawn(send_to_peer(client.clone(), peer, rx));
+            tx
+        });
+        if queue.try_send(bytes).is_err() {
+            if let Some(cluster) = cluster.upgrade() {
+                bump(&cluster.stats.frames_dropped, 1);
+            }
+        }
+    }
+}
+
+async fn send_to_peer(client: driver::Client, peer: PeerId, mut frames: mpsc::Receiver<Bytes>) {
+    while let Some(bytes) = frames.recv().await {
         if let Err(err) = client.send(peer, bytes).await {
             match err {
                 driver::Error::Stopped => return,

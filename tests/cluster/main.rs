@@ -1,0 +1,7 @@
+//! Multi-node tests: real `kadmq` processes on 127.0.0.1 forming a cluster
+//! over libp2p, real MQTT clients (rumqttc).
+
+mod churn;
+mod cli;
+mod common;
+mod forwarding;
