@@ -53,6 +53,9 @@ pub trait Fleet: Send + Sync {
     /// returns the message is safe: delivered here, or in the persisted
     /// outbox until the destination nodes acknowledge it.
     fn publish(&self, message: Arc<Message>) -> Option<usize>;
+    /// A local publish set (or, with an empty payload, cleared) a retained
+    /// message: the other nodes keep a copy, so their new subscribers get it.
+    fn retained(&self, message: &Message);
 }
 
 /// Topics that never leave the node: each node has its own `$SYS` tree.
@@ -388,12 +391,16 @@ impl Broker {
     /// it); returns the number of deliveries queued, or 1 when a fleet
     /// cannot tell yet. Retained messages are stored or cleared first.
     pub fn publish(&self, message: Message) -> usize {
+        let fleet = self.fleet.get().filter(|_| !node_local(&message.topic));
         if message.retain {
             self.retain(&message);
+            if let Some(fleet) = fleet {
+                fleet.retained(&message);
+            }
         }
         let message = Arc::new(message);
-        match self.fleet.get() {
-            Some(fleet) if !node_local(&message.topic) => fleet.publish(message).unwrap_or(1),
+        match fleet {
+            Some(fleet) => fleet.publish(message).unwrap_or(1),
             _ => self.deliver(message, None),
         }
     }
@@ -517,6 +524,19 @@ impl Broker {
             .find(|&i| members[i].0.lock().connection.is_some())
             .unwrap_or(start);
         members.swap_remove(online)
+    }
+
+    /// Keeps a retained message (or clears one, empty payload) set on
+    /// another node of the fleet; nothing is delivered.
+    pub fn retain_from_fleet(&self, message: &Message) {
+        if !message.is_expired(now_ms()) {
+            self.retain(message);
+        }
+    }
+
+    /// Every retained message held (not `$` topics), for a joining node.
+    pub fn retained_messages(&self) -> Vec<Arc<Message>> {
+        self.retained.read().matching("#")
     }
 
     /// Clears a retained message found expired, in memory and in storage.

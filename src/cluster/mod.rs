@@ -7,6 +7,9 @@
 //! make QoS 1/2 forwards safe: each is held in a persisted [`outbox`] until
 //! its destination nodes acknowledge it, resent while they do not, and
 //! delivered once at the destination (a [`outbox::Dedup`] per sender).
+//! Retained messages are copied to every node (a joining node asks the
+//! first member it hears of for all of them); the route table is what is
+//! sharded.
 //!
 //! Boundary: the broker knows this module only as a [`Fleet`]; the core
 //! never sees a socket. One mutex guards the core: publishing connections
@@ -48,6 +51,8 @@ use wire::Wire;
 const DEDUP_WINDOW: usize = 1 << 16;
 /// Frames queued per destination node before new ones are dropped.
 const PEER_QUEUE: usize = 65_536;
+/// Retained messages per frame when a joining node asks for all of them.
+const RETAIN_CHUNK: usize = 256;
 /// Driver events handled per lock of the core.
 const EVENT_BATCH: usize = 512;
 /// Outbox records of the previous run that were not routed yet are routed
@@ -106,6 +111,8 @@ struct State {
     dedup: HashMap<NodeId, Dedup>,
     next_id: u64,
     timer_at: Option<u64>,
+    /// Whether this node asked a member for the retained messages yet.
+    retained_synced: bool,
 }
 
 /// This node's part of the fleet. Create with [`start`].
@@ -190,6 +197,7 @@ pub async fn start(settings: &ClusterSettings, cx: StartContext<'_>) -> Result<A
             dedup: HashMap::new(),
             next_id,
             timer_at: None,
+            retained_synced: false,
         }),
         broker: Arc::downgrade(cx.broker),
         client: client.clone(),
@@ -281,6 +289,14 @@ impl Fleet for Cluster {
         self.handle_local(|node, now, out| node.handle(now, Event::Unsubscribe { filter, group }, out));
     }
 
+    fn retained(&self, message: &Message) {
+        let bytes = wire::encode_retain(&[message]);
+        let st = self.state.lock();
+        for node in st.live.iter().filter(|n| **n != self.me) {
+            self.send(&st, *node, bytes.clone());
+        }
+    }
+
     fn publish(&self, message: Arc<Message>) -> Option<usize> {
         let Some(broker) = self.broker.upgrade() else { return Some(0) };
         let mut local = Vec::new();
@@ -341,8 +357,14 @@ impl Cluster {
         let mut local = Vec::new();
         self.execute(&mut st, &broker.storage, actions, None, &mut local);
         drop(st);
-        for (message, route) in local {
-            broker.deliver(message, Some(&route));
+        // The broker calls this holding its trie lock, which delivering
+        // needs: deliver (publishes released by this change, if any) later.
+        if !local.is_empty() {
+            tokio::spawn(async move {
+                for (message, route) in local {
+                    broker.deliver(message, Some(&route));
+                }
+            });
         }
     }
 
@@ -512,6 +534,11 @@ impl Cluster {
                         if st.live.insert(id) {
                             self.apply_membership(&mut st, storage, &mut local);
                         }
+                        if !st.retained_synced {
+                            // The first member heard of brings us the retained messages.
+                            st.retained_synced = true;
+                            self.send(&st, id, wire::encode_retain_sync());
+                        }
                     }
                     driver::Event::MemberSuspect(peer) => tracing::info!(%peer, "member suspect"),
                     driver::Event::MemberDead(peer) => {
@@ -583,6 +610,22 @@ impl Cluster {
                 self.execute(st, storage, actions, Some(&message), local);
             }
             Wire::Ack(ids) => st.outbox.ack(storage, sender, &ids),
+            Wire::Retain(messages) => {
+                if let Some(broker) = self.broker.upgrade() {
+                    for message in &messages {
+                        broker.retain_from_fleet(message);
+                    }
+                }
+            }
+            Wire::RetainSync => {
+                if let Some(broker) = self.broker.upgrade() {
+                    let messages = broker.retained_messages();
+                    for chunk in messages.chunks(RETAIN_CHUNK) {
+                        let refs: Vec<&Message> = chunk.iter().map(|m| &**m).collect();
+                        self.send(st, sender, wire::encode_retain(&refs));
+                    }
+                }
+            }
         }
     }
 

@@ -1,8 +1,8 @@
 //! What brokers send each other over the driver's frame streams.
 //!
-//! Job: one envelope around the three kinds of traffic between nodes (the
-//! routing core's route frames, forwarded messages, and acknowledgements of
-//! QoS 1/2 forwards), with a version byte so a fleet can be upgraded node by
+//! Job: one envelope around the traffic between nodes (the routing core's
+//! route frames, forwarded messages, acknowledgements of QoS 1/2 forwards,
+//! and retained messages), with a version byte so a fleet can be upgraded node by
 //! node. Boundary: pure encoding, no state.
 //!
 //! Layout: byte 0 is [`VERSION`], byte 1 the kind; a route frame follows as
@@ -19,6 +19,8 @@ pub const VERSION: u8 = 1;
 const ROUTE: u8 = 1;
 const FORWARD: u8 = 2;
 const ACK: u8 = 3;
+const RETAIN: u8 = 4;
+const RETAIN_SYNC: u8 = 5;
 
 /// A message forwarded to one destination node.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -37,6 +39,10 @@ pub enum Wire {
     /// The destination holds these forwards (queued for, or delivered to,
     /// its sessions); the sender may forget them.
     Ack(Vec<u64>),
+    /// Retained messages set (or cleared: empty payload) on the sender.
+    Retain(Vec<Message>),
+    /// A node that just joined asks for every retained message.
+    RetainSync,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -73,6 +79,14 @@ pub fn encode_ack(ids: &[u64]) -> Bytes {
     with_header(ACK, &rmp_serde::to_vec(ids).expect("ids always encode"))
 }
 
+pub fn encode_retain(messages: &[&Message]) -> Bytes {
+    with_header(RETAIN, &rmp_serde::to_vec(messages).expect("in-memory messages always encode"))
+}
+
+pub fn encode_retain_sync() -> Bytes {
+    with_header(RETAIN_SYNC, &[])
+}
+
 fn with_header(kind: u8, body: &[u8]) -> Bytes {
     let mut out = Vec::with_capacity(body.len() + 2);
     out.extend_from_slice(&[VERSION, kind]);
@@ -89,6 +103,8 @@ pub fn decode(bytes: &[u8]) -> Result<Wire, WireError> {
         ROUTE => Wire::Route(core::decode(body)?),
         FORWARD => Wire::Forward(Box::new(rmp_serde::from_slice(body)?)),
         ACK => Wire::Ack(rmp_serde::from_slice(body)?),
+        RETAIN => Wire::Retain(rmp_serde::from_slice(body)?),
+        RETAIN_SYNC => Wire::RetainSync,
         other => return Err(WireError::Kind(other)),
     })
 }
@@ -118,8 +134,11 @@ mod tests {
     #[test]
     fn forwards_and_acks_round_trip() {
         let f = forward();
-        assert_eq!(decode(&encode_forward(f.id, &f.message, &f.route)).unwrap(), Wire::Forward(Box::new(f)));
+        let wire = Wire::Forward(Box::new(f.clone()));
+        assert_eq!(decode(&encode_forward(f.id, &f.message, &f.route)).unwrap(), wire);
         assert_eq!(decode(&encode_ack(&[1, 2, u64::MAX])).unwrap(), Wire::Ack(vec![1, 2, u64::MAX]));
+        assert_eq!(decode(&encode_retain(&[&f.message])).unwrap(), Wire::Retain(vec![f.message.clone()]));
+        assert_eq!(decode(&encode_retain_sync()).unwrap(), Wire::RetainSync);
     }
 
     #[test]

@@ -5,3 +5,4 @@ mod churn;
 mod cli;
 mod common;
 mod forwarding;
+mod retained;
