@@ -645,7 +645,7 @@ impl Cluster {
             let mut st = self.state.lock();
             let st = &mut *st;
             let (live, peers) = (&st.live, &st.peers);
-            for (id, message, to, route) in st.outbox.due(now, |node| live.contains(&node)) {
+            for (id, message, to, route) in st.outbox.due(&broker.storage, now, |node| live.contains(&node)) {
                 if let Some(peer) = peers.get(&to) {
                     let _ = self.outbound.send((*peer, wire::encode_forward(id, &message, &route)));
                 }

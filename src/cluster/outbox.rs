@@ -18,6 +18,9 @@ use std::sync::Arc;
 pub const RESEND_AFTER_MS: u64 = 3_000;
 /// Messages kept at most; beyond it the oldest are given up (and logged).
 pub const CAPACITY: usize = 200_000;
+/// How long a message waits for a destination node that is away (killed,
+/// partitioned) to come back before it is given up.
+pub const MAX_HOLD_MS: u64 = 3_600_000;
 
 /// The persisted form of one entry. `waiting` empty with `routed` false:
 /// the message was still being routed; route it again after a restart.
@@ -32,6 +35,7 @@ pub struct Entry {
     pub message: Arc<Message>,
     pub waiting: Vec<(NodeId, ForwardRoute)>,
     sent_at_ms: u64,
+    held_since_ms: u64,
 }
 
 #[derive(Default)]
@@ -63,7 +67,7 @@ impl Outbox {
         now_ms: u64,
     ) {
         persist(storage, id, &message, true, &waiting);
-        self.entries.insert(id, Entry { message, waiting, sent_at_ms: now_ms });
+        self.entries.insert(id, Entry { message, waiting, sent_at_ms: now_ms, held_since_ms: now_ms });
         while self.entries.len() > CAPACITY {
             let Some((old, entry)) = self.entries.pop_first() else { break };
             self.dropped += 1;
@@ -74,7 +78,7 @@ impl Outbox {
 
     /// Takes back an entry persisted by a previous run; it is due at once.
     pub fn restore(&mut self, id: u64, message: Arc<Message>, waiting: Vec<(NodeId, ForwardRoute)>) {
-        self.entries.insert(id, Entry { message, waiting, sent_at_ms: 0 });
+        self.entries.insert(id, Entry { message, waiting, sent_at_ms: 0, held_since_ms: 0 });
     }
 
     /// `from` acknowledged `ids`; entries with nobody left waiting are
@@ -91,12 +95,27 @@ impl Outbox {
     }
 
     /// Forwards due for a resend at `now_ms` to nodes `reachable` says
-    /// are up; marks them sent.
+    /// are up; marks them sent. Messages held longer than [`MAX_HOLD_MS`]
+    /// are given up (and logged).
     pub fn due(
         &mut self,
+        storage: &Storage,
         now_ms: u64,
         reachable: impl Fn(NodeId) -> bool,
     ) -> Vec<(u64, Arc<Message>, NodeId, ForwardRoute)> {
+        let expired: Vec<u64> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| now_ms.saturating_sub(e.held_since_ms) > MAX_HOLD_MS)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in expired {
+            if let Some(entry) = self.entries.remove(&id) {
+                self.dropped += 1;
+                tracing::warn!(id, topic = %entry.message.topic, "cluster outbox: destination away for an hour, forward given up");
+                forget(storage, id);
+            }
+        }
         let mut out = Vec::new();
         for (id, entry) in &mut self.entries {
             if now_ms < entry.sent_at_ms + RESEND_AFTER_MS {
@@ -230,12 +249,17 @@ mod tests {
         let storage = Storage::open(dir.path()).unwrap();
         let mut outbox = Outbox::default();
         outbox.hold(&storage, 1, message(), vec![(NodeId(1), route()), (NodeId(2), route())], 1_000);
-        assert!(outbox.due(1_000 + RESEND_AFTER_MS - 1, |_| true).is_empty());
-        let due = outbox.due(1_000 + RESEND_AFTER_MS, |n| n == NodeId(2));
+        assert!(outbox.due(&storage, 1_000 + RESEND_AFTER_MS - 1, |_| true).is_empty());
+        let due = outbox.due(&storage, 1_000 + RESEND_AFTER_MS, |n| n == NodeId(2));
         assert_eq!(due.len(), 1);
         assert_eq!(due[0].2, NodeId(2));
         // Marked sent: not due again at once.
-        assert!(outbox.due(1_000 + RESEND_AFTER_MS + 1, |_| true).is_empty());
+        assert!(outbox.due(&storage, 1_000 + RESEND_AFTER_MS + 1, |_| true).is_empty());
+        // A destination away for longer than MAX_HOLD_MS: given up.
+        assert!(outbox.due(&storage, 2_000 + MAX_HOLD_MS, |_| false).is_empty());
+        assert!(outbox.is_empty());
+        assert_eq!(outbox.dropped, 1);
+        assert!(restore(&storage).is_empty());
     }
 
     #[test]
