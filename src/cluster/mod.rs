@@ -4,9 +4,10 @@
 //! Job: tell the core about this node's subscriptions and the live members,
 //! route every publish through it, carry out what it asks (route frames and
 //! forwarded messages to other nodes, deliveries to local sessions), and
-//! make QoS 1/2 forwards safe: each is held in a persisted [`outbox`] until
-//! its destination nodes acknowledge it, resent while they do not, and
-//! delivered once at the destination (a [`outbox::Dedup`] per sender).
+//! make QoS 1/2 forwards safe: each is numbered per destination, held in a
+//! persisted [`outbox`] until its destination nodes acknowledge it, resent
+//! in order while they do not, and delivered in order and once at the
+//! destination ([`outbox::Inbound`]).
 //! Retained messages are copied to every node (a joining node asks the
 //! first member it hears of for all of them); the route table is what is
 //! sharded.
@@ -37,7 +38,7 @@ use crate::storage::Storage;
 use bytes::Bytes;
 use kadmq_dht::core::{self, Action, Event, ForwardRoute, Membership, Node, NodeId, OwnershipConfig};
 use kadmq_dht::driver::{self, ClusterConfig, Multiaddr, PeerId};
-use outbox::{Dedup, Outbox};
+use outbox::{Inbound, Outbox, Verdict};
 use parking_lot::Mutex;
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
@@ -47,8 +48,6 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, Notify};
 use wire::Wire;
 
-/// Forward ids remembered per sending node to drop resent duplicates.
-const DEDUP_WINDOW: usize = 1 << 16;
 /// Frames queued per destination node before new ones are dropped.
 const PEER_QUEUE: usize = 65_536;
 /// Retained messages per frame when a joining node asks for all of them.
@@ -78,6 +77,8 @@ pub struct ClusterStats {
     pub forwarded_in: AtomicU64,
     /// Resent forwards that had already arrived (acknowledged, not delivered).
     pub duplicates: AtomicU64,
+    /// QoS 1/2 forwards that arrived after a gap (dropped; resent in order).
+    pub out_of_order: AtomicU64,
     /// Frames from other nodes that could not be decoded.
     pub bad_frames: AtomicU64,
     /// Frames for a node whose peer id is unknown (dropped).
@@ -108,7 +109,7 @@ struct State {
     outbox: Outbox,
     /// Unrouted outbox records of the previous run, routed again at [`REPLAY_AFTER`].
     replay: Vec<(u64, Message)>,
-    dedup: HashMap<NodeId, Dedup>,
+    inbound: Inbound,
     next_id: u64,
     timer_at: Option<u64>,
     /// Whether this node asked a member for the retained messages yet.
@@ -153,6 +154,8 @@ pub async fn start(settings: &ClusterSettings, cx: StartContext<'_>) -> Result<A
     config.incarnation = driver::next_incarnation(&key_dir)?;
     config.dead_timeout = Duration::from_secs(settings.dead_timeout_secs);
     config.suspect_timeout = config.dead_timeout / 2;
+    // Forward sequences restart with each run of this node.
+    let epoch = config.incarnation;
     let (client, events, event_loop) = driver::start(config).await?;
     tokio::spawn(event_loop.run());
 
@@ -168,7 +171,7 @@ pub async fn start(settings: &ClusterSettings, cx: StartContext<'_>) -> Result<A
     node.handle(0, Event::Membership(first_view), &mut actions).expect("a membership event is always accepted");
 
     let storage = &cx.broker.storage;
-    let mut outbox = Outbox::default();
+    let mut outbox = Outbox::new(epoch);
     let mut replay = Vec::new();
     let mut next_id = crate::broker::message::now_ms() << 16;
     for (id, record) in outbox::restore(storage) {
@@ -194,7 +197,7 @@ pub async fn start(settings: &ClusterSettings, cx: StartContext<'_>) -> Result<A
             routing: HashMap::new(),
             outbox,
             replay,
-            dedup: HashMap::new(),
+            inbound: Inbound::default(),
             next_id,
             timer_at: None,
             retained_synced: false,
@@ -416,16 +419,18 @@ impl Cluster {
         forwarded: Option<&Arc<Message>>,
         local: &mut Vec<(Arc<Message>, ForwardRoute)>,
     ) -> Vec<(u64, u32)> {
+        let now = self.now();
         let mut routed = Vec::new();
         for action in actions {
             match action {
                 Action::Send { to, frame } => self.send(st, to, wire::encode_route(&frame)),
                 Action::Forward { to, msg, route } => {
                     let Some(pending) = st.routing.get_mut(&msg) else { continue };
-                    let bytes = wire::encode_forward(msg, &pending.message, &route);
-                    if pending.message.qos != QoS::AtMostOnce {
-                        pending.waiting.push((to, route));
-                    }
+                    let sequence = (pending.message.qos != QoS::AtMostOnce).then(|| {
+                        pending.waiting.push((to, route.clone()));
+                        st.outbox.assign(to, msg, now)
+                    });
+                    let bytes = wire::encode_forward(msg, sequence, &pending.message, &route);
                     bump(&self.stats.forwarded_out, 1);
                     self.send(st, to, bytes);
                 }
@@ -441,7 +446,7 @@ impl Cluster {
                 Action::Routed { msg, forwards, .. } => {
                     if let Some(pending) = st.routing.remove(&msg) {
                         if !pending.waiting.is_empty() {
-                            st.outbox.hold(storage, msg, pending.message, pending.waiting, self.now());
+                            st.outbox.hold(storage, msg, pending.message, pending.waiting, now);
                         } else if pending.persisted {
                             outbox::forget(storage, msg);
                         }
@@ -515,7 +520,7 @@ impl Cluster {
         let Some(broker) = self.broker.upgrade() else { return };
         let storage = &broker.storage;
         let mut local = Vec::new();
-        let mut acks: HashMap<PeerId, Vec<u64>> = HashMap::new();
+        let mut acks: HashMap<PeerId, (u64, u64)> = HashMap::new();
         {
             let mut st = self.state.lock();
             for event in events {
@@ -562,8 +567,8 @@ impl Cluster {
                 tracing::error!(cause = %err, "storage flush failed; forwards not acknowledged");
                 return;
             }
-            for (peer, ids) in acks {
-                let _ = self.outbound.send((peer, wire::encode_ack(&ids)));
+            for (peer, (epoch, upto)) in acks {
+                let _ = self.outbound.send((peer, wire::encode_ack(epoch, upto)));
             }
         }
     }
@@ -575,7 +580,7 @@ impl Cluster {
         from: PeerId,
         bytes: &[u8],
         local: &mut Vec<(Arc<Message>, ForwardRoute)>,
-        acks: &mut HashMap<PeerId, Vec<u64>>,
+        acks: &mut HashMap<PeerId, (u64, u64)>,
     ) {
         let sender = node_id(&from);
         st.peers.entry(sender).or_insert(from);
@@ -594,13 +599,22 @@ impl Cluster {
                 self.execute(st, storage, actions, None, local);
             }
             Wire::Forward(forward) => {
-                let wire::Forward { id, message, route } = *forward;
-                if message.qos != QoS::AtMostOnce {
-                    acks.entry(from).or_default().push(id);
-                    let dedup = st.dedup.entry(sender).or_insert_with(|| Dedup::new(DEDUP_WINDOW));
-                    if !dedup.first_time(id) {
-                        bump(&self.stats.duplicates, 1);
-                        return;
+                let wire::Forward { id, sequence, message, route } = *forward;
+                if let Some(sequence) = sequence {
+                    let verdict = st.inbound.accept(sender, sequence);
+                    if let Some(ack) = st.inbound.ack_for(sender) {
+                        acks.insert(from, ack);
+                    }
+                    match verdict {
+                        Verdict::Deliver => {}
+                        Verdict::Duplicate => {
+                            bump(&self.stats.duplicates, 1);
+                            return;
+                        }
+                        Verdict::Gap => {
+                            bump(&self.stats.out_of_order, 1);
+                            return;
+                        }
                     }
                 }
                 bump(&self.stats.forwarded_in, 1);
@@ -609,7 +623,7 @@ impl Cluster {
                 let _ = st.node.handle(self.now(), event, &mut actions);
                 self.execute(st, storage, actions, Some(&message), local);
             }
-            Wire::Ack(ids) => st.outbox.ack(storage, sender, &ids),
+            Wire::Ack { epoch, upto } => st.outbox.ack(storage, sender, epoch, upto, self.now()),
             Wire::Retain(messages) => {
                 if let Some(broker) = self.broker.upgrade() {
                     for message in &messages {
@@ -645,9 +659,9 @@ impl Cluster {
             let mut st = self.state.lock();
             let st = &mut *st;
             let (live, peers) = (&st.live, &st.peers);
-            for (id, message, to, route) in st.outbox.due(&broker.storage, now, |node| live.contains(&node)) {
+            for (sequence, id, message, to, route) in st.outbox.due(&broker.storage, now, |node| live.contains(&node)) {
                 if let Some(peer) = peers.get(&to) {
-                    let _ = self.outbound.send((*peer, wire::encode_forward(id, &message, &route)));
+                    let _ = self.outbound.send((*peer, wire::encode_forward(id, Some(sequence), &message, &route)));
                 }
             }
             if self.started.elapsed() >= REPLAY_AFTER {

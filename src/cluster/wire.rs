@@ -9,6 +9,7 @@
 //! the core encoded it (it carries its own version), the others are
 //! rmp-serde.
 
+use super::outbox::Sequence;
 use crate::broker::message::Message;
 use bytes::Bytes;
 use kadmq_dht::core::{self, ForwardRoute};
@@ -25,9 +26,11 @@ const RETAIN_SYNC: u8 = 5;
 /// A message forwarded to one destination node.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Forward {
-    /// The publishing node's id for this message; QoS 1/2 forwards are
-    /// acknowledged by it and deduplicated with it.
+    /// The publishing node's id for this message.
     pub id: u64,
+    /// For QoS 1/2: its place in the sender's sequence to this node (the
+    /// receiver delivers in order, once, and acknowledges).
+    pub sequence: Option<Sequence>,
     pub message: Message,
     pub route: ForwardRoute,
 }
@@ -36,9 +39,12 @@ pub struct Forward {
 pub enum Wire {
     Route(core::Frame),
     Forward(Box<Forward>),
-    /// The destination holds these forwards (queued for, or delivered to,
-    /// its sessions); the sender may forget them.
-    Ack(Vec<u64>),
+    /// The destination holds every forward of the sender's `epoch` up to
+    /// `upto` (queued for, or delivered to, its sessions).
+    Ack {
+        epoch: u64,
+        upto: u64,
+    },
     /// Retained messages set (or cleared: empty payload) on the sender.
     Retain(Vec<Message>),
     /// A node that just joined asks for every retained message.
@@ -64,19 +70,21 @@ pub fn encode_route(frame: &core::Frame) -> Bytes {
 }
 
 /// Encodes a forward without copying the message (same layout as [`Forward`]).
-pub fn encode_forward(id: u64, message: &Message, route: &ForwardRoute) -> Bytes {
+pub fn encode_forward(id: u64, sequence: Option<Sequence>, message: &Message, route: &ForwardRoute) -> Bytes {
     #[derive(Serialize)]
     struct ForwardRef<'a> {
         id: u64,
+        sequence: Option<Sequence>,
         message: &'a Message,
         route: &'a ForwardRoute,
     }
-    let body = rmp_serde::to_vec(&ForwardRef { id, message, route }).expect("in-memory forwards always encode");
+    let forward = ForwardRef { id, sequence, message, route };
+    let body = rmp_serde::to_vec(&forward).expect("in-memory forwards always encode");
     with_header(FORWARD, &body)
 }
 
-pub fn encode_ack(ids: &[u64]) -> Bytes {
-    with_header(ACK, &rmp_serde::to_vec(ids).expect("ids always encode"))
+pub fn encode_ack(epoch: u64, upto: u64) -> Bytes {
+    with_header(ACK, &rmp_serde::to_vec(&(epoch, upto)).expect("numbers always encode"))
 }
 
 pub fn encode_retain(messages: &[&Message]) -> Bytes {
@@ -102,7 +110,10 @@ pub fn decode(bytes: &[u8]) -> Result<Wire, WireError> {
     Ok(match *kind {
         ROUTE => Wire::Route(core::decode(body)?),
         FORWARD => Wire::Forward(Box::new(rmp_serde::from_slice(body)?)),
-        ACK => Wire::Ack(rmp_serde::from_slice(body)?),
+        ACK => {
+            let (epoch, upto) = rmp_serde::from_slice(body)?;
+            Wire::Ack { epoch, upto }
+        }
         RETAIN => Wire::Retain(rmp_serde::from_slice(body)?),
         RETAIN_SYNC => Wire::RetainSync,
         other => return Err(WireError::Kind(other)),
@@ -118,6 +129,7 @@ mod tests {
     fn forward() -> Forward {
         Forward {
             id: 7,
+            sequence: Some(Sequence { epoch: 3, seq: 9, base: 4 }),
             message: Message {
                 topic: "a/b".into(),
                 payload: Bytes::from_static(b"hello"),
@@ -135,8 +147,8 @@ mod tests {
     fn forwards_and_acks_round_trip() {
         let f = forward();
         let wire = Wire::Forward(Box::new(f.clone()));
-        assert_eq!(decode(&encode_forward(f.id, &f.message, &f.route)).unwrap(), wire);
-        assert_eq!(decode(&encode_ack(&[1, 2, u64::MAX])).unwrap(), Wire::Ack(vec![1, 2, u64::MAX]));
+        assert_eq!(decode(&encode_forward(f.id, f.sequence, &f.message, &f.route)).unwrap(), wire);
+        assert_eq!(decode(&encode_ack(2, u64::MAX)).unwrap(), Wire::Ack { epoch: 2, upto: u64::MAX });
         assert_eq!(decode(&encode_retain(&[&f.message])).unwrap(), Wire::Retain(vec![f.message.clone()]));
         assert_eq!(decode(&encode_retain_sync()).unwrap(), Wire::RetainSync);
     }
@@ -149,7 +161,7 @@ mod tests {
         assert!(matches!(decode(&[VERSION, FORWARD, 0xc1]), Err(WireError::Body(_))));
         assert!(matches!(decode(&[VERSION, ROUTE, 0xc1]), Err(WireError::Route(_))));
         let f = forward();
-        let mut truncated = encode_forward(f.id, &f.message, &f.route).to_vec();
+        let mut truncated = encode_forward(f.id, None, &f.message, &f.route).to_vec();
         truncated.truncate(truncated.len() - 3);
         assert!(decode(&truncated).is_err());
     }

@@ -6,3 +6,4 @@ mod cli;
 mod common;
 mod forwarding;
 mod retained;
+mod outbox;
