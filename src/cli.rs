@@ -1,6 +1,11 @@
-//! The command line: `kadmq start`, `kadmq config`. Every option of
-//! `start` is also a `KADMQ_*` environment variable and a TOML key; flags
-//! win over the environment, which wins over the file.
+//! The command line: `kadmq start`, `config`, `keygen`, `id` and
+//! `cluster status`. Every option of `start` is also a `KADMQ_*`
+//! environment variable and a TOML key; flags win over the environment,
+//! which wins over the file.
+//!
+//! - [`cluster_status`]: what `kadmq cluster status` asks a node and prints.
+
+pub mod cluster_status;
 
 use crate::config::{Config, ConfigError};
 use clap::{Args, Parser, Subcommand};
@@ -45,6 +50,22 @@ pub enum Command {
         /// The node's cluster listen address, e.g. /ip4/10.0.0.5/tcp/7000
         #[arg(long, env = "KADMQ_P2P_LISTEN", value_name = "MULTIADDR")]
         p2p_listen: Option<kadmq_dht::driver::Multiaddr>,
+    },
+    /// Ask a running node about its fleet.
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ClusterCommand {
+    /// Print the members a node sees (its /api/v1/cluster) as a table; `*`
+    /// marks the node that answered.
+    Status {
+        /// The node's HTTP endpoint (its --http address), host:port
+        #[arg(long, env = "KADMQ_HTTP", value_name = "ADDR", default_value = "127.0.0.1:8080")]
+        http: String,
     },
 }
 
@@ -210,6 +231,133 @@ mod tests {
         assert_eq!(config.mqtt.max_queued_messages, 9);
         assert_eq!(config.listeners.mqtt, vec!["127.0.0.1:0".parse().unwrap()]);
         assert_eq!(config.mqtt.sys_interval_secs, Config::default().mqtt.sys_interval_secs);
+    }
+
+    fn start_args(args: &[&str]) -> StartArgs {
+        let cli = Cli::try_parse_from(["kadmq", "start"].iter().chain(args)).unwrap();
+        let Command::Start(args) = cli.command else { panic!("start expected") };
+        *args
+    }
+
+    #[test]
+    fn cluster_flags_parse_into_the_configuration() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("cluster.key");
+        kadmq_dht::driver::write_cluster_key(&key, &kadmq_dht::driver::generate_cluster_key()).unwrap();
+        let args = start_args(&[
+            "--node-name",
+            "n2",
+            "--p2p-listen",
+            "/ip4/0.0.0.0/tcp/7000",
+            "--bootstrap",
+            "/dns4/kadmq-1/tcp/7000",
+            "--bootstrap",
+            "/ip4/10.0.0.5/tcp/7000,/ip4/10.0.0.6/tcp/7000",
+            "--cluster-key-file",
+            key.to_str().unwrap(),
+            "--replication",
+            "2",
+            "--shard-depth",
+            "3",
+            "--dead-timeout",
+            "12",
+        ]);
+        let c = args.resolve().unwrap().cluster;
+        assert!(c.enabled());
+        assert_eq!(c.node_name.as_deref(), Some("n2"));
+        assert_eq!(c.p2p_listen, ["/ip4/0.0.0.0/tcp/7000"]);
+        assert_eq!(c.bootstrap, ["/dns4/kadmq-1/tcp/7000", "/ip4/10.0.0.5/tcp/7000", "/ip4/10.0.0.6/tcp/7000"]);
+        assert_eq!(c.cluster_key_file.as_deref(), Some(key.as_path()));
+        assert_eq!((c.replication, c.shard_depth, c.dead_timeout_secs), (2, 3, 12));
+    }
+
+    #[test]
+    fn cluster_flags_win_over_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("cluster.key");
+        kadmq_dht::driver::write_cluster_key(&key, &kadmq_dht::driver::generate_cluster_key()).unwrap();
+        let file = dir.path().join("kadmq.toml");
+        let toml = format!(
+            "[cluster]\nnode_name = \"from-file\"\np2p_listen = [\"/ip4/0.0.0.0/tcp/7000\"]\ncluster_key_file = {:?}\nreplication = 5\n",
+            key.to_str().unwrap()
+        );
+        std::fs::write(&file, toml).unwrap();
+        let args = start_args(&["--config", file.to_str().unwrap(), "--node-name", "from-flag"]);
+        let c = args.resolve().unwrap().cluster;
+        assert_eq!(c.node_name.as_deref(), Some("from-flag"));
+        assert_eq!(c.replication, 5);
+        assert_eq!(c.p2p_listen, ["/ip4/0.0.0.0/tcp/7000"]);
+    }
+
+    #[test]
+    fn cluster_flags_have_environment_variables() {
+        use clap::CommandFactory;
+        let cli = Cli::command();
+        let start = cli.find_subcommand("start").unwrap();
+        for (flag, var) in [
+            ("node-name", "KADMQ_NODE_NAME"),
+            ("p2p-listen", "KADMQ_P2P_LISTEN"),
+            ("bootstrap", "KADMQ_BOOTSTRAP"),
+            ("cluster-key-file", "KADMQ_CLUSTER_KEY_FILE"),
+            ("replication", "KADMQ_REPLICATION"),
+            ("shard-depth", "KADMQ_SHARD_DEPTH"),
+            ("dead-timeout", "KADMQ_DEAD_TIMEOUT"),
+        ] {
+            let arg = start.get_arguments().find(|a| a.get_long() == Some(flag)).unwrap_or_else(|| panic!("--{flag}"));
+            assert_eq!(arg.get_env().and_then(|v| v.to_str()), Some(var), "--{flag}");
+        }
+        // The comma-separated forms (KADMQ_BOOTSTRAP=a,b) split like the flag.
+        for flag in ["p2p-listen", "bootstrap"] {
+            let arg = start.get_arguments().find(|a| a.get_long() == Some(flag)).unwrap();
+            assert_eq!(arg.get_value_delimiter(), Some(','), "--{flag}");
+        }
+        let status = cli.find_subcommand("cluster").and_then(|c| c.find_subcommand("status")).unwrap();
+        let http = status.get_arguments().find(|a| a.get_long() == Some("http")).unwrap();
+        assert_eq!(http.get_env().and_then(|v| v.to_str()), Some("KADMQ_HTTP"));
+    }
+
+    #[test]
+    fn cluster_status_takes_an_http_address() {
+        let cli = Cli::try_parse_from(["kadmq", "cluster", "status", "--http", "10.0.0.5:8080"]).unwrap();
+        let Command::Cluster { command: ClusterCommand::Status { http } } = cli.command else { panic!() };
+        assert_eq!(http, "10.0.0.5:8080");
+        assert!(Cli::try_parse_from(["kadmq", "cluster"]).is_err(), "a cluster subcommand is required");
+    }
+
+    #[test]
+    fn bad_cluster_flags_are_refused_with_a_clear_message() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("cluster.key");
+        kadmq_dht::driver::write_cluster_key(&key, &kadmq_dht::driver::generate_cluster_key()).unwrap();
+        let key = key.to_str().unwrap();
+        let missing = dir.path().join("nonexistent.key");
+        let refused = |args: &[&str]| start_args(args).resolve().unwrap_err().to_string();
+        let listen = "/ip4/127.0.0.1/tcp/0";
+        for (args, expected) in [
+            (vec!["--p2p-listen", listen], "a cluster needs a key: give cluster.cluster_key_file (--cluster-key-file)"),
+            (vec!["--p2p-listen", "127.0.0.1:7000", "--cluster-key-file", key], "is not a multiaddr"),
+            (
+                vec!["--p2p-listen", listen, "--cluster-key-file", key, "--bootstrap", "kadmq-1:7000"],
+                "is not a multiaddr",
+            ),
+            (
+                vec!["--bootstrap", "/ip4/127.0.0.1/tcp/7000"],
+                "cluster.bootstrap needs cluster.p2p_listen (--p2p-listen)",
+            ),
+            (
+                vec!["--p2p-listen", listen, "--cluster-key-file", key, "--replication", "0"],
+                "--replication) must be at least 1",
+            ),
+            (
+                vec!["--p2p-listen", listen, "--cluster-key-file", missing.to_str().unwrap()],
+                "cannot read the cluster key file",
+            ),
+        ] {
+            let msg = refused(&args);
+            assert!(msg.starts_with("invalid configuration: ") && msg.contains(expected), "{args:?}: {msg}");
+            assert!(!msg.contains('\n'), "{msg}");
+        }
+        assert!(Cli::try_parse_from(["kadmq", "start", "--replication", "two"]).is_err());
     }
 
     #[test]

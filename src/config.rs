@@ -205,20 +205,36 @@ impl Config {
             }
             return Ok(());
         }
-        if c.cluster_key_file.is_none() {
+        let Some(key_file) = &c.cluster_key_file else {
             return invalid(
                 "a cluster needs a key: give cluster.cluster_key_file (--cluster-key-file); create one with `kadmq keygen`"
                     .into(),
             );
-        }
+        };
         if c.replication == 0 {
-            return invalid("cluster.replication must be at least 1".into());
+            return invalid("cluster.replication (--replication) must be at least 1".into());
         }
         if c.shard_depth == 0 {
-            return invalid("cluster.shard_depth must be at least 1".into());
+            return invalid("cluster.shard_depth (--shard-depth) must be at least 1".into());
         }
         if c.dead_timeout_secs < 2 {
-            return invalid("cluster.dead_timeout_secs must be at least 2".into());
+            return invalid("cluster.dead_timeout_secs (--dead-timeout) must be at least 2".into());
+        }
+        // Read the key now, so a wrong path is one clear line before anything starts.
+        let text = match std::fs::read_to_string(key_file) {
+            Ok(text) => text,
+            Err(err) => {
+                return invalid(format!(
+                    "cannot read the cluster key file {} (cluster.cluster_key_file, --cluster-key-file): {err}",
+                    key_file.display()
+                ))
+            }
+        };
+        if kadmq_dht::driver::parse_cluster_key(&text).is_err() {
+            return invalid(format!(
+                "{} is not a cluster key file; create one with `kadmq keygen` and give every node the same",
+                key_file.display()
+            ));
         }
         Ok(())
     }
@@ -251,5 +267,119 @@ mod tests {
         config.listeners.ws.clear();
         assert!(config.validate().is_err());
         assert!(Config::default().validate().is_ok());
+    }
+
+    /// A cluster configuration that passes, with its key file in `dir`.
+    fn cluster_config(dir: &Path) -> Config {
+        let key = dir.join("cluster.key");
+        kadmq_dht::driver::write_cluster_key(&key, &kadmq_dht::driver::generate_cluster_key()).unwrap();
+        let mut config = Config::default();
+        config.cluster.p2p_listen = vec!["/ip4/127.0.0.1/tcp/7000".into()];
+        config.cluster.bootstrap = vec!["/dns4/kadmq-0/tcp/7000".into()];
+        config.cluster.cluster_key_file = Some(key);
+        config
+    }
+
+    fn refusal(config: &Config) -> String {
+        match config.validate() {
+            Err(ConfigError::Invalid(msg)) => msg,
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn cluster_file_keys_are_read() {
+        let config = Config::from_toml(
+            "[cluster]\nnode_name = \"n1\"\np2p_listen = [\"/ip4/0.0.0.0/tcp/7000\"]\n\
+             bootstrap = [\"/dns4/kadmq-1/tcp/7000\"]\ncluster_key_file = \"k\"\nreplication = 2\n\
+             shard_depth = 3\ndead_timeout_secs = 12\n",
+        )
+        .unwrap();
+        let c = &config.cluster;
+        assert!(c.enabled());
+        assert_eq!(c.node_name.as_deref(), Some("n1"));
+        assert_eq!(c.bootstrap, vec!["/dns4/kadmq-1/tcp/7000".to_string()]);
+        assert_eq!(c.cluster_key_file.as_deref(), Some(Path::new("k")));
+        assert_eq!((c.replication, c.shard_depth, c.dead_timeout_secs), (2, 3, 12));
+        assert!(Config::from_toml("[cluster]\nreplicas = 2\n").is_err(), "unknown keys refused");
+    }
+
+    #[test]
+    fn a_valid_cluster_configuration_passes() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = cluster_config(dir.path());
+        config.validate().unwrap();
+        // Bootstrap addresses without /p2p/<peer id> are accepted.
+        let mut config = cluster_config(dir.path());
+        config.cluster.bootstrap = vec![
+            "/ip4/10.0.0.5/tcp/7000".into(),
+            "/ip4/10.0.0.6/tcp/7000/p2p/12D3KooWD3eckifWpRn9wQpMG9R9hX3sD158z7EqHWmweQAJU5SA".into(),
+        ];
+        config.validate().unwrap();
+    }
+
+    #[test]
+    fn a_cluster_without_a_key_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = cluster_config(dir.path());
+        config.cluster.cluster_key_file = None;
+        let msg = refusal(&config);
+        assert!(
+            msg.contains("needs a key") && msg.contains("--cluster-key-file") && msg.contains("kadmq keygen"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn a_missing_or_foreign_key_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = cluster_config(dir.path());
+        config.cluster.cluster_key_file = Some(dir.path().join("nonexistent.key"));
+        let msg = refusal(&config);
+        assert!(msg.starts_with("cannot read the cluster key file ") && msg.contains("nonexistent.key"), "{msg}");
+        assert!(!msg.contains('\n'), "{msg}");
+
+        let foreign = dir.path().join("foreign.key");
+        std::fs::write(&foreign, "not a key\n").unwrap();
+        config.cluster.cluster_key_file = Some(foreign);
+        let msg = refusal(&config);
+        assert!(msg.contains("is not a cluster key file") && msg.contains("kadmq keygen"), "{msg}");
+    }
+
+    #[test]
+    fn a_bad_multiaddr_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = cluster_config(dir.path());
+        config.cluster.p2p_listen = vec!["127.0.0.1:7000".into()];
+        let msg = refusal(&config);
+        assert!(msg.starts_with("cluster.p2p_listen: \"127.0.0.1:7000\" is not a multiaddr"), "{msg}");
+
+        let mut config = cluster_config(dir.path());
+        config.cluster.bootstrap = vec!["/ip4/10.0.0.5/tcp".into()];
+        let msg = refusal(&config);
+        assert!(msg.starts_with("cluster.bootstrap: \"/ip4/10.0.0.5/tcp\" is not a multiaddr"), "{msg}");
+    }
+
+    #[test]
+    fn bootstrap_without_p2p_listen_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = cluster_config(dir.path());
+        config.cluster.p2p_listen.clear();
+        let msg = refusal(&config);
+        assert!(msg.contains("cluster.bootstrap needs cluster.p2p_listen (--p2p-listen)"), "{msg}");
+    }
+
+    #[test]
+    fn nonsense_cluster_numbers_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = cluster_config(dir.path());
+        config.cluster.replication = 0;
+        assert_eq!(refusal(&config), "cluster.replication (--replication) must be at least 1");
+        let mut config = cluster_config(dir.path());
+        config.cluster.shard_depth = 0;
+        assert_eq!(refusal(&config), "cluster.shard_depth (--shard-depth) must be at least 1");
+        let mut config = cluster_config(dir.path());
+        config.cluster.dead_timeout_secs = 1;
+        assert_eq!(refusal(&config), "cluster.dead_timeout_secs (--dead-timeout) must be at least 2");
     }
 }

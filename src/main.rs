@@ -2,7 +2,8 @@
 
 use anyhow::Context;
 use clap::Parser;
-use kadmq::cli::{Cli, Command};
+use kadmq::cli::{cluster_status, Cli, ClusterCommand, Command};
+use std::io::IsTerminal;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> std::process::ExitCode {
@@ -44,11 +45,17 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Cluster { command: ClusterCommand::Status { http } } => {
+            print!("{}", cluster_status::render(&cluster_status::fetch(&http)?));
+            Ok(())
+        }
         Command::Start(args) => {
             let config = args.resolve()?;
             let filter = std::env::var("RUST_LOG").ok().unwrap_or_else(|| config.log.clone());
             tracing_subscriber::fmt()
                 .with_env_filter(EnvFilter::try_new(&filter).context("invalid log filter")?)
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::stderr().is_terminal())
                 .init();
             let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
             runtime.block_on(kadmq::run(config, shutdown_signal())).map_err(anyhow::Error::from)
