@@ -126,6 +126,8 @@ pub struct Cluster {
     started: Instant,
     me: NodeId,
     name: String,
+    /// Where the members' addresses are remembered across restarts.
+    peers_file: std::path::PathBuf,
     pub stats: ClusterStats,
 }
 
@@ -150,6 +152,10 @@ pub async fn start(settings: &ClusterSettings, cx: StartContext<'_>) -> Result<A
     let mut config = ClusterConfig::new(name.clone(), keypair, cluster_key);
     config.listen_addrs = parse_addrs(&settings.p2p_listen)?;
     config.bootstrap = parse_addrs(&settings.bootstrap)?;
+    // The members last seen: a node restarted without (or with a stale)
+    // bootstrap address still finds its fleet.
+    let peers_file = key_dir.join(PEERS_FILE);
+    config.bootstrap.extend(known_peers(&peers_file, &peer_id));
     config.mqtt_listeners = cx.mqtt_listeners;
     config.incarnation = driver::next_incarnation(&key_dir)?;
     config.dead_timeout = Duration::from_secs(settings.dead_timeout_secs);
@@ -209,6 +215,7 @@ pub async fn start(settings: &ClusterSettings, cx: StartContext<'_>) -> Result<A
         started: Instant::now(),
         me,
         name,
+        peers_file,
         stats: ClusterStats::default(),
     });
     {
@@ -223,6 +230,33 @@ pub async fn start(settings: &ClusterSettings, cx: StartContext<'_>) -> Result<A
         tracing::info!(%addr, node = %cluster.name, "cluster listener ready");
     }
     Ok(cluster)
+}
+
+/// File in the node key directory listing the members' addresses.
+const PEERS_FILE: &str = "peers";
+
+/// The addresses in the peers file (other nodes only); none if it is
+/// missing or unreadable (logged).
+fn known_peers(path: &Path, me: &PeerId) -> Vec<Multiaddr> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Vec::new(),
+        Err(err) => {
+            tracing::warn!(path = %path.display(), cause = %err, "cannot read the known peers");
+            return Vec::new();
+        }
+    };
+    let own = me.to_string();
+    text.lines().filter(|line| !line.contains(&own)).filter_map(|line| line.trim().parse().ok()).collect()
+}
+
+/// Writes the peers file (atomically: a crash leaves the old one).
+fn remember_peers(path: &Path, addrs: &[String]) {
+    let tmp = path.with_extension("tmp");
+    let text: String = addrs.iter().map(|a| format!("{a}\n")).collect();
+    if let Err(err) = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, path)) {
+        tracing::warn!(path = %path.display(), cause = %err, "cannot remember the known peers");
+    }
 }
 
 /// The routing core's id of a libp2p peer.
@@ -679,6 +713,29 @@ impl Cluster {
             broker.deliver(message, Some(&route));
         }
         let _ = self.client.set_load(load).await;
+        if self.started.elapsed().as_secs() % 10 == 5 {
+            self.remember_members().await;
+        }
+    }
+
+    /// Keeps the alive members' addresses in the peers file, when they changed.
+    async fn remember_members(&self) {
+        let Ok(members) = self.client.members().await else { return };
+        let me = self.client.local_peer_id();
+        let mut addrs: Vec<String> = members
+            .iter()
+            .filter(|m| m.peer_id != me && m.state == driver::MemberState::Alive)
+            .flat_map(|m| {
+                m.listen_addrs.iter().map(|a| a.clone().with(driver::multiaddr::Protocol::P2p(m.peer_id)).to_string())
+            })
+            .collect();
+        addrs.sort();
+        if addrs.is_empty()
+            || known_peers(&self.peers_file, &me).iter().map(|a| a.to_string()).eq(addrs.iter().cloned())
+        {
+            return;
+        }
+        remember_peers(&self.peers_file, &addrs);
     }
 
     /// Leaves the fleet (other nodes mark this one dead at once).

@@ -7,3 +7,4 @@ mod common;
 mod forwarding;
 mod retained;
 mod outbox;
+mod rejoin;
