@@ -640,3 +640,34 @@ mod churn {
         }
     }
 }
+
+#[test]
+fn owners_hold_each_nodes_subscriber_count() {
+    let mut net = Net::new(11, test_config(), OwnershipConfig::Xor, 4);
+    let ids = net.ids();
+    let (a, b) = (ids[0], ids[1]);
+    let counts = |net: &Net, filter: &str| -> Vec<Vec<(NodeId, u32)>> {
+        let key = ShardKey::of_prefix(filter);
+        let mut seen: Vec<Vec<(NodeId, u32)>> = net
+            .nodes
+            .values()
+            .filter_map(|n| n.owned_shard(&key))
+            .filter_map(|s| s.routes().get(filter).map(|r| r.nodes.to_vec()))
+            .collect();
+        seen.dedup();
+        seen
+    };
+    for _ in 0..3 {
+        net.subscribe(a, "cnt", None);
+    }
+    net.subscribe(b, "cnt", None);
+    net.settle();
+    let mut want = vec![(a, 3), (b, 1)];
+    want.sort();
+    assert_eq!(counts(&net, "cnt"), vec![want], "every owner agrees on the counts");
+    net.unsubscribe(a, "cnt", None);
+    net.settle();
+    let mut want = vec![(a, 2), (b, 1)];
+    want.sort();
+    assert_eq!(counts(&net, "cnt"), vec![want]);
+}

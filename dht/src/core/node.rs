@@ -397,17 +397,17 @@ impl Node {
                 }
             },
         };
-        if count == 1 {
-            let key = filter_shard(filter, self.config.shard_depth);
-            if !self.local_shards.contains_key(&key) {
-                let owners = self.owners(&key);
-                self.local_shards.insert(key, LocalShard { filters: BTreeSet::new(), owners });
-            }
-            let shard = self.local_shards.get_mut(&key).expect("inserted");
-            shard.filters.insert(filter.into());
-            let owners = shard.owners.clone();
-            self.assert_op(key, &owners, filter, group, 1, out);
+        let key = filter_shard(filter, self.config.shard_depth);
+        if count == 1 && !self.local_shards.contains_key(&key) {
+            let owners = self.owners(&key);
+            self.local_shards.insert(key, LocalShard { filters: BTreeSet::new(), owners });
         }
+        let shard = self.local_shards.get_mut(&key).expect("a subscribed filter's shard is known");
+        shard.filters.insert(filter.into());
+        let owners = shard.owners.clone();
+        // Owners hold the subscriber count per node (one entry per filter,
+        // whatever the count): every change of it is asserted.
+        self.assert_op(key, &owners, filter, group, count, out);
         Ok(())
     }
 
@@ -430,14 +430,17 @@ impl Node {
                 left
             }
         };
+        let key = filter_shard(filter, self.config.shard_depth);
         if left > 0 {
+            if let Some(owners) = self.local_shards.get(&key).map(|s| s.owners.clone()) {
+                self.assert_op(key, &owners, filter, group, left, out);
+            }
             return Ok(());
         }
         let gone = counts.is_empty();
         if gone {
             self.local.remove(filter);
         }
-        let key = filter_shard(filter, self.config.shard_depth);
         let Some(shard) = self.local_shards.get_mut(&key) else { return Ok(()) };
         let owners = shard.owners.clone();
         if gone {
