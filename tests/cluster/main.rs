@@ -5,6 +5,6 @@ mod churn;
 mod cli;
 mod common;
 mod forwarding;
-mod retained;
 mod outbox;
 mod rejoin;
+mod retained;
