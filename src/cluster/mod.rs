@@ -8,9 +8,9 @@
 //! persisted [`outbox`] until its destination nodes acknowledge it, resent
 //! in order while they do not, and delivered in order and once at the
 //! destination ([`outbox::Inbound`]).
-//! Retained messages are copied to every node (a joining node asks the
-//! first member it hears of for all of them); the route table is what is
-//! sharded.
+//! Retained messages are copied to every node (each change is sent to the
+//! live members, and a member that comes up gets every retained message of
+//! each node); the route table is what is sharded.
 //!
 //! Boundary: the broker knows this module only as a [`Fleet`]; the core
 //! never sees a socket. One mutex guards the core: publishing connections
@@ -50,7 +50,7 @@ use wire::Wire;
 
 /// Frames queued per destination node before new ones are dropped.
 const PEER_QUEUE: usize = 65_536;
-/// Retained messages per frame when a joining node asks for all of them.
+/// Retained messages per frame when a member that came up gets all of them.
 const RETAIN_CHUNK: usize = 256;
 /// Driver events handled per lock of the core.
 const EVENT_BATCH: usize = 512;
@@ -112,8 +112,6 @@ struct State {
     inbound: Inbound,
     next_id: u64,
     timer_at: Option<u64>,
-    /// Whether this node asked a member for the retained messages yet.
-    retained_synced: bool,
 }
 
 /// This node's part of the fleet. Create with [`start`].
@@ -206,7 +204,6 @@ pub async fn start(settings: &ClusterSettings, cx: StartContext<'_>) -> Result<A
             inbound: Inbound::default(),
             next_id,
             timer_at: None,
-            retained_synced: false,
         }),
         broker: Arc::downgrade(cx.broker),
         client: client.clone(),
@@ -572,11 +569,9 @@ impl Cluster {
                         }
                         if st.live.insert(id) {
                             self.apply_membership(&mut st, storage, &mut local);
-                        }
-                        if !st.retained_synced {
-                            // The first member heard of brings us the retained messages.
-                            st.retained_synced = true;
-                            self.send(&st, id, wire::encode_retain_sync());
+                            // A member we did not route to may have missed
+                            // retained messages set meanwhile: it gets ours.
+                            self.send_retained(&st, &broker, id);
                         }
                     }
                     driver::Event::MemberSuspect(peer) => tracing::info!(%peer, "member suspect"),
@@ -665,15 +660,14 @@ impl Cluster {
                     }
                 }
             }
-            Wire::RetainSync => {
-                if let Some(broker) = self.broker.upgrade() {
-                    let messages = broker.retained_messages();
-                    for chunk in messages.chunks(RETAIN_CHUNK) {
-                        let refs: Vec<&Message> = chunk.iter().map(|m| &**m).collect();
-                        self.send(st, sender, wire::encode_retain(&refs));
-                    }
-                }
-            }
+        }
+    }
+
+    /// Sends every retained message this node holds to `to`.
+    fn send_retained(&self, st: &State, broker: &Broker, to: NodeId) {
+        for chunk in broker.retained_messages().chunks(RETAIN_CHUNK) {
+            let refs: Vec<&Message> = chunk.iter().map(|m| &**m).collect();
+            self.send(st, to, wire::encode_retain(&refs));
         }
     }
 

@@ -21,7 +21,6 @@ const ROUTE: u8 = 1;
 const FORWARD: u8 = 2;
 const ACK: u8 = 3;
 const RETAIN: u8 = 4;
-const RETAIN_SYNC: u8 = 5;
 
 /// A message forwarded to one destination node.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -47,8 +46,6 @@ pub enum Wire {
     },
     /// Retained messages set (or cleared: empty payload) on the sender.
     Retain(Vec<Message>),
-    /// A node that just joined asks for every retained message.
-    RetainSync,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -91,10 +88,6 @@ pub fn encode_retain(messages: &[&Message]) -> Bytes {
     with_header(RETAIN, &rmp_serde::to_vec(messages).expect("in-memory messages always encode"))
 }
 
-pub fn encode_retain_sync() -> Bytes {
-    with_header(RETAIN_SYNC, &[])
-}
-
 fn with_header(kind: u8, body: &[u8]) -> Bytes {
     let mut out = Vec::with_capacity(body.len() + 2);
     out.extend_from_slice(&[VERSION, kind]);
@@ -115,7 +108,6 @@ pub fn decode(bytes: &[u8]) -> Result<Wire, WireError> {
             Wire::Ack { epoch, upto }
         }
         RETAIN => Wire::Retain(rmp_serde::from_slice(body)?),
-        RETAIN_SYNC => Wire::RetainSync,
         other => return Err(WireError::Kind(other)),
     })
 }
@@ -150,7 +142,6 @@ mod tests {
         assert_eq!(decode(&encode_forward(f.id, f.sequence, &f.message, &f.route)).unwrap(), wire);
         assert_eq!(decode(&encode_ack(2, u64::MAX)).unwrap(), Wire::Ack { epoch: 2, upto: u64::MAX });
         assert_eq!(decode(&encode_retain(&[&f.message])).unwrap(), Wire::Retain(vec![f.message.clone()]));
-        assert_eq!(decode(&encode_retain_sync()).unwrap(), Wire::RetainSync);
     }
 
     #[test]
