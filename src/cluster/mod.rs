@@ -112,6 +112,10 @@ struct State {
     inbound: Inbound,
     next_id: u64,
     timer_at: Option<u64>,
+    /// Members we had taken for dead, and how many more times (one per
+    /// tick) to tell them: the notice is a frame, and frames right after a
+    /// link comes back can be lost.
+    rejoin_notices: HashMap<NodeId, u8>,
 }
 
 /// This node's part of the fleet. Create with [`start`].
@@ -204,6 +208,7 @@ pub async fn start(settings: &ClusterSettings, cx: StartContext<'_>) -> Result<A
             inbound: Inbound::default(),
             next_id,
             timer_at: None,
+            rejoin_notices: HashMap::new(),
         }),
         broker: Arc::downgrade(cx.broker),
         client: client.clone(),
@@ -559,8 +564,8 @@ impl Cluster {
                     driver::Event::MemberUp(member) => {
                         let id = node_id(&member.peer_id);
                         st.peers.insert(id, member.peer_id);
-                        let restarted =
-                            st.incarnations.insert(id, member.incarnation).is_some_and(|old| old < member.incarnation);
+                        let previous = st.incarnations.insert(id, member.incarnation);
+                        let restarted = previous.is_some_and(|old| old < member.incarnation);
                         tracing::info!(node = %member.name, peer = %member.peer_id, restarted, "member up");
                         if restarted && st.live.remove(&id) {
                             // It lost its routing state: let the core drop
@@ -569,6 +574,12 @@ impl Cluster {
                         }
                         if st.live.insert(id) {
                             self.apply_membership(&mut st, storage, &mut local);
+                            if previous.is_some() && !restarted {
+                                // We took it for dead, it was not: it must
+                                // give us its routes again.
+                                self.send(&st, id, wire::encode_rejoined());
+                                st.rejoin_notices.insert(id, 3);
+                            }
                             // A member we did not route to may have missed
                             // retained messages set meanwhile: it gets ours.
                             self.send_retained(&st, &broker, id);
@@ -653,6 +664,11 @@ impl Cluster {
                 self.execute(st, storage, actions, Some(&message), local);
             }
             Wire::Ack { epoch, upto } => st.outbox.ack(storage, sender, epoch, upto, self.now()),
+            Wire::Rejoined => {
+                tracing::info!(peer = %from, "a member had taken this node for dead: routes asserted to it again");
+                let _ = st.node.handle(self.now(), Event::Rejoined { from: sender }, &mut actions);
+                self.execute(st, storage, actions, None, local);
+            }
             Wire::Retain(messages) => {
                 if let Some(broker) = self.broker.upgrade() {
                     for message in &messages {
@@ -692,6 +708,13 @@ impl Cluster {
                     let _ = self.outbound.send((*peer, wire::encode_forward(id, Some(sequence), &message, &route)));
                 }
             }
+            st.rejoin_notices.retain(|node, left| {
+                if let Some(peer) = peers.get(node) {
+                    let _ = self.outbound.send((*peer, wire::encode_rejoined()));
+                }
+                *left -= 1;
+                *left > 0
+            });
             if self.started.elapsed() >= REPLAY_AFTER {
                 for (id, message) in std::mem::take(&mut st.replay) {
                     self.route(st, &broker.storage, id, Arc::new(message), &mut local);

@@ -21,6 +21,7 @@ const ROUTE: u8 = 1;
 const FORWARD: u8 = 2;
 const ACK: u8 = 3;
 const RETAIN: u8 = 4;
+const REJOINED: u8 = 5;
 
 /// A message forwarded to one destination node.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -46,6 +47,9 @@ pub enum Wire {
     },
     /// Retained messages set (or cleared: empty payload) on the sender.
     Retain(Vec<Message>),
+    /// The sender had taken the receiver for dead and sees it again: the
+    /// receiver's routes must be asserted to it afresh.
+    Rejoined,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -88,6 +92,10 @@ pub fn encode_retain(messages: &[&Message]) -> Bytes {
     with_header(RETAIN, &rmp_serde::to_vec(messages).expect("in-memory messages always encode"))
 }
 
+pub fn encode_rejoined() -> Bytes {
+    with_header(REJOINED, &[])
+}
+
 fn with_header(kind: u8, body: &[u8]) -> Bytes {
     let mut out = Vec::with_capacity(body.len() + 2);
     out.extend_from_slice(&[VERSION, kind]);
@@ -108,6 +116,7 @@ pub fn decode(bytes: &[u8]) -> Result<Wire, WireError> {
             Wire::Ack { epoch, upto }
         }
         RETAIN => Wire::Retain(rmp_serde::from_slice(body)?),
+        REJOINED => Wire::Rejoined,
         other => return Err(WireError::Kind(other)),
     })
 }
@@ -142,6 +151,7 @@ mod tests {
         assert_eq!(decode(&encode_forward(f.id, f.sequence, &f.message, &f.route)).unwrap(), wire);
         assert_eq!(decode(&encode_ack(2, u64::MAX)).unwrap(), Wire::Ack { epoch: 2, upto: u64::MAX });
         assert_eq!(decode(&encode_retain(&[&f.message])).unwrap(), Wire::Retain(vec![f.message.clone()]));
+        assert_eq!(decode(&encode_rejoined()).unwrap(), Wire::Rejoined);
     }
 
     #[test]

@@ -89,6 +89,12 @@ pub enum Event<'a> {
     /// The timer armed by [`Action::ArmTimer`] went off (early or extra
     /// calls are harmless).
     Timer,
+    /// Node `from` took this node for dead while it was alive (a false
+    /// suspicion, a pause) and now sees it again: it dropped this node's
+    /// entries and watches. Re-assert every entry of the shards it owns,
+    /// and forget the routes cached from it (the next publish looks up and
+    /// watches again).
+    Rejoined { from: NodeId },
 }
 
 /// An output of the core, for the caller to carry out in order.
@@ -343,6 +349,10 @@ impl Node {
                 self.on_timer(now, out);
                 Ok(())
             }
+            Event::Rejoined { from } => {
+                self.on_rejoined(from, out);
+                Ok(())
+            }
         };
         // Frames this node sent to itself (it owns shards it subscribes to).
         while let Some(frame) = self.inbox.pop_front() {
@@ -482,6 +492,19 @@ impl Node {
             }
         }
         ops
+    }
+
+    fn on_rejoined(&mut self, from: NodeId, out: &mut Vec<Action>) {
+        let keys: Vec<ShardKey> =
+            self.local_shards.iter().filter(|(_, s)| s.owners.contains(&from)).map(|(k, _)| *k).collect();
+        for key in keys {
+            self.reassert(key, &[from], out);
+        }
+        let stale: Vec<ShardKey> = self.cache.sources().filter(|(_, source, _)| *source == from).map(|e| e.0).collect();
+        for key in stale {
+            self.cache.remove(&key);
+            self.counters.cache_invalidations += 1;
+        }
     }
 
     fn reassert(&mut self, key: ShardKey, to: &[NodeId], out: &mut Vec<Action>) {
