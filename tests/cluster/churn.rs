@@ -11,7 +11,7 @@
 //! - a node the others declare dead while it is alive (paused past their
 //!   dead timeout, not its own) has its subscriptions routed again.
 //!
-//! Runs with `CHURN_KEEP_LOGS=DIR` keep the nodes' whole logs of a failed
+//! Runs with `KADMQ_KEEP_LOGS=DIR` keep the nodes' whole logs of a failed
 //! test in DIR (the lab's temporary directory goes with the test).
 //!
 //! The clients run on a tokio runtime of their own, so the test thread can
@@ -19,12 +19,11 @@
 //! payload is `tag seq sent_ms` (the test's clock), so a subscriber can tell
 //! what it missed, what came twice, and when.
 
-use crate::common::{Lab, Node, SETTLE};
+use crate::common::{Lab, LogsOnPanic, Node, SETTLE};
 use rumqttc::{AsyncClient, ConnectReturnCode, Event, MqttOptions, Packet, QoS, SubscribeFilter, SubscribeReasonCode};
 use serde_json::Value;
 use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Write};
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -56,38 +55,6 @@ fn utc_now() -> String {
     let ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
     let s = ms / 1000 % 86_400;
     format!("{:02}:{:02}:{:02}.{:03}", s / 3600, s / 60 % 60, s % 60, ms % 1000)
-}
-
-/// Prints the tail of every node's log if the test panics (and copies the
-/// whole logs to `$CHURN_KEEP_LOGS`, if set).
-struct LogsOnPanic(Vec<(String, PathBuf)>);
-
-impl LogsOnPanic {
-    fn add(&mut self, node: &Node) {
-        self.0.push((node.name.clone(), node.log.clone()));
-    }
-}
-
-impl Drop for LogsOnPanic {
-    fn drop(&mut self) {
-        if !std::thread::panicking() {
-            return;
-        }
-        for (name, path) in &self.0 {
-            let log = std::fs::read_to_string(path).unwrap_or_else(|e| format!("unreadable: {e}"));
-            if let Some(dir) = std::env::var_os("CHURN_KEEP_LOGS") {
-                // The lab's directory goes with the test: keep whole logs elsewhere.
-                let dir = PathBuf::from(dir);
-                let _ = std::fs::create_dir_all(&dir);
-                let _ = std::fs::copy(path, dir.join(format!("{name}.log")));
-            }
-            let lines: Vec<&str> = log.lines().collect();
-            eprintln!("----- last lines of {name}'s log ({}) -----", path.display());
-            for line in &lines[lines.len().saturating_sub(60)..] {
-                eprintln!("{line}");
-            }
-        }
-    }
 }
 
 /// Polls `check` every 300 ms until it passes or `within` is over; panics

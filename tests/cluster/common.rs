@@ -226,3 +226,39 @@ pub fn http_get(port: u16, path: &str) -> (u16, String) {
     let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
     (status, body.to_string())
 }
+
+/// Prints the tail of every node's log if the test panics (and copies the
+/// whole logs to `$KADMQ_KEEP_LOGS`, if set).
+pub struct LogsOnPanic(pub Vec<(String, PathBuf)>);
+
+impl LogsOnPanic {
+    pub fn watch(nodes: &[&Node]) -> LogsOnPanic {
+        LogsOnPanic(nodes.iter().map(|n| (n.name.clone(), n.log.clone())).collect())
+    }
+
+    pub fn add(&mut self, node: &Node) {
+        self.0.push((node.name.clone(), node.log.clone()));
+    }
+}
+
+impl Drop for LogsOnPanic {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        for (name, path) in &self.0 {
+            let log = std::fs::read_to_string(path).unwrap_or_else(|e| format!("unreadable: {e}"));
+            if let Some(dir) = std::env::var_os("KADMQ_KEEP_LOGS") {
+                // The lab's directory goes with the test: keep whole logs elsewhere.
+                let dir = PathBuf::from(dir);
+                let _ = std::fs::create_dir_all(&dir);
+                let _ = std::fs::copy(path, dir.join(format!("{name}.log")));
+            }
+            let lines: Vec<&str> = log.lines().collect();
+            eprintln!("----- last lines of {name}'s log ({}) -----", path.display());
+            for line in &lines[lines.len().saturating_sub(60)..] {
+                eprintln!("{line}");
+            }
+        }
+    }
+}

@@ -20,13 +20,12 @@
 //! the nodes' HTTP endpoints (blocking) while they run. Every wait is
 //! bounded.
 
-use crate::common::{wait_for_members, Lab, Node, SETTLE};
+use crate::common::{wait_for_members, Lab, LogsOnPanic, Node, SETTLE};
 use rumqttc::{AsyncClient, ConnectReturnCode, Event, MqttOptions, Packet, QoS, SubscribeFilter, SubscribeReasonCode};
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -68,35 +67,6 @@ fn settle_every(every: Duration, within: Duration, what: &str, mut check: impl F
         std::thread::sleep(every);
     }
     panic!("timed out after {within:?} waiting for {what}: {last}");
-}
-
-/// Prints the tail of every node's log if the test panics.
-struct LogsOnPanic(Vec<(String, PathBuf)>);
-
-impl LogsOnPanic {
-    fn watch(nodes: &[&Node]) -> LogsOnPanic {
-        LogsOnPanic(nodes.iter().map(|n| (n.name.clone(), n.log.clone())).collect())
-    }
-
-    fn add(&mut self, node: &Node) {
-        self.0.push((node.name.clone(), node.log.clone()));
-    }
-}
-
-impl Drop for LogsOnPanic {
-    fn drop(&mut self) {
-        if !std::thread::panicking() {
-            return;
-        }
-        for (name, path) in &self.0 {
-            let log = std::fs::read_to_string(path).unwrap_or_default();
-            let lines: Vec<&str> = log.lines().collect();
-            eprintln!("----- last lines of {name}'s log ({}) -----", path.display());
-            for line in &lines[lines.len().saturating_sub(40)..] {
-                eprintln!("{line}");
-            }
-        }
-    }
 }
 
 /// These tests start one cluster each; they take turns. An idle debug-build
