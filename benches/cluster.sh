@@ -83,7 +83,7 @@ stop_pids() { # pid...
 wait_listening() { # port [tries of 0.1 s]
     local port=$1 tries=${2:-100}
     for _ in $(seq "$tries"); do
-        if ss -Hltn "sport = :$port" 2>/dev/null | grep -q .; then return 0; fi
+        if [[ -n $(ss -Hltn "sport = :$port" 2>/dev/null) ]]; then return 0; fi
         sleep 0.1
     done
     log "nothing listens on $port"
@@ -203,8 +203,10 @@ wait_outbox_empty() { # http-port
 # rmqtt's raft listener does not set SO_REUSEADDR: a restart within the
 # 60 s TIME_WAIT of the previous run's connections fails with "Address
 # already in use". Wait until no socket (any state) holds its ports.
+# (awk reads everything: `grep -q` would exit early and, with pipefail, make
+# the pipeline fail on ss's SIGPIPE.)
 rmqtt_ports_free() {
-    ! ss -Htan 2>/dev/null | awk '{print $4}' | grep -qE ':(2884[1-3]|2885[1-3]|2886[1-3]|2887[1-3])$'
+    ss -Htan 2>/dev/null | awk '$4 ~ /:(2884[1-3]|2885[1-3]|2886[1-3]|2887[1-3])$/ {n++} END {exit n > 0}'
 }
 
 start_rmqtt() { # -> RMQTT_PIDS
