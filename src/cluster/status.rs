@@ -294,6 +294,12 @@ impl Cluster {
                 "Undecodable frames from other nodes.",
                 get(&s.bad_frames),
             ),
+            figure(
+                "kadmq_cluster_frames_dropped_total",
+                "counter",
+                "Frames dropped because a node's send queue was full.",
+                get(&s.frames_dropped),
+            ),
         ]
     }
 }
