@@ -103,6 +103,9 @@ struct Routing {
 struct State {
     node: Node,
     peers: HashMap<NodeId, PeerId>,
+    /// The reverse of `peers`: a node id is a SHA-256 of the peer id,
+    /// computed once per peer, not per frame.
+    ids: HashMap<PeerId, NodeId>,
     incarnations: HashMap<NodeId, u64>,
     live: BTreeSet<NodeId>,
     routing: HashMap<u64, Routing>,
@@ -200,6 +203,7 @@ pub async fn start(settings: &ClusterSettings, cx: StartContext<'_>) -> Result<A
         state: Mutex::new(State {
             node,
             peers: HashMap::from([(me, peer_id)]),
+            ids: HashMap::from([(peer_id, me)]),
             incarnations: HashMap::new(),
             live: BTreeSet::from([me]),
             routing: HashMap::new(),
@@ -350,17 +354,18 @@ impl Fleet for Cluster {
     }
 }
 
-impl Cluster {
-    pub fn client(&self) -> &driver::Client {
-        &self.client
+impl State {
+    /// The routing core's id of `peer`, remembered both ways.
+    fn id_of(&mut self, peer: PeerId) -> NodeId {
+        let id = *self.ids.entry(peer).or_insert_with(|| node_id(&peer));
+        self.peers.entry(id).or_insert(peer);
+        id
     }
+}
 
+impl Cluster {
     pub fn name(&self) -> &str {
         &self.name
-    }
-
-    pub fn node_id(&self) -> NodeId {
-        self.me
     }
 
     /// The core's clock: milliseconds since this node started.
@@ -371,17 +376,6 @@ impl Cluster {
     /// Runs `f` on the core (read-only access for status and metrics).
     pub fn with_core<T>(&self, f: impl FnOnce(&Node) -> T) -> T {
         f(&self.state.lock().node)
-    }
-
-    /// Forwards held until their destinations acknowledge them.
-    pub fn outbox_len(&self) -> usize {
-        self.state.lock().outbox.len()
-    }
-
-    /// (outbox messages given up, forwards resent).
-    pub fn outbox_counters(&self) -> (u64, u64) {
-        let st = self.state.lock();
-        (st.outbox.dropped, st.outbox.resent)
     }
 
     /// A subscribe or unsubscribe from a local session.
@@ -562,8 +556,7 @@ impl Cluster {
             for event in events {
                 match event {
                     driver::Event::MemberUp(member) => {
-                        let id = node_id(&member.peer_id);
-                        st.peers.insert(id, member.peer_id);
+                        let id = st.id_of(member.peer_id);
                         let previous = st.incarnations.insert(id, member.incarnation);
                         let restarted = previous.is_some_and(|old| old < member.incarnation);
                         tracing::info!(node = %member.name, peer = %member.peer_id, restarted, "member up");
@@ -588,7 +581,8 @@ impl Cluster {
                     driver::Event::MemberSuspect(peer) => tracing::info!(%peer, "member suspect"),
                     driver::Event::MemberDead(peer) => {
                         tracing::info!(%peer, "member dead");
-                        if st.live.remove(&node_id(&peer)) {
+                        let id = st.id_of(peer);
+                        if st.live.remove(&id) {
                             self.apply_membership(&mut st, storage, &mut local);
                         }
                     }
@@ -622,8 +616,7 @@ impl Cluster {
         local: &mut Vec<(Arc<Message>, ForwardRoute)>,
         acks: &mut HashMap<PeerId, (u64, u64)>,
     ) {
-        let sender = node_id(&from);
-        st.peers.entry(sender).or_insert(from);
+        let sender = st.id_of(from);
         let wire = match wire::decode(bytes) {
             Ok(wire) => wire,
             Err(err) => {
