@@ -12,17 +12,22 @@ use std::{
     collections::hash_map::DefaultHasher,
     hash::{Hash, Hasher},
     io,
+    pin::Pin,
+    task::{Context, Poll},
     time::Duration,
 };
 
 use libp2p::{
-    core::{muxing::StreamMuxerBox, transport::upgrade::Version},
+    core::{
+        muxing::StreamMuxerBox,
+        transport::{upgrade::Version, DialOpts, ListenerId, PortUse, TransportError, TransportEvent},
+    },
     dns, gossipsub, identify,
     identity::Keypair,
     kad, noise,
     pnet::{PnetConfig, PreSharedKey},
     swarm::NetworkBehaviour,
-    tcp, yamux, StreamProtocol, Swarm, Transport,
+    tcp, yamux, Multiaddr, StreamProtocol, Swarm, Transport,
 };
 
 use super::{ClusterConfig, Error};
@@ -100,9 +105,9 @@ pub fn build_swarm(config: &ClusterConfig) -> Result<Swarm<Behaviour>, Error> {
             // `with_dns` would) so that every failure below the pnet
             // handshake can be told apart from a failed handshake: see
             // `is_network_error`.
+            let tcp = NewPortPerDial(tcp::tokio::Transport::new(tcp::Config::default().nodelay(true)));
             let network =
-                dns::tokio::Transport::system(tcp::tokio::Transport::new(tcp::Config::default().nodelay(true)))?
-                    .map_err(|e| io::Error::other(NetworkError(e.to_string())));
+                dns::tokio::Transport::system(tcp)?.map_err(|e| io::Error::other(NetworkError(e.to_string())));
             let transport = network
                 .and_then(move |socket, _| PnetConfig::new(psk).handshake(socket))
                 .upgrade(Version::V1Lazy)
@@ -123,6 +128,42 @@ pub fn build_swarm(config: &ClusterConfig) -> Result<Swarm<Behaviour>, Error> {
         .with_connection_timeout(handshake_timeout)
         .build();
     Ok(swarm)
+}
+
+/// Dials every connection from a fresh ephemeral port.
+///
+/// libp2p-tcp otherwise binds outgoing sockets to the listening port (port
+/// reuse, meant for NAT hole punching). Two nodes that dial each other at the
+/// same moment then try the same TCP 4-tuple from both ends: the kernel's
+/// simultaneous open leaves one of the two libp2p connections broken shortly
+/// after it formed, and whatever was written on its streams is lost. Nodes of
+/// a cluster listen on reachable addresses; they never need port reuse.
+struct NewPortPerDial<T>(T);
+
+impl<T: Transport + Unpin> Transport for NewPortPerDial<T> {
+    type Output = T::Output;
+    type Error = T::Error;
+    type ListenerUpgrade = T::ListenerUpgrade;
+    type Dial = T::Dial;
+
+    fn listen_on(&mut self, id: ListenerId, addr: Multiaddr) -> Result<(), TransportError<Self::Error>> {
+        self.0.listen_on(id, addr)
+    }
+
+    fn remove_listener(&mut self, id: ListenerId) -> bool {
+        self.0.remove_listener(id)
+    }
+
+    fn dial(&mut self, addr: Multiaddr, opts: DialOpts) -> Result<Self::Dial, TransportError<Self::Error>> {
+        self.0.dial(addr, DialOpts { port_use: PortUse::New, ..opts })
+    }
+
+    fn poll(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<TransportEvent<Self::ListenerUpgrade, Self::Error>> {
+        Pin::new(&mut self.0).poll(cx)
+    }
 }
 
 /// Marks an error of the DNS + TCP layer, below the pnet handshake.

@@ -66,6 +66,7 @@ pub async fn start(config: ClusterConfig) -> Result<(Client, mpsc::Receiver<Even
 
     let mut control = swarm.behaviour().stream.new_control();
     let incoming = control.accept(PROTOCOL).map_err(|e| Error::Build(format!("frame protocol: {e}")))?;
+    let (accepted_tx, accepted_rx) = mpsc::channel(frames::ACCEPT_QUEUE);
 
     let mut waiting = HashSet::new();
     for addr in &config.listen_addrs {
@@ -123,7 +124,8 @@ pub async fn start(config: ClusterConfig) -> Result<(Client, mpsc::Receiver<Even
         commands: command_rx,
         events: event_tx,
         pending_events: VecDeque::new(),
-        incoming,
+        incoming: Some((incoming, accepted_tx)),
+        accepted: accepted_rx,
         control,
         membership: Membership::new(local, config.suspect_timeout, config.dead_timeout),
         record,
@@ -162,7 +164,11 @@ pub struct EventLoop {
     /// than awaited so a slow consumer never stalls the swarm (and with it
     /// our own heartbeats).
     pending_events: VecDeque<Event>,
-    incoming: libp2p_stream::IncomingStreams,
+    /// libp2p-stream's inbound frame streams, handed to an accept task when
+    /// the loop starts.
+    incoming: Option<(libp2p_stream::IncomingStreams, mpsc::Sender<(PeerId, Stream)>)>,
+    /// Inbound frame streams queued by the accept task.
+    accepted: mpsc::Receiver<(PeerId, Stream)>,
     control: libp2p_stream::Control,
     membership: Membership,
     /// This node's own record; `seq` counts heartbeats.
@@ -198,6 +204,9 @@ impl EventLoop {
             incarnation = self.record.incarnation,
             "cluster node starting"
         );
+        if let Some((incoming, accepted)) = self.incoming.take() {
+            self.tasks.spawn(frames::accept_loop(incoming, accepted));
+        }
         self.dial_bootstrap();
         self.publish_record();
         let mut heartbeat = tokio::time::interval_at(Instant::now() + self.heartbeat_interval, self.heartbeat_interval);
@@ -217,7 +226,7 @@ impl EventLoop {
                         return;
                     }
                 },
-                Some((peer, stream)) = self.incoming.next() => self.on_inbound_stream(peer, stream),
+                Some((peer, stream)) = self.accepted.recv() => self.on_inbound_stream(peer, stream),
                 _ = heartbeat.tick() => self.on_heartbeat(),
                 Ok(permit) = self.events.clone().reserve_owned(), if !self.pending_events.is_empty() => {
                     if let Some(event) = self.pending_events.pop_front() {

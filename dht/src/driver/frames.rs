@@ -5,15 +5,26 @@
 //! The writer side batches: it takes every frame queued for the peer (up to
 //! [`MAX_BATCH_FRAMES`]) and sends them in one write and one flush. It
 //! re-opens the stream (re-dialling through libp2p-stream) with backoff when
-//! the link drops. Boundary: frames are opaque here (the routing core fills
-//! them with rmp-serde encoded messages); delivery is at most once: a batch
-//! whose write failed is dropped and logged, because only the core knows
-//! which frames need acknowledging and resending.
+//! the link drops.
+//!
+//! A new stream is used only once the receiver has accepted it: the
+//! receiver's first byte on the stream is [`ACCEPTED`], and the writer sends
+//! nothing before it has read that byte. libp2p-stream hands inbound streams
+//! over through a channel that holds one stream and resets any other that
+//! arrives while it is full (two peers opening streams to a node at the same
+//! moment, every member right after a join); without the acceptance byte the
+//! first batches written on such a stream vanish without an error.
+//!
+//! Boundary: frames are opaque here (the routing core fills them with
+//! rmp-serde encoded messages); once a stream is accepted, delivery is at
+//! most once: a batch whose write failed because the connection broke is
+//! dropped and logged, because only the core knows which frames need
+//! acknowledging and resending.
 
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::{AsyncReadExt as _, AsyncWriteExt as _};
+use futures::{AsyncReadExt as _, AsyncWriteExt as _, StreamExt as _};
 use libp2p::{PeerId, Stream, StreamProtocol};
 use tokio::sync::mpsc;
 use tracing::{debug, trace, warn};
@@ -21,7 +32,9 @@ use tracing::{debug, trace, warn};
 use super::Event;
 
 /// The frame protocol's name.
-pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/kadmq/frames/1");
+pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/kadmq/frames/2");
+/// The first byte a receiver writes on a frame stream it has accepted.
+pub const ACCEPTED: u8 = 0xA5;
 /// Largest frame accepted (16 MiB); a larger length prefix kills the stream.
 pub const MAX_FRAME: usize = 16 << 20;
 /// Most frames written in one batch.
@@ -30,6 +43,10 @@ pub const MAX_BATCH_FRAMES: usize = 1024;
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 const READ_BUFFER: usize = 64 << 10;
+/// How long a writer waits for [`ACCEPTED`] before trying a new stream.
+const ACCEPT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Accepted inbound streams waiting for the event loop.
+pub(crate) const ACCEPT_QUEUE: usize = 256;
 
 /// Appends `frame` with its length prefix to `buf`.
 pub fn encode_frame(frame: &[u8], buf: &mut Vec<u8>) {
@@ -60,6 +77,37 @@ where
     Ok(Some(Bytes::from(frame)))
 }
 
+/// Waits for the receiver's [`ACCEPTED`] byte on a stream just opened.
+async fn await_acceptance<S>(stream: &mut S) -> std::io::Result<()>
+where
+    S: futures::AsyncRead + Unpin,
+{
+    let mut byte = [0u8; 1];
+    match tokio::time::timeout(ACCEPT_TIMEOUT, stream.read_exact(&mut byte)).await {
+        Ok(Ok(())) if byte[0] == ACCEPTED => Ok(()),
+        Ok(Ok(())) => Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("unexpected first byte {:#04x} from the receiver", byte[0]),
+        )),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "the receiver did not accept the stream")),
+    }
+}
+
+/// Takes inbound frame streams from libp2p-stream as fast as they come (its
+/// channel holds one and resets the others) and queues them for the event
+/// loop, which decides whether to read them.
+pub(crate) async fn accept_loop(
+    mut incoming: libp2p_stream::IncomingStreams,
+    accepted: mpsc::Sender<(PeerId, Stream)>,
+) {
+    while let Some(stream) = incoming.next().await {
+        if accepted.send(stream).await.is_err() {
+            return;
+        }
+    }
+}
+
 /// The sending half of one peer's link: owns the outbound stream to `peer`
 /// and drains `queue` onto it, re-opening the stream after failures. Ends
 /// when every sender of `queue` is gone, or when the event loop aborts it
@@ -73,15 +121,19 @@ pub(crate) async fn write_loop(peer: PeerId, mut control: libp2p_stream::Control
         if batch.is_empty() && queue.recv_many(&mut batch, MAX_BATCH_FRAMES).await == 0 {
             return;
         }
-        let mut stream = match control.open_stream(peer, PROTOCOL).await {
+        let opened = match control.open_stream(peer, PROTOCOL).await {
+            Ok(mut stream) => await_acceptance(&mut stream).await.map(|()| stream).map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        let mut stream = match opened {
             Ok(stream) => {
-                debug!(%peer, "frame stream opened");
+                debug!(%peer, "frame stream accepted");
                 backoff = BACKOFF_MIN;
                 stream
             }
-            Err(e) => {
+            Err(cause) => {
                 // Keep the batch: nothing of it was written yet.
-                debug!(%peer, cause = %e, retry_in = ?backoff, "opening frame stream failed");
+                debug!(%peer, %cause, retry_in = ?backoff, "opening frame stream failed");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(BACKOFF_MAX);
                 continue 'link;
@@ -117,12 +169,21 @@ pub(crate) async fn write_loop(peer: PeerId, mut control: libp2p_stream::Control
     }
 }
 
-/// The receiving half: reads frames from one inbound stream of `peer` and
-/// hands them to the driver's user as [`Event::Frame`]. Frames go straight
-/// to the event channel, not through the event loop, so a slow consumer
-/// pushes back on this stream (yamux flow control) without stalling the
-/// swarm.
-pub(crate) async fn read_loop(peer: PeerId, stream: Stream, events: mpsc::Sender<Event>) {
+/// The receiving half: accepts one inbound stream of `peer` (writes
+/// [`ACCEPTED`]), then reads frames from it and hands them to the driver's
+/// user as [`Event::Frame`]. Frames go straight to the event channel, not
+/// through the event loop, so a slow consumer pushes back on this stream
+/// (yamux flow control) without stalling the swarm.
+pub(crate) async fn read_loop(peer: PeerId, mut stream: Stream, events: mpsc::Sender<Event>) {
+    let accepted = async {
+        stream.write_all(&[ACCEPTED]).await?;
+        stream.flush().await
+    }
+    .await;
+    if let Err(e) = accepted {
+        debug!(%peer, cause = %e, "could not accept frame stream");
+        return;
+    }
     let mut reader = futures::io::BufReader::with_capacity(READ_BUFFER, stream);
     loop {
         match read_frame(&mut reader).await {
@@ -158,6 +219,18 @@ mod tests {
         assert_eq!(read_frame(&mut reader).await.unwrap().unwrap().len(), 0);
         assert_eq!(read_frame(&mut reader).await.unwrap().unwrap().len(), 1000);
         assert!(read_frame(&mut reader).await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_stream_is_used_only_after_the_receiver_accepted_it() {
+        let mut accepted = futures::io::Cursor::new(vec![ACCEPTED, 1, 2]);
+        assert!(await_acceptance(&mut accepted).await.is_ok());
+        // A stream reset before acceptance (libp2p-stream dropped it) reads
+        // as end of stream: refused, so the writer keeps its batch.
+        let mut reset = futures::io::Cursor::new(Vec::new());
+        assert!(await_acceptance(&mut reset).await.is_err());
+        let mut stranger = futures::io::Cursor::new(vec![0u8]);
+        assert!(await_acceptance(&mut stranger).await.is_err());
     }
 
     #[tokio::test]
