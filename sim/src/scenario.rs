@@ -65,6 +65,7 @@ pub struct FleetConfig {
     pub vnodes: u32,
     pub cache_capacity: usize,
     pub handoff_grace_ms: u64,
+    pub handoff_warmup_ms: u64,
     pub lookup_timeout_ms: u64,
     /// 0 turns anti-entropy off.
     pub anti_entropy_interval_ms: u64,
@@ -85,6 +86,7 @@ impl Default for FleetConfig {
             vnodes,
             cache_capacity: core.cache_capacity,
             handoff_grace_ms: core.handoff_grace_ms,
+            handoff_warmup_ms: core.handoff_warmup_ms,
             lookup_timeout_ms: core.lookup_timeout_ms,
             anti_entropy_interval_ms: core.anti_entropy_interval_ms,
         }
@@ -105,6 +107,7 @@ impl FleetConfig {
             shard_depth: self.shard_depth,
             cache_capacity: self.cache_capacity,
             handoff_grace_ms: self.handoff_grace_ms,
+            handoff_warmup_ms: self.handoff_warmup_ms,
             lookup_timeout_ms: self.lookup_timeout_ms,
             anti_entropy_interval_ms: self.anti_entropy_interval_ms,
         }

@@ -67,6 +67,12 @@ pub enum LookupAnswer {
     Entries(Vec<RouteChange>),
     /// This node does not own the shard (views differ); ask another owner.
     NotOwner,
+    /// This node became an owner of the shard moments ago and the subscriber
+    /// nodes' re-assertions may still be on their way: the entries it holds
+    /// may be incomplete. Ask an owner of longer standing; use these (the
+    /// asker is a watcher, so later re-assertions reach it as deltas) only if
+    /// no such owner answers.
+    Warming(Vec<RouteChange>),
 }
 
 /// A route-operation frame between two nodes.
@@ -207,6 +213,7 @@ mod tests {
             Frame::Lookup { shard, req: 9 },
             Frame::LookupReply { shard, req: 9, answer: LookupAnswer::Entries(vec![change.clone()]) },
             Frame::LookupReply { shard, req: 10, answer: LookupAnswer::NotOwner },
+            Frame::LookupReply { shard, req: 11, answer: LookupAnswer::Warming(vec![change.clone()]) },
             Frame::Unwatch { shard, req: 9 },
             Frame::Delta { shard, req: 9, changes: vec![change] },
             Frame::Released { shard },

@@ -49,6 +49,12 @@ pub struct Config {
     pub cache_capacity: usize,
     /// How long a node keeps serving a shard it no longer owns.
     pub handoff_grace_ms: u64,
+    /// How long after a membership change a node that became an owner of a
+    /// shard defers to the owners of longer standing (answers lookups with
+    /// [`LookupAnswer::Warming`], looks up rather than reading its own copy).
+    /// It should cover the spread between nodes noticing the same change
+    /// plus the re-assertions' travel time.
+    pub handoff_warmup_ms: u64,
     /// How long to wait for a lookup answer before asking the next owner.
     pub lookup_timeout_ms: u64,
     /// Period of the replica digest exchange (0 = off).
@@ -62,6 +68,7 @@ impl Default for Config {
             shard_depth: DEFAULT_SHARD_DEPTH,
             cache_capacity: 100_000,
             handoff_grace_ms: 10_000,
+            handoff_warmup_ms: 3_000,
             lookup_timeout_ms: 2_000,
             anti_entropy_interval_ms: 30_000,
         }
@@ -224,6 +231,12 @@ pub struct Node {
     id: NodeId,
     config: Config,
     membership: Arc<Membership>,
+    /// The view before the latest burst of membership changes (changes less
+    /// than `handoff_warmup_ms` apart form one burst), and when the last
+    /// change came: a shard this node owns now but did not own in
+    /// `baseline` is warming up until `view_changed_at + handoff_warmup_ms`.
+    baseline: Arc<Membership>,
+    view_changed_at: Option<u64>,
     local: FilterTrie<LocalCounts>,
     local_shards: FastMap<ShardKey, LocalShard>,
     pub(super) owned: FastMap<ShardKey, RouteShard>,
@@ -248,10 +261,13 @@ impl Node {
     /// As [`Node::new`], with the strategy of the initial empty view.
     pub fn with_ownership(id: NodeId, config: Config, ownership: OwnershipConfig) -> Node {
         let cache = RouteCache::new(config.cache_capacity);
+        let empty = Arc::new(Membership::empty(ownership));
         Node {
             id,
             config,
-            membership: Arc::new(Membership::empty(ownership)),
+            membership: empty.clone(),
+            baseline: empty,
+            view_changed_at: None,
             local: FilterTrie::new(),
             local_shards: FastMap::default(),
             owned: FastMap::default(),
@@ -378,6 +394,20 @@ impl Node {
             self.counters.frames_sent[kind_index(frame.kind())] += 1;
             out.push(Action::Send { to, frame });
         }
+    }
+
+    /// Whether this node became an owner of `key` so recently that the
+    /// subscriber nodes' re-assertions may not all have arrived.
+    fn warming(&self, key: &ShardKey, now: u64) -> bool {
+        self.view_changed_at.is_some_and(|at| now < at + self.config.handoff_warmup_ms)
+            && !self.baseline.owners(key, self.config.replication).contains(&self.id)
+    }
+
+    /// Whether a publish may read this node's own copy of `key`: it owns the
+    /// shard and is not warming up, or no other owner could do better.
+    fn reads_own_copy(&self, key: &ShardKey, now: u64) -> bool {
+        let owners = self.owners(key);
+        owners.contains(&self.id) && (owners.len() == 1 || !self.warming(key, now))
     }
 
     fn owners(&self, key: &ShardKey) -> Owners {
@@ -522,6 +552,10 @@ impl Node {
 
     fn on_membership(&mut self, now: u64, membership: Arc<Membership>, out: &mut Vec<Action>) {
         let old = std::mem::replace(&mut self.membership, membership);
+        if self.view_changed_at.is_none_or(|at| now >= at + self.config.handoff_warmup_ms) {
+            self.baseline = old.clone();
+        }
+        self.view_changed_at = Some(now);
         let delta = self.membership.delta_since(&old);
         let strategy_changed = old.config() != self.membership.config();
         let r = self.config.replication;
@@ -635,13 +669,14 @@ impl Node {
         let mut matched = Vec::new();
         let mut missing: SmallVec<[ShardKey; 4]> = SmallVec::new();
         for key in keys {
-            if let Some(shard) = self.owned.get(&key).filter(|s| s.release_at.is_none()) {
+            let own_copy = self.reads_own_copy(&key, now);
+            if let Some(shard) = self.owned.get(&key).filter(|s| own_copy && s.release_at.is_none()) {
                 self.counters.owned_reads += 1;
                 collect(shard.routes(), topic, msg, self.id, &self.membership, &mut matched);
             } else if let Some(shard) = self.cache.get(&key) {
                 self.counters.cache_hits += 1;
                 collect(&shard.routes, topic, msg, self.id, &self.membership, &mut matched);
-            } else if self.owners(&key).contains(&self.id) {
+            } else if own_copy {
                 // We own it and hold nothing: nobody subscribes there.
                 self.counters.owned_reads += 1;
             } else {
@@ -677,6 +712,7 @@ impl Node {
                 tried: SmallVec::new(),
                 deadline: now,
                 waiters: smallvec::smallvec![slot],
+                warming: None,
             };
             self.cache.start(key, lookup);
             self.try_next_owner(now, key, out);
@@ -714,7 +750,15 @@ impl Node {
             }
             None => {
                 let pending = self.cache.take_pending(&key).expect("pending");
-                self.counters.lookups_failed += 1;
+                match pending.warming {
+                    // Only owners still warming up answered: their entries
+                    // (and their watch) are the best there is.
+                    Some((source, entries)) => {
+                        let evicted = self.cache.insert(key, source, pending.req, &entries);
+                        self.unwatch_evicted(evicted, out);
+                    }
+                    None => self.counters.lookups_failed += 1,
+                }
                 self.resolve_waiters(&key, pending.waiters, out);
             }
         }
@@ -727,6 +771,9 @@ impl Node {
             let Some(parked) = self.parked[slot as usize].as_mut() else { continue };
             if let Some(shard) = self.cache.peek(key) {
                 collect(&shard.routes, &parked.topic, parked.msg, self.id, &self.membership, &mut parked.matched);
+            } else if let Some(shard) = self.owned.get(key).filter(|s| s.release_at.is_none()) {
+                // No other owner answered; our own copy, warming or not.
+                collect(shard.routes(), &parked.topic, parked.msg, self.id, &self.membership, &mut parked.matched);
             }
             parked.waiting -= 1;
             if parked.waiting == 0 {
@@ -804,20 +851,25 @@ impl Node {
             Frame::Assert { shard: key, replace, ops } => self.on_assert(now, from, key, replace, &ops, out),
             Frame::Lookup { shard: key, req } => {
                 let owner = self.owned.get(&key).map(|s| s.release_at.is_none());
-                let answer = match owner {
+                let entries = match owner {
                     Some(true) => {
                         let shard = self.owned.get_mut(&key).expect("owned");
                         shard.watch(from, req);
-                        LookupAnswer::Entries(shard.entries())
+                        Some(shard.entries())
                     }
                     None if self.owners(&key).contains(&self.id) => {
                         let mut shard = RouteShard::new();
                         shard.owners = self.owners(&key);
                         shard.watch(from, req);
                         self.owned.insert(key, shard);
-                        LookupAnswer::Entries(Vec::new())
+                        Some(Vec::new())
                     }
-                    _ => LookupAnswer::NotOwner,
+                    _ => None,
+                };
+                let answer = match entries {
+                    Some(entries) if self.warming(&key, now) => LookupAnswer::Warming(entries),
+                    Some(entries) => LookupAnswer::Entries(entries),
+                    None => LookupAnswer::NotOwner,
                 };
                 self.send(from, Frame::LookupReply { shard: key, req, answer }, out);
             }
@@ -905,7 +957,7 @@ impl Node {
         // An answer from a node our view says no longer owns the shard would
         // go stale silently (its owners assert elsewhere): ask a current owner.
         let answer = match answer {
-            LookupAnswer::Entries(_) if current && !self.owners(&key).contains(&from) => {
+            LookupAnswer::Entries(_) | LookupAnswer::Warming(_) if current && !self.owners(&key).contains(&from) => {
                 self.send(from, Frame::Unwatch { shard: key, req }, out);
                 LookupAnswer::NotOwner
             }
@@ -914,11 +966,26 @@ impl Node {
         match answer {
             LookupAnswer::Entries(entries) if current => {
                 let pending = self.cache.take_pending(&key).expect("pending");
+                if let Some((warming, _)) = pending.warming {
+                    self.send(warming, Frame::Unwatch { shard: key, req }, out);
+                }
                 let evicted = self.cache.insert(key, from, req, &entries);
                 self.unwatch_evicted(evicted, out);
                 self.resolve_waiters(&key, pending.waiters, out);
             }
-            LookupAnswer::Entries(_) => {
+            LookupAnswer::Warming(entries) if current => {
+                // Keep the fuller of the warming answers (and its watch) in
+                // case no owner of longer standing answers; ask the next.
+                let pending = self.cache.pending_mut(&key).expect("pending");
+                let keep = pending.warming.as_ref().is_none_or(|(_, kept)| entries.len() > kept.len());
+                let dropped =
+                    if keep { pending.warming.replace((from, entries)).map(|(node, _)| node) } else { Some(from) };
+                if let Some(node) = dropped {
+                    self.send(node, Frame::Unwatch { shard: key, req }, out);
+                }
+                self.try_next_owner(now, key, out);
+            }
+            LookupAnswer::Entries(_) | LookupAnswer::Warming(_) => {
                 // A late answer: it registered a watch we do not need.
                 self.send(from, Frame::Unwatch { shard: key, req }, out);
             }

@@ -80,6 +80,9 @@ pub struct PendingLookup {
     pub deadline: u64,
     /// Opaque ids of the parked publishes (the node's parking slots).
     pub waiters: SmallVec<[u32; 4]>,
+    /// The best answer so far from an owner still warming up (it watches
+    /// the shard for us): used if no owner of longer standing answers.
+    pub warming: Option<(NodeId, Vec<RouteChange>)>,
 }
 
 /// A bounded route cache with single-flight misses.
