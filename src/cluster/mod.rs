@@ -16,16 +16,22 @@
 //! never sees a socket. One mutex guards the core: publishing connections
 //! take it briefly to route (a cached route needs no network), the cluster
 //! task takes it for frames from other nodes, membership changes and the
-//! core's timer. Frames leave in the order the core emits them (a single
-//! sender task per node), so per-pair FIFO holds. Local deliveries run
-//! after the mutex is released.
+//! core's timer. A topic published again while nothing that decides routes
+//! changed (the core's *generation*, bumped by every event but publishes
+//! and forwards) reuses the route computed the first time, without the
+//! mutex ([`TopicRoute`]; not for `$share` routes, which pick per message).
+//! Frames leave in the order they are queued, batched per destination
+//! ([`links`]), so per-pair FIFO holds. A plain QoS 0 forward is delivered
+//! without the mutex; local deliveries run after it is released.
 //!
 //! # Layout
 //!
-//! - [`wire`]: the envelope between brokers (route frame, forward, ack).
+//! - [`wire`]: the envelope between brokers (route frame, forward, ack, batch).
+//! - [`links`]: per-destination send queues, batched into driver frames.
 //! - [`outbox`]: unacknowledged QoS 1/2 forwards; the receiver's duplicate filter.
 //! - [`status`]: `/api/v1/cluster`, `/api/v1/routes` and the cluster metrics.
 
+pub mod links;
 pub mod outbox;
 pub mod status;
 pub mod wire;
@@ -38,18 +44,20 @@ use crate::storage::Storage;
 use bytes::Bytes;
 use kadmq_dht::core::{self, Action, Event, ForwardRoute, Membership, Node, NodeId, OwnershipConfig};
 use kadmq_dht::driver::{self, ClusterConfig, Multiaddr, PeerId};
+use links::Links;
 use outbox::{Inbound, Outbox, Verdict};
-use parking_lot::Mutex;
-use std::collections::{BTreeSet, HashMap};
+use parking_lot::{Mutex, MutexGuard, RwLock};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, Notify};
+use wire::Forward;
 use wire::Wire;
 
-/// Frames queued per destination node before new ones are dropped.
-const PEER_QUEUE: usize = 65_536;
+/// Topics whose routes are remembered; past it the memo starts afresh.
+const TOPIC_ROUTES: usize = 65_536;
 /// Retained messages per frame when a member that came up gets all of them.
 const RETAIN_CHUNK: usize = 256;
 /// Driver events handled per lock of the core.
@@ -85,6 +93,8 @@ pub struct ClusterStats {
     pub unroutable: AtomicU64,
     /// Frames dropped because their node's send queue was full.
     pub frames_dropped: AtomicU64,
+    /// Publishes routed from the per-topic memo, without the core.
+    pub topic_route_hits: AtomicU64,
 }
 
 fn bump(counter: &AtomicU64, n: u64) {
@@ -100,6 +110,11 @@ struct Routing {
     persisted: bool,
 }
 
+/// A publish in a publisher's queue (`State::held`): the one parked in the
+/// core has no message here; the ones behind it have theirs, and whether it
+/// was persisted unrouted.
+type HeldPublish = (u64, Option<(Arc<Message>, bool)>);
+
 struct State {
     node: Node,
     peers: HashMap<NodeId, PeerId>,
@@ -113,8 +128,11 @@ struct State {
     /// Unrouted outbox records of the previous run, routed again at [`REPLAY_AFTER`].
     replay: Vec<(u64, Message)>,
     inbound: Inbound,
-    next_id: u64,
     timer_at: Option<u64>,
+    /// Per publisher with a publish parked in the core (waiting for a
+    /// lookup): that publish's id first, then its later publishes, held
+    /// back so that none overtakes it (message, persisted unrouted).
+    held: HashMap<Arc<str>, VecDeque<HeldPublish>>,
     /// Members we had taken for dead, and how many more times (one per
     /// tick) to tell them: the notice is a frame, and frames right after a
     /// link comes back can be lost.
@@ -124,9 +142,19 @@ struct State {
 /// This node's part of the fleet. Create with [`start`].
 pub struct Cluster {
     state: Mutex<State>,
+    /// Routes of topics published before, valid while `generation` holds.
+    topic_routes: RwLock<HashMap<Box<str>, Arc<TopicRoute>>>,
+    /// Bumped (under the state mutex) by every core event that may change
+    /// a route: anything but publishes and forwards.
+    generation: AtomicU64,
+    /// The id of the next local publish.
+    next_id: AtomicU64,
+    /// Publishers with publishes held back (`State::held`): while there are
+    /// any, every publish takes the mutex, so none overtakes a held one.
+    publishers_held: AtomicU64,
     broker: Weak<Broker>,
     client: driver::Client,
-    outbound: mpsc::UnboundedSender<(PeerId, Bytes)>,
+    links: Links,
     timer: Notify,
     started: Instant,
     me: NodeId,
@@ -134,6 +162,14 @@ pub struct Cluster {
     /// Where the members' addresses are remembered across restarts.
     peers_file: std::path::PathBuf,
     pub stats: ClusterStats,
+}
+
+/// What the core decided for a topic, replayed for later publishes to it
+/// while the core's generation is unchanged.
+struct TopicRoute {
+    generation: u64,
+    forwards: Vec<(NodeId, PeerId, ForwardRoute)>,
+    local: Option<ForwardRoute>,
 }
 
 /// Everything [`start`] needs besides the settings.
@@ -198,7 +234,6 @@ pub async fn start(settings: &ClusterSettings, cx: StartContext<'_>) -> Result<A
         tracing::info!(held = outbox.len(), unrouted = replay.len(), "cluster outbox restored");
     }
 
-    let (outbound, outbound_rx) = mpsc::unbounded_channel();
     let cluster = Arc::new(Cluster {
         state: Mutex::new(State {
             node,
@@ -210,13 +245,17 @@ pub async fn start(settings: &ClusterSettings, cx: StartContext<'_>) -> Result<A
             outbox,
             replay,
             inbound: Inbound::default(),
-            next_id,
             timer_at: None,
+            held: HashMap::new(),
             rejoin_notices: HashMap::new(),
         }),
+        publishers_held: AtomicU64::new(0),
+        topic_routes: RwLock::new(HashMap::new()),
+        generation: AtomicU64::new(0),
+        next_id: AtomicU64::new(next_id),
         broker: Arc::downgrade(cx.broker),
         client: client.clone(),
-        outbound,
+        links: Links::new(client.clone()),
         timer: Notify::new(),
         started: Instant::now(),
         me,
@@ -229,7 +268,6 @@ pub async fn start(settings: &ClusterSettings, cx: StartContext<'_>) -> Result<A
         let mut local = Vec::new();
         cluster.execute(&mut st, storage, actions, None, &mut local);
     }
-    tokio::spawn(send_frames(client.clone(), outbound_rx, Arc::downgrade(&cluster)));
     tokio::spawn(cluster.clone().run(events));
     cx.broker.attach_fleet(cluster.clone());
     for addr in client.listen_addrs().await? {
@@ -287,49 +325,13 @@ fn parse_addrs(addrs: &[String]) -> Result<Vec<Multiaddr>, ClusterError> {
         .collect()
 }
 
-/// Hands frames to one sender task per destination node, in the order the
-/// core emitted them: a slow or unreachable node holds up only its own
-/// frames. A node whose queue passes [`PEER_QUEUE`] loses the excess
-/// (counted; QoS 1/2 forwards are resent from the outbox, routes repaired
-/// by anti-entropy).
-async fn send_frames(
-    client: driver::Client,
-    mut outbound: mpsc::UnboundedReceiver<(PeerId, Bytes)>,
-    cluster: Weak<Cluster>,
-) {
-    let mut queues: HashMap<PeerId, mpsc::Sender<Bytes>> = HashMap::new();
-    while let Some((peer, bytes)) = outbound.recv().await {
-        let queue = queues.entry(peer).or_insert_with(|| {
-            let (tx, rx) = mpsc::channel(PEER_QUEUE);
-            tokio::spawn(send_to_peer(client.clone(), peer, rx));
-            tx
-        });
-        if queue.try_send(bytes).is_err() {
-            if let Some(cluster) = cluster.upgrade() {
-                bump(&cluster.stats.frames_dropped, 1);
-            }
-        }
-    }
-}
-
-async fn send_to_peer(client: driver::Client, peer: PeerId, mut frames: mpsc::Receiver<Bytes>) {
-    while let Some(bytes) = frames.recv().await {
-        if let Err(err) = client.send(peer, bytes).await {
-            match err {
-                driver::Error::Stopped => return,
-                err => tracing::debug!(%peer, cause = %err, "frame not sent"),
-            }
-        }
-    }
-}
-
 impl Fleet for Cluster {
     fn subscribed(&self, filter: &str, group: Option<&str>) {
-        self.handle_local(|node, now, out| node.handle(now, Event::Subscribe { filter, group }, out));
+        self.handle_local(Event::Subscribe { filter, group });
     }
 
     fn unsubscribed(&self, filter: &str, group: Option<&str>) {
-        self.handle_local(|node, now, out| node.handle(now, Event::Unsubscribe { filter, group }, out));
+        self.handle_local(Event::Unsubscribe { filter, group });
     }
 
     fn retained(&self, message: &Message) {
@@ -342,11 +344,15 @@ impl Fleet for Cluster {
 
     fn publish(&self, message: Arc<Message>) -> Option<usize> {
         let Some(broker) = self.broker.upgrade() else { return Some(0) };
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let none_held = self.publishers_held.load(Ordering::Acquire) == 0;
+        if let Some(route) = self.remembered_route(&message.topic).filter(|_| none_held) {
+            bump(&self.stats.topic_route_hits, 1);
+            return Some(self.publish_on(&broker, id, message, &route));
+        }
         let mut local = Vec::new();
         let routed = {
             let mut st = self.state.lock();
-            let id = st.next_id;
-            st.next_id += 1;
             self.route(&mut st, &broker.storage, id, message.clone(), &mut local)
         };
         let queued: usize = local.into_iter().map(|(m, route)| broker.deliver(m, Some(&route))).sum();
@@ -373,17 +379,85 @@ impl Cluster {
         self.started.elapsed().as_millis() as u64
     }
 
+    /// The route remembered for `topic`, if nothing changed since.
+    fn remembered_route(&self, topic: &str) -> Option<Arc<TopicRoute>> {
+        let generation = self.generation.load(Ordering::Acquire);
+        self.topic_routes.read().get(topic).filter(|r| r.generation == generation).cloned()
+    }
+
+    /// Publishes `message` along a remembered route: the core is not asked;
+    /// a QoS 1/2 message is numbered and held in the outbox as in
+    /// [`Cluster::execute`].
+    fn publish_on(&self, broker: &Broker, id: u64, message: Arc<Message>, route: &TopicRoute) -> usize {
+        if message.qos == QoS::AtMostOnce {
+            for (_, peer, to) in &route.forwards {
+                self.push(*peer, wire::encode_forward(id, None, &message, to));
+            }
+        } else if !route.forwards.is_empty() {
+            let now = self.now();
+            let mut st = self.state.lock();
+            let mut waiting = Vec::with_capacity(route.forwards.len());
+            for (node, peer, to) in &route.forwards {
+                let sequence = st.outbox.assign(*node, id, now);
+                waiting.push((*node, to.clone()));
+                self.push(*peer, wire::encode_forward(id, Some(sequence), &message, to));
+            }
+            st.outbox.hold(&broker.storage, id, message.clone(), waiting, now);
+        }
+        bump(&self.stats.forwarded_out, route.forwards.len() as u64);
+        let queued = route.local.as_ref().map_or(0, |local| broker.deliver(message, Some(local)));
+        route.forwards.len() + queued
+    }
+
+    /// Remembers what the core decided for a publish to `topic` (`actions`,
+    /// all of it, emitted at `generation`), unless it depends on the message
+    /// (`$share` picks) or was not decided at once (a lookup).
+    fn remember_route(&self, st: &State, topic: &str, id: u64, generation: u64, actions: &[Action]) {
+        let mut route = TopicRoute { generation, forwards: Vec::new(), local: None };
+        let mut routed = false;
+        for action in actions {
+            match action {
+                Action::Forward { to, msg, route: to_route } if *msg == id && to_route.shared.is_empty() => {
+                    let Some(peer) = st.peers.get(to) else { return };
+                    route.forwards.push((*to, *peer, to_route.clone()));
+                }
+                Action::Deliver { msg, route: local } if *msg == id && local.shared.is_empty() => {
+                    route.local = Some(local.clone())
+                }
+                Action::Routed { msg, .. } if *msg == id => routed = true,
+                _ => return,
+            }
+        }
+        if !routed {
+            return;
+        }
+        let mut routes = self.topic_routes.write();
+        if routes.len() >= TOPIC_ROUTES {
+            routes.clear();
+        }
+        routes.insert(topic.into(), Arc::new(route));
+    }
+
+    /// Hands `event` to the core; anything but a publish or a forward may
+    /// change routes, so remembered topic routes are void from now on.
+    fn core_event(&self, st: &mut State, event: Event<'_>, actions: &mut Vec<Action>) -> Result<(), core::CoreError> {
+        if !matches!(event, Event::Publish { .. } | Event::Forwarded { .. }) {
+            self.generation.fetch_add(1, Ordering::AcqRel);
+        }
+        st.node.handle(self.now(), event, actions)
+    }
+
     /// Runs `f` on the core (read-only access for status and metrics).
     pub fn with_core<T>(&self, f: impl FnOnce(&Node) -> T) -> T {
         f(&self.state.lock().node)
     }
 
     /// A subscribe or unsubscribe from a local session.
-    fn handle_local(&self, f: impl FnOnce(&mut Node, u64, &mut Vec<Action>) -> Result<(), core::CoreError>) {
+    fn handle_local(&self, event: Event<'_>) {
         let Some(broker) = self.broker.upgrade() else { return };
         let mut actions = Vec::new();
         let mut st = self.state.lock();
-        if let Err(err) = f(&mut st.node, self.now(), &mut actions) {
+        if let Err(err) = self.core_event(&mut st, event, &mut actions) {
             // The broker validated the filter; a mismatch is a bug, not user input.
             tracing::error!(cause = %err, "routing core refused a local subscription change");
         }
@@ -403,7 +477,9 @@ impl Cluster {
 
     /// Routes local publish `id`. Returns the number of forwards once it is
     /// routed, `None` while a lookup is outstanding (a QoS 1/2 message is
-    /// then persisted unrouted first).
+    /// then persisted unrouted first). A publish of a publisher whose earlier
+    /// publish waits for a lookup waits behind it: per-publisher order holds
+    /// even when the later one needs no lookup.
     fn route(
         &self,
         st: &mut State,
@@ -412,21 +488,73 @@ impl Cluster {
         message: Arc<Message>,
         local: &mut Vec<(Arc<Message>, ForwardRoute)>,
     ) -> Option<usize> {
+        let origin = message.origin.clone();
+        if let Some(queue) = origin.as_ref().and_then(|o| st.held.get_mut(o)) {
+            let durable = message.qos != QoS::AtMostOnce;
+            if durable {
+                outbox::persist(storage, id, &message, false, &[]);
+            }
+            queue.push_back((id, Some((message, durable))));
+            return None;
+        }
+        let routed = self.route_now(st, storage, id, message, false, local);
+        if let (None, Some(origin)) = (routed, origin) {
+            st.held.insert(origin, VecDeque::from([(id, None)]));
+            self.publishers_held.fetch_add(1, Ordering::AcqRel);
+        }
+        routed
+    }
+
+    /// After publisher `origin`'s parked publish was routed (and taken off
+    /// the front of its queue): routes its held publishes in order, until
+    /// one parks in turn.
+    fn release_held(
+        &self,
+        st: &mut State,
+        storage: &Storage,
+        origin: Arc<str>,
+        local: &mut Vec<(Arc<Message>, ForwardRoute)>,
+    ) {
+        loop {
+            let next = st.held.get_mut(&origin).and_then(|queue| queue.pop_front());
+            let Some((id, Some((message, persisted)))) = next else {
+                st.held.remove(&origin);
+                self.publishers_held.fetch_sub(1, Ordering::AcqRel);
+                return;
+            };
+            if self.route_now(st, storage, id, message, persisted, local).is_none() {
+                st.held.get_mut(&origin).expect("held").push_front((id, None));
+                return;
+            }
+        }
+    }
+
+    fn route_now(
+        &self,
+        st: &mut State,
+        storage: &Storage,
+        id: u64,
+        message: Arc<Message>,
+        persisted: bool,
+        local: &mut Vec<(Arc<Message>, ForwardRoute)>,
+    ) -> Option<usize> {
         let durable = message.qos != QoS::AtMostOnce;
-        st.routing.insert(id, Routing { message: message.clone(), waiting: Vec::new(), persisted: false });
+        st.routing.insert(id, Routing { message: message.clone(), waiting: Vec::new(), persisted });
         let mut actions = Vec::new();
-        if let Err(err) = st.node.handle(self.now(), Event::Publish { topic: &message.topic, msg: id }, &mut actions) {
+        let generation = self.generation.load(Ordering::Acquire);
+        if let Err(err) = self.core_event(st, Event::Publish { topic: &message.topic, msg: id }, &mut actions) {
             // The protocol layer validated the topic; deliver locally rather than lose it.
             tracing::error!(cause = %err, "routing core refused a publish; delivering locally only");
             st.routing.remove(&id);
             local.push((message, ForwardRoute { plain: true, shared: Vec::new() }));
             return Some(0);
         }
+        self.remember_route(st, &message.topic, id, generation, &actions);
         let routed = self.execute(st, storage, actions, None, local);
         match routed.iter().find(|(m, _)| *m == id) {
             Some((_, forwards)) => Some(*forwards as usize),
             None => {
-                if durable {
+                if durable && !persisted {
                     if let Some(pending) = st.routing.get_mut(&id) {
                         outbox::persist(storage, id, &message, false, &[]);
                         pending.persisted = true;
@@ -451,6 +579,7 @@ impl Cluster {
     ) -> Vec<(u64, u32)> {
         let now = self.now();
         let mut routed = Vec::new();
+        let mut released = Vec::new();
         for action in actions {
             match action {
                 Action::Send { to, frame } => self.send(st, to, wire::encode_route(&frame)),
@@ -475,6 +604,15 @@ impl Cluster {
                 }
                 Action::Routed { msg, forwards, .. } => {
                     if let Some(pending) = st.routing.remove(&msg) {
+                        // A publisher's parked publish: its held ones may go.
+                        if let Some(origin) = &pending.message.origin {
+                            if let Some(queue) =
+                                st.held.get_mut(origin).filter(|q| q.front().is_some_and(|f| f.0 == msg))
+                            {
+                                queue.pop_front();
+                                released.push(origin.clone());
+                            }
+                        }
                         if !pending.waiting.is_empty() {
                             st.outbox.hold(storage, msg, pending.message, pending.waiting, now);
                         } else if pending.persisted {
@@ -489,15 +627,22 @@ impl Cluster {
                 }
             }
         }
+        for origin in released {
+            self.release_held(st, storage, origin, local);
+        }
         routed
     }
 
     fn send(&self, st: &State, to: NodeId, bytes: Bytes) {
         match st.peers.get(&to) {
-            Some(peer) => {
-                let _ = self.outbound.send((*peer, bytes));
-            }
+            Some(peer) => self.push(*peer, bytes),
             None => bump(&self.stats.unroutable, 1),
+        }
+    }
+
+    fn push(&self, peer: PeerId, bytes: Bytes) {
+        if !self.links.push(peer, bytes) {
+            bump(&self.stats.frames_dropped, 1);
         }
     }
 
@@ -538,7 +683,7 @@ impl Cluster {
             let mut st = self.state.lock();
             st.timer_at = None;
             let mut actions = Vec::new();
-            let _ = st.node.handle(self.now(), Event::Timer, &mut actions);
+            let _ = self.core_event(&mut st, Event::Timer, &mut actions);
             self.execute(&mut st, &broker.storage, actions, None, &mut local);
         }
         for (message, route) in local {
@@ -546,52 +691,80 @@ impl Cluster {
         }
     }
 
+    /// Driver events, in order. The state mutex is taken at the first
+    /// event that needs it and kept to the end of the batch; plain QoS 0
+    /// forwards (the bulk under load) never need it.
     fn on_events(&self, events: impl Iterator<Item = driver::Event>) {
         let Some(broker) = self.broker.upgrade() else { return };
         let storage = &broker.storage;
         let mut local = Vec::new();
         let mut acks: HashMap<PeerId, (u64, u64)> = HashMap::new();
-        {
-            let mut st = self.state.lock();
-            for event in events {
-                match event {
-                    driver::Event::MemberUp(member) => {
-                        let id = st.id_of(member.peer_id);
-                        let previous = st.incarnations.insert(id, member.incarnation);
-                        let restarted = previous.is_some_and(|old| old < member.incarnation);
-                        tracing::info!(node = %member.name, peer = %member.peer_id, restarted, "member up");
-                        if restarted && st.live.remove(&id) {
-                            // It lost its routing state: let the core drop
-                            // what it knew of it, then see it join afresh.
-                            self.apply_membership(&mut st, storage, &mut local);
+        let mut guard: Option<MutexGuard<'_, State>> = None;
+        for event in events {
+            match event {
+                driver::Event::Frame { from, bytes } => {
+                    let frames = match wire::unbatch(bytes) {
+                        Ok(frames) => frames,
+                        Err(err) => {
+                            self.bad_frame(from, &err);
+                            continue;
                         }
-                        if st.live.insert(id) {
-                            self.apply_membership(&mut st, storage, &mut local);
-                            if previous.is_some() && !restarted {
-                                // We took it for dead, it was not: it must
-                                // give us its routes again.
-                                self.send(&st, id, wire::encode_rejoined());
-                                st.rejoin_notices.insert(id, 3);
+                    };
+                    for frame in frames {
+                        match wire::decode(&frame) {
+                            Ok(Wire::Forward(forward))
+                                if forward.sequence.is_none() && forward.route.shared.is_empty() =>
+                            {
+                                // Nothing to number or pick: the broker
+                                // matches the topic against its sessions.
+                                bump(&self.stats.forwarded_in, 1);
+                                let Forward { message, route, .. } = *forward;
+                                local.push((Arc::new(message), route));
                             }
-                            // A member we did not route to may have missed
-                            // retained messages set meanwhile: it gets ours.
-                            self.send_retained(&st, &broker, id);
+                            Ok(wire) => {
+                                let st = guard.get_or_insert_with(|| self.state.lock());
+                                self.on_wire(st, storage, from, wire, &mut local, &mut acks);
+                            }
+                            Err(err) => self.bad_frame(from, &err),
                         }
                     }
-                    driver::Event::MemberSuspect(peer) => tracing::info!(%peer, "member suspect"),
-                    driver::Event::MemberDead(peer) => {
-                        tracing::info!(%peer, "member dead");
-                        let id = st.id_of(peer);
-                        if st.live.remove(&id) {
-                            self.apply_membership(&mut st, storage, &mut local);
-                        }
+                }
+                driver::Event::MemberUp(member) => {
+                    let st = guard.get_or_insert_with(|| self.state.lock());
+                    let id = st.id_of(member.peer_id);
+                    let previous = st.incarnations.insert(id, member.incarnation);
+                    let restarted = previous.is_some_and(|old| old < member.incarnation);
+                    tracing::info!(node = %member.name, peer = %member.peer_id, restarted, "member up");
+                    if restarted && st.live.remove(&id) {
+                        // It lost its routing state: let the core drop
+                        // what it knew of it, then see it join afresh.
+                        self.apply_membership(st, storage, &mut local);
                     }
-                    driver::Event::Frame { from, bytes } => {
-                        self.on_frame(&mut st, storage, from, &bytes, &mut local, &mut acks);
+                    if st.live.insert(id) {
+                        self.apply_membership(st, storage, &mut local);
+                        if previous.is_some() && !restarted {
+                            // We took it for dead, it was not: it must
+                            // give us its routes again.
+                            self.send(st, id, wire::encode_rejoined());
+                            st.rejoin_notices.insert(id, 3);
+                        }
+                        // A member we did not route to may have missed
+                        // retained messages set meanwhile: it gets ours.
+                        self.send_retained(st, &broker, id);
+                    }
+                }
+                driver::Event::MemberSuspect(peer) => tracing::info!(%peer, "member suspect"),
+                driver::Event::MemberDead(peer) => {
+                    tracing::info!(%peer, "member dead");
+                    let st = guard.get_or_insert_with(|| self.state.lock());
+                    let id = st.id_of(peer);
+                    if st.live.remove(&id) {
+                        self.apply_membership(st, storage, &mut local);
                     }
                 }
             }
         }
+        drop(guard);
         for (message, route) in local {
             broker.deliver(message, Some(&route));
         }
@@ -602,37 +775,35 @@ impl Cluster {
                 return;
             }
             for (peer, (epoch, upto)) in acks {
-                let _ = self.outbound.send((peer, wire::encode_ack(epoch, upto)));
+                self.push(peer, wire::encode_ack(epoch, upto));
             }
         }
     }
 
-    fn on_frame(
+    fn bad_frame(&self, from: PeerId, err: &wire::WireError) {
+        bump(&self.stats.bad_frames, 1);
+        tracing::warn!(peer = %from, cause = %err, "undecodable frame from another node dropped");
+    }
+
+    /// One decoded frame from `from` that needs the state.
+    fn on_wire(
         &self,
         st: &mut State,
         storage: &Storage,
         from: PeerId,
-        bytes: &[u8],
+        wire: Wire,
         local: &mut Vec<(Arc<Message>, ForwardRoute)>,
         acks: &mut HashMap<PeerId, (u64, u64)>,
     ) {
         let sender = st.id_of(from);
-        let wire = match wire::decode(bytes) {
-            Ok(wire) => wire,
-            Err(err) => {
-                bump(&self.stats.bad_frames, 1);
-                tracing::warn!(peer = %from, cause = %err, "undecodable frame from another node dropped");
-                return;
-            }
-        };
         let mut actions = Vec::new();
         match wire {
             Wire::Route(frame) => {
-                let _ = st.node.handle(self.now(), Event::Frame { from: sender, frame }, &mut actions);
+                let _ = self.core_event(st, Event::Frame { from: sender, frame }, &mut actions);
                 self.execute(st, storage, actions, None, local);
             }
             Wire::Forward(forward) => {
-                let wire::Forward { id, sequence, message, route } = *forward;
+                let Forward { id, sequence, message, route } = *forward;
                 if let Some(sequence) = sequence {
                     let verdict = st.inbound.accept(sender, sequence);
                     if let Some(ack) = st.inbound.ack_for(sender) {
@@ -653,13 +824,13 @@ impl Cluster {
                 bump(&self.stats.forwarded_in, 1);
                 let message = Arc::new(message);
                 let event = Event::Forwarded { from: sender, topic: &message.topic, msg: id, route };
-                let _ = st.node.handle(self.now(), event, &mut actions);
+                let _ = self.core_event(st, event, &mut actions);
                 self.execute(st, storage, actions, Some(&message), local);
             }
             Wire::Ack { epoch, upto } => st.outbox.ack(storage, sender, epoch, upto, self.now()),
             Wire::Rejoined => {
                 tracing::info!(peer = %from, "a member had taken this node for dead: routes asserted to it again");
-                let _ = st.node.handle(self.now(), Event::Rejoined { from: sender }, &mut actions);
+                let _ = self.core_event(st, Event::Rejoined { from: sender }, &mut actions);
                 self.execute(st, storage, actions, None, local);
             }
             Wire::Retain(messages) => {
@@ -684,7 +855,7 @@ impl Cluster {
         let next = Arc::new(st.node.membership().next(st.live.iter().copied()));
         tracing::info!(members = next.len(), version = next.version(), "membership changed");
         let mut actions = Vec::new();
-        let _ = st.node.handle(self.now(), Event::Membership(next), &mut actions);
+        let _ = self.core_event(st, Event::Membership(next), &mut actions);
         self.execute(st, storage, actions, None, local);
     }
 
@@ -698,12 +869,12 @@ impl Cluster {
             let (live, peers) = (&st.live, &st.peers);
             for (sequence, id, message, to, route) in st.outbox.due(&broker.storage, now, |node| live.contains(&node)) {
                 if let Some(peer) = peers.get(&to) {
-                    let _ = self.outbound.send((*peer, wire::encode_forward(id, Some(sequence), &message, &route)));
+                    self.push(*peer, wire::encode_forward(id, Some(sequence), &message, &route));
                 }
             }
             st.rejoin_notices.retain(|node, left| {
                 if let Some(peer) = peers.get(node) {
-                    let _ = self.outbound.send((*peer, wire::encode_rejoined()));
+                    self.push(*peer, wire::encode_rejoined());
                 }
                 *left -= 1;
                 *left > 0

@@ -223,6 +223,12 @@ impl Cluster {
                 c.cache_hits,
             ),
             figure(
+                "kadmq_cluster_topic_route_hits_total",
+                "counter",
+                "Publishes routed as an earlier publish to the same topic, without the routing core (nothing that decides routes changed since).",
+                get(&s.topic_route_hits),
+            ),
+            figure(
                 "kadmq_cluster_route_cache_misses_total",
                 "counter",
                 "Publishes that needed a shard not in the route cache.",

@@ -6,8 +6,9 @@
 //! node. Boundary: pure encoding, no state.
 //!
 //! Layout: byte 0 is [`VERSION`], byte 1 the kind; a route frame follows as
-//! the core encoded it (it carries its own version), the others are
-//! rmp-serde.
+//! the core encoded it (it carries its own version), a batch is a sequence
+//! of whole frames, each behind its 4-byte big-endian length, the others
+//! are rmp-serde.
 
 use super::outbox::Sequence;
 use crate::broker::message::Message;
@@ -22,6 +23,7 @@ const FORWARD: u8 = 2;
 const ACK: u8 = 3;
 const RETAIN: u8 = 4;
 const REJOINED: u8 = 5;
+const BATCH: u8 = 6;
 
 /// A message forwarded to one destination node.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -64,6 +66,8 @@ pub enum WireError {
     Route(#[from] core::FrameError),
     #[error("undecodable frame: {0}")]
     Body(#[from] rmp_serde::decode::Error),
+    #[error("truncated batch")]
+    Batch,
 }
 
 pub fn encode_route(frame: &core::Frame) -> Bytes {
@@ -94,6 +98,40 @@ pub fn encode_retain(messages: &[&Message]) -> Bytes {
 
 pub fn encode_rejoined() -> Bytes {
     with_header(REJOINED, &[])
+}
+
+/// Several frames for one node in one: they arrive together and in order.
+pub fn encode_batch(frames: &[Bytes]) -> Bytes {
+    let size = frames.iter().map(|f| f.len() + 4).sum::<usize>() + 2;
+    let mut out = Vec::with_capacity(size);
+    out.extend_from_slice(&[VERSION, BATCH]);
+    for frame in frames {
+        out.extend_from_slice(&(frame.len() as u32).to_be_bytes());
+        out.extend_from_slice(frame);
+    }
+    Bytes::from(out)
+}
+
+/// The frames inside a batch (slices of `bytes`, not copies), or `bytes`
+/// itself when it is a single frame. A batch inside a batch is refused when
+/// its frames are decoded.
+pub fn unbatch(bytes: Bytes) -> Result<Vec<Bytes>, WireError> {
+    if bytes.get(1) != Some(&BATCH) || bytes.first() != Some(&VERSION) {
+        return Ok(vec![bytes]);
+    }
+    let mut frames = Vec::new();
+    let mut at = 2;
+    while at < bytes.len() {
+        let len = bytes.get(at..at + 4).ok_or(WireError::Batch)?;
+        let len = u32::from_be_bytes(len.try_into().expect("four bytes")) as usize;
+        let end = at + 4 + len;
+        if end > bytes.len() {
+            return Err(WireError::Batch);
+        }
+        frames.push(bytes.slice(at + 4..end));
+        at = end;
+    }
+    Ok(frames)
 }
 
 fn with_header(kind: u8, body: &[u8]) -> Bytes {
@@ -152,6 +190,22 @@ mod tests {
         assert_eq!(decode(&encode_ack(2, u64::MAX)).unwrap(), Wire::Ack { epoch: 2, upto: u64::MAX });
         assert_eq!(decode(&encode_retain(&[&f.message])).unwrap(), Wire::Retain(vec![f.message.clone()]));
         assert_eq!(decode(&encode_rejoined()).unwrap(), Wire::Rejoined);
+    }
+
+    #[test]
+    fn a_batch_carries_its_frames_in_order() {
+        let f = forward();
+        let frames = vec![encode_forward(1, None, &f.message, &f.route), encode_ack(1, 2), encode_rejoined()];
+        let batch = encode_batch(&frames);
+        assert_eq!(unbatch(batch).unwrap(), frames);
+        // A single frame is its own batch.
+        assert_eq!(unbatch(frames[1].clone()).unwrap(), vec![frames[1].clone()]);
+        // A truncated batch is an error; a batch inside a batch does not decode.
+        let batch = encode_batch(&frames);
+        assert!(matches!(unbatch(batch.slice(..batch.len() - 1)), Err(WireError::Batch)));
+        let nested = encode_batch(&[encode_batch(&frames)]);
+        let inner = unbatch(nested).unwrap();
+        assert!(matches!(decode(&inner[0]), Err(WireError::Kind(BATCH))));
     }
 
     #[test]

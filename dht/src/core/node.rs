@@ -752,10 +752,17 @@ impl Node {
                 let pending = self.cache.take_pending(&key).expect("pending");
                 match pending.warming {
                     // Only owners still warming up answered: their entries
-                    // (and their watch) are the best there is.
-                    Some((source, entries)) => {
+                    // (and their watch) are the best there is, while that
+                    // owner still is one.
+                    Some((source, entries)) if owners.contains(&source) => {
                         let evicted = self.cache.insert(key, source, pending.req, &entries);
                         self.unwatch_evicted(evicted, out);
+                    }
+                    Some((source, _)) => {
+                        if self.membership.contains(source) {
+                            self.send(source, Frame::Unwatch { shard: key, req: pending.req }, out);
+                        }
+                        self.counters.lookups_failed += 1;
                     }
                     None => self.counters.lookups_failed += 1,
                 }
@@ -884,6 +891,17 @@ impl Node {
             }
             Frame::Delta { shard: key, req, changes } => match self.cache.apply(&key, from, req, &changes) {
                 Some(evicted) => self.unwatch_evicted(evicted, out),
+                // A warming owner's answer kept while the lookup goes on:
+                // it is watched already, keep it current.
+                None if self
+                    .cache
+                    .pending_mut(&key)
+                    .is_some_and(|p| p.req == req && p.warming.as_ref().is_some_and(|(source, _)| *source == from)) =>
+                {
+                    let pending = self.cache.pending_mut(&key).expect("pending");
+                    let (_, entries) = pending.warming.as_mut().expect("warming");
+                    apply_changes(entries, &changes);
+                }
                 None => self.send(from, Frame::Unwatch { shard: key, req }, out),
             },
             Frame::Released { shard: key } => {
@@ -1129,6 +1147,17 @@ impl Node {
 /// Adds to `matched` the destinations `routes` gives for `topic`: every live
 /// node with a non-shared match (other than `me`: local matches come from
 /// the local filters), and one node per matching shared group.
+/// Applies pushed changes to a list of entries (count 0 removes one).
+fn apply_changes(entries: &mut Vec<RouteChange>, changes: &[RouteChange]) {
+    for change in changes {
+        let same = |e: &RouteChange| e.filter == change.filter && e.group == change.group && e.node == change.node;
+        entries.retain(|e| !same(e));
+        if change.count > 0 {
+            entries.push(change.clone());
+        }
+    }
+}
+
 fn collect(
     routes: &FilterTrie<FilterRoutes>,
     topic: &str,
