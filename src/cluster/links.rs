@@ -2,66 +2,102 @@
 //!
 //! Job: take frames for a node from any thread without waiting (a publishing
 //! connection, the cluster task), keep them in order per destination, and
-//! hand them to the driver as few, large frames: one sender task per node
-//! takes everything queued for it since its last round and sends it as one
-//! [`wire::encode_batch`] (split at [`MAX_BATCH_BYTES`]). Under load the
-//! batches grow by themselves, while the driver is busy with the previous
-//! one; when idle a frame leaves alone at once.
+//! hand them to the driver as few, large frames. Frames are written straight
+//! into the destination's current batch ([`wire::append_to_batch`]; a batch
+//! is closed at [`MAX_BATCH_BYTES`]); one sender task per node takes every
+//! batch filled since its last round and hands them to the driver. Under
+//! load the batches grow by themselves while the driver is busy with the
+//! previous ones; when idle a frame leaves at once, in a batch of one.
 //!
-//! Boundary: a node whose queue holds [`MAX_QUEUED`] frames loses the excess
+//! Boundary: a node with [`MAX_QUEUED`] frames waiting loses the excess
 //! (counted by the caller; QoS 1/2 forwards are resent from the outbox,
 //! routes repaired by anti-entropy). A slow node holds up only its own queue.
 
 use super::wire;
+use ahash::AHashMap;
 use bytes::Bytes;
 use kadmq_dht::driver::{self, PeerId};
 use parking_lot::{Mutex, RwLock};
-use std::collections::HashMap;
 use std::sync::Arc;
 use tokio::sync::Notify;
 
 /// Frames waiting for one node before new ones are dropped.
 pub const MAX_QUEUED: usize = 65_536;
-/// Largest batch handed to the driver (its frames may be up to 16 MiB).
+/// A batch is closed once it holds this many bytes (the driver takes
+/// frames of up to 16 MiB).
 pub const MAX_BATCH_BYTES: usize = 1 << 20;
+/// Room a new batch starts with.
+const BATCH_START: usize = 16 << 10;
 
 /// The send queues of every node this node talks to.
 pub struct Links {
     client: driver::Client,
-    queues: RwLock<HashMap<PeerId, Arc<Queue>>>,
+    queues: RwLock<AHashMap<PeerId, Arc<Queue>>>,
 }
 
 #[derive(Default)]
 struct Queue {
-    frames: Mutex<Vec<Bytes>>,
+    pending: Mutex<Pending>,
     wake: Notify,
 }
 
-impl Links {
-    pub fn new(client: driver::Client) -> Links {
-        Links { client, queues: RwLock::new(HashMap::new()) }
-    }
+/// The send queue of one node: a handle to keep (routes remember theirs)
+/// rather than look up per frame.
+#[derive(Clone)]
+pub struct Sender(Arc<Queue>);
 
-    /// Queues `frame` for `peer`; false if the queue was full and the frame
-    /// is dropped.
-    pub fn push(&self, peer: PeerId, frame: Bytes) -> bool {
-        let queue = self.queue(peer);
-        let mut frames = queue.frames.lock();
-        if frames.len() >= MAX_QUEUED {
+impl Sender {
+    /// Queues the one frame `write` appends to the buffer it is given (no
+    /// copy of its own); false if the queue was full and it is dropped.
+    pub fn push_with(&self, write: impl FnOnce(&mut Vec<u8>)) -> bool {
+        let queue = &self.0;
+        let mut pending = queue.pending.lock();
+        if pending.frames >= MAX_QUEUED {
             return false;
         }
-        frames.push(frame);
-        if frames.len() == 1 {
+        if pending.batches.last().is_none_or(|b| b.len() >= MAX_BATCH_BYTES) {
+            pending.batches.push(wire::new_batch(BATCH_START));
+        }
+        wire::append_to_batch(pending.batches.last_mut().expect("an open batch"), write);
+        pending.frames += 1;
+        if pending.frames == 1 {
             queue.wake.notify_one();
         }
         true
     }
+}
 
-    fn queue(&self, peer: PeerId) -> Arc<Queue> {
+#[derive(Default)]
+struct Pending {
+    /// Filled batches, the last one open.
+    batches: Vec<Vec<u8>>,
+    frames: usize,
+}
+
+impl Links {
+    pub fn new(client: driver::Client) -> Links {
+        Links { client, queues: RwLock::new(AHashMap::new()) }
+    }
+
+    /// Queues `frame` for `peer`; false if the queue was full and the frame
+    /// is dropped.
+    pub fn push(&self, peer: PeerId, frame: &[u8]) -> bool {
+        self.push_with(peer, |out| out.extend_from_slice(frame))
+    }
+
+    /// Queues for `peer` the one frame `write` appends (see
+    /// [`Sender::push_with`]).
+    pub fn push_with(&self, peer: PeerId, write: impl FnOnce(&mut Vec<u8>)) -> bool {
+        self.sender(peer).push_with(write)
+    }
+
+    /// The send queue of `peer` (started on first use).
+    pub fn sender(&self, peer: PeerId) -> Sender {
         if let Some(queue) = self.queues.read().get(&peer) {
-            return queue.clone();
+            return Sender(queue.clone());
         }
-        self.queues
+        let queue = self
+            .queues
             .write()
             .entry(peer)
             .or_insert_with(|| {
@@ -69,73 +105,31 @@ impl Links {
                 tokio::spawn(send_rounds(self.client.clone(), peer, queue.clone()));
                 queue
             })
-            .clone()
+            .clone();
+        Sender(queue)
     }
 }
 
-/// One node's sender: each round sends what was queued since the last.
+/// One node's sender: each round sends the batches filled since the last.
 async fn send_rounds(client: driver::Client, peer: PeerId, queue: Arc<Queue>) {
     loop {
         queue.wake.notified().await;
         loop {
-            let frames = std::mem::take(&mut *queue.frames.lock());
-            if frames.is_empty() {
+            let batches = {
+                let mut pending = queue.pending.lock();
+                pending.frames = 0;
+                std::mem::take(&mut pending.batches)
+            };
+            if batches.is_empty() {
                 break;
             }
-            for batch in batches(frames) {
-                match client.send(peer, batch).await {
+            for batch in batches {
+                match client.send(peer, Bytes::from(batch)).await {
                     Ok(()) => {}
                     Err(driver::Error::Stopped) => return,
                     Err(err) => tracing::debug!(%peer, cause = %err, "frames not sent"),
                 }
             }
         }
-    }
-}
-
-/// Groups `frames` into driver frames of at most [`MAX_BATCH_BYTES`] (a
-/// larger frame goes alone), in order.
-fn batches(frames: Vec<Bytes>) -> Vec<Bytes> {
-    let mut out = Vec::new();
-    let mut group: Vec<Bytes> = Vec::new();
-    let mut size = 0;
-    let flush = |group: &mut Vec<Bytes>, out: &mut Vec<Bytes>| match group.len() {
-        0 => {}
-        1 => out.push(group.pop().expect("one")),
-        _ => out.push(wire::encode_batch(&std::mem::take(group))),
-    };
-    for frame in frames {
-        if size + frame.len() + 4 > MAX_BATCH_BYTES {
-            flush(&mut group, &mut out);
-            size = 0;
-        }
-        size += frame.len() + 4;
-        group.push(frame);
-    }
-    flush(&mut group, &mut out);
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn batches_keep_order_and_respect_the_size_limit() {
-        let small: Vec<Bytes> = (0..10u8).map(|i| Bytes::from(vec![i; 100])).collect();
-        let out = batches(small.clone());
-        assert_eq!(out.len(), 1);
-        assert_eq!(wire::unbatch(out[0].clone()).unwrap(), small);
-
-        // A single frame is sent as it is.
-        assert_eq!(batches(vec![small[3].clone()]), vec![small[3].clone()]);
-
-        let big = Bytes::from(vec![9u8; MAX_BATCH_BYTES / 2]);
-        let frames = vec![small[0].clone(), big.clone(), big.clone(), small[1].clone()];
-        let out = batches(frames.clone());
-        assert!(out.len() >= 2, "{} batches", out.len());
-        assert!(out.iter().all(|b| b.len() <= MAX_BATCH_BYTES + 2));
-        let again: Vec<Bytes> = out.into_iter().flat_map(|b| wire::unbatch(b).unwrap()).collect();
-        assert_eq!(again, frames);
     }
 }

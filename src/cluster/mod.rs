@@ -143,7 +143,7 @@ struct State {
 pub struct Cluster {
     state: Mutex<State>,
     /// Routes of topics published before, valid while `generation` holds.
-    topic_routes: RwLock<HashMap<Box<str>, Arc<TopicRoute>>>,
+    topic_routes: RwLock<ahash::AHashMap<Box<str>, Arc<TopicRoute>>>,
     /// Bumped (under the state mutex) by every core event that may change
     /// a route: anything but publishes and forwards.
     generation: AtomicU64,
@@ -166,10 +166,25 @@ pub struct Cluster {
 
 /// What the core decided for a topic, replayed for later publishes to it
 /// while the core's generation is unchanged.
+#[derive(Clone)]
 struct TopicRoute {
     generation: u64,
-    forwards: Vec<(NodeId, PeerId, ForwardRoute)>,
+    forwards: Vec<(NodeId, links::Sender, ForwardRoute)>,
     local: Option<ForwardRoute>,
+}
+
+thread_local! {
+    /// Each publishing thread's copy of the topic routes it used: no lock
+    /// and no shared reference count per publish. Valid for one cluster
+    /// (its address) and one generation; emptied when either changes.
+    static THREAD_ROUTES: std::cell::RefCell<ThreadRoutes> = std::cell::RefCell::default();
+}
+
+#[derive(Default)]
+struct ThreadRoutes {
+    cluster: usize,
+    generation: u64,
+    routes: ahash::AHashMap<Box<str>, TopicRoute>,
 }
 
 /// Everything [`start`] needs besides the settings.
@@ -250,7 +265,7 @@ pub async fn start(settings: &ClusterSettings, cx: StartContext<'_>) -> Result<A
             rejoin_notices: HashMap::new(),
         }),
         publishers_held: AtomicU64::new(0),
-        topic_routes: RwLock::new(HashMap::new()),
+        topic_routes: RwLock::new(ahash::AHashMap::new()),
         generation: AtomicU64::new(0),
         next_id: AtomicU64::new(next_id),
         broker: Arc::downgrade(cx.broker),
@@ -346,9 +361,14 @@ impl Fleet for Cluster {
         let Some(broker) = self.broker.upgrade() else { return Some(0) };
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let none_held = self.publishers_held.load(Ordering::Acquire) == 0;
-        if let Some(route) = self.remembered_route(&message.topic).filter(|_| none_held) {
-            bump(&self.stats.topic_route_hits, 1);
-            return Some(self.publish_on(&broker, id, message, &route));
+        if none_held {
+            let routed = self.with_remembered_route(&message.topic, |route| {
+                bump(&self.stats.topic_route_hits, 1);
+                self.publish_on(&broker, id, message.clone(), route)
+            });
+            if routed.is_some() {
+                return routed;
+            }
         }
         let mut local = Vec::new();
         let routed = {
@@ -379,10 +399,23 @@ impl Cluster {
         self.started.elapsed().as_millis() as u64
     }
 
-    /// The route remembered for `topic`, if nothing changed since.
-    fn remembered_route(&self, topic: &str) -> Option<Arc<TopicRoute>> {
+    /// Runs `f` on the route remembered for `topic`, if nothing changed
+    /// since: this thread's copy, else the shared one (copied for next time).
+    fn with_remembered_route<T>(&self, topic: &str, f: impl FnOnce(&TopicRoute) -> T) -> Option<T> {
         let generation = self.generation.load(Ordering::Acquire);
-        self.topic_routes.read().get(topic).filter(|r| r.generation == generation).cloned()
+        let me = self as *const Cluster as usize;
+        THREAD_ROUTES.with_borrow_mut(|mine| {
+            if mine.cluster != me || mine.generation != generation || mine.routes.len() >= TOPIC_ROUTES {
+                mine.routes.clear();
+                mine.cluster = me;
+                mine.generation = generation;
+            }
+            if !mine.routes.contains_key(topic) {
+                let shared = self.topic_routes.read().get(topic).filter(|r| r.generation == generation).cloned()?;
+                mine.routes.insert(topic.into(), (*shared).clone());
+            }
+            mine.routes.get(topic).map(f)
+        })
     }
 
     /// Publishes `message` along a remembered route: the core is not asked;
@@ -390,17 +423,17 @@ impl Cluster {
     /// [`Cluster::execute`].
     fn publish_on(&self, broker: &Broker, id: u64, message: Arc<Message>, route: &TopicRoute) -> usize {
         if message.qos == QoS::AtMostOnce {
-            for (_, peer, to) in &route.forwards {
-                self.push(*peer, wire::encode_forward(id, None, &message, to));
+            for (_, sender, to) in &route.forwards {
+                self.push_via(sender, |out| wire::write_forward(out, id, None, &message, to));
             }
         } else if !route.forwards.is_empty() {
             let now = self.now();
             let mut st = self.state.lock();
             let mut waiting = Vec::with_capacity(route.forwards.len());
-            for (node, peer, to) in &route.forwards {
+            for (node, sender, to) in &route.forwards {
                 let sequence = st.outbox.assign(*node, id, now);
                 waiting.push((*node, to.clone()));
-                self.push(*peer, wire::encode_forward(id, Some(sequence), &message, to));
+                self.push_via(sender, |out| wire::write_forward(out, id, Some(sequence), &message, to));
             }
             st.outbox.hold(&broker.storage, id, message.clone(), waiting, now);
         }
@@ -419,7 +452,7 @@ impl Cluster {
             match action {
                 Action::Forward { to, msg, route: to_route } if *msg == id && to_route.shared.is_empty() => {
                     let Some(peer) = st.peers.get(to) else { return };
-                    route.forwards.push((*to, *peer, to_route.clone()));
+                    route.forwards.push((*to, self.links.sender(*peer), to_route.clone()));
                 }
                 Action::Deliver { msg, route: local } if *msg == id && local.shared.is_empty() => {
                     route.local = Some(local.clone())
@@ -641,7 +674,16 @@ impl Cluster {
     }
 
     fn push(&self, peer: PeerId, bytes: Bytes) {
-        if !self.links.push(peer, bytes) {
+        self.push_with(peer, |out| out.extend_from_slice(&bytes));
+    }
+
+    /// Queues the frame `write` appends for `peer`.
+    fn push_with(&self, peer: PeerId, write: impl FnOnce(&mut Vec<u8>)) {
+        self.push_via(&self.links.sender(peer), write);
+    }
+
+    fn push_via(&self, sender: &links::Sender, write: impl FnOnce(&mut Vec<u8>)) {
+        if !sender.push_with(write) {
             bump(&self.stats.frames_dropped, 1);
         }
     }

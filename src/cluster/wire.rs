@@ -7,16 +7,19 @@
 //!
 //! Layout: byte 0 is [`VERSION`], byte 1 the kind; a route frame follows as
 //! the core encoded it (it carries its own version), a batch is a sequence
-//! of whole frames, each behind its 4-byte big-endian length, the others
-//! are rmp-serde.
+//! of whole frames, each behind its 4-byte big-endian length, a forward is
+//! a fixed binary layout (see [`encode_forward`]: the bulk of the traffic,
+//! and its payload is read without a copy), the others are rmp-serde.
 
 use super::outbox::Sequence;
 use crate::broker::message::Message;
+use crate::protocol::QoS;
 use bytes::Bytes;
-use kadmq_dht::core::{self, ForwardRoute};
+use kadmq_dht::core::{self, ForwardRoute, SharedPick};
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 
 const ROUTE: u8 = 1;
 const FORWARD: u8 = 2;
@@ -68,24 +71,172 @@ pub enum WireError {
     Body(#[from] rmp_serde::decode::Error),
     #[error("truncated batch")]
     Batch,
+    #[error("malformed forward: {0}")]
+    Forward(&'static str),
 }
 
 pub fn encode_route(frame: &core::Frame) -> Bytes {
     with_header(ROUTE, &core::encode(frame))
 }
 
-/// Encodes a forward without copying the message (same layout as [`Forward`]).
+/// Encodes a forward to one node.
 pub fn encode_forward(id: u64, sequence: Option<Sequence>, message: &Message, route: &ForwardRoute) -> Bytes {
-    #[derive(Serialize)]
-    struct ForwardRef<'a> {
-        id: u64,
-        sequence: Option<Sequence>,
-        message: &'a Message,
-        route: &'a ForwardRoute,
+    let mut out = Vec::with_capacity(forward_size(message, route));
+    write_forward(&mut out, id, sequence, message, route);
+    Bytes::from(out)
+}
+
+/// A close upper bound of a forward's encoded size (properties aside).
+pub fn forward_size(message: &Message, route: &ForwardRoute) -> usize {
+    let shared: usize = route.shared.iter().map(|p| p.group.len() + p.filter.len() + 4).sum();
+    64 + message.topic.len() + message.payload.len() + message.origin.as_ref().map_or(0, |o| o.len()) + shared
+}
+
+/// Appends a whole forward frame (header included) to `out`. Layout after
+/// the header, integers big-endian: id u64; sequence flag u8 (then epoch,
+/// seq, base u64); qos u8; retain u8; topic (u16 length, bytes); origin flag
+/// u8 (then u16 length, bytes); expiry flag u8 (then u64); properties flag
+/// u8 (then u32 length, rmp-serde; only when any is set); plain u8; shared
+/// picks u16, each a group and a filter (u16 length, bytes); payload (u32
+/// length, bytes), last.
+pub fn write_forward(out: &mut Vec<u8>, id: u64, sequence: Option<Sequence>, message: &Message, route: &ForwardRoute) {
+    out.extend_from_slice(&[VERSION, FORWARD]);
+    out.extend_from_slice(&id.to_be_bytes());
+    match sequence {
+        Some(s) => {
+            out.push(1);
+            for n in [s.epoch, s.seq, s.base] {
+                out.extend_from_slice(&n.to_be_bytes());
+            }
+        }
+        None => out.push(0),
     }
-    let forward = ForwardRef { id, sequence, message, route };
-    let body = rmp_serde::to_vec(&forward).expect("in-memory forwards always encode");
-    with_header(FORWARD, &body)
+    out.push(message.qos as u8);
+    out.push(message.retain as u8);
+    put_str(out, &message.topic);
+    match &message.origin {
+        Some(origin) => {
+            out.push(1);
+            put_str(out, origin);
+        }
+        None => out.push(0),
+    }
+    match message.expires_at_ms {
+        Some(at) => {
+            out.push(1);
+            out.extend_from_slice(&at.to_be_bytes());
+        }
+        None => out.push(0),
+    }
+    if message.properties == Default::default() {
+        out.push(0);
+    } else {
+        out.push(1);
+        let props = rmp_serde::to_vec(&message.properties).expect("in-memory properties always encode");
+        out.extend_from_slice(&(props.len() as u32).to_be_bytes());
+        out.extend_from_slice(&props);
+    }
+    out.push(route.plain as u8);
+    out.extend_from_slice(&(route.shared.len() as u16).to_be_bytes());
+    for pick in &route.shared {
+        put_str(out, &pick.group);
+        put_str(out, &pick.filter);
+    }
+    out.extend_from_slice(&(message.payload.len() as u32).to_be_bytes());
+    out.extend_from_slice(&message.payload);
+}
+
+/// Topics, client ids, group names and filters are MQTT strings: at most
+/// 65,535 bytes.
+fn put_str(out: &mut Vec<u8>, text: &str) {
+    out.extend_from_slice(&(text.len() as u16).to_be_bytes());
+    out.extend_from_slice(text.as_bytes());
+}
+
+/// Reads a forward's body (after the header) from `frame`; the payload is
+/// a slice of `frame`, not a copy.
+fn read_forward(frame: &Bytes) -> Result<Forward, WireError> {
+    let mut r = Reader { bytes: frame, at: 2 };
+    let id = r.u64()?;
+    let sequence = match r.u8()? {
+        0 => None,
+        _ => Some(Sequence { epoch: r.u64()?, seq: r.u64()?, base: r.u64()? }),
+    };
+    let qos = match r.u8()? {
+        0 => QoS::AtMostOnce,
+        1 => QoS::AtLeastOnce,
+        2 => QoS::ExactlyOnce,
+        _ => return Err(WireError::Forward("qos")),
+    };
+    let retain = r.u8()? != 0;
+    let topic = r.string()?;
+    let origin = match r.u8()? {
+        0 => None,
+        _ => Some(Arc::from(r.string()?)),
+    };
+    let expires_at_ms = match r.u8()? {
+        0 => None,
+        _ => Some(r.u64()?),
+    };
+    let properties = match r.u8()? {
+        0 => Default::default(),
+        _ => {
+            let len = r.u32()? as usize;
+            rmp_serde::from_slice(r.take(len)?)?
+        }
+    };
+    let plain = r.u8()? != 0;
+    let picks = r.u16()?;
+    let mut shared = Vec::with_capacity(picks.min(64) as usize);
+    for _ in 0..picks {
+        shared.push(SharedPick { group: r.string()?, filter: r.string()? });
+    }
+    let len = r.u32()? as usize;
+    let start = r.at;
+    r.take(len)?;
+    if r.at != frame.len() {
+        return Err(WireError::Forward("trailing bytes"));
+    }
+    let payload = frame.slice(start..start + len);
+    let message = Message { topic, payload, qos, retain, properties, expires_at_ms, origin };
+    Ok(Forward { id, sequence, message, route: ForwardRoute { plain, shared } })
+}
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl Reader<'_> {
+    fn take(&mut self, n: usize) -> Result<&[u8], WireError> {
+        let end =
+            self.at.checked_add(n).filter(|end| *end <= self.bytes.len()).ok_or(WireError::Forward("truncated"))?;
+        let out = &self.bytes[self.at..end];
+        self.at = end;
+        Ok(out)
+    }
+
+    fn u8(&mut self) -> Result<u8, WireError> {
+        Ok(self.take(1)?[0])
+    }
+
+    fn u16(&mut self) -> Result<u16, WireError> {
+        Ok(u16::from_be_bytes(self.take(2)?.try_into().expect("two bytes")))
+    }
+
+    fn u32(&mut self) -> Result<u32, WireError> {
+        Ok(u32::from_be_bytes(self.take(4)?.try_into().expect("four bytes")))
+    }
+
+    fn u64(&mut self) -> Result<u64, WireError> {
+        Ok(u64::from_be_bytes(self.take(8)?.try_into().expect("eight bytes")))
+    }
+
+    fn string(&mut self) -> Result<String, WireError> {
+        let len = self.u16()? as usize;
+        let bytes = self.take(len)?;
+        String::from_utf8(bytes.to_vec()).map_err(|_| WireError::Forward("string is not UTF-8"))
+    }
 }
 
 pub fn encode_ack(epoch: u64, upto: u64) -> Bytes {
@@ -102,14 +253,28 @@ pub fn encode_rejoined() -> Bytes {
 
 /// Several frames for one node in one: they arrive together and in order.
 pub fn encode_batch(frames: &[Bytes]) -> Bytes {
-    let size = frames.iter().map(|f| f.len() + 4).sum::<usize>() + 2;
-    let mut out = Vec::with_capacity(size);
-    out.extend_from_slice(&[VERSION, BATCH]);
+    let size = frames.iter().map(|f| f.len() + 4).sum::<usize>();
+    let mut batch = new_batch(size);
     for frame in frames {
-        out.extend_from_slice(&(frame.len() as u32).to_be_bytes());
-        out.extend_from_slice(frame);
+        append_to_batch(&mut batch, |out| out.extend_from_slice(frame));
     }
-    Bytes::from(out)
+    Bytes::from(batch)
+}
+
+/// An empty batch with room for `capacity` bytes of frames.
+pub fn new_batch(capacity: usize) -> Vec<u8> {
+    let mut batch = Vec::with_capacity(capacity + 2);
+    batch.extend_from_slice(&[VERSION, BATCH]);
+    batch
+}
+
+/// Appends to `batch` the one frame `write` appends.
+pub fn append_to_batch(batch: &mut Vec<u8>, write: impl FnOnce(&mut Vec<u8>)) {
+    let at = batch.len();
+    batch.extend_from_slice(&[0; 4]);
+    write(batch);
+    let len = (batch.len() - at - 4) as u32;
+    batch[at..at + 4].copy_from_slice(&len.to_be_bytes());
 }
 
 /// The frames inside a batch (slices of `bytes`, not copies), or `bytes`
@@ -141,14 +306,14 @@ fn with_header(kind: u8, body: &[u8]) -> Bytes {
     Bytes::from(out)
 }
 
-pub fn decode(bytes: &[u8]) -> Result<Wire, WireError> {
-    let [version, kind, body @ ..] = bytes else { return Err(WireError::Empty) };
+pub fn decode(frame: &Bytes) -> Result<Wire, WireError> {
+    let [version, kind, body @ ..] = &frame[..] else { return Err(WireError::Empty) };
     if *version != VERSION {
         return Err(WireError::Version(*version));
     }
     Ok(match *kind {
         ROUTE => Wire::Route(core::decode(body)?),
-        FORWARD => Wire::Forward(Box::new(rmp_serde::from_slice(body)?)),
+        FORWARD => Wire::Forward(Box::new(read_forward(frame)?)),
         ACK => {
             let (epoch, upto) = rmp_serde::from_slice(body)?;
             Wire::Ack { epoch, upto }
@@ -162,8 +327,10 @@ pub fn decode(bytes: &[u8]) -> Result<Wire, WireError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::QoS;
-    use kadmq_dht::core::SharedPick;
+
+    fn decode(bytes: &[u8]) -> Result<Wire, WireError> {
+        super::decode(&Bytes::copy_from_slice(bytes))
+    }
 
     fn forward() -> Forward {
         Forward {
@@ -180,6 +347,23 @@ mod tests {
             },
             route: ForwardRoute { plain: true, shared: vec![SharedPick { group: "g".into(), filter: "a/+".into() }] },
         }
+    }
+
+    #[test]
+    fn forwards_with_properties_and_without_options_round_trip() {
+        let mut f = forward();
+        f.message.properties.content_type = Some("text/plain".into());
+        f.message.properties.user_properties = vec![("k".into(), "v".into())];
+        let bytes = encode_forward(f.id, f.sequence, &f.message, &f.route);
+        assert_eq!(decode(&bytes).unwrap(), Wire::Forward(Box::new(f.clone())));
+        f.sequence = None;
+        f.message.origin = None;
+        f.message.expires_at_ms = None;
+        f.message.retain = true;
+        f.message.qos = QoS::AtMostOnce;
+        f.route = ForwardRoute { plain: true, shared: Vec::new() };
+        let bytes = encode_forward(f.id, f.sequence, &f.message, &f.route);
+        assert_eq!(decode(&bytes).unwrap(), Wire::Forward(Box::new(f)));
     }
 
     #[test]
@@ -213,11 +397,19 @@ mod tests {
         assert!(matches!(decode(&[]), Err(WireError::Empty)));
         assert!(matches!(decode(&[9, ACK, 0x90]), Err(WireError::Version(9))));
         assert!(matches!(decode(&[VERSION, 77]), Err(WireError::Kind(77))));
-        assert!(matches!(decode(&[VERSION, FORWARD, 0xc1]), Err(WireError::Body(_))));
+        assert!(matches!(decode(&[VERSION, FORWARD, 0xc1]), Err(WireError::Forward(_))));
         assert!(matches!(decode(&[VERSION, ROUTE, 0xc1]), Err(WireError::Route(_))));
         let f = forward();
         let mut truncated = encode_forward(f.id, None, &f.message, &f.route).to_vec();
         truncated.truncate(truncated.len() - 3);
         assert!(decode(&truncated).is_err());
+        let mut longer = encode_forward(f.id, None, &f.message, &f.route).to_vec();
+        longer.push(0);
+        assert!(decode(&longer).is_err());
+        // Any prefix of a forward is an error, never a panic.
+        let whole = encode_forward(f.id, f.sequence, &f.message, &f.route);
+        for len in 0..whole.len() {
+            assert!(decode(&whole[..len]).is_err(), "prefix of {len} bytes");
+        }
     }
 }
