@@ -31,6 +31,7 @@
 //! - [`outbox`]: unacknowledged QoS 1/2 forwards; the receiver's duplicate filter.
 //! - [`status`]: `/api/v1/cluster`, `/api/v1/routes` and the cluster metrics.
 
+pub mod counter;
 pub mod links;
 pub mod outbox;
 pub mod status;
@@ -42,6 +43,7 @@ use crate::config::ClusterSettings;
 use crate::protocol::QoS;
 use crate::storage::Storage;
 use bytes::Bytes;
+use counter::Counter;
 use kadmq_dht::core::{self, Action, Event, ForwardRoute, Membership, Node, NodeId, OwnershipConfig};
 use kadmq_dht::driver::{self, ClusterConfig, Multiaddr, PeerId};
 use links::Links;
@@ -62,6 +64,8 @@ const TOPIC_ROUTES: usize = 65_536;
 const RETAIN_CHUNK: usize = 256;
 /// Driver events handled per lock of the core.
 const EVENT_BATCH: usize = 512;
+/// Batches of received messages waiting for the delivery stage.
+const DELIVERY_QUEUE: usize = 64;
 /// Outbox records of the previous run that were not routed yet are routed
 /// again this long after start (so the node has heard of its peers).
 const REPLAY_AFTER: Duration = Duration::from_secs(5);
@@ -80,9 +84,9 @@ pub enum ClusterError {
 #[derive(Default)]
 pub struct ClusterStats {
     /// Messages sent to other nodes (one per destination node).
-    pub forwarded_out: AtomicU64,
+    pub forwarded_out: Counter,
     /// Messages received from other nodes.
-    pub forwarded_in: AtomicU64,
+    pub forwarded_in: Counter,
     /// Resent forwards that had already arrived (acknowledged, not delivered).
     pub duplicates: AtomicU64,
     /// QoS 1/2 forwards that arrived after a gap (dropped; resent in order).
@@ -94,11 +98,18 @@ pub struct ClusterStats {
     /// Frames dropped because their node's send queue was full.
     pub frames_dropped: AtomicU64,
     /// Publishes routed from the per-topic memo, without the core.
-    pub topic_route_hits: AtomicU64,
+    pub topic_route_hits: Counter,
 }
 
 fn bump(counter: &AtomicU64, n: u64) {
     counter.fetch_add(n, Ordering::Relaxed);
+}
+
+/// What a batch of driver events left to do once the state is released.
+#[derive(Default)]
+struct Received {
+    local: Vec<(Arc<Message>, ForwardRoute)>,
+    acks: HashMap<PeerId, (u64, u64)>,
 }
 
 /// A local publish being routed (waiting for a lookup) or just routed.
@@ -359,17 +370,17 @@ impl Fleet for Cluster {
 
     fn publish(&self, message: Arc<Message>) -> Option<usize> {
         let Some(broker) = self.broker.upgrade() else { return Some(0) };
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let none_held = self.publishers_held.load(Ordering::Acquire) == 0;
         if none_held {
             let routed = self.with_remembered_route(&message.topic, |route| {
-                bump(&self.stats.topic_route_hits, 1);
-                self.publish_on(&broker, id, message.clone(), route)
+                self.stats.topic_route_hits.add(1);
+                self.publish_on(&broker, message.clone(), route)
             });
             if routed.is_some() {
                 return routed;
             }
         }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut local = Vec::new();
         let routed = {
             let mut st = self.state.lock();
@@ -421,12 +432,14 @@ impl Cluster {
     /// Publishes `message` along a remembered route: the core is not asked;
     /// a QoS 1/2 message is numbered and held in the outbox as in
     /// [`Cluster::execute`].
-    fn publish_on(&self, broker: &Broker, id: u64, message: Arc<Message>, route: &TopicRoute) -> usize {
+    fn publish_on(&self, broker: &Broker, message: Arc<Message>, route: &TopicRoute) -> usize {
         if message.qos == QoS::AtMostOnce {
+            // A QoS 0 forward's id is never looked at: no shared counter.
             for (_, sender, to) in &route.forwards {
-                self.push_via(sender, |out| wire::write_forward(out, id, None, &message, to));
+                self.push_via(sender, |out| wire::write_forward(out, 0, None, &message, to));
             }
         } else if !route.forwards.is_empty() {
+            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
             let now = self.now();
             let mut st = self.state.lock();
             let mut waiting = Vec::with_capacity(route.forwards.len());
@@ -437,7 +450,7 @@ impl Cluster {
             }
             st.outbox.hold(&broker.storage, id, message.clone(), waiting, now);
         }
-        bump(&self.stats.forwarded_out, route.forwards.len() as u64);
+        self.stats.forwarded_out.add(route.forwards.len() as u64);
         let queued = route.local.as_ref().map_or(0, |local| broker.deliver(message, Some(local)));
         route.forwards.len() + queued
     }
@@ -623,7 +636,7 @@ impl Cluster {
                         st.outbox.assign(to, msg, now)
                     });
                     let bytes = wire::encode_forward(msg, sequence, &pending.message, &route);
-                    bump(&self.stats.forwarded_out, 1);
+                    self.stats.forwarded_out.add(1);
                     self.send(st, to, bytes);
                 }
                 Action::Deliver { msg, route } => {
@@ -694,6 +707,15 @@ impl Cluster {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut batch = Vec::with_capacity(EVENT_BATCH);
+        // Decoding and routing (here) and delivering (there) run side by
+        // side, in order.
+        let (delivery, mut delivered) = mpsc::channel::<Received>(DELIVERY_QUEUE);
+        let stage = self.clone();
+        tokio::spawn(async move {
+            while let Some(received) = delivered.recv().await {
+                stage.deliver_received(received);
+            }
+        });
         loop {
             let timer_at = self.state.lock().timer_at;
             let wake = timer_at.map(|at| tokio::time::Instant::from_std(self.started + Duration::from_millis(at)));
@@ -709,7 +731,10 @@ impl Cluster {
                         tracing::info!("cluster driver stopped");
                         return;
                     }
-                    self.on_events(batch.drain(..));
+                    let received = self.on_events(batch.drain(..));
+                    if delivery.send(received).await.is_err() {
+                        return;
+                    }
                 }
                 _ = timer => self.on_timer(),
                 _ = self.timer.notified() => {}
@@ -736,8 +761,8 @@ impl Cluster {
     /// Driver events, in order. The state mutex is taken at the first
     /// event that needs it and kept to the end of the batch; plain QoS 0
     /// forwards (the bulk under load) never need it.
-    fn on_events(&self, events: impl Iterator<Item = driver::Event>) {
-        let Some(broker) = self.broker.upgrade() else { return };
+    fn on_events(&self, events: impl Iterator<Item = driver::Event>) -> Received {
+        let Some(broker) = self.broker.upgrade() else { return Received::default() };
         let storage = &broker.storage;
         let mut local = Vec::new();
         let mut acks: HashMap<PeerId, (u64, u64)> = HashMap::new();
@@ -759,7 +784,7 @@ impl Cluster {
                             {
                                 // Nothing to number or pick: the broker
                                 // matches the topic against its sessions.
-                                bump(&self.stats.forwarded_in, 1);
+                                self.stats.forwarded_in.add(1);
                                 let Forward { message, route, .. } = *forward;
                                 local.push((Arc::new(message), route));
                             }
@@ -807,16 +832,24 @@ impl Cluster {
             }
         }
         drop(guard);
-        for (message, route) in local {
+        Received { local, acks }
+    }
+
+    /// The second stage of receiving: delivers to the local sessions, then
+    /// acknowledges QoS 1/2 forwards (what is acknowledged is queued for its
+    /// sessions and on disk).
+    fn deliver_received(&self, received: Received) {
+        let Some(broker) = self.broker.upgrade() else { return };
+        for (message, route) in received.local {
             broker.deliver(message, Some(&route));
         }
-        if !acks.is_empty() {
+        if !received.acks.is_empty() {
             // What we acknowledge must survive a crash of this node.
-            if let Err(err) = storage.flush() {
+            if let Err(err) = broker.storage.flush() {
                 tracing::error!(cause = %err, "storage flush failed; forwards not acknowledged");
                 return;
             }
-            for (peer, (epoch, upto)) in acks {
+            for (peer, (epoch, upto)) in received.acks {
                 self.push(peer, wire::encode_ack(epoch, upto));
             }
         }
@@ -863,7 +896,7 @@ impl Cluster {
                         }
                     }
                 }
-                bump(&self.stats.forwarded_in, 1);
+                self.stats.forwarded_in.add(1);
                 let message = Arc::new(message);
                 let event = Event::Forwarded { from: sender, topic: &message.topic, msg: id, route };
                 let _ = self.core_event(st, event, &mut actions);

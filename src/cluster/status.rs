@@ -202,13 +202,13 @@ impl Cluster {
                 "kadmq_cluster_forwarded_total",
                 "counter",
                 "Messages forwarded to other nodes (one per destination node).",
-                get(&s.forwarded_out),
+                s.forwarded_out.get(),
             ),
             figure(
                 "kadmq_cluster_received_total",
                 "counter",
                 "Messages received from other nodes.",
-                get(&s.forwarded_in),
+                s.forwarded_in.get(),
             ),
             figure(
                 "kadmq_cluster_duplicates_total",
@@ -226,7 +226,7 @@ impl Cluster {
                 "kadmq_cluster_topic_route_hits_total",
                 "counter",
                 "Publishes routed as an earlier publish to the same topic, without the routing core (nothing that decides routes changed since).",
-                get(&s.topic_route_hits),
+                s.topic_route_hits.get(),
             ),
             figure(
                 "kadmq_cluster_route_cache_misses_total",
