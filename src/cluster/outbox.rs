@@ -171,10 +171,12 @@ impl Outbox {
         now_ms: u64,
         reachable: impl Fn(NodeId) -> bool,
     ) -> Vec<(Sequence, u64, Arc<Message>, NodeId, ForwardRoute)> {
+        // Held in id order, which is (nearly) the order they were held in:
+        // the expired ones are at the front.
         let expired: Vec<u64> = self
             .held
             .iter()
-            .filter(|(_, h)| now_ms.saturating_sub(h.held_since_ms) > MAX_HOLD_MS)
+            .take_while(|(_, h)| now_ms.saturating_sub(h.held_since_ms) > MAX_HOLD_MS)
             .map(|(id, _)| *id)
             .collect();
         for id in expired {
@@ -202,7 +204,14 @@ impl Outbox {
         let Some(held) = self.held.remove(&id) else { return };
         for (node, _) in &held.waiting {
             if let Some(link) = self.links.get_mut(node) {
-                link.unacked.retain(|_, m| *m != id);
+                // The oldest message is (almost always) the first of each
+                // link: no scan of a full outbox per message given up.
+                match link.unacked.first_key_value() {
+                    Some((&seq, &first)) if first == id => {
+                        link.unacked.remove(&seq);
+                    }
+                    _ => link.unacked.retain(|_, m| *m != id),
+                }
             }
         }
         self.dropped += 1;
