@@ -52,18 +52,11 @@ impl Sender {
     pub fn push_with(&self, write: impl FnOnce(&mut Vec<u8>)) -> bool {
         let queue = &self.0;
         let mut pending = queue.pending.lock();
-        if pending.frames >= MAX_QUEUED {
-            return false;
-        }
-        if pending.batches.last().is_none_or(|b| b.len() >= MAX_BATCH_BYTES) {
-            pending.batches.push(wire::new_batch(BATCH_START));
-        }
-        wire::append_to_batch(pending.batches.last_mut().expect("an open batch"), write);
-        pending.frames += 1;
-        if pending.frames == 1 {
+        let pushed = pending.push(write);
+        if pushed && pending.frames == 1 {
             queue.wake.notify_one();
         }
-        true
+        pushed
     }
 }
 
@@ -74,21 +67,29 @@ struct Pending {
     frames: usize,
 }
 
+impl Pending {
+    fn push(&mut self, write: impl FnOnce(&mut Vec<u8>)) -> bool {
+        if self.frames >= MAX_QUEUED {
+            return false;
+        }
+        if self.batches.last().is_none_or(|b| b.len() >= MAX_BATCH_BYTES) {
+            self.batches.push(wire::new_batch(BATCH_START));
+        }
+        wire::append_to_batch(self.batches.last_mut().expect("an open batch"), write);
+        self.frames += 1;
+        true
+    }
+
+    /// Everything queued so far, as batches to send in order.
+    fn take(&mut self) -> Vec<Vec<u8>> {
+        self.frames = 0;
+        std::mem::take(&mut self.batches)
+    }
+}
+
 impl Links {
     pub fn new(client: driver::Client) -> Links {
         Links { client, queues: RwLock::new(AHashMap::new()) }
-    }
-
-    /// Queues `frame` for `peer`; false if the queue was full and the frame
-    /// is dropped.
-    pub fn push(&self, peer: PeerId, frame: &[u8]) -> bool {
-        self.push_with(peer, |out| out.extend_from_slice(frame))
-    }
-
-    /// Queues for `peer` the one frame `write` appends (see
-    /// [`Sender::push_with`]).
-    pub fn push_with(&self, peer: PeerId, write: impl FnOnce(&mut Vec<u8>)) -> bool {
-        self.sender(peer).push_with(write)
     }
 
     /// The send queue of `peer` (started on first use).
@@ -115,11 +116,7 @@ async fn send_rounds(client: driver::Client, peer: PeerId, queue: Arc<Queue>) {
     loop {
         queue.wake.notified().await;
         loop {
-            let batches = {
-                let mut pending = queue.pending.lock();
-                pending.frames = 0;
-                std::mem::take(&mut pending.batches)
-            };
+            let batches = queue.pending.lock().take();
             if batches.is_empty() {
                 break;
             }
@@ -131,5 +128,44 @@ async fn send_rounds(client: driver::Client, peer: PeerId, queue: Arc<Queue>) {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frames_of(batches: Vec<Vec<u8>>) -> Vec<Bytes> {
+        batches.into_iter().flat_map(|b| wire::unbatch(Bytes::from(b)).unwrap()).collect()
+    }
+
+    #[test]
+    fn frames_leave_in_order_in_batches_of_bounded_size() {
+        let mut pending = Pending::default();
+        let frames: Vec<Vec<u8>> = (0..3000u32).map(|i| vec![(i % 251) as u8; 1000 + (i % 7) as usize]).collect();
+        for frame in &frames {
+            assert!(pending.push(|out| out.extend_from_slice(frame)));
+        }
+        let batches = pending.take();
+        assert!(batches.len() >= 3, "3 MB of frames in batches of 1 MiB: {} batches", batches.len());
+        assert!(batches.iter().all(|b| b.len() < MAX_BATCH_BYTES + 2_000));
+        let got = frames_of(batches);
+        assert_eq!(got.len(), frames.len());
+        assert!(got.iter().zip(&frames).all(|(a, b)| a[..] == b[..]));
+        // Taken means empty: the next round starts afresh.
+        assert!(pending.take().is_empty());
+        assert!(pending.push(|out| out.push(7)));
+        assert_eq!(frames_of(pending.take()), vec![Bytes::from_static(&[7])]);
+    }
+
+    #[test]
+    fn a_full_queue_drops_new_frames_until_taken() {
+        let mut pending = Pending::default();
+        for _ in 0..MAX_QUEUED {
+            assert!(pending.push(|out| out.push(1)));
+        }
+        assert!(!pending.push(|out| out.push(2)), "the frame past the limit is dropped");
+        assert_eq!(frames_of(pending.take()).len(), MAX_QUEUED);
+        assert!(pending.push(|out| out.push(3)), "room again once taken");
     }
 }

@@ -252,6 +252,7 @@ pub fn encode_rejoined() -> Bytes {
 }
 
 /// Several frames for one node in one: they arrive together and in order.
+#[cfg(test)]
 pub fn encode_batch(frames: &[Bytes]) -> Bytes {
     let size = frames.iter().map(|f| f.len() + 4).sum::<usize>();
     let mut batch = new_batch(size);
