@@ -277,6 +277,12 @@ impl Cluster {
                 st.node.local_filters() as u64,
             ),
             figure(
+                "kadmq_cluster_publishes_waiting",
+                "gauge",
+                "Local publishes waiting for a route lookup, or held behind their publisher's earlier one.",
+                (st.node.parked() + st.held.values().map(|q| q.len().saturating_sub(1)).sum::<usize>()) as u64,
+            ),
+            figure(
                 "kadmq_cluster_outbox_messages",
                 "gauge",
                 "QoS 1/2 forwards waiting for acknowledgement.",

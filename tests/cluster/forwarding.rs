@@ -883,6 +883,22 @@ fn five_nodes_own_each_entry_three_times_and_publish_from_the_cache() {
     assert_eq!(after.1, misses, "no cache misses in steady state");
     assert!(after.2 >= hits + (WARM_SHARDS * PER_SHARD) as u64, "a cache hit per publish at least");
     assert_eq!(metric(&n1, "kadmq_cluster_lookups_failed_total"), 0);
+
+    // A topic published again takes the route remembered for it: the core
+    // is not even asked (no owned read, no cache hit), and it still arrives.
+    let (_, topic, _) = &warm[0];
+    let memo_before = metric(&n1, "kadmq_cluster_topic_route_hits_total");
+    const AGAIN: usize = 20;
+    for _ in 0..AGAIN {
+        publisher.publish(&rt, topic, QoS::AtLeastOnce, topic.clone());
+    }
+    settle(SETTLE, "the repeated publishes to arrive", || {
+        let got = subscriber.count();
+        (got >= total + AGAIN).then_some(()).ok_or(format!("{got} of {}", total + AGAIN))
+    });
+    let memo_hits = metric(&n1, "kadmq_cluster_topic_route_hits_total") - memo_before;
+    assert!(memo_hits >= (AGAIN - 1) as u64, "repeated publishes use the remembered route: {memo_hits} hits");
+    assert_eq!(metric(&n1, "kadmq_cluster_publishes_waiting"), 0);
     eprintln!("done after {:?}", started.elapsed());
 }
 
