@@ -9,9 +9,12 @@
 //! load the batches grow by themselves while the driver is busy with the
 //! previous ones; when idle a frame leaves at once, in a batch of one.
 //!
-//! Boundary: a node with [`MAX_QUEUED`] frames waiting loses the excess
-//! (counted by the caller; QoS 1/2 forwards are resent from the outbox,
-//! routes repaired by anti-entropy). A slow node holds up only its own queue.
+//! Boundary: a node with [`MAX_QUEUED_BYTES`] of frames waiting loses the
+//! excess (counted by the caller; QoS 1/2 forwards are resent from the
+//! outbox, routes repaired by anti-entropy). The bound is in bytes and
+//! generous: a burst of a few hundred thousand messages while a link is
+//! still being set up (right after a node joins) must not be cut. A slow
+//! node holds up only its own queue.
 
 use super::wire;
 use ahash::AHashMap;
@@ -21,8 +24,8 @@ use parking_lot::{Mutex, RwLock};
 use std::sync::Arc;
 use tokio::sync::Notify;
 
-/// Frames waiting for one node before new ones are dropped.
-pub const MAX_QUEUED: usize = 65_536;
+/// Bytes of frames waiting for one node before new ones are dropped.
+pub const MAX_QUEUED_BYTES: usize = 32 << 20;
 /// A batch is closed once it holds this many bytes (the driver takes
 /// frames of up to 16 MiB).
 pub const MAX_BATCH_BYTES: usize = 1 << 20;
@@ -65,17 +68,22 @@ struct Pending {
     /// Filled batches, the last one open.
     batches: Vec<Vec<u8>>,
     frames: usize,
+    /// Bytes in `batches`, the last one's as of the previous push.
+    bytes: usize,
 }
 
 impl Pending {
     fn push(&mut self, write: impl FnOnce(&mut Vec<u8>)) -> bool {
-        if self.frames >= MAX_QUEUED {
+        if self.bytes >= MAX_QUEUED_BYTES {
             return false;
         }
         if self.batches.last().is_none_or(|b| b.len() >= MAX_BATCH_BYTES) {
             self.batches.push(wire::new_batch(BATCH_START));
         }
-        wire::append_to_batch(self.batches.last_mut().expect("an open batch"), write);
+        let batch = self.batches.last_mut().expect("an open batch");
+        let before = batch.len();
+        wire::append_to_batch(batch, write);
+        self.bytes += batch.len() - before;
         self.frames += 1;
         true
     }
@@ -83,6 +91,7 @@ impl Pending {
     /// Everything queued so far, as batches to send in order.
     fn take(&mut self) -> Vec<Vec<u8>> {
         self.frames = 0;
+        self.bytes = 0;
         std::mem::take(&mut self.batches)
     }
 }
@@ -161,11 +170,13 @@ mod tests {
     #[test]
     fn a_full_queue_drops_new_frames_until_taken() {
         let mut pending = Pending::default();
-        for _ in 0..MAX_QUEUED {
-            assert!(pending.push(|out| out.push(1)));
+        let frame = vec![1u8; 4096 - 4];
+        let fit = MAX_QUEUED_BYTES / 4096;
+        for _ in 0..fit {
+            assert!(pending.push(|out| out.extend_from_slice(&frame)));
         }
         assert!(!pending.push(|out| out.push(2)), "the frame past the limit is dropped");
-        assert_eq!(frames_of(pending.take()).len(), MAX_QUEUED);
+        assert_eq!(frames_of(pending.take()).len(), fit);
         assert!(pending.push(|out| out.push(3)), "room again once taken");
     }
 }
