@@ -172,6 +172,8 @@ pub struct Cluster {
     name: String,
     /// Where the members' addresses are remembered across restarts.
     peers_file: std::path::PathBuf,
+    /// What the peers file holds (as written last, or read at start).
+    remembered: Mutex<Vec<String>>,
     pub stats: ClusterStats,
 }
 
@@ -222,7 +224,8 @@ pub async fn start(settings: &ClusterSettings, cx: StartContext<'_>) -> Result<A
     // The members last seen: a node restarted without (or with a stale)
     // bootstrap address still finds its fleet.
     let peers_file = key_dir.join(PEERS_FILE);
-    config.bootstrap.extend(known_peers(&peers_file, &peer_id));
+    let remembered: Vec<String> = known_peers(&peers_file, &peer_id).iter().map(|a| a.to_string()).collect();
+    config.bootstrap.extend(remembered.iter().filter_map(|a| a.parse().ok()));
     config.mqtt_listeners = cx.mqtt_listeners;
     config.incarnation = driver::next_incarnation(&key_dir)?;
     config.dead_timeout = Duration::from_secs(settings.dead_timeout_secs);
@@ -287,6 +290,7 @@ pub async fn start(settings: &ClusterSettings, cx: StartContext<'_>) -> Result<A
         me,
         name,
         peers_file,
+        remembered: Mutex::new(remembered),
         stats: ClusterStats::default(),
     });
     {
@@ -986,12 +990,12 @@ impl Cluster {
             })
             .collect();
         addrs.sort();
-        if addrs.is_empty()
-            || known_peers(&self.peers_file, &me).iter().map(|a| a.to_string()).eq(addrs.iter().cloned())
-        {
+        let mut remembered = self.remembered.lock();
+        if addrs.is_empty() || *remembered == addrs {
             return;
         }
         remember_peers(&self.peers_file, &addrs);
+        *remembered = addrs;
     }
 
     /// Leaves the fleet (other nodes mark this one dead at once).
