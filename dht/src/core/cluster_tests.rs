@@ -557,6 +557,44 @@ fn a_new_owner_defers_to_older_owners_until_reassertions_arrive() {
     }
 }
 
+/// With one owner per shard, a joining node takes a shard over before it
+/// has seen its own join: the publisher's only candidate says "not mine".
+/// The lookup is asked again until views agree, instead of routing the
+/// publish to nobody.
+#[test]
+fn a_lookup_nobody_answers_right_after_a_change_is_asked_again() {
+    let mut config = test_config();
+    config.replication = 1;
+    let mut net = Net::new(7, config.clone(), OwnershipConfig::Xor, 4);
+    let ids = net.ids();
+    let subscriber = ids[0];
+    let topics: Vec<String> = (0..60).map(|i| format!("r{i}/x")).collect();
+    for topic in &topics {
+        net.subscribe(subscriber, topic, None);
+    }
+    net.settle();
+    let joiner = net.fresh_id();
+    net.nodes.insert(joiner, Node::with_ownership(joiner, config, OwnershipConfig::Xor));
+    let mut members = net.membership.members().to_vec();
+    members.push(joiner);
+    net.set_members_except(members, &[joiner]);
+    // A topic the joiner now owns, published by a node that is neither.
+    let topic = topics.iter().find(|t| net.owners_of(t) == vec![joiner]).expect("the joiner owns a shard").clone();
+    let publisher = ids.iter().copied().find(|n| *n != subscriber).unwrap();
+    net.next_msg += 1;
+    let msg = net.next_msg;
+    net.topics.insert(msg, topic.clone());
+    net.handle(publisher, Event::Publish { topic: &topic, msg });
+    net.deliver_all();
+    assert!(net.deliveries.iter().all(|(_, m, _)| *m != msg), "not routed while the only owner says not mine");
+    // The joiner hears of its join; the retried lookup finds the route.
+    net.show_view(joiner);
+    net.run_for(500);
+    let got: Vec<NodeId> = net.deliveries.iter().filter(|(_, m, _)| *m == msg).map(|(n, _, _)| *n).collect();
+    assert_eq!(got, vec![subscriber], "{topic} reaches its subscriber once views agree");
+    assert_eq!(net.nodes[&publisher].counters().lookups_failed, 0);
+}
+
 #[test]
 fn frames_round_trip_through_the_harness() {
     let mut net = Net::new(9, test_config(), OwnershipConfig::Xor, 3);

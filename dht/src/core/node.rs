@@ -36,6 +36,10 @@ use smallvec::SmallVec;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 
+/// How long a lookup that no owner answered waits before asking them all
+/// again, while views are still converging after a membership change.
+const LOOKUP_RETRY_MS: u64 = 100;
+
 /// Settings shared by the whole fleet (every node must agree on
 /// `replication`, `shard_depth` and the ownership strategy).
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -590,6 +594,7 @@ impl Node {
         // Owner side: drop the dead, then find out what we still own.
         type Push = (ShardKey, Vec<(NodeId, u64)>, Vec<RouteChange>);
         let mut pushes: Vec<Push> = Vec::new();
+        let mut regained: Vec<ShardKey> = Vec::new();
         for (key, shard) in self.owned.iter_mut() {
             let mut changes = Vec::new();
             for &dead in &delta.removed {
@@ -601,7 +606,9 @@ impl Node {
                 shard.owners = self.membership.owners(key, r);
             }
             if shard.owners.contains(&self.id) {
-                shard.release_at = None;
+                if shard.release_at.take().is_some() {
+                    regained.push(*key);
+                }
             } else if shard.release_at.is_none() {
                 let at = now + self.config.handoff_grace_ms;
                 shard.release_at = Some(at);
@@ -616,6 +623,15 @@ impl Node {
             for (w, req) in watchers {
                 self.send(w, Frame::Delta { shard: key, req, changes: changes.clone() }, out);
             }
+        }
+        // A shard owned again before its grace ended missed this node's own
+        // changes meanwhile (they went to the owners of the time): its own
+        // entries come from the local truth again.
+        regained.sort_unstable();
+        for key in regained {
+            let ops = self.local_ops(&key);
+            let changes = self.owned.get_mut(&key).expect("owned").assert_from(self.id, true, &ops);
+            self.push_changes(key, changes, out);
         }
 
         // Publisher side: forget shards whose source died or no longer owns them.
@@ -724,6 +740,7 @@ impl Node {
     /// up and lets its publishes go on without the shard.
     fn try_next_owner(&mut self, now: u64, key: ShardKey, out: &mut Vec<Action>) {
         let owners = self.owners(&key);
+        let settling = self.view_changed_at.is_some_and(|at| now < at + self.config.handoff_warmup_ms);
         let Some(pending) = self.cache.pending_mut(&key) else { return };
         let candidates: Owners = owners.iter().copied().filter(|o| *o != self.id).collect();
         // Spread publishers over the replicas: each starts at its own offset.
@@ -747,6 +764,25 @@ impl Node {
                 self.lookup_deadlines.insert((pending.deadline, key));
                 self.counters.lookups_sent += 1;
                 self.send(owner, Frame::Lookup { shard: key, req }, out);
+            }
+            // Every owner said "not mine" (or did not answer) moments after a
+            // membership change: views are still converging (an owner that
+            // has not seen the change yet). Ask them all again shortly
+            // rather than route without the shard.
+            None if settling && pending.warming.as_ref().is_none_or(|(source, _)| !owners.contains(source)) => {
+                // A new request id: an answer to the old one, still on its
+                // way, must not be taken for (or unwatch) the new one.
+                self.next_req += 1;
+                let old_req = std::mem::replace(&mut pending.req, self.next_req);
+                let stale = pending.warming.take().map(|(source, _)| source);
+                pending.tried.clear();
+                pending.asked = self.id;
+                pending.deadline = now + LOOKUP_RETRY_MS;
+                self.lookup_deadlines.insert((pending.deadline, key));
+                self.counters.lookup_retries += 1;
+                if let Some(source) = stale.filter(|s| self.membership.contains(*s)) {
+                    self.send(source, Frame::Unwatch { shard: key, req: old_req }, out);
+                }
             }
             None => {
                 let pending = self.cache.take_pending(&key).expect("pending");
