@@ -224,8 +224,9 @@ pub async fn start(settings: &ClusterSettings, cx: StartContext<'_>) -> Result<A
     // The members last seen: a node restarted without (or with a stale)
     // bootstrap address still finds its fleet.
     let peers_file = key_dir.join(PEERS_FILE);
-    let remembered: Vec<String> = known_peers(&peers_file, &peer_id).iter().map(|a| a.to_string()).collect();
-    config.bootstrap.extend(remembered.iter().filter_map(|a| a.parse().ok()));
+    let known = known_peers(&peers_file, &peer_id);
+    let remembered: Vec<String> = known.iter().map(|a| a.to_string()).collect();
+    config.bootstrap.extend(known);
     config.mqtt_listeners = cx.mqtt_listeners;
     config.incarnation = driver::next_incarnation(&key_dir)?;
     config.dead_timeout = Duration::from_secs(settings.dead_timeout_secs);
@@ -639,9 +640,9 @@ impl Cluster {
                         pending.waiting.push((to, route.clone()));
                         st.outbox.assign(to, msg, now)
                     });
-                    let bytes = wire::encode_forward(msg, sequence, &pending.message, &route);
+                    let message = pending.message.clone();
                     self.stats.forwarded_out.add(1);
-                    self.send(st, to, bytes);
+                    self.send_with(st, to, |out| wire::write_forward(out, msg, sequence, &message, &route));
                 }
                 Action::Deliver { msg, route } => {
                     let message = match forwarded {
@@ -684,8 +685,13 @@ impl Cluster {
     }
 
     fn send(&self, st: &State, to: NodeId, bytes: Bytes) {
+        self.send_with(st, to, |out| out.extend_from_slice(&bytes));
+    }
+
+    /// Queues for node `to` the frame `write` appends.
+    fn send_with(&self, st: &State, to: NodeId, write: impl FnOnce(&mut Vec<u8>)) {
         match st.peers.get(&to) {
-            Some(peer) => self.push(*peer, bytes),
+            Some(peer) => self.push_with(*peer, write),
             None => bump(&self.stats.unroutable, 1),
         }
     }
@@ -948,7 +954,7 @@ impl Cluster {
             let (live, peers) = (&st.live, &st.peers);
             for (sequence, id, message, to, route) in st.outbox.due(&broker.storage, now, |node| live.contains(&node)) {
                 if let Some(peer) = peers.get(&to) {
-                    self.push(*peer, wire::encode_forward(id, Some(sequence), &message, &route));
+                    self.push_with(*peer, |out| wire::write_forward(out, id, Some(sequence), &message, &route));
                 }
             }
             st.rejoin_notices.retain(|node, left| {

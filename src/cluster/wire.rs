@@ -16,7 +16,6 @@ use crate::broker::message::Message;
 use crate::protocol::QoS;
 use bytes::Bytes;
 use kadmq_dht::core::{self, ForwardRoute, SharedPick};
-use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
 pub const VERSION: u8 = 2;
@@ -29,7 +28,7 @@ const REJOINED: u8 = 5;
 const BATCH: u8 = 6;
 
 /// A message forwarded to one destination node.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Forward {
     /// The publishing node's id for this message.
     pub id: u64,
@@ -79,7 +78,9 @@ pub fn encode_route(frame: &core::Frame) -> Bytes {
     with_header(ROUTE, &core::encode(frame))
 }
 
-/// Encodes a forward to one node.
+/// Encodes a forward to one node (the cluster writes forwards straight
+/// into a batch with [`write_forward`]).
+#[cfg(test)]
 pub fn encode_forward(id: u64, sequence: Option<Sequence>, message: &Message, route: &ForwardRoute) -> Bytes {
     let mut out = Vec::with_capacity(forward_size(message, route));
     write_forward(&mut out, id, sequence, message, route);
@@ -87,7 +88,8 @@ pub fn encode_forward(id: u64, sequence: Option<Sequence>, message: &Message, ro
 }
 
 /// A close upper bound of a forward's encoded size (properties aside).
-pub fn forward_size(message: &Message, route: &ForwardRoute) -> usize {
+#[cfg(test)]
+fn forward_size(message: &Message, route: &ForwardRoute) -> usize {
     let shared: usize = route.shared.iter().map(|p| p.group.len() + p.filter.len() + 4).sum();
     64 + message.topic.len() + message.payload.len() + message.origin.as_ref().map_or(0, |o| o.len()) + shared
 }

@@ -403,8 +403,13 @@ impl Node {
     /// Whether this node became an owner of `key` so recently that the
     /// subscriber nodes' re-assertions may not all have arrived.
     fn warming(&self, key: &ShardKey, now: u64) -> bool {
+        self.view_settling(now) && !self.baseline.owners(key, self.config.replication).contains(&self.id)
+    }
+
+    /// Whether the last membership change is recent enough that other
+    /// nodes may not have seen it yet (`handoff_warmup_ms`).
+    fn view_settling(&self, now: u64) -> bool {
         self.view_changed_at.is_some_and(|at| now < at + self.config.handoff_warmup_ms)
-            && !self.baseline.owners(key, self.config.replication).contains(&self.id)
     }
 
     /// Whether a publish may read this node's own copy of `key`: it owns the
@@ -556,7 +561,7 @@ impl Node {
 
     fn on_membership(&mut self, now: u64, membership: Arc<Membership>, out: &mut Vec<Action>) {
         let old = std::mem::replace(&mut self.membership, membership);
-        if self.view_changed_at.is_none_or(|at| now >= at + self.config.handoff_warmup_ms) {
+        if !self.view_settling(now) {
             self.baseline = old.clone();
         }
         self.view_changed_at = Some(now);
@@ -740,7 +745,7 @@ impl Node {
     /// up and lets its publishes go on without the shard.
     fn try_next_owner(&mut self, now: u64, key: ShardKey, out: &mut Vec<Action>) {
         let owners = self.owners(&key);
-        let settling = self.view_changed_at.is_some_and(|at| now < at + self.config.handoff_warmup_ms);
+        let settling = self.view_settling(now);
         let Some(pending) = self.cache.pending_mut(&key) else { return };
         let candidates: Owners = owners.iter().copied().filter(|o| *o != self.id).collect();
         // Spread publishers over the replicas: each starts at its own offset.
@@ -929,16 +934,10 @@ impl Node {
                 Some(evicted) => self.unwatch_evicted(evicted, out),
                 // A warming owner's answer kept while the lookup goes on:
                 // it is watched already, keep it current.
-                None if self
-                    .cache
-                    .pending_mut(&key)
-                    .is_some_and(|p| p.req == req && p.warming.as_ref().is_some_and(|(source, _)| *source == from)) =>
-                {
-                    let pending = self.cache.pending_mut(&key).expect("pending");
-                    let (_, entries) = pending.warming.as_mut().expect("warming");
-                    apply_changes(entries, &changes);
-                }
-                None => self.send(from, Frame::Unwatch { shard: key, req }, out),
+                None => match self.cache.pending_mut(&key).and_then(|p| p.warming_answer(from, req)) {
+                    Some(entries) => apply_changes(entries, &changes),
+                    None => self.send(from, Frame::Unwatch { shard: key, req }, out),
+                },
             },
             Frame::Released { shard: key } => {
                 if self.cache.peek(&key).is_some_and(|s| s.source == from) {

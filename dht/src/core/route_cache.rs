@@ -85,6 +85,16 @@ pub struct PendingLookup {
     pub warming: Option<(NodeId, Vec<RouteChange>)>,
 }
 
+impl PendingLookup {
+    /// The kept warming answer, if `from` gave it to request `req`.
+    pub fn warming_answer(&mut self, from: NodeId, req: u64) -> Option<&mut Vec<RouteChange>> {
+        match &mut self.warming {
+            Some((source, entries)) if self.req == req && *source == from => Some(entries),
+            _ => None,
+        }
+    }
+}
+
 /// A bounded route cache with single-flight misses.
 #[derive(Clone, Debug)]
 pub struct RouteCache {
