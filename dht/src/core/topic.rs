@@ -73,13 +73,15 @@ pub fn join_filter(levels: &[&str], hash: bool) -> String {
 /// string, instead of chasing a heap pointer per probe — with millions of
 /// filters per process (the simulator) the trie is memory-latency bound.
 /// Iteration order is the (deterministic) hash order.
-#[derive(Clone, Debug)]
+///
+/// No walk recurses per level (insert, remove, match, visit, retain, clone
+/// and drop all use loops or an explicit stack): a filter of 30,000 levels
+/// costs time, never stack.
 pub struct FilterTrie<V> {
     root: TrieNode<V>,
     len: usize,
 }
 
-#[derive(Clone, Debug)]
 struct TrieNode<V> {
     /// The filter that ends at this node.
     value: Option<Box<V>>,
@@ -109,6 +111,37 @@ impl<V> Default for TrieNode<V> {
     }
 }
 
+impl<V> Drop for TrieNode<V> {
+    /// Frees a subtree with an explicit stack: the derived drop would
+    /// recurse once per level.
+    fn drop(&mut self) {
+        if self.children.is_empty() && self.single.is_none() {
+            return;
+        }
+        let mut stack: Vec<TrieNode<V>> = Vec::new();
+        detach_children(self, &mut stack);
+        while let Some(mut node) = stack.pop() {
+            detach_children(&mut node, &mut stack);
+            // `node` now has no children: dropping it recurses no further.
+        }
+    }
+}
+
+fn detach_children<V>(node: &mut TrieNode<V>, into: &mut Vec<TrieNode<V>>) {
+    node.hashes.clear();
+    into.extend(node.children.drain(..).map(|(_, child)| child));
+    if let Some(single) = node.single.take() {
+        into.push(*single);
+    }
+}
+
+/// One step down the trie: the `+` child or a literal child (its index).
+#[derive(Clone, Copy)]
+enum Step {
+    Single,
+    Child(usize),
+}
+
 impl<V> TrieNode<V> {
     /// The child for `level` (hash `h`), or where to insert it.
     #[inline]
@@ -124,19 +157,71 @@ impl<V> TrieNode<V> {
         Err(i)
     }
 
-    fn remove_child(&mut self, i: usize) {
-        self.hashes.remove(i);
-        self.children.remove(i);
+    fn child(&self, step: Step) -> &TrieNode<V> {
+        match step {
+            Step::Single => self.single.as_deref().expect("step taken"),
+            Step::Child(i) => &self.children[i].1,
+        }
+    }
+
+    fn child_mut(&mut self, step: Step) -> &mut TrieNode<V> {
+        match step {
+            Step::Single => self.single.as_deref_mut().expect("step taken"),
+            Step::Child(i) => &mut self.children[i].1,
+        }
+    }
+
+    fn remove_step(&mut self, step: Step) {
+        match step {
+            Step::Single => self.single = None,
+            Step::Child(i) => {
+                self.hashes.remove(i);
+                self.children.remove(i);
+            }
+        }
     }
 
     fn is_empty(&self) -> bool {
         self.value.is_none() && self.multi.is_none() && self.single.is_none() && self.children.is_empty()
+    }
+
+    /// Nothing but the one child `next` (or nothing at all) below it.
+    fn only_leads_to(&self, next: Option<Step>) -> bool {
+        if self.value.is_some() || self.multi.is_some() {
+            return false;
+        }
+        match next {
+            None => self.single.is_none() && self.children.is_empty(),
+            Some(Step::Single) => self.children.is_empty(),
+            Some(Step::Child(_)) => self.single.is_none() && self.children.len() == 1,
+        }
     }
 }
 
 impl<V> Default for FilterTrie<V> {
     fn default() -> Self {
         FilterTrie { root: TrieNode::default(), len: 0 }
+    }
+}
+
+impl<V: Clone> Clone for FilterTrie<V> {
+    /// Rebuilt filter by filter: no recursion over levels.
+    fn clone(&self) -> Self {
+        let mut copy = FilterTrie::new();
+        self.for_each_filter(|filter, v| {
+            copy.get_or_insert_with(filter, || v.clone());
+        });
+        copy
+    }
+}
+
+impl<V: std::fmt::Debug> std::fmt::Debug for FilterTrie<V> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut map = f.debug_map();
+        self.for_each_filter(|filter, v| {
+            map.entry(&filter, v);
+        });
+        map.finish()
     }
 }
 
@@ -224,26 +309,117 @@ impl<V> FilterTrie<V> {
 
     /// Removes `filter`, pruning trie nodes left empty.
     pub fn remove(&mut self, filter: &str) -> Option<V> {
-        let levels: Vec<&str> = filter.split('/').collect();
-        let removed = remove_in(&mut self.root, &levels);
-        if removed.is_some() {
-            self.len -= 1;
+        // The path to the filter's node, and whether it ends in `#`.
+        let mut steps: Vec<Step> = Vec::new();
+        let mut multi = false;
+        {
+            let mut node = &self.root;
+            let mut levels = filter.split('/').peekable();
+            while let Some(level) = levels.next() {
+                if level == "#" && levels.peek().is_none() {
+                    multi = true;
+                    break;
+                }
+                let step = if level == "+" {
+                    node.single.as_ref()?;
+                    Step::Single
+                } else {
+                    Step::Child(node.find(level, level_hash(level)).ok()?)
+                };
+                node = node.child(step);
+                steps.push(step);
+            }
         }
-        removed.map(|b| *b)
+        let mut node = &mut self.root;
+        for &step in &steps {
+            node = node.child_mut(step);
+        }
+        let removed = if multi { node.multi.take() } else { node.value.take() }?;
+        self.len -= 1;
+        // Prune: cut the path below the deepest node that still holds
+        // something besides the path itself.
+        let mut nodes = Vec::with_capacity(steps.len() + 1);
+        let mut node = &self.root;
+        nodes.push(node);
+        for &step in &steps {
+            node = node.child(step);
+            nodes.push(node);
+        }
+        let mut cut = steps.len();
+        while cut > 0 && nodes[cut].only_leads_to(steps.get(cut).copied().filter(|_| cut < steps.len())) {
+            cut -= 1;
+        }
+        if cut < steps.len() {
+            let mut parent = &mut self.root;
+            for &step in &steps[..cut] {
+                parent = parent.child_mut(step);
+            }
+            parent.remove_step(steps[cut]);
+        }
+        Some(*removed)
     }
 
     /// Visits every filter matching `topic`, as (levels, ends with `#`, value).
     pub fn match_topic<'a>(&'a self, topic: &str, mut visit: impl FnMut(&[&'a str], bool, &'a V)) {
         let levels: smallvec::SmallVec<[(&str, u64); 8]> = topic.split('/').map(|l| (l, level_hash(l))).collect();
         let dollar = topic.starts_with('$');
-        let mut path = Vec::with_capacity(levels.len());
-        match_in(&self.root, &levels, 0, dollar, &mut path, &mut visit);
+        let mut path: Vec<&'a str> = Vec::with_capacity(levels.len());
+        // (node, levels consumed to reach it, its label); a node at depth d
+        // has the labels of its path in `path[..d]` once it is popped.
+        let mut stack: Vec<(&'a TrieNode<V>, usize, &'a str)> = vec![(&self.root, 0, "")];
+        while let Some((node, depth, label)) = stack.pop() {
+            if depth > 0 {
+                path.truncate(depth - 1);
+                path.push(label);
+            }
+            let root_of_dollar = dollar && depth == 0;
+            if let Some(v) = node.multi.as_deref() {
+                if !root_of_dollar {
+                    visit(&path, true, v);
+                }
+            }
+            let Some(&(level, h)) = levels.get(depth) else {
+                if let Some(v) = node.value.as_deref() {
+                    visit(&path, false, v);
+                }
+                continue;
+            };
+            // Pushed in reverse of the visiting order: literal child first.
+            if let Some(single) = node.single.as_deref() {
+                if !root_of_dollar {
+                    stack.push((single, depth + 1, "+"));
+                }
+            }
+            if let Ok(i) = node.find(level, h) {
+                let (label, child) = &node.children[i];
+                stack.push((child, depth + 1, label));
+            }
+        }
     }
 
     /// Visits every filter, in a deterministic order.
     pub fn for_each<'a>(&'a self, mut visit: impl FnMut(&[&'a str], bool, &'a V)) {
-        let mut path = Vec::new();
-        visit_all(&self.root, &mut path, &mut visit);
+        let mut path: Vec<&'a str> = Vec::new();
+        let mut stack: Vec<(&'a TrieNode<V>, usize, &'a str)> = vec![(&self.root, 0, "")];
+        while let Some((node, depth, label)) = stack.pop() {
+            if depth > 0 {
+                path.truncate(depth - 1);
+                path.push(label);
+            }
+            if let Some(v) = node.value.as_deref() {
+                visit(&path, false, v);
+            }
+            if let Some(v) = node.multi.as_deref() {
+                visit(&path, true, v);
+            }
+            // Visiting order: the `+` subtree, then the literal children in order.
+            for (label, child) in node.children.iter().rev() {
+                stack.push((child, depth + 1, label));
+            }
+            if let Some(single) = node.single.as_deref() {
+                stack.push((single, depth + 1, "+"));
+            }
+        }
     }
 
     /// Visits every filter as a joined string.
@@ -253,111 +429,59 @@ impl<V> FilterTrie<V> {
 
     /// Keeps only the filters for which `keep` returns true.
     pub fn retain(&mut self, mut keep: impl FnMut(&mut V) -> bool) {
-        let removed = retain_in(&mut self.root, &mut keep);
-        self.len -= removed;
-    }
-}
-
-fn remove_in<V>(node: &mut TrieNode<V>, levels: &[&str]) -> Option<Box<V>> {
-    let Some((&level, rest)) = levels.split_first() else { return node.value.take() };
-    if level == "#" && rest.is_empty() {
-        return node.multi.take();
-    }
-    if level == "+" {
-        let child = node.single.as_deref_mut()?;
-        let removed = remove_in(child, rest);
-        if child.is_empty() {
-            node.single = None;
+        // Post-order with an explicit stack: each node is detached from its
+        // parent while its subtree is worked on, and put back unless it
+        // ended up empty.
+        struct Open<V> {
+            node: TrieNode<V>,
+            /// How it hangs from its parent: `None` for `+`, else its label and hash.
+            label: Option<(Box<str>, u64)>,
+            single: Option<Box<TrieNode<V>>>,
+            children: std::iter::Zip<std::vec::IntoIter<u64>, std::vec::IntoIter<(Box<str>, TrieNode<V>)>>,
         }
-        return removed;
-    }
-    let i = node.find(level, level_hash(level)).ok()?;
-    let removed = remove_in(&mut node.children[i].1, rest);
-    if node.children[i].1.is_empty() {
-        node.remove_child(i);
-    }
-    removed
-}
-
-fn retain_in<V>(node: &mut TrieNode<V>, keep: &mut impl FnMut(&mut V) -> bool) -> usize {
-    let mut removed = 0;
-    for slot in [&mut node.value, &mut node.multi] {
-        if let Some(v) = slot {
-            if !keep(v) {
-                *slot = None;
-                removed += 1;
+        let open = |mut node: TrieNode<V>, label, keep: &mut dyn FnMut(&mut V) -> bool, removed: &mut usize| {
+            for slot in [&mut node.value, &mut node.multi] {
+                if slot.as_deref_mut().is_some_and(|v| !keep(v)) {
+                    *slot = None;
+                    *removed += 1;
+                }
+            }
+            let single = node.single.take();
+            let hashes = std::mem::take(&mut node.hashes);
+            let children = std::mem::take(&mut node.children);
+            Open { node, label, single, children: hashes.into_iter().zip(children) }
+        };
+        let mut removed = 0;
+        let root = std::mem::take(&mut self.root);
+        let mut stack = vec![open(root, None, &mut keep, &mut removed)];
+        loop {
+            let top = stack.last_mut().expect("the root stays until the end");
+            let next = match top.single.take() {
+                Some(single) => Some((*single, None)),
+                None => top.children.next().map(|(h, (label, child))| (child, Some((label, h)))),
+            };
+            if let Some((child, label)) = next {
+                let opened = open(child, label, &mut keep, &mut removed);
+                stack.push(opened);
+                continue;
+            }
+            let done = stack.pop().expect("checked above");
+            let Some(parent) = stack.last_mut() else {
+                self.root = done.node;
+                break;
+            };
+            if done.node.is_empty() {
+                continue;
+            }
+            match done.label {
+                None => parent.node.single = Some(Box::new(done.node)),
+                Some((label, h)) => {
+                    parent.node.hashes.push(h);
+                    parent.node.children.push((label, done.node));
+                }
             }
         }
-    }
-    if let Some(single) = node.single.as_deref_mut() {
-        removed += retain_in(single, keep);
-        if single.is_empty() {
-            node.single = None;
-        }
-    }
-    let mut i = 0;
-    while i < node.children.len() {
-        removed += retain_in(&mut node.children[i].1, keep);
-        if node.children[i].1.is_empty() {
-            node.remove_child(i);
-        } else {
-            i += 1;
-        }
-    }
-    removed
-}
-
-fn match_in<'a, V>(
-    node: &'a TrieNode<V>,
-    levels: &[(&str, u64)],
-    depth: usize,
-    dollar: bool,
-    path: &mut Vec<&'a str>,
-    visit: &mut impl FnMut(&[&'a str], bool, &'a V),
-) {
-    let root_of_dollar = dollar && depth == 0;
-    if let Some(v) = node.multi.as_deref() {
-        if !root_of_dollar {
-            visit(path, true, v);
-        }
-    }
-    let Some(&(level, h)) = levels.get(depth) else {
-        if let Some(v) = node.value.as_deref() {
-            visit(path, false, v);
-        }
-        return;
-    };
-    if let Ok(i) = node.find(level, h) {
-        let (label, child) = &node.children[i];
-        path.push(label);
-        match_in(child, levels, depth + 1, dollar, path, visit);
-        path.pop();
-    }
-    if let Some(single) = node.single.as_deref() {
-        if !root_of_dollar {
-            path.push("+");
-            match_in(single, levels, depth + 1, dollar, path, visit);
-            path.pop();
-        }
-    }
-}
-
-fn visit_all<'a, V>(node: &'a TrieNode<V>, path: &mut Vec<&'a str>, visit: &mut impl FnMut(&[&'a str], bool, &'a V)) {
-    if let Some(v) = node.value.as_deref() {
-        visit(path, false, v);
-    }
-    if let Some(v) = node.multi.as_deref() {
-        visit(path, true, v);
-    }
-    if let Some(single) = node.single.as_deref() {
-        path.push("+");
-        visit_all(single, path, visit);
-        path.pop();
-    }
-    for (label, child) in &node.children {
-        path.push(label);
-        visit_all(child, path, visit);
-        path.pop();
+        self.len -= removed;
     }
 }
 
@@ -409,6 +533,39 @@ mod tests {
             assert_eq!(trie.remove(f), Some(1), "{f}");
         }
         assert!(trie.is_empty() && trie.root.is_empty());
+    }
+
+    /// Filters and topics of 100,000 levels (the crash input of issue 8 is a filter of 65,535 `/`)
+    /// go through every walk on a thread with a 256 KiB stack: no walk recurses per level.
+    #[test]
+    fn deep_filters_do_not_grow_the_stack() {
+        std::thread::Builder::new()
+            .stack_size(256 * 1024)
+            .spawn(|| {
+                let deep = "/".repeat(100_000);
+                let deep_plus = vec!["+"; 100_001].join("/"); // as many levels as `deep`
+                let mut trie = FilterTrie::new();
+                for f in [deep.as_str(), deep_plus.as_str(), "a/#"] {
+                    *trie.get_or_insert_with(f, || 0) += 1;
+                }
+                let mut seen = 0;
+                trie.match_topic(&deep, |_, _, _| seen += 1);
+                assert_eq!(seen, 2);
+                let mut all = 0;
+                trie.for_each_filter(|_, _| all += 1);
+                assert_eq!(all, 3);
+                let copy = trie.clone();
+                assert_eq!(copy.len(), 3);
+                drop(copy);
+                assert_eq!(trie.remove(&deep), Some(1));
+                trie.retain(|_| false);
+                assert!(trie.is_empty() && trie.root.is_empty());
+                *trie.get_or_insert_with(&deep, || 0) += 1;
+                drop(trie);
+            })
+            .unwrap()
+            .join()
+            .unwrap();
     }
 
     fn level() -> impl Strategy<Value = String> {
