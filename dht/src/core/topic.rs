@@ -432,12 +432,13 @@ impl<V> FilterTrie<V> {
         // Post-order with an explicit stack: each node is detached from its
         // parent while its subtree is worked on, and put back unless it
         // ended up empty.
+        type Children<V> = std::iter::Zip<std::vec::IntoIter<u64>, std::vec::IntoIter<(Box<str>, TrieNode<V>)>>;
         struct Open<V> {
             node: TrieNode<V>,
             /// How it hangs from its parent: `None` for `+`, else its label and hash.
             label: Option<(Box<str>, u64)>,
             single: Option<Box<TrieNode<V>>>,
-            children: std::iter::Zip<std::vec::IntoIter<u64>, std::vec::IntoIter<(Box<str>, TrieNode<V>)>>,
+            children: Children<V>,
         }
         let open = |mut node: TrieNode<V>, label, keep: &mut dyn FnMut(&mut V) -> bool, removed: &mut usize| {
             for slot in [&mut node.value, &mut node.multi] {
