@@ -19,6 +19,23 @@ struct Level {
     message: Option<Arc<Message>>,
 }
 
+impl Level {
+    fn is_empty(&self) -> bool {
+        self.message.is_none() && self.children.is_empty()
+    }
+}
+
+/// Dropping a chain of levels would recurse once per level; the children
+/// are detached onto a stack instead.
+impl Drop for Level {
+    fn drop(&mut self) {
+        let mut stack: Vec<Level> = std::mem::take(&mut self.children).into_values().collect();
+        while let Some(mut level) = stack.pop() {
+            stack.extend(std::mem::take(&mut level.children).into_values());
+        }
+    }
+}
+
 impl RetainedTree {
     pub fn len(&self) -> usize {
         self.len
@@ -45,25 +62,46 @@ impl RetainedTree {
     /// Clears the retained message of `topic`; returns whether there was one.
     pub fn remove(&mut self, topic: &str) -> bool {
         let levels: Vec<&str> = topic.split('/').collect();
-        let removed = Self::remove_at(&mut self.root, &levels);
-        if removed {
-            self.len -= 1;
+        let mut node = &mut self.root;
+        for level in &levels {
+            match node.children.get_mut(*level) {
+                Some(child) => node = child,
+                None => return false,
+            }
         }
-        removed
+        if node.message.take().is_none() {
+            return false;
+        }
+        self.len -= 1;
+        self.prune(&levels);
+        true
     }
 
-    fn remove_at(node: &mut Level, levels: &[&str]) -> bool {
-        let Some((level, rest)) = levels.split_first() else {
-            return node.message.take().is_some();
-        };
-        let Some(child) = node.children.get_mut(*level) else {
-            return false;
-        };
-        let removed = Self::remove_at(child, rest);
-        if child.message.is_none() && child.children.is_empty() {
-            node.children.remove(*level);
+    /// Cuts the longest tail of `levels` whose nodes hold nothing but the
+    /// rest of the path.
+    fn prune(&mut self, levels: &[&str]) {
+        let mut cut = None;
+        let mut node = &self.root;
+        for (depth, level) in levels.iter().enumerate() {
+            let Some(child) = node.children.get(*level) else { return };
+            let only_path = child.message.is_none()
+                && match levels.get(depth + 1) {
+                    None => child.is_empty(),
+                    Some(next) => child.children.len() == 1 && child.children.contains_key(*next),
+                };
+            if only_path {
+                cut.get_or_insert(depth);
+            } else {
+                cut = None;
+            }
+            node = child;
         }
-        removed
+        let Some(cut) = cut else { return };
+        let mut parent = &mut self.root;
+        for level in &levels[..cut] {
+            parent = parent.children.get_mut(*level).expect("walked above");
+        }
+        parent.children.remove(levels[cut]);
     }
 
     /// Clears `topic` if its retained message has expired at `now_ms`;
@@ -85,49 +123,37 @@ impl RetainedTree {
     pub fn matching(&self, filter: &str) -> Vec<Arc<Message>> {
         let mut out = Vec::new();
         let levels: Vec<&str> = filter.split('/').collect();
-        Self::walk(&self.root, &levels, true, &mut out);
+        // Each entry: a node and how many filter levels it has consumed.
+        let mut stack = vec![(&self.root, 0)];
+        while let Some((node, depth)) = stack.pop() {
+            let Some(level) = levels.get(depth) else {
+                out.extend(node.message.iter().cloned());
+                continue;
+            };
+            let at_root = depth == 0;
+            // Wildcards at the first level never match `$` topics.
+            let visible = |name: &str| !(at_root && name.starts_with('$'));
+            match *level {
+                "#" => {
+                    // `a/#` also matches `a` itself.
+                    if !at_root {
+                        out.extend(node.message.iter().cloned());
+                    }
+                    let mut below: Vec<&Level> =
+                        node.children.iter().filter(|(name, _)| visible(name)).map(|(_, child)| child).collect();
+                    while let Some(level) = below.pop() {
+                        out.extend(level.message.iter().cloned());
+                        below.extend(level.children.values());
+                    }
+                }
+                "+" => {
+                    let next = node.children.iter().filter(|(name, _)| visible(name));
+                    stack.extend(next.map(|(_, child)| (child, depth + 1)));
+                }
+                literal => stack.extend(node.children.get(literal).map(|child| (child, depth + 1))),
+            }
+        }
         out
-    }
-
-    fn walk(node: &Level, levels: &[&str], at_root: bool, out: &mut Vec<Arc<Message>>) {
-        let Some((level, rest)) = levels.split_first() else {
-            out.extend(node.message.iter().cloned());
-            return;
-        };
-        // Wildcards at the first level never match `$` topics.
-        let visible = |name: &str| !(at_root && name.starts_with('$'));
-        match *level {
-            "#" => {
-                // `a/#` also matches `a` itself.
-                if !at_root {
-                    out.extend(node.message.iter().cloned());
-                }
-                for (name, child) in &node.children {
-                    if visible(name) {
-                        Self::all(child, out);
-                    }
-                }
-            }
-            "+" => {
-                for (name, child) in &node.children {
-                    if visible(name) {
-                        Self::walk(child, rest, false, out);
-                    }
-                }
-            }
-            literal => {
-                if let Some(child) = node.children.get(literal) {
-                    Self::walk(child, rest, false, out);
-                }
-            }
-        }
-    }
-
-    fn all(node: &Level, out: &mut Vec<Arc<Message>>) {
-        out.extend(node.message.iter().cloned());
-        for child in node.children.values() {
-            Self::all(child, out);
-        }
     }
 }
 
@@ -180,6 +206,46 @@ mod tests {
         assert_eq!(tree.len(), 1);
     }
 
+    /// Topics and filters of 100,000 levels go through insert, match,
+    /// remove and drop on a 256 KiB stack: no walk recurses per level.
+    #[test]
+    fn deep_topics_do_not_grow_the_stack() {
+        std::thread::Builder::new()
+            .stack_size(256 * 1024)
+            .spawn(|| {
+                let deep = "/".repeat(100_000);
+                let mut tree = RetainedTree::default();
+                tree.insert(msg(&deep));
+                tree.insert(msg(&format!("{deep}/x")));
+                assert_eq!(tree.matching("#").len(), 2);
+                assert_eq!(tree.matching(&vec!["+"; 100_001].join("/")).len(), 1);
+                assert_eq!(tree.matching(&deep).len(), 1);
+                assert!(tree.remove(&deep));
+                assert_eq!(tree.matching(&format!("{deep}/#")).len(), 1);
+                drop(tree);
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+    }
+
+    #[test]
+    fn remove_keeps_what_shares_the_path() {
+        let mut tree = RetainedTree::default();
+        for t in ["a/b/c/d", "a/b", "a/x/c", "a/b/e"] {
+            tree.insert(msg(t));
+        }
+        assert!(tree.remove("a/b/c/d"));
+        assert!(!tree.remove("a/b/c"));
+        let mut left: Vec<String> = tree.matching("#").iter().map(|m| m.topic.clone()).collect();
+        left.sort();
+        assert_eq!(left, ["a/b", "a/b/e", "a/x/c"]);
+        for t in ["a/b", "a/b/e", "a/x/c"] {
+            assert!(tree.remove(t), "{t}");
+        }
+        assert!(tree.root.is_empty());
+    }
+
     #[test]
     fn replace_and_remove() {
         let mut tree = RetainedTree::default();
@@ -189,6 +255,6 @@ mod tests {
         assert!(tree.remove("a/b"));
         assert!(!tree.remove("a/b"));
         assert!(tree.is_empty());
-        assert!(tree.root.children.is_empty());
+        assert!(tree.root.is_empty());
     }
 }

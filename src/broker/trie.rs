@@ -35,6 +35,48 @@ impl<K, V> Node<K, V> {
     fn is_empty(&self) -> bool {
         self.literal.is_empty() && self.plus.is_none() && self.hash.is_empty() && self.here.is_empty()
     }
+
+    fn child(&self, level: &str) -> Option<&Node<K, V>> {
+        if level == "+" {
+            self.plus.as_deref()
+        } else {
+            self.literal.get(level)
+        }
+    }
+
+    fn child_mut(&mut self, level: &str) -> Option<&mut Node<K, V>> {
+        if level == "+" {
+            self.plus.as_deref_mut()
+        } else {
+            self.literal.get_mut(level)
+        }
+    }
+
+    /// Whether this node holds nothing but the child at `level` (nothing at
+    /// all for `None`): removing that child's subtree leaves it empty.
+    fn only_leads_to(&self, level: Option<&str>) -> bool {
+        if !self.hash.is_empty() || !self.here.is_empty() {
+            return false;
+        }
+        match level {
+            None => self.is_empty(),
+            Some("+") => self.literal.is_empty() && self.plus.is_some(),
+            Some(level) => self.plus.is_none() && self.literal.len() == 1 && self.literal.contains_key(level),
+        }
+    }
+}
+
+/// Dropping a chain of nodes one level each would recurse once per level;
+/// the children are detached onto a stack instead.
+impl<K, V> Drop for Node<K, V> {
+    fn drop(&mut self) {
+        let mut stack: Vec<Node<K, V>> = std::mem::take(&mut self.literal).into_values().collect();
+        stack.extend(self.plus.take().map(|plus| *plus));
+        while let Some(mut node) = stack.pop() {
+            stack.extend(std::mem::take(&mut node.literal).into_values());
+            stack.extend(node.plus.take().map(|plus| *plus));
+        }
+    }
 }
 
 impl<K: Eq + Hash + Clone, V> Default for SubscriptionTrie<K, V> {
@@ -89,34 +131,43 @@ impl<K: Eq + Hash + Clone, V> SubscriptionTrie<K, V> {
     /// Removes `key`'s entry for `filter`, pruning empty nodes.
     pub fn remove(&mut self, filter: &str, key: &K) -> Option<V> {
         let levels: Vec<&str> = filter.split('/').collect();
-        let removed = Self::remove_at(&mut self.root, &levels, key);
-        if removed.is_some() {
-            self.len -= 1;
+        let (path, in_hash) = match levels.split_last() {
+            Some((&"#", path)) => (path, true),
+            _ => (&levels[..], false),
+        };
+        let mut node = &mut self.root;
+        for level in path {
+            node = node.child_mut(level)?;
         }
-        removed
+        let removed = if in_hash { node.hash.remove(key) } else { node.here.remove(key) }?;
+        self.len -= 1;
+        self.prune(path);
+        Some(removed)
     }
 
-    fn remove_at(node: &mut Node<K, V>, levels: &[&str], key: &K) -> Option<V> {
-        let Some((level, rest)) = levels.split_first() else {
-            return node.here.remove(key);
-        };
-        if *level == "#" && rest.is_empty() {
-            return node.hash.remove(key);
+    /// Cuts the longest tail of `path` whose nodes hold nothing but the
+    /// rest of the path (found first, read-only, then cut in one place).
+    fn prune(&mut self, path: &[&str]) {
+        let mut cut = None;
+        let mut node = &self.root;
+        for (depth, level) in path.iter().enumerate() {
+            let Some(child) = node.child(level) else { return };
+            if child.only_leads_to(path.get(depth + 1).copied()) {
+                cut.get_or_insert(depth);
+            } else {
+                cut = None;
+            }
+            node = child;
         }
-        if *level == "+" {
-            let child = node.plus.as_mut()?;
-            let removed = Self::remove_at(child, rest, key);
-            if child.is_empty() {
-                node.plus = None;
-            }
-            removed
+        let Some(cut) = cut else { return };
+        let mut parent = &mut self.root;
+        for level in &path[..cut] {
+            parent = parent.child_mut(level).expect("walked above");
+        }
+        if path[cut] == "+" {
+            parent.plus = None;
         } else {
-            let child = node.literal.get_mut(*level)?;
-            let removed = Self::remove_at(child, rest, key);
-            if child.is_empty() {
-                node.literal.remove(*level);
-            }
-            removed
+            parent.literal.remove(path[cut]);
         }
     }
 
@@ -127,62 +178,67 @@ impl<K: Eq + Hash + Clone, V> SubscriptionTrie<K, V> {
         let mut levels = topic.split('/');
         let first = levels.next().unwrap_or("");
         let root = &self.root;
+        // Each entry is a node that has consumed one level, with the levels after it.
+        let mut stack = Vec::new();
+        if let Some(child) = root.literal.get(first) {
+            stack.push((child, levels.clone()));
+        }
         if !dollar {
             root.hash.iter().for_each(|(k, v)| visit(k, v));
             if let Some(plus) = &root.plus {
-                Self::walk(plus, levels.clone(), &mut visit);
+                stack.push((plus, levels));
             }
         }
-        if let Some(child) = root.literal.get(first) {
-            Self::walk(child, levels, &mut visit);
-        }
-    }
-
-    /// `node` has consumed one level; `rest` are the levels after it.
-    fn walk<'t>(node: &Node<K, V>, mut rest: std::str::Split<'t, char>, visit: &mut impl FnMut(&K, &V)) {
-        // `#` at this point matches the remaining levels, and also none.
-        node.hash.iter().for_each(|(k, v)| visit(k, v));
-        let Some(level) = rest.next() else {
-            node.here.iter().for_each(|(k, v)| visit(k, v));
-            return;
-        };
-        if let Some(plus) = &node.plus {
-            Self::walk(plus, rest.clone(), visit);
-        }
-        if let Some(child) = node.literal.get(level) {
-            Self::walk(child, rest, visit);
+        while let Some((node, mut rest)) = stack.pop() {
+            // `#` at this point matches the remaining levels, and also none.
+            node.hash.iter().for_each(|(k, v)| visit(k, v));
+            let Some(level) = rest.next() else {
+                node.here.iter().for_each(|(k, v)| visit(k, v));
+                continue;
+            };
+            if let Some(child) = node.literal.get(level) {
+                stack.push((child, rest.clone()));
+            }
+            if let Some(plus) = &node.plus {
+                stack.push((plus, rest));
+            }
         }
     }
 
     /// Every (filter, key, value) in the trie, for persistence and tests.
-    pub fn entries(&self) -> Vec<(String, &K, &V)> {
+    pub fn entries<'a>(&'a self) -> Vec<(String, &'a K, &'a V)> {
+        enum Step<'a, K, V> {
+            Enter(&'a str, &'a Node<K, V>),
+            Leave,
+        }
         let mut out = Vec::with_capacity(self.len);
-        Self::collect(&self.root, &mut Vec::new(), &mut out);
-        out
-    }
-
-    fn collect<'a>(node: &'a Node<K, V>, path: &mut Vec<String>, out: &mut Vec<(String, &'a K, &'a V)>) {
-        let filter = |last: Option<&str>| {
-            let mut levels = path.clone();
-            levels.extend(last.map(str::to_string));
-            levels.join("/")
+        let mut path: Vec<&str> = Vec::new();
+        let root = &self.root;
+        out.extend(root.hash.iter().map(|(k, v)| ("#".to_string(), k, v)));
+        let mut stack: Vec<Step<K, V>> = Vec::new();
+        let children = |node: &'a Node<K, V>, stack: &mut Vec<Step<'a, K, V>>| {
+            stack.extend(node.literal.iter().map(|(level, child)| Step::Enter(level, child)));
+            stack.extend(node.plus.as_deref().map(|plus| Step::Enter("+", plus)));
         };
-        if !path.is_empty() {
-            let here = filter(None);
-            out.extend(node.here.iter().map(|(k, v)| (here.clone(), k, v)));
+        children(root, &mut stack);
+        while let Some(step) = stack.pop() {
+            let Step::Enter(level, node) = step else {
+                path.pop();
+                continue;
+            };
+            path.push(level);
+            if !node.here.is_empty() {
+                let here = path.join("/");
+                out.extend(node.here.iter().map(|(k, v)| (here.clone(), k, v)));
+            }
+            if !node.hash.is_empty() {
+                let hash = format!("{}/#", path.join("/"));
+                out.extend(node.hash.iter().map(|(k, v)| (hash.clone(), k, v)));
+            }
+            stack.push(Step::Leave);
+            children(node, &mut stack);
         }
-        let hash = filter(Some("#"));
-        out.extend(node.hash.iter().map(|(k, v)| (hash.clone(), k, v)));
-        if let Some(plus) = &node.plus {
-            path.push("+".into());
-            Self::collect(plus, path, out);
-            path.pop();
-        }
-        for (level, child) in &node.literal {
-            path.push(level.to_string());
-            Self::collect(child, path, out);
-            path.pop();
-        }
+        out
     }
 }
 
@@ -238,6 +294,49 @@ mod tests {
         let mut filters: Vec<String> = trie.entries().into_iter().map(|(f, _, _)| f).collect();
         filters.sort();
         assert_eq!(filters, vec!["#", "+/b", "/", "a", "a/#", "a/b/c"]);
+    }
+
+    /// The crash input of issue 8 (a filter of 65,535 `/`) and deeper go
+    /// through every walk on a 256 KiB stack: no walk recurses per level.
+    #[test]
+    fn deep_filters_do_not_grow_the_stack() {
+        std::thread::Builder::new()
+            .stack_size(256 * 1024)
+            .spawn(|| {
+                let deep = "/".repeat(100_000);
+                let deep_plus = vec!["+"; 100_001].join("/");
+                let deep_hash = format!("{deep}/#");
+                let mut trie = SubscriptionTrie::new();
+                for (i, f) in [&deep, &deep_plus, &deep_hash, &"a/#".to_string()].into_iter().enumerate() {
+                    trie.insert(f, i as u32, ());
+                }
+                assert_eq!(matched(&trie, &deep), vec![0, 1, 2]);
+                assert_eq!(trie.entries().len(), 4);
+                assert!(trie.remove(&deep, &0).is_some());
+                assert!(trie.remove(&deep_plus, &1).is_some());
+                assert_eq!(matched(&trie, &deep), vec![2]);
+                drop(trie);
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+    }
+
+    #[test]
+    fn remove_keeps_what_shares_the_path() {
+        let mut trie = SubscriptionTrie::new();
+        for (i, f) in ["a/b/c/d", "a/b", "a/+/c", "a/b/#", "x"].iter().enumerate() {
+            trie.insert(f, i as u32, ());
+        }
+        assert!(trie.remove("a/b/c/d", &0).is_some());
+        assert_eq!(matched(&trie, "a/b"), vec![1, 3]);
+        assert_eq!(matched(&trie, "a/b/c"), vec![2, 3]);
+        assert!(trie.remove("a/b/#", &3).is_some());
+        assert!(trie.remove("a/b", &1).is_some());
+        assert_eq!(matched(&trie, "a/b/c"), vec![2]);
+        assert!(trie.remove("a/+/c", &2).is_some());
+        assert!(trie.remove("x", &4).is_some());
+        assert!(trie.root.is_empty());
     }
 
     fn level() -> impl Strategy<Value = String> {
