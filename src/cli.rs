@@ -100,7 +100,7 @@ pub struct StartArgs {
     /// Largest packet accepted, in bytes [toml: mqtt.max_packet_size]
     #[arg(long, env = "KADMQ_MAX_PACKET_SIZE", value_name = "BYTES")]
     pub max_packet_size: Option<u32>,
-    /// Connections served at once [toml: mqtt.max_connections]
+    /// Client connections open at once; more are refused [toml: mqtt.max_connections]
     #[arg(long, env = "KADMQ_MAX_CONNECTIONS", value_name = "N")]
     pub max_connections: Option<usize>,
     /// Unacknowledged QoS 1/2 messages a client may send [toml: mqtt.receive_maximum]
@@ -109,6 +109,24 @@ pub struct StartArgs {
     /// Messages waiting per session before new ones drop [toml: mqtt.max_queued_messages]
     #[arg(long, env = "KADMQ_MAX_QUEUED_MESSAGES", value_name = "N")]
     pub max_queued_messages: Option<usize>,
+    /// Bytes waiting per session before new messages drop [toml: mqtt.max_queued_bytes]
+    #[arg(long, env = "KADMQ_MAX_QUEUED_BYTES", value_name = "BYTES")]
+    pub max_queued_bytes: Option<usize>,
+    /// Unacknowledged QoS 1/2 messages sent to a client [toml: mqtt.max_inflight]
+    #[arg(long, env = "KADMQ_MAX_INFLIGHT", value_name = "N")]
+    pub max_inflight: Option<u16>,
+    /// Levels of a topic name or filter [toml: mqtt.max_topic_levels]
+    #[arg(long, env = "KADMQ_MAX_TOPIC_LEVELS", value_name = "N")]
+    pub max_topic_levels: Option<usize>,
+    /// Bytes of a topic name or filter, at most 65535 [toml: mqtt.max_topic_length]
+    #[arg(long, env = "KADMQ_MAX_TOPIC_LENGTH", value_name = "BYTES")]
+    pub max_topic_length: Option<usize>,
+    /// Subscriptions one client may hold [toml: mqtt.max_subscriptions_per_client]
+    #[arg(long, env = "KADMQ_MAX_SUBSCRIPTIONS_PER_CLIENT", value_name = "N")]
+    pub max_subscriptions_per_client: Option<usize>,
+    /// PUBLISH packets per second per client, 0 = no limit; faster clients are slowed [toml: mqtt.max_publish_rate]
+    #[arg(long, env = "KADMQ_MAX_PUBLISH_RATE", value_name = "N")]
+    pub max_publish_rate: Option<u32>,
     /// Offline persistent sessions also queue QoS 0 [toml: mqtt.queue_qos0_offline]
     #[arg(long, env = "KADMQ_QUEUE_QOS0_OFFLINE", value_name = "BOOL")]
     pub queue_qos0_offline: Option<bool>,
@@ -178,6 +196,12 @@ impl StartArgs {
         set(&mut m.max_connections, &self.max_connections);
         set(&mut m.receive_maximum, &self.receive_maximum);
         set(&mut m.max_queued_messages, &self.max_queued_messages);
+        set(&mut m.max_queued_bytes, &self.max_queued_bytes);
+        set(&mut m.max_inflight, &self.max_inflight);
+        set(&mut m.max_topic_levels, &self.max_topic_levels);
+        set(&mut m.max_topic_length, &self.max_topic_length);
+        set(&mut m.max_subscriptions_per_client, &self.max_subscriptions_per_client);
+        set(&mut m.max_publish_rate, &self.max_publish_rate);
         set(&mut m.queue_qos0_offline, &self.queue_qos0_offline);
         set(&mut m.topic_alias_maximum, &self.topic_alias_maximum);
         set(&mut m.max_keep_alive, &self.max_keep_alive);

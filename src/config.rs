@@ -50,7 +50,8 @@ pub struct Listeners {
 pub struct MqttConfig {
     /// Largest packet accepted from a client, in bytes (advertised in CONNACK).
     pub max_packet_size: u32,
-    /// Connections accepted at once; more wait for a free slot.
+    /// Client connections open at once; further ones are refused (CONNACK
+    /// 0x97 Quota exceeded / 3.1.1 return code 3).
     pub max_connections: usize,
     /// QoS 1/2 messages a client may have unacknowledged towards us (MQTT 5
     /// Receive Maximum advertised in CONNACK).
@@ -58,8 +59,23 @@ pub struct MqttConfig {
     /// Messages waiting per session (online or offline) before new ones are
     /// dropped.
     pub max_queued_messages: usize,
+    /// Bytes (topics and payloads) waiting per session before new messages
+    /// are dropped.
+    pub max_queued_bytes: usize,
+    /// QoS 1/2 messages sent to a client and not yet acknowledged; an MQTT 5
+    /// client's smaller Receive Maximum wins.
+    pub max_inflight: u16,
     /// Whether offline persistent sessions also queue QoS 0 messages.
     pub queue_qos0_offline: bool,
+    /// Levels of a topic name or filter (`a/b/c` has 3).
+    pub max_topic_levels: usize,
+    /// Bytes of a topic name or filter.
+    pub max_topic_length: usize,
+    /// Subscriptions one client (session) may hold.
+    pub max_subscriptions_per_client: usize,
+    /// PUBLISH packets per second one client may send (0 = no limit); a
+    /// faster client is read more slowly, not disconnected.
+    pub max_publish_rate: u32,
     /// Topic aliases a client may use towards us.
     pub topic_alias_maximum: u16,
     /// Largest keep-alive granted, in seconds (0 = whatever the client asks).
@@ -141,7 +157,13 @@ impl Default for MqttConfig {
             max_connections: 100_000,
             receive_maximum: 1024,
             max_queued_messages: 10_000,
+            max_queued_bytes: 64 * 1024 * 1024,
+            max_inflight: 1024,
             queue_qos0_offline: false,
+            max_topic_levels: 128,
+            max_topic_length: 65_535,
+            max_subscriptions_per_client: 10_000,
+            max_publish_rate: 0,
             topic_alias_maximum: 64,
             max_keep_alive: 0,
             max_session_expiry: u32::MAX,
@@ -182,6 +204,21 @@ impl Config {
         }
         if m.max_queued_messages == 0 {
             return invalid("mqtt.max_queued_messages must be at least 1");
+        }
+        if m.max_queued_bytes == 0 {
+            return invalid("mqtt.max_queued_bytes must be at least 1");
+        }
+        if m.max_inflight == 0 {
+            return invalid("mqtt.max_inflight must be at least 1");
+        }
+        if m.max_topic_levels == 0 {
+            return invalid("mqtt.max_topic_levels must be at least 1");
+        }
+        if m.max_topic_length == 0 || m.max_topic_length > 65_535 {
+            return invalid("mqtt.max_topic_length must be between 1 and 65535 bytes");
+        }
+        if m.max_subscriptions_per_client == 0 {
+            return invalid("mqtt.max_subscriptions_per_client must be at least 1");
         }
         if m.connect_timeout_secs == 0 {
             return invalid("mqtt.connect_timeout_secs must be at least 1");

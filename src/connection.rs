@@ -7,6 +7,7 @@
 //! Before an acknowledgement leaves that promises durability (PUBACK,
 //! PUBREC, SUBACK of a persistent session), storage is flushed.
 
+use crate::broker::limits::{Limit, TokenBucket, TopicLimits};
 use crate::broker::message::{now_ms, Message};
 use crate::broker::session::{AttachmentHandle, ClientLimits, Session, NEVER_EXPIRES};
 use crate::broker::{Broker, Departure, Stats, SubscribeRequest};
@@ -65,6 +66,26 @@ where
     Stats::add(&broker.stats.clients_total, 1);
     connection.run(shutdown).await;
     broker.stats.clients_connected.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Answers a connection over `mqtt.max_connections`: reads its CONNECT
+/// (briefly) and refuses it with CONNACK 0x97 Quota exceeded (3.1.1: return
+/// code 3, server unavailable), so the client learns why instead of waiting.
+pub async fn refuse<S>(stream: S, peer: SocketAddr, broker: Arc<Broker>)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut link = Link { stream, rbuf: BytesMut::with_capacity(1024), wbuf: BytesMut::with_capacity(64) };
+    let wait = Duration::from_secs(broker.config.connect_timeout_secs.min(5));
+    let who = match tokio::time::timeout(wait, link.read_connect(&broker)).await {
+        Ok(Ok(connect)) => {
+            link.queue(&connack(ConnectReason::QuotaExceeded, false), connect.version);
+            connect.client_id
+        }
+        _ => String::new(),
+    };
+    broker.limits.hit(Limit::Connections, &who, &format!("connection from {peer} refused"));
+    let _ = tokio::time::timeout(wait, link.flush()).await;
 }
 
 struct Link<S> {
@@ -163,6 +184,11 @@ struct Connection<S> {
     /// Set when storage must be flushed before the write buffer goes out.
     needs_flush: bool,
     publishes: Vec<Publish>,
+    /// The client's PUBLISH allowance (`mqtt.max_publish_rate`), if limited.
+    publish_rate: Option<TokenBucket>,
+    /// Set while the next packet is a PUBLISH over the allowance: nothing
+    /// is read or handled until then, so TCP slows the client down.
+    throttled_until: Option<Instant>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
@@ -181,6 +207,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         if let Some(will) = &connect.will {
             if !topic::valid_topic_name(&will.topic) {
                 refuse(&mut link, ConnectReason::TopicNameInvalid, "invalid will topic");
+                let _ = link.flush().await;
+                return None;
+            }
+            if let Some(limit) = TopicLimits::of(&broker.config).exceeded_by(&will.topic) {
+                broker.limits.hit(limit, &connect.client_id, "CONNECT refused (will topic, 0x90)");
+                refuse(&mut link, ConnectReason::TopicNameInvalid, "will topic over the topic limits");
                 let _ = link.flush().await;
                 return None;
             }
@@ -218,7 +250,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             let mut st = connected.session.lock();
             st.client_limits = ClientLimits {
                 version,
-                receive_maximum: connect.properties.receive_maximum.unwrap_or(u16::MAX),
+                // The outgoing window: what the client accepts (MQTT 5), at most max_inflight.
+                receive_maximum: connect.properties.receive_maximum.unwrap_or(u16::MAX).min(config.max_inflight),
                 maximum_packet_size: connect
                     .properties
                     .maximum_packet_size
@@ -239,6 +272,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             version,
         );
         tracing::debug!(%peer, client_id, version = ?version, session_present = connected.session_present, "connected");
+        let publish_rate = TokenBucket::new(config.max_publish_rate, Instant::now());
         let mut connection = Connection {
             link,
             peer,
@@ -253,6 +287,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             problem_information: connect.properties.request_problem_information != Some(0),
             needs_flush: true,
             publishes: Vec::new(),
+            publish_rate,
+            throttled_until: None,
         };
         for packet in connection.session.resend_inflight() {
             connection.send(packet);
@@ -282,9 +318,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 tracing::debug!(peer = %self.peer, cause = %err, "write failed");
                 break Close::Transport;
             }
+            let throttled = self.throttled_until;
             tokio::select! {
                 biased;
-                read = self.link.stream.read_buf(&mut self.link.rbuf) => {
+                read = self.link.stream.read_buf(&mut self.link.rbuf), if throttled.is_none() => {
                     match read {
                         Ok(0) | Err(_) => break Close::Transport,
                         Ok(n) => {
@@ -300,6 +337,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 reason = &mut self.attachment.kicked => {
                     let reason = reason.unwrap_or(DisconnectReason::SessionTakenOver);
                     break Close::Error(reason, "closed by the broker");
+                }
+                _ = tokio::time::sleep_until(throttled.unwrap_or_else(|| Instant::now() + far)), if throttled.is_some() => {
+                    self.throttled_until = None;
+                    // The client did send; only we held back from reading it.
+                    last_seen = Instant::now();
+                    if let Err(close) = self.handle_input() {
+                        break close;
+                    }
+                    more = true;
                 }
                 _ = shutdown.recv() => break Close::Error(DisconnectReason::ServerShuttingDown, "broker shutting down"),
                 _ = self.session.woken(), if !more => more = true,
@@ -318,9 +364,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         self.close(close).await;
     }
 
-    /// Decodes and handles every complete packet in the read buffer.
+    /// Decodes and handles every complete packet in the read buffer, up to
+    /// a PUBLISH over the client's allowance (then `throttled_until` is set).
     fn handle_input(&mut self) -> Result<(), Close> {
         loop {
+            const PUBLISH: u8 = 3;
+            let next_is_publish = self.link.rbuf.first().is_some_and(|b| b >> 4 == PUBLISH);
+            if let (true, Some(bucket)) = (next_is_publish, self.publish_rate.as_mut()) {
+                if let Err(at) = bucket.ready(Instant::now()) {
+                    self.broker.limits.hit(Limit::PublishRate, &self.session.client_id, "PUBLISH read later");
+                    self.throttled_until = Some(at);
+                    return Ok(());
+                }
+            }
             let packet = match protocol::decode(
                 &mut self.link.rbuf,
                 self.version,
@@ -333,6 +389,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                     return Err(Close::Error(err.disconnect_reason(), "malformed or oversize packet"));
                 }
             };
+            if let (Packet::Publish(_), Some(bucket)) = (&packet, self.publish_rate.as_mut()) {
+                bucket.spend();
+            }
             self.handle(packet)?;
         }
     }
@@ -407,6 +466,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             return Err(Close::Error(DisconnectReason::TopicNameInvalid, "invalid topic name"));
         }
         let packet_id = publish.packet_id.unwrap_or(0);
+        if let Some(limit) = TopicLimits::of(&self.broker.config).exceeded_by(&publish.topic) {
+            // MQTT 5 at QoS 1/2: refused with 0x90 (Topic Name invalid), the
+            // connection stays; at QoS 0, and for 3.1.1 (no reason codes in
+            // acknowledgements), the only answer is to close the connection.
+            self.broker.limits.hit(limit, &self.session.client_id, "PUBLISH refused (0x90)");
+            return match (self.version, publish.qos) {
+                (Version::V5, QoS::AtLeastOnce) => {
+                    self.send(Packet::PubAck(PubAck::with_reason(packet_id, 0x90)));
+                    Ok(())
+                }
+                (Version::V5, QoS::ExactlyOnce) => {
+                    self.send(Packet::PubRec(PubAck::with_reason(packet_id, 0x90)));
+                    Ok(())
+                }
+                _ => Err(Close::Error(DisconnectReason::TopicNameInvalid, "topic over the topic limits")),
+            };
+        }
         if publish.properties.message.payload_format_indicator == Some(1)
             && std::str::from_utf8(&publish.payload).is_err()
         {

@@ -6,6 +6,7 @@
 //! - `GET /api/v1/cluster`: the fleet's members (404 on a single node).
 //! - `GET /api/v1/routes?topic=a/b`: where a publish to the topic goes (404 on a single node).
 
+use crate::broker::limits::Limit;
 use crate::broker::{Broker, Stats};
 use crate::cluster::Cluster;
 use axum::extract::{Query, State};
@@ -97,6 +98,12 @@ pub fn render_metrics(broker: &Broker, cluster: Option<&Cluster>) -> String {
     for f in figures(broker, cluster) {
         let _ = writeln!(out, "# HELP {} {}\n# TYPE {} {}\n{} {}", f.name, f.help, f.name, f.kind, f.name, f.value);
     }
+    let name = "kadmq_limit_hits_total";
+    let _ =
+        writeln!(out, "# HELP {name} Times a client ran into a limit (mqtt.max_*), by limit.\n# TYPE {name} counter");
+    for limit in Limit::ALL {
+        let _ = writeln!(out, "{name}{{limit=\"{}\"}} {}", limit.name(), broker.limits.count(limit));
+    }
     out
 }
 
@@ -109,6 +116,7 @@ async fn broker_json(State(app): State<App>) -> impl IntoResponse {
     let map: serde_json::Map<String, serde_json::Value> = figures(&app.broker, None)
         .into_iter()
         .map(|f| (f.name.trim_start_matches("kadmq_").to_string(), f.value.into()))
+        .chain(Limit::ALL.map(|l| (format!("limit_hits_{}", l.name()), app.broker.limits.count(l).into())))
         .collect();
     Json(serde_json::Value::Object(map))
 }

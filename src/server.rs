@@ -5,6 +5,7 @@
 //! addresses); [`run`] is what the binary calls: start, wait for the
 //! shutdown signal, stop gracefully.
 
+use crate::broker::limits::Limit;
 use crate::broker::{sys, Broker};
 use crate::cluster::{self, Cluster};
 use crate::config::Config;
@@ -181,6 +182,9 @@ async fn bound(addrs: &[SocketAddr]) -> Result<Vec<TcpListener>, StartError> {
     Ok(listeners)
 }
 
+/// Connections over `mqtt.max_connections` answered at once (the rest are closed).
+const MAX_REFUSALS_AT_ONCE: usize = 64;
+
 async fn accept_loop(
     listener: TcpListener,
     transport: Transport,
@@ -190,14 +194,10 @@ async fn accept_loop(
 ) {
     let mut stop_rx = stop.subscribe();
     let mut connections = JoinSet::new();
+    // Connections over the limit are answered (CONNACK 0x97) by at most
+    // this many tasks at once; past that they are closed unanswered.
+    let refusals = Arc::new(Semaphore::new(MAX_REFUSALS_AT_ONCE));
     loop {
-        let permit = tokio::select! {
-            _ = stop_rx.recv() => break,
-            permit = permits.clone().acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => break,
-            },
-        };
         let (stream, peer) = tokio::select! {
             _ = stop_rx.recv() => break,
             accepted = listener.accept() => match accepted {
@@ -213,6 +213,26 @@ async fn accept_loop(
         // Reap finished connection tasks so the set does not grow.
         while connections.try_join_next().is_some() {}
         let broker = broker.clone();
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            match refusals.clone().try_acquire_owned() {
+                Ok(refusal) => {
+                    connections.spawn(async move {
+                        let _ = stream.set_nodelay(true);
+                        match transport {
+                            Transport::Tcp => connection::refuse(stream, peer, broker).await,
+                            Transport::WebSocket => {
+                                if let Ok(bridge) = websocket::accept(stream).await {
+                                    connection::refuse(bridge, peer, broker).await;
+                                }
+                            }
+                        }
+                        drop(refusal);
+                    });
+                }
+                Err(_) => broker.limits.hit(Limit::Connections, "", &format!("connection from {peer} closed")),
+            }
+            continue;
+        };
         let shutdown = stop.subscribe();
         connections.spawn(async move {
             serve_stream(stream, peer, transport, broker, shutdown).await;

@@ -7,6 +7,7 @@
 //! matching sessions, then each session gets one delivery under its own
 //! lock and its connection is woken.
 
+pub mod limits;
 pub mod message;
 pub mod retained;
 pub mod session;
@@ -18,10 +19,11 @@ use crate::protocol::topic::{parse_shared, valid_topic_filter};
 use crate::protocol::{DisconnectReason, QoS, SubscriptionOptions};
 use crate::storage::{Storage, StorageError};
 use kadmq_dht::core::ForwardRoute;
+use limits::{Limit, LimitHits, TopicLimits};
 use message::{now_ms, Message};
 use parking_lot::{Mutex, RwLock};
 use retained::RetainedTree;
-use session::{Attachment, AttachmentHandle, Delivery, EndedSession, PendingWill, Session, Subscription};
+use session::{Attachment, AttachmentHandle, Delivery, EndedSession, PendingWill, QueueLimits, Session, Subscription};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -89,6 +91,8 @@ pub struct Broker {
     pub config: MqttConfig,
     pub storage: Storage,
     pub stats: Stats,
+    /// Each time a client ran into one of its limits.
+    pub limits: LimitHits,
     pub started: Instant,
     sessions: Mutex<HashMap<Arc<str>, Arc<Session>>>,
     subscriptions: RwLock<SubscriptionTrie<SubscriberKey, SubscriberEntry>>,
@@ -127,6 +131,7 @@ impl Broker {
             config,
             storage,
             stats: Stats::default(),
+            limits: LimitHits::default(),
             started: Instant::now(),
             sessions: Mutex::new(HashMap::new()),
             subscriptions: RwLock::new(SubscriptionTrie::new()),
@@ -470,18 +475,9 @@ impl Broker {
         for (session, qos, retain, mut subscription_ids, shared) in targets {
             subscription_ids.sort_unstable();
             let delivery = Delivery { message: message.clone(), qos, retain, subscription_ids, seq: None, shared };
-            match session.enqueue(
-                delivery,
-                self.config.max_queued_messages,
-                self.config.queue_qos0_offline,
-                &self.storage,
-            ) {
+            match session.enqueue(delivery, &self.queue_limits(), &self.storage) {
                 Ok(()) => queued += 1,
-                Err(session::Dropped::QueueFull) => {
-                    Stats::add(&self.stats.messages_dropped, 1);
-                    tracing::debug!(client_id = %session.client_id, "queue full, message dropped");
-                }
-                Err(_) => {}
+                Err(dropped) => self.count_dropped(&session, dropped),
             }
         }
         queued
@@ -505,9 +501,25 @@ impl Broker {
         let (session, qos, retain, identifier) = self.pick_member(members);
         let subscription_ids = identifier.into_iter().collect();
         let delivery = Delivery { message, qos, retain, subscription_ids, seq: None, shared: Some((group, filter)) };
-        let (max, qos0) = (self.config.max_queued_messages, self.config.queue_qos0_offline);
-        if let Err(session::Dropped::QueueFull) = session.enqueue(delivery, max, qos0, &self.storage) {
+        if let Err(dropped) = session.enqueue(delivery, &self.queue_limits(), &self.storage) {
+            self.count_dropped(&session, dropped);
+        }
+    }
+
+    fn queue_limits(&self) -> QueueLimits {
+        QueueLimits {
+            max_messages: self.config.max_queued_messages,
+            max_bytes: self.config.max_queued_bytes,
+            qos0_offline: self.config.queue_qos0_offline,
+        }
+    }
+
+    /// A full queue counts a dropped message and a limit hit; an offline or
+    /// ended session is no loss (it asked for nothing more).
+    fn count_dropped(&self, session: &Session, dropped: session::Dropped) {
+        if let session::Dropped::QueueFull(limit) = dropped {
             Stats::add(&self.stats.messages_dropped, 1);
+            self.limits.hit(limit, &session.client_id, "message dropped: the session's queue is full");
         }
     }
 
@@ -575,6 +587,7 @@ impl Broker {
     pub fn subscribe(&self, session: &Arc<Session>, requests: Vec<SubscribeRequest>) -> Vec<u8> {
         let mut reasons = Vec::with_capacity(requests.len());
         let mut retained_for = Vec::new();
+        let topics = TopicLimits::of(&self.config);
         {
             let mut st = session.lock();
             let mut trie = self.subscriptions.write();
@@ -590,8 +603,20 @@ impl Broker {
                     reasons.push(0x8F);
                     continue;
                 }
+                let filter = shared.as_ref().map_or(request.filter.as_str(), |s| s.filter);
+                if let Some(limit) = topics.exceeded_by(filter) {
+                    self.limits.hit(limit, &session.client_id, "SUBSCRIBE refused (0x8F)");
+                    reasons.push(0x8F);
+                    continue;
+                }
+                let existed = st.subscriptions.contains_key(&request.filter);
+                if !existed && st.subscriptions.len() >= self.config.max_subscriptions_per_client {
+                    self.limits.hit(Limit::Subscriptions, &session.client_id, "SUBSCRIBE refused (0x97)");
+                    reasons.push(0x97); // Quota exceeded
+                    continue;
+                }
                 let subscription = Subscription { options: request.options, identifier: request.identifier };
-                let existed = st.subscriptions.insert(request.filter.clone(), subscription.clone()).is_some();
+                st.subscriptions.insert(request.filter.clone(), subscription.clone());
                 self.index(&mut trie, session, &request.filter, &subscription);
                 reasons.push(request.options.qos as u8);
                 let send_retained = match request.options.retain_handling {
@@ -621,22 +646,29 @@ impl Broker {
                     seq: None,
                     shared: None,
                 };
-                if session.enqueue(delivery, self.config.max_queued_messages, true, &self.storage).is_err() {
-                    Stats::add(&self.stats.messages_dropped, 1);
+                let limits = QueueLimits { qos0_offline: true, ..self.queue_limits() };
+                if let Err(dropped) = session.enqueue(delivery, &limits, &self.storage) {
+                    self.count_dropped(session, dropped);
                 }
             }
         }
         reasons
     }
 
-    /// Removes subscriptions; per filter 0x00 or 0x11 (no subscription existed).
+    /// Removes subscriptions; per filter 0x00, 0x11 (no subscription
+    /// existed) or 0x8F (over the topic limits, so it cannot exist).
     pub fn unsubscribe(&self, session: &Arc<Session>, filters: &[String]) -> Vec<u8> {
+        let topics = TopicLimits::of(&self.config);
         let mut st = session.lock();
         let mut trie = self.subscriptions.write();
         let reasons = filters
             .iter()
             .map(|filter| {
-                if st.subscriptions.remove(filter).is_some() {
+                let bare = parse_shared(filter).ok().flatten().map_or(filter.as_str(), |s| s.filter);
+                if let Some(limit) = topics.exceeded_by(bare) {
+                    self.limits.hit(limit, &session.client_id, "UNSUBSCRIBE refused (0x8F)");
+                    0x8F
+                } else if st.subscriptions.remove(filter).is_some() {
                     self.unindex(&mut trie, session, filter);
                     0x00
                 } else {

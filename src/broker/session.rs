@@ -6,6 +6,7 @@
 //! inflight window allows. Persistent sessions mirror every QoS 1/2 delivery
 //! into storage so a restart loses nothing that was acknowledged upstream.
 
+use super::limits::Limit;
 use super::message::{now_ms, Message};
 use crate::protocol::{
     self, DisconnectReason, Packet, PubAck, Publish, PublishProperties, QoS, SubscriptionOptions, Version,
@@ -91,7 +92,7 @@ pub struct SessionState {
     /// Seconds the session lives after its connection closes; 0 = ends with it.
     pub expiry_interval: u32,
     pub subscriptions: HashMap<String, Subscription>,
-    queue: VecDeque<Delivery>,
+    queue: Queue,
     inflight: BTreeMap<u16, Inflight>,
     next_packet_id: u16,
     next_seq: u64,
@@ -122,8 +123,65 @@ impl Default for ClientLimits {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Dropped {
     SessionEnded,
-    QueueFull,
+    /// The queue holds as many messages ([`Limit::QueuedMessages`]) or
+    /// bytes ([`Limit::QueuedBytes`]) as it may.
+    QueueFull(Limit),
     Offline,
+}
+
+/// How much a session's queue may hold, and whether offline persistent
+/// sessions queue QoS 0.
+#[derive(Debug, Clone, Copy)]
+pub struct QueueLimits {
+    pub max_messages: usize,
+    pub max_bytes: usize,
+    pub qos0_offline: bool,
+}
+
+/// Deliveries waiting to be sent, with the bytes they hold.
+#[derive(Default)]
+struct Queue {
+    items: VecDeque<Delivery>,
+    bytes: usize,
+}
+
+impl Queue {
+    fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    fn front(&self) -> Option<&Delivery> {
+        self.items.front()
+    }
+
+    fn push_back(&mut self, delivery: Delivery) {
+        self.bytes += delivery.queued_bytes();
+        self.items.push_back(delivery);
+    }
+
+    fn push_front(&mut self, delivery: Delivery) {
+        self.bytes += delivery.queued_bytes();
+        self.items.push_front(delivery);
+    }
+
+    fn pop_front(&mut self) -> Option<Delivery> {
+        let delivery = self.items.pop_front()?;
+        self.bytes -= delivery.queued_bytes();
+        Some(delivery)
+    }
+
+    fn take_all(&mut self) -> VecDeque<Delivery> {
+        self.bytes = 0;
+        std::mem::take(&mut self.items)
+    }
+}
+
+impl Delivery {
+    /// What this delivery counts against [`QueueLimits::max_bytes`]: its
+    /// topic and payload (the message itself may be shared with others).
+    fn queued_bytes(&self) -> usize {
+        self.message.topic.len() + self.message.payload.len()
+    }
 }
 
 impl SessionState {
@@ -154,6 +212,10 @@ impl SessionState {
 
     pub fn queued(&self) -> usize {
         self.queue.len()
+    }
+
+    pub fn queued_bytes(&self) -> usize {
+        self.queue.bytes
     }
 
     pub fn inflight(&self) -> usize {
@@ -209,7 +271,7 @@ impl Session {
             state: Mutex::new(SessionState {
                 expiry_interval,
                 subscriptions: HashMap::new(),
-                queue: VecDeque::new(),
+                queue: Queue::default(),
                 inflight: BTreeMap::new(),
                 next_packet_id: 1,
                 next_seq: 1,
@@ -277,25 +339,24 @@ impl Session {
     }
 
     /// Queues a message for the client. Offline sessions keep QoS 1/2 (and
-    /// QoS 0 when `queue_qos0_offline`); every session holds at most
-    /// `max_queued` messages waiting to be sent.
-    pub fn enqueue(
-        &self,
-        mut delivery: Delivery,
-        max_queued: usize,
-        queue_qos0_offline: bool,
-        storage: &Storage,
-    ) -> Result<(), Dropped> {
+    /// QoS 0 when `limits.qos0_offline`); every session holds at most
+    /// `limits.max_messages` messages and `limits.max_bytes` bytes waiting.
+    pub fn enqueue(&self, mut delivery: Delivery, limits: &QueueLimits, storage: &Storage) -> Result<(), Dropped> {
         let mut st = self.state.lock();
         if st.ended {
             return Err(Dropped::SessionEnded);
         }
         let online = st.connection.is_some();
-        if !online && (!st.is_persistent() || (delivery.qos == QoS::AtMostOnce && !queue_qos0_offline)) {
+        if !online && (!st.is_persistent() || (delivery.qos == QoS::AtMostOnce && !limits.qos0_offline)) {
             return Err(Dropped::Offline);
         }
-        if st.queue.len() >= max_queued {
-            return Err(Dropped::QueueFull);
+        if st.queue.len() >= limits.max_messages {
+            return Err(Dropped::QueueFull(Limit::QueuedMessages));
+        }
+        // An empty queue takes one message of any size (the packet size
+        // already bounds it), so a large message is not refused forever.
+        if st.queue.len() > 0 && st.queue.bytes + delivery.queued_bytes() > limits.max_bytes {
+            return Err(Dropped::QueueFull(Limit::QueuedBytes));
         }
         if st.is_persistent() && delivery.qos != QoS::AtMostOnce {
             delivery.seq = Some(st.next_seq);
@@ -423,7 +484,7 @@ impl Session {
         let mut st = self.state.lock();
         st.ended = true;
         // Not yet received by the client (QoS 2 after PUBREC was received).
-        let mut orphans: Vec<Delivery> = st.queue.drain(..).filter(|d| d.shared.is_some()).collect();
+        let mut orphans: Vec<Delivery> = st.queue.take_all().into_iter().filter(|d| d.shared.is_some()).collect();
         orphans.extend(
             std::mem::take(&mut st.inflight)
                 .into_values()
@@ -496,6 +557,10 @@ mod tests {
         }
     }
 
+    fn messages(max_messages: usize) -> QueueLimits {
+        QueueLimits { max_messages, max_bytes: usize::MAX, qos0_offline: false }
+    }
+
     fn storage() -> (tempfile::TempDir, Storage) {
         let dir = tempfile::tempdir().unwrap();
         let storage = Storage::open(dir.path()).unwrap();
@@ -513,7 +578,7 @@ mod tests {
             st.client_limits.receive_maximum = 2;
         }
         for _ in 0..5 {
-            session.enqueue(delivery(QoS::AtLeastOnce), 100, false, &storage).unwrap();
+            session.enqueue(delivery(QoS::AtLeastOnce), &messages(100), &storage).unwrap();
         }
         let mut out = Vec::new();
         let (more, _) = session.take_ready(100, &mut out, &storage);
@@ -529,11 +594,41 @@ mod tests {
     fn offline_persistent_session_queues_and_bounds() {
         let (_dir, storage) = storage();
         let session = Session::new("c".into(), 60);
-        assert_eq!(session.enqueue(delivery(QoS::AtMostOnce), 2, false, &storage), Err(Dropped::Offline));
-        session.enqueue(delivery(QoS::AtLeastOnce), 2, false, &storage).unwrap();
-        session.enqueue(delivery(QoS::ExactlyOnce), 2, false, &storage).unwrap();
-        assert_eq!(session.enqueue(delivery(QoS::AtLeastOnce), 2, false, &storage), Err(Dropped::QueueFull));
+        assert_eq!(session.enqueue(delivery(QoS::AtMostOnce), &messages(2), &storage), Err(Dropped::Offline));
+        session.enqueue(delivery(QoS::AtLeastOnce), &messages(2), &storage).unwrap();
+        session.enqueue(delivery(QoS::ExactlyOnce), &messages(2), &storage).unwrap();
+        assert_eq!(
+            session.enqueue(delivery(QoS::AtLeastOnce), &messages(2), &storage),
+            Err(Dropped::QueueFull(Limit::QueuedMessages))
+        );
         assert_eq!(storage.deliveries("c").unwrap().len(), 2);
+    }
+
+    #[test]
+    fn queued_bytes_are_bounded_and_given_back() {
+        let (_dir, storage) = storage();
+        let session = Session::new("c".into(), 60);
+        // Each test delivery holds 2 bytes (topic "t", payload "p").
+        let limits = QueueLimits { max_messages: 100, max_bytes: 5, qos0_offline: false };
+        session.enqueue(delivery(QoS::AtLeastOnce), &limits, &storage).unwrap();
+        session.enqueue(delivery(QoS::AtLeastOnce), &limits, &storage).unwrap();
+        assert_eq!(session.lock().queued_bytes(), 4);
+        let full = session.enqueue(delivery(QoS::AtLeastOnce), &limits, &storage);
+        assert_eq!(full, Err(Dropped::QueueFull(Limit::QueuedBytes)));
+        // Sending gives the bytes back.
+        session.lock().connection = Some(Attachment::new(1).0);
+        let mut out = Vec::new();
+        session.take_ready(1, &mut out, &storage);
+        assert_eq!(session.lock().queued_bytes(), 2);
+        session.enqueue(delivery(QoS::AtLeastOnce), &limits, &storage).unwrap();
+        // An empty queue takes one message of any size.
+        let tight = QueueLimits { max_bytes: 1, ..limits };
+        let empty = Session::new("d".into(), 60);
+        empty.enqueue(delivery(QoS::AtLeastOnce), &tight, &storage).unwrap();
+        assert_eq!(
+            empty.enqueue(delivery(QoS::AtLeastOnce), &tight, &storage),
+            Err(Dropped::QueueFull(Limit::QueuedBytes))
+        );
     }
 
     #[test]
@@ -541,8 +636,8 @@ mod tests {
         let (_dir, storage) = storage();
         let session = Session::new("c".into(), 60);
         session.lock().connection = Some(Attachment::new(1).0);
-        session.enqueue(delivery(QoS::AtLeastOnce), 10, false, &storage).unwrap();
-        session.enqueue(delivery(QoS::ExactlyOnce), 10, false, &storage).unwrap();
+        session.enqueue(delivery(QoS::AtLeastOnce), &messages(10), &storage).unwrap();
+        session.enqueue(delivery(QoS::ExactlyOnce), &messages(10), &storage).unwrap();
         let mut out = Vec::new();
         session.take_ready(10, &mut out, &storage);
         assert!(session.received(out[1].packet_id.unwrap(), 0, &storage));
