@@ -6,6 +6,7 @@ mod common;
 mod bad_input;
 mod cli;
 mod http;
+mod limits;
 mod persistence;
 mod review;
 mod v311;

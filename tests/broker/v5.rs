@@ -36,19 +36,19 @@ const QUIET: Duration = Duration::from_millis(400);
 /// What the broker did next.
 #[derive(Debug)]
 #[allow(clippy::large_enum_variant)] // test-only; boxing would only add noise
-enum Got {
+pub(crate) enum Got {
     Packet(Packet),
     Closed,
     Silent,
 }
 
-struct Raw {
+pub(crate) struct Raw {
     stream: TcpStream,
     buf: BytesMut,
     next_id: u16,
 }
 
-fn connect_packet(client_id: &str) -> Connect {
+pub(crate) fn connect_packet(client_id: &str) -> Connect {
     Connect {
         version: Version::V5,
         client_id: client_id.into(),
@@ -61,7 +61,7 @@ fn connect_packet(client_id: &str) -> Connect {
     }
 }
 
-fn will(topic: &str, payload: &'static [u8], delay: Option<u32>) -> LastWill {
+pub(crate) fn will(topic: &str, payload: &'static [u8], delay: Option<u32>) -> LastWill {
     LastWill {
         topic: topic.into(),
         payload: Bytes::from_static(payload),
@@ -71,11 +71,11 @@ fn will(topic: &str, payload: &'static [u8], delay: Option<u32>) -> LastWill {
     }
 }
 
-fn opts(qos: QoS) -> SubscriptionOptions {
+pub(crate) fn opts(qos: QoS) -> SubscriptionOptions {
     SubscriptionOptions::qos(qos)
 }
 
-fn publish_packet(topic: &str, qos: QoS, payload: &[u8]) -> Publish {
+pub(crate) fn publish_packet(topic: &str, qos: QoS, payload: &[u8]) -> Publish {
     Publish {
         dup: false,
         qos,
@@ -88,7 +88,7 @@ fn publish_packet(topic: &str, qos: QoS, payload: &[u8]) -> Publish {
 }
 
 impl Raw {
-    async fn open(addr: SocketAddr) -> Raw {
+    pub(crate) async fn open(addr: SocketAddr) -> Raw {
         let stream = tokio::time::timeout(WAIT, TcpStream::connect(addr)).await.expect("connect timeout").unwrap();
         stream.set_nodelay(true).unwrap();
         Raw { stream, buf: BytesMut::new(), next_id: 1 }
@@ -96,7 +96,7 @@ impl Raw {
 
     /// Connects with `tweak` applied to a clean-start CONNECT; returns the
     /// CONNACK whatever its reason code.
-    async fn connect(
+    pub(crate) async fn connect(
         addr: SocketAddr,
         client_id: &str,
         tweak: impl FnOnce(&mut Connect),
@@ -112,30 +112,30 @@ impl Raw {
     }
 
     /// Connects and asserts success.
-    async fn ok(addr: SocketAddr, client_id: &str, tweak: impl FnOnce(&mut Connect)) -> Raw {
+    pub(crate) async fn ok(addr: SocketAddr, client_id: &str, tweak: impl FnOnce(&mut Connect)) -> Raw {
         let (raw, ack) = Raw::connect(addr, client_id, tweak).await;
         assert_eq!(ack.code, ConnectReason::Success, "CONNACK {ack:?}");
         raw
     }
 
-    async fn send(&mut self, packet: &Packet) {
+    pub(crate) async fn send(&mut self, packet: &Packet) {
         let mut out = BytesMut::new();
         encode(packet, Version::V5, &mut out).expect("encode");
         self.send_bytes(&out).await;
     }
 
-    async fn send_bytes(&mut self, bytes: &[u8]) {
+    pub(crate) async fn send_bytes(&mut self, bytes: &[u8]) {
         // The broker may already have closed; tests look at what comes back.
         let _ = self.stream.write_all(bytes).await;
     }
 
-    fn packet_id(&mut self) -> u16 {
+    pub(crate) fn packet_id(&mut self) -> u16 {
         let id = self.next_id;
         self.next_id = self.next_id.wrapping_add(1).max(1);
         id
     }
 
-    async fn next_within(&mut self, wait: Duration) -> Got {
+    pub(crate) async fn next_within(&mut self, wait: Duration) -> Got {
         let deadline = Instant::now() + wait;
         loop {
             match decode(&mut self.buf, Version::V5, MAX_PACKET_SIZE) {
@@ -152,21 +152,21 @@ impl Raw {
     }
 
     /// The next packet; panics if none comes within `WAIT`.
-    async fn next(&mut self) -> Got {
+    pub(crate) async fn next(&mut self) -> Got {
         match self.next_within(WAIT).await {
             Got::Silent => panic!("nothing from the broker within {WAIT:?}"),
             got => got,
         }
     }
 
-    async fn packet(&mut self) -> Packet {
+    pub(crate) async fn packet(&mut self) -> Packet {
         match self.next().await {
             Got::Packet(p) => p,
             other => panic!("expected a packet, got {other:?}"),
         }
     }
 
-    async fn publish_in(&mut self) -> Publish {
+    pub(crate) async fn publish_in(&mut self) -> Publish {
         match self.packet().await {
             Packet::Publish(p) => p,
             other => panic!("expected PUBLISH, got {other:?}"),
@@ -174,7 +174,7 @@ impl Raw {
     }
 
     /// Asserts that the broker sends nothing (and does not close) for `QUIET`.
-    async fn silent(&mut self) {
+    pub(crate) async fn silent(&mut self) {
         match self.next_within(QUIET).await {
             Got::Silent => {}
             other => panic!("expected silence, got {other:?}"),
@@ -182,7 +182,7 @@ impl Raw {
     }
 
     /// Expects a DISCONNECT from the broker followed by the close.
-    async fn disconnected(&mut self) -> Disconnect {
+    pub(crate) async fn disconnected(&mut self) -> Disconnect {
         let disconnect = match self.next().await {
             Got::Packet(Packet::Disconnect(d)) => d,
             other => panic!("expected DISCONNECT, got {other:?}"),
@@ -193,7 +193,7 @@ impl Raw {
         }
     }
 
-    async fn subscribe_with(&mut self, filters: &[(&str, SubscriptionOptions)], id: Option<u32>) -> SubAck {
+    pub(crate) async fn subscribe_with(&mut self, filters: &[(&str, SubscriptionOptions)], id: Option<u32>) -> SubAck {
         let packet_id = self.packet_id();
         self.send(&Packet::Subscribe(Subscribe {
             packet_id,
@@ -211,7 +211,7 @@ impl Raw {
         }
     }
 
-    async fn subscribe(&mut self, filter: &str, qos: QoS) -> SubAck {
+    pub(crate) async fn subscribe(&mut self, filter: &str, qos: QoS) -> SubAck {
         let ack = self.subscribe_with(&[(filter, opts(qos))], None).await;
         assert_eq!(ack.reasons, vec![qos as u8]);
         ack
@@ -219,7 +219,7 @@ impl Raw {
 
     /// Sends a PUBLISH (a packet id is assigned for QoS > 0) and for QoS 1
     /// returns the PUBACK, which must be the next packet.
-    async fn publish(&mut self, mut publish: Publish) -> Option<PubAck> {
+    pub(crate) async fn publish(&mut self, mut publish: Publish) -> Option<PubAck> {
         if publish.qos != QoS::AtMostOnce {
             publish.packet_id = Some(self.packet_id());
         }
@@ -239,11 +239,11 @@ impl Raw {
         }
     }
 
-    async fn ack(&mut self, publish: &Publish) {
+    pub(crate) async fn ack(&mut self, publish: &Publish) {
         self.send(&Packet::PubAck(PubAck::new(publish.packet_id.expect("QoS 1")))).await;
     }
 
-    async fn disconnect(mut self, reason: DisconnectReason) {
+    pub(crate) async fn disconnect(mut self, reason: DisconnectReason) {
         self.send(&Packet::Disconnect(Disconnect::new(reason))).await;
         // The broker closes; wait for it so the session is detached.
         let _ = self.next_within(WAIT).await;
