@@ -163,6 +163,9 @@ struct Connection<S> {
     /// Set when storage must be flushed before the write buffer goes out.
     needs_flush: bool,
     publishes: Vec<Publish>,
+    /// PUBACKs in the write buffer (MQTT 5 only; 3.1.1 has no Receive
+    /// Maximum): their PUBLISHes are still in flight from the client's side.
+    unwritten_pubacks: usize,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
@@ -253,6 +256,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             problem_information: connect.properties.request_problem_information != Some(0),
             needs_flush: true,
             publishes: Vec::new(),
+            unwritten_pubacks: 0,
         };
         for packet in connection.session.resend_inflight() {
             connection.send(packet);
@@ -407,13 +411,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             return Err(Close::Error(DisconnectReason::TopicNameInvalid, "invalid topic name"));
         }
         let packet_id = publish.packet_id.unwrap_or(0);
+        if publish.qos != QoS::AtMostOnce {
+            // MQTT-3.3.4-7: at most Receive Maximum QoS 1/2 PUBLISHes without
+            // their acknowledgement: QoS 2 from PUBREC until PUBREL, QoS 1
+            // until its PUBACK is written (a retransmission is not a new one).
+            let st = self.session.lock();
+            let resent = publish.qos == QoS::ExactlyOnce && st.incoming_qos2.contains(&packet_id);
+            let in_flight = st.incoming_qos2.len() + self.unwritten_pubacks;
+            if !resent && in_flight >= self.broker.config.receive_maximum as usize {
+                return Err(Close::Error(DisconnectReason::ReceiveMaximumExceeded, "receive maximum exceeded"));
+            }
+        }
         if publish.properties.message.payload_format_indicator == Some(1)
             && std::str::from_utf8(&publish.payload).is_err()
         {
             // MQTT 5: acknowledge with 0x99 (payload format invalid), do not route.
             match publish.qos {
                 QoS::AtMostOnce => {}
-                QoS::AtLeastOnce => self.send(Packet::PubAck(PubAck::with_reason(packet_id, 0x99))),
+                QoS::AtLeastOnce => self.send_puback(PubAck::with_reason(packet_id, 0x99)),
                 QoS::ExactlyOnce => self.send(Packet::PubRec(PubAck::with_reason(packet_id, 0x99))),
             }
             return Ok(());
@@ -425,9 +440,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 drop(st);
                 self.send(Packet::PubRec(PubAck::new(packet_id)));
                 return Ok(());
-            }
-            if st.incoming_qos2.len() >= self.broker.config.receive_maximum as usize {
-                return Err(Close::Error(DisconnectReason::ReceiveMaximumExceeded, "receive maximum exceeded"));
             }
             st.incoming_qos2.insert(packet_id);
             self.session.save(&st, &self.broker.storage);
@@ -449,7 +461,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             QoS::AtMostOnce => {}
             QoS::AtLeastOnce => {
                 self.needs_flush = true;
-                self.send(Packet::PubAck(PubAck::with_reason(packet_id, reason)));
+                self.send_puback(PubAck::with_reason(packet_id, reason));
             }
             QoS::ExactlyOnce => {
                 self.needs_flush = true;
@@ -518,6 +530,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         more
     }
 
+    /// A PUBACK for a client's QoS 1 PUBLISH, which stays in flight (for
+    /// Receive Maximum) until the PUBACK is written.
+    fn send_puback(&mut self, ack: PubAck) {
+        if self.version == Version::V5 {
+            self.unwritten_pubacks += 1;
+        }
+        self.send(Packet::PubAck(ack));
+    }
+
     fn send(&mut self, mut packet: Packet) {
         if !self.problem_information {
             strip_problem_information(&mut packet);
@@ -527,6 +548,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
 
     async fn flush(&mut self) -> std::io::Result<()> {
         if self.link.wbuf.is_empty() {
+            self.unwritten_pubacks = 0;
             return Ok(());
         }
         if self.needs_flush || self.broker.storage.is_dirty() {
@@ -537,6 +559,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         }
         // No byte taken for a keep-alive period: the client is gone.
         let n = self.link.flush_within(self.keep_alive).await?;
+        self.unwritten_pubacks = 0;
         Stats::add(&self.broker.stats.bytes_sent, n as u64);
         Ok(())
     }
