@@ -10,6 +10,7 @@
 use crate::broker::message::{now_ms, Message};
 use crate::broker::session::{AttachmentHandle, ClientLimits, Session, NEVER_EXPIRES};
 use crate::broker::{Broker, Departure, Stats, SubscribeRequest};
+use crate::protocol::alias::{AliasUse, OutgoingAliases};
 use crate::protocol::{
     self, topic, ConnAck, ConnAckProperties, Connect, ConnectReason, DecodeError, Disconnect, DisconnectReason,
     LastWill, Packet, PubAck, Publish, QoS, ReasonProperties, SubAck, Subscribe, UnsubAck, Unsubscribe, Version,
@@ -159,6 +160,10 @@ struct Connection<S> {
     /// Session expiry at CONNECT: 0 forbids a later non-zero value.
     connect_expiry: u32,
     topic_aliases: HashMap<u16, String>,
+    /// Aliases we send (MQTT 5, when the client accepts them).
+    outgoing_aliases: OutgoingAliases,
+    /// The client's Maximum Packet Size (protocol maximum if it gave none).
+    client_max_packet_size: usize,
     problem_information: bool,
     /// Set when storage must be flushed before the write buffer goes out.
     needs_flush: bool,
@@ -217,17 +222,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             }
         }
         let connected = broker.connect(&client_id, connect.clean_start, expiry).await;
+        let client_max_packet_size =
+            connect.properties.maximum_packet_size.map_or(protocol::MAX_PACKET_SIZE, |m| m as usize);
         {
             let mut st = connected.session.lock();
             st.client_limits = ClientLimits {
                 version,
                 receive_maximum: connect.properties.receive_maximum.unwrap_or(u16::MAX),
-                maximum_packet_size: connect
-                    .properties
-                    .maximum_packet_size
-                    .map_or(protocol::MAX_PACKET_SIZE, |m| m as usize),
+                maximum_packet_size: client_max_packet_size,
             };
         }
+        let outgoing_aliases = match version {
+            Version::V5 if config.outgoing_topic_aliases => OutgoingAliases::new(
+                connect.properties.topic_alias_maximum.unwrap_or(0).min(config.topic_alias_maximum),
+            ),
+            _ => OutgoingAliases::new(0),
+        };
         if version == Version::V5 {
             props.receive_maximum = Some(config.receive_maximum);
             props.maximum_packet_size = Some(config.max_packet_size);
@@ -253,6 +263,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             keep_alive: (keep_alive > 0).then(|| Duration::from_millis(keep_alive as u64 * 1500)),
             connect_expiry: expiry,
             topic_aliases: HashMap::new(),
+            outgoing_aliases,
+            client_max_packet_size,
             problem_information: connect.properties.request_problem_information != Some(0),
             needs_flush: true,
             publishes: Vec::new(),
@@ -523,11 +535,44 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             Stats::add(&self.broker.stats.messages_dropped, dropped as u64);
         }
         Stats::add(&self.broker.stats.messages_sent, publishes.len() as u64);
-        for publish in publishes.drain(..) {
+        for mut publish in publishes.drain(..) {
+            self.alias_topic(&mut publish);
             self.send(Packet::Publish(publish));
         }
         self.publishes = publishes;
         more
+    }
+
+    /// Replaces the topic of an outgoing PUBLISH by an alias where the
+    /// client accepts aliases: the first PUBLISH to a topic carries topic
+    /// and alias, later ones an empty topic. Topics of up to 3 bytes are
+    /// sent as they are (an alias would not make them shorter).
+    fn alias_topic(&mut self, publish: &mut Publish) {
+        if !self.outgoing_aliases.enabled() || publish.topic.len() <= 3 {
+            return;
+        }
+        if let Some(alias) = self.outgoing_aliases.known(&publish.topic) {
+            publish.topic.clear();
+            publish.properties.topic_alias = Some(alias);
+            return;
+        }
+        // Binding adds a 3-byte property (and the remaining length may need
+        // one more byte): only if the client accepts the larger packet
+        // (take_ready checked the size without it).
+        if self.client_max_packet_size < protocol::MAX_PACKET_SIZE {
+            let len = protocol::encoded_len(&Packet::Publish(publish.clone()), self.version);
+            if len + 4 > self.client_max_packet_size {
+                return;
+            }
+        }
+        match self.outgoing_aliases.assign(&publish.topic) {
+            Some(AliasUse::Bound(alias)) => publish.properties.topic_alias = Some(alias),
+            Some(AliasUse::Known(alias)) => {
+                publish.topic.clear();
+                publish.properties.topic_alias = Some(alias);
+            }
+            None => {}
+        }
     }
 
     /// A PUBACK for a client's QoS 1 PUBLISH, which stays in flight (for

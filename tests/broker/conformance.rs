@@ -554,3 +554,87 @@ async fn server_keep_alive_is_enforced() {
     let after = started.elapsed();
     assert!(after >= Duration::from_millis(1400) && after < Duration::from_secs(4), "after {after:?}");
 }
+
+// ---------------------------------------------------------------------------
+// 5. Topic aliases from the broker to the client
+// ---------------------------------------------------------------------------
+
+/// Sends a QoS 0 PUBLISH to `topic` from `publisher` and returns what
+/// `sub` receives: (topic as sent, alias, payload).
+async fn relay(publisher: &mut Raw5, sub: &mut Raw5, topic: &str, payload: &str) -> (String, Option<u16>) {
+    publisher.send(&publish(topic, QoS::AtMostOnce, None, payload.as_bytes())).await;
+    let p = sub.publish_in().await;
+    assert_eq!(&p.payload[..], payload.as_bytes());
+    (p.topic, p.properties.topic_alias)
+}
+
+/// Client Topic Alias Maximum 2: the first PUBLISH to a topic carries topic
+/// and alias, later ones an empty topic; a third topic takes the alias of
+/// the least recently used one.
+#[tokio::test]
+async fn outgoing_topic_aliases_bind_reuse_and_rebind_the_least_recently_used() {
+    let broker = TestBroker::start().await;
+    let (mut sub, ack) = Raw5::connect(broker.mqtt(), "alias-sub", |c| {
+        c.properties.topic_alias_maximum = Some(2);
+    })
+    .await;
+    assert_eq!(ack.code, ConnectReason::Success);
+    sub.subscribe(1, "alias/#", SubscriptionOptions::qos(QoS::AtLeastOnce)).await;
+    let mut publisher = Raw5::ok(broker.mqtt(), "alias-pub").await;
+    let steps: [(&str, &str, Option<u16>); 8] = [
+        ("alias/aaaa", "alias/aaaa", Some(1)),
+        ("alias/bbbb", "alias/bbbb", Some(2)),
+        ("alias/aaaa", "", Some(1)),
+        ("alias/bbbb", "", Some(2)),
+        ("alias/aaaa", "", Some(1)),
+        // bbbb is least recently used: cccc takes alias 2.
+        ("alias/cccc", "alias/cccc", Some(2)),
+        ("alias/cccc", "", Some(2)),
+        // aaaa is now least recently used: bbbb takes alias 1.
+        ("alias/bbbb", "alias/bbbb", Some(1)),
+    ];
+    for (i, (topic, sent_topic, alias)) in steps.into_iter().enumerate() {
+        let got = relay(&mut publisher, &mut sub, topic, &format!("p{i}")).await;
+        assert_eq!(got, (sent_topic.to_string(), alias), "step {i}: {topic}");
+    }
+    // The exact bytes of an aliased delivery: 30 07, empty topic 00 00,
+    // properties 03 23 00 01 (Topic Alias 1), payload "p".
+    publisher.send(&publish("alias/bbbb", QoS::AtMostOnce, None, b"p")).await;
+    let mut raw = [0u8; 8];
+    tokio::time::timeout(WAIT, sub.stream.read_exact(&mut raw)).await.expect("delivery").unwrap();
+    assert_eq!(raw, [0x30, 0x07, 0x00, 0x00, 0x03, 0x23, 0x00, 0x01]);
+    let mut payload = [0u8; 1];
+    sub.stream.read_exact(&mut payload).await.unwrap();
+    assert_eq!(&payload, b"p");
+}
+
+/// No aliases to a client that did not announce a Topic Alias Maximum, nor
+/// with `outgoing_topic_aliases` off; never more than the broker's own
+/// `topic_alias_maximum`.
+#[tokio::test]
+async fn outgoing_topic_aliases_only_where_accepted_and_enabled() {
+    for (switch, client_max, broker_max, expect_alias) in
+        [(true, None, 64, false), (false, Some(10), 64, false), (true, Some(10), 0, false), (true, Some(10), 1, true)]
+    {
+        let broker = TestBroker::start_with(|c| {
+            c.mqtt.outgoing_topic_aliases = switch;
+            c.mqtt.topic_alias_maximum = broker_max;
+        })
+        .await;
+        let (mut sub, _) =
+            Raw5::connect(broker.mqtt(), "alias-off", |c| c.properties.topic_alias_maximum = client_max).await;
+        sub.subscribe(1, "alias/#", SubscriptionOptions::qos(QoS::AtMostOnce)).await;
+        let mut publisher = Raw5::ok(broker.mqtt(), "alias-off-pub").await;
+        for (i, topic) in ["alias/one", "alias/one", "alias/two", "alias/two"].into_iter().enumerate() {
+            let (sent, alias) = relay(&mut publisher, &mut sub, topic, "x").await;
+            let case = format!("switch {switch} client {client_max:?} broker {broker_max} step {i}");
+            if expect_alias {
+                // One alias: every topic change rebinds it.
+                let expected = if i % 2 == 0 { topic } else { "" };
+                assert_eq!((sent.as_str(), alias), (expected, Some(1)), "{case}");
+            } else {
+                assert_eq!((sent.as_str(), alias), (topic, None), "{case}");
+            }
+        }
+    }
+}
