@@ -133,6 +133,9 @@ pub struct StartArgs {
     /// Topic aliases a client may use [toml: mqtt.topic_alias_maximum]
     #[arg(long, env = "KADMQ_TOPIC_ALIAS_MAXIMUM", value_name = "N")]
     pub topic_alias_maximum: Option<u16>,
+    /// Send topic aliases to MQTT 5 clients that accept them [toml: mqtt.outgoing_topic_aliases]
+    #[arg(long, env = "KADMQ_OUTGOING_TOPIC_ALIASES", value_name = "BOOL")]
+    pub outgoing_topic_aliases: Option<bool>,
     /// Largest keep-alive granted in seconds, 0 = client decides [toml: mqtt.max_keep_alive]
     #[arg(long, env = "KADMQ_MAX_KEEP_ALIVE", value_name = "SECS")]
     pub max_keep_alive: Option<u16>,
@@ -204,6 +207,7 @@ impl StartArgs {
         set(&mut m.max_publish_rate, &self.max_publish_rate);
         set(&mut m.queue_qos0_offline, &self.queue_qos0_offline);
         set(&mut m.topic_alias_maximum, &self.topic_alias_maximum);
+        set(&mut m.outgoing_topic_aliases, &self.outgoing_topic_aliases);
         set(&mut m.max_keep_alive, &self.max_keep_alive);
         set(&mut m.max_session_expiry, &self.max_session_expiry);
         set(&mut m.connect_timeout_secs, &self.connect_timeout);
@@ -255,6 +259,23 @@ mod tests {
         assert_eq!(config.mqtt.max_queued_messages, 9);
         assert_eq!(config.listeners.mqtt, vec!["127.0.0.1:0".parse().unwrap()]);
         assert_eq!(config.mqtt.sys_interval_secs, Config::default().mqtt.sys_interval_secs);
+    }
+
+    #[test]
+    fn outgoing_topic_aliases_flag_file_and_default() {
+        assert!(Config::default().mqtt.outgoing_topic_aliases);
+        let config = start_args(&["--outgoing-topic-aliases", "false"]).resolve().unwrap();
+        assert!(!config.mqtt.outgoing_topic_aliases);
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("kadmq.toml");
+        std::fs::write(&file, "[mqtt]\noutgoing_topic_aliases = false\n").unwrap();
+        let config = start_args(&["--config", file.to_str().unwrap()]).resolve().unwrap();
+        assert!(!config.mqtt.outgoing_topic_aliases);
+        use clap::CommandFactory;
+        let cli = Cli::command();
+        let start = cli.find_subcommand("start").unwrap();
+        let arg = start.get_arguments().find(|a| a.get_long() == Some("outgoing-topic-aliases")).unwrap();
+        assert_eq!(arg.get_env().and_then(|e| e.to_str()), Some("KADMQ_OUTGOING_TOPIC_ALIASES"));
     }
 
     fn start_args(args: &[&str]) -> StartArgs {

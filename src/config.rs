@@ -78,6 +78,10 @@ pub struct MqttConfig {
     pub max_publish_rate: u32,
     /// Topic aliases a client may use towards us.
     pub topic_alias_maximum: u16,
+    /// Whether the broker uses topic aliases towards MQTT 5 clients that
+    /// accept them (at most the client's Topic Alias Maximum, and at most
+    /// `topic_alias_maximum`), least recently used rebound first.
+    pub outgoing_topic_aliases: bool,
     /// Largest keep-alive granted, in seconds (0 = whatever the client asks).
     pub max_keep_alive: u16,
     /// Largest session expiry interval granted, in seconds.
@@ -165,6 +169,7 @@ impl Default for MqttConfig {
             max_subscriptions_per_client: 10_000,
             max_publish_rate: 0,
             topic_alias_maximum: 64,
+            outgoing_topic_aliases: true,
             max_keep_alive: 0,
             max_session_expiry: u32::MAX,
             connect_timeout_secs: 10,

@@ -11,6 +11,7 @@ use crate::broker::limits::{Limit, TokenBucket, TopicLimits};
 use crate::broker::message::{now_ms, Message};
 use crate::broker::session::{AttachmentHandle, ClientLimits, Session, NEVER_EXPIRES};
 use crate::broker::{Broker, Departure, Stats, SubscribeRequest};
+use crate::protocol::alias::{AliasUse, OutgoingAliases};
 use crate::protocol::{
     self, topic, ConnAck, ConnAckProperties, Connect, ConnectReason, DecodeError, Disconnect, DisconnectReason,
     LastWill, Packet, PubAck, Publish, QoS, ReasonProperties, SubAck, Subscribe, UnsubAck, Unsubscribe, Version,
@@ -180,6 +181,10 @@ struct Connection<S> {
     /// Session expiry at CONNECT: 0 forbids a later non-zero value.
     connect_expiry: u32,
     topic_aliases: HashMap<u16, String>,
+    /// Aliases we send (MQTT 5, when the client accepts them).
+    outgoing_aliases: OutgoingAliases,
+    /// The client's Maximum Packet Size (protocol maximum if it gave none).
+    client_max_packet_size: usize,
     problem_information: bool,
     /// Set when storage must be flushed before the write buffer goes out.
     needs_flush: bool,
@@ -189,6 +194,9 @@ struct Connection<S> {
     /// Set while the next packet is a PUBLISH over the allowance: nothing
     /// is read or handled until then, so TCP slows the client down.
     throttled_until: Option<Instant>,
+    /// PUBACKs in the write buffer (MQTT 5 only; 3.1.1 has no Receive
+    /// Maximum): their PUBLISHes are still in flight from the client's side.
+    unwritten_pubacks: usize,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
@@ -246,18 +254,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             }
         }
         let connected = broker.connect(&client_id, connect.clean_start, expiry).await;
+        let client_max_packet_size =
+            connect.properties.maximum_packet_size.map_or(protocol::MAX_PACKET_SIZE, |m| m as usize);
         {
             let mut st = connected.session.lock();
             st.client_limits = ClientLimits {
                 version,
                 // The outgoing window: what the client accepts (MQTT 5), at most max_inflight.
                 receive_maximum: connect.properties.receive_maximum.unwrap_or(u16::MAX).min(config.max_inflight),
-                maximum_packet_size: connect
-                    .properties
-                    .maximum_packet_size
-                    .map_or(protocol::MAX_PACKET_SIZE, |m| m as usize),
+                maximum_packet_size: client_max_packet_size,
             };
         }
+        let outgoing_aliases = match version {
+            Version::V5 if config.outgoing_topic_aliases => OutgoingAliases::new(
+                connect.properties.topic_alias_maximum.unwrap_or(0).min(config.topic_alias_maximum),
+            ),
+            _ => OutgoingAliases::new(0),
+        };
         if version == Version::V5 {
             props.receive_maximum = Some(config.receive_maximum);
             props.maximum_packet_size = Some(config.max_packet_size);
@@ -284,11 +297,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             keep_alive: (keep_alive > 0).then(|| Duration::from_millis(keep_alive as u64 * 1500)),
             connect_expiry: expiry,
             topic_aliases: HashMap::new(),
+            outgoing_aliases,
+            client_max_packet_size,
             problem_information: connect.properties.request_problem_information != Some(0),
             needs_flush: true,
             publishes: Vec::new(),
             publish_rate,
             throttled_until: None,
+            unwritten_pubacks: 0,
         };
         for packet in connection.session.resend_inflight() {
             connection.send(packet);
@@ -466,6 +482,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             return Err(Close::Error(DisconnectReason::TopicNameInvalid, "invalid topic name"));
         }
         let packet_id = publish.packet_id.unwrap_or(0);
+        if publish.qos != QoS::AtMostOnce {
+            // MQTT-3.3.4-7: at most Receive Maximum QoS 1/2 PUBLISHes without
+            // their acknowledgement: QoS 2 from PUBREC until PUBREL, QoS 1
+            // until its PUBACK is written (a retransmission is not a new one).
+            let st = self.session.lock();
+            let resent = publish.qos == QoS::ExactlyOnce && st.incoming_qos2.contains(&packet_id);
+            let in_flight = st.incoming_qos2.len() + self.unwritten_pubacks;
+            if !resent && in_flight >= self.broker.config.receive_maximum as usize {
+                return Err(Close::Error(DisconnectReason::ReceiveMaximumExceeded, "receive maximum exceeded"));
+            }
+        }
         if let Some(limit) = TopicLimits::of(&self.broker.config).exceeded_by(&publish.topic) {
             // MQTT 5 at QoS 1/2: refused with 0x90 (Topic Name invalid), the
             // connection stays; at QoS 0, and for 3.1.1 (no reason codes in
@@ -473,7 +500,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             self.broker.limits.hit(limit, &self.session.client_id, "PUBLISH refused (0x90)");
             return match (self.version, publish.qos) {
                 (Version::V5, QoS::AtLeastOnce) => {
-                    self.send(Packet::PubAck(PubAck::with_reason(packet_id, 0x90)));
+                    self.send_puback(PubAck::with_reason(packet_id, 0x90));
                     Ok(())
                 }
                 (Version::V5, QoS::ExactlyOnce) => {
@@ -489,7 +516,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             // MQTT 5: acknowledge with 0x99 (payload format invalid), do not route.
             match publish.qos {
                 QoS::AtMostOnce => {}
-                QoS::AtLeastOnce => self.send(Packet::PubAck(PubAck::with_reason(packet_id, 0x99))),
+                QoS::AtLeastOnce => self.send_puback(PubAck::with_reason(packet_id, 0x99)),
                 QoS::ExactlyOnce => self.send(Packet::PubRec(PubAck::with_reason(packet_id, 0x99))),
             }
             return Ok(());
@@ -501,9 +528,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 drop(st);
                 self.send(Packet::PubRec(PubAck::new(packet_id)));
                 return Ok(());
-            }
-            if st.incoming_qos2.len() >= self.broker.config.receive_maximum as usize {
-                return Err(Close::Error(DisconnectReason::ReceiveMaximumExceeded, "receive maximum exceeded"));
             }
             st.incoming_qos2.insert(packet_id);
             self.session.save(&st, &self.broker.storage);
@@ -525,7 +549,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             QoS::AtMostOnce => {}
             QoS::AtLeastOnce => {
                 self.needs_flush = true;
-                self.send(Packet::PubAck(PubAck::with_reason(packet_id, reason)));
+                self.send_puback(PubAck::with_reason(packet_id, reason));
             }
             QoS::ExactlyOnce => {
                 self.needs_flush = true;
@@ -587,11 +611,53 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             Stats::add(&self.broker.stats.messages_dropped, dropped as u64);
         }
         Stats::add(&self.broker.stats.messages_sent, publishes.len() as u64);
-        for publish in publishes.drain(..) {
+        for mut publish in publishes.drain(..) {
+            self.alias_topic(&mut publish);
             self.send(Packet::Publish(publish));
         }
         self.publishes = publishes;
         more
+    }
+
+    /// Replaces the topic of an outgoing PUBLISH by an alias where the
+    /// client accepts aliases: the first PUBLISH to a topic carries topic
+    /// and alias, later ones an empty topic. Topics of up to 3 bytes are
+    /// sent as they are (an alias would not make them shorter).
+    fn alias_topic(&mut self, publish: &mut Publish) {
+        if !self.outgoing_aliases.enabled() || publish.topic.len() <= 3 {
+            return;
+        }
+        if let Some(alias) = self.outgoing_aliases.known(&publish.topic) {
+            publish.topic.clear();
+            publish.properties.topic_alias = Some(alias);
+            return;
+        }
+        // Binding adds a 3-byte property (and the remaining length may need
+        // one more byte): only if the client accepts the larger packet
+        // (take_ready checked the size without it).
+        if self.client_max_packet_size < protocol::MAX_PACKET_SIZE {
+            let len = protocol::encoded_len(&Packet::Publish(publish.clone()), self.version);
+            if len + 4 > self.client_max_packet_size {
+                return;
+            }
+        }
+        match self.outgoing_aliases.assign(&publish.topic) {
+            Some(AliasUse::Bound(alias)) => publish.properties.topic_alias = Some(alias),
+            Some(AliasUse::Known(alias)) => {
+                publish.topic.clear();
+                publish.properties.topic_alias = Some(alias);
+            }
+            None => {}
+        }
+    }
+
+    /// A PUBACK for a client's QoS 1 PUBLISH, which stays in flight (for
+    /// Receive Maximum) until the PUBACK is written.
+    fn send_puback(&mut self, ack: PubAck) {
+        if self.version == Version::V5 {
+            self.unwritten_pubacks += 1;
+        }
+        self.send(Packet::PubAck(ack));
     }
 
     fn send(&mut self, mut packet: Packet) {
@@ -603,6 +669,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
 
     async fn flush(&mut self) -> std::io::Result<()> {
         if self.link.wbuf.is_empty() {
+            self.unwritten_pubacks = 0;
             return Ok(());
         }
         if self.needs_flush || self.broker.storage.is_dirty() {
@@ -613,6 +680,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         }
         // No byte taken for a keep-alive period: the client is gone.
         let n = self.link.flush_within(self.keep_alive).await?;
+        self.unwritten_pubacks = 0;
         Stats::add(&self.broker.stats.bytes_sent, n as u64);
         Ok(())
     }

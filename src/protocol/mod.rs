@@ -10,6 +10,7 @@
 //! differential tests in `codec/mqttbytes_diff.rs` check our bytes against
 //! mqttbytes wherever mqttbytes is right.
 
+pub mod alias;
 mod codec;
 mod packet;
 pub mod topic;

@@ -1,0 +1,640 @@
+//! Protocol conformance against one node (issue 8, "Protocol gaps"): raw
+//! MQTT 5 clients on kadmq's codec, acknowledgements written as literal
+//! bytes where their exact form matters, every reason code checked.
+
+use crate::common::TestBroker;
+use bytes::{Bytes, BytesMut};
+use kadmq::protocol::{
+    decode, encode, ConnAck, Connect, ConnectProperties, ConnectReason, Disconnect, DisconnectReason, Packet, PubAck,
+    Publish, PublishProperties, QoS, SubAck, Subscribe, SubscribeFilter, SubscriptionOptions, Version, MAX_PACKET_SIZE,
+};
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+/// How long something that must happen may take.
+const WAIT: Duration = Duration::from_secs(5);
+/// How long we listen to conclude that something does not happen.
+const QUIET: Duration = Duration::from_millis(400);
+
+#[derive(Debug)]
+#[allow(clippy::large_enum_variant)] // test-only
+enum Got {
+    Packet(Packet),
+    Closed,
+    Silent,
+}
+
+/// A raw MQTT 5 client: packets through kadmq's codec or literal bytes.
+struct Raw5 {
+    stream: TcpStream,
+    buf: BytesMut,
+}
+
+fn connect_packet(client_id: &str) -> Connect {
+    Connect {
+        version: Version::V5,
+        client_id: client_id.into(),
+        clean_start: true,
+        keep_alive: 30,
+        username: None,
+        password: None,
+        will: None,
+        properties: ConnectProperties::default(),
+    }
+}
+
+fn publish(topic: &str, qos: QoS, packet_id: Option<u16>, payload: &[u8]) -> Packet {
+    Packet::Publish(Publish {
+        dup: false,
+        qos,
+        retain: false,
+        topic: topic.into(),
+        packet_id,
+        payload: Bytes::copy_from_slice(payload),
+        properties: PublishProperties::default(),
+    })
+}
+
+/// A two-byte-body acknowledgement (no reason code, no properties), as
+/// MQTT 5 §3.4.2.1 allows for reason 0x00.
+fn short_ack(first_byte: u8, packet_id: u16) -> [u8; 4] {
+    let id = packet_id.to_be_bytes();
+    [first_byte, 0x02, id[0], id[1]]
+}
+
+impl Raw5 {
+    async fn open(addr: SocketAddr) -> Raw5 {
+        let stream = tokio::time::timeout(WAIT, TcpStream::connect(addr)).await.expect("connect timeout").unwrap();
+        stream.set_nodelay(true).unwrap();
+        Raw5 { stream, buf: BytesMut::new() }
+    }
+
+    async fn connect(addr: SocketAddr, client_id: &str, tweak: impl FnOnce(&mut Connect)) -> (Raw5, ConnAck) {
+        let mut raw = Raw5::open(addr).await;
+        let mut connect = connect_packet(client_id);
+        tweak(&mut connect);
+        raw.send(&Packet::Connect(connect)).await;
+        match raw.packet().await {
+            Packet::ConnAck(ack) => (raw, ack),
+            other => panic!("expected CONNACK, got {other:?}"),
+        }
+    }
+
+    async fn ok(addr: SocketAddr, client_id: &str) -> Raw5 {
+        let (raw, ack) = Raw5::connect(addr, client_id, |_| {}).await;
+        assert_eq!(ack.code, ConnectReason::Success, "CONNACK {ack:?}");
+        raw
+    }
+
+    async fn send(&mut self, packet: &Packet) {
+        let mut out = BytesMut::new();
+        encode(packet, Version::V5, &mut out).expect("encode");
+        self.send_bytes(&out).await;
+    }
+
+    async fn send_bytes(&mut self, bytes: &[u8]) {
+        // The broker may already have closed; tests look at what comes back.
+        let _ = self.stream.write_all(bytes).await;
+    }
+
+    async fn next_within(&mut self, wait: Duration) -> Got {
+        let deadline = Instant::now() + wait;
+        loop {
+            match decode(&mut self.buf, Version::V5, MAX_PACKET_SIZE) {
+                Ok(Some(packet)) => return Got::Packet(packet),
+                Ok(None) => {}
+                Err(err) => panic!("broker sent bytes the client cannot decode: {err}"),
+            }
+            match tokio::time::timeout_at(deadline, self.stream.read_buf(&mut self.buf)).await {
+                Err(_) => return Got::Silent,
+                Ok(Ok(0)) | Ok(Err(_)) => return Got::Closed,
+                Ok(Ok(_)) => {}
+            }
+        }
+    }
+
+    async fn packet(&mut self) -> Packet {
+        match self.next_within(WAIT).await {
+            Got::Packet(p) => p,
+            other => panic!("expected a packet within {WAIT:?}, got {other:?}"),
+        }
+    }
+
+    async fn publish_in(&mut self) -> Publish {
+        match self.packet().await {
+            Packet::Publish(p) => p,
+            other => panic!("expected PUBLISH, got {other:?}"),
+        }
+    }
+
+    async fn silent(&mut self) {
+        match self.next_within(QUIET).await {
+            Got::Silent => {}
+            other => panic!("expected silence, got {other:?}"),
+        }
+    }
+
+    /// Expects a DISCONNECT from the broker followed by the close.
+    async fn disconnected(&mut self) -> Disconnect {
+        let disconnect = match self.packet().await {
+            Packet::Disconnect(d) => d,
+            other => panic!("expected DISCONNECT, got {other:?}"),
+        };
+        match self.next_within(WAIT).await {
+            Got::Closed => disconnect,
+            other => panic!("expected the connection closed after DISCONNECT, got {other:?}"),
+        }
+    }
+
+    async fn subscribe(&mut self, packet_id: u16, filter: &str, options: SubscriptionOptions) -> SubAck {
+        self.send(&Packet::Subscribe(Subscribe {
+            packet_id,
+            filters: vec![SubscribeFilter { filter: filter.into(), options }],
+            subscription_identifier: None,
+            user_properties: vec![],
+        }))
+        .await;
+        match self.packet().await {
+            Packet::SubAck(ack) => {
+                assert_eq!(ack.packet_id, packet_id);
+                assert_eq!(ack.reasons, vec![options.qos as u8], "SUBACK {ack:?}");
+                ack
+            }
+            other => panic!("expected SUBACK, got {other:?}"),
+        }
+    }
+
+    /// Sends a QoS 2 PUBLISH and returns the PUBREC, which must come next.
+    async fn publish_qos2(&mut self, topic: &str, packet_id: u16, payload: &[u8]) -> PubAck {
+        self.send(&publish(topic, QoS::ExactlyOnce, Some(packet_id), payload)).await;
+        match self.packet().await {
+            Packet::PubRec(rec) => {
+                assert_eq!(rec.packet_id, packet_id);
+                rec
+            }
+            other => panic!("expected PUBREC for {packet_id}, got {other:?}"),
+        }
+    }
+
+    /// Completes a QoS 2 PUBLISH as the publisher: PUBREL (short form), PUBCOMP.
+    async fn release(&mut self, packet_id: u16) {
+        self.send_bytes(&short_ack(0x62, packet_id)).await;
+        match self.packet().await {
+            Packet::PubComp(comp) => assert_eq!((comp.packet_id, comp.reason), (packet_id, 0)),
+            other => panic!("expected PUBCOMP for {packet_id}, got {other:?}"),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// 1. QoS 2 with a subscriber that acknowledges with minimal packets
+// ---------------------------------------------------------------------------
+
+/// MQTT-2.2.1-4 / MQTT-4.3.3-4: the publisher gets its PUBREC whatever the
+/// subscriber does; a subscriber acknowledging with two-byte bodies
+/// completes both flows.
+#[tokio::test]
+async fn qos2_with_a_subscriber_sending_short_acks() {
+    let broker = TestBroker::start().await;
+    let mut sub = Raw5::ok(broker.mqtt(), "short-sub").await;
+    sub.subscribe(1, "conf/short", SubscriptionOptions::qos(QoS::ExactlyOnce)).await;
+    let mut publisher = Raw5::ok(broker.mqtt(), "short-pub").await;
+
+    for round in 0..3u16 {
+        let payload = format!("m{round}");
+        let rec = publisher.publish_qos2("conf/short", 10 + round, payload.as_bytes()).await;
+        assert_eq!(rec.reason, 0, "PUBREC {rec:?}");
+        publisher.release(10 + round).await;
+
+        let p = sub.publish_in().await;
+        assert_eq!((p.qos, &p.payload[..]), (QoS::ExactlyOnce, payload.as_bytes()));
+        let id = p.packet_id.expect("QoS 2 id");
+        sub.send_bytes(&short_ack(0x50, id)).await; // PUBREC, two-byte body
+        match sub.packet().await {
+            Packet::PubRel(rel) => assert_eq!((rel.packet_id, rel.reason), (id, 0)),
+            other => panic!("expected PUBREL, got {other:?}"),
+        }
+        sub.send_bytes(&short_ack(0x70, id)).await; // PUBCOMP, two-byte body
+    }
+    // QoS 1 to the same subscriber, acknowledged with a two-byte PUBACK.
+    sub.subscribe(2, "conf/short1", SubscriptionOptions::qos(QoS::AtLeastOnce)).await;
+    for round in 0..3u16 {
+        publisher.send(&publish("conf/short1", QoS::AtLeastOnce, Some(20 + round), b"q1")).await;
+        match publisher.packet().await {
+            Packet::PubAck(ack) => assert_eq!((ack.packet_id, ack.reason), (20 + round, 0)),
+            other => panic!("expected PUBACK, got {other:?}"),
+        }
+        let p = sub.publish_in().await;
+        sub.send_bytes(&short_ack(0x40, p.packet_id.expect("QoS 1 id"))).await;
+    }
+    sub.silent().await;
+}
+
+/// A PUBREC with a reason >= 0x80 ends the QoS 2 flow (MQTT 5 §4.3.3): no
+/// PUBREL, the inflight slot is free, and further messages flow.
+#[tokio::test]
+async fn qos2_pubrec_with_an_error_reason_ends_the_flow_and_frees_the_slot() {
+    let broker = TestBroker::start().await;
+    let (mut sub, ack) = Raw5::connect(broker.mqtt(), "rec80-sub", |c| {
+        c.properties.receive_maximum = Some(1);
+    })
+    .await;
+    assert_eq!(ack.code, ConnectReason::Success);
+    sub.subscribe(1, "conf/rec80", SubscriptionOptions::qos(QoS::ExactlyOnce)).await;
+    let mut publisher = Raw5::ok(broker.mqtt(), "rec80-pub").await;
+
+    for round in 0..4u16 {
+        let payload = format!("m{round}");
+        let rec = publisher.publish_qos2("conf/rec80", 100 + round, payload.as_bytes()).await;
+        assert_eq!(rec.reason, 0, "PUBREC {rec:?}");
+        publisher.release(100 + round).await;
+
+        // Receive Maximum 1: this one only comes if the previous flow ended.
+        let p = sub.publish_in().await;
+        assert_eq!(&p.payload[..], payload.as_bytes(), "round {round}");
+        let id = p.packet_id.expect("QoS 2 id").to_be_bytes();
+        sub.send_bytes(&[0x50, 0x03, id[0], id[1], 0x80]).await; // PUBREC 0x80, no properties
+        sub.silent().await; // no PUBREL
+    }
+    sub.send_bytes(&[0xC0, 0x00]).await;
+    assert!(matches!(sub.packet().await, Packet::PingResp));
+}
+
+/// The same flows when one client is both publisher and subscriber: its
+/// PUBREC for its own PUBLISH comes first, then the delivery.
+#[tokio::test]
+async fn qos2_to_itself_with_short_acks_and_pubrec_0x80() {
+    let broker = TestBroker::start().await;
+    let mut c = Raw5::ok(broker.mqtt(), "self-qos2").await;
+    c.subscribe(1, "conf/self", SubscriptionOptions::qos(QoS::ExactlyOnce)).await;
+    for round in 0..4u16 {
+        let rec = c.publish_qos2("conf/self", 1, b"x").await;
+        assert_eq!(rec.reason, 0, "round {round}: {rec:?}");
+        let p = c.publish_in().await;
+        let id = p.packet_id.expect("QoS 2 id");
+        c.release(1).await;
+        if round % 2 == 0 {
+            c.send_bytes(&short_ack(0x50, id)).await;
+            match c.packet().await {
+                Packet::PubRel(rel) => assert_eq!(rel.packet_id, id),
+                other => panic!("expected PUBREL, got {other:?}"),
+            }
+            c.send_bytes(&short_ack(0x70, id)).await;
+        } else {
+            let id = id.to_be_bytes();
+            c.send_bytes(&[0x50, 0x04, id[0], id[1], 0x80, 0x00]).await; // PUBREC 0x80, empty properties
+        }
+    }
+    c.silent().await;
+}
+
+// ---------------------------------------------------------------------------
+// 2. Unsupported protocol level
+// ---------------------------------------------------------------------------
+
+/// A CONNECT body with protocol `name` and `level`, clean start, keep-alive
+/// 30, client id "x" (and for level 5 an empty property section).
+fn connect_bytes(name: &[u8], level: u8) -> Vec<u8> {
+    let mut body = vec![0, name.len() as u8];
+    body.extend_from_slice(name);
+    body.extend_from_slice(&[level, 0x02, 0, 30]);
+    if level == 5 {
+        body.push(0);
+    }
+    body.extend_from_slice(&[0, 1, b'x']);
+    let mut packet = vec![0x10, body.len() as u8];
+    packet.extend_from_slice(&body);
+    packet
+}
+
+/// MQTT-3.1.2-2: CONNACK "unacceptable protocol level" and close. kadmq
+/// answers an unknown level in the 3.1.1 layout (return code 0x01), which
+/// every client version parses; the connection is closed cleanly (FIN, not
+/// a reset that could destroy the CONNACK), even with bytes pipelined after
+/// the CONNECT.
+#[tokio::test]
+async fn unsupported_protocol_level_gets_connack_0x01_and_close() {
+    let broker = TestBroker::start().await;
+    let cases: [(&[u8], u8, bool); 7] = [
+        (b"MQTT", 3, false),
+        (b"MQIsdp", 3, false),
+        (b"MQTT", 6, false),
+        (b"MQTT", 0, false),
+        (b"MQTT", 255, false),
+        (b"MQTT", 6, true),
+        (b"MQIsdp", 3, true),
+    ];
+    for (name, level, pipelined) in cases {
+        let mut raw = Raw5::open(broker.mqtt()).await;
+        let mut bytes = connect_bytes(name, level);
+        if pipelined {
+            // SUBSCRIBE and PINGREQ right behind the CONNECT, in the same write.
+            bytes.extend_from_slice(&[0x82, 0x06, 0x00, 0x01, 0x00, 0x01, b't', 0x00, 0xC0, 0x00]);
+        }
+        raw.send_bytes(&bytes).await;
+        let mut got = Vec::new();
+        let read = tokio::time::timeout(WAIT, raw.stream.read_to_end(&mut got)).await.expect("broker closes");
+        assert!(read.is_ok(), "level {level} pipelined {pipelined}: {read:?} after {got:02x?}");
+        assert_eq!(got, [0x20, 0x02, 0x00, 0x01], "level {level} ({:?}) pipelined {pipelined}", name);
+    }
+    // The CONNECT split over two writes is read whole first.
+    let mut raw = Raw5::open(broker.mqtt()).await;
+    let bytes = connect_bytes(b"MQTT", 7);
+    raw.send_bytes(&bytes[..5]).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    raw.send_bytes(&bytes[5..]).await;
+    let mut got = Vec::new();
+    tokio::time::timeout(WAIT, raw.stream.read_to_end(&mut got)).await.expect("broker closes").unwrap();
+    assert_eq!(got, [0x20, 0x02, 0x00, 0x01]);
+    // Levels 4 and 5 are served.
+    for level in [4, 5] {
+        let mut raw = Raw5::open(broker.mqtt()).await;
+        raw.send_bytes(&connect_bytes(b"MQTT", level)).await;
+        let mut got = [0u8; 4];
+        tokio::time::timeout(WAIT, raw.stream.read_exact(&mut got)).await.expect("CONNACK").unwrap();
+        assert_eq!(got[..2], [0x20, if level == 4 { 0x02 } else { got[1] }]);
+        assert_eq!(got[3], 0x00, "level {level}: success");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// 3. Receive Maximum from the client to the broker
+// ---------------------------------------------------------------------------
+
+/// Reads until the DISCONNECT, skipping the acknowledgements before it.
+async fn disconnect_after_acks(c: &mut Raw5) -> (Vec<Packet>, Disconnect) {
+    let mut acks = Vec::new();
+    loop {
+        match c.packet().await {
+            Packet::Disconnect(d) => {
+                assert!(matches!(c.next_within(WAIT).await, Got::Closed), "closed after DISCONNECT");
+                return (acks, d);
+            }
+            p @ (Packet::PubAck(_) | Packet::PubRec(_)) => acks.push(p),
+            other => panic!("expected acknowledgements then DISCONNECT, got {other:?}"),
+        }
+    }
+}
+
+/// MQTT-3.3.4-7 / MQTT-4.9.0-1: receive_maximum + 1 QoS 2 PUBLISHes without
+/// PUBREL: the last one is answered with DISCONNECT 0x93.
+#[tokio::test]
+async fn qos2_over_receive_maximum_is_disconnected_0x93() {
+    let broker = TestBroker::start_with(|c| c.mqtt.receive_maximum = 3).await;
+    let mut c = Raw5::ok(broker.mqtt(), "rm-qos2").await;
+    for id in 1..=3 {
+        let rec = c.publish_qos2("conf/rm", id, b"x").await;
+        assert_eq!(rec.reason, 0x10, "no subscribers: {rec:?}");
+    }
+    // A retransmission (DUP) of an id in flight is not a new one.
+    let mut dup = publish("conf/rm", QoS::ExactlyOnce, Some(2), b"x");
+    if let Packet::Publish(p) = &mut dup {
+        p.dup = true;
+    }
+    c.send(&dup).await;
+    assert!(matches!(c.packet().await, Packet::PubRec(r) if r.packet_id == 2));
+    c.send(&publish("conf/rm", QoS::ExactlyOnce, Some(4), b"x")).await;
+    let (acks, d) = disconnect_after_acks(&mut c).await;
+    assert!(acks.is_empty(), "{acks:?}");
+    assert_eq!(d.reason, DisconnectReason::ReceiveMaximumExceeded);
+}
+
+/// Released QoS 2 flows (PUBREL received) no longer count.
+#[tokio::test]
+async fn qos2_released_flows_do_not_count_towards_receive_maximum() {
+    let broker = TestBroker::start_with(|c| c.mqtt.receive_maximum = 2).await;
+    let mut c = Raw5::ok(broker.mqtt(), "rm-released").await;
+    for id in 1..=10 {
+        c.publish_qos2("conf/rm", id, b"x").await;
+        c.release(id).await;
+    }
+    c.publish_qos2("conf/rm", 11, b"x").await;
+    c.publish_qos2("conf/rm", 12, b"x").await;
+    c.release(11).await;
+    c.publish_qos2("conf/rm", 13, b"x").await;
+    c.send(&publish("conf/rm", QoS::ExactlyOnce, Some(14), b"x")).await;
+    let (_, d) = disconnect_after_acks(&mut c).await;
+    assert_eq!(d.reason, DisconnectReason::ReceiveMaximumExceeded);
+}
+
+/// QoS 1 counts too: PUBLISHes the broker has not acknowledged yet (their
+/// PUBACK not written) are in flight. receive_maximum + 1 in one write,
+/// with QoS 2 ones in flight alongside, exceed it.
+#[tokio::test]
+async fn qos1_and_qos2_together_over_receive_maximum_are_disconnected_0x93() {
+    let broker = TestBroker::start_with(|c| c.mqtt.receive_maximum = 3).await;
+    let mut c = Raw5::ok(broker.mqtt(), "rm-qos1").await;
+    let mut burst = BytesMut::new();
+    for id in 1..=4 {
+        encode(&publish("conf/rm", QoS::AtLeastOnce, Some(id), b"x"), Version::V5, &mut burst).unwrap();
+    }
+    c.send_bytes(&burst).await;
+    let (acks, d) = disconnect_after_acks(&mut c).await;
+    assert_eq!(d.reason, DisconnectReason::ReceiveMaximumExceeded, "after {acks:?}");
+    assert!(acks.len() <= 3, "{acks:?}");
+
+    let mut c = Raw5::ok(broker.mqtt(), "rm-mixed").await;
+    c.publish_qos2("conf/rm", 1, b"x").await;
+    c.publish_qos2("conf/rm", 2, b"x").await;
+    let mut burst = BytesMut::new();
+    for id in 3..=4 {
+        encode(&publish("conf/rm", QoS::AtLeastOnce, Some(id), b"x"), Version::V5, &mut burst).unwrap();
+    }
+    c.send_bytes(&burst).await;
+    let (acks, d) = disconnect_after_acks(&mut c).await;
+    assert_eq!(d.reason, DisconnectReason::ReceiveMaximumExceeded, "after {acks:?}");
+}
+
+/// QoS 1 PUBLISHes each sent after the previous PUBACK never exceed it.
+#[tokio::test]
+async fn acknowledged_qos1_does_not_count_towards_receive_maximum() {
+    let broker = TestBroker::start_with(|c| c.mqtt.receive_maximum = 2).await;
+    let mut c = Raw5::ok(broker.mqtt(), "rm-q1-ok").await;
+    for id in 1..=20 {
+        c.send(&publish("conf/rm", QoS::AtLeastOnce, Some(id), b"x")).await;
+        assert!(matches!(c.packet().await, Packet::PubAck(a) if a.packet_id == id));
+    }
+    // Two at once are within the maximum.
+    let mut burst = BytesMut::new();
+    for id in 21..=22 {
+        encode(&publish("conf/rm", QoS::AtLeastOnce, Some(id), b"x"), Version::V5, &mut burst).unwrap();
+    }
+    c.send_bytes(&burst).await;
+    assert!(matches!(c.packet().await, Packet::PubAck(a) if a.packet_id == 21));
+    assert!(matches!(c.packet().await, Packet::PubAck(a) if a.packet_id == 22));
+    c.silent().await;
+}
+
+// ---------------------------------------------------------------------------
+// 4. No Local with two clients
+// ---------------------------------------------------------------------------
+
+fn no_local(qos: QoS) -> SubscriptionOptions {
+    SubscriptionOptions { no_local: true, ..SubscriptionOptions::qos(qos) }
+}
+
+/// Both subscribe with No Local; b's SUBACK is in before a publishes: b gets
+/// the message, a does not get its own.
+#[tokio::test]
+async fn no_local_subscribers_get_each_others_messages() {
+    let broker = TestBroker::start().await;
+    let mut a = Raw5::ok(broker.mqtt(), "nl-a").await;
+    let mut b = Raw5::ok(broker.mqtt(), "nl-b").await;
+    a.subscribe(1, "conf/nl", no_local(QoS::ExactlyOnce)).await;
+    b.subscribe(1, "conf/nl", no_local(QoS::ExactlyOnce)).await;
+    a.send(&publish("conf/nl", QoS::AtLeastOnce, Some(7), b"from a")).await;
+    match a.packet().await {
+        Packet::PubAck(ack) => assert_eq!((ack.packet_id, ack.reason), (7, 0)),
+        other => panic!("expected PUBACK, got {other:?}"),
+    }
+    let p = b.publish_in().await;
+    assert_eq!((p.topic.as_str(), &p.payload[..], p.qos), ("conf/nl", &b"from a"[..], QoS::AtLeastOnce));
+    b.send_bytes(&short_ack(0x40, p.packet_id.unwrap())).await;
+    a.silent().await;
+    b.silent().await;
+}
+
+/// Response Topic and Correlation Data (and a user property) reach b
+/// byte for byte; a, No Local, gets nothing.
+#[tokio::test]
+async fn no_local_delivery_keeps_response_topic_and_correlation_data() {
+    let broker = TestBroker::start().await;
+    let mut a = Raw5::ok(broker.mqtt(), "nlp-a").await;
+    let mut b = Raw5::ok(broker.mqtt(), "nlp-b").await;
+    a.subscribe(1, "conf/nlp", no_local(QoS::ExactlyOnce)).await;
+    b.subscribe(1, "conf/nlp", no_local(QoS::ExactlyOnce)).await;
+    let mut packet = publish("conf/nlp", QoS::AtLeastOnce, Some(3), b"request");
+    if let Packet::Publish(p) = &mut packet {
+        p.properties.message.response_topic = Some("conf/nlp/reply".into());
+        p.properties.message.correlation_data = Some(Bytes::from_static(&[0, 1, 2, 0xFF]));
+        p.properties.message.user_properties = vec![("k".into(), "v".into())];
+    }
+    a.send(&packet).await;
+    assert!(matches!(a.packet().await, Packet::PubAck(ack) if ack.packet_id == 3 && ack.reason == 0));
+    let p = b.publish_in().await;
+    assert_eq!(p.properties.message.response_topic.as_deref(), Some("conf/nlp/reply"));
+    assert_eq!(p.properties.message.correlation_data.as_deref(), Some(&[0u8, 1, 2, 0xFF][..]));
+    assert_eq!(p.properties.message.user_properties, vec![("k".to_string(), "v".to_string())]);
+    assert_eq!(&p.payload[..], b"request");
+    a.silent().await;
+}
+
+// ---------------------------------------------------------------------------
+// 5. Server Keep Alive
+// ---------------------------------------------------------------------------
+
+/// With max_keep_alive > 0, a client asking for more, or for 0, gets Server
+/// Keep Alive in the CONNACK; one asking for less keeps its own.
+#[tokio::test]
+async fn max_keep_alive_is_announced_as_server_keep_alive() {
+    let broker = TestBroker::start_with(|c| c.mqtt.max_keep_alive = 20).await;
+    for (asked, announced) in [(0u16, Some(20u16)), (21, Some(20)), (600, Some(20)), (20, None), (5, None)] {
+        let (_c, ack) = Raw5::connect(broker.mqtt(), "ska", |c| c.keep_alive = asked).await;
+        assert_eq!(ack.code, ConnectReason::Success);
+        assert_eq!(ack.properties.server_keep_alive, announced, "client asked for {asked}");
+    }
+    let broker = TestBroker::start().await;
+    let (_c, ack) = Raw5::connect(broker.mqtt(), "ska-off", |c| c.keep_alive = 0).await;
+    assert_eq!(ack.properties.server_keep_alive, None, "max_keep_alive 0: the client decides");
+}
+
+/// The broker uses the Server Keep Alive it announced: a client that asked
+/// for none (0) and stays silent is disconnected with 0x8D after 1.5x.
+#[tokio::test]
+async fn server_keep_alive_is_enforced() {
+    let broker = TestBroker::start_with(|c| c.mqtt.max_keep_alive = 1).await;
+    let (mut c, ack) = Raw5::connect(broker.mqtt(), "ska-enforced", |c| c.keep_alive = 0).await;
+    assert_eq!(ack.properties.server_keep_alive, Some(1));
+    let started = Instant::now();
+    let d = c.disconnected().await;
+    assert_eq!(d.reason, DisconnectReason::KeepAliveTimeout);
+    let after = started.elapsed();
+    assert!(after >= Duration::from_millis(1400) && after < Duration::from_secs(4), "after {after:?}");
+}
+
+// ---------------------------------------------------------------------------
+// 5. Topic aliases from the broker to the client
+// ---------------------------------------------------------------------------
+
+/// Sends a QoS 0 PUBLISH to `topic` from `publisher` and returns what
+/// `sub` receives: (topic as sent, alias, payload).
+async fn relay(publisher: &mut Raw5, sub: &mut Raw5, topic: &str, payload: &str) -> (String, Option<u16>) {
+    publisher.send(&publish(topic, QoS::AtMostOnce, None, payload.as_bytes())).await;
+    let p = sub.publish_in().await;
+    assert_eq!(&p.payload[..], payload.as_bytes());
+    (p.topic, p.properties.topic_alias)
+}
+
+/// Client Topic Alias Maximum 2: the first PUBLISH to a topic carries topic
+/// and alias, later ones an empty topic; a third topic takes the alias of
+/// the least recently used one.
+#[tokio::test]
+async fn outgoing_topic_aliases_bind_reuse_and_rebind_the_least_recently_used() {
+    let broker = TestBroker::start().await;
+    let (mut sub, ack) = Raw5::connect(broker.mqtt(), "alias-sub", |c| {
+        c.properties.topic_alias_maximum = Some(2);
+    })
+    .await;
+    assert_eq!(ack.code, ConnectReason::Success);
+    sub.subscribe(1, "alias/#", SubscriptionOptions::qos(QoS::AtLeastOnce)).await;
+    let mut publisher = Raw5::ok(broker.mqtt(), "alias-pub").await;
+    let steps: [(&str, &str, Option<u16>); 8] = [
+        ("alias/aaaa", "alias/aaaa", Some(1)),
+        ("alias/bbbb", "alias/bbbb", Some(2)),
+        ("alias/aaaa", "", Some(1)),
+        ("alias/bbbb", "", Some(2)),
+        ("alias/aaaa", "", Some(1)),
+        // bbbb is least recently used: cccc takes alias 2.
+        ("alias/cccc", "alias/cccc", Some(2)),
+        ("alias/cccc", "", Some(2)),
+        // aaaa is now least recently used: bbbb takes alias 1.
+        ("alias/bbbb", "alias/bbbb", Some(1)),
+    ];
+    for (i, (topic, sent_topic, alias)) in steps.into_iter().enumerate() {
+        let got = relay(&mut publisher, &mut sub, topic, &format!("p{i}")).await;
+        assert_eq!(got, (sent_topic.to_string(), alias), "step {i}: {topic}");
+    }
+    // The exact bytes of an aliased delivery: 30 07, empty topic 00 00,
+    // properties 03 23 00 01 (Topic Alias 1), payload "p".
+    publisher.send(&publish("alias/bbbb", QoS::AtMostOnce, None, b"p")).await;
+    let mut raw = [0u8; 8];
+    tokio::time::timeout(WAIT, sub.stream.read_exact(&mut raw)).await.expect("delivery").unwrap();
+    assert_eq!(raw, [0x30, 0x07, 0x00, 0x00, 0x03, 0x23, 0x00, 0x01]);
+    let mut payload = [0u8; 1];
+    sub.stream.read_exact(&mut payload).await.unwrap();
+    assert_eq!(&payload, b"p");
+}
+
+/// No aliases to a client that did not announce a Topic Alias Maximum, nor
+/// with `outgoing_topic_aliases` off; never more than the broker's own
+/// `topic_alias_maximum`.
+#[tokio::test]
+async fn outgoing_topic_aliases_only_where_accepted_and_enabled() {
+    for (switch, client_max, broker_max, expect_alias) in
+        [(true, None, 64, false), (false, Some(10), 64, false), (true, Some(10), 0, false), (true, Some(10), 1, true)]
+    {
+        let broker = TestBroker::start_with(|c| {
+            c.mqtt.outgoing_topic_aliases = switch;
+            c.mqtt.topic_alias_maximum = broker_max;
+        })
+        .await;
+        let (mut sub, _) =
+            Raw5::connect(broker.mqtt(), "alias-off", |c| c.properties.topic_alias_maximum = client_max).await;
+        sub.subscribe(1, "alias/#", SubscriptionOptions::qos(QoS::AtMostOnce)).await;
+        let mut publisher = Raw5::ok(broker.mqtt(), "alias-off-pub").await;
+        for (i, topic) in ["alias/one", "alias/one", "alias/two", "alias/two"].into_iter().enumerate() {
+            let (sent, alias) = relay(&mut publisher, &mut sub, topic, "x").await;
+            let case = format!("switch {switch} client {client_max:?} broker {broker_max} step {i}");
+            if expect_alias {
+                // One alias: every topic change rebinds it.
+                let expected = if i % 2 == 0 { topic } else { "" };
+                assert_eq!((sent.as_str(), alias), (expected, Some(1)), "{case}");
+            } else {
+                assert_eq!((sent.as_str(), alias), (topic, None), "{case}");
+            }
+        }
+    }
+}
