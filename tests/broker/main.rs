@@ -10,6 +10,7 @@ mod http;
 mod limits;
 mod persistence;
 mod review;
+mod session_fuzz;
 mod v311;
 mod v5;
 mod websocket;
