@@ -400,6 +400,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             ) {
                 Ok(Some(packet)) => packet,
                 Ok(None) => return Ok(()),
+                Err(err @ DecodeError::PacketTooLarge { .. }) => {
+                    self.broker.limits.hit(Limit::PacketSize, &self.session.client_id, &format!("{err}: disconnected"));
+                    return Err(Close::Error(err.disconnect_reason(), "oversize packet"));
+                }
                 Err(err) => {
                     tracing::info!(peer = %self.peer, client_id = %self.session.client_id, cause = %err, "bad packet");
                     return Err(Close::Error(err.disconnect_reason(), "malformed or oversize packet"));

@@ -23,10 +23,11 @@ pub enum Limit {
     QueuedBytes,
     Connections,
     PublishRate,
+    PacketSize,
 }
 
 impl Limit {
-    pub const ALL: [Limit; 7] = [
+    pub const ALL: [Limit; 8] = [
         Limit::TopicLevels,
         Limit::TopicLength,
         Limit::Subscriptions,
@@ -34,6 +35,7 @@ impl Limit {
         Limit::QueuedBytes,
         Limit::Connections,
         Limit::PublishRate,
+        Limit::PacketSize,
     ];
 
     /// The metric label.
@@ -46,6 +48,7 @@ impl Limit {
             Limit::QueuedBytes => "queued_bytes",
             Limit::Connections => "connections",
             Limit::PublishRate => "publish_rate",
+            Limit::PacketSize => "packet_size",
         }
     }
 
@@ -59,6 +62,7 @@ impl Limit {
             Limit::QueuedBytes => "mqtt.max_queued_bytes",
             Limit::Connections => "mqtt.max_connections",
             Limit::PublishRate => "mqtt.max_publish_rate",
+            Limit::PacketSize => "mqtt.max_packet_size",
         }
     }
 }

@@ -200,6 +200,8 @@ async fn oversize_packet_is_closed_and_others_are_unaffected() {
     let (mut liar, _) = Raw::connect(broker.mqtt(), "big-liar", true).await;
     liar.try_send_bytes(&[0x30, 0xff, 0xff, 0xff, 0x7f]).await;
     liar.expect_closed(WAIT).await;
+    let limits = &broker.server.as_ref().unwrap().broker.limits;
+    assert_eq!(limits.count(kadmq::broker::limits::Limit::PacketSize), 2, "both counted");
 
     // Just under the limit is fine; the bystander gets only that one.
     let (mut fits, _) = Raw::connect(broker.mqtt(), "big-fits", true).await;
