@@ -29,9 +29,11 @@
 //! - [`wire`]: the envelope between brokers (route frame, forward, ack, batch).
 //! - [`links`]: per-destination send queues, batched into driver frames.
 //! - [`outbox`]: unacknowledged QoS 1/2 forwards; the receiver's duplicate filter.
+//! - [`guard`]: peer input not applied (counted, logged once), frames of peers not yet members.
 //! - [`status`]: `/api/v1/cluster`, `/api/v1/routes` and the cluster metrics.
 
 pub mod counter;
+pub mod guard;
 pub mod links;
 pub mod outbox;
 pub mod status;
@@ -91,8 +93,10 @@ pub struct ClusterStats {
     pub duplicates: AtomicU64,
     /// QoS 1/2 forwards that arrived after a gap (dropped; resent in order).
     pub out_of_order: AtomicU64,
-    /// Frames from other nodes that could not be decoded.
-    pub bad_frames: AtomicU64,
+    /// Frames from other nodes that could not be decoded or carried
+    /// invalid input, or came from peers that are not members: dropped
+    /// unapplied, by reason.
+    pub rejected: guard::Rejections,
     /// Frames for a node whose peer id is unknown (dropped).
     pub unroutable: AtomicU64,
     /// Frames dropped because their node's send queue was full.
@@ -148,6 +152,12 @@ struct State {
     /// tick) to tell them: the notice is a frame, and frames right after a
     /// link comes back can be lost.
     rejoin_notices: HashMap<NodeId, u8>,
+    /// Frames of peers whose record has not arrived (yet).
+    strangers: guard::Strangers,
+    /// Peers declared dead, and since when (their frames are dropped).
+    dead: HashMap<PeerId, Instant>,
+    /// Peers the driver refused (fleet settings differ): their frames are dropped.
+    refused: HashMap<PeerId, Instant>,
 }
 
 /// This node's part of the fleet. Create with [`start`].
@@ -172,6 +182,10 @@ pub struct Cluster {
     name: String,
     /// Where the members' addresses are remembered across restarts.
     peers_file: std::path::PathBuf,
+    /// Peers that are members now (up, not dead): their frames are applied.
+    /// Read per batch of frames, outside the state mutex.
+    members: RwLock<std::collections::HashSet<PeerId>>,
+    dead_timeout: Duration,
     /// What the peers file holds (as written last, or read at start).
     remembered: Mutex<Vec<String>>,
     pub stats: ClusterStats,
@@ -219,6 +233,11 @@ pub async fn start(settings: &ClusterSettings, cx: StartContext<'_>) -> Result<A
     let peer_id = keypair.public().to_peer_id();
     let name = settings.node_name.clone().unwrap_or_else(|| default_name(&peer_id));
     let mut config = ClusterConfig::new(name.clone(), keypair, cluster_key);
+    config.fleet = driver::FleetSettings {
+        replication: settings.replication as u32,
+        shard_depth: settings.shard_depth as u32,
+        frame_version: frame_version(),
+    };
     config.listen_addrs = parse_addrs(&settings.p2p_listen)?;
     config.bootstrap = parse_addrs(&settings.bootstrap)?;
     // The members last seen: a node restarted without (or with a stale)
@@ -278,6 +297,9 @@ pub async fn start(settings: &ClusterSettings, cx: StartContext<'_>) -> Result<A
             timer_at: None,
             held: HashMap::new(),
             rejoin_notices: HashMap::new(),
+            strangers: guard::Strangers::default(),
+            dead: HashMap::new(),
+            refused: HashMap::new(),
         }),
         publishers_held: AtomicU64::new(0),
         topic_routes: RwLock::new(ahash::AHashMap::new()),
@@ -291,6 +313,8 @@ pub async fn start(settings: &ClusterSettings, cx: StartContext<'_>) -> Result<A
         me,
         name,
         peers_file,
+        members: RwLock::new(std::collections::HashSet::new()),
+        dead_timeout: Duration::from_secs(settings.dead_timeout_secs),
         remembered: Mutex::new(remembered),
         stats: ClusterStats::default(),
     });
@@ -332,6 +356,13 @@ fn remember_peers(path: &Path, addrs: &[String]) {
     if let Err(err) = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, path)) {
         tracing::warn!(path = %path.display(), cause = %err, "cannot remember the known peers");
     }
+}
+
+/// The frame version announced to peers: the envelope's ([`wire::VERSION`])
+/// in the high half, the routing core's ([`core::frame::FRAME_VERSION`]) in
+/// the low half; peers must speak both.
+pub fn frame_version() -> u32 {
+    u32::from(wire::VERSION) << 16 | u32::from(core::frame::FRAME_VERSION)
 }
 
 /// The routing core's id of a libp2p peer.
@@ -780,34 +811,30 @@ impl Cluster {
         for event in events {
             match event {
                 driver::Event::Frame { from, bytes } => {
-                    let frames = match wire::unbatch(bytes) {
-                        Ok(frames) => frames,
-                        Err(err) => {
-                            self.bad_frame(from, &err);
-                            continue;
-                        }
-                    };
-                    for frame in frames {
-                        match wire::decode(&frame) {
-                            Ok(Wire::Forward(forward))
-                                if forward.sequence.is_none() && forward.route.shared.is_empty() =>
-                            {
-                                // Nothing to number or pick: the broker
-                                // matches the topic against its sessions.
-                                self.stats.forwarded_in.add(1);
-                                let Forward { message, route, .. } = *forward;
-                                local.push((Arc::new(message), route));
-                            }
-                            Ok(wire) => {
-                                let st = guard.get_or_insert_with(|| self.state.lock());
-                                self.on_wire(st, storage, from, wire, &mut local, &mut acks);
-                            }
-                            Err(err) => self.bad_frame(from, &err),
-                        }
+                    if self.members.read().contains(&from) {
+                        self.on_frame(&mut guard, storage, from, bytes, &mut local, &mut acks);
+                    } else {
+                        let st = guard.get_or_insert_with(|| self.state.lock());
+                        self.stranger_frame(st, from, bytes);
+                    }
+                }
+                driver::Event::MemberRefused { peer, reason } => {
+                    let st = guard.get_or_insert_with(|| self.state.lock());
+                    st.refused.insert(peer, Instant::now());
+                    let held = st.strangers.take(&peer).len() as u64;
+                    self.stats.rejected.reject(peer, "mismatch", held.max(1), &reason);
+                    // A member restarted with other settings: out at once.
+                    self.members.write().remove(&peer);
+                    let id = st.id_of(peer);
+                    if st.live.remove(&id) {
+                        self.apply_membership(st, storage, &mut local);
                     }
                 }
                 driver::Event::MemberUp(member) => {
                     let st = guard.get_or_insert_with(|| self.state.lock());
+                    st.dead.remove(&member.peer_id);
+                    st.refused.remove(&member.peer_id);
+                    self.members.write().insert(member.peer_id);
                     let id = st.id_of(member.peer_id);
                     let previous = st.incarnations.insert(id, member.incarnation);
                     let restarted = previous.is_some_and(|old| old < member.incarnation);
@@ -829,11 +856,17 @@ impl Cluster {
                         // retained messages set meanwhile: it gets ours.
                         self.send_retained(st, &broker, id);
                     }
+                    // Its frames that came before its record, in order.
+                    for bytes in st.strangers.take(&member.peer_id) {
+                        self.on_frame(&mut guard, storage, member.peer_id, bytes, &mut local, &mut acks);
+                    }
                 }
                 driver::Event::MemberSuspect(peer) => tracing::info!(%peer, "member suspect"),
                 driver::Event::MemberDead(peer) => {
                     tracing::info!(%peer, "member dead");
                     let st = guard.get_or_insert_with(|| self.state.lock());
+                    self.members.write().remove(&peer);
+                    st.dead.insert(peer, Instant::now());
                     let id = st.id_of(peer);
                     if st.live.remove(&id) {
                         self.apply_membership(st, storage, &mut local);
@@ -865,9 +898,65 @@ impl Cluster {
         }
     }
 
+    /// One frame (a batch, usually) of a member, decoded and carried out.
+    fn on_frame<'a>(
+        &'a self,
+        guard: &mut Option<MutexGuard<'a, State>>,
+        storage: &Storage,
+        from: PeerId,
+        bytes: Bytes,
+        local: &mut Vec<(Arc<Message>, ForwardRoute)>,
+        acks: &mut HashMap<PeerId, (u64, u64)>,
+    ) {
+        let frames = match wire::unbatch(bytes) {
+            Ok(frames) => frames,
+            Err(err) => return self.bad_frame(from, &err),
+        };
+        for frame in frames {
+            match wire::decode(&frame) {
+                Ok(Wire::Forward(forward)) if forward.sequence.is_none() && forward.route.shared.is_empty() => {
+                    // Nothing to number or pick: the broker matches the
+                    // topic (checked by the decoder) against its sessions.
+                    self.stats.forwarded_in.add(1);
+                    let Forward { message, route, .. } = *forward;
+                    local.push((Arc::new(message), route));
+                }
+                Ok(wire) => {
+                    let st = guard.get_or_insert_with(|| self.state.lock());
+                    self.on_wire(st, storage, from, wire, local, acks);
+                }
+                Err(err) => self.bad_frame(from, &err),
+            }
+        }
+    }
+
+    /// A frame of a peer that is not a member: held until its record
+    /// arrives, unless it is dead, refused, or holds too much already.
+    fn stranger_frame(&self, st: &mut State, from: PeerId, bytes: Bytes) {
+        let frames = wire::unbatch(bytes.clone()).map_or(1, |f| f.len() as u64);
+        if st.dead.contains_key(&from) {
+            self.stats.rejected.reject(from, "dead_peer", frames, &"frames of a member declared dead");
+        } else if st.refused.contains_key(&from) {
+            self.stats.rejected.reject(from, "mismatch", frames, &"frames of a peer refused for its fleet settings");
+        } else if !st.strangers.hold(from, bytes, Instant::now()) {
+            self.stats.rejected.reject(
+                from,
+                "not_member",
+                frames,
+                &"no node record from this peer; its held frames fill the bound",
+            );
+        }
+    }
+
     fn bad_frame(&self, from: PeerId, err: &wire::WireError) {
-        bump(&self.stats.bad_frames, 1);
-        tracing::warn!(peer = %from, cause = %err, "undecodable frame from another node dropped");
+        self.stats.rejected.reject(from, err.reason(), 1, err);
+    }
+
+    /// Counts the core's refusal of another node's input.
+    fn core_refusal(&self, from: PeerId, result: Result<(), core::CoreError>) {
+        if let Err(err @ core::CoreError::Rejected { reason, .. }) = result {
+            self.stats.rejected.reject(from, reason.name(), 1, &err);
+        }
     }
 
     /// One decoded frame from `from` that needs the state.
@@ -884,7 +973,8 @@ impl Cluster {
         let mut actions = Vec::new();
         match wire {
             Wire::Route(frame) => {
-                let _ = self.core_event(st, Event::Frame { from: sender, frame }, &mut actions);
+                let result = self.core_event(st, Event::Frame { from: sender, frame }, &mut actions);
+                self.core_refusal(from, result);
                 self.execute(st, storage, actions, None, local);
             }
             Wire::Forward(forward) => {
@@ -909,7 +999,8 @@ impl Cluster {
                 self.stats.forwarded_in.add(1);
                 let message = Arc::new(message);
                 let event = Event::Forwarded { from: sender, topic: &message.topic, msg: id, route };
-                let _ = self.core_event(st, event, &mut actions);
+                let result = self.core_event(st, event, &mut actions);
+                self.core_refusal(from, result);
                 self.execute(st, storage, actions, Some(&message), local);
             }
             Wire::Ack { epoch, upto } => st.outbox.ack(storage, sender, epoch, upto, self.now()),
@@ -964,6 +1055,11 @@ impl Cluster {
                 *left -= 1;
                 *left > 0
             });
+            let now_instant = Instant::now();
+            for (peer, frames) in st.strangers.expire(now_instant, self.dead_timeout) {
+                let why = "no node record from this peer within the dead timeout";
+                self.stats.rejected.reject(peer, "not_member", frames, &why);
+            }
             if self.started.elapsed() >= REPLAY_AFTER {
                 for (id, message) in std::mem::take(&mut st.replay) {
                     self.route(st, &broker.storage, id, Arc::new(message), &mut local);

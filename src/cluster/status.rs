@@ -84,6 +84,8 @@ pub struct Figure {
     pub kind: &'static str,
     pub help: &'static str,
     pub value: u64,
+    /// One label (name, value) for a series of a labelled metric.
+    pub label: Option<(&'static str, &'static str)>,
 }
 
 impl Cluster {
@@ -190,8 +192,8 @@ impl Cluster {
         let c = st.node.counters();
         let s = &self.stats;
         let get = |counter: &std::sync::atomic::AtomicU64| counter.load(Ordering::Relaxed);
-        let figure = |name, kind, help, value| Figure { name, kind, help, value };
-        vec![
+        let figure = |name, kind, help, value| Figure { name, kind, help, value, label: None };
+        let mut figures = vec![
             figure(
                 "kadmq_cluster_members",
                 "gauge",
@@ -301,17 +303,26 @@ impl Cluster {
                 st.outbox.dropped,
             ),
             figure(
-                "kadmq_cluster_bad_frames_total",
-                "counter",
-                "Undecodable frames from other nodes.",
-                get(&s.bad_frames),
-            ),
-            figure(
                 "kadmq_cluster_frames_dropped_total",
                 "counter",
                 "Frames dropped because a node's send queue was full.",
                 get(&s.frames_dropped),
             ),
-        ]
+        ];
+        const REJECTED: &str = "Frames from other nodes dropped unapplied, by reason: not_member (no node record), dead_peer, mismatch (fleet settings differ), malformed, version, unknown_kind, invalid_topic, invalid_field, and the routing core's reasons (invalid_filter, too_deep, too_long, wrong_shard, invalid_group, too_many_items, unsorted, own_id).";
+        // The peer-input reasons are always listed, so a dashboard sees 0.
+        let mut rejected: std::collections::BTreeMap<&'static str, u64> =
+            ["not_member", "dead_peer", "mismatch", "malformed"].into_iter().map(|r| (r, 0)).collect();
+        rejected.extend(s.rejected.counts());
+        for (reason, value) in rejected {
+            figures.push(Figure {
+                name: "kadmq_cluster_frames_rejected_total",
+                kind: "counter",
+                help: REJECTED,
+                value,
+                label: Some(("reason", reason)),
+            });
+        }
+        figures
     }
 }

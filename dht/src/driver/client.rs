@@ -30,6 +30,11 @@ pub enum Event {
     MemberDead(PeerId),
     /// A frame from another node, in the order that node sent it.
     Frame { from: PeerId, bytes: Bytes },
+    /// A peer whose record announces other fleet settings (replication,
+    /// shard depth, frame version) than this node's: it is not admitted (no
+    /// `MemberUp`, frames to it dropped, its frame streams refused). Once
+    /// per peer until its record matches; `reason` says what differs.
+    MemberRefused { peer: PeerId, reason: String },
 }
 
 /// Requests from a [`Client`] to the event loop.

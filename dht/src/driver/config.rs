@@ -19,7 +19,7 @@ use libp2p::{
     PeerId,
 };
 
-use super::Error;
+use super::{membership::FleetSettings, Error};
 
 /// File name of the node keypair inside a data directory.
 pub const NODE_KEY_FILE: &str = "node.key";
@@ -61,6 +61,9 @@ pub struct ClusterConfig {
     pub handshake_timeout: Duration,
     /// Frames queued per destination before `Client::send` waits.
     pub send_queue: usize,
+    /// This node's fleet settings, announced in its record; peers whose
+    /// settings differ are refused (see [`super::Event::MemberRefused`]).
+    pub fleet: FleetSettings,
 }
 
 impl std::fmt::Debug for ClusterConfig {
@@ -80,6 +83,7 @@ impl std::fmt::Debug for ClusterConfig {
             .field("dead_timeout", &self.dead_timeout)
             .field("handshake_timeout", &self.handshake_timeout)
             .field("send_queue", &self.send_queue)
+            .field("fleet", &self.fleet)
             .finish()
     }
 }
@@ -105,6 +109,11 @@ impl ClusterConfig {
             dead_timeout: Duration::from_secs(15),
             handshake_timeout: Duration::from_secs(10),
             send_queue: 8192,
+            fleet: FleetSettings {
+                replication: crate::core::Config::default().replication as u32,
+                shard_depth: crate::shard::DEFAULT_SHARD_DEPTH as u32,
+                frame_version: u32::from(crate::core::frame::FRAME_VERSION),
+            },
         }
     }
 

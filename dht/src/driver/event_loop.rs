@@ -117,6 +117,7 @@ pub async fn start(config: ClusterConfig) -> Result<(Client, mpsc::Receiver<Even
         load: Load::default(),
         seq: 0,
         leaving: false,
+        fleet: config.fleet,
     };
     let event_loop = EventLoop {
         swarm,
@@ -134,6 +135,7 @@ pub async fn start(config: ClusterConfig) -> Result<(Client, mpsc::Receiver<Even
         readers: HashMap::new(),
         tasks: JoinSet::new(),
         blocked: HashSet::new(),
+        refused: HashMap::new(),
         pending_dials: HashMap::new(),
         connected_since: HashMap::new(),
         bootstrap: config.bootstrap.clone(),
@@ -179,6 +181,9 @@ pub struct EventLoop {
     /// Writer and reader tasks; dropping the event loop aborts them all.
     tasks: JoinSet<()>,
     blocked: HashSet<PeerId>,
+    /// Peers whose records announce other fleet settings than ours, and
+    /// when we last heard one: not admitted, frames neither sent nor read.
+    refused: HashMap<PeerId, Instant>,
     /// Dials requested through [`Client::dial`], answered on connection or
     /// failure.
     pending_dials: HashMap<ConnectionId, (Multiaddr, oneshot::Sender<Result<PeerId, Error>>)>,
@@ -280,6 +285,10 @@ impl EventLoop {
         }
         self.reset_silent_links();
         self.drop_orphan_links();
+        // Refused peers not heard from for the dead timeout are forgotten
+        // (one heard again is refused, and logged, again).
+        let dead_timeout = self.dead_timeout;
+        self.refused.retain(|_, heard| heard.elapsed() < dead_timeout);
         // Lost every link (or never had one): go back to the bootstrap list.
         if self.swarm.connected_peers().next().is_none() && !self.bootstrap.is_empty() {
             let retry = self.heartbeat_interval.max(Duration::from_secs(2));
@@ -353,6 +362,18 @@ impl EventLoop {
         if self.blocked.contains(&peer) || self.blocked.contains(&via) {
             trace!(%peer, "ignoring record of a blocked peer");
             return;
+        }
+        if let Some(reason) = self.record.fleet.refusal(&peer, &record.fleet) {
+            // One line per peer (not per heartbeat) while it stays refused.
+            if self.refused.insert(peer, Instant::now()).is_none() {
+                warn!(%peer, name = %record.name, "{reason}");
+                self.drop_links(&peer);
+                self.emit(Event::MemberRefused { peer, reason });
+            }
+            return;
+        }
+        if self.refused.remove(&peer).is_some() {
+            info!(%peer, name = %record.name, "peer now runs this fleet's settings: admitted");
         }
         if let Some(change) = self.membership.observe(&record, Instant::now().into_std()) {
             if let Change::Up(member) = &change {
@@ -472,8 +493,8 @@ impl EventLoop {
     }
 
     fn on_inbound_stream(&mut self, peer: PeerId, stream: Stream) {
-        if self.blocked.contains(&peer) {
-            debug!(%peer, "refusing frame stream of a blocked peer");
+        if self.blocked.contains(&peer) || self.refused.contains_key(&peer) {
+            debug!(%peer, "refusing frame stream of a blocked or refused peer");
             return;
         }
         debug!(%peer, "inbound frame stream");
@@ -490,7 +511,7 @@ impl EventLoop {
             Command::Link { peer, reply } => {
                 let result = if peer == self.local {
                     Err(Error::SelfSend)
-                } else if self.blocked.contains(&peer) {
+                } else if self.blocked.contains(&peer) || self.refused.contains_key(&peer) {
                     Ok(None)
                 } else {
                     match self.membership.get(&peer).map(|m| m.state) {

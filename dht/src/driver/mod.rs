@@ -59,7 +59,7 @@ pub use config::{
 };
 pub use error::Error;
 pub use event_loop::{start, EventLoop};
-pub use membership::{Load, Member, MemberState, NodeRecord};
+pub use membership::{FleetSettings, Load, Member, MemberState, NodeRecord};
 
 // Re-exported so callers need not depend on libp2p for the basic types.
 pub use libp2p::{identity::Keypair, multiaddr, pnet::PreSharedKey, Multiaddr, PeerId};
