@@ -74,6 +74,12 @@ impl Rejections {
         self.logged.lock().retain(|(p, _), _| p != peer);
     }
 
+    /// Forgets log state not refreshed for ten minutes (peers that never
+    /// became members and went away).
+    pub fn sweep(&self, now: Instant) {
+        self.logged.lock().retain(|_, l| now.saturating_duration_since(l.at) < LOG_EVERY * 10);
+    }
+
     /// (peer, reason) pairs with log state, for tests of the pruning.
     pub fn tracked(&self) -> usize {
         self.logged.lock().len()
@@ -192,5 +198,8 @@ mod tests {
         assert_eq!(r.tracked(), 3);
         r.forget(&a);
         assert_eq!(r.tracked(), 1);
+        r.sweep(Instant::now() + LOG_EVERY * 10);
+        assert_eq!(r.tracked(), 0);
+        assert_eq!(r.count("not_member"), 1001, "counts stay");
     }
 }

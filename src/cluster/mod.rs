@@ -48,7 +48,7 @@ use bytes::Bytes;
 use counter::Counter;
 use kadmq_dht::core::{self, Action, Event, ForwardRoute, Membership, Node, NodeId, OwnershipConfig};
 use kadmq_dht::driver::{self, ClusterConfig, Multiaddr, PeerId};
-use links::Links;
+use links::{Class, Links};
 use outbox::{Inbound, Outbox, Verdict};
 use parking_lot::{Mutex, MutexGuard, RwLock};
 use std::collections::{BTreeSet, HashMap, VecDeque};
@@ -99,8 +99,14 @@ pub struct ClusterStats {
     pub rejected: guard::Rejections,
     /// Frames for a node whose peer id is unknown (dropped).
     pub unroutable: AtomicU64,
-    /// Frames dropped because their node's send queue was full.
+    /// Route frames, acknowledgements and notices dropped: the node's send
+    /// budget was spent.
     pub frames_dropped: AtomicU64,
+    /// QoS 0 forwards dropped: past 7/8 of the send budget.
+    pub forwards_dropped: AtomicU64,
+    /// QoS 1/2 forwards not queued past 7/8 of the send budget (they stay
+    /// in the outbox and are resent).
+    pub forwards_deferred: AtomicU64,
     /// Publishes routed from the per-topic memo, without the core.
     pub topic_route_hits: Counter,
 }
@@ -158,6 +164,9 @@ struct State {
     dead: HashMap<PeerId, Instant>,
     /// Peers the driver refused (fleet settings differ): their frames are dropped.
     refused: HashMap<PeerId, Instant>,
+    /// Dead peers whose address maps are pruned, and since when they are
+    /// dead: their identity goes after [`IDENTITY_KEPT`] dead timeouts.
+    gone: HashMap<NodeId, Instant>,
 }
 
 /// This node's part of the fleet. Create with [`start`].
@@ -250,6 +259,7 @@ pub async fn start(settings: &ClusterSettings, cx: StartContext<'_>) -> Result<A
     config.incarnation = driver::next_incarnation(&key_dir)?;
     config.dead_timeout = Duration::from_secs(settings.dead_timeout_secs);
     config.suspect_timeout = config.dead_timeout / 2;
+    config.send_buffer = usize::try_from(settings.send_buffer_mib.saturating_mul(1 << 20)).unwrap_or(usize::MAX);
     // Forward sequences restart with each run of this node.
     let epoch = config.incarnation;
     let (client, events, event_loop) = driver::start(config).await?;
@@ -284,23 +294,7 @@ pub async fn start(settings: &ClusterSettings, cx: StartContext<'_>) -> Result<A
     }
 
     let cluster = Arc::new(Cluster {
-        state: Mutex::new(State {
-            node,
-            peers: HashMap::from([(me, peer_id)]),
-            ids: HashMap::from([(peer_id, me)]),
-            incarnations: HashMap::new(),
-            live: BTreeSet::from([me]),
-            routing: HashMap::new(),
-            outbox,
-            replay,
-            inbound: Inbound::default(),
-            timer_at: None,
-            held: HashMap::new(),
-            rejoin_notices: HashMap::new(),
-            strangers: guard::Strangers::default(),
-            dead: HashMap::new(),
-            refused: HashMap::new(),
-        }),
+        state: Mutex::new(State::new(node, peer_id, outbox, replay)),
         publishers_held: AtomicU64::new(0),
         topic_routes: RwLock::new(ahash::AHashMap::new()),
         generation: AtomicU64::new(0),
@@ -427,7 +421,70 @@ impl Fleet for Cluster {
     }
 }
 
+/// Dead peers' identities (incarnation, inbound numbering) are kept this
+/// many dead timeouts, as long as the driver keeps a dead member (so a late
+/// record cannot bring it back): a member that returns within it is known
+/// as one we took for dead (it gets the rejoin notice), and its QoS 1/2
+/// forwards continue their numbering (no duplicate delivery).
+const IDENTITY_KEPT: u32 = 10;
+
 impl State {
+    fn new(node: Node, peer_id: PeerId, outbox: Outbox, replay: Vec<(u64, Message)>) -> State {
+        let me = node.id();
+        State {
+            node,
+            peers: HashMap::from([(me, peer_id)]),
+            ids: HashMap::from([(peer_id, me)]),
+            incarnations: HashMap::new(),
+            live: BTreeSet::from([me]),
+            routing: HashMap::new(),
+            outbox,
+            replay,
+            inbound: Inbound::default(),
+            timer_at: None,
+            held: HashMap::new(),
+            rejoin_notices: HashMap::new(),
+            strangers: guard::Strangers::default(),
+            dead: HashMap::new(),
+            refused: HashMap::new(),
+            gone: HashMap::new(),
+        }
+    }
+
+    /// Forgets the per-peer state of peers dead (or refused) for longer
+    /// than `dead_timeout`: their address maps, rejoin notices and held
+    /// frames; their identity after [`IDENTITY_KEPT`] dead timeouts.
+    /// Returns the peers whose links and log state should go too.
+    fn prune(&mut self, now: Instant, dead_timeout: Duration) -> Vec<PeerId> {
+        let expired = |since: &Instant| now.saturating_duration_since(*since) > dead_timeout;
+        let mut gone: Vec<PeerId> = self.dead.iter().filter(|(_, since)| expired(since)).map(|(p, _)| *p).collect();
+        gone.extend(self.refused.iter().filter(|(_, since)| expired(since)).map(|(p, _)| *p));
+        for peer in &gone {
+            let since = self.dead.remove(peer).or(self.refused.remove(peer)).unwrap_or(now);
+            self.strangers.take(peer);
+            if let Some(id) = self.ids.remove(peer) {
+                self.peers.remove(&id);
+                self.rejoin_notices.remove(&id);
+                self.gone.insert(id, since);
+            }
+        }
+        let keep = dead_timeout * IDENTITY_KEPT;
+        let (incarnations, inbound, live) = (&mut self.incarnations, &mut self.inbound, &self.live);
+        self.gone.retain(|id, since| {
+            // Back meanwhile (a member again): its identity is in use.
+            if live.contains(id) {
+                return false;
+            }
+            let keep = now.saturating_duration_since(*since) <= keep;
+            if !keep {
+                incarnations.remove(id);
+                inbound.forget(*id);
+            }
+            keep
+        });
+        gone
+    }
+
     /// The routing core's id of `peer`, remembered both ways.
     fn id_of(&mut self, peer: PeerId) -> NodeId {
         let id = *self.ids.entry(peer).or_insert_with(|| node_id(&peer));
@@ -472,7 +529,7 @@ impl Cluster {
         if message.qos == QoS::AtMostOnce {
             // A QoS 0 forward's id is never looked at: no shared counter.
             for (_, sender, to) in &route.forwards {
-                self.push_via(sender, |out| wire::write_forward(out, 0, None, &message, to));
+                self.push_via(sender, Class::Droppable, |out| wire::write_forward(out, 0, None, &message, to));
             }
         } else if !route.forwards.is_empty() {
             let id = self.next_id.fetch_add(1, Ordering::Relaxed);
@@ -482,7 +539,9 @@ impl Cluster {
             for (node, sender, to) in &route.forwards {
                 let sequence = st.outbox.assign(*node, id, now);
                 waiting.push((*node, to.clone()));
-                self.push_via(sender, |out| wire::write_forward(out, id, Some(sequence), &message, to));
+                self.push_via(sender, Class::Resendable, |out| {
+                    wire::write_forward(out, id, Some(sequence), &message, to)
+                });
             }
             st.outbox.hold(&broker.storage, id, message.clone(), waiting, now);
         }
@@ -673,7 +732,8 @@ impl Cluster {
                     });
                     let message = pending.message.clone();
                     self.stats.forwarded_out.add(1);
-                    self.send_with(st, to, |out| wire::write_forward(out, msg, sequence, &message, &route));
+                    let class = if sequence.is_some() { Class::Resendable } else { Class::Droppable };
+                    self.send_with(st, to, class, |out| wire::write_forward(out, msg, sequence, &message, &route));
                 }
                 Action::Deliver { msg, route } => {
                     let message = match forwarded {
@@ -716,29 +776,35 @@ impl Cluster {
     }
 
     fn send(&self, st: &State, to: NodeId, bytes: Bytes) {
-        self.send_with(st, to, |out| out.extend_from_slice(&bytes));
+        self.send_with(st, to, Class::Control, |out| out.extend_from_slice(&bytes));
     }
 
     /// Queues for node `to` the frame `write` appends.
-    fn send_with(&self, st: &State, to: NodeId, write: impl FnOnce(&mut Vec<u8>)) {
+    fn send_with(&self, st: &State, to: NodeId, class: Class, write: impl FnOnce(&mut Vec<u8>)) {
         match st.peers.get(&to) {
-            Some(peer) => self.push_with(*peer, write),
+            Some(peer) => self.push_with(*peer, class, write),
             None => bump(&self.stats.unroutable, 1),
         }
     }
 
     fn push(&self, peer: PeerId, bytes: Bytes) {
-        self.push_with(peer, |out| out.extend_from_slice(&bytes));
+        self.push_with(peer, Class::Control, |out| out.extend_from_slice(&bytes));
     }
 
     /// Queues the frame `write` appends for `peer`.
-    fn push_with(&self, peer: PeerId, write: impl FnOnce(&mut Vec<u8>)) {
-        self.push_via(&self.links.sender(peer), write);
+    fn push_with(&self, peer: PeerId, class: Class, write: impl FnOnce(&mut Vec<u8>)) {
+        self.push_via(&self.links.sender(peer), class, write);
     }
 
-    fn push_via(&self, sender: &links::Sender, write: impl FnOnce(&mut Vec<u8>)) {
-        if !sender.push_with(write) {
-            bump(&self.stats.frames_dropped, 1);
+    /// Queues a frame within the send budget; what finds no room is
+    /// counted (and, for a QoS 1/2 forward, resent from the outbox later).
+    fn push_via(&self, sender: &links::Sender, class: Class, write: impl FnOnce(&mut Vec<u8>)) {
+        if !sender.push_with(class, write) {
+            match class {
+                Class::Control => bump(&self.stats.frames_dropped, 1),
+                Class::Droppable => bump(&self.stats.forwards_dropped, 1),
+                Class::Resendable => bump(&self.stats.forwards_deferred, 1),
+            }
         }
     }
 
@@ -1045,7 +1111,9 @@ impl Cluster {
             let (live, peers) = (&st.live, &st.peers);
             for (sequence, id, message, to, route) in st.outbox.due(&broker.storage, now, |node| live.contains(&node)) {
                 if let Some(peer) = peers.get(&to) {
-                    self.push_with(*peer, |out| wire::write_forward(out, id, Some(sequence), &message, &route));
+                    self.push_with(*peer, Class::Resendable, |out| {
+                        wire::write_forward(out, id, Some(sequence), &message, &route)
+                    });
                 }
             }
             st.rejoin_notices.retain(|node, left| {
@@ -1060,6 +1128,11 @@ impl Cluster {
                 let why = "no node record from this peer within the dead timeout";
                 self.stats.rejected.reject(peer, "not_member", frames, &why);
             }
+            for peer in st.prune(now_instant, self.dead_timeout) {
+                self.links.forget(&peer);
+                self.stats.rejected.forget(&peer);
+            }
+            self.stats.rejected.sweep(now_instant);
             if self.started.elapsed() >= REPLAY_AFTER {
                 for (id, message) in std::mem::take(&mut st.replay) {
                     self.route(st, &broker.storage, id, Arc::new(message), &mut local);
@@ -1105,5 +1178,48 @@ impl Cluster {
         if let Err(err) = self.client.shutdown().await {
             tracing::debug!(cause = %err, "cluster driver already stopped");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn per_peer_state_of_long_dead_peers_is_pruned() {
+        let me_peer = PeerId::random();
+        let me = node_id(&me_peer);
+        let mut st = State::new(Node::new(me, core::Config::default()), me_peer, Outbox::new(1), Vec::new());
+        let t0 = Instant::now();
+        let dead_timeout = Duration::from_secs(8);
+        let peers: Vec<PeerId> = (0..50).map(|_| PeerId::random()).collect();
+        for (i, peer) in peers.iter().enumerate() {
+            let id = st.id_of(*peer);
+            st.incarnations.insert(id, 1);
+            st.rejoin_notices.insert(id, 3);
+            st.inbound.accept(id, outbox::Sequence { epoch: 1, seq: 0, base: 0 });
+            // The first 40 die at t0; the rest stay members.
+            if i < 40 {
+                st.dead.insert(*peer, t0);
+            } else {
+                st.live.insert(id);
+            }
+        }
+        let stranger = PeerId::random();
+        st.refused.insert(stranger, t0);
+        let sizes = |st: &State| (st.peers.len(), st.ids.len(), st.incarnations.len(), st.inbound.len());
+        assert_eq!(sizes(&st), (51, 51, 50, 50));
+
+        assert!(st.prune(t0 + dead_timeout / 2, dead_timeout).is_empty(), "not dead long enough");
+        let gone = st.prune(t0 + dead_timeout * 2, dead_timeout);
+        assert_eq!(gone.len(), 41, "the dead and the refused");
+        assert_eq!((st.peers.len(), st.ids.len(), st.rejoin_notices.len()), (11, 11, 10));
+        assert!(st.dead.is_empty() && st.refused.is_empty());
+        // Identities stay a while longer, then go too.
+        assert_eq!((st.incarnations.len(), st.inbound.len()), (50, 50));
+        st.prune(t0 + dead_timeout * (IDENTITY_KEPT + 1), dead_timeout);
+        assert_eq!(sizes(&st), (11, 11, 10, 10));
+        assert!(st.gone.is_empty());
+        assert!(st.peers.contains_key(&me), "never itself");
     }
 }

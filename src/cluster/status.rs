@@ -305,10 +305,29 @@ impl Cluster {
             figure(
                 "kadmq_cluster_frames_dropped_total",
                 "counter",
-                "Frames dropped because a node's send queue was full.",
+                "Route frames, acknowledgements and notices dropped: the node's send buffer was full.",
                 get(&s.frames_dropped),
             ),
+            figure(
+                "kadmq_cluster_forwards_deferred_total",
+                "counter",
+                "QoS 1/2 forwards not queued past 7/8 of the send buffer (resent from the outbox).",
+                get(&s.forwards_deferred),
+            ),
+            figure(
+                "kadmq_cluster_send_buffer_bytes",
+                "gauge",
+                "Bytes held for other nodes (queued or being written), within cluster.send_buffer_mib.",
+                self.client.send_budget().used() as u64,
+            ),
         ];
+        figures.push(Figure {
+            name: "kadmq_cluster_forwards_dropped_total",
+            kind: "counter",
+            help: "QoS 0 forwards dropped, by reason (send_buffer: past 7/8 of the node's send buffer).",
+            value: get(&s.forwards_dropped),
+            label: Some(("reason", "send_buffer")),
+        });
         const REJECTED: &str = "Frames from other nodes dropped unapplied, by reason: not_member (no node record), dead_peer, mismatch (fleet settings differ), malformed, version, unknown_kind, invalid_topic, invalid_field, and the routing core's reasons (invalid_filter, too_deep, too_long, wrong_shard, invalid_group, too_many_items, unsorted, own_id).";
         // The peer-input reasons are always listed, so a dashboard sees 0.
         let mut rejected: std::collections::BTreeMap<&'static str, u64> =

@@ -59,8 +59,9 @@ pub struct ClusterConfig {
     /// reads the other's bytes as garbage, e.g. a huge length prefix); this
     /// turns the stall into an error.
     pub handshake_timeout: Duration,
-    /// Frames queued per destination before `Client::send` waits.
-    pub send_queue: usize,
+    /// Bytes held for all peers together (frames queued, being written):
+    /// one node-wide [`super::SendBudget`]; `Client::send` waits for room.
+    pub send_buffer: usize,
     /// This node's fleet settings, announced in its record; peers whose
     /// settings differ are refused (see [`super::Event::MemberRefused`]).
     pub fleet: FleetSettings,
@@ -82,7 +83,7 @@ impl std::fmt::Debug for ClusterConfig {
             .field("suspect_timeout", &self.suspect_timeout)
             .field("dead_timeout", &self.dead_timeout)
             .field("handshake_timeout", &self.handshake_timeout)
-            .field("send_queue", &self.send_queue)
+            .field("send_buffer", &self.send_buffer)
             .field("fleet", &self.fleet)
             .finish()
     }
@@ -108,7 +109,7 @@ impl ClusterConfig {
             suspect_timeout: Duration::from_secs(5),
             dead_timeout: Duration::from_secs(15),
             handshake_timeout: Duration::from_secs(10),
-            send_queue: 8192,
+            send_buffer: 256 << 20,
             fleet: FleetSettings {
                 replication: crate::core::Config::default().replication as u32,
                 shard_depth: crate::shard::DEFAULT_SHARD_DEPTH as u32,
@@ -142,8 +143,8 @@ impl ClusterConfig {
         if self.handshake_timeout.is_zero() {
             return Err(Error::Config("handshake timeout is zero".into()));
         }
-        if self.send_queue == 0 {
-            return Err(Error::Config("send queue is zero".into()));
+        if self.send_buffer < super::frames::MAX_FRAME {
+            return Err(Error::Config("send buffer is smaller than one frame (16 MiB)".into()));
         }
         for addr in &self.bootstrap {
             if peer_id_of(addr) == Some(self.peer_id()) {

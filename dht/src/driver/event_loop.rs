@@ -15,7 +15,6 @@ use std::{
     time::Duration,
 };
 
-use bytes::Bytes;
 use futures::StreamExt as _;
 use libp2p::{
     gossipsub, identify, kad,
@@ -35,7 +34,7 @@ use tracing::{debug, info, trace, warn};
 
 use super::{
     behaviour::{build_swarm, error_chain, is_network_error, Behaviour, BehaviourEvent, MEMBERSHIP_TOPIC},
-    client::{Client, Command, Event},
+    client::{Client, Command, Event, LinkQueue},
     config::peer_id_of,
     frames::{self, PROTOCOL},
     membership::{Change, Load, Member, MemberState, Membership, NodeRecord, RECORD_VERSION},
@@ -106,6 +105,7 @@ pub async fn start(config: ClusterConfig) -> Result<(Client, mpsc::Receiver<Even
     }
 
     let (command_tx, command_rx) = mpsc::channel(COMMAND_CHANNEL);
+    let budget = super::SendBudget::new(config.send_buffer);
     let (event_tx, event_rx) = mpsc::channel(EVENT_CHANNEL);
     let record = NodeRecord {
         version: RECORD_VERSION,
@@ -144,14 +144,13 @@ pub async fn start(config: ClusterConfig) -> Result<(Client, mpsc::Receiver<Even
         listen_addrs,
         heartbeat_interval: config.heartbeat_interval,
         dead_timeout: config.dead_timeout,
-        send_queue: config.send_queue,
     };
-    Ok((Client::new(command_tx, local), event_rx, event_loop))
+    Ok((Client::new(command_tx, local, budget), event_rx, event_loop))
 }
 
 /// The writer side of one peer's link.
 struct Link {
-    queue: mpsc::Sender<Bytes>,
+    queue: LinkQueue,
     task: AbortHandle,
     created: Instant,
 }
@@ -195,7 +194,6 @@ pub struct EventLoop {
     listen_addrs: Vec<Multiaddr>,
     heartbeat_interval: Duration,
     dead_timeout: Duration,
-    send_queue: usize,
 }
 
 impl EventLoop {
@@ -480,13 +478,15 @@ impl EventLoop {
         }
     }
 
-    fn link(&mut self, peer: PeerId) -> mpsc::Sender<Bytes> {
+    fn link(&mut self, peer: PeerId) -> LinkQueue {
         if let Some(link) = self.links.get(&peer) {
             if !link.queue.is_closed() {
                 return link.queue.clone();
             }
         }
-        let (queue, rx) = mpsc::channel(self.send_queue);
+        // Unbounded in frames, bounded in bytes: every frame in it holds
+        // its share of the node's send budget.
+        let (queue, rx) = mpsc::unbounded_channel();
         let task = self.tasks.spawn(frames::write_loop(peer, self.control.clone(), rx));
         self.links.insert(peer, Link { queue: queue.clone(), task, created: Instant::now() });
         queue

@@ -29,7 +29,7 @@ use libp2p::{PeerId, Stream, StreamProtocol};
 use tokio::sync::mpsc;
 use tracing::{debug, trace, warn};
 
-use super::Event;
+use super::{budget::Charged, Event};
 
 /// The frame protocol's name.
 pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/kadmq/frames/2");
@@ -111,9 +111,14 @@ pub(crate) async fn accept_loop(
 /// The sending half of one peer's link: owns the outbound stream to `peer`
 /// and drains `queue` onto it, re-opening the stream after failures. Ends
 /// when every sender of `queue` is gone, or when the event loop aborts it
-/// (peer blocked or dead, or the event loop itself dropped).
-pub(crate) async fn write_loop(peer: PeerId, mut control: libp2p_stream::Control, mut queue: mpsc::Receiver<Bytes>) {
-    let mut batch: Vec<Bytes> = Vec::with_capacity(MAX_BATCH_FRAMES);
+/// (peer blocked or dead, or the event loop itself dropped). Each frame's
+/// share of the send budget comes back when it is written or dropped.
+pub(crate) async fn write_loop(
+    peer: PeerId,
+    mut control: libp2p_stream::Control,
+    mut queue: mpsc::UnboundedReceiver<(Bytes, Charged)>,
+) {
+    let mut batch: Vec<(Bytes, Charged)> = Vec::with_capacity(MAX_BATCH_FRAMES);
     let mut buf: Vec<u8> = Vec::new();
     let mut backoff = BACKOFF_MIN;
     'link: loop {
@@ -145,7 +150,7 @@ pub(crate) async fn write_loop(peer: PeerId, mut control: libp2p_stream::Control
                 return;
             }
             buf.clear();
-            for frame in &batch {
+            for (frame, _) in &batch {
                 encode_frame(frame, &mut buf);
             }
             trace!(%peer, frames = batch.len(), bytes = buf.len(), "writing batch");

@@ -19,6 +19,7 @@
 //! - [`config`]: [`ClusterConfig`], node keypair and cluster key files.
 //! - [`behaviour`]: the transport stack and the composed `Behaviour`.
 //! - [`membership`]: node records and the failure detector (no I/O).
+//! - [`budget`]: [`SendBudget`], the node-wide bound on bytes held for peers.
 //! - [`frames`]: the `/kadmq/frames/1` protocol, writer and reader tasks.
 //! - [`client`]: [`Client`], [`Event`] and the command enum.
 //! - [`event_loop`]: [`start`] and [`EventLoop`].
@@ -45,6 +46,7 @@
 //! ```
 
 pub mod behaviour;
+pub mod budget;
 pub mod client;
 pub mod config;
 mod error;
@@ -52,6 +54,7 @@ pub mod event_loop;
 pub mod frames;
 pub mod membership;
 
+pub use budget::{Charged, SendBudget};
 pub use client::{Client, Event};
 pub use config::{
     generate_cluster_key, generate_keypair, load_or_generate_keypair, next_incarnation, parse_cluster_key, peer_id_of,
