@@ -59,6 +59,12 @@ impl Rejections {
         }
     }
 
+    /// Counts `n` frames dropped for `reason` without a log line (the
+    /// cause was logged elsewhere, e.g. the driver's refusal of a peer).
+    pub fn add(&self, reason: &'static str, n: u64) {
+        *self.counts.lock().entry(reason).or_default() += n;
+    }
+
     /// Frames dropped for `reason` so far.
     pub fn count(&self, reason: &str) -> u64 {
         self.counts.lock().get(reason).copied().unwrap_or(0)

@@ -888,7 +888,9 @@ impl Cluster {
                     let st = guard.get_or_insert_with(|| self.state.lock());
                     st.refused.insert(peer, Instant::now());
                     let held = st.strangers.take(&peer).len() as u64;
-                    self.stats.rejected.reject(peer, "mismatch", held.max(1), &reason);
+                    // The driver logged the one line about this peer.
+                    tracing::debug!(%peer, %reason, "peer refused");
+                    self.stats.rejected.add("mismatch", held.max(1));
                     // A member restarted with other settings: out at once.
                     self.members.write().remove(&peer);
                     let id = st.id_of(peer);
@@ -1003,7 +1005,8 @@ impl Cluster {
         if st.dead.contains_key(&from) {
             self.stats.rejected.reject(from, "dead_peer", frames, &"frames of a member declared dead");
         } else if st.refused.contains_key(&from) {
-            self.stats.rejected.reject(from, "mismatch", frames, &"frames of a peer refused for its fleet settings");
+            // Logged once by the driver when it refused the peer.
+            self.stats.rejected.add("mismatch", frames);
         } else if !st.strangers.hold(from, bytes, Instant::now()) {
             self.stats.rejected.reject(
                 from,

@@ -329,9 +329,11 @@ impl Cluster {
             label: Some(("reason", "send_buffer")),
         });
         const REJECTED: &str = "Frames from other nodes dropped unapplied, by reason: not_member (no node record), dead_peer, mismatch (fleet settings differ), malformed, version, unknown_kind, invalid_topic, invalid_field, and the routing core's reasons (invalid_filter, too_deep, too_long, wrong_shard, invalid_group, too_many_items, unsorted, own_id).";
-        // The peer-input reasons are always listed, so a dashboard sees 0.
+        // Every reason is listed, 0 or not, so a dashboard sees them all.
+        let glue = ["not_member", "dead_peer", "mismatch", "malformed", "version", "unknown_kind", "invalid_topic"];
+        let core_reasons = kadmq_dht::core::Rejected::ALL.map(|r| r.name());
         let mut rejected: std::collections::BTreeMap<&'static str, u64> =
-            ["not_member", "dead_peer", "mismatch", "malformed"].into_iter().map(|r| (r, 0)).collect();
+            glue.into_iter().chain(["invalid_field"]).chain(core_reasons).map(|r| (r, 0)).collect();
         rejected.extend(s.rejected.counts());
         for (reason, value) in rejected {
             figures.push(Figure {
