@@ -48,6 +48,18 @@ fn test_peer(
     name: &str,
     announce: Option<FleetSettings>,
 ) -> (PeerId, mpsc::UnboundedSender<Bytes>) {
+    test_peer_after(rt, lab, node, name, announce, Duration::ZERO)
+}
+
+/// [`test_peer`], announcing its record only `after` (its frames go at once).
+fn test_peer_after(
+    rt: &Runtime,
+    lab: &Lab,
+    node: &Node,
+    name: &str,
+    announce: Option<FleetSettings>,
+    after: Duration,
+) -> (PeerId, mpsc::UnboundedSender<Bytes>) {
     let _guard = rt.enter();
     let key = driver::read_cluster_key(&lab.key).unwrap();
     let config = ClusterConfig::new(name, driver::generate_keypair(), key);
@@ -62,7 +74,7 @@ fn test_peer(
     let mut control = swarm.behaviour().stream.new_control();
     let name = name.to_string();
     rt.spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_millis(300));
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + after, Duration::from_millis(300));
         let mut seq = 0;
         loop {
             tokio::select! {
@@ -236,4 +248,23 @@ fn invalid_frames_of_a_member_are_counted_and_the_node_keeps_routing() {
         }
     });
     assert_eq!(n1.alive_members(), ["bad", "n1", "n2"], "n1 is healthy and kept its members");
+}
+
+#[test]
+fn frames_that_come_before_the_record_are_applied_once_it_arrives() {
+    let rt = runtime();
+    let lab = Lab::new();
+    let n1 = lab.node_with("n1", None, &lab.key, &["--dead-timeout", "6"]);
+    wait_for_members(&[&n1], &["n1"]);
+    let (_, to_n1) = test_peer_after(&rt, &lab, &n1, "late", Some(fleet()), Duration::from_secs(2));
+    for i in 0..50 {
+        to_n1.send(assert_op(&format!("late/{i}"), &format!("late/{i}"))).unwrap();
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(n1.metric("kadmq_cluster_shard_entries_owned"), 0, "held, not applied, before the record");
+    wait_until(SETTLE, "the held frames to be applied at MemberUp", || {
+        n1.metric("kadmq_cluster_shard_entries_owned") == 50
+    });
+    assert_eq!(rejected(&n1, "not_member"), 0);
+    assert_eq!(n1.alive_members(), ["late", "n1"]);
 }
