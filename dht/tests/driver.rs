@@ -241,7 +241,7 @@ async fn frames_arrive_in_order_and_without_loss() {
     let mut next = [0u32; 2];
     let received = timeout(Duration::from_secs(15), async {
         while next != [FRAMES, FRAMES] {
-            let Event::Frame { from, bytes } = c.events.recv().await.expect("event channel open") else {
+            let Event::Frame { from, bytes, .. } = c.events.recv().await.expect("event channel open") else {
                 continue;
             };
             let (slot, expected_from) = match bytes[0] {
@@ -567,4 +567,49 @@ async fn nodes_with_other_fleet_settings_refuse_each_other_and_exchange_no_frame
     assert_eq!(noise, None, "b after refusing a");
     assert!(alive(&a.client.members().await.unwrap()) == vec![a.peer]);
     assert_eq!(a.client.send_budget().used(), 0, "dropped frames gave their budget back");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn received_frames_not_dealt_with_stop_the_readers_at_the_receive_budget() {
+    init_logging();
+    let _serial = SERIAL.lock().await;
+    let key = driver::generate_cluster_key();
+    let mut a_config = config("a", &key, vec![]);
+    a_config.receive_buffer = 16 << 20;
+    let mut a = spawn(a_config).await;
+    let b = spawn(config("b", &key, vec![a.addr.clone()])).await;
+    wait_full_membership(&[&a, &b], Duration::from_secs(10)).await;
+    let sender = b.client.clone();
+    let to = a.peer;
+    let send = tokio::spawn(async move {
+        for i in 0..40u8 {
+            sender.send(to, vec![i; 1 << 20]).await.unwrap();
+        }
+    });
+    // Keep every frame (and its share of the budget): 16 arrive, then none.
+    let mut kept = Vec::new();
+    while let Some(frame) = next_event(&mut a.events, Duration::from_secs(3), |e| match e {
+        Event::Frame { bytes, held, .. } => Some((bytes, held)),
+        _ => None,
+    })
+    .await
+    {
+        kept.push(frame);
+    }
+    assert_eq!(kept.len(), 16, "the readers stop at the receive budget");
+    // Dealt with: the rest comes, in order.
+    let first_rest = kept.len() as u8;
+    kept.clear();
+    let mut got = Vec::new();
+    while got.len() < 40 - first_rest as usize {
+        let bytes = next_event(&mut a.events, Duration::from_secs(10), |e| match e {
+            Event::Frame { bytes, .. } => Some(bytes),
+            _ => None,
+        })
+        .await
+        .expect("the rest arrives once the budget is back");
+        got.push(bytes[0]);
+    }
+    assert_eq!(got, (first_rest..40).collect::<Vec<u8>>());
+    send.await.unwrap();
 }

@@ -876,9 +876,11 @@ impl Cluster {
         let mut guard: Option<MutexGuard<'_, State>> = None;
         for event in events {
             match event {
-                driver::Event::Frame { from, bytes } => {
+                driver::Event::Frame { from, bytes, held } => {
                     if self.members.read().contains(&from) {
                         self.on_frame(&mut guard, storage, from, bytes, &mut local, &mut acks);
+                        // Dealt with: its receive budget goes back to the readers.
+                        drop(held);
                     } else {
                         let st = guard.get_or_insert_with(|| self.state.lock());
                         self.stranger_frame(st, from, bytes);

@@ -36,8 +36,11 @@ pub enum Event {
     MemberSuspect(PeerId),
     /// No heartbeat for the dead timeout, or it left cleanly.
     MemberDead(PeerId),
-    /// A frame from another node, in the order that node sent it.
-    Frame { from: PeerId, bytes: Bytes },
+    /// A frame from another node, in the order that node sent it. `held`
+    /// is its share of the node's receive budget
+    /// ([`super::ClusterConfig::receive_buffer`]): drop it once the frame
+    /// is dealt with, or readers stop reading.
+    Frame { from: PeerId, bytes: Bytes, held: Arc<Charged> },
     /// A peer whose record announces other fleet settings (replication,
     /// shard depth, frame version) than this node's: it is not admitted (no
     /// `MemberUp`, frames to it dropped, its frame streams refused). Once

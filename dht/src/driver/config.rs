@@ -62,6 +62,10 @@ pub struct ClusterConfig {
     /// Bytes held for all peers together (frames queued, being written):
     /// one node-wide [`super::SendBudget`]; `Client::send` waits for room.
     pub send_buffer: usize,
+    /// Bytes of received frames handed to the user and not yet dealt with
+    /// (see [`super::Event::Frame`]), from all peers together: past it the
+    /// readers wait (yamux flow control pushes back on the senders).
+    pub receive_buffer: usize,
     /// This node's fleet settings, announced in its record; peers whose
     /// settings differ are refused (see [`super::Event::MemberRefused`]).
     pub fleet: FleetSettings,
@@ -84,6 +88,7 @@ impl std::fmt::Debug for ClusterConfig {
             .field("dead_timeout", &self.dead_timeout)
             .field("handshake_timeout", &self.handshake_timeout)
             .field("send_buffer", &self.send_buffer)
+            .field("receive_buffer", &self.receive_buffer)
             .field("fleet", &self.fleet)
             .finish()
     }
@@ -110,6 +115,7 @@ impl ClusterConfig {
             dead_timeout: Duration::from_secs(15),
             handshake_timeout: Duration::from_secs(10),
             send_buffer: 256 << 20,
+            receive_buffer: 64 << 20,
             fleet: FleetSettings {
                 replication: crate::core::Config::default().replication as u32,
                 shard_depth: crate::shard::DEFAULT_SHARD_DEPTH as u32,
@@ -145,6 +151,9 @@ impl ClusterConfig {
         }
         if self.send_buffer < super::frames::MAX_FRAME {
             return Err(Error::Config("send buffer is smaller than one frame (16 MiB)".into()));
+        }
+        if self.receive_buffer < super::frames::MAX_FRAME {
+            return Err(Error::Config("receive buffer is smaller than one frame (16 MiB)".into()));
         }
         for addr in &self.bootstrap {
             if peer_id_of(addr) == Some(self.peer_id()) {

@@ -106,6 +106,7 @@ pub async fn start(config: ClusterConfig) -> Result<(Client, mpsc::Receiver<Even
 
     let (command_tx, command_rx) = mpsc::channel(COMMAND_CHANNEL);
     let budget = super::SendBudget::new(config.send_buffer);
+    let receive_budget = super::SendBudget::new(config.receive_buffer);
     let (event_tx, event_rx) = mpsc::channel(EVENT_CHANNEL);
     let record = NodeRecord {
         version: RECORD_VERSION,
@@ -144,6 +145,7 @@ pub async fn start(config: ClusterConfig) -> Result<(Client, mpsc::Receiver<Even
         listen_addrs,
         heartbeat_interval: config.heartbeat_interval,
         dead_timeout: config.dead_timeout,
+        receive_budget,
     };
     Ok((Client::new(command_tx, local, budget), event_rx, event_loop))
 }
@@ -194,6 +196,8 @@ pub struct EventLoop {
     listen_addrs: Vec<Multiaddr>,
     heartbeat_interval: Duration,
     dead_timeout: Duration,
+    /// Bytes of received frames not yet dealt with by the user.
+    receive_budget: super::SendBudget,
 }
 
 impl EventLoop {
@@ -498,7 +502,7 @@ impl EventLoop {
             return;
         }
         debug!(%peer, "inbound frame stream");
-        let task = self.tasks.spawn(frames::read_loop(peer, stream, self.events.clone()));
+        let task = self.tasks.spawn(frames::read_loop(peer, stream, self.events.clone(), self.receive_budget.clone()));
         let readers = self.readers.entry(peer).or_default();
         readers.retain(|r| !r.is_finished());
         readers.push(task);

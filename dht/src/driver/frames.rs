@@ -29,7 +29,10 @@ use libp2p::{PeerId, Stream, StreamProtocol};
 use tokio::sync::mpsc;
 use tracing::{debug, trace, warn};
 
-use super::{budget::Charged, Event};
+use super::{
+    budget::{Charged, SendBudget},
+    Event,
+};
 
 /// The frame protocol's name.
 pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/kadmq/frames/2");
@@ -59,6 +62,15 @@ pub async fn read_frame<R>(reader: &mut R) -> std::io::Result<Option<Bytes>>
 where
     R: futures::AsyncRead + Unpin,
 {
+    let Some(len) = read_len(reader).await? else { return Ok(None) };
+    read_body(reader, len).await.map(Some)
+}
+
+/// Reads a frame's length prefix; `Ok(None)` at a clean end of stream.
+async fn read_len<R>(reader: &mut R) -> std::io::Result<Option<usize>>
+where
+    R: futures::AsyncRead + Unpin,
+{
     let mut len = [0u8; 4];
     match reader.read_exact(&mut len).await {
         Ok(()) => {}
@@ -72,9 +84,16 @@ where
             format!("frame of {len} bytes exceeds {MAX_FRAME}"),
         ));
     }
+    Ok(Some(len))
+}
+
+async fn read_body<R>(reader: &mut R, len: usize) -> std::io::Result<Bytes>
+where
+    R: futures::AsyncRead + Unpin,
+{
     let mut frame = vec![0u8; len];
     reader.read_exact(&mut frame).await?;
-    Ok(Some(Bytes::from(frame)))
+    Ok(Bytes::from(frame))
 }
 
 /// Waits for the receiver's [`ACCEPTED`] byte on a stream just opened.
@@ -178,8 +197,10 @@ pub(crate) async fn write_loop(
 /// [`ACCEPTED`]), then reads frames from it and hands them to the driver's
 /// user as [`Event::Frame`]. Frames go straight to the event channel, not
 /// through the event loop, so a slow consumer pushes back on this stream
-/// (yamux flow control) without stalling the swarm.
-pub(crate) async fn read_loop(peer: PeerId, mut stream: Stream, events: mpsc::Sender<Event>) {
+/// (yamux flow control) without stalling the swarm. Each frame is charged
+/// to the node's receive budget before its bytes are allocated, so what
+/// all peers together have in flight to the user stays within it.
+pub(crate) async fn read_loop(peer: PeerId, mut stream: Stream, events: mpsc::Sender<Event>, budget: SendBudget) {
     let accepted = async {
         stream.write_all(&[ACCEPTED]).await?;
         stream.flush().await
@@ -191,9 +212,17 @@ pub(crate) async fn read_loop(peer: PeerId, mut stream: Stream, events: mpsc::Se
     }
     let mut reader = futures::io::BufReader::with_capacity(READ_BUFFER, stream);
     loop {
-        match read_frame(&mut reader).await {
-            Ok(Some(bytes)) => {
-                if events.send(Event::Frame { from: peer, bytes }).await.is_err() {
+        let frame = match read_len(&mut reader).await {
+            Ok(Some(len)) => {
+                let held = budget.charge(len).await;
+                read_body(&mut reader, len).await.map(|bytes| Some((bytes, held)))
+            }
+            Ok(None) => Ok(None),
+            Err(e) => Err(e),
+        };
+        match frame {
+            Ok(Some((bytes, held))) => {
+                if events.send(Event::Frame { from: peer, bytes, held: std::sync::Arc::new(held) }).await.is_err() {
                     return;
                 }
             }
