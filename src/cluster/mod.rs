@@ -107,6 +107,9 @@ pub struct ClusterStats {
     /// QoS 1/2 forwards not queued past 7/8 of the send budget (they stay
     /// in the outbox and are resent).
     pub forwards_deferred: AtomicU64,
+    /// Local subscriptions and publishes the routing core refused (past
+    /// the cluster's topic level limit): kept on this node.
+    pub local_refused: AtomicU64,
     /// Publishes routed from the per-topic memo, without the core.
     pub topic_route_hits: Counter,
 }
@@ -599,8 +602,12 @@ impl Cluster {
         let mut actions = Vec::new();
         let mut st = self.state.lock();
         if let Err(err) = self.core_event(&mut st, event, &mut actions) {
-            // The broker validated the filter; a mismatch is a bug, not user input.
-            tracing::error!(cause = %err, "routing core refused a local subscription change");
+            // The broker validated the filter; what the core still refuses
+            // passes the cluster's limits (topic levels): it stays local.
+            // Client input, so one line, not one per subscription.
+            if self.stats.local_refused.fetch_add(1, Ordering::Relaxed) == 0 {
+                tracing::warn!(cause = %err, "routing core refused a local subscription (kept on this node only; further ones are counted, not logged)");
+            }
         }
         let mut local = Vec::new();
         self.execute(&mut st, &broker.storage, actions, None, &mut local);
@@ -684,8 +691,12 @@ impl Cluster {
         let mut actions = Vec::new();
         let generation = self.generation.load(Ordering::Acquire);
         if let Err(err) = self.core_event(st, Event::Publish { topic: &message.topic, msg: id }, &mut actions) {
-            // The protocol layer validated the topic; deliver locally rather than lose it.
-            tracing::error!(cause = %err, "routing core refused a publish; delivering locally only");
+            // The protocol layer validated the topic; what the core still
+            // refuses passes the cluster's limits (topic levels): deliver
+            // locally rather than lose it. One line, not one per publish.
+            if self.stats.local_refused.fetch_add(1, Ordering::Relaxed) == 0 {
+                tracing::warn!(cause = %err, "routing core refused a publish; delivering locally only (further ones are counted, not logged)");
+            }
             st.routing.remove(&id);
             local.push((message, ForwardRoute { plain: true, shared: Vec::new() }));
             return Some(0);

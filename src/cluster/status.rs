@@ -309,6 +309,12 @@ impl Cluster {
                 get(&s.frames_dropped),
             ),
             figure(
+                "kadmq_cluster_local_refused_total",
+                "counter",
+                "Local subscriptions and publishes the routing core refused (more topic levels than the cluster's limit, 128): kept on this node.",
+                get(&s.local_refused),
+            ),
+            figure(
                 "kadmq_cluster_forwards_deferred_total",
                 "counter",
                 "QoS 1/2 forwards not queued past 7/8 of the send buffer (resent from the outbox).",
