@@ -31,7 +31,7 @@ use super::ownership::{Membership, Owners, Ownership, OwnershipConfig, XorOwners
 use super::route_cache::{Evicted, PendingLookup, RouteCache};
 use super::route_shard::{FilterRoutes, RouteShard};
 use super::topic::{join_filter, valid_filter, valid_topic, FilterTrie};
-use crate::shard::{filter_shard, publish_shards, ShardKey, DEFAULT_SHARD_DEPTH};
+use crate::shard::{filter_prefix, filter_shard, publish_shards, ShardKey, DEFAULT_SHARD_DEPTH};
 use smallvec::SmallVec;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
@@ -1020,14 +1020,27 @@ impl Node {
         Ok(())
     }
 
-    /// A filter (and group) another node says lives in shard `key`.
-    fn check_entry(&self, key: &ShardKey, filter: &str, group: Option<&str>) -> Result<(), Rejected> {
-        self.check_filter(filter)?;
-        if let Some(group) = group {
-            check_group(group)?;
-        }
-        if filter_shard(filter, self.config.shard_depth) != *key {
-            return Err(Rejected::WrongShard);
+    /// Filters (and groups) another node says live in shard `key`. Every
+    /// filter of a shard has the same literal prefix (another prefix has
+    /// another hash), so one hash per prefix seen, not one per filter.
+    fn check_entries<'a>(
+        &self,
+        key: &ShardKey,
+        entries: impl Iterator<Item = (&'a str, Option<&'a str>)>,
+    ) -> Result<(), Rejected> {
+        let mut verified: Option<&str> = None;
+        for (filter, group) in entries {
+            self.check_filter(filter)?;
+            if let Some(group) = group {
+                check_group(group)?;
+            }
+            let prefix = filter_prefix(filter, self.config.shard_depth);
+            if verified != Some(prefix) {
+                if ShardKey::of_prefix(prefix) != *key {
+                    return Err(Rejected::WrongShard);
+                }
+                verified = Some(prefix);
+            }
         }
         Ok(())
     }
@@ -1041,12 +1054,12 @@ impl Node {
         let items = |n: usize| if n > MAX_FRAME_ITEMS { Err(Rejected::TooManyItems) } else { Ok(()) };
         let changes = |key: &ShardKey, changes: &[RouteChange]| {
             items(changes.len())?;
-            changes.iter().try_for_each(|c| self.check_entry(key, &c.filter, c.group.as_deref()))
+            self.check_entries(key, changes.iter().map(|c| (c.filter.as_str(), c.group.as_deref())))
         };
         match frame {
             Frame::Assert { shard, ops, .. } => {
                 items(ops.len())?;
-                ops.iter().try_for_each(|op| self.check_entry(shard, &op.filter, op.group.as_deref()))
+                self.check_entries(shard, ops.iter().map(|op| (op.filter.as_str(), op.group.as_deref())))
             }
             Frame::LookupReply {
                 shard,
