@@ -47,6 +47,8 @@ const EVENT_CHANNEL: usize = 4096;
 const COMMAND_CHANNEL: usize = 1024;
 /// How long `start` waits for the listeners to report their addresses.
 const LISTEN_TIMEOUT: Duration = Duration::from_secs(5);
+/// Inbound frame streams read at once per peer.
+const MAX_READERS_PER_PEER: usize = 4;
 /// How long a leaving node keeps driving the swarm so its farewell record
 /// goes out.
 const LEAVE_GRACE: Duration = Duration::from_millis(300);
@@ -506,6 +508,12 @@ impl EventLoop {
         let readers = self.readers.entry(peer).or_default();
         readers.retain(|r| !r.is_finished());
         readers.push(task);
+        // A peer writes on one stream (a new one after a failure): more
+        // live readers than a few are stale streams, or a peer opening
+        // streams to make this node hold buffers; the oldest go.
+        while readers.len() > MAX_READERS_PER_PEER {
+            readers.remove(0).abort();
+        }
     }
 
     // ---- commands ---------------------------------------------------------
