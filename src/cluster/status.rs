@@ -309,6 +309,24 @@ impl Cluster {
                 get(&s.frames_dropped),
             ),
             figure(
+                "kadmq_cluster_peer_queues",
+                "gauge",
+                "Send queues (and sender tasks) this node keeps for other nodes; those of nodes dead longer than the dead timeout are dropped.",
+                self.links.len() as u64,
+            ),
+            figure(
+                "kadmq_cluster_peers_known",
+                "gauge",
+                "Peers whose addresses this node keeps (itself included); dead ones go after the dead timeout.",
+                st.peers.len() as u64,
+            ),
+            figure(
+                "kadmq_cluster_held_frame_bytes",
+                "gauge",
+                "Bytes of frames held for peers whose node record has not arrived yet.",
+                st.strangers.bytes() as u64,
+            ),
+            figure(
                 "kadmq_cluster_local_refused_total",
                 "counter",
                 "Local subscriptions and publishes the routing core refused (more topic levels than the cluster's limit, 128): kept on this node.",

@@ -268,3 +268,28 @@ fn frames_that_come_before_the_record_are_applied_once_it_arrives() {
     assert_eq!(rejected(&n1, "not_member"), 0);
     assert_eq!(n1.alive_members(), ["late", "n1"]);
 }
+
+#[test]
+fn what_a_node_keeps_for_a_dead_peer_goes_after_the_dead_timeout() {
+    let rt = runtime();
+    let lab = Lab::new();
+    let n1 = lab.node_with("n1", None, &lab.key, &["--dead-timeout", "3"]);
+    let mut n2 = lab.node_with("n2", Some(&n1.multiaddr()), &lab.key, &["--dead-timeout", "3"]);
+    wait_for_members(&[&n1, &n2], &["n1", "n2"]);
+    // Route frames flow both ways (subscriptions assert to the owners).
+    rt.block_on(async {
+        let (sub, mut events) = AsyncClient::new(MqttOptions::new("s", "127.0.0.1", n2.mqtt_port), 10);
+        sub.subscribe("keep/#", QoS::AtLeastOnce).await.unwrap();
+        let _ = tokio::time::timeout(Duration::from_secs(1), async { while events.poll().await.is_ok() {} }).await;
+    });
+    wait_until(SETTLE, "n1 to keep a send queue for n2", || n1.metric("kadmq_cluster_peer_queues") == 1);
+    assert_eq!(n1.metric("kadmq_cluster_peers_known"), 2);
+    n2.kill();
+    wait_until(SETTLE, "n1 to declare n2 dead", || n1.alive_members() == ["n1"]);
+    // Dead for longer than the dead timeout: its queue, sender task and
+    // address are gone.
+    wait_until(SETTLE, "n1 to forget n2's queue and address", || {
+        n1.metric("kadmq_cluster_peer_queues") == 0 && n1.metric("kadmq_cluster_peers_known") == 1
+    });
+    assert_eq!(n1.metric("kadmq_cluster_send_buffer_bytes"), 0, "nothing held for the dead");
+}
