@@ -906,8 +906,8 @@ impl Cluster {
                     self.stats.rejected.add("mismatch", held.max(1));
                     // A member restarted with other settings: out at once.
                     self.members.write().remove(&peer);
-                    let id = st.id_of(peer);
-                    if st.live.remove(&id) {
+                    let id = st.ids.get(&peer).copied();
+                    if id.is_some_and(|id| st.live.remove(&id)) {
                         self.apply_membership(st, storage, &mut local);
                     }
                 }

@@ -352,7 +352,7 @@ impl Cluster {
             value: get(&s.forwards_dropped),
             label: Some(("reason", "send_buffer")),
         });
-        const REJECTED: &str = "Frames from other nodes dropped unapplied, by reason: not_member (no node record), dead_peer, mismatch (fleet settings differ), malformed, version, unknown_kind, invalid_topic, invalid_field, and the routing core's reasons (invalid_filter, too_deep, too_long, wrong_shard, invalid_group, too_many_items, unsorted, own_id).";
+        const REJECTED: &str = "Frames from other nodes dropped unapplied, by reason: not_member (no node record), dead_peer, mismatch (fleet settings differ: one per refusal of a peer, plus its frames that arrived), malformed, version, unknown_kind, invalid_topic, invalid_field, and the routing core's reasons (invalid_filter, too_deep, too_long, wrong_shard, invalid_group, too_many_items, unsorted, own_id).";
         // Every reason is listed, 0 or not, so a dashboard sees them all.
         let glue = ["not_member", "dead_peer", "mismatch", "malformed", "version", "unknown_kind", "invalid_topic"];
         let core_reasons = kadmq_dht::core::Rejected::ALL.map(|r| r.name());
