@@ -169,6 +169,9 @@ pub struct StartArgs {
     /// Seconds of silence before a node is declared dead [toml: cluster.dead_timeout_secs]
     #[arg(long, env = "KADMQ_DEAD_TIMEOUT", value_name = "SECS")]
     pub dead_timeout: Option<u64>,
+    /// MiB held for all other nodes together; past 7/8 QoS 0 forwards are dropped [toml: cluster.send_buffer_mib]
+    #[arg(long, env = "KADMQ_CLUSTER_SEND_BUFFER", value_name = "MIB")]
+    pub cluster_send_buffer: Option<u64>,
 }
 
 impl StartArgs {
@@ -228,6 +231,7 @@ impl StartArgs {
         set(&mut c.replication, &self.replication);
         set(&mut c.shard_depth, &self.shard_depth);
         set(&mut c.dead_timeout_secs, &self.dead_timeout);
+        set(&mut c.send_buffer_mib, &self.cluster_send_buffer);
         config.validate()?;
         Ok(config)
     }
@@ -306,6 +310,8 @@ mod tests {
             "3",
             "--dead-timeout",
             "12",
+            "--cluster-send-buffer",
+            "64",
         ]);
         let c = args.resolve().unwrap().cluster;
         assert!(c.enabled());
@@ -314,6 +320,7 @@ mod tests {
         assert_eq!(c.bootstrap, ["/dns4/kadmq-1/tcp/7000", "/ip4/10.0.0.5/tcp/7000", "/ip4/10.0.0.6/tcp/7000"]);
         assert_eq!(c.cluster_key_file.as_deref(), Some(key.as_path()));
         assert_eq!((c.replication, c.shard_depth, c.dead_timeout_secs), (2, 3, 12));
+        assert_eq!(c.send_buffer_mib, 64);
     }
 
     #[test]

@@ -110,6 +110,9 @@ pub struct ClusterSettings {
     pub shard_depth: usize,
     /// Seconds without a heartbeat before a node is declared dead (suspect at half).
     pub dead_timeout_secs: u64,
+    /// MiB held for all other nodes together (frames queued or being
+    /// written); past 7/8 of it QoS 0 forwards are dropped.
+    pub send_buffer_mib: u64,
 }
 
 impl ClusterSettings {
@@ -128,6 +131,7 @@ impl Default for ClusterSettings {
             replication: 3,
             shard_depth: kadmq_dht::shard::DEFAULT_SHARD_DEPTH,
             dead_timeout_secs: 8,
+            send_buffer_mib: 256,
         }
     }
 }
@@ -261,6 +265,9 @@ impl Config {
         }
         if c.dead_timeout_secs < 2 {
             return invalid("cluster.dead_timeout_secs (--dead-timeout) must be at least 2".into());
+        }
+        if c.send_buffer_mib < 32 {
+            return invalid("cluster.send_buffer_mib (--cluster-send-buffer) must be at least 32".into());
         }
         // Read the key now, so a wrong path is one clear line before anything starts.
         let text = match std::fs::read_to_string(key_file) {
@@ -423,5 +430,8 @@ mod tests {
         let mut config = cluster_config(dir.path());
         config.cluster.dead_timeout_secs = 1;
         assert_eq!(refusal(&config), "cluster.dead_timeout_secs (--dead-timeout) must be at least 2");
+        let mut config = cluster_config(dir.path());
+        config.cluster.send_buffer_mib = 31;
+        assert_eq!(refusal(&config), "cluster.send_buffer_mib (--cluster-send-buffer) must be at least 32");
     }
 }

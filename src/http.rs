@@ -49,11 +49,12 @@ struct Figure {
     kind: &'static str,
     help: &'static str,
     value: u64,
+    label: Option<(&'static str, &'static str)>,
 }
 
 fn figures(broker: &Broker, cluster: Option<&Cluster>) -> Vec<Figure> {
     let s = &broker.stats;
-    let figure = |name, kind, help, value| Figure { name, kind, help, value };
+    let figure = |name, kind, help, value| Figure { name, kind, help, value, label: None };
     vec![
         figure(
             "kadmq_uptime_seconds",
@@ -88,15 +89,34 @@ fn figures(broker: &Broker, cluster: Option<&Cluster>) -> Vec<Figure> {
         figure("kadmq_bytes_sent_total", "counter", "Bytes sent to clients.", Stats::get(&s.bytes_sent)),
     ]
     .into_iter()
-    .chain(cluster.into_iter().flat_map(|c| c.figures()).map(|f| figure(f.name, f.kind, f.help, f.value)))
+    .chain(cluster.into_iter().flat_map(|c| c.figures()).map(|f| Figure {
+        name: f.name,
+        kind: f.kind,
+        help: f.help,
+        value: f.value,
+        label: f.label,
+    }))
     .collect()
 }
 
 /// The Prometheus text exposition of the broker's (and cluster's) figures.
 pub fn render_metrics(broker: &Broker, cluster: Option<&Cluster>) -> String {
     let mut out = String::with_capacity(4096);
+    let mut last = "";
     for f in figures(broker, cluster) {
-        let _ = writeln!(out, "# HELP {} {}\n# TYPE {} {}\n{} {}", f.name, f.help, f.name, f.kind, f.name, f.value);
+        // The series of a labelled metric follow each other: one HELP and TYPE.
+        if f.name != last {
+            let _ = writeln!(out, "# HELP {} {}\n# TYPE {} {}", f.name, f.help, f.name, f.kind);
+            last = f.name;
+        }
+        match f.label {
+            Some((key, value)) => {
+                let _ = writeln!(out, "{}{{{key}=\"{value}\"}} {}", f.name, f.value);
+            }
+            None => {
+                let _ = writeln!(out, "{} {}", f.name, f.value);
+            }
+        }
     }
     let name = "kadmq_limit_hits_total";
     let _ =

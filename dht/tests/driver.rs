@@ -241,7 +241,7 @@ async fn frames_arrive_in_order_and_without_loss() {
     let mut next = [0u32; 2];
     let received = timeout(Duration::from_secs(15), async {
         while next != [FRAMES, FRAMES] {
-            let Event::Frame { from, bytes } = c.events.recv().await.expect("event channel open") else {
+            let Event::Frame { from, bytes, .. } = c.events.recv().await.expect("event channel open") else {
                 continue;
             };
             let (slot, expected_from) = match bytes[0] {
@@ -518,4 +518,98 @@ async fn sending_to_an_unknown_peer_is_refused() {
     let nobody = PeerId::random();
     let sent = timeout(Duration::from_secs(2), a.client.send(nobody, vec![1u8])).await.expect("send returns at once");
     assert!(matches!(sent, Err(driver::Error::UnknownPeer(p)) if p == nobody), "{sent:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_with_other_fleet_settings_refuse_each_other_and_exchange_no_frames() {
+    init_logging();
+    let _serial = SERIAL.lock().await;
+    let key = driver::generate_cluster_key();
+    let mut a = spawn(config("a", &key, vec![])).await;
+    let mut b_config = config("b", &key, vec![a.addr.clone()]);
+    b_config.fleet.replication = 2;
+    let mut b = spawn(b_config).await;
+    // Both sides refuse the other, once, and say what differs.
+    let refused_by_a = next_event(&mut a.events, Duration::from_secs(20), |e| match e {
+        Event::MemberRefused { peer, reason } if peer == b.peer => Some(reason),
+        Event::MemberUp(m) if m.peer_id == b.peer => panic!("a admitted b"),
+        _ => None,
+    })
+    .await
+    .expect("a refuses b");
+    assert!(refused_by_a.contains("has replication 2") && refused_by_a.contains("this fleet runs replication 3"));
+    let refused_by_b = next_event(&mut b.events, Duration::from_secs(20), |e| match e {
+        Event::MemberRefused { peer, reason } if peer == a.peer => Some(reason),
+        Event::MemberUp(m) if m.peer_id == a.peer => panic!("b admitted a"),
+        _ => None,
+    })
+    .await
+    .expect("b refuses a");
+    assert!(refused_by_b.contains("has replication 3") && refused_by_b.contains("this fleet runs replication 2"));
+    // Frames either way are dropped, and for several heartbeats nothing
+    // else comes: no second refusal, no MemberUp, no frame.
+    for i in 0..10u8 {
+        let _ = b.client.send(a.peer, vec![i]).await;
+        let _ = a.client.send(b.peer, vec![i]).await;
+    }
+    let quiet = Duration::from_secs(2);
+    let noise = next_event(&mut a.events, quiet, |e| match e {
+        Event::MemberRefused { .. } | Event::MemberUp(_) | Event::Frame { .. } => Some(format!("{e:?}")),
+        _ => None,
+    })
+    .await;
+    assert_eq!(noise, None, "a after refusing b");
+    let noise = next_event(&mut b.events, quiet, |e| match e {
+        Event::MemberRefused { .. } | Event::MemberUp(_) | Event::Frame { .. } => Some(format!("{e:?}")),
+        _ => None,
+    })
+    .await;
+    assert_eq!(noise, None, "b after refusing a");
+    assert!(alive(&a.client.members().await.unwrap()) == vec![a.peer]);
+    assert_eq!(a.client.send_budget().used(), 0, "dropped frames gave their budget back");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn received_frames_not_dealt_with_stop_the_readers_at_the_receive_budget() {
+    init_logging();
+    let _serial = SERIAL.lock().await;
+    let key = driver::generate_cluster_key();
+    let mut a_config = config("a", &key, vec![]);
+    a_config.receive_buffer = 16 << 20;
+    let mut a = spawn(a_config).await;
+    let b = spawn(config("b", &key, vec![a.addr.clone()])).await;
+    wait_full_membership(&[&a, &b], Duration::from_secs(10)).await;
+    let sender = b.client.clone();
+    let to = a.peer;
+    let send = tokio::spawn(async move {
+        for i in 0..40u8 {
+            sender.send(to, vec![i; 1 << 20]).await.unwrap();
+        }
+    });
+    // Keep every frame (and its share of the budget): 16 arrive, then none.
+    let mut kept = Vec::new();
+    while let Some(frame) = next_event(&mut a.events, Duration::from_secs(3), |e| match e {
+        Event::Frame { bytes, held, .. } => Some((bytes, held)),
+        _ => None,
+    })
+    .await
+    {
+        kept.push(frame);
+    }
+    assert_eq!(kept.len(), 16, "the readers stop at the receive budget");
+    // Dealt with: the rest comes, in order.
+    let first_rest = kept.len() as u8;
+    kept.clear();
+    let mut got = Vec::new();
+    while got.len() < 40 - first_rest as usize {
+        let bytes = next_event(&mut a.events, Duration::from_secs(10), |e| match e {
+            Event::Frame { bytes, .. } => Some(bytes),
+            _ => None,
+        })
+        .await
+        .expect("the rest arrives once the budget is back");
+        got.push(bytes[0]);
+    }
+    assert_eq!(got, (first_rest..40).collect::<Vec<u8>>());
+    send.await.unwrap();
 }

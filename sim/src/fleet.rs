@@ -898,4 +898,7 @@ pub fn add_counters(sum: &mut Counters, c: &Counters) {
         sum.frames_sent[i] += c.frames_sent[i];
         sum.frames_received[i] += c.frames_received[i];
     }
+    for i in 0..sum.frames_rejected.len() {
+        sum.frames_rejected[i] += c.frames_rejected[i];
+    }
 }

@@ -110,6 +110,7 @@ impl FleetConfig {
             handoff_warmup_ms: self.handoff_warmup_ms,
             lookup_timeout_ms: self.lookup_timeout_ms,
             anti_entropy_interval_ms: self.anti_entropy_interval_ms,
+            ..CoreConfig::default()
         }
     }
 

@@ -9,12 +9,15 @@
 //! load the batches grow by themselves while the driver is busy with the
 //! previous ones; when idle a frame leaves at once, in a batch of one.
 //!
-//! Boundary: a node with [`MAX_QUEUED_BYTES`] of frames waiting loses the
-//! excess (counted by the caller; QoS 1/2 forwards are resent from the
-//! outbox, routes repaired by anti-entropy). The bound is in bytes and
-//! generous: a burst of a few hundred thousand messages while a link is
-//! still being set up (right after a node joins) must not be cut. A slow
-//! node holds up only its own queue.
+//! Boundary: every byte queued here, and then in the driver until it is
+//! written, holds its share of the one node-wide send budget
+//! ([`driver::SendBudget`], `cluster.send_buffer_mib`): however many peers
+//! are slow or gone, what is held for them stays within it. Past
+//! [`DROPPABLE_SHARE`] of the budget a frame that can be lost or sent later
+//! is refused ([`Class`]): QoS 0 forwards are dropped, QoS 1/2 forwards wait
+//! in the outbox (resent), while route frames, acknowledgements and notices
+//! may use the whole budget. Refusals are counted by the caller. A slow node
+//! holds up only its own queue, and at most the budget.
 
 use super::wire;
 use ahash::AHashMap;
@@ -24,8 +27,31 @@ use parking_lot::{Mutex, RwLock};
 use std::sync::Arc;
 use tokio::sync::Notify;
 
-/// Bytes of frames waiting for one node before new ones are dropped.
-pub const MAX_QUEUED_BYTES: usize = 32 << 20;
+/// The share of the send budget (7/8) past which only control frames are
+/// queued.
+pub const DROPPABLE_SHARE: (usize, usize) = (7, 8);
+
+/// What a frame is, for the send budget.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Class {
+    /// Route frames, acknowledgements, notices, retained messages: may use
+    /// the whole budget.
+    Control,
+    /// A QoS 0 forward: dropped past [`DROPPABLE_SHARE`].
+    Droppable,
+    /// A QoS 1/2 forward: refused past [`DROPPABLE_SHARE`], resent from the
+    /// outbox later.
+    Resendable,
+}
+
+impl Class {
+    fn ceiling(self, budget: &driver::SendBudget) -> usize {
+        match self {
+            Class::Control => budget.limit(),
+            Class::Droppable | Class::Resendable => budget.limit() / DROPPABLE_SHARE.1 * DROPPABLE_SHARE.0,
+        }
+    }
+}
 /// A batch is closed once it holds this many bytes (the driver takes
 /// frames of up to 16 MiB).
 pub const MAX_BATCH_BYTES: usize = 1 << 20;
@@ -38,10 +64,10 @@ pub struct Links {
     queues: RwLock<AHashMap<PeerId, Arc<Queue>>>,
 }
 
-#[derive(Default)]
 struct Queue {
     pending: Mutex<Pending>,
     wake: Notify,
+    budget: driver::SendBudget,
 }
 
 /// The send queue of one node: a handle to keep (routes remember theirs)
@@ -51,11 +77,12 @@ pub struct Sender(Arc<Queue>);
 
 impl Sender {
     /// Queues the one frame `write` appends to the buffer it is given (no
-    /// copy of its own); false if the queue was full and it is dropped.
-    pub fn push_with(&self, write: impl FnOnce(&mut Vec<u8>)) -> bool {
+    /// copy of its own); false if the send budget has no room for it (of its
+    /// [`Class`]) or the peer was forgotten, and it is not queued.
+    pub fn push_with(&self, class: Class, write: impl FnOnce(&mut Vec<u8>)) -> bool {
         let queue = &self.0;
         let mut pending = queue.pending.lock();
-        let pushed = pending.push(write);
+        let pushed = pending.push(&queue.budget, class, write);
         if pushed && pending.frames == 1 {
             queue.wake.notify_one();
         }
@@ -65,34 +92,40 @@ impl Sender {
 
 #[derive(Default)]
 struct Pending {
-    /// Filled batches, the last one open.
-    batches: Vec<Vec<u8>>,
+    /// Filled batches, the last one open, each with the bytes of the send
+    /// budget its frames reserved.
+    batches: Vec<(Vec<u8>, usize)>,
     frames: usize,
-    /// Bytes in `batches`, the last one's as of the previous push.
-    bytes: usize,
+    /// The peer was forgotten: nothing is queued any more.
+    closed: bool,
 }
 
 impl Pending {
-    fn push(&mut self, write: impl FnOnce(&mut Vec<u8>)) -> bool {
-        if self.bytes >= MAX_QUEUED_BYTES {
+    fn push(&mut self, budget: &driver::SendBudget, class: Class, write: impl FnOnce(&mut Vec<u8>)) -> bool {
+        if self.closed {
             return false;
         }
-        if self.batches.last().is_none_or(|b| b.len() >= MAX_BATCH_BYTES) {
-            self.batches.push(wire::new_batch(BATCH_START));
+        if self.batches.last().is_none_or(|b| b.0.len() >= MAX_BATCH_BYTES) {
+            self.batches.push((wire::new_batch(BATCH_START), 0));
         }
-        let batch = self.batches.last_mut().expect("an open batch");
+        let (batch, charged) = self.batches.last_mut().expect("an open batch");
         let before = batch.len();
         wire::append_to_batch(batch, write);
-        self.bytes += batch.len() - before;
+        let bytes = batch.len() - before;
+        if !budget.try_reserve(bytes, class.ceiling(budget)) {
+            batch.truncate(before);
+            return false;
+        }
+        *charged += bytes;
         self.frames += 1;
         true
     }
 
-    /// Everything queued so far, as batches to send in order.
-    fn take(&mut self) -> Vec<Vec<u8>> {
+    /// Everything queued so far, as batches to send in order, each with the
+    /// budget it holds.
+    fn take(&mut self, budget: &driver::SendBudget) -> Vec<(Vec<u8>, driver::Charged)> {
         self.frames = 0;
-        self.bytes = 0;
-        std::mem::take(&mut self.batches)
+        std::mem::take(&mut self.batches).into_iter().map(|(batch, bytes)| (batch, budget.adopt(bytes))).collect()
     }
 }
 
@@ -111,12 +144,38 @@ impl Links {
             .write()
             .entry(peer)
             .or_insert_with(|| {
-                let queue = Arc::new(Queue::default());
+                let queue = Arc::new(Queue {
+                    pending: Mutex::new(Pending::default()),
+                    wake: Notify::new(),
+                    budget: self.client.send_budget().clone(),
+                });
                 tokio::spawn(send_rounds(self.client.clone(), peer, queue.clone()));
                 queue
             })
             .clone();
         Sender(queue)
+    }
+
+    /// Drops the queue of `peer` (dead for good): what it held goes back
+    /// to the send budget, its sender task ends, and senders still held
+    /// (remembered routes) queue nothing more.
+    pub fn forget(&self, peer: &PeerId) {
+        let Some(queue) = self.queues.write().remove(peer) else { return };
+        let mut pending = queue.pending.lock();
+        pending.closed = true;
+        drop(pending.take(&queue.budget));
+        drop(pending);
+        queue.wake.notify_one();
+        self.client.forget(peer);
+    }
+
+    /// Peers with a queue, for tests of the pruning.
+    pub fn len(&self) -> usize {
+        self.queues.read().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.queues.read().is_empty()
     }
 }
 
@@ -125,12 +184,18 @@ async fn send_rounds(client: driver::Client, peer: PeerId, queue: Arc<Queue>) {
     loop {
         queue.wake.notified().await;
         loop {
-            let batches = queue.pending.lock().take();
+            let (batches, closed) = {
+                let mut pending = queue.pending.lock();
+                (pending.take(&queue.budget), pending.closed)
+            };
+            if closed {
+                return;
+            }
             if batches.is_empty() {
                 break;
             }
-            for batch in batches {
-                match client.send(peer, Bytes::from(batch)).await {
+            for (batch, charged) in batches {
+                match client.send_charged(peer, Bytes::from(batch), charged).await {
                     Ok(()) => {}
                     Err(driver::Error::Stopped) => return,
                     Err(err) => tracing::debug!(%peer, cause = %err, "frames not sent"),
@@ -144,39 +209,64 @@ async fn send_rounds(client: driver::Client, peer: PeerId, queue: Arc<Queue>) {
 mod tests {
     use super::*;
 
-    fn frames_of(batches: Vec<Vec<u8>>) -> Vec<Bytes> {
-        batches.into_iter().flat_map(|b| wire::unbatch(Bytes::from(b)).unwrap()).collect()
+    fn frames_of(batches: Vec<(Vec<u8>, driver::Charged)>) -> Vec<Bytes> {
+        batches.into_iter().flat_map(|(b, _)| wire::unbatch(Bytes::from(b)).unwrap()).collect()
     }
 
     #[test]
     fn frames_leave_in_order_in_batches_of_bounded_size() {
+        let budget = driver::SendBudget::new(64 << 20);
         let mut pending = Pending::default();
         let frames: Vec<Vec<u8>> = (0..3000u32).map(|i| vec![(i % 251) as u8; 1000 + (i % 7) as usize]).collect();
         for frame in &frames {
-            assert!(pending.push(|out| out.extend_from_slice(frame)));
+            assert!(pending.push(&budget, Class::Control, |out| out.extend_from_slice(frame)));
         }
-        let batches = pending.take();
+        let batches = pending.take(&budget);
         assert!(batches.len() >= 3, "3 MB of frames in batches of 1 MiB: {} batches", batches.len());
-        assert!(batches.iter().all(|b| b.len() < MAX_BATCH_BYTES + 2_000));
+        assert!(batches.iter().all(|b| b.0.len() < MAX_BATCH_BYTES + 2_000));
         let got = frames_of(batches);
         assert_eq!(got.len(), frames.len());
         assert!(got.iter().zip(&frames).all(|(a, b)| a[..] == b[..]));
+        assert_eq!(budget.used(), 0, "sent (here: dropped) batches give their budget back");
         // Taken means empty: the next round starts afresh.
-        assert!(pending.take().is_empty());
-        assert!(pending.push(|out| out.push(7)));
-        assert_eq!(frames_of(pending.take()), vec![Bytes::from_static(&[7])]);
+        assert!(pending.take(&budget).is_empty());
+        assert!(pending.push(&budget, Class::Control, |out| out.push(7)));
+        assert_eq!(frames_of(pending.take(&budget)), vec![Bytes::from_static(&[7])]);
     }
 
     #[test]
-    fn a_full_queue_drops_new_frames_until_taken() {
-        let mut pending = Pending::default();
+    fn the_shared_budget_refuses_forwards_first_and_control_frames_last() {
+        // One budget, two peers' queues.
+        let budget = driver::SendBudget::new(1 << 20);
+        let (mut a, mut b) = (Pending::default(), Pending::default());
         let frame = vec![1u8; 4096 - 4];
-        let fit = MAX_QUEUED_BYTES / 4096;
-        for _ in 0..fit {
-            assert!(pending.push(|out| out.extend_from_slice(&frame)));
+        let mut queued = 0;
+        while a.push(&budget, Class::Droppable, |out| out.extend_from_slice(&frame)) {
+            queued += 1;
         }
-        assert!(!pending.push(|out| out.push(2)), "the frame past the limit is dropped");
-        assert_eq!(frames_of(pending.take()).len(), fit);
-        assert!(pending.push(|out| out.push(3)), "room again once taken");
+        assert_eq!(queued, (1 << 20) / 8 * 7 / 4096, "QoS 0 forwards stop at 7/8 of the budget");
+        assert!(!b.push(&budget, Class::Resendable, |out| out.extend_from_slice(&frame)), "another peer too");
+        let mut control = 0;
+        while b.push(&budget, Class::Control, |out| out.extend_from_slice(&frame)) {
+            control += 1;
+        }
+        assert_eq!(control, (1 << 20) / 8 / 4096, "control frames use the rest");
+        assert!(budget.used() <= budget.limit());
+        // A refused frame leaves nothing behind in the batch.
+        assert_eq!(frames_of(b.take(&budget)).len(), control);
+        assert_eq!(frames_of(a.take(&budget)).len(), queued);
+        assert_eq!(budget.used(), 0);
+        assert!(a.push(&budget, Class::Droppable, |out| out.push(3)), "room again once sent");
+    }
+
+    #[test]
+    fn a_forgotten_queue_takes_nothing_more() {
+        let budget = driver::SendBudget::new(1 << 20);
+        let mut pending = Pending::default();
+        assert!(pending.push(&budget, Class::Control, |out| out.push(1)));
+        pending.closed = true;
+        drop(pending.take(&budget));
+        assert!(!pending.push(&budget, Class::Control, |out| out.push(2)));
+        assert_eq!(budget.used(), 0, "what it held went back to the budget");
     }
 }

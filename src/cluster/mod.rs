@@ -29,9 +29,11 @@
 //! - [`wire`]: the envelope between brokers (route frame, forward, ack, batch).
 //! - [`links`]: per-destination send queues, batched into driver frames.
 //! - [`outbox`]: unacknowledged QoS 1/2 forwards; the receiver's duplicate filter.
+//! - [`guard`]: peer input not applied (counted, logged once), frames of peers not yet members.
 //! - [`status`]: `/api/v1/cluster`, `/api/v1/routes` and the cluster metrics.
 
 pub mod counter;
+pub mod guard;
 pub mod links;
 pub mod outbox;
 pub mod status;
@@ -46,7 +48,7 @@ use bytes::Bytes;
 use counter::Counter;
 use kadmq_dht::core::{self, Action, Event, ForwardRoute, Membership, Node, NodeId, OwnershipConfig};
 use kadmq_dht::driver::{self, ClusterConfig, Multiaddr, PeerId};
-use links::Links;
+use links::{Class, Links};
 use outbox::{Inbound, Outbox, Verdict};
 use parking_lot::{Mutex, MutexGuard, RwLock};
 use std::collections::{BTreeSet, HashMap, VecDeque};
@@ -91,12 +93,23 @@ pub struct ClusterStats {
     pub duplicates: AtomicU64,
     /// QoS 1/2 forwards that arrived after a gap (dropped; resent in order).
     pub out_of_order: AtomicU64,
-    /// Frames from other nodes that could not be decoded.
-    pub bad_frames: AtomicU64,
+    /// Frames from other nodes that could not be decoded or carried
+    /// invalid input, or came from peers that are not members: dropped
+    /// unapplied, by reason.
+    pub rejected: guard::Rejections,
     /// Frames for a node whose peer id is unknown (dropped).
     pub unroutable: AtomicU64,
-    /// Frames dropped because their node's send queue was full.
+    /// Route frames, acknowledgements and notices dropped: the node's send
+    /// budget was spent.
     pub frames_dropped: AtomicU64,
+    /// QoS 0 forwards dropped: past 7/8 of the send budget.
+    pub forwards_dropped: AtomicU64,
+    /// QoS 1/2 forwards not queued past 7/8 of the send budget (they stay
+    /// in the outbox and are resent).
+    pub forwards_deferred: AtomicU64,
+    /// Local subscriptions and publishes the routing core refused (past
+    /// the cluster's topic level limit): kept on this node.
+    pub local_refused: AtomicU64,
     /// Publishes routed from the per-topic memo, without the core.
     pub topic_route_hits: Counter,
 }
@@ -148,6 +161,15 @@ struct State {
     /// tick) to tell them: the notice is a frame, and frames right after a
     /// link comes back can be lost.
     rejoin_notices: HashMap<NodeId, u8>,
+    /// Frames of peers whose record has not arrived (yet).
+    strangers: guard::Strangers,
+    /// Peers declared dead, and since when (their frames are dropped).
+    dead: HashMap<PeerId, Instant>,
+    /// Peers the driver refused (fleet settings differ): their frames are dropped.
+    refused: HashMap<PeerId, Instant>,
+    /// Dead peers whose address maps are pruned, and since when they are
+    /// dead: their identity goes after [`IDENTITY_KEPT`] dead timeouts.
+    gone: HashMap<NodeId, Instant>,
 }
 
 /// This node's part of the fleet. Create with [`start`].
@@ -172,6 +194,10 @@ pub struct Cluster {
     name: String,
     /// Where the members' addresses are remembered across restarts.
     peers_file: std::path::PathBuf,
+    /// Peers that are members now (up, not dead): their frames are applied.
+    /// Read per batch of frames, outside the state mutex.
+    members: RwLock<std::collections::HashSet<PeerId>>,
+    dead_timeout: Duration,
     /// What the peers file holds (as written last, or read at start).
     remembered: Mutex<Vec<String>>,
     pub stats: ClusterStats,
@@ -219,6 +245,11 @@ pub async fn start(settings: &ClusterSettings, cx: StartContext<'_>) -> Result<A
     let peer_id = keypair.public().to_peer_id();
     let name = settings.node_name.clone().unwrap_or_else(|| default_name(&peer_id));
     let mut config = ClusterConfig::new(name.clone(), keypair, cluster_key);
+    config.fleet = driver::FleetSettings {
+        replication: settings.replication as u32,
+        shard_depth: settings.shard_depth as u32,
+        frame_version: frame_version(),
+    };
     config.listen_addrs = parse_addrs(&settings.p2p_listen)?;
     config.bootstrap = parse_addrs(&settings.bootstrap)?;
     // The members last seen: a node restarted without (or with a stale)
@@ -231,6 +262,7 @@ pub async fn start(settings: &ClusterSettings, cx: StartContext<'_>) -> Result<A
     config.incarnation = driver::next_incarnation(&key_dir)?;
     config.dead_timeout = Duration::from_secs(settings.dead_timeout_secs);
     config.suspect_timeout = config.dead_timeout / 2;
+    config.send_buffer = usize::try_from(settings.send_buffer_mib.saturating_mul(1 << 20)).unwrap_or(usize::MAX);
     // Forward sequences restart with each run of this node.
     let epoch = config.incarnation;
     let (client, events, event_loop) = driver::start(config).await?;
@@ -265,20 +297,7 @@ pub async fn start(settings: &ClusterSettings, cx: StartContext<'_>) -> Result<A
     }
 
     let cluster = Arc::new(Cluster {
-        state: Mutex::new(State {
-            node,
-            peers: HashMap::from([(me, peer_id)]),
-            ids: HashMap::from([(peer_id, me)]),
-            incarnations: HashMap::new(),
-            live: BTreeSet::from([me]),
-            routing: HashMap::new(),
-            outbox,
-            replay,
-            inbound: Inbound::default(),
-            timer_at: None,
-            held: HashMap::new(),
-            rejoin_notices: HashMap::new(),
-        }),
+        state: Mutex::new(State::new(node, peer_id, outbox, replay)),
         publishers_held: AtomicU64::new(0),
         topic_routes: RwLock::new(ahash::AHashMap::new()),
         generation: AtomicU64::new(0),
@@ -291,6 +310,8 @@ pub async fn start(settings: &ClusterSettings, cx: StartContext<'_>) -> Result<A
         me,
         name,
         peers_file,
+        members: RwLock::new(std::collections::HashSet::new()),
+        dead_timeout: Duration::from_secs(settings.dead_timeout_secs),
         remembered: Mutex::new(remembered),
         stats: ClusterStats::default(),
     });
@@ -332,6 +353,13 @@ fn remember_peers(path: &Path, addrs: &[String]) {
     if let Err(err) = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, path)) {
         tracing::warn!(path = %path.display(), cause = %err, "cannot remember the known peers");
     }
+}
+
+/// The frame version announced to peers: the envelope's ([`wire::VERSION`])
+/// in the high half, the routing core's ([`core::frame::FRAME_VERSION`]) in
+/// the low half; peers must speak both.
+pub fn frame_version() -> u32 {
+    u32::from(wire::VERSION) << 16 | u32::from(core::frame::FRAME_VERSION)
 }
 
 /// The routing core's id of a libp2p peer.
@@ -396,7 +424,70 @@ impl Fleet for Cluster {
     }
 }
 
+/// Dead peers' identities (incarnation, inbound numbering) are kept this
+/// many dead timeouts, as long as the driver keeps a dead member (so a late
+/// record cannot bring it back): a member that returns within it is known
+/// as one we took for dead (it gets the rejoin notice), and its QoS 1/2
+/// forwards continue their numbering (no duplicate delivery).
+const IDENTITY_KEPT: u32 = 10;
+
 impl State {
+    fn new(node: Node, peer_id: PeerId, outbox: Outbox, replay: Vec<(u64, Message)>) -> State {
+        let me = node.id();
+        State {
+            node,
+            peers: HashMap::from([(me, peer_id)]),
+            ids: HashMap::from([(peer_id, me)]),
+            incarnations: HashMap::new(),
+            live: BTreeSet::from([me]),
+            routing: HashMap::new(),
+            outbox,
+            replay,
+            inbound: Inbound::default(),
+            timer_at: None,
+            held: HashMap::new(),
+            rejoin_notices: HashMap::new(),
+            strangers: guard::Strangers::default(),
+            dead: HashMap::new(),
+            refused: HashMap::new(),
+            gone: HashMap::new(),
+        }
+    }
+
+    /// Forgets the per-peer state of peers dead (or refused) for longer
+    /// than `dead_timeout`: their address maps, rejoin notices and held
+    /// frames; their identity after [`IDENTITY_KEPT`] dead timeouts.
+    /// Returns the peers whose links and log state should go too.
+    fn prune(&mut self, now: Instant, dead_timeout: Duration) -> Vec<PeerId> {
+        let expired = |since: &Instant| now.saturating_duration_since(*since) > dead_timeout;
+        let mut gone: Vec<PeerId> = self.dead.iter().filter(|(_, since)| expired(since)).map(|(p, _)| *p).collect();
+        gone.extend(self.refused.iter().filter(|(_, since)| expired(since)).map(|(p, _)| *p));
+        for peer in &gone {
+            let since = self.dead.remove(peer).or(self.refused.remove(peer)).unwrap_or(now);
+            self.strangers.take(peer);
+            if let Some(id) = self.ids.remove(peer) {
+                self.peers.remove(&id);
+                self.rejoin_notices.remove(&id);
+                self.gone.insert(id, since);
+            }
+        }
+        let keep = dead_timeout * IDENTITY_KEPT;
+        let (incarnations, inbound, live) = (&mut self.incarnations, &mut self.inbound, &self.live);
+        self.gone.retain(|id, since| {
+            // Back meanwhile (a member again): its identity is in use.
+            if live.contains(id) {
+                return false;
+            }
+            let keep = now.saturating_duration_since(*since) <= keep;
+            if !keep {
+                incarnations.remove(id);
+                inbound.forget(*id);
+            }
+            keep
+        });
+        gone
+    }
+
     /// The routing core's id of `peer`, remembered both ways.
     fn id_of(&mut self, peer: PeerId) -> NodeId {
         let id = *self.ids.entry(peer).or_insert_with(|| node_id(&peer));
@@ -441,7 +532,7 @@ impl Cluster {
         if message.qos == QoS::AtMostOnce {
             // A QoS 0 forward's id is never looked at: no shared counter.
             for (_, sender, to) in &route.forwards {
-                self.push_via(sender, |out| wire::write_forward(out, 0, None, &message, to));
+                self.push_via(sender, Class::Droppable, |out| wire::write_forward(out, 0, None, &message, to));
             }
         } else if !route.forwards.is_empty() {
             let id = self.next_id.fetch_add(1, Ordering::Relaxed);
@@ -451,7 +542,9 @@ impl Cluster {
             for (node, sender, to) in &route.forwards {
                 let sequence = st.outbox.assign(*node, id, now);
                 waiting.push((*node, to.clone()));
-                self.push_via(sender, |out| wire::write_forward(out, id, Some(sequence), &message, to));
+                self.push_via(sender, Class::Resendable, |out| {
+                    wire::write_forward(out, id, Some(sequence), &message, to)
+                });
             }
             st.outbox.hold(&broker.storage, id, message.clone(), waiting, now);
         }
@@ -509,8 +602,12 @@ impl Cluster {
         let mut actions = Vec::new();
         let mut st = self.state.lock();
         if let Err(err) = self.core_event(&mut st, event, &mut actions) {
-            // The broker validated the filter; a mismatch is a bug, not user input.
-            tracing::error!(cause = %err, "routing core refused a local subscription change");
+            // The broker validated the filter; what the core still refuses
+            // passes the cluster's limits (topic levels): it stays local.
+            // Client input, so one line, not one per subscription.
+            if self.stats.local_refused.fetch_add(1, Ordering::Relaxed) == 0 {
+                tracing::warn!(cause = %err, "routing core refused a local subscription (kept on this node only; further ones are counted, not logged)");
+            }
         }
         let mut local = Vec::new();
         self.execute(&mut st, &broker.storage, actions, None, &mut local);
@@ -594,8 +691,12 @@ impl Cluster {
         let mut actions = Vec::new();
         let generation = self.generation.load(Ordering::Acquire);
         if let Err(err) = self.core_event(st, Event::Publish { topic: &message.topic, msg: id }, &mut actions) {
-            // The protocol layer validated the topic; deliver locally rather than lose it.
-            tracing::error!(cause = %err, "routing core refused a publish; delivering locally only");
+            // The protocol layer validated the topic; what the core still
+            // refuses passes the cluster's limits (topic levels): deliver
+            // locally rather than lose it. One line, not one per publish.
+            if self.stats.local_refused.fetch_add(1, Ordering::Relaxed) == 0 {
+                tracing::warn!(cause = %err, "routing core refused a publish; delivering locally only (further ones are counted, not logged)");
+            }
             st.routing.remove(&id);
             local.push((message, ForwardRoute { plain: true, shared: Vec::new() }));
             return Some(0);
@@ -642,7 +743,8 @@ impl Cluster {
                     });
                     let message = pending.message.clone();
                     self.stats.forwarded_out.add(1);
-                    self.send_with(st, to, |out| wire::write_forward(out, msg, sequence, &message, &route));
+                    let class = if sequence.is_some() { Class::Resendable } else { Class::Droppable };
+                    self.send_with(st, to, class, |out| wire::write_forward(out, msg, sequence, &message, &route));
                 }
                 Action::Deliver { msg, route } => {
                     let message = match forwarded {
@@ -685,29 +787,35 @@ impl Cluster {
     }
 
     fn send(&self, st: &State, to: NodeId, bytes: Bytes) {
-        self.send_with(st, to, |out| out.extend_from_slice(&bytes));
+        self.send_with(st, to, Class::Control, |out| out.extend_from_slice(&bytes));
     }
 
     /// Queues for node `to` the frame `write` appends.
-    fn send_with(&self, st: &State, to: NodeId, write: impl FnOnce(&mut Vec<u8>)) {
+    fn send_with(&self, st: &State, to: NodeId, class: Class, write: impl FnOnce(&mut Vec<u8>)) {
         match st.peers.get(&to) {
-            Some(peer) => self.push_with(*peer, write),
+            Some(peer) => self.push_with(*peer, class, write),
             None => bump(&self.stats.unroutable, 1),
         }
     }
 
     fn push(&self, peer: PeerId, bytes: Bytes) {
-        self.push_with(peer, |out| out.extend_from_slice(&bytes));
+        self.push_with(peer, Class::Control, |out| out.extend_from_slice(&bytes));
     }
 
     /// Queues the frame `write` appends for `peer`.
-    fn push_with(&self, peer: PeerId, write: impl FnOnce(&mut Vec<u8>)) {
-        self.push_via(&self.links.sender(peer), write);
+    fn push_with(&self, peer: PeerId, class: Class, write: impl FnOnce(&mut Vec<u8>)) {
+        self.push_via(&self.links.sender(peer), class, write);
     }
 
-    fn push_via(&self, sender: &links::Sender, write: impl FnOnce(&mut Vec<u8>)) {
-        if !sender.push_with(write) {
-            bump(&self.stats.frames_dropped, 1);
+    /// Queues a frame within the send budget; what finds no room is
+    /// counted (and, for a QoS 1/2 forward, resent from the outbox later).
+    fn push_via(&self, sender: &links::Sender, class: Class, write: impl FnOnce(&mut Vec<u8>)) {
+        if !sender.push_with(class, write) {
+            match class {
+                Class::Control => bump(&self.stats.frames_dropped, 1),
+                Class::Droppable => bump(&self.stats.forwards_dropped, 1),
+                Class::Resendable => bump(&self.stats.forwards_deferred, 1),
+            }
         }
     }
 
@@ -779,35 +887,35 @@ impl Cluster {
         let mut guard: Option<MutexGuard<'_, State>> = None;
         for event in events {
             match event {
-                driver::Event::Frame { from, bytes } => {
-                    let frames = match wire::unbatch(bytes) {
-                        Ok(frames) => frames,
-                        Err(err) => {
-                            self.bad_frame(from, &err);
-                            continue;
-                        }
-                    };
-                    for frame in frames {
-                        match wire::decode(&frame) {
-                            Ok(Wire::Forward(forward))
-                                if forward.sequence.is_none() && forward.route.shared.is_empty() =>
-                            {
-                                // Nothing to number or pick: the broker
-                                // matches the topic against its sessions.
-                                self.stats.forwarded_in.add(1);
-                                let Forward { message, route, .. } = *forward;
-                                local.push((Arc::new(message), route));
-                            }
-                            Ok(wire) => {
-                                let st = guard.get_or_insert_with(|| self.state.lock());
-                                self.on_wire(st, storage, from, wire, &mut local, &mut acks);
-                            }
-                            Err(err) => self.bad_frame(from, &err),
-                        }
+                driver::Event::Frame { from, bytes, held } => {
+                    if self.members.read().contains(&from) {
+                        self.on_frame(&mut guard, storage, from, bytes, &mut local, &mut acks);
+                        // Dealt with: its receive budget goes back to the readers.
+                        drop(held);
+                    } else {
+                        let st = guard.get_or_insert_with(|| self.state.lock());
+                        self.stranger_frame(st, from, bytes);
+                    }
+                }
+                driver::Event::MemberRefused { peer, reason } => {
+                    let st = guard.get_or_insert_with(|| self.state.lock());
+                    st.refused.insert(peer, Instant::now());
+                    let held = st.strangers.take(&peer).len() as u64;
+                    // The driver logged the one line about this peer.
+                    tracing::debug!(%peer, %reason, "peer refused");
+                    self.stats.rejected.add("mismatch", held.max(1));
+                    // A member restarted with other settings: out at once.
+                    self.members.write().remove(&peer);
+                    let id = st.ids.get(&peer).copied();
+                    if id.is_some_and(|id| st.live.remove(&id)) {
+                        self.apply_membership(st, storage, &mut local);
                     }
                 }
                 driver::Event::MemberUp(member) => {
                     let st = guard.get_or_insert_with(|| self.state.lock());
+                    st.dead.remove(&member.peer_id);
+                    st.refused.remove(&member.peer_id);
+                    self.members.write().insert(member.peer_id);
                     let id = st.id_of(member.peer_id);
                     let previous = st.incarnations.insert(id, member.incarnation);
                     let restarted = previous.is_some_and(|old| old < member.incarnation);
@@ -829,11 +937,17 @@ impl Cluster {
                         // retained messages set meanwhile: it gets ours.
                         self.send_retained(st, &broker, id);
                     }
+                    // Its frames that came before its record, in order.
+                    for bytes in st.strangers.take(&member.peer_id) {
+                        self.on_frame(&mut guard, storage, member.peer_id, bytes, &mut local, &mut acks);
+                    }
                 }
                 driver::Event::MemberSuspect(peer) => tracing::info!(%peer, "member suspect"),
                 driver::Event::MemberDead(peer) => {
                     tracing::info!(%peer, "member dead");
                     let st = guard.get_or_insert_with(|| self.state.lock());
+                    self.members.write().remove(&peer);
+                    st.dead.insert(peer, Instant::now());
                     let id = st.id_of(peer);
                     if st.live.remove(&id) {
                         self.apply_membership(st, storage, &mut local);
@@ -865,9 +979,66 @@ impl Cluster {
         }
     }
 
+    /// One frame (a batch, usually) of a member, decoded and carried out.
+    fn on_frame<'a>(
+        &'a self,
+        guard: &mut Option<MutexGuard<'a, State>>,
+        storage: &Storage,
+        from: PeerId,
+        bytes: Bytes,
+        local: &mut Vec<(Arc<Message>, ForwardRoute)>,
+        acks: &mut HashMap<PeerId, (u64, u64)>,
+    ) {
+        let frames = match wire::unbatch(bytes) {
+            Ok(frames) => frames,
+            Err(err) => return self.bad_frame(from, &err),
+        };
+        for frame in frames {
+            match wire::decode(&frame) {
+                Ok(Wire::Forward(forward)) if forward.sequence.is_none() && forward.route.shared.is_empty() => {
+                    // Nothing to number or pick: the broker matches the
+                    // topic (checked by the decoder) against its sessions.
+                    self.stats.forwarded_in.add(1);
+                    let Forward { message, route, .. } = *forward;
+                    local.push((Arc::new(message), route));
+                }
+                Ok(wire) => {
+                    let st = guard.get_or_insert_with(|| self.state.lock());
+                    self.on_wire(st, storage, from, wire, local, acks);
+                }
+                Err(err) => self.bad_frame(from, &err),
+            }
+        }
+    }
+
+    /// A frame of a peer that is not a member: held until its record
+    /// arrives, unless it is dead, refused, or holds too much already.
+    fn stranger_frame(&self, st: &mut State, from: PeerId, bytes: Bytes) {
+        let frames = wire::unbatch(bytes.clone()).map_or(1, |f| f.len() as u64);
+        if st.dead.contains_key(&from) {
+            self.stats.rejected.reject(from, "dead_peer", frames, &"frames of a member declared dead");
+        } else if st.refused.contains_key(&from) {
+            // Logged once by the driver when it refused the peer.
+            self.stats.rejected.add("mismatch", frames);
+        } else if !st.strangers.hold(from, bytes, Instant::now()) {
+            self.stats.rejected.reject(
+                from,
+                "not_member",
+                frames,
+                &"no node record from this peer; its held frames fill the bound",
+            );
+        }
+    }
+
     fn bad_frame(&self, from: PeerId, err: &wire::WireError) {
-        bump(&self.stats.bad_frames, 1);
-        tracing::warn!(peer = %from, cause = %err, "undecodable frame from another node dropped");
+        self.stats.rejected.reject(from, err.reason(), 1, err);
+    }
+
+    /// Counts the core's refusal of another node's input.
+    fn core_refusal(&self, from: PeerId, result: Result<(), core::CoreError>) {
+        if let Err(err @ core::CoreError::Rejected { reason, .. }) = result {
+            self.stats.rejected.reject(from, reason.name(), 1, &err);
+        }
     }
 
     /// One decoded frame from `from` that needs the state.
@@ -884,7 +1055,8 @@ impl Cluster {
         let mut actions = Vec::new();
         match wire {
             Wire::Route(frame) => {
-                let _ = self.core_event(st, Event::Frame { from: sender, frame }, &mut actions);
+                let result = self.core_event(st, Event::Frame { from: sender, frame }, &mut actions);
+                self.core_refusal(from, result);
                 self.execute(st, storage, actions, None, local);
             }
             Wire::Forward(forward) => {
@@ -909,7 +1081,8 @@ impl Cluster {
                 self.stats.forwarded_in.add(1);
                 let message = Arc::new(message);
                 let event = Event::Forwarded { from: sender, topic: &message.topic, msg: id, route };
-                let _ = self.core_event(st, event, &mut actions);
+                let result = self.core_event(st, event, &mut actions);
+                self.core_refusal(from, result);
                 self.execute(st, storage, actions, Some(&message), local);
             }
             Wire::Ack { epoch, upto } => st.outbox.ack(storage, sender, epoch, upto, self.now()),
@@ -954,7 +1127,9 @@ impl Cluster {
             let (live, peers) = (&st.live, &st.peers);
             for (sequence, id, message, to, route) in st.outbox.due(&broker.storage, now, |node| live.contains(&node)) {
                 if let Some(peer) = peers.get(&to) {
-                    self.push_with(*peer, |out| wire::write_forward(out, id, Some(sequence), &message, &route));
+                    self.push_with(*peer, Class::Resendable, |out| {
+                        wire::write_forward(out, id, Some(sequence), &message, &route)
+                    });
                 }
             }
             st.rejoin_notices.retain(|node, left| {
@@ -964,6 +1139,16 @@ impl Cluster {
                 *left -= 1;
                 *left > 0
             });
+            let now_instant = Instant::now();
+            for (peer, frames) in st.strangers.expire(now_instant, self.dead_timeout) {
+                let why = "no node record from this peer within the dead timeout";
+                self.stats.rejected.reject(peer, "not_member", frames, &why);
+            }
+            for peer in st.prune(now_instant, self.dead_timeout) {
+                self.links.forget(&peer);
+                self.stats.rejected.forget(&peer);
+            }
+            self.stats.rejected.sweep(now_instant);
             if self.started.elapsed() >= REPLAY_AFTER {
                 for (id, message) in std::mem::take(&mut st.replay) {
                     self.route(st, &broker.storage, id, Arc::new(message), &mut local);
@@ -1009,5 +1194,48 @@ impl Cluster {
         if let Err(err) = self.client.shutdown().await {
             tracing::debug!(cause = %err, "cluster driver already stopped");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn per_peer_state_of_long_dead_peers_is_pruned() {
+        let me_peer = PeerId::random();
+        let me = node_id(&me_peer);
+        let mut st = State::new(Node::new(me, core::Config::default()), me_peer, Outbox::new(1), Vec::new());
+        let t0 = Instant::now();
+        let dead_timeout = Duration::from_secs(8);
+        let peers: Vec<PeerId> = (0..50).map(|_| PeerId::random()).collect();
+        for (i, peer) in peers.iter().enumerate() {
+            let id = st.id_of(*peer);
+            st.incarnations.insert(id, 1);
+            st.rejoin_notices.insert(id, 3);
+            st.inbound.accept(id, outbox::Sequence { epoch: 1, seq: 0, base: 0 });
+            // The first 40 die at t0; the rest stay members.
+            if i < 40 {
+                st.dead.insert(*peer, t0);
+            } else {
+                st.live.insert(id);
+            }
+        }
+        let stranger = PeerId::random();
+        st.refused.insert(stranger, t0);
+        let sizes = |st: &State| (st.peers.len(), st.ids.len(), st.incarnations.len(), st.inbound.len());
+        assert_eq!(sizes(&st), (51, 51, 50, 50));
+
+        assert!(st.prune(t0 + dead_timeout / 2, dead_timeout).is_empty(), "not dead long enough");
+        let gone = st.prune(t0 + dead_timeout * 2, dead_timeout);
+        assert_eq!(gone.len(), 41, "the dead and the refused");
+        assert_eq!((st.peers.len(), st.ids.len(), st.rejoin_notices.len()), (11, 11, 10));
+        assert!(st.dead.is_empty() && st.refused.is_empty());
+        // Identities stay a while longer, then go too.
+        assert_eq!((st.incarnations.len(), st.inbound.len()), (50, 50));
+        st.prune(t0 + dead_timeout * (IDENTITY_KEPT + 1), dead_timeout);
+        assert_eq!(sizes(&st), (11, 11, 10, 10));
+        assert!(st.gone.is_empty());
+        assert!(st.peers.contains_key(&me), "never itself");
     }
 }

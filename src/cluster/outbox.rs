@@ -279,6 +279,20 @@ pub struct Inbound {
 }
 
 impl Inbound {
+    /// Forgets what was received from `from` (gone for good).
+    pub fn forget(&mut self, from: NodeId) {
+        self.expected.remove(&from);
+    }
+
+    /// Sending nodes tracked.
+    pub fn len(&self) -> usize {
+        self.expected.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.expected.is_empty()
+    }
+
     /// Judges a forward from `from`; after `Deliver` or `Duplicate`, the
     /// acknowledgement to send is [`Inbound::ack_for`].
     pub fn accept(&mut self, from: NodeId, s: Sequence) -> Verdict {

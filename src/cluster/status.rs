@@ -84,6 +84,8 @@ pub struct Figure {
     pub kind: &'static str,
     pub help: &'static str,
     pub value: u64,
+    /// One label (name, value) for a series of a labelled metric.
+    pub label: Option<(&'static str, &'static str)>,
 }
 
 impl Cluster {
@@ -190,8 +192,8 @@ impl Cluster {
         let c = st.node.counters();
         let s = &self.stats;
         let get = |counter: &std::sync::atomic::AtomicU64| counter.load(Ordering::Relaxed);
-        let figure = |name, kind, help, value| Figure { name, kind, help, value };
-        vec![
+        let figure = |name, kind, help, value| Figure { name, kind, help, value, label: None };
+        let mut figures = vec![
             figure(
                 "kadmq_cluster_members",
                 "gauge",
@@ -301,17 +303,71 @@ impl Cluster {
                 st.outbox.dropped,
             ),
             figure(
-                "kadmq_cluster_bad_frames_total",
-                "counter",
-                "Undecodable frames from other nodes.",
-                get(&s.bad_frames),
-            ),
-            figure(
                 "kadmq_cluster_frames_dropped_total",
                 "counter",
-                "Frames dropped because a node's send queue was full.",
+                "Route frames, acknowledgements and notices dropped: the node's send buffer was full.",
                 get(&s.frames_dropped),
             ),
-        ]
+            figure(
+                "kadmq_cluster_peer_queues",
+                "gauge",
+                "Send queues (and sender tasks) this node keeps for other nodes; those of nodes dead longer than the dead timeout are dropped.",
+                self.links.len() as u64,
+            ),
+            figure(
+                "kadmq_cluster_peers_known",
+                "gauge",
+                "Peers whose addresses this node keeps (itself included); dead ones go after the dead timeout.",
+                st.peers.len() as u64,
+            ),
+            figure(
+                "kadmq_cluster_held_frame_bytes",
+                "gauge",
+                "Bytes of frames held for peers whose node record has not arrived yet.",
+                st.strangers.bytes() as u64,
+            ),
+            figure(
+                "kadmq_cluster_local_refused_total",
+                "counter",
+                "Local subscriptions and publishes the routing core refused (more topic levels than the cluster's limit, 128): kept on this node.",
+                get(&s.local_refused),
+            ),
+            figure(
+                "kadmq_cluster_forwards_deferred_total",
+                "counter",
+                "QoS 1/2 forwards not queued past 7/8 of the send buffer (resent from the outbox).",
+                get(&s.forwards_deferred),
+            ),
+            figure(
+                "kadmq_cluster_send_buffer_bytes",
+                "gauge",
+                "Bytes held for other nodes (queued or being written), within cluster.send_buffer_mib.",
+                self.client.send_budget().used() as u64,
+            ),
+        ];
+        figures.push(Figure {
+            name: "kadmq_cluster_forwards_dropped_total",
+            kind: "counter",
+            help: "QoS 0 forwards dropped, by reason (send_buffer: past 7/8 of the node's send buffer).",
+            value: get(&s.forwards_dropped),
+            label: Some(("reason", "send_buffer")),
+        });
+        const REJECTED: &str = "Frames from other nodes dropped unapplied, by reason: not_member (no node record), dead_peer, mismatch (fleet settings differ: one per refusal of a peer, plus its frames that arrived), malformed, version, unknown_kind, invalid_topic, invalid_field, and the routing core's reasons (invalid_filter, too_deep, too_long, wrong_shard, invalid_group, too_many_items, unsorted, own_id).";
+        // Every reason is listed, 0 or not, so a dashboard sees them all.
+        let glue = ["not_member", "dead_peer", "mismatch", "malformed", "version", "unknown_kind", "invalid_topic"];
+        let core_reasons = kadmq_dht::core::Rejected::ALL.map(|r| r.name());
+        let mut rejected: std::collections::BTreeMap<&'static str, u64> =
+            glue.into_iter().chain(["invalid_field"]).chain(core_reasons).map(|r| (r, 0)).collect();
+        rejected.extend(s.rejected.counts());
+        for (reason, value) in rejected {
+            figures.push(Figure {
+                name: "kadmq_cluster_frames_rejected_total",
+                kind: "counter",
+                help: REJECTED,
+                value,
+                label: Some(("reason", reason)),
+            });
+        }
+        figures
     }
 }

@@ -72,6 +72,57 @@ pub enum WireError {
     Batch,
     #[error("malformed forward: {0}")]
     Forward(&'static str),
+    /// Decoded, but what it carries is not acceptable input.
+    #[error("invalid {0}")]
+    Invalid(&'static str),
+}
+
+impl WireError {
+    /// The `reason` label of `kadmq_cluster_frames_rejected_total`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            WireError::Empty | WireError::Body(_) | WireError::Batch | WireError::Forward(_) => "malformed",
+            WireError::Route(core::FrameError::Version(_)) | WireError::Version(_) => "version",
+            WireError::Route(_) => "malformed",
+            WireError::Kind(_) => "unknown_kind",
+            WireError::Invalid("topic") => "invalid_topic",
+            WireError::Invalid(_) => "invalid_field",
+        }
+    }
+}
+
+/// Most properties bytes a message from another node may carry: what one
+/// frame holds (a node cannot send more; a claim of more is a lie). Not
+/// lower: a broker allows properties up to its `max_packet_size`, and what
+/// a node accepts from its clients its peers must take from it.
+pub const MAX_PROPERTIES: usize = kadmq_dht::driver::frames::MAX_FRAME;
+/// Most retained messages one frame may carry (a node sends them in chunks
+/// of 256).
+pub const MAX_RETAIN_MESSAGES: usize = 4096;
+
+/// A topic a message may be published to, within the fleet's level limit.
+fn check_topic(topic: &str) -> Result<(), WireError> {
+    let levels = topic.bytes().filter(|b| *b == b'/').count() + 1;
+    if !crate::protocol::topic::valid_topic_name(topic) || levels > core::node::DEFAULT_MAX_TOPIC_LEVELS {
+        return Err(WireError::Invalid("topic"));
+    }
+    Ok(())
+}
+
+/// What a message from another node carries besides its topic.
+fn check_message(message: &Message) -> Result<(), WireError> {
+    check_topic(&message.topic)?;
+    if message.origin.as_deref().is_some_and(str::is_empty) {
+        return Err(WireError::Invalid("origin"));
+    }
+    let p = &message.properties;
+    let strings = p.content_type.iter().chain(&p.response_topic);
+    let user: usize = p.user_properties.iter().map(|u| u.0.len() + u.1.len()).sum();
+    let size = strings.map(String::len).sum::<usize>() + p.correlation_data.as_ref().map_or(0, |d| d.len()) + user;
+    if size > MAX_PROPERTIES {
+        return Err(WireError::Invalid("properties"));
+    }
+    Ok(())
 }
 
 pub fn encode_route(frame: &core::Frame) -> Bytes {
@@ -170,8 +221,21 @@ fn read_forward(frame: &Bytes) -> Result<Forward, WireError> {
         2 => QoS::ExactlyOnce,
         _ => return Err(WireError::Forward("qos")),
     };
+    // QoS 1/2 forwards are numbered (and only they): the receiver's
+    // duplicate filter counts on it. `base` never passes `seq`, and the
+    // last number is never used (the receiver counts one past it).
+    match sequence {
+        None if qos != QoS::AtMostOnce => return Err(WireError::Invalid("sequence (missing)")),
+        Some(_) if qos == QoS::AtMostOnce => return Err(WireError::Invalid("sequence (QoS 0)")),
+        Some(s) if s.base > s.seq || s.seq == u64::MAX => return Err(WireError::Invalid("sequence")),
+        _ => {}
+    }
+    if qos != QoS::AtMostOnce && id == 0 {
+        return Err(WireError::Invalid("message id"));
+    }
     let retain = r.u8()? != 0;
     let topic = r.string()?;
+    check_topic(&topic)?;
     let origin = match r.u8()? {
         0 => None,
         _ => Some(Arc::from(r.string()?)),
@@ -184,6 +248,9 @@ fn read_forward(frame: &Bytes) -> Result<Forward, WireError> {
         0 => Default::default(),
         _ => {
             let len = r.u32()? as usize;
+            if len > MAX_PROPERTIES {
+                return Err(WireError::Invalid("properties"));
+            }
             rmp_serde::from_slice(r.take(len)?)?
         }
     };
@@ -191,7 +258,15 @@ fn read_forward(frame: &Bytes) -> Result<Forward, WireError> {
     let picks = r.u16()?;
     let mut shared = Vec::with_capacity(picks.min(64) as usize);
     for _ in 0..picks {
-        shared.push(SharedPick { group: r.string()?, filter: r.string()? });
+        let pick = SharedPick { group: r.string()?, filter: r.string()? };
+        let group_ok = !pick.group.is_empty() && !pick.group.contains(['/', '+', '#', '\0']);
+        if !group_ok || !crate::protocol::topic::valid_topic_filter(&pick.filter) {
+            return Err(WireError::Invalid("shared subscription pick"));
+        }
+        shared.push(pick);
+    }
+    if !plain && shared.is_empty() {
+        return Err(WireError::Invalid("route (nothing to deliver)"));
     }
     let len = r.u32()? as usize;
     let start = r.at;
@@ -201,6 +276,7 @@ fn read_forward(frame: &Bytes) -> Result<Forward, WireError> {
     }
     let payload = frame.slice(start..start + len);
     let message = Message { topic, payload, qos, retain, properties, expires_at_ms, origin };
+    check_message(&message)?;
     Ok(Forward { id, sequence, message, route: ForwardRoute { plain, shared } })
 }
 
@@ -321,7 +397,14 @@ pub fn decode(frame: &Bytes) -> Result<Wire, WireError> {
             let (epoch, upto) = rmp_serde::from_slice(body)?;
             Wire::Ack { epoch, upto }
         }
-        RETAIN => Wire::Retain(rmp_serde::from_slice(body)?),
+        RETAIN => {
+            let messages: Vec<Message> = rmp_serde::from_slice(body)?;
+            if messages.len() > MAX_RETAIN_MESSAGES {
+                return Err(WireError::Invalid("retained messages (too many)"));
+            }
+            messages.iter().try_for_each(check_message)?;
+            Wire::Retain(messages)
+        }
         REJOINED => Wire::Rejoined,
         other => return Err(WireError::Kind(other)),
     })
@@ -414,5 +497,89 @@ mod tests {
         for len in 0..whole.len() {
             assert!(decode(&whole[..len]).is_err(), "prefix of {len} bytes");
         }
+    }
+
+    /// Decodes a forward built from `f` (encoded as the sender would).
+    fn decode_forward(f: &Forward) -> Result<Wire, WireError> {
+        decode(&encode_forward(f.id, f.sequence, &f.message, &f.route))
+    }
+
+    fn invalid(result: Result<Wire, WireError>) -> &'static str {
+        match result {
+            Err(WireError::Invalid(what)) => what,
+            other => panic!("expected an invalid field, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn forwarded_topics_must_be_valid_and_within_the_level_limit() {
+        for topic in ["a/+", "#", "", "a\0b"] {
+            let mut f = forward();
+            f.message.topic = topic.into();
+            assert_eq!(invalid(decode_forward(&f)), "topic", "{topic:?}");
+        }
+        let mut f = forward();
+        f.message.topic = vec!["t"; core::node::DEFAULT_MAX_TOPIC_LEVELS + 1].join("/");
+        assert_eq!(invalid(decode_forward(&f)), "topic");
+        f.message.topic = vec!["t"; core::node::DEFAULT_MAX_TOPIC_LEVELS].join("/");
+        assert!(decode_forward(&f).is_ok());
+    }
+
+    #[test]
+    fn sequences_and_ids_must_fit_the_qos() {
+        let mut f = forward();
+        f.sequence = None;
+        assert_eq!(invalid(decode_forward(&f)), "sequence (missing)");
+        let mut f = forward();
+        f.message.qos = QoS::AtMostOnce;
+        assert_eq!(invalid(decode_forward(&f)), "sequence (QoS 0)");
+        let mut f = forward();
+        f.sequence = Some(Sequence { epoch: 1, seq: u64::MAX, base: 0 });
+        assert_eq!(invalid(decode_forward(&f)), "sequence");
+        f.sequence = Some(Sequence { epoch: 1, seq: 3, base: 4 });
+        assert_eq!(invalid(decode_forward(&f)), "sequence");
+        let mut f = forward();
+        f.id = 0;
+        assert_eq!(invalid(decode_forward(&f)), "message id");
+        // QoS 3 does not even parse.
+        let mut bytes = encode_forward(7, None, &forward().message, &forward().route).to_vec();
+        bytes[11] = 3;
+        assert!(matches!(decode(&bytes), Err(WireError::Forward("qos"))));
+    }
+
+    #[test]
+    fn shared_picks_origin_and_properties_are_checked() {
+        for (group, filter) in [("", "a/+"), ("g/h", "a/+"), ("g", "a/#/b"), ("g", "")] {
+            let mut f = forward();
+            f.route.shared = vec![SharedPick { group: group.into(), filter: filter.into() }];
+            assert_eq!(invalid(decode_forward(&f)), "shared subscription pick", "{group:?} {filter:?}");
+        }
+        let mut f = forward();
+        f.route = ForwardRoute::default();
+        assert_eq!(invalid(decode_forward(&f)), "route (nothing to deliver)");
+        let mut f = forward();
+        f.message.origin = Some("".into());
+        assert_eq!(invalid(decode_forward(&f)), "origin");
+        let mut f = forward();
+        f.message.properties.correlation_data = Some(Bytes::from(vec![0u8; MAX_PROPERTIES + 1]));
+        assert_eq!(invalid(decode_forward(&f)), "properties");
+        // A response topic is opaque here (the broker passes it on as the
+        // publisher gave it): only its size counts.
+        let mut f = forward();
+        f.message.properties.response_topic = Some("r/+".into());
+        assert!(decode_forward(&f).is_ok());
+    }
+
+    #[test]
+    fn retained_messages_are_checked_and_bounded() {
+        let mut m = forward().message;
+        m.topic = "a/#".into();
+        assert_eq!(invalid(decode(&encode_retain(&[&m]))), "topic");
+        let good = forward().message;
+        let many: Vec<&Message> = std::iter::repeat_n(&good, MAX_RETAIN_MESSAGES + 1).collect();
+        assert_eq!(invalid(decode(&encode_retain(&many))), "retained messages (too many)");
+        assert_eq!(WireError::Invalid("topic").reason(), "invalid_topic");
+        assert_eq!(WireError::Invalid("origin").reason(), "invalid_field");
+        assert_eq!(WireError::Version(9).reason(), "version");
     }
 }

@@ -6,5 +6,6 @@ mod cli;
 mod common;
 mod forwarding;
 mod outbox;
+mod peers;
 mod rejoin;
 mod retained;

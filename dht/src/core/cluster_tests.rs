@@ -280,6 +280,7 @@ fn test_config() -> Config {
         handoff_warmup_ms: 300,
         lookup_timeout_ms: 200,
         anti_entropy_interval_ms: 1_000,
+        ..Config::default()
     }
 }
 

@@ -78,7 +78,7 @@ pub use frame::{
     decode, encode, ForwardRoute, Frame, FrameError, FrameKind, LookupAnswer, RouteChange, RouteOp, SharedPick,
 };
 pub use id::NodeId;
-pub use node::{Action, Config, CoreError, Counters, Event, Node};
+pub use node::{Action, Config, CoreError, Counters, Event, Node, Rejected};
 pub use ownership::{
     Membership, MembershipDelta, Owners, Ownership, OwnershipConfig, Placement, RingOwnership, XorOwnership,
 };

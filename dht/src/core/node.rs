@@ -31,7 +31,7 @@ use super::ownership::{Membership, Owners, Ownership, OwnershipConfig, XorOwners
 use super::route_cache::{Evicted, PendingLookup, RouteCache};
 use super::route_shard::{FilterRoutes, RouteShard};
 use super::topic::{join_filter, valid_filter, valid_topic, FilterTrie};
-use crate::shard::{filter_shard, publish_shards, ShardKey, DEFAULT_SHARD_DEPTH};
+use crate::shard::{filter_prefix, filter_shard, publish_shards, ShardKey, DEFAULT_SHARD_DEPTH};
 use smallvec::SmallVec;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
@@ -39,6 +39,15 @@ use std::sync::Arc;
 /// How long a lookup that no owner answered waits before asking them all
 /// again, while views are still converging after a membership change.
 const LOOKUP_RETRY_MS: u64 = 100;
+
+/// Default of [`Config::max_topic_levels`].
+pub const DEFAULT_MAX_TOPIC_LEVELS: usize = 128;
+/// Longest topic, filter or group name: an MQTT string holds 65,535 bytes.
+pub const MAX_STRING: usize = 65_535;
+/// Most items (ops, changes, digests, shards) one frame may carry. A frame
+/// is at most 16 MiB, so this only bites on frames of tiny items; it bounds
+/// the work one frame can ask for.
+pub const MAX_FRAME_ITEMS: usize = 1 << 20;
 
 /// Settings shared by the whole fleet (every node must agree on
 /// `replication`, `shard_depth` and the ownership strategy).
@@ -63,6 +72,9 @@ pub struct Config {
     pub lookup_timeout_ms: u64,
     /// Period of the replica digest exchange (0 = off).
     pub anti_entropy_interval_ms: u64,
+    /// Most levels a topic filter or topic may have, here or in a frame
+    /// from another node.
+    pub max_topic_levels: usize,
 }
 
 impl Default for Config {
@@ -75,6 +87,7 @@ impl Default for Config {
             handoff_warmup_ms: 3_000,
             lookup_timeout_ms: 2_000,
             anti_entropy_interval_ms: 30_000,
+            max_topic_levels: DEFAULT_MAX_TOPIC_LEVELS,
         }
     }
 }
@@ -139,6 +152,71 @@ pub enum CoreError {
     InvalidTopic(String),
     #[error("not subscribed to {0:?}")]
     NotSubscribed(String),
+    /// A frame or forward from another node that was not applied.
+    #[error("input from node {from} rejected: {reason}")]
+    Rejected { from: NodeId, reason: Rejected },
+}
+
+/// Why a frame (or forward) from another node was dropped unapplied.
+/// Another node's input is checked as a client's would be: a bug or a
+/// misconfiguration there must not corrupt this node's tables.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, thiserror::Error)]
+pub enum Rejected {
+    /// Not a valid MQTT topic filter (or topic, for a forward).
+    #[error("invalid topic filter or topic")]
+    InvalidFilter,
+    /// More levels than `max_topic_levels`.
+    #[error("too many topic levels")]
+    TooDeep,
+    /// Longer than 65,535 bytes.
+    #[error("string too long")]
+    TooLong,
+    /// A filter carried for a shard that is not its shard.
+    #[error("filter not in the frame's shard")]
+    WrongShard,
+    /// An empty shared-subscription group, or one with `/`, `+`, `#` or NUL.
+    #[error("invalid shared subscription group")]
+    InvalidGroup,
+    /// More than [`MAX_FRAME_ITEMS`] items.
+    #[error("too many items")]
+    TooManyItems,
+    /// A node list not in strictly ascending order.
+    #[error("node digests not sorted")]
+    Unsorted,
+    /// A frame that claims to come from this node itself.
+    #[error("sender has this node's id")]
+    OwnId,
+}
+
+impl Rejected {
+    pub const ALL: [Rejected; 8] = [
+        Rejected::InvalidFilter,
+        Rejected::TooDeep,
+        Rejected::TooLong,
+        Rejected::WrongShard,
+        Rejected::InvalidGroup,
+        Rejected::TooManyItems,
+        Rejected::Unsorted,
+        Rejected::OwnId,
+    ];
+
+    /// A metric label.
+    pub fn name(self) -> &'static str {
+        match self {
+            Rejected::InvalidFilter => "invalid_filter",
+            Rejected::TooDeep => "too_deep",
+            Rejected::TooLong => "too_long",
+            Rejected::WrongShard => "wrong_shard",
+            Rejected::InvalidGroup => "invalid_group",
+            Rejected::TooManyItems => "too_many_items",
+            Rejected::Unsorted => "unsorted",
+            Rejected::OwnId => "own_id",
+        }
+    }
+
+    fn index(self) -> usize {
+        Rejected::ALL.iter().position(|r| *r == self).expect("listed")
+    }
 }
 
 /// Monotonic counters (the driver exports them as metrics; the simulator
@@ -177,9 +255,16 @@ pub struct Counters {
     /// Frames sent, by [`FrameKind`] (index: position in [`FrameKind::ALL`]).
     pub frames_sent: [u64; 9],
     pub frames_received: [u64; 9],
+    /// Frames and forwards from other nodes dropped unapplied, by
+    /// [`Rejected`] (index: position in [`Rejected::ALL`]).
+    pub frames_rejected: [u64; 8],
 }
 
 impl Counters {
+    pub fn rejected(&self, reason: Rejected) -> u64 {
+        self.frames_rejected[reason.index()]
+    }
+
     pub fn sent(&self, kind: FrameKind) -> u64 {
         self.frames_sent[kind_index(kind)]
     }
@@ -357,13 +442,21 @@ impl Node {
             Event::Publish { topic, msg } => self.publish(now, topic, msg, out),
             Event::Frame { from, frame } => {
                 self.counters.frames_received[kind_index(frame.kind())] += 1;
-                self.on_frame(now, from, frame, out);
-                Ok(())
+                match self.check_frame(from, &frame) {
+                    Ok(()) => {
+                        self.on_frame(now, from, frame, out);
+                        Ok(())
+                    }
+                    Err(reason) => Err(self.reject(from, reason)),
+                }
             }
-            Event::Forwarded { from: _, topic, msg, route } => {
-                self.on_forwarded(topic, msg, route, out);
-                Ok(())
-            }
+            Event::Forwarded { from, topic, msg, route } => match self.check_forwarded(from, topic, &route) {
+                Ok(()) => {
+                    self.on_forwarded(topic, msg, route, out);
+                    Ok(())
+                }
+                Err(reason) => Err(self.reject(from, reason)),
+            },
             Event::Timer => {
                 self.armed = None;
                 self.on_timer(now, out);
@@ -426,7 +519,8 @@ impl Node {
     // ----- subscriber side -------------------------------------------------
 
     fn subscribe(&mut self, filter: &str, group: Option<&str>, out: &mut Vec<Action>) -> Result<(), CoreError> {
-        if !valid_filter(filter) {
+        // Owners would refuse what they cannot take from us.
+        if self.check_filter(filter).is_err() || group.is_some_and(|g| check_group(g).is_err()) {
             return Err(CoreError::InvalidFilter(filter.to_string()));
         }
         let counts = self.local.get_or_insert_with(filter, LocalCounts::default);
@@ -679,7 +773,7 @@ impl Node {
     // ----- publisher side ----------------------------------------------------
 
     fn publish(&mut self, now: u64, topic: &str, msg: u64, out: &mut Vec<Action>) -> Result<(), CoreError> {
-        if !valid_topic(topic) {
+        if self.check_topic(topic).is_err() {
             return Err(CoreError::InvalidTopic(topic.to_string()));
         }
         self.counters.publishes += 1;
@@ -892,6 +986,118 @@ impl Node {
         }
     }
 
+    // ----- checks on other nodes' input ---------------------------------------
+
+    fn reject(&mut self, from: NodeId, reason: Rejected) -> CoreError {
+        self.counters.frames_rejected[reason.index()] += 1;
+        CoreError::Rejected { from, reason }
+    }
+
+    fn check_levels(&self, text: &str) -> Result<(), Rejected> {
+        if text.len() > MAX_STRING {
+            return Err(Rejected::TooLong);
+        }
+        // Counted without splitting: a 64 KiB string of slashes is cheap.
+        if text.bytes().filter(|b| *b == b'/').count() >= self.config.max_topic_levels {
+            return Err(Rejected::TooDeep);
+        }
+        Ok(())
+    }
+
+    fn check_filter(&self, filter: &str) -> Result<(), Rejected> {
+        self.check_levels(filter)?;
+        if !valid_filter(filter) {
+            return Err(Rejected::InvalidFilter);
+        }
+        Ok(())
+    }
+
+    fn check_topic(&self, topic: &str) -> Result<(), Rejected> {
+        self.check_levels(topic)?;
+        if !valid_topic(topic) {
+            return Err(Rejected::InvalidFilter);
+        }
+        Ok(())
+    }
+
+    /// Filters (and groups) another node says live in shard `key`. Every
+    /// filter of a shard has the same literal prefix (another prefix has
+    /// another hash), so one hash per prefix seen, not one per filter.
+    fn check_entries<'a>(
+        &self,
+        key: &ShardKey,
+        entries: impl Iterator<Item = (&'a str, Option<&'a str>)>,
+    ) -> Result<(), Rejected> {
+        let mut verified: Option<&str> = None;
+        for (filter, group) in entries {
+            self.check_filter(filter)?;
+            if let Some(group) = group {
+                check_group(group)?;
+            }
+            let prefix = filter_prefix(filter, self.config.shard_depth);
+            if verified != Some(prefix) {
+                if ShardKey::of_prefix(prefix) != *key {
+                    return Err(Rejected::WrongShard);
+                }
+                verified = Some(prefix);
+            }
+        }
+        Ok(())
+    }
+
+    /// Everything a frame carries, before any of it is applied: a frame is
+    /// taken whole or not at all.
+    fn check_frame(&self, from: NodeId, frame: &Frame) -> Result<(), Rejected> {
+        if from == self.id {
+            return Err(Rejected::OwnId);
+        }
+        let items = |n: usize| if n > MAX_FRAME_ITEMS { Err(Rejected::TooManyItems) } else { Ok(()) };
+        let changes = |key: &ShardKey, changes: &[RouteChange]| {
+            items(changes.len())?;
+            self.check_entries(key, changes.iter().map(|c| (c.filter.as_str(), c.group.as_deref())))
+        };
+        match frame {
+            Frame::Assert { shard, ops, .. } => {
+                items(ops.len())?;
+                self.check_entries(shard, ops.iter().map(|op| (op.filter.as_str(), op.group.as_deref())))
+            }
+            Frame::LookupReply {
+                shard,
+                answer: LookupAnswer::Entries(entries) | LookupAnswer::Warming(entries),
+                ..
+            } => changes(shard, entries),
+            Frame::Delta { shard, changes: list, .. } => changes(shard, list),
+            Frame::Digest { items: list } => items(list.len()),
+            Frame::NodeDigests { items: list, .. } => {
+                items(list.len())?;
+                if list.windows(2).any(|w| w[0].0 >= w[1].0) {
+                    return Err(Rejected::Unsorted);
+                }
+                Ok(())
+            }
+            Frame::Reassert { shards } => items(shards.len()),
+            Frame::Lookup { .. }
+            | Frame::LookupReply { answer: LookupAnswer::NotOwner, .. }
+            | Frame::Unwatch { .. }
+            | Frame::Released { .. } => Ok(()),
+        }
+    }
+
+    fn check_forwarded(&self, from: NodeId, topic: &str, route: &ForwardRoute) -> Result<(), Rejected> {
+        if from == self.id {
+            return Err(Rejected::OwnId);
+        }
+        self.check_topic(topic)?;
+        if route.shared.len() > MAX_FRAME_ITEMS {
+            return Err(Rejected::TooManyItems);
+        }
+        for pick in &route.shared {
+            self.check_filter(&pick.filter)?;
+            check_group(&pick.group)?;
+        }
+        Ok(())
+    }
+
     // ----- frames --------------------------------------------------------------
 
     fn on_frame(&mut self, now: u64, from: NodeId, frame: Frame, out: &mut Vec<Action>) {
@@ -960,7 +1166,10 @@ impl Node {
                 }
             }
             Frame::NodeDigests { shard: key, items } => self.on_node_digests(key, items, out),
-            Frame::Reassert { shards } => {
+            Frame::Reassert { mut shards } => {
+                // One re-assertion per shard, however often it is named.
+                shards.sort_unstable();
+                shards.dedup();
                 for key in shards {
                     let owners = self.owners(&key);
                     self.reassert(key, &owners, out);
@@ -1179,6 +1388,18 @@ impl Node {
     }
 }
 
+/// A shared-subscription group name: non-empty, at most 65,535 bytes, no
+/// `/`, `+`, `#` or NUL (MQTT 5 4.8.2).
+fn check_group(group: &str) -> Result<(), Rejected> {
+    if group.len() > MAX_STRING {
+        return Err(Rejected::TooLong);
+    }
+    if group.is_empty() || group.contains(['/', '+', '#', '\0']) {
+        return Err(Rejected::InvalidGroup);
+    }
+    Ok(())
+}
+
 /// Adds to `matched` the destinations `routes` gives for `topic`: every live
 /// node with a non-shared match (other than `me`: local matches come from
 /// the local filters), and one node per matching shared group.
@@ -1222,4 +1443,166 @@ fn collect(
             matched.push((pick, Some(SharedPick { group: group.to_string(), filter: filter.clone() })));
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    //! Checks on other nodes' input: each reason, and that nothing of a
+    //! rejected frame is applied.
+    use super::*;
+
+    const ME: NodeId = NodeId(1);
+    const PEER: NodeId = NodeId(2);
+
+    fn node() -> Node {
+        let mut node = Node::new(ME, Config::default());
+        let view = Arc::new(Membership::new(1, [ME, PEER], OwnershipConfig::Xor));
+        node.handle(0, Event::Membership(view), &mut Vec::new()).unwrap();
+        node
+    }
+
+    fn assert_frame(filter: &str, group: Option<&str>, shard: ShardKey) -> Frame {
+        let op = RouteOp { filter: filter.into(), group: group.map(Into::into), count: 1 };
+        Frame::Assert { shard, replace: false, ops: vec![op] }
+    }
+
+    fn shard(filter: &str) -> ShardKey {
+        filter_shard(filter, DEFAULT_SHARD_DEPTH)
+    }
+
+    /// Feeds `frame` from PEER; returns the rejection, if any, after
+    /// checking that a rejected frame left no entry and sent nothing.
+    fn feed(node: &mut Node, from: NodeId, frame: Frame) -> Option<Rejected> {
+        let before = node.entries_held();
+        let rejected: u64 = node.counters().frames_rejected.iter().sum();
+        let mut out = Vec::new();
+        match node.handle(10, Event::Frame { from, frame }, &mut out) {
+            Ok(()) => None,
+            Err(CoreError::Rejected { from: f, reason }) => {
+                assert_eq!(f, from);
+                assert_eq!(node.entries_held(), before, "a rejected frame changed the table");
+                assert!(!out.iter().any(|a| matches!(a, Action::Send { .. })), "a rejected frame was answered");
+                assert_eq!(node.counters().frames_rejected.iter().sum::<u64>(), rejected + 1);
+                assert!(node.counters().rejected(reason) >= 1);
+                Some(reason)
+            }
+            Err(other) => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_valid_assert_is_applied() {
+        let mut n = node();
+        assert_eq!(feed(&mut n, PEER, assert_frame("a/b/c", None, shard("a/b/c"))), None);
+        assert_eq!(n.entries_held(), 1);
+        assert_eq!(feed(&mut n, PEER, assert_frame("a/b/+", Some("g"), shard("a/b/+"))), None);
+        assert_eq!(n.entries_held(), 2);
+    }
+
+    #[test]
+    fn invalid_filters_are_rejected() {
+        for bad in ["", "a/#/b", "a+/b", "a/b#", "a\0b"] {
+            let mut n = node();
+            assert_eq!(
+                feed(&mut n, PEER, assert_frame(bad, None, shard(bad))),
+                Some(Rejected::InvalidFilter),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_filter_in_another_shard_is_rejected() {
+        let mut n = node();
+        assert_eq!(feed(&mut n, PEER, assert_frame("a/b/c", None, shard("x/y"))), Some(Rejected::WrongShard));
+        // One bad op spoils the whole frame: nothing of it is applied.
+        let ops = vec![
+            RouteOp { filter: "a/b/c".into(), group: None, count: 1 },
+            RouteOp { filter: "x/y".into(), group: None, count: 1 },
+        ];
+        let mut n = node();
+        let frame = Frame::Assert { shard: shard("a/b/c"), replace: true, ops };
+        assert_eq!(feed(&mut n, PEER, frame), Some(Rejected::WrongShard));
+        assert_eq!(n.entries_held(), 0);
+    }
+
+    #[test]
+    fn over_deep_and_over_long_filters_are_rejected() {
+        let mut n = node();
+        let deep = vec!["l"; DEFAULT_MAX_TOPIC_LEVELS + 1].join("/");
+        assert_eq!(feed(&mut n, PEER, assert_frame(&deep, None, shard(&deep))), Some(Rejected::TooDeep));
+        let just = vec!["l"; DEFAULT_MAX_TOPIC_LEVELS].join("/");
+        assert_eq!(feed(&mut n, PEER, assert_frame(&just, None, shard(&just))), None);
+        let long = "x".repeat(MAX_STRING + 1);
+        assert_eq!(feed(&mut n, PEER, assert_frame(&long, None, shard(&long))), Some(Rejected::TooLong));
+        // The limit is the node's own setting.
+        let mut strict = Node::new(ME, Config { max_topic_levels: 2, ..Config::default() });
+        let view = Arc::new(Membership::new(1, [ME, PEER], OwnershipConfig::Xor));
+        strict.handle(0, Event::Membership(view), &mut Vec::new()).unwrap();
+        assert_eq!(feed(&mut strict, PEER, assert_frame("a/b/c", None, shard("a/b/c"))), Some(Rejected::TooDeep));
+        // Local subscriptions obey the same limit (owners would refuse them).
+        let err = strict.handle(1, Event::Subscribe { filter: "a/b/c", group: None }, &mut Vec::new());
+        assert!(matches!(err, Err(CoreError::InvalidFilter(_))));
+    }
+
+    #[test]
+    fn invalid_groups_are_rejected() {
+        for bad in ["", "g/h", "g+", "#", "g\0"] {
+            let mut n = node();
+            let frame = assert_frame("a/b", Some(bad), shard("a/b"));
+            assert_eq!(feed(&mut n, PEER, frame), Some(Rejected::InvalidGroup), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn deltas_and_lookup_answers_are_checked_too() {
+        let mut n = node();
+        let bad = RouteChange { filter: "a/b".into(), group: None, node: PEER, count: 1 };
+        let frame = Frame::Delta { shard: shard("q/r"), req: 1, changes: vec![bad.clone()] };
+        assert_eq!(feed(&mut n, PEER, frame), Some(Rejected::WrongShard));
+        let frame = Frame::LookupReply { shard: shard("q/r"), req: 1, answer: LookupAnswer::Warming(vec![bad]) };
+        assert_eq!(feed(&mut n, PEER, frame), Some(Rejected::WrongShard));
+        assert_eq!(n.cache().entries(), 0);
+    }
+
+    #[test]
+    fn item_counts_order_and_sender_ids_are_checked() {
+        let mut n = node();
+        let frame = Frame::Reassert { shards: vec![shard("a"); MAX_FRAME_ITEMS + 1] };
+        assert_eq!(feed(&mut n, PEER, frame), Some(Rejected::TooManyItems));
+        let frame = Frame::NodeDigests { shard: shard("a"), items: vec![(NodeId(5), 1), (NodeId(3), 2)] };
+        assert_eq!(feed(&mut n, PEER, frame), Some(Rejected::Unsorted));
+        assert_eq!(feed(&mut n, ME, assert_frame("a", None, shard("a"))), Some(Rejected::OwnId));
+    }
+
+    #[test]
+    fn a_reassert_naming_a_shard_many_times_reasserts_it_once() {
+        let mut n = node();
+        n.handle(1, Event::Subscribe { filter: "a/b", group: None }, &mut Vec::new()).unwrap();
+        let mut out = Vec::new();
+        let frame = Frame::Reassert { shards: vec![shard("a/b"); 1000] };
+        n.handle(2, Event::Frame { from: PEER, frame }, &mut out).unwrap();
+        let sends = out.iter().filter(|a| matches!(a, Action::Send { .. })).count();
+        assert_eq!(sends, 1, "one re-assertion to the one other owner");
+    }
+
+    #[test]
+    fn forwards_with_bad_topics_or_picks_are_rejected() {
+        let mut n = node();
+        let deep = vec!["t"; DEFAULT_MAX_TOPIC_LEVELS + 1].join("/");
+        for (topic, route, reason) in [
+            ("a/+", ForwardRoute { plain: true, shared: vec![] }, Rejected::InvalidFilter),
+            (deep.as_str(), ForwardRoute { plain: true, shared: vec![] }, Rejected::TooDeep),
+            (
+                "a/b",
+                ForwardRoute { plain: false, shared: vec![SharedPick { group: "g/x".into(), filter: "a/+".into() }] },
+                Rejected::InvalidGroup,
+            ),
+        ] {
+            let mut out = Vec::new();
+            let got = n.handle(3, Event::Forwarded { from: PEER, topic, msg: 1, route }, &mut out);
+            assert_eq!(got, Err(CoreError::Rejected { from: PEER, reason }));
+            assert!(out.iter().all(|a| !matches!(a, Action::Deliver { .. })));
+        }
+    }
 }

@@ -16,7 +16,15 @@ use bytes::Bytes;
 use libp2p::{Multiaddr, PeerId};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{frames::MAX_FRAME, membership::Load, Error, Member};
+use super::{
+    budget::{Charged, SendBudget},
+    frames::MAX_FRAME,
+    membership::Load,
+    Error, Member,
+};
+
+/// A peer's writer queue: frames with their share of the send budget.
+pub(crate) type LinkQueue = mpsc::UnboundedSender<(Bytes, Charged)>;
 
 /// What the driver reports to its user.
 #[derive(Debug, Clone)]
@@ -28,8 +36,16 @@ pub enum Event {
     MemberSuspect(PeerId),
     /// No heartbeat for the dead timeout, or it left cleanly.
     MemberDead(PeerId),
-    /// A frame from another node, in the order that node sent it.
-    Frame { from: PeerId, bytes: Bytes },
+    /// A frame from another node, in the order that node sent it. `held`
+    /// is its share of the node's receive budget
+    /// ([`super::ClusterConfig::receive_buffer`]): drop it once the frame
+    /// is dealt with, or readers stop reading.
+    Frame { from: PeerId, bytes: Bytes, held: Arc<Charged> },
+    /// A peer whose record announces other fleet settings (replication,
+    /// shard depth, frame version) than this node's: it is not admitted (no
+    /// `MemberUp`, frames to it dropped, its frame streams refused). Once
+    /// per peer until its record matches; `reason` says what differs.
+    MemberRefused { peer: PeerId, reason: String },
 }
 
 /// Requests from a [`Client`] to the event loop.
@@ -39,7 +55,7 @@ pub(crate) enum Command {
     /// it are being dropped (blocked by the fault hook).
     Link {
         peer: PeerId,
-        reply: oneshot::Sender<Result<Option<mpsc::Sender<Bytes>>, Error>>,
+        reply: oneshot::Sender<Result<Option<LinkQueue>, Error>>,
     },
     Members {
         reply: oneshot::Sender<Vec<Member>>,
@@ -77,12 +93,29 @@ pub(crate) enum Command {
 pub struct Client {
     commands: mpsc::Sender<Command>,
     local_peer_id: PeerId,
-    links: Arc<Mutex<HashMap<PeerId, mpsc::Sender<Bytes>>>>,
+    links: Arc<Mutex<HashMap<PeerId, LinkQueue>>>,
+    budget: SendBudget,
 }
 
 impl Client {
-    pub(crate) fn new(commands: mpsc::Sender<Command>, local_peer_id: PeerId) -> Self {
-        Self { commands, local_peer_id, links: Arc::default() }
+    pub(crate) fn new(commands: mpsc::Sender<Command>, local_peer_id: PeerId, budget: SendBudget) -> Self {
+        Self { commands, local_peer_id, links: Arc::default(), budget }
+    }
+
+    /// The node-wide budget of bytes held for peers (see
+    /// [`Client::send_charged`]).
+    pub fn send_budget(&self) -> &SendBudget {
+        &self.budget
+    }
+
+    /// Forgets the cached writer queue of `peer` (it is dead for good).
+    pub fn forget(&self, peer: &PeerId) {
+        self.links.lock().expect("link cache poisoned").remove(peer);
+    }
+
+    /// Writer queues cached, for tests of the pruning.
+    pub fn cached_links(&self) -> usize {
+        self.links.lock().expect("link cache poisoned").len()
     }
 
     async fn request<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, Error> {
@@ -92,12 +125,25 @@ impl Client {
     }
 
     /// Queues `frame` for `peer` on the long-lived stream to it. Returns once
-    /// queued (waiting while the peer's queue is full); delivery is at most
+    /// queued (waiting while the node's send budget is spent); delivery is at most
     /// once: frames in flight when a link drops are lost, and frames to a
     /// blocked peer are dropped silently. Refused for a peer that is dead,
     /// or neither a member nor connected.
     pub async fn send(&self, peer: PeerId, frame: impl Into<Bytes>) -> Result<(), Error> {
         let frame = frame.into();
+        if frame.len() > MAX_FRAME {
+            return Err(Error::FrameTooLarge(frame.len()));
+        }
+        if peer == self.local_peer_id {
+            return Err(Error::SelfSend);
+        }
+        let charged = self.budget.charge(frame.len()).await;
+        self.send_charged(peer, frame, charged).await
+    }
+
+    /// As [`Client::send`], for a frame whose bytes the caller reserved in
+    /// [`Client::send_budget`] already: never waits for room.
+    pub async fn send_charged(&self, peer: PeerId, frame: Bytes, charged: Charged) -> Result<(), Error> {
         if frame.len() > MAX_FRAME {
             return Err(Error::FrameTooLarge(frame.len()));
         }
@@ -128,7 +174,7 @@ impl Client {
         // A closed queue means the link was torn down (peer blocked or
         // dead) after we looked it up: the frame is dropped, as it would
         // be in flight.
-        let _ = tx.send(frame).await;
+        let _ = tx.send((frame, charged));
         Ok(())
     }
 

@@ -19,7 +19,7 @@ use libp2p::{
     PeerId,
 };
 
-use super::Error;
+use super::{membership::FleetSettings, Error};
 
 /// File name of the node keypair inside a data directory.
 pub const NODE_KEY_FILE: &str = "node.key";
@@ -59,8 +59,16 @@ pub struct ClusterConfig {
     /// reads the other's bytes as garbage, e.g. a huge length prefix); this
     /// turns the stall into an error.
     pub handshake_timeout: Duration,
-    /// Frames queued per destination before `Client::send` waits.
-    pub send_queue: usize,
+    /// Bytes held for all peers together (frames queued, being written):
+    /// one node-wide [`super::SendBudget`]; `Client::send` waits for room.
+    pub send_buffer: usize,
+    /// Bytes of received frames handed to the user and not yet dealt with
+    /// (see [`super::Event::Frame`]), from all peers together: past it the
+    /// readers wait (yamux flow control pushes back on the senders).
+    pub receive_buffer: usize,
+    /// This node's fleet settings, announced in its record; peers whose
+    /// settings differ are refused (see [`super::Event::MemberRefused`]).
+    pub fleet: FleetSettings,
 }
 
 impl std::fmt::Debug for ClusterConfig {
@@ -79,7 +87,9 @@ impl std::fmt::Debug for ClusterConfig {
             .field("suspect_timeout", &self.suspect_timeout)
             .field("dead_timeout", &self.dead_timeout)
             .field("handshake_timeout", &self.handshake_timeout)
-            .field("send_queue", &self.send_queue)
+            .field("send_buffer", &self.send_buffer)
+            .field("receive_buffer", &self.receive_buffer)
+            .field("fleet", &self.fleet)
             .finish()
     }
 }
@@ -104,7 +114,13 @@ impl ClusterConfig {
             suspect_timeout: Duration::from_secs(5),
             dead_timeout: Duration::from_secs(15),
             handshake_timeout: Duration::from_secs(10),
-            send_queue: 8192,
+            send_buffer: 256 << 20,
+            receive_buffer: 64 << 20,
+            fleet: FleetSettings {
+                replication: crate::core::Config::default().replication as u32,
+                shard_depth: crate::shard::DEFAULT_SHARD_DEPTH as u32,
+                frame_version: u32::from(crate::core::frame::FRAME_VERSION),
+            },
         }
     }
 
@@ -133,8 +149,11 @@ impl ClusterConfig {
         if self.handshake_timeout.is_zero() {
             return Err(Error::Config("handshake timeout is zero".into()));
         }
-        if self.send_queue == 0 {
-            return Err(Error::Config("send queue is zero".into()));
+        if self.send_buffer < super::frames::MAX_FRAME {
+            return Err(Error::Config("send buffer is smaller than one frame (16 MiB)".into()));
+        }
+        if self.receive_buffer < super::frames::MAX_FRAME {
+            return Err(Error::Config("receive buffer is smaller than one frame (16 MiB)".into()));
         }
         for addr in &self.bootstrap {
             if peer_id_of(addr) == Some(self.peer_id()) {

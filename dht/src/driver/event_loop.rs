@@ -15,7 +15,6 @@ use std::{
     time::Duration,
 };
 
-use bytes::Bytes;
 use futures::StreamExt as _;
 use libp2p::{
     gossipsub, identify, kad,
@@ -35,7 +34,7 @@ use tracing::{debug, info, trace, warn};
 
 use super::{
     behaviour::{build_swarm, error_chain, is_network_error, Behaviour, BehaviourEvent, MEMBERSHIP_TOPIC},
-    client::{Client, Command, Event},
+    client::{Client, Command, Event, LinkQueue},
     config::peer_id_of,
     frames::{self, PROTOCOL},
     membership::{Change, Load, Member, MemberState, Membership, NodeRecord, RECORD_VERSION},
@@ -48,6 +47,8 @@ const EVENT_CHANNEL: usize = 4096;
 const COMMAND_CHANNEL: usize = 1024;
 /// How long `start` waits for the listeners to report their addresses.
 const LISTEN_TIMEOUT: Duration = Duration::from_secs(5);
+/// Inbound frame streams read at once per peer.
+const MAX_READERS_PER_PEER: usize = 4;
 /// How long a leaving node keeps driving the swarm so its farewell record
 /// goes out.
 const LEAVE_GRACE: Duration = Duration::from_millis(300);
@@ -106,6 +107,8 @@ pub async fn start(config: ClusterConfig) -> Result<(Client, mpsc::Receiver<Even
     }
 
     let (command_tx, command_rx) = mpsc::channel(COMMAND_CHANNEL);
+    let budget = super::SendBudget::new(config.send_buffer);
+    let receive_budget = super::SendBudget::new(config.receive_buffer);
     let (event_tx, event_rx) = mpsc::channel(EVENT_CHANNEL);
     let record = NodeRecord {
         version: RECORD_VERSION,
@@ -117,6 +120,7 @@ pub async fn start(config: ClusterConfig) -> Result<(Client, mpsc::Receiver<Even
         load: Load::default(),
         seq: 0,
         leaving: false,
+        fleet: config.fleet,
     };
     let event_loop = EventLoop {
         swarm,
@@ -134,6 +138,7 @@ pub async fn start(config: ClusterConfig) -> Result<(Client, mpsc::Receiver<Even
         readers: HashMap::new(),
         tasks: JoinSet::new(),
         blocked: HashSet::new(),
+        refused: HashMap::new(),
         pending_dials: HashMap::new(),
         connected_since: HashMap::new(),
         bootstrap: config.bootstrap.clone(),
@@ -142,14 +147,14 @@ pub async fn start(config: ClusterConfig) -> Result<(Client, mpsc::Receiver<Even
         listen_addrs,
         heartbeat_interval: config.heartbeat_interval,
         dead_timeout: config.dead_timeout,
-        send_queue: config.send_queue,
+        receive_budget,
     };
-    Ok((Client::new(command_tx, local), event_rx, event_loop))
+    Ok((Client::new(command_tx, local, budget), event_rx, event_loop))
 }
 
 /// The writer side of one peer's link.
 struct Link {
-    queue: mpsc::Sender<Bytes>,
+    queue: LinkQueue,
     task: AbortHandle,
     created: Instant,
 }
@@ -179,6 +184,9 @@ pub struct EventLoop {
     /// Writer and reader tasks; dropping the event loop aborts them all.
     tasks: JoinSet<()>,
     blocked: HashSet<PeerId>,
+    /// Peers whose records announce other fleet settings than ours, and
+    /// when we last heard one: not admitted, frames neither sent nor read.
+    refused: HashMap<PeerId, Instant>,
     /// Dials requested through [`Client::dial`], answered on connection or
     /// failure.
     pending_dials: HashMap<ConnectionId, (Multiaddr, oneshot::Sender<Result<PeerId, Error>>)>,
@@ -190,7 +198,8 @@ pub struct EventLoop {
     listen_addrs: Vec<Multiaddr>,
     heartbeat_interval: Duration,
     dead_timeout: Duration,
-    send_queue: usize,
+    /// Bytes of received frames not yet dealt with by the user.
+    receive_budget: super::SendBudget,
 }
 
 impl EventLoop {
@@ -280,6 +289,10 @@ impl EventLoop {
         }
         self.reset_silent_links();
         self.drop_orphan_links();
+        // Refused peers not heard from for the dead timeout are forgotten
+        // (one heard again is refused, and logged, again).
+        let dead_timeout = self.dead_timeout;
+        self.refused.retain(|_, heard| heard.elapsed() < dead_timeout);
         // Lost every link (or never had one): go back to the bootstrap list.
         if self.swarm.connected_peers().next().is_none() && !self.bootstrap.is_empty() {
             let retry = self.heartbeat_interval.max(Duration::from_secs(2));
@@ -353,6 +366,18 @@ impl EventLoop {
         if self.blocked.contains(&peer) || self.blocked.contains(&via) {
             trace!(%peer, "ignoring record of a blocked peer");
             return;
+        }
+        if let Some(reason) = self.record.fleet.refusal(&peer, &record.fleet) {
+            // One line per peer (not per heartbeat) while it stays refused.
+            if self.refused.insert(peer, Instant::now()).is_none() {
+                warn!(%peer, name = %record.name, "{reason}");
+                self.drop_links(&peer);
+                self.emit(Event::MemberRefused { peer, reason });
+            }
+            return;
+        }
+        if self.refused.remove(&peer).is_some() {
+            info!(%peer, name = %record.name, "peer now runs this fleet's settings: admitted");
         }
         if let Some(change) = self.membership.observe(&record, Instant::now().into_std()) {
             if let Change::Up(member) = &change {
@@ -459,28 +484,36 @@ impl EventLoop {
         }
     }
 
-    fn link(&mut self, peer: PeerId) -> mpsc::Sender<Bytes> {
+    fn link(&mut self, peer: PeerId) -> LinkQueue {
         if let Some(link) = self.links.get(&peer) {
             if !link.queue.is_closed() {
                 return link.queue.clone();
             }
         }
-        let (queue, rx) = mpsc::channel(self.send_queue);
+        // Unbounded in frames, bounded in bytes: every frame in it holds
+        // its share of the node's send budget.
+        let (queue, rx) = mpsc::unbounded_channel();
         let task = self.tasks.spawn(frames::write_loop(peer, self.control.clone(), rx));
         self.links.insert(peer, Link { queue: queue.clone(), task, created: Instant::now() });
         queue
     }
 
     fn on_inbound_stream(&mut self, peer: PeerId, stream: Stream) {
-        if self.blocked.contains(&peer) {
-            debug!(%peer, "refusing frame stream of a blocked peer");
+        if self.blocked.contains(&peer) || self.refused.contains_key(&peer) {
+            debug!(%peer, "refusing frame stream of a blocked or refused peer");
             return;
         }
         debug!(%peer, "inbound frame stream");
-        let task = self.tasks.spawn(frames::read_loop(peer, stream, self.events.clone()));
+        let task = self.tasks.spawn(frames::read_loop(peer, stream, self.events.clone(), self.receive_budget.clone()));
         let readers = self.readers.entry(peer).or_default();
         readers.retain(|r| !r.is_finished());
         readers.push(task);
+        // A peer writes on one stream (a new one after a failure): more
+        // live readers than a few are stale streams, or a peer opening
+        // streams to make this node hold buffers; the oldest go.
+        while readers.len() > MAX_READERS_PER_PEER {
+            readers.remove(0).abort();
+        }
     }
 
     // ---- commands ---------------------------------------------------------
@@ -490,7 +523,7 @@ impl EventLoop {
             Command::Link { peer, reply } => {
                 let result = if peer == self.local {
                     Err(Error::SelfSend)
-                } else if self.blocked.contains(&peer) {
+                } else if self.blocked.contains(&peer) || self.refused.contains_key(&peer) {
                     Ok(None)
                 } else {
                     match self.membership.get(&peer).map(|m| m.state) {

@@ -29,7 +29,10 @@ use libp2p::{PeerId, Stream, StreamProtocol};
 use tokio::sync::mpsc;
 use tracing::{debug, trace, warn};
 
-use super::Event;
+use super::{
+    budget::{Charged, SendBudget},
+    Event,
+};
 
 /// The frame protocol's name.
 pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/kadmq/frames/2");
@@ -59,6 +62,15 @@ pub async fn read_frame<R>(reader: &mut R) -> std::io::Result<Option<Bytes>>
 where
     R: futures::AsyncRead + Unpin,
 {
+    let Some(len) = read_len(reader).await? else { return Ok(None) };
+    read_body(reader, len).await.map(Some)
+}
+
+/// Reads a frame's length prefix; `Ok(None)` at a clean end of stream.
+async fn read_len<R>(reader: &mut R) -> std::io::Result<Option<usize>>
+where
+    R: futures::AsyncRead + Unpin,
+{
     let mut len = [0u8; 4];
     match reader.read_exact(&mut len).await {
         Ok(()) => {}
@@ -72,9 +84,16 @@ where
             format!("frame of {len} bytes exceeds {MAX_FRAME}"),
         ));
     }
+    Ok(Some(len))
+}
+
+async fn read_body<R>(reader: &mut R, len: usize) -> std::io::Result<Bytes>
+where
+    R: futures::AsyncRead + Unpin,
+{
     let mut frame = vec![0u8; len];
     reader.read_exact(&mut frame).await?;
-    Ok(Some(Bytes::from(frame)))
+    Ok(Bytes::from(frame))
 }
 
 /// Waits for the receiver's [`ACCEPTED`] byte on a stream just opened.
@@ -111,9 +130,14 @@ pub(crate) async fn accept_loop(
 /// The sending half of one peer's link: owns the outbound stream to `peer`
 /// and drains `queue` onto it, re-opening the stream after failures. Ends
 /// when every sender of `queue` is gone, or when the event loop aborts it
-/// (peer blocked or dead, or the event loop itself dropped).
-pub(crate) async fn write_loop(peer: PeerId, mut control: libp2p_stream::Control, mut queue: mpsc::Receiver<Bytes>) {
-    let mut batch: Vec<Bytes> = Vec::with_capacity(MAX_BATCH_FRAMES);
+/// (peer blocked or dead, or the event loop itself dropped). Each frame's
+/// share of the send budget comes back when it is written or dropped.
+pub(crate) async fn write_loop(
+    peer: PeerId,
+    mut control: libp2p_stream::Control,
+    mut queue: mpsc::UnboundedReceiver<(Bytes, Charged)>,
+) {
+    let mut batch: Vec<(Bytes, Charged)> = Vec::with_capacity(MAX_BATCH_FRAMES);
     let mut buf: Vec<u8> = Vec::new();
     let mut backoff = BACKOFF_MIN;
     'link: loop {
@@ -145,7 +169,7 @@ pub(crate) async fn write_loop(peer: PeerId, mut control: libp2p_stream::Control
                 return;
             }
             buf.clear();
-            for frame in &batch {
+            for (frame, _) in &batch {
                 encode_frame(frame, &mut buf);
             }
             trace!(%peer, frames = batch.len(), bytes = buf.len(), "writing batch");
@@ -173,8 +197,10 @@ pub(crate) async fn write_loop(peer: PeerId, mut control: libp2p_stream::Control
 /// [`ACCEPTED`]), then reads frames from it and hands them to the driver's
 /// user as [`Event::Frame`]. Frames go straight to the event channel, not
 /// through the event loop, so a slow consumer pushes back on this stream
-/// (yamux flow control) without stalling the swarm.
-pub(crate) async fn read_loop(peer: PeerId, mut stream: Stream, events: mpsc::Sender<Event>) {
+/// (yamux flow control) without stalling the swarm. Each frame is charged
+/// to the node's receive budget before its bytes are allocated, so what
+/// all peers together have in flight to the user stays within it.
+pub(crate) async fn read_loop(peer: PeerId, mut stream: Stream, events: mpsc::Sender<Event>, budget: SendBudget) {
     let accepted = async {
         stream.write_all(&[ACCEPTED]).await?;
         stream.flush().await
@@ -186,9 +212,17 @@ pub(crate) async fn read_loop(peer: PeerId, mut stream: Stream, events: mpsc::Se
     }
     let mut reader = futures::io::BufReader::with_capacity(READ_BUFFER, stream);
     loop {
-        match read_frame(&mut reader).await {
-            Ok(Some(bytes)) => {
-                if events.send(Event::Frame { from: peer, bytes }).await.is_err() {
+        let frame = match read_len(&mut reader).await {
+            Ok(Some(len)) => {
+                let held = budget.charge(len).await;
+                read_body(&mut reader, len).await.map(|bytes| Some((bytes, held)))
+            }
+            Ok(None) => Ok(None),
+            Err(e) => Err(e),
+        };
+        match frame {
+            Ok(Some((bytes, held))) => {
+                if events.send(Event::Frame { from: peer, bytes, held: std::sync::Arc::new(held) }).await.is_err() {
                     return;
                 }
             }

@@ -43,6 +43,49 @@ pub struct NodeRecord {
     pub seq: u64,
     /// The node is shutting down cleanly: mark it dead at once.
     pub leaving: bool,
+    /// The fleet settings this node runs with; a node whose settings differ
+    /// from ours is not admitted. Absent (all 0) in records of nodes older
+    /// than these fields: not compared.
+    #[serde(default)]
+    pub fleet: FleetSettings,
+}
+
+/// What every node of a fleet must agree on, announced in its record.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct FleetSettings {
+    /// Owners per route shard.
+    pub replication: u32,
+    /// Topic levels that name a shard.
+    pub shard_depth: u32,
+    /// Version of what the driver's user puts in frames (opaque here).
+    pub frame_version: u32,
+}
+
+impl FleetSettings {
+    /// Not announced (a record of an older node).
+    pub fn is_unknown(&self) -> bool {
+        *self == FleetSettings::default()
+    }
+
+    /// Why a node announcing `theirs` cannot join a fleet running `self`;
+    /// `None` if it can.
+    pub fn refusal(&self, peer: &PeerId, theirs: &FleetSettings) -> Option<String> {
+        if theirs.is_unknown() || theirs == self {
+            return None;
+        }
+        Some(format!(
+            "peer {peer} has replication {}, shard_depth {}, frame version {}; this fleet runs replication {}, \
+             shard_depth {}, frame version {}: refused (give every node the same cluster.replication and \
+             cluster.shard_depth, and run the same kadmq)",
+            theirs.replication,
+            theirs.shard_depth,
+            theirs.frame_version,
+            self.replication,
+            self.shard_depth,
+            self.frame_version
+        ))
+    }
 }
 
 impl NodeRecord {
@@ -247,6 +290,7 @@ mod tests {
             load: Load::default(),
             seq,
             leaving: false,
+            fleet: FleetSettings { replication: 3, shard_depth: 2, frame_version: 1 },
         }
     }
 
@@ -303,6 +347,51 @@ mod tests {
         leave.leaving = true;
         assert_eq!(m.observe(&leave, t0), Some(Change::Dead(peer)));
         assert!(m.tick(t0 + Duration::from_secs(100)).is_empty());
+    }
+
+    #[test]
+    fn fleet_settings_travel_in_the_record_and_old_records_decode() {
+        let r = record(PeerId::random(), 1, 1);
+        assert_eq!(NodeRecord::decode(&r.encode()).unwrap().fleet, r.fleet);
+        // A record without the field (an older node): settings unknown.
+        #[derive(Serialize)]
+        struct Old<'a> {
+            version: u8,
+            peer_id: &'a [u8],
+            name: &'a str,
+            listen_addrs: Vec<String>,
+            mqtt_listeners: Vec<String>,
+            incarnation: u64,
+            seq: u64,
+            leaving: bool,
+        }
+        let peer = PeerId::random().to_bytes();
+        let old = Old {
+            version: RECORD_VERSION,
+            peer_id: &peer,
+            name: "old",
+            listen_addrs: vec![],
+            mqtt_listeners: vec![],
+            incarnation: 1,
+            seq: 1,
+            leaving: false,
+        };
+        let decoded = NodeRecord::decode(&rmp_serde::to_vec_named(&old).unwrap()).unwrap();
+        assert!(decoded.fleet.is_unknown());
+    }
+
+    #[test]
+    fn differing_fleet_settings_are_refused_with_both_sides_named() {
+        let ours = FleetSettings { replication: 3, shard_depth: 2, frame_version: 1 };
+        let peer = PeerId::random();
+        assert_eq!(ours.refusal(&peer, &ours), None);
+        assert_eq!(ours.refusal(&peer, &FleetSettings::default()), None, "unknown: not compared");
+        let theirs = FleetSettings { replication: 2, ..ours };
+        let why = ours.refusal(&peer, &theirs).unwrap();
+        assert!(why.contains("has replication 2, shard_depth 2, frame version 1"), "{why}");
+        assert!(why.contains("this fleet runs replication 3"), "{why}");
+        assert!(ours.refusal(&peer, &FleetSettings { frame_version: 2, ..ours }).is_some());
+        assert!(ours.refusal(&peer, &FleetSettings { shard_depth: 1, ..ours }).is_some());
     }
 
     #[test]

@@ -19,6 +19,7 @@
 //! - [`config`]: [`ClusterConfig`], node keypair and cluster key files.
 //! - [`behaviour`]: the transport stack and the composed `Behaviour`.
 //! - [`membership`]: node records and the failure detector (no I/O).
+//! - [`budget`]: [`SendBudget`], the node-wide bound on bytes held for peers.
 //! - [`frames`]: the `/kadmq/frames/1` protocol, writer and reader tasks.
 //! - [`client`]: [`Client`], [`Event`] and the command enum.
 //! - [`event_loop`]: [`start`] and [`EventLoop`].
@@ -45,6 +46,7 @@
 //! ```
 
 pub mod behaviour;
+pub mod budget;
 pub mod client;
 pub mod config;
 mod error;
@@ -52,6 +54,7 @@ pub mod event_loop;
 pub mod frames;
 pub mod membership;
 
+pub use budget::{Charged, SendBudget};
 pub use client::{Client, Event};
 pub use config::{
     generate_cluster_key, generate_keypair, load_or_generate_keypair, next_incarnation, parse_cluster_key, peer_id_of,
@@ -59,7 +62,7 @@ pub use config::{
 };
 pub use error::Error;
 pub use event_loop::{start, EventLoop};
-pub use membership::{Load, Member, MemberState, NodeRecord};
+pub use membership::{FleetSettings, Load, Member, MemberState, NodeRecord};
 
 // Re-exported so callers need not depend on libp2p for the basic types.
 pub use libp2p::{identity::Keypair, multiaddr, pnet::PreSharedKey, Multiaddr, PeerId};

@@ -1,0 +1,295 @@
+//! Peers that hold the cluster key but misbehave: one that never announces
+//! a node record, one that announces other fleet settings, one that is a
+//! member but sends invalid frames. Each is a hand-driven libp2p swarm in
+//! this process (the driver's own transport stack, no kadmq on top), talking
+//! to real kadmq nodes over a real link: nothing it sends is applied, every
+//! drop is counted by reason, and the node goes on routing for good peers.
+
+use crate::common::{wait_for_members, wait_until, Lab, Node, SETTLE};
+use bytes::Bytes;
+use futures::{AsyncReadExt as _, AsyncWriteExt as _, StreamExt as _};
+use kadmq::broker::message::Message;
+use kadmq::cluster::wire;
+use kadmq_dht::core::{Frame, RouteOp};
+use kadmq_dht::driver::{
+    self,
+    behaviour::{build_swarm, MEMBERSHIP_TOPIC},
+    frames::{encode_frame, ACCEPTED, PROTOCOL},
+    membership::RECORD_VERSION,
+    ClusterConfig, FleetSettings, Load, NodeRecord,
+};
+use kadmq_dht::shard::{filter_shard, DEFAULT_SHARD_DEPTH};
+use libp2p::{gossipsub, Multiaddr, PeerId};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use std::time::Duration;
+use tokio::runtime::Runtime;
+use tokio::sync::mpsc;
+
+fn runtime() -> Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+}
+
+/// The settings every kadmq node of these tests runs with.
+fn fleet() -> FleetSettings {
+    FleetSettings {
+        replication: 3,
+        shard_depth: DEFAULT_SHARD_DEPTH as u32,
+        frame_version: kadmq::cluster::frame_version(),
+    }
+}
+
+/// A test peer holding `lab`'s cluster key, connected to `node`; it
+/// announces a node record with `announce` (none: it never does) and writes
+/// whatever is sent on the returned channel as frames to `node`.
+fn test_peer(
+    rt: &Runtime,
+    lab: &Lab,
+    node: &Node,
+    name: &str,
+    announce: Option<FleetSettings>,
+) -> (PeerId, mpsc::UnboundedSender<Bytes>) {
+    test_peer_after(rt, lab, node, name, announce, Duration::ZERO)
+}
+
+/// [`test_peer`], announcing its record only `after` (its frames go at once).
+fn test_peer_after(
+    rt: &Runtime,
+    lab: &Lab,
+    node: &Node,
+    name: &str,
+    announce: Option<FleetSettings>,
+    after: Duration,
+) -> (PeerId, mpsc::UnboundedSender<Bytes>) {
+    let _guard = rt.enter();
+    let key = driver::read_cluster_key(&lab.key).unwrap();
+    let config = ClusterConfig::new(name, driver::generate_keypair(), key);
+    let mut swarm = build_swarm(&config).unwrap();
+    let me = *swarm.local_peer_id();
+    swarm.listen_on("/ip4/127.0.0.1/tcp/0".parse().unwrap()).unwrap();
+    let topic = gossipsub::IdentTopic::new(MEMBERSHIP_TOPIC);
+    swarm.behaviour_mut().gossipsub.subscribe(&topic).unwrap();
+    let target: Multiaddr = node.multiaddr().parse().unwrap();
+    let node_peer = driver::peer_id_of(&target).unwrap();
+    swarm.dial(target).unwrap();
+    let mut control = swarm.behaviour().stream.new_control();
+    let name = name.to_string();
+    rt.spawn(async move {
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + after, Duration::from_millis(300));
+        let mut seq = 0;
+        loop {
+            tokio::select! {
+                _ = swarm.select_next_some() => {}
+                _ = tick.tick() => if let Some(fleet) = announce {
+                    seq += 1;
+                    let record = NodeRecord {
+                        version: RECORD_VERSION,
+                        peer_id: me.to_bytes(),
+                        name: name.clone(),
+                        listen_addrs: Vec::new(),
+                        mqtt_listeners: Vec::new(),
+                        incarnation: 1,
+                        load: Load::default(),
+                        seq,
+                        leaving: false,
+                        fleet,
+                    };
+                    let _ = swarm.behaviour_mut().gossipsub.publish(topic.clone(), record.encode());
+                }
+            }
+        }
+    });
+    let (tx, mut rx) = mpsc::unbounded_channel::<Bytes>();
+    rt.spawn(async move {
+        // The frame protocol: open, wait for the receiver's acceptance, write.
+        let mut stream = loop {
+            if let Ok(mut stream) = control.open_stream(node_peer, PROTOCOL).await {
+                let mut byte = [0u8];
+                if stream.read_exact(&mut byte).await.is_ok() && byte[0] == ACCEPTED {
+                    break stream;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        while let Some(frame) = rx.recv().await {
+            let mut buf = Vec::new();
+            encode_frame(&frame, &mut buf);
+            if stream.write_all(&buf).await.is_err() || stream.flush().await.is_err() {
+                return;
+            }
+        }
+    });
+    (me, tx)
+}
+
+fn assert_op(filter: &str, shard_of: &str) -> Bytes {
+    let op = RouteOp { filter: filter.into(), group: None, count: 1 };
+    wire::encode_route(&Frame::Assert {
+        shard: filter_shard(shard_of, DEFAULT_SHARD_DEPTH),
+        replace: false,
+        ops: vec![op],
+    })
+}
+
+fn rejected(node: &Node, reason: &str) -> u64 {
+    node.metric(&format!("kadmq_cluster_frames_rejected_total{{reason=\"{reason}\"}}"))
+}
+
+/// Log lines of `node` naming `peer` and containing `text`.
+fn log_lines(node: &Node, peer: &PeerId, text: &str) -> usize {
+    let peer = peer.to_string();
+    node.log().lines().filter(|l| l.contains(&peer) && l.contains(text)).count()
+}
+
+#[test]
+fn a_peer_without_a_record_or_with_other_settings_gets_nothing_applied() {
+    let rt = runtime();
+    let lab = Lab::new();
+    let n1 = lab.node_with("n1", None, &lab.key, &["--dead-timeout", "3"]);
+    wait_for_members(&[&n1], &["n1"]);
+
+    // No record: its frames are held, then dropped after the dead timeout.
+    let (mute, to_n1) = test_peer(&rt, &lab, &n1, "mute", None);
+    for i in 0..50 {
+        to_n1.send(assert_op(&format!("mute/{i}"), &format!("mute/{i}"))).unwrap();
+    }
+    wait_until(SETTLE, "n1 to drop the frames of a peer without a record", || rejected(&n1, "not_member") >= 1);
+    assert_eq!(n1.metric("kadmq_cluster_shard_entries_owned"), 0, "nothing of the mute peer applied");
+    assert_eq!(log_lines(&n1, &mute, "not_member"), 1, "one log line for the peer, not one per frame");
+
+    // Other settings: refused, with one line naming both sides.
+    let other = FleetSettings { replication: 2, ..fleet() };
+    let (odd, to_n1) = test_peer(&rt, &lab, &n1, "odd", Some(other));
+    for i in 0..50 {
+        to_n1.send(assert_op(&format!("odd/{i}"), &format!("odd/{i}"))).unwrap();
+    }
+    wait_until(SETTLE, "n1 to refuse the peer with replication 2", || rejected(&n1, "mismatch") >= 1);
+    // Records keep coming (one each 300 ms): still one line.
+    std::thread::sleep(Duration::from_secs(3));
+    let line = "has replication 2, shard_depth 2, frame version";
+    assert_eq!(log_lines(&n1, &odd, line), 1, "{}", n1.log());
+    assert!(n1.log().contains("this fleet runs replication 3, shard_depth 2"));
+    assert_eq!(n1.metric("kadmq_cluster_shard_entries_owned"), 0, "nothing of the refused peer applied");
+    // The node stays healthy, and neither peer became a member.
+    assert_eq!(n1.alive_members(), ["n1"]);
+    assert_eq!(n1.metric("kadmq_cluster_members"), 1);
+}
+
+#[test]
+fn invalid_frames_of_a_member_are_counted_and_the_node_keeps_routing() {
+    let rt = runtime();
+    let lab = Lab::new();
+    let n1 = lab.node("n1", None);
+    let n2 = lab.node("n2", Some(&n1.multiaddr()));
+    wait_for_members(&[&n1, &n2], &["n1", "n2"]);
+
+    let (bad, to_n1) = test_peer(&rt, &lab, &n1, "bad", Some(fleet()));
+    wait_until(SETTLE, "n1 to admit the test peer", || n1.alive_members().contains(&"bad".to_string()));
+    let deep = vec!["l"; 129].join("/");
+    let garbage = Bytes::from_static(&[wire::VERSION, 1, 0xc1, 0xff]);
+    let mut wildcard = Vec::new();
+    let message = Message {
+        topic: "a/+".into(),
+        payload: Bytes::from_static(b"x"),
+        qos: kadmq::protocol::QoS::AtMostOnce,
+        retain: false,
+        properties: Default::default(),
+        expires_at_ms: None,
+        origin: None,
+    };
+    let plain = kadmq_dht::core::ForwardRoute { plain: true, shared: Vec::new() };
+    wire::write_forward(&mut wildcard, 0, None, &message, &plain);
+    // Each bad frame 20 times: counted 20 times, logged once.
+    for _ in 0..20 {
+        to_n1.send(assert_op("bad/#/x", "bad")).unwrap();
+        to_n1.send(assert_op("bad/a/b", "elsewhere/z")).unwrap();
+        to_n1.send(assert_op(&deep, &deep)).unwrap();
+        to_n1.send(garbage.clone()).unwrap();
+        to_n1.send(Bytes::from(wildcard.clone())).unwrap();
+    }
+    wait_until(SETTLE, "n1 to count every bad frame", || {
+        ["invalid_filter", "wrong_shard", "too_deep", "malformed", "invalid_topic"]
+            .iter()
+            .all(|r| rejected(&n1, r) >= 20)
+    });
+    for reason in ["invalid_filter", "wrong_shard", "too_deep", "malformed", "invalid_topic"] {
+        assert_eq!(log_lines(&n1, &bad, reason), 1, "{reason} logged once for the peer");
+    }
+    assert!(n1.metric("kadmq_cluster_shard_entries_owned") < 3, "none of the bad filters was applied");
+
+    // Routing between the good nodes goes on: a publish on n2 reaches a
+    // subscriber on n1.
+    rt.block_on(async {
+        let (sub, mut sub_events) = AsyncClient::new(MqttOptions::new("sub", "127.0.0.1", n1.mqtt_port), 100);
+        sub.subscribe("good/#", QoS::AtLeastOnce).await.unwrap();
+        let got = tokio::spawn(async move {
+            loop {
+                match sub_events.poll().await {
+                    Ok(Event::Incoming(Packet::Publish(p))) => return p.topic,
+                    Ok(_) => {}
+                    Err(err) => panic!("subscriber: {err}"),
+                }
+            }
+        });
+        let (publisher, mut pub_events) = AsyncClient::new(MqttOptions::new("pub", "127.0.0.1", n2.mqtt_port), 100);
+        tokio::spawn(async move { while pub_events.poll().await.is_ok() {} });
+        let deadline = tokio::time::Instant::now() + SETTLE;
+        let mut got = std::pin::pin!(got);
+        loop {
+            publisher.publish("good/1", QoS::AtLeastOnce, false, "hi").await.unwrap();
+            tokio::select! {
+                topic = &mut got => {
+                    assert_eq!(topic.unwrap(), "good/1");
+                    break;
+                }
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {
+                    assert!(tokio::time::Instant::now() < deadline, "no publish from n2 reached n1");
+                }
+            }
+        }
+    });
+    assert_eq!(n1.alive_members(), ["bad", "n1", "n2"], "n1 is healthy and kept its members");
+}
+
+#[test]
+fn frames_that_come_before_the_record_are_applied_once_it_arrives() {
+    let rt = runtime();
+    let lab = Lab::new();
+    let n1 = lab.node_with("n1", None, &lab.key, &["--dead-timeout", "6"]);
+    wait_for_members(&[&n1], &["n1"]);
+    let (_, to_n1) = test_peer_after(&rt, &lab, &n1, "late", Some(fleet()), Duration::from_secs(2));
+    for i in 0..50 {
+        to_n1.send(assert_op(&format!("late/{i}"), &format!("late/{i}"))).unwrap();
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(n1.metric("kadmq_cluster_shard_entries_owned"), 0, "held, not applied, before the record");
+    wait_until(SETTLE, "the held frames to be applied at MemberUp", || {
+        n1.metric("kadmq_cluster_shard_entries_owned") == 50
+    });
+    assert_eq!(rejected(&n1, "not_member"), 0);
+    assert_eq!(n1.alive_members(), ["late", "n1"]);
+}
+
+#[test]
+fn what_a_node_keeps_for_a_dead_peer_goes_after_the_dead_timeout() {
+    let rt = runtime();
+    let lab = Lab::new();
+    let n1 = lab.node_with("n1", None, &lab.key, &["--dead-timeout", "3"]);
+    let mut n2 = lab.node_with("n2", Some(&n1.multiaddr()), &lab.key, &["--dead-timeout", "3"]);
+    wait_for_members(&[&n1, &n2], &["n1", "n2"]);
+    // Route frames flow both ways (subscriptions assert to the owners).
+    rt.block_on(async {
+        let (sub, mut events) = AsyncClient::new(MqttOptions::new("s", "127.0.0.1", n2.mqtt_port), 10);
+        sub.subscribe("keep/#", QoS::AtLeastOnce).await.unwrap();
+        let _ = tokio::time::timeout(Duration::from_secs(1), async { while events.poll().await.is_ok() {} }).await;
+    });
+    wait_until(SETTLE, "n1 to keep a send queue for n2", || n1.metric("kadmq_cluster_peer_queues") == 1);
+    assert_eq!(n1.metric("kadmq_cluster_peers_known"), 2);
+    n2.kill();
+    wait_until(SETTLE, "n1 to declare n2 dead", || n1.alive_members() == ["n1"]);
+    // Dead for longer than the dead timeout: its queue, sender task and
+    // address are gone.
+    wait_until(SETTLE, "n1 to forget n2's queue and address", || {
+        n1.metric("kadmq_cluster_peer_queues") == 0 && n1.metric("kadmq_cluster_peers_known") == 1
+    });
+    assert_eq!(n1.metric("kadmq_cluster_send_buffer_bytes"), 0, "nothing held for the dead");
+}
