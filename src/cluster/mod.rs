@@ -175,6 +175,9 @@ struct State {
 /// This node's part of the fleet. Create with [`start`].
 pub struct Cluster {
     state: Mutex<State>,
+    /// The broker's `mqtt.max_topic_levels`, also the routing core's and
+    /// the wire decoder's: a fleet refuses what a node would.
+    max_topic_levels: usize,
     /// Routes of topics published before, valid while `generation` holds.
     topic_routes: RwLock<ahash::AHashMap<Box<str>, Arc<TopicRoute>>>,
     /// Bumped (under the state mutex) by every core event that may change
@@ -272,9 +275,10 @@ pub async fn start(settings: &ClusterSettings, cx: StartContext<'_>) -> Result<A
     let core_config = core::Config {
         replication: settings.replication,
         shard_depth: settings.shard_depth,
+        max_topic_levels: cx.broker.config.max_topic_levels,
         ..core::Config::default()
     };
-    let mut node = Node::new(me, core_config);
+    let mut node = Node::new(me, core_config.clone());
     let mut actions = Vec::new();
     let first_view = Arc::new(Membership::new(1, [me], OwnershipConfig::default()));
     node.handle(0, Event::Membership(first_view), &mut actions).expect("a membership event is always accepted");
@@ -298,6 +302,7 @@ pub async fn start(settings: &ClusterSettings, cx: StartContext<'_>) -> Result<A
 
     let cluster = Arc::new(Cluster {
         state: Mutex::new(State::new(node, peer_id, outbox, replay)),
+        max_topic_levels: core_config.max_topic_levels,
         publishers_held: AtomicU64::new(0),
         topic_routes: RwLock::new(ahash::AHashMap::new()),
         generation: AtomicU64::new(0),
@@ -994,7 +999,7 @@ impl Cluster {
             Err(err) => return self.bad_frame(from, &err),
         };
         for frame in frames {
-            match wire::decode(&frame) {
+            match wire::decode_within(&frame, self.max_topic_levels) {
                 Ok(Wire::Forward(forward)) if forward.sequence.is_none() && forward.route.shared.is_empty() => {
                     // Nothing to number or pick: the broker matches the
                     // topic (checked by the decoder) against its sessions.

@@ -100,18 +100,18 @@ pub const MAX_PROPERTIES: usize = kadmq_dht::driver::frames::MAX_FRAME;
 /// of 256).
 pub const MAX_RETAIN_MESSAGES: usize = 4096;
 
-/// A topic a message may be published to, within the fleet's level limit.
-fn check_topic(topic: &str) -> Result<(), WireError> {
+/// A topic a message may be published to, within the node's level limit.
+fn check_topic(topic: &str, max_levels: usize) -> Result<(), WireError> {
     let levels = topic.bytes().filter(|b| *b == b'/').count() + 1;
-    if !crate::protocol::topic::valid_topic_name(topic) || levels > core::node::DEFAULT_MAX_TOPIC_LEVELS {
+    if !crate::protocol::topic::valid_topic_name(topic) || levels > max_levels {
         return Err(WireError::Invalid("topic"));
     }
     Ok(())
 }
 
 /// What a message from another node carries besides its topic.
-fn check_message(message: &Message) -> Result<(), WireError> {
-    check_topic(&message.topic)?;
+fn check_message(message: &Message, max_levels: usize) -> Result<(), WireError> {
+    check_topic(&message.topic, max_levels)?;
     if message.origin.as_deref().is_some_and(str::is_empty) {
         return Err(WireError::Invalid("origin"));
     }
@@ -208,7 +208,7 @@ fn put_str(out: &mut Vec<u8>, text: &str) {
 
 /// Reads a forward's body (after the header) from `frame`; the payload is
 /// a slice of `frame`, not a copy.
-fn read_forward(frame: &Bytes) -> Result<Forward, WireError> {
+fn read_forward(frame: &Bytes, max_levels: usize) -> Result<Forward, WireError> {
     let mut r = Reader { bytes: frame, at: 2 };
     let id = r.u64()?;
     let sequence = match r.u8()? {
@@ -235,7 +235,7 @@ fn read_forward(frame: &Bytes) -> Result<Forward, WireError> {
     }
     let retain = r.u8()? != 0;
     let topic = r.string()?;
-    check_topic(&topic)?;
+    check_topic(&topic, max_levels)?;
     let origin = match r.u8()? {
         0 => None,
         _ => Some(Arc::from(r.string()?)),
@@ -276,7 +276,7 @@ fn read_forward(frame: &Bytes) -> Result<Forward, WireError> {
     }
     let payload = frame.slice(start..start + len);
     let message = Message { topic, payload, qos, retain, properties, expires_at_ms, origin };
-    check_message(&message)?;
+    check_message(&message, max_levels)?;
     Ok(Forward { id, sequence, message, route: ForwardRoute { plain, shared } })
 }
 
@@ -385,14 +385,21 @@ fn with_header(kind: u8, body: &[u8]) -> Bytes {
     Bytes::from(out)
 }
 
+/// Decodes a frame with the default topic level limit (tests, fuzzing).
 pub fn decode(frame: &Bytes) -> Result<Wire, WireError> {
+    decode_within(frame, core::node::DEFAULT_MAX_TOPIC_LEVELS)
+}
+
+/// Decodes a frame; topics deeper than `max_topic_levels` (the node's
+/// `mqtt.max_topic_levels`) are invalid.
+pub fn decode_within(frame: &Bytes, max_topic_levels: usize) -> Result<Wire, WireError> {
     let [version, kind, body @ ..] = &frame[..] else { return Err(WireError::Empty) };
     if *version != VERSION {
         return Err(WireError::Version(*version));
     }
     Ok(match *kind {
         ROUTE => Wire::Route(core::decode(body)?),
-        FORWARD => Wire::Forward(Box::new(read_forward(frame)?)),
+        FORWARD => Wire::Forward(Box::new(read_forward(frame, max_topic_levels)?)),
         ACK => {
             let (epoch, upto) = rmp_serde::from_slice(body)?;
             Wire::Ack { epoch, upto }
@@ -402,7 +409,7 @@ pub fn decode(frame: &Bytes) -> Result<Wire, WireError> {
             if messages.len() > MAX_RETAIN_MESSAGES {
                 return Err(WireError::Invalid("retained messages (too many)"));
             }
-            messages.iter().try_for_each(check_message)?;
+            messages.iter().try_for_each(|m| check_message(m, max_topic_levels))?;
             Wire::Retain(messages)
         }
         REJOINED => Wire::Rejoined,
