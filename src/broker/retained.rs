@@ -20,6 +20,10 @@ struct Level {
 }
 
 impl Level {
+    fn child(&self, level: &str) -> Option<&Level> {
+        self.children.get(level)
+    }
+
     fn is_empty(&self) -> bool {
         self.message.is_none() && self.children.is_empty()
     }
@@ -80,23 +84,14 @@ impl RetainedTree {
     /// Cuts the longest tail of `levels` whose nodes hold nothing but the
     /// rest of the path.
     fn prune(&mut self, levels: &[&str]) {
-        let mut cut = None;
-        let mut node = &self.root;
-        for (depth, level) in levels.iter().enumerate() {
-            let Some(child) = node.children.get(*level) else { return };
-            let only_path = child.message.is_none()
-                && match levels.get(depth + 1) {
-                    None => child.is_empty(),
-                    Some(next) => child.children.len() == 1 && child.children.contains_key(*next),
-                };
-            if only_path {
-                cut.get_or_insert(depth);
-            } else {
-                cut = None;
-            }
-            node = child;
-        }
-        let Some(cut) = cut else { return };
+        let only_leads_to = |node: &Level, next: Option<&str>| {
+            node.message.is_none()
+                && match next {
+                    None => node.children.is_empty(),
+                    Some(next) => node.children.len() == 1 && node.children.contains_key(next),
+                }
+        };
+        let Some(cut) = super::trie::dead_tail(&self.root, levels, Level::child, only_leads_to) else { return };
         let mut parent = &mut self.root;
         for level in &levels[..cut] {
             parent = parent.children.get_mut(*level).expect("walked above");

@@ -66,6 +66,28 @@ impl<K, V> Node<K, V> {
     }
 }
 
+/// After a removal along `path` (levels from `root`): the depth of the first
+/// node of the longest tail of the path whose nodes hold nothing but the
+/// rest of the path (`only_leads_to(node, next level)`), i.e. where to cut.
+pub(super) fn dead_tail<'n, N>(
+    root: &'n N,
+    path: &[&str],
+    child: impl Fn(&'n N, &str) -> Option<&'n N>,
+    only_leads_to: impl Fn(&N, Option<&str>) -> bool,
+) -> Option<usize> {
+    let mut cut = None;
+    let mut node = root;
+    for (depth, level) in path.iter().enumerate() {
+        node = child(node, level)?;
+        if only_leads_to(node, path.get(depth + 1).copied()) {
+            cut.get_or_insert(depth);
+        } else {
+            cut = None;
+        }
+    }
+    cut
+}
+
 /// Dropping a chain of nodes one level each would recurse once per level;
 /// the children are detached onto a stack instead.
 impl<K, V> Drop for Node<K, V> {
@@ -148,18 +170,7 @@ impl<K: Eq + Hash + Clone, V> SubscriptionTrie<K, V> {
     /// Cuts the longest tail of `path` whose nodes hold nothing but the
     /// rest of the path (found first, read-only, then cut in one place).
     fn prune(&mut self, path: &[&str]) {
-        let mut cut = None;
-        let mut node = &self.root;
-        for (depth, level) in path.iter().enumerate() {
-            let Some(child) = node.child(level) else { return };
-            if child.only_leads_to(path.get(depth + 1).copied()) {
-                cut.get_or_insert(depth);
-            } else {
-                cut = None;
-            }
-            node = child;
-        }
-        let Some(cut) = cut else { return };
+        let Some(cut) = dead_tail(&self.root, path, Node::child, Node::only_leads_to) else { return };
         let mut parent = &mut self.root;
         for level in &path[..cut] {
             parent = parent.child_mut(level).expect("walked above");

@@ -3,48 +3,18 @@
 //! bytes where their exact form matters, every reason code checked.
 
 use crate::common::TestBroker;
+use crate::v5::{Got, Raw};
 use bytes::{Bytes, BytesMut};
 use kadmq::protocol::{
-    decode, encode, ConnAck, Connect, ConnectProperties, ConnectReason, Disconnect, DisconnectReason, Packet, PubAck,
-    Publish, PublishProperties, QoS, SubAck, Subscribe, SubscribeFilter, SubscriptionOptions, Version, MAX_PACKET_SIZE,
+    encode, ConnectReason, Disconnect, DisconnectReason, Packet, PubAck, Publish, PublishProperties, QoS, SubAck,
+    Subscribe, SubscribeFilter, SubscriptionOptions, Version,
 };
-use std::net::SocketAddr;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::AsyncReadExt;
 use tokio::time::Instant;
 
 /// How long something that must happen may take.
 const WAIT: Duration = Duration::from_secs(5);
-/// How long we listen to conclude that something does not happen.
-const QUIET: Duration = Duration::from_millis(400);
-
-#[derive(Debug)]
-#[allow(clippy::large_enum_variant)] // test-only
-enum Got {
-    Packet(Packet),
-    Closed,
-    Silent,
-}
-
-/// A raw MQTT 5 client: packets through kadmq's codec or literal bytes.
-struct Raw5 {
-    stream: TcpStream,
-    buf: BytesMut,
-}
-
-fn connect_packet(client_id: &str) -> Connect {
-    Connect {
-        version: Version::V5,
-        client_id: client_id.into(),
-        clean_start: true,
-        keep_alive: 30,
-        username: None,
-        password: None,
-        will: None,
-        properties: ConnectProperties::default(),
-    }
-}
 
 fn publish(topic: &str, qos: QoS, packet_id: Option<u16>, payload: &[u8]) -> Packet {
     Packet::Publish(Publish {
@@ -65,91 +35,9 @@ fn short_ack(first_byte: u8, packet_id: u16) -> [u8; 4] {
     [first_byte, 0x02, id[0], id[1]]
 }
 
-impl Raw5 {
-    async fn open(addr: SocketAddr) -> Raw5 {
-        let stream = tokio::time::timeout(WAIT, TcpStream::connect(addr)).await.expect("connect timeout").unwrap();
-        stream.set_nodelay(true).unwrap();
-        Raw5 { stream, buf: BytesMut::new() }
-    }
-
-    async fn connect(addr: SocketAddr, client_id: &str, tweak: impl FnOnce(&mut Connect)) -> (Raw5, ConnAck) {
-        let mut raw = Raw5::open(addr).await;
-        let mut connect = connect_packet(client_id);
-        tweak(&mut connect);
-        raw.send(&Packet::Connect(connect)).await;
-        match raw.packet().await {
-            Packet::ConnAck(ack) => (raw, ack),
-            other => panic!("expected CONNACK, got {other:?}"),
-        }
-    }
-
-    async fn ok(addr: SocketAddr, client_id: &str) -> Raw5 {
-        let (raw, ack) = Raw5::connect(addr, client_id, |_| {}).await;
-        assert_eq!(ack.code, ConnectReason::Success, "CONNACK {ack:?}");
-        raw
-    }
-
-    async fn send(&mut self, packet: &Packet) {
-        let mut out = BytesMut::new();
-        encode(packet, Version::V5, &mut out).expect("encode");
-        self.send_bytes(&out).await;
-    }
-
-    async fn send_bytes(&mut self, bytes: &[u8]) {
-        // The broker may already have closed; tests look at what comes back.
-        let _ = self.stream.write_all(bytes).await;
-    }
-
-    async fn next_within(&mut self, wait: Duration) -> Got {
-        let deadline = Instant::now() + wait;
-        loop {
-            match decode(&mut self.buf, Version::V5, MAX_PACKET_SIZE) {
-                Ok(Some(packet)) => return Got::Packet(packet),
-                Ok(None) => {}
-                Err(err) => panic!("broker sent bytes the client cannot decode: {err}"),
-            }
-            match tokio::time::timeout_at(deadline, self.stream.read_buf(&mut self.buf)).await {
-                Err(_) => return Got::Silent,
-                Ok(Ok(0)) | Ok(Err(_)) => return Got::Closed,
-                Ok(Ok(_)) => {}
-            }
-        }
-    }
-
-    async fn packet(&mut self) -> Packet {
-        match self.next_within(WAIT).await {
-            Got::Packet(p) => p,
-            other => panic!("expected a packet within {WAIT:?}, got {other:?}"),
-        }
-    }
-
-    async fn publish_in(&mut self) -> Publish {
-        match self.packet().await {
-            Packet::Publish(p) => p,
-            other => panic!("expected PUBLISH, got {other:?}"),
-        }
-    }
-
-    async fn silent(&mut self) {
-        match self.next_within(QUIET).await {
-            Got::Silent => {}
-            other => panic!("expected silence, got {other:?}"),
-        }
-    }
-
-    /// Expects a DISCONNECT from the broker followed by the close.
-    async fn disconnected(&mut self) -> Disconnect {
-        let disconnect = match self.packet().await {
-            Packet::Disconnect(d) => d,
-            other => panic!("expected DISCONNECT, got {other:?}"),
-        };
-        match self.next_within(WAIT).await {
-            Got::Closed => disconnect,
-            other => panic!("expected the connection closed after DISCONNECT, got {other:?}"),
-        }
-    }
-
-    async fn subscribe(&mut self, packet_id: u16, filter: &str, options: SubscriptionOptions) -> SubAck {
+/// What only these tests need of the shared raw MQTT 5 client.
+impl Raw {
+    async fn subscribe_id(&mut self, packet_id: u16, filter: &str, options: SubscriptionOptions) -> SubAck {
         self.send(&Packet::Subscribe(Subscribe {
             packet_id,
             filters: vec![SubscribeFilter { filter: filter.into(), options }],
@@ -199,9 +87,9 @@ impl Raw5 {
 #[tokio::test]
 async fn qos2_with_a_subscriber_sending_short_acks() {
     let broker = TestBroker::start().await;
-    let mut sub = Raw5::ok(broker.mqtt(), "short-sub").await;
-    sub.subscribe(1, "conf/short", SubscriptionOptions::qos(QoS::ExactlyOnce)).await;
-    let mut publisher = Raw5::ok(broker.mqtt(), "short-pub").await;
+    let mut sub = Raw::ok(broker.mqtt(), "short-sub", |_| {}).await;
+    sub.subscribe_id(1, "conf/short", SubscriptionOptions::qos(QoS::ExactlyOnce)).await;
+    let mut publisher = Raw::ok(broker.mqtt(), "short-pub", |_| {}).await;
 
     for round in 0..3u16 {
         let payload = format!("m{round}");
@@ -220,7 +108,7 @@ async fn qos2_with_a_subscriber_sending_short_acks() {
         sub.send_bytes(&short_ack(0x70, id)).await; // PUBCOMP, two-byte body
     }
     // QoS 1 to the same subscriber, acknowledged with a two-byte PUBACK.
-    sub.subscribe(2, "conf/short1", SubscriptionOptions::qos(QoS::AtLeastOnce)).await;
+    sub.subscribe_id(2, "conf/short1", SubscriptionOptions::qos(QoS::AtLeastOnce)).await;
     for round in 0..3u16 {
         publisher.send(&publish("conf/short1", QoS::AtLeastOnce, Some(20 + round), b"q1")).await;
         match publisher.packet().await {
@@ -238,13 +126,13 @@ async fn qos2_with_a_subscriber_sending_short_acks() {
 #[tokio::test]
 async fn qos2_pubrec_with_an_error_reason_ends_the_flow_and_frees_the_slot() {
     let broker = TestBroker::start().await;
-    let (mut sub, ack) = Raw5::connect(broker.mqtt(), "rec80-sub", |c| {
+    let (mut sub, ack) = Raw::connect(broker.mqtt(), "rec80-sub", |c| {
         c.properties.receive_maximum = Some(1);
     })
     .await;
     assert_eq!(ack.code, ConnectReason::Success);
-    sub.subscribe(1, "conf/rec80", SubscriptionOptions::qos(QoS::ExactlyOnce)).await;
-    let mut publisher = Raw5::ok(broker.mqtt(), "rec80-pub").await;
+    sub.subscribe_id(1, "conf/rec80", SubscriptionOptions::qos(QoS::ExactlyOnce)).await;
+    let mut publisher = Raw::ok(broker.mqtt(), "rec80-pub", |_| {}).await;
 
     for round in 0..4u16 {
         let payload = format!("m{round}");
@@ -268,8 +156,8 @@ async fn qos2_pubrec_with_an_error_reason_ends_the_flow_and_frees_the_slot() {
 #[tokio::test]
 async fn qos2_to_itself_with_short_acks_and_pubrec_0x80() {
     let broker = TestBroker::start().await;
-    let mut c = Raw5::ok(broker.mqtt(), "self-qos2").await;
-    c.subscribe(1, "conf/self", SubscriptionOptions::qos(QoS::ExactlyOnce)).await;
+    let mut c = Raw::ok(broker.mqtt(), "self-qos2", |_| {}).await;
+    c.subscribe_id(1, "conf/self", SubscriptionOptions::qos(QoS::ExactlyOnce)).await;
     for round in 0..4u16 {
         let rec = c.publish_qos2("conf/self", 1, b"x").await;
         assert_eq!(rec.reason, 0, "round {round}: {rec:?}");
@@ -328,7 +216,7 @@ async fn unsupported_protocol_level_gets_connack_0x01_and_close() {
         (b"MQIsdp", 3, true),
     ];
     for (name, level, pipelined) in cases {
-        let mut raw = Raw5::open(broker.mqtt()).await;
+        let mut raw = Raw::open(broker.mqtt()).await;
         let mut bytes = connect_bytes(name, level);
         if pipelined {
             // SUBSCRIBE and PINGREQ right behind the CONNECT, in the same write.
@@ -341,7 +229,7 @@ async fn unsupported_protocol_level_gets_connack_0x01_and_close() {
         assert_eq!(got, [0x20, 0x02, 0x00, 0x01], "level {level} ({:?}) pipelined {pipelined}", name);
     }
     // The CONNECT split over two writes is read whole first.
-    let mut raw = Raw5::open(broker.mqtt()).await;
+    let mut raw = Raw::open(broker.mqtt()).await;
     let bytes = connect_bytes(b"MQTT", 7);
     raw.send_bytes(&bytes[..5]).await;
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -351,7 +239,7 @@ async fn unsupported_protocol_level_gets_connack_0x01_and_close() {
     assert_eq!(got, [0x20, 0x02, 0x00, 0x01]);
     // Levels 4 and 5 are served.
     for level in [4, 5] {
-        let mut raw = Raw5::open(broker.mqtt()).await;
+        let mut raw = Raw::open(broker.mqtt()).await;
         raw.send_bytes(&connect_bytes(b"MQTT", level)).await;
         let mut got = [0u8; 4];
         tokio::time::timeout(WAIT, raw.stream.read_exact(&mut got)).await.expect("CONNACK").unwrap();
@@ -365,7 +253,7 @@ async fn unsupported_protocol_level_gets_connack_0x01_and_close() {
 // ---------------------------------------------------------------------------
 
 /// Reads until the DISCONNECT, skipping the acknowledgements before it.
-async fn disconnect_after_acks(c: &mut Raw5) -> (Vec<Packet>, Disconnect) {
+async fn disconnect_after_acks(c: &mut Raw) -> (Vec<Packet>, Disconnect) {
     let mut acks = Vec::new();
     loop {
         match c.packet().await {
@@ -384,7 +272,7 @@ async fn disconnect_after_acks(c: &mut Raw5) -> (Vec<Packet>, Disconnect) {
 #[tokio::test]
 async fn qos2_over_receive_maximum_is_disconnected_0x93() {
     let broker = TestBroker::start_with(|c| c.mqtt.receive_maximum = 3).await;
-    let mut c = Raw5::ok(broker.mqtt(), "rm-qos2").await;
+    let mut c = Raw::ok(broker.mqtt(), "rm-qos2", |_| {}).await;
     for id in 1..=3 {
         let rec = c.publish_qos2("conf/rm", id, b"x").await;
         assert_eq!(rec.reason, 0x10, "no subscribers: {rec:?}");
@@ -406,7 +294,7 @@ async fn qos2_over_receive_maximum_is_disconnected_0x93() {
 #[tokio::test]
 async fn qos2_released_flows_do_not_count_towards_receive_maximum() {
     let broker = TestBroker::start_with(|c| c.mqtt.receive_maximum = 2).await;
-    let mut c = Raw5::ok(broker.mqtt(), "rm-released").await;
+    let mut c = Raw::ok(broker.mqtt(), "rm-released", |_| {}).await;
     for id in 1..=10 {
         c.publish_qos2("conf/rm", id, b"x").await;
         c.release(id).await;
@@ -426,7 +314,7 @@ async fn qos2_released_flows_do_not_count_towards_receive_maximum() {
 #[tokio::test]
 async fn qos1_and_qos2_together_over_receive_maximum_are_disconnected_0x93() {
     let broker = TestBroker::start_with(|c| c.mqtt.receive_maximum = 3).await;
-    let mut c = Raw5::ok(broker.mqtt(), "rm-qos1").await;
+    let mut c = Raw::ok(broker.mqtt(), "rm-qos1", |_| {}).await;
     let mut burst = BytesMut::new();
     for id in 1..=4 {
         encode(&publish("conf/rm", QoS::AtLeastOnce, Some(id), b"x"), Version::V5, &mut burst).unwrap();
@@ -436,7 +324,7 @@ async fn qos1_and_qos2_together_over_receive_maximum_are_disconnected_0x93() {
     assert_eq!(d.reason, DisconnectReason::ReceiveMaximumExceeded, "after {acks:?}");
     assert!(acks.len() <= 3, "{acks:?}");
 
-    let mut c = Raw5::ok(broker.mqtt(), "rm-mixed").await;
+    let mut c = Raw::ok(broker.mqtt(), "rm-mixed", |_| {}).await;
     c.publish_qos2("conf/rm", 1, b"x").await;
     c.publish_qos2("conf/rm", 2, b"x").await;
     let mut burst = BytesMut::new();
@@ -452,7 +340,7 @@ async fn qos1_and_qos2_together_over_receive_maximum_are_disconnected_0x93() {
 #[tokio::test]
 async fn acknowledged_qos1_does_not_count_towards_receive_maximum() {
     let broker = TestBroker::start_with(|c| c.mqtt.receive_maximum = 2).await;
-    let mut c = Raw5::ok(broker.mqtt(), "rm-q1-ok").await;
+    let mut c = Raw::ok(broker.mqtt(), "rm-q1-ok", |_| {}).await;
     for id in 1..=20 {
         c.send(&publish("conf/rm", QoS::AtLeastOnce, Some(id), b"x")).await;
         assert!(matches!(c.packet().await, Packet::PubAck(a) if a.packet_id == id));
@@ -481,10 +369,10 @@ fn no_local(qos: QoS) -> SubscriptionOptions {
 #[tokio::test]
 async fn no_local_subscribers_get_each_others_messages() {
     let broker = TestBroker::start().await;
-    let mut a = Raw5::ok(broker.mqtt(), "nl-a").await;
-    let mut b = Raw5::ok(broker.mqtt(), "nl-b").await;
-    a.subscribe(1, "conf/nl", no_local(QoS::ExactlyOnce)).await;
-    b.subscribe(1, "conf/nl", no_local(QoS::ExactlyOnce)).await;
+    let mut a = Raw::ok(broker.mqtt(), "nl-a", |_| {}).await;
+    let mut b = Raw::ok(broker.mqtt(), "nl-b", |_| {}).await;
+    a.subscribe_id(1, "conf/nl", no_local(QoS::ExactlyOnce)).await;
+    b.subscribe_id(1, "conf/nl", no_local(QoS::ExactlyOnce)).await;
     a.send(&publish("conf/nl", QoS::AtLeastOnce, Some(7), b"from a")).await;
     match a.packet().await {
         Packet::PubAck(ack) => assert_eq!((ack.packet_id, ack.reason), (7, 0)),
@@ -502,10 +390,10 @@ async fn no_local_subscribers_get_each_others_messages() {
 #[tokio::test]
 async fn no_local_delivery_keeps_response_topic_and_correlation_data() {
     let broker = TestBroker::start().await;
-    let mut a = Raw5::ok(broker.mqtt(), "nlp-a").await;
-    let mut b = Raw5::ok(broker.mqtt(), "nlp-b").await;
-    a.subscribe(1, "conf/nlp", no_local(QoS::ExactlyOnce)).await;
-    b.subscribe(1, "conf/nlp", no_local(QoS::ExactlyOnce)).await;
+    let mut a = Raw::ok(broker.mqtt(), "nlp-a", |_| {}).await;
+    let mut b = Raw::ok(broker.mqtt(), "nlp-b", |_| {}).await;
+    a.subscribe_id(1, "conf/nlp", no_local(QoS::ExactlyOnce)).await;
+    b.subscribe_id(1, "conf/nlp", no_local(QoS::ExactlyOnce)).await;
     let mut packet = publish("conf/nlp", QoS::AtLeastOnce, Some(3), b"request");
     if let Packet::Publish(p) = &mut packet {
         p.properties.message.response_topic = Some("conf/nlp/reply".into());
@@ -532,12 +420,12 @@ async fn no_local_delivery_keeps_response_topic_and_correlation_data() {
 async fn max_keep_alive_is_announced_as_server_keep_alive() {
     let broker = TestBroker::start_with(|c| c.mqtt.max_keep_alive = 20).await;
     for (asked, announced) in [(0u16, Some(20u16)), (21, Some(20)), (600, Some(20)), (20, None), (5, None)] {
-        let (_c, ack) = Raw5::connect(broker.mqtt(), "ska", |c| c.keep_alive = asked).await;
+        let (_c, ack) = Raw::connect(broker.mqtt(), "ska", |c| c.keep_alive = asked).await;
         assert_eq!(ack.code, ConnectReason::Success);
         assert_eq!(ack.properties.server_keep_alive, announced, "client asked for {asked}");
     }
     let broker = TestBroker::start().await;
-    let (_c, ack) = Raw5::connect(broker.mqtt(), "ska-off", |c| c.keep_alive = 0).await;
+    let (_c, ack) = Raw::connect(broker.mqtt(), "ska-off", |c| c.keep_alive = 0).await;
     assert_eq!(ack.properties.server_keep_alive, None, "max_keep_alive 0: the client decides");
 }
 
@@ -546,7 +434,7 @@ async fn max_keep_alive_is_announced_as_server_keep_alive() {
 #[tokio::test]
 async fn server_keep_alive_is_enforced() {
     let broker = TestBroker::start_with(|c| c.mqtt.max_keep_alive = 1).await;
-    let (mut c, ack) = Raw5::connect(broker.mqtt(), "ska-enforced", |c| c.keep_alive = 0).await;
+    let (mut c, ack) = Raw::connect(broker.mqtt(), "ska-enforced", |c| c.keep_alive = 0).await;
     assert_eq!(ack.properties.server_keep_alive, Some(1));
     let started = Instant::now();
     let d = c.disconnected().await;
@@ -561,7 +449,7 @@ async fn server_keep_alive_is_enforced() {
 
 /// Sends a QoS 0 PUBLISH to `topic` from `publisher` and returns what
 /// `sub` receives: (topic as sent, alias, payload).
-async fn relay(publisher: &mut Raw5, sub: &mut Raw5, topic: &str, payload: &str) -> (String, Option<u16>) {
+async fn relay(publisher: &mut Raw, sub: &mut Raw, topic: &str, payload: &str) -> (String, Option<u16>) {
     publisher.send(&publish(topic, QoS::AtMostOnce, None, payload.as_bytes())).await;
     let p = sub.publish_in().await;
     assert_eq!(&p.payload[..], payload.as_bytes());
@@ -574,13 +462,13 @@ async fn relay(publisher: &mut Raw5, sub: &mut Raw5, topic: &str, payload: &str)
 #[tokio::test]
 async fn outgoing_topic_aliases_bind_reuse_and_rebind_the_least_recently_used() {
     let broker = TestBroker::start().await;
-    let (mut sub, ack) = Raw5::connect(broker.mqtt(), "alias-sub", |c| {
+    let (mut sub, ack) = Raw::connect(broker.mqtt(), "alias-sub", |c| {
         c.properties.topic_alias_maximum = Some(2);
     })
     .await;
     assert_eq!(ack.code, ConnectReason::Success);
-    sub.subscribe(1, "alias/#", SubscriptionOptions::qos(QoS::AtLeastOnce)).await;
-    let mut publisher = Raw5::ok(broker.mqtt(), "alias-pub").await;
+    sub.subscribe_id(1, "alias/#", SubscriptionOptions::qos(QoS::AtLeastOnce)).await;
+    let mut publisher = Raw::ok(broker.mqtt(), "alias-pub", |_| {}).await;
     let steps: [(&str, &str, Option<u16>); 8] = [
         ("alias/aaaa", "alias/aaaa", Some(1)),
         ("alias/bbbb", "alias/bbbb", Some(2)),
@@ -622,9 +510,9 @@ async fn outgoing_topic_aliases_only_where_accepted_and_enabled() {
         })
         .await;
         let (mut sub, _) =
-            Raw5::connect(broker.mqtt(), "alias-off", |c| c.properties.topic_alias_maximum = client_max).await;
-        sub.subscribe(1, "alias/#", SubscriptionOptions::qos(QoS::AtMostOnce)).await;
-        let mut publisher = Raw5::ok(broker.mqtt(), "alias-off-pub").await;
+            Raw::connect(broker.mqtt(), "alias-off", |c| c.properties.topic_alias_maximum = client_max).await;
+        sub.subscribe_id(1, "alias/#", SubscriptionOptions::qos(QoS::AtMostOnce)).await;
+        let mut publisher = Raw::ok(broker.mqtt(), "alias-off-pub", |_| {}).await;
         for (i, topic) in ["alias/one", "alias/one", "alias/two", "alias/two"].into_iter().enumerate() {
             let (sent, alias) = relay(&mut publisher, &mut sub, topic, "x").await;
             let case = format!("switch {switch} client {client_max:?} broker {broker_max} step {i}");

@@ -72,17 +72,10 @@ fn topic() -> impl Strategy<Value = String> {
     ]
 }
 
-/// Topic filters: names, wildcards, shared, over the limits, invalid.
+/// Topic filters: valid ones, names that are not valid filters, invalid.
 fn filter() -> impl Strategy<Value = String> {
-    let wild = prop_oneof![3 => level(), 1 => Just("+".to_string())];
     prop_oneof![
-        8 => (proptest::collection::vec(wild, 1..6), proptest::bool::weighted(0.3)).prop_map(|(mut l, hash)| {
-            if hash {
-                l.push("#".into());
-            }
-            l.join("/")
-        }),
-        2 => (levels(1, 4), "[a-c]{1,3}").prop_map(|(l, g)| format!("$share/{g}/{}", l.join("/"))),
+        10 => valid_filter(),
         2 => topic(),
         1 => Just("$share/g".to_string()),
         1 => Just("a/#/b".to_string()),

@@ -43,8 +43,8 @@ pub(crate) enum Got {
 }
 
 pub(crate) struct Raw {
-    stream: TcpStream,
-    buf: BytesMut,
+    pub(crate) stream: TcpStream,
+    pub(crate) buf: BytesMut,
     next_id: u16,
 }
 
