@@ -87,7 +87,7 @@ impl RetainedTree {
         let only_leads_to = |node: &Level, next: Option<&str>| {
             node.message.is_none()
                 && match next {
-                    None => node.children.is_empty(),
+                    None => node.is_empty(),
                     Some(next) => node.children.len() == 1 && node.children.contains_key(next),
                 }
         };
