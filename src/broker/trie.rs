@@ -66,6 +66,9 @@ impl<K, V> Node<K, V> {
     }
 }
 
+/// A node that has consumed one level of a topic, and the levels after it.
+type MatchStep<'t, 's, K, V> = (&'t Node<K, V>, std::str::Split<'s, char>);
+
 /// After a removal along `path` (levels from `root`): the depth of the first
 /// node of the longest tail of the path whose nodes hold nothing but the
 /// rest of the path (`only_leads_to(node, next level)`), i.e. where to cut.
@@ -189,8 +192,9 @@ impl<K: Eq + Hash + Clone, V> SubscriptionTrie<K, V> {
         let mut levels = topic.split('/');
         let first = levels.next().unwrap_or("");
         let root = &self.root;
-        // Each entry is a node that has consumed one level, with the levels after it.
-        let mut stack = Vec::new();
+        // Each entry is a node that has consumed one level, with the levels
+        // after it; inline up to 16, so ordinary topics allocate nothing.
+        let mut stack: smallvec::SmallVec<[MatchStep<'_, '_, K, V>; 16]> = smallvec::SmallVec::new();
         if let Some(child) = root.literal.get(first) {
             stack.push((child, levels.clone()));
         }

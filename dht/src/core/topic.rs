@@ -363,10 +363,12 @@ impl<V> FilterTrie<V> {
     pub fn match_topic<'a>(&'a self, topic: &str, mut visit: impl FnMut(&[&'a str], bool, &'a V)) {
         let levels: smallvec::SmallVec<[(&str, u64); 8]> = topic.split('/').map(|l| (l, level_hash(l))).collect();
         let dollar = topic.starts_with('$');
-        let mut path: Vec<&'a str> = Vec::with_capacity(levels.len());
+        // Inline up to 16 levels and branches: no allocation for ordinary topics.
+        let mut path: smallvec::SmallVec<[&'a str; 16]> = smallvec::SmallVec::new();
         // (node, levels consumed to reach it, its label); a node at depth d
         // has the labels of its path in `path[..d]` once it is popped.
-        let mut stack: Vec<(&'a TrieNode<V>, usize, &'a str)> = vec![(&self.root, 0, "")];
+        let mut stack: smallvec::SmallVec<[(&'a TrieNode<V>, usize, &'a str); 16]> =
+            smallvec::smallvec![(&self.root, 0, "")];
         while let Some((node, depth, label)) = stack.pop() {
             if depth > 0 {
                 path.truncate(depth - 1);
