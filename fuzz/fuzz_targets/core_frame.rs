@@ -7,10 +7,10 @@
 //! subscriptions and publishes waiting for lookups, the way the simulator
 //! drives it (no network: events in, actions out):
 //!
-//! - op byte `o`, `o % 8` in 0..=4: a frame. Sender = `o / 8 % 5` (four
-//!   members, the last a node outside the view), then a u16 (little-endian)
-//!   length and that many bytes, decoded as a frame; if it decodes it is
-//!   handled as `Event::Frame`.
+//! - op byte `o`, `o % 8` in 0..=4: a frame. Sender = `SENDERS[o / 8 % 5]`
+//!   (the three other members, then two nodes outside the view), then a
+//!   u16 (little-endian) length and that many bytes, decoded as a frame;
+//!   if it decodes it is handled as `Event::Frame`.
 //! - 5: time moves on by the next byte × 50 ms and the timer fires.
 //! - 6: a local publish on one of a few topics.
 //! - 7: the view changes (node `o / 8 % 3 + 2` leaves or comes back).
