@@ -307,6 +307,7 @@ struct LocalShard {
 
 /// A publish waiting for lookups.
 #[derive(Debug)]
+#[cfg_attr(feature = "fuzzing", derive(Clone))]
 struct Parked {
     topic: Box<str>,
     msg: u64,
@@ -315,7 +316,11 @@ struct Parked {
 }
 
 /// One cluster member's routing core.
+///
+/// With the `fuzzing` feature it is `Clone`, so a fuzz target can set a
+/// node up once and start every run from a copy.
 #[derive(Debug)]
+#[cfg_attr(feature = "fuzzing", derive(Clone))]
 pub struct Node {
     id: NodeId,
     config: Config,

@@ -46,6 +46,8 @@ pub const MAX_BATCH_FRAMES: usize = 1024;
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 const READ_BUFFER: usize = 64 << 10;
+/// Most bytes of a frame's body read (and allocated ahead) at once.
+const READ_CHUNK: usize = 64 << 10;
 /// How long a writer waits for [`ACCEPTED`] before trying a new stream.
 const ACCEPT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Accepted inbound streams waiting for the event loop.
@@ -87,13 +89,55 @@ where
     Ok(Some(len))
 }
 
+/// Reads the `len` bytes of a frame's body.
 async fn read_body<R>(reader: &mut R, len: usize) -> std::io::Result<Bytes>
 where
     R: futures::AsyncRead + Unpin,
 {
-    let mut frame = vec![0u8; len];
-    reader.read_exact(&mut frame).await?;
+    let mut frame = Vec::new();
+    read_body_into(reader, len, &mut frame).await?;
     Ok(Bytes::from(frame))
+}
+
+/// Reads the `len` bytes of a frame's body into `frame`, at most
+/// [`READ_CHUNK`] per read. The buffer grows with the bytes that actually
+/// arrived (at most doubling, never past `len`), so a length prefix alone
+/// cannot make the node allocate [`MAX_FRAME`]. A stream that ends early is
+/// an `UnexpectedEof` error.
+async fn read_body_into<R>(reader: &mut R, len: usize, frame: &mut Vec<u8>) -> std::io::Result<()>
+where
+    R: futures::AsyncRead + Unpin,
+{
+    frame.clear();
+    // `frame[..filled]` has arrived; the rest of `frame` is zeroed room for
+    // the next reads (zeroed once, however small the reads).
+    let mut filled = 0;
+    while filled < len {
+        if filled == frame.len() {
+            let want = (len - filled).min(READ_CHUNK);
+            if frame.capacity() < filled + want {
+                let target = (filled + want).max(frame.capacity() * 2).min(len);
+                frame.reserve_exact(target - filled);
+            }
+            frame.resize(filled + want, 0);
+        }
+        match reader.read(&mut frame[filled..]).await {
+            Ok(0) => {
+                frame.truncate(filled);
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    format!("stream ended {filled} bytes into a frame of {len}"),
+                ));
+            }
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                frame.truncate(filled);
+                return Err(e);
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Waits for the receiver's [`ACCEPTED`] byte on a stream just opened.
@@ -265,6 +309,72 @@ mod tests {
         assert!(await_acceptance(&mut reset).await.is_err());
         let mut stranger = futures::io::Cursor::new(vec![0u8]);
         assert!(await_acceptance(&mut stranger).await.is_err());
+    }
+
+    /// Hands out `data` at most `step` bytes per read.
+    struct Trickle {
+        data: Vec<u8>,
+        at: usize,
+        step: usize,
+    }
+
+    impl futures::AsyncRead for Trickle {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &mut [u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            let n = buf.len().min(self.step).min(self.data.len() - self.at);
+            buf[..n].copy_from_slice(&self.data[self.at..self.at + n]);
+            self.at += n;
+            std::task::Poll::Ready(Ok(n))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_length_prefix_alone_does_not_allocate_the_claimed_frame() {
+        let mut stream = (MAX_FRAME as u32).to_be_bytes().to_vec();
+        stream.extend_from_slice(&[1; 10]);
+        let mut reader = futures::io::Cursor::new(stream.clone());
+        let e = read_frame(&mut reader).await.unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof);
+        // The body's buffer stays at one read chunk.
+        let mut reader = futures::io::Cursor::new(stream[4..].to_vec());
+        let mut frame = Vec::new();
+        let e = read_body_into(&mut reader, MAX_FRAME, &mut frame).await.unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof);
+        assert_eq!(frame, [1; 10]);
+        assert!(frame.capacity() <= READ_CHUNK, "capacity {}", frame.capacity());
+        // It grows with what arrives: 300 KiB of a claimed 16 MiB, in small
+        // reads, holds well under a megabyte.
+        let mut reader = Trickle { data: vec![2; 300 << 10], at: 0, step: 1000 };
+        assert!(read_body_into(&mut reader, MAX_FRAME, &mut frame).await.is_err());
+        assert_eq!(frame.len(), 300 << 10);
+        assert!(frame.capacity() <= 1 << 20, "capacity {}", frame.capacity());
+    }
+
+    #[tokio::test]
+    async fn a_frame_split_across_many_reads_is_reassembled() {
+        let big: Vec<u8> = (0..(200u32 << 10)).map(|i| i as u8).collect();
+        let mut buf = Vec::new();
+        encode_frame(b"hello", &mut buf);
+        encode_frame(&big, &mut buf);
+        encode_frame(b"", &mut buf);
+        encode_frame(b"end", &mut buf);
+        for step in [1, 3, 4096, READ_CHUNK + 1] {
+            let mut reader = Trickle { data: buf.clone(), at: 0, step };
+            assert_eq!(read_frame(&mut reader).await.unwrap().unwrap(), &b"hello"[..]);
+            let frame = read_frame(&mut reader).await.unwrap().unwrap();
+            assert!(frame == big, "step {step}");
+            assert_eq!(read_frame(&mut reader).await.unwrap().unwrap(), &b""[..]);
+            assert_eq!(read_frame(&mut reader).await.unwrap().unwrap(), &b"end"[..]);
+            assert!(read_frame(&mut reader).await.unwrap().is_none());
+        }
+        // A whole frame at its exact size needs no more than its length.
+        let mut frame = Vec::new();
+        let mut reader = futures::io::Cursor::new(big.clone());
+        read_body_into(&mut reader, big.len(), &mut frame).await.unwrap();
+        assert_eq!(frame.capacity(), big.len());
     }
 
     #[tokio::test]
