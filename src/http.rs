@@ -9,6 +9,7 @@
 use crate::broker::limits::Limit;
 use crate::broker::{Broker, Stats};
 use crate::cluster::Cluster;
+use crate::metrics::{self, Figure};
 use axum::extract::{Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
@@ -43,18 +44,9 @@ pub async fn serve(
     }
 }
 
-/// One figure: Prometheus name, type, help and value.
-struct Figure {
-    name: &'static str,
-    kind: &'static str,
-    help: &'static str,
-    value: u64,
-    label: Option<(&'static str, &'static str)>,
-}
-
 fn figures(broker: &Broker, cluster: Option<&Cluster>) -> Vec<Figure> {
     let s = &broker.stats;
-    let figure = |name, kind, help, value| Figure { name, kind, help, value, label: None };
+    let figure = Figure::new;
     vec![
         figure(
             "kadmq_uptime_seconds",
@@ -89,35 +81,14 @@ fn figures(broker: &Broker, cluster: Option<&Cluster>) -> Vec<Figure> {
         figure("kadmq_bytes_sent_total", "counter", "Bytes sent to clients.", Stats::get(&s.bytes_sent)),
     ]
     .into_iter()
-    .chain(cluster.into_iter().flat_map(|c| c.figures()).map(|f| Figure {
-        name: f.name,
-        kind: f.kind,
-        help: f.help,
-        value: f.value,
-        label: f.label,
-    }))
+    .chain(cluster.into_iter().flat_map(|c| c.figures()))
     .collect()
 }
 
 /// The Prometheus text exposition of the broker's (and cluster's) figures.
 pub fn render_metrics(broker: &Broker, cluster: Option<&Cluster>) -> String {
     let mut out = String::with_capacity(4096);
-    let mut last = "";
-    for f in figures(broker, cluster) {
-        // The series of a labelled metric follow each other: one HELP and TYPE.
-        if f.name != last {
-            let _ = writeln!(out, "# HELP {} {}\n# TYPE {} {}", f.name, f.help, f.name, f.kind);
-            last = f.name;
-        }
-        match f.label {
-            Some((key, value)) => {
-                let _ = writeln!(out, "{}{{{key}=\"{value}\"}} {}", f.name, f.value);
-            }
-            None => {
-                let _ = writeln!(out, "{} {}", f.name, f.value);
-            }
-        }
-    }
+    metrics::render(&mut out, figures(broker, cluster));
     let name = "kadmq_limit_hits_total";
     let _ =
         writeln!(out, "# HELP {name} Times a client ran into a limit (mqtt.max_*), by limit.\n# TYPE {name} counter");

@@ -11,6 +11,7 @@
 //! - [`connection`]: one client connection, CONNECT to close.
 //! - [`websocket`]: MQTT over WebSocket as a byte stream.
 //! - [`http`]: `/metrics` (Prometheus) and `/api/v1/broker`.
+//! - [`metrics`]: the one figure type and its Prometheus text.
 //! - [`cluster`]: the node in a fleet: routing core, libp2p driver, forwards.
 //! - [`server`]: listeners, background tasks, start and graceful stop.
 //! - [`storage`]: the fjall store in the data directory.
@@ -24,6 +25,7 @@ pub mod cluster;
 pub mod config;
 pub mod connection;
 pub mod http;
+pub mod metrics;
 pub mod protocol;
 pub mod server;
 pub mod storage;

@@ -75,6 +75,7 @@ impl Server {
                 data_dir: &config.data_dir,
                 broker: &broker,
                 mqtt_listeners: mqtt_addrs.iter().map(|a| format!("mqtt://{a}")).collect(),
+                tasks: &mut tasks,
             };
             Some(cluster::start(&config.cluster, context).await?)
         } else {
@@ -138,7 +139,8 @@ impl Server {
     }
 
     /// Stops accepting, closes every connection (MQTT 5 clients get
-    /// DISCONNECT 0x8B), waits for the tasks and syncs storage.
+    /// DISCONNECT 0x8B), leaves the fleet, waits for the tasks (the
+    /// cluster's too: they end with its driver) and syncs storage.
     pub async fn shutdown(mut self) {
         let _ = self.stop.send(());
         self.broker.kick_all(DisconnectReason::ServerShuttingDown).await;

@@ -6,7 +6,21 @@
 //! touches a socket. One PUBLISH: the trie is read-locked to collect the
 //! matching sessions, then each session gets one delivery under its own
 //! lock and its connection is woken.
+//!
+//! # Locks
+//!
+//! Taken in this order, never the other way: the fleet gate
+//! (`fleet_gate`), then the fleet's own state (`crate::cluster`), then
+//! `sessions` (the map), a session's lock, the subscription trie, the
+//! retained tree, `fleet_changes`. Two exceptions keep the order safe:
+//! [`Broker::deliver`] collects from the trie and releases it before it
+//! takes any session lock (subscribe holds a session lock, then the trie);
+//! and the fleet is told of subscription changes only after the session and
+//! trie locks are released ([`Broker::tell_fleet`]): changes are queued in
+//! `fleet_changes` while the trie lock orders them, and sent in that order
+//! under `fleet_gate`, so the fleet may deliver while it handles them.
 
+pub mod fleet;
 pub mod limits;
 pub mod message;
 pub mod retained;
@@ -18,7 +32,7 @@ use crate::config::MqttConfig;
 use crate::protocol::topic::{parse_shared, valid_topic_filter};
 use crate::protocol::{DisconnectReason, QoS, SubscriptionOptions};
 use crate::storage::{Storage, StorageError};
-use kadmq_dht::core::ForwardRoute;
+pub use fleet::{Fleet, PublishRoute, Recipients, ShareGroup};
 use limits::{Limit, LimitHits, TopicLimits};
 use message::{now_ms, Message};
 use parking_lot::{Mutex, RwLock};
@@ -39,25 +53,6 @@ struct SubscriberEntry {
     identifier: Option<u32>,
     /// For shared subscriptions: the filter, which with the group names it.
     shared_filter: Option<Arc<str>>,
-}
-
-/// The rest of the fleet, as the broker sees it (implemented by
-/// `crate::cluster`). Without one the broker is a single node.
-pub trait Fleet: Send + Sync {
-    /// A local subscription to `filter` (`group` for `$share/group/filter`) began.
-    fn subscribed(&self, filter: &str, group: Option<&str>);
-    /// A local subscription ended.
-    fn unsubscribed(&self, filter: &str, group: Option<&str>);
-    /// Routes a local publish: the fleet delivers to this node's own
-    /// subscribers through [`Broker::deliver`] and forwards to other nodes.
-    /// Returns a lower bound of the matching subscribers, or `None` when it
-    /// cannot tell yet (the route is being looked up). For QoS 1/2, when this
-    /// returns the message is safe: delivered here, or in the persisted
-    /// outbox until the destination nodes acknowledge it.
-    fn publish(&self, message: Arc<Message>) -> Option<usize>;
-    /// A local publish set (or, with an empty payload, cleared) a retained
-    /// message: the other nodes keep a copy, so their new subscribers get it.
-    fn retained(&self, message: &Message);
 }
 
 /// Topics that never leave the node: each node has its own `$SYS` tree.
@@ -100,6 +95,17 @@ pub struct Broker {
     next_connection_id: AtomicU64,
     shared_cursor: AtomicUsize,
     fleet: OnceLock<Arc<dyn Fleet>>,
+    /// Subscription changes not yet told to the fleet, in trie order.
+    fleet_changes: Mutex<Vec<SubscriptionChange>>,
+    /// Held while telling the fleet, so changes reach it in order.
+    fleet_gate: Mutex<()>,
+}
+
+/// A local subscription that began or ended, for the fleet.
+struct SubscriptionChange {
+    filter: Arc<str>,
+    group: Option<Arc<str>>,
+    began: bool,
 }
 
 /// Result of attaching a connection to a session.
@@ -139,6 +145,8 @@ impl Broker {
             next_connection_id: AtomicU64::new(1),
             shared_cursor: AtomicUsize::new(0),
             fleet: OnceLock::new(),
+            fleet_changes: Mutex::new(Vec::new()),
+            fleet_gate: Mutex::new(()),
         };
         let now = now_ms();
         {
@@ -184,14 +192,30 @@ impl Broker {
             tracing::error!("a fleet is already attached");
             return;
         }
+        let _gate = self.fleet_gate.lock();
         let sessions: Vec<Arc<Session>> = self.sessions.lock().values().cloned().collect();
         for session in sessions {
-            let st = session.lock();
-            for filter in st.subscriptions.keys() {
-                let (filter, group) = split_shared(filter);
+            let filters: Vec<String> = session.lock().subscriptions.keys().cloned().collect();
+            for filter in filters {
+                let (filter, group) = split_shared(&filter);
                 if !node_local(filter) {
                     fleet.subscribed(filter, group.as_deref());
                 }
+            }
+        }
+    }
+
+    /// Tells the fleet the subscription changes queued so far, in order.
+    /// Call with no broker lock held (the fleet may deliver meanwhile).
+    fn tell_fleet(&self) {
+        let Some(fleet) = self.fleet.get() else { return };
+        let _gate = self.fleet_gate.lock();
+        let changes = std::mem::take(&mut *self.fleet_changes.lock());
+        for change in changes {
+            let group = change.group.as_deref();
+            match change.began {
+                true => fleet.subscribed(&change.filter, group),
+                false => fleet.unsubscribed(&change.filter, group),
             }
         }
     }
@@ -342,6 +366,7 @@ impl Broker {
                 self.unindex(&mut trie, session, filter);
             }
         }
+        self.tell_fleet();
         {
             let mut sessions = self.sessions.lock();
             if sessions.get(&session.client_id).is_some_and(|s| Arc::ptr_eq(s, session)) {
@@ -404,21 +429,22 @@ impl Broker {
             }
         }
         let message = Arc::new(message);
-        match fleet {
-            Some(fleet) => fleet.publish(message).unwrap_or(1),
-            _ => self.deliver(message, None),
+        let Some(fleet) = fleet else { return self.deliver(message, &Recipients::All) };
+        match fleet.publish(&message) {
+            PublishRoute::Decided { local, forwards } => {
+                forwards + local.map_or(0, |recipients| self.deliver(message, &recipients))
+            }
+            PublishRoute::Pending => 1,
         }
     }
 
-    /// Queues `message` for this node's matching sessions: all of them
-    /// (`route` `None`), or as a fleet route says (the plain subscribers
-    /// if `route.plain`, one member of each listed shared group). Returns
-    /// the number of deliveries queued.
-    pub fn deliver(&self, message: Arc<Message>, route: Option<&ForwardRoute>) -> usize {
-        let plain = route.is_none_or(|r| r.plain);
-        let group_wanted = |group: &str, filter: &str| {
-            route.is_none_or(|r| r.shared.iter().any(|p| p.group == group && p.filter == filter))
-        };
+    /// Queues `message` for this node's matching sessions that
+    /// `recipients` names. Returns the number of deliveries queued. The
+    /// fleet calls this for messages from other nodes and for local
+    /// publishes it routed late; take no broker lock around it.
+    pub fn deliver(&self, message: Arc<Message>, recipients: &Recipients) -> usize {
+        let plain = recipients.plain();
+        let group_wanted = |group: &str, filter: &str| recipients.group(group, filter);
         let mut direct: Vec<(Arc<Session>, QoS, bool, Vec<u32>)> = Vec::new();
         type Member = (Arc<Session>, QoS, bool, Option<u32>);
         let mut groups: Vec<(Arc<str>, Arc<str>, Vec<Member>)> = Vec::new();
@@ -630,6 +656,7 @@ impl Broker {
             }
             session.save(&st, &self.storage);
         }
+        self.tell_fleet();
         let now = now_ms();
         for (filter, subscription) in retained_for {
             let messages = self.retained.read().matching(&filter);
@@ -678,6 +705,8 @@ impl Broker {
             .collect();
         drop(trie);
         session.save(&st, &self.storage);
+        drop(st);
+        self.tell_fleet();
         reasons
     }
 
@@ -696,20 +725,24 @@ impl Broker {
             shared_filter: group.as_ref().map(|_| Arc::from(trie_filter)),
         };
         let fresh = trie.insert(trie_filter, (session.client_id.clone(), group.clone()), entry).is_none();
-        if fresh && !node_local(trie_filter) {
-            if let Some(fleet) = self.fleet.get() {
-                fleet.subscribed(trie_filter, group.as_deref());
-            }
+        if fresh {
+            self.queue_change(trie_filter, group, true);
+        }
+    }
+
+    /// Queues a subscription change for [`Broker::tell_fleet`] (called
+    /// under the trie's write lock, which orders the changes).
+    fn queue_change(&self, filter: &str, group: Option<Arc<str>>, began: bool) {
+        if self.fleet.get().is_some() && !node_local(filter) {
+            self.fleet_changes.lock().push(SubscriptionChange { filter: filter.into(), group, began });
         }
     }
 
     fn unindex(&self, trie: &mut SubscriptionTrie<SubscriberKey, SubscriberEntry>, session: &Session, filter: &str) {
         let (trie_filter, group) = split_shared(filter);
         let removed = trie.remove(trie_filter, &(session.client_id.clone(), group.clone())).is_some();
-        if removed && !node_local(trie_filter) {
-            if let Some(fleet) = self.fleet.get() {
-                fleet.unsubscribed(trie_filter, group.as_deref());
-            }
+        if removed {
+            self.queue_change(trie_filter, group, false);
         }
     }
 

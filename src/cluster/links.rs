@@ -16,16 +16,23 @@
 //! [`DROPPABLE_SHARE`] of the budget a frame that can be lost or sent later
 //! is refused ([`Class`]): QoS 0 forwards are dropped, QoS 1/2 forwards wait
 //! in the outbox (resent), while route frames, acknowledgements and notices
-//! may use the whole budget. Refusals are counted by the caller. A slow node
-//! holds up only its own queue, and at most the budget.
+//! may use the whole budget. Refusals are counted here ([`SendRefusals`]).
+//! A slow node holds up only its own queue, and at most the budget.
+//!
+//! The one way to send: get a node's [`Sender`] ([`Links::sender`]; routes
+//! remember theirs) and call [`Sender::send`]. The sender tasks belong to
+//! [`Links`]: they end when their queue is closed ([`Links::forget`],
+//! [`Links::close_all`]) and are aborted if `Links` is dropped first.
 
 use super::wire;
 use ahash::AHashMap;
 use bytes::Bytes;
 use kadmq_dht::driver::{self, PeerId};
 use parking_lot::{Mutex, RwLock};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use tokio::sync::Notify;
+use tokio::task::JoinSet;
 
 /// The share of the send budget (7/8) past which only control frames are
 /// queued.
@@ -62,12 +69,47 @@ const BATCH_START: usize = 16 << 10;
 pub struct Links {
     client: driver::Client,
     queues: RwLock<AHashMap<PeerId, Arc<Queue>>>,
+    /// One sender task per queue.
+    tasks: Mutex<JoinSet<()>>,
+    refusals: Arc<SendRefusals>,
+}
+
+/// Frames the send budget had no room for, by [`Class`].
+#[derive(Default)]
+pub struct SendRefusals {
+    /// Route frames, acknowledgements and notices dropped.
+    pub control: AtomicU64,
+    /// QoS 0 forwards dropped.
+    pub droppable: AtomicU64,
+    /// QoS 1/2 forwards not queued (they stay in the outbox and are resent).
+    pub resendable: AtomicU64,
+}
+
+impl SendRefusals {
+    fn count(&self, class: Class) {
+        let counter = match class {
+            Class::Control => &self.control,
+            Class::Droppable => &self.droppable,
+            Class::Resendable => &self.resendable,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn get(&self, class: Class) -> u64 {
+        match class {
+            Class::Control => &self.control,
+            Class::Droppable => &self.droppable,
+            Class::Resendable => &self.resendable,
+        }
+        .load(Ordering::Relaxed)
+    }
 }
 
 struct Queue {
     pending: Mutex<Pending>,
     wake: Notify,
     budget: driver::SendBudget,
+    refusals: Arc<SendRefusals>,
 }
 
 /// The send queue of one node: a handle to keep (routes remember theirs)
@@ -78,16 +120,26 @@ pub struct Sender(Arc<Queue>);
 impl Sender {
     /// Queues the one frame `write` appends to the buffer it is given (no
     /// copy of its own); false if the send budget has no room for it (of its
-    /// [`Class`]) or the peer was forgotten, and it is not queued.
-    pub fn push_with(&self, class: Class, write: impl FnOnce(&mut Vec<u8>)) -> bool {
+    /// [`Class`]: counted in [`SendRefusals`]) or the peer was forgotten,
+    /// and it is not queued.
+    pub fn send(&self, class: Class, write: impl FnOnce(&mut Vec<u8>)) -> bool {
         let queue = &self.0;
         let mut pending = queue.pending.lock();
         let pushed = pending.push(&queue.budget, class, write);
         if pushed && pending.frames == 1 {
             queue.wake.notify_one();
         }
+        drop(pending);
+        if !pushed {
+            queue.refusals.count(class);
+        }
         pushed
     }
+}
+
+/// The writer for a frame encoded beforehand (one copy into the batch).
+pub fn copy_of(frame: &Bytes) -> impl FnOnce(&mut Vec<u8>) + '_ {
+    move |out| out.extend_from_slice(frame)
 }
 
 #[derive(Default)]
@@ -131,7 +183,17 @@ impl Pending {
 
 impl Links {
     pub fn new(client: driver::Client) -> Links {
-        Links { client, queues: RwLock::new(AHashMap::new()) }
+        Links {
+            client,
+            queues: RwLock::new(AHashMap::new()),
+            tasks: Mutex::new(JoinSet::new()),
+            refusals: Arc::default(),
+        }
+    }
+
+    /// What the send budget refused so far.
+    pub fn refusals(&self) -> &SendRefusals {
+        &self.refusals
     }
 
     /// The send queue of `peer` (started on first use).
@@ -148,8 +210,12 @@ impl Links {
                     pending: Mutex::new(Pending::default()),
                     wake: Notify::new(),
                     budget: self.client.send_budget().clone(),
+                    refusals: self.refusals.clone(),
                 });
-                tokio::spawn(send_rounds(self.client.clone(), peer, queue.clone()));
+                let mut tasks = self.tasks.lock();
+                // Reap the tasks of forgotten peers so the set does not grow.
+                while tasks.try_join_next().is_some() {}
+                tasks.spawn(send_rounds(self.client.clone(), peer, queue.clone()));
                 queue
             })
             .clone();
@@ -161,12 +227,15 @@ impl Links {
     /// (remembered routes) queue nothing more.
     pub fn forget(&self, peer: &PeerId) {
         let Some(queue) = self.queues.write().remove(peer) else { return };
-        let mut pending = queue.pending.lock();
-        pending.closed = true;
-        drop(pending.take(&queue.budget));
-        drop(pending);
-        queue.wake.notify_one();
+        queue.close();
         self.client.forget(peer);
+    }
+
+    /// Closes every queue (the node leaves): the sender tasks end.
+    pub fn close_all(&self) {
+        for (_, queue) in self.queues.write().drain() {
+            queue.close();
+        }
     }
 
     /// Peers with a queue, for tests of the pruning.
@@ -176,6 +245,18 @@ impl Links {
 
     pub fn is_empty(&self) -> bool {
         self.queues.read().is_empty()
+    }
+}
+
+impl Queue {
+    /// Queues nothing more; what it held goes back to the send budget and
+    /// its sender task ends.
+    fn close(&self) {
+        let mut pending = self.pending.lock();
+        pending.closed = true;
+        drop(pending.take(&self.budget));
+        drop(pending);
+        self.wake.notify_one();
     }
 }
 

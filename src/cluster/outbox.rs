@@ -6,9 +6,7 @@
 //! message (persisted, so a PUBACK never promises more than the disk
 //! holds) until every destination acknowledges it, and resend a
 //! destination's unacknowledged forwards in order when it is silent
-//! (go-back-N). On the receiving side, [`Inbound`]: accept a sender's
-//! forwards only in sequence (a forward after a gap is dropped and comes
-//! again), acknowledge cumulatively, drop duplicates. Each forward carries
+//! (go-back-N). The receiving side is [`super::dedupe`]. Each forward carries
 //! the sender's lowest unacknowledged `seq` for the destination (`base`),
 //! so a receiver that restarted, or a sender that gave a message up, never
 //! leaves the receiver waiting for what will not come.
@@ -59,8 +57,9 @@ struct Held {
     held_since_ms: u64,
 }
 
+/// The numbering towards one destination node.
 #[derive(Default)]
-struct Link {
+struct Destination {
     next_seq: u64,
     /// seq → message id, in order.
     unacked: BTreeMap<u64, u64>,
@@ -68,7 +67,7 @@ struct Link {
     sent_at_ms: u64,
 }
 
-impl Link {
+impl Destination {
     fn base(&self) -> u64 {
         self.unacked.keys().next().copied().unwrap_or(self.next_seq)
     }
@@ -77,7 +76,7 @@ impl Link {
 /// The sending side. See the module docs.
 pub struct Outbox {
     epoch: u64,
-    links: HashMap<NodeId, Link>,
+    destinations: HashMap<NodeId, Destination>,
     held: BTreeMap<u64, Held>,
     /// Messages given up (outbox full, or destination away too long).
     pub dropped: u64,
@@ -87,7 +86,7 @@ pub struct Outbox {
 
 impl Outbox {
     pub fn new(epoch: u64) -> Outbox {
-        Outbox { epoch, links: HashMap::new(), held: BTreeMap::new(), dropped: 0, resent: 0 }
+        Outbox { epoch, destinations: HashMap::new(), held: BTreeMap::new(), dropped: 0, resent: 0 }
     }
 
     /// Messages held.
@@ -101,7 +100,7 @@ impl Outbox {
 
     /// Numbers the next forward of message `id` to `to`, sent at `now_ms`.
     pub fn assign(&mut self, to: NodeId, id: u64, now_ms: u64) -> Sequence {
-        let link = self.links.entry(to).or_default();
+        let link = self.destinations.entry(to).or_default();
         let seq = link.next_seq;
         link.next_seq += 1;
         if link.unacked.is_empty() {
@@ -143,7 +142,7 @@ impl Outbox {
         if epoch != self.epoch {
             return; // for a previous run of this node
         }
-        let Some(link) = self.links.get_mut(&from) else { return };
+        let Some(link) = self.destinations.get_mut(&from) else { return };
         let rest = link.unacked.split_off(&(upto.saturating_add(1)));
         let acked = std::mem::replace(&mut link.unacked, rest);
         if !acked.is_empty() {
@@ -183,7 +182,7 @@ impl Outbox {
             self.give_up(storage, id, "cluster outbox: destination away for an hour, forward given up");
         }
         let mut out = Vec::new();
-        for (node, link) in &mut self.links {
+        for (node, link) in &mut self.destinations {
             if link.unacked.is_empty() || now_ms < link.sent_at_ms + RESEND_AFTER_MS || !reachable(*node) {
                 continue;
             }
@@ -203,7 +202,7 @@ impl Outbox {
     fn give_up(&mut self, storage: &Storage, id: u64, why: &str) {
         let Some(held) = self.held.remove(&id) else { return };
         for (node, _) in &held.waiting {
-            if let Some(link) = self.links.get_mut(node) {
+            if let Some(link) = self.destinations.get_mut(node) {
                 // The oldest message is (almost always) the first of each
                 // link: no scan of a full outbox per message given up.
                 match link.unacked.first_key_value() {
@@ -259,65 +258,6 @@ pub fn restore(storage: &Storage) -> Vec<(u64, Record)> {
             }
         })
         .collect()
-}
-
-/// What a receiver does with a sequenced forward.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Verdict {
-    /// The next in sequence: deliver it.
-    Deliver,
-    /// Already delivered: acknowledge again, do not deliver.
-    Duplicate,
-    /// Something before it is missing: drop it; the sender resends in order.
-    Gap,
-}
-
-/// The receiving side: per sending node, the next `seq` expected.
-#[derive(Default)]
-pub struct Inbound {
-    expected: HashMap<NodeId, (u64, u64)>,
-}
-
-impl Inbound {
-    /// Forgets what was received from `from` (gone for good).
-    pub fn forget(&mut self, from: NodeId) {
-        self.expected.remove(&from);
-    }
-
-    /// Sending nodes tracked.
-    pub fn len(&self) -> usize {
-        self.expected.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.expected.is_empty()
-    }
-
-    /// Judges a forward from `from`; after `Deliver` or `Duplicate`, the
-    /// acknowledgement to send is [`Inbound::ack_for`].
-    pub fn accept(&mut self, from: NodeId, s: Sequence) -> Verdict {
-        let (epoch, expected) = self.expected.entry(from).or_insert((s.epoch, s.base));
-        if *epoch != s.epoch {
-            // The sender restarted: a new numbering.
-            (*epoch, *expected) = (s.epoch, s.base);
-        }
-        // The sender gave up what lies below `base`: skip ahead.
-        *expected = (*expected).max(s.base);
-        if s.seq < *expected {
-            Verdict::Duplicate
-        } else if s.seq > *expected {
-            Verdict::Gap
-        } else {
-            *expected += 1;
-            Verdict::Deliver
-        }
-    }
-
-    /// (epoch, last `seq` received in order) from `from`, if any.
-    pub fn ack_for(&self, from: NodeId) -> Option<(u64, u64)> {
-        let (epoch, expected) = self.expected.get(&from)?;
-        expected.checked_sub(1).map(|upto| (*epoch, upto))
-    }
 }
 
 #[cfg(test)]
@@ -388,24 +328,5 @@ mod tests {
         assert!(restore(&storage).is_empty());
         // What was given up no longer holds the base back.
         assert_eq!(outbox.assign(NodeId(1), 99, 0).base, 3);
-    }
-
-    #[test]
-    fn receiver_delivers_in_order_once() {
-        let mut inbound = Inbound::default();
-        let from = NodeId(9);
-        let s = |seq, base| Sequence { epoch: 1, seq, base };
-        // A stale frame from after a link drop arrives first: wait for 0.
-        assert_eq!(inbound.accept(from, s(3, 0)), Verdict::Gap);
-        assert_eq!(inbound.ack_for(from), None);
-        assert_eq!(inbound.accept(from, s(0, 0)), Verdict::Deliver);
-        assert_eq!(inbound.accept(from, s(1, 0)), Verdict::Deliver);
-        assert_eq!(inbound.accept(from, s(1, 0)), Verdict::Duplicate);
-        assert_eq!(inbound.ack_for(from), Some((1, 1)));
-        // The sender gave up 2: base 3 lets 3 through.
-        assert_eq!(inbound.accept(from, s(3, 3)), Verdict::Deliver);
-        // The sender restarted: a new epoch starts from its base.
-        assert_eq!(inbound.accept(from, Sequence { epoch: 2, seq: 0, base: 0 }), Verdict::Deliver);
-        assert_eq!(inbound.ack_for(from), Some((2, 0)));
     }
 }

@@ -1,0 +1,137 @@
+//! Membership: the live set the core routes over, kept in step with the
+//! driver's failure detector.
+//!
+//! Job: a member up (new, restarted with a higher incarnation, or back
+//! after we took it for dead: then it gets the rejoin notice until it
+//! answers), dead, or refused (fleet settings differ); the core's new
+//! membership view after each change; every retained message of this node
+//! to a member that comes up; and, each tick, the rejoin notices and the
+//! pruning of long-dead peers' state. Boundary: the driver decides who is
+//! alive; this room only follows it.
+
+use super::links::{self, Class};
+use super::receive::Batch;
+use super::state::State;
+use super::wire;
+use super::Cluster;
+use crate::broker::message::Message;
+use crate::broker::Broker;
+use crate::storage::Storage;
+use kadmq_dht::core::{Event, ForwardRoute, NodeId};
+use kadmq_dht::driver::{self, PeerId};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Retained messages per frame when a member that came up gets all of them.
+const RETAIN_CHUNK: usize = 256;
+/// Ticks a member we took for dead is told to assert its routes again: the
+/// notice is a frame, and frames right after a link comes back can be lost.
+const REJOIN_NOTICES: u8 = 3;
+
+impl Cluster {
+    /// The driver refused `peer` (a member restarted with other settings):
+    /// out at once, its held frames dropped.
+    pub(super) fn member_refused(&self, batch: &mut Batch<'_>, peer: PeerId, reason: &str) {
+        let storage = batch.storage;
+        let (st, received) = batch.parts();
+        st.refused.insert(peer, Instant::now());
+        let held = st.strangers.take(&peer).len() as u64;
+        // The driver logged the one line about this peer.
+        tracing::debug!(%peer, %reason, "peer refused");
+        self.stats.rejected.add("mismatch", held.max(1));
+        self.members.write().remove(&peer);
+        let id = st.ids.get(&peer).copied();
+        if id.is_some_and(|id| st.live.remove(&id)) {
+            self.apply_membership(st, storage, &mut received.local);
+        }
+    }
+
+    pub(super) fn member_up(&self, batch: &mut Batch<'_>, broker: &Broker, member: driver::Member) {
+        let storage = batch.storage;
+        let (st, received) = batch.parts();
+        st.dead.remove(&member.peer_id);
+        st.refused.remove(&member.peer_id);
+        self.members.write().insert(member.peer_id);
+        let id = st.id_of(member.peer_id);
+        let previous = st.incarnations.insert(id, member.incarnation);
+        let restarted = previous.is_some_and(|old| old < member.incarnation);
+        tracing::info!(node = %member.name, peer = %member.peer_id, restarted, "member up");
+        if restarted && st.live.remove(&id) {
+            // It lost its routing state: let the core drop what it knew of
+            // it, then see it join afresh.
+            self.apply_membership(st, storage, &mut received.local);
+        }
+        if st.live.insert(id) {
+            self.apply_membership(st, storage, &mut received.local);
+            if previous.is_some() && !restarted {
+                // We took it for dead, it was not: it must give us its
+                // routes again.
+                let notice = wire::encode_rejoined();
+                self.send_to(st, id, Class::Control, links::copy_of(&notice));
+                st.rejoin_notices.insert(id, REJOIN_NOTICES);
+            }
+            // A member we did not route to may have missed retained
+            // messages set meanwhile: it gets ours.
+            self.send_retained(st, broker, id);
+        }
+        // Its frames that came before its record, in order.
+        let held = st.strangers.take(&member.peer_id);
+        for bytes in held {
+            self.on_frame(batch, member.peer_id, bytes);
+        }
+    }
+
+    pub(super) fn member_dead(&self, batch: &mut Batch<'_>, peer: PeerId) {
+        tracing::info!(%peer, "member dead");
+        let storage = batch.storage;
+        let (st, received) = batch.parts();
+        self.members.write().remove(&peer);
+        st.dead.insert(peer, Instant::now());
+        let id = st.id_of(peer);
+        if st.live.remove(&id) {
+            self.apply_membership(st, storage, &mut received.local);
+        }
+    }
+
+    /// Gives the core the membership view of the live set.
+    fn apply_membership(&self, st: &mut State, storage: &Storage, local: &mut Vec<(Arc<Message>, ForwardRoute)>) {
+        let next = Arc::new(st.node.membership().next(st.live.iter().copied()));
+        tracing::info!(members = next.len(), version = next.version(), "membership changed");
+        let mut actions = Vec::new();
+        let _ = self.core_event(st, Event::Membership(next), &mut actions);
+        self.execute(st, storage, actions, None, local);
+    }
+
+    /// Sends every retained message this node holds to `to`.
+    fn send_retained(&self, st: &State, broker: &Broker, to: NodeId) {
+        for chunk in broker.retained_messages().chunks(RETAIN_CHUNK) {
+            let refs: Vec<&Message> = chunk.iter().map(|m| &**m).collect();
+            let frame = wire::encode_retain(&refs);
+            self.send_to(st, to, Class::Control, links::copy_of(&frame));
+        }
+    }
+
+    /// Once a tick: the rejoin notices still due, frames of peers whose
+    /// record never came, and the state of peers dead for long.
+    pub(super) fn membership_tick(&self, st: &mut State) {
+        let peers = &st.peers;
+        st.rejoin_notices.retain(|node, left| {
+            if let Some(peer) = peers.get(node) {
+                let notice = wire::encode_rejoined();
+                self.links.sender(*peer).send(Class::Control, links::copy_of(&notice));
+            }
+            *left -= 1;
+            *left > 0
+        });
+        let now = Instant::now();
+        for (peer, frames) in st.strangers.expire(now, self.dead_timeout) {
+            let why = "no node record from this peer within the dead timeout";
+            self.stats.rejected.reject(peer, "not_member", frames, &why);
+        }
+        for peer in st.prune(now, self.dead_timeout) {
+            self.links.forget(&peer);
+            self.stats.rejected.forget(&peer);
+        }
+        self.stats.rejected.sweep(now);
+    }
+}

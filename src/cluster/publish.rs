@@ -1,0 +1,314 @@
+//! The publish path: a local publish routed through the core, and what
+//! the core asks for carried out.
+//!
+//! Job: the broker's [`Fleet`] (subscription changes and publishes in, a
+//! [`PublishRoute`] out), routing a publish from the memo or the core,
+//! holding a publisher's later publishes behind one parked for a lookup
+//! (per-publisher order), numbering QoS 1/2 forwards into the outbox, and
+//! [`Cluster::execute`]: the core's actions for any event (frames and
+//! forwards leave at once, local deliveries are handed back to the caller
+//! to make once the state mutex is released). Boundary: the broker delivers
+//! a decided publish itself; only deliveries the core makes later (a
+//! lookup answered, a publisher released) go to
+//! [`Broker::deliver`](crate::broker::Broker::deliver) from here.
+
+use super::links::{self, Class};
+use super::memo::{recipients, TopicRoute};
+use super::metrics::bump;
+use super::outbox;
+use super::state::{Routing, State};
+use super::wire;
+use super::Cluster;
+use crate::broker::message::Message;
+use crate::broker::{Broker, Fleet, PublishRoute};
+use crate::protocol::QoS;
+use crate::storage::Storage;
+use kadmq_dht::core::{Action, Event, ForwardRoute, NodeId};
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+impl Fleet for Cluster {
+    fn subscribed(&self, filter: &str, group: Option<&str>) {
+        self.handle_local(Event::Subscribe { filter, group });
+    }
+
+    fn unsubscribed(&self, filter: &str, group: Option<&str>) {
+        self.handle_local(Event::Unsubscribe { filter, group });
+    }
+
+    fn retained(&self, message: &Message) {
+        let bytes = wire::encode_retain(&[message]);
+        let st = self.state.lock();
+        for node in st.live.iter().filter(|n| **n != self.me) {
+            self.send_to(&st, *node, Class::Control, links::copy_of(&bytes));
+        }
+    }
+
+    fn publish(&self, message: &Arc<Message>) -> PublishRoute {
+        let Some(broker) = self.broker.upgrade() else { return PublishRoute::Decided { local: None, forwards: 0 } };
+        let none_held = self.publishers_held.load(Ordering::Acquire) == 0;
+        if none_held {
+            let routed = self.with_remembered_route(&message.topic, |route| {
+                self.stats.topic_route_hits.add(1);
+                self.publish_on(&broker.storage, message, route)
+            });
+            if let Some(routed) = routed {
+                return routed;
+            }
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut local = Vec::new();
+        let routed = {
+            let mut st = self.state.lock();
+            self.route(&mut st, &broker.storage, id, message.clone(), &mut local)
+        };
+        // This publish's own local part goes back to the broker when it is
+        // decided; anything else (a publish released by this one) is
+        // delivered here, now that the state mutex is released.
+        let mut mine = None;
+        for (delivered, route) in local {
+            if routed.is_some() && mine.is_none() && Arc::ptr_eq(&delivered, message) {
+                mine = Some(recipients(route));
+            } else {
+                broker.deliver(delivered, &recipients(route));
+            }
+        }
+        match routed {
+            Some(forwards) => PublishRoute::Decided { local: mine, forwards },
+            None => PublishRoute::Pending,
+        }
+    }
+}
+
+impl Cluster {
+    /// Publishes `message` along a remembered route: the core is not asked;
+    /// a QoS 1/2 message is numbered and held in the outbox as in
+    /// [`Cluster::execute`].
+    fn publish_on(&self, storage: &Storage, message: &Arc<Message>, route: &TopicRoute) -> PublishRoute {
+        if message.qos == QoS::AtMostOnce {
+            // A QoS 0 forward's id is never looked at: no shared counter.
+            for (_, sender, to) in &route.forwards {
+                sender.send(Class::Droppable, |out| wire::write_forward(out, 0, None, message, to));
+            }
+        } else if !route.forwards.is_empty() {
+            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+            let now = self.now();
+            let mut st = self.state.lock();
+            let mut waiting = Vec::with_capacity(route.forwards.len());
+            for (node, sender, to) in &route.forwards {
+                let sequence = st.outbox.assign(*node, id, now);
+                waiting.push((*node, to.clone()));
+                sender.send(Class::Resendable, |out| wire::write_forward(out, id, Some(sequence), message, to));
+            }
+            st.outbox.hold(storage, id, message.clone(), waiting, now);
+        }
+        self.stats.forwarded_out.add(route.forwards.len() as u64);
+        PublishRoute::Decided { local: route.local.clone(), forwards: route.forwards.len() }
+    }
+
+    /// Queues for node `to` the frame `write` appends (see
+    /// [`links::Sender::send`]); a node whose peer id is unknown is counted.
+    pub(super) fn send_to(&self, st: &State, to: NodeId, class: Class, write: impl FnOnce(&mut Vec<u8>)) {
+        match st.peers.get(&to) {
+            Some(peer) => {
+                self.links.sender(*peer).send(class, write);
+            }
+            None => bump(&self.stats.unroutable, 1),
+        }
+    }
+
+    /// A subscribe or unsubscribe from a local session (the broker holds
+    /// none of its locks: what it releases is delivered at once).
+    fn handle_local(&self, event: Event<'_>) {
+        let Some(broker) = self.broker.upgrade() else { return };
+        let mut actions = Vec::new();
+        let mut local = Vec::new();
+        {
+            let mut st = self.state.lock();
+            if let Err(err) = self.core_event(&mut st, event, &mut actions) {
+                // The broker validated the filter; what the core still refuses
+                // passes the cluster's limits (topic levels): it stays local.
+                // Client input, so one line, not one per subscription.
+                if self.stats.local_refused.fetch_add(1, Ordering::Relaxed) == 0 {
+                    tracing::warn!(cause = %err, "routing core refused a local subscription (kept on this node only; further ones are counted, not logged)");
+                }
+            }
+            self.execute(&mut st, &broker.storage, actions, None, &mut local);
+        }
+        deliver_all(&broker, local);
+    }
+
+    /// Routes local publish `id`. Returns the number of forwards once it is
+    /// routed, `None` while a lookup is outstanding (a QoS 1/2 message is
+    /// then persisted unrouted first). A publish of a publisher whose earlier
+    /// publish waits for a lookup waits behind it: per-publisher order holds
+    /// even when the later one needs no lookup.
+    pub(super) fn route(
+        &self,
+        st: &mut State,
+        storage: &Storage,
+        id: u64,
+        message: Arc<Message>,
+        local: &mut Vec<(Arc<Message>, ForwardRoute)>,
+    ) -> Option<usize> {
+        let origin = message.origin.clone();
+        if let Some(queue) = origin.as_ref().and_then(|o| st.held.get_mut(o)) {
+            let durable = message.qos != QoS::AtMostOnce;
+            if durable {
+                outbox::persist(storage, id, &message, false, &[]);
+            }
+            queue.push_back((id, Some((message, durable))));
+            return None;
+        }
+        let routed = self.route_now(st, storage, id, message, false, local);
+        if let (None, Some(origin)) = (routed, origin) {
+            st.held.insert(origin, VecDeque::from([(id, None)]));
+            self.publishers_held.fetch_add(1, Ordering::AcqRel);
+        }
+        routed
+    }
+
+    /// After publisher `origin`'s parked publish was routed (and taken off
+    /// the front of its queue): routes its held publishes in order, until
+    /// one parks in turn.
+    fn release_held(
+        &self,
+        st: &mut State,
+        storage: &Storage,
+        origin: Arc<str>,
+        local: &mut Vec<(Arc<Message>, ForwardRoute)>,
+    ) {
+        loop {
+            let next = st.held.get_mut(&origin).and_then(|queue| queue.pop_front());
+            let Some((id, Some((message, persisted)))) = next else {
+                st.held.remove(&origin);
+                self.publishers_held.fetch_sub(1, Ordering::AcqRel);
+                return;
+            };
+            if self.route_now(st, storage, id, message, persisted, local).is_none() {
+                st.held.get_mut(&origin).expect("held").push_front((id, None));
+                return;
+            }
+        }
+    }
+
+    fn route_now(
+        &self,
+        st: &mut State,
+        storage: &Storage,
+        id: u64,
+        message: Arc<Message>,
+        persisted: bool,
+        local: &mut Vec<(Arc<Message>, ForwardRoute)>,
+    ) -> Option<usize> {
+        let durable = message.qos != QoS::AtMostOnce;
+        st.routing.insert(id, Routing { message: message.clone(), waiting: Vec::new(), persisted });
+        let mut actions = Vec::new();
+        let generation = self.generation.load(Ordering::Acquire);
+        if let Err(err) = self.core_event(st, Event::Publish { topic: &message.topic, msg: id }, &mut actions) {
+            // The protocol layer validated the topic; what the core still
+            // refuses passes the cluster's limits (topic levels): deliver
+            // locally rather than lose it. One line, not one per publish.
+            if self.stats.local_refused.fetch_add(1, Ordering::Relaxed) == 0 {
+                tracing::warn!(cause = %err, "routing core refused a publish; delivering locally only (further ones are counted, not logged)");
+            }
+            st.routing.remove(&id);
+            local.push((message, ForwardRoute { plain: true, shared: Vec::new() }));
+            return Some(0);
+        }
+        self.remember_route(st, &message.topic, id, generation, &actions);
+        let routed = self.execute(st, storage, actions, None, local);
+        match routed.iter().find(|(m, _)| *m == id) {
+            Some((_, forwards)) => Some(*forwards as usize),
+            None => {
+                if durable && !persisted {
+                    if let Some(pending) = st.routing.get_mut(&id) {
+                        outbox::persist(storage, id, &message, false, &[]);
+                        pending.persisted = true;
+                    }
+                }
+                None
+            }
+        }
+    }
+
+    /// Carries out the core's actions: frames and forwards leave at once
+    /// (in order), local deliveries are collected in `local` for after the
+    /// lock. `forwarded` is the message when the actions answer an
+    /// `Event::Forwarded`. Returns the publishes routed, with their forward counts.
+    pub(super) fn execute(
+        &self,
+        st: &mut State,
+        storage: &Storage,
+        actions: Vec<Action>,
+        forwarded: Option<&Arc<Message>>,
+        local: &mut Vec<(Arc<Message>, ForwardRoute)>,
+    ) -> Vec<(u64, u32)> {
+        let now = self.now();
+        let mut routed = Vec::new();
+        let mut released = Vec::new();
+        for action in actions {
+            match action {
+                Action::Send { to, frame } => {
+                    let bytes = wire::encode_route(&frame);
+                    self.send_to(st, to, Class::Control, links::copy_of(&bytes));
+                }
+                Action::Forward { to, msg, route } => {
+                    let Some(pending) = st.routing.get_mut(&msg) else { continue };
+                    let sequence = (pending.message.qos != QoS::AtMostOnce).then(|| {
+                        pending.waiting.push((to, route.clone()));
+                        st.outbox.assign(to, msg, now)
+                    });
+                    let message = pending.message.clone();
+                    self.stats.forwarded_out.add(1);
+                    let class = if sequence.is_some() { Class::Resendable } else { Class::Droppable };
+                    self.send_to(st, to, class, |out| wire::write_forward(out, msg, sequence, &message, &route));
+                }
+                Action::Deliver { msg, route } => {
+                    let message = match forwarded {
+                        Some(message) => Some(message.clone()),
+                        None => st.routing.get(&msg).map(|p| p.message.clone()),
+                    };
+                    if let Some(message) = message {
+                        local.push((message, route));
+                    }
+                }
+                Action::Routed { msg, forwards, .. } => {
+                    if let Some(pending) = st.routing.remove(&msg) {
+                        // A publisher's parked publish: its held ones may go.
+                        if let Some(origin) = &pending.message.origin {
+                            if let Some(queue) =
+                                st.held.get_mut(origin).filter(|q| q.front().is_some_and(|f| f.0 == msg))
+                            {
+                                queue.pop_front();
+                                released.push(origin.clone());
+                            }
+                        }
+                        if !pending.waiting.is_empty() {
+                            st.outbox.hold(storage, msg, pending.message, pending.waiting, now);
+                        } else if pending.persisted {
+                            outbox::forget(storage, msg);
+                        }
+                    }
+                    routed.push((msg, forwards));
+                }
+                Action::ArmTimer { at } => {
+                    st.timer_at = Some(at);
+                    self.timer.notify_one();
+                }
+            }
+        }
+        for origin in released {
+            self.release_held(st, storage, origin, local);
+        }
+        routed
+    }
+}
+
+/// Hands deliveries the core decided to the broker (no state mutex held).
+pub(super) fn deliver_all(broker: &Broker, local: Vec<(Arc<Message>, ForwardRoute)>) {
+    for (message, route) in local {
+        broker.deliver(message, &recipients(route));
+    }
+}

@@ -1,0 +1,124 @@
+//! The cluster task and the delivery stage: the two loops that drive the
+//! rooms of `super`.
+//!
+//! Job: the cluster task takes driver events in batches (the receive path),
+//! fires the core's timer, and ticks once a second (outbox resends, rejoin
+//! notices, pruning, the replay of the last run's unrouted publishes, the
+//! load in our heartbeats, the peers file); the delivery stage delivers what
+//! each batch received, beside it and in order. Boundary: both are started
+//! by [`super::start`] into the server's task set and end by themselves
+//! when the driver stops (no detached task).
+
+use super::links::Class;
+use super::publish::deliver_all;
+use super::receive::Received;
+use super::wire;
+use super::Cluster;
+use kadmq_dht::core::Event;
+use kadmq_dht::driver;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+/// Driver events handled per lock of the core.
+const EVENT_BATCH: usize = 512;
+/// Batches of received messages waiting for the delivery stage.
+pub(super) const DELIVERY_QUEUE: usize = 64;
+/// Outbox records of the previous run that were not routed yet are routed
+/// again this long after start (so the node has heard of its peers).
+pub(super) const REPLAY_AFTER: Duration = Duration::from_secs(5);
+
+impl Cluster {
+    /// The cluster task: driver events, the core's timer, and a 1 s tick.
+    /// Ends when the driver stops (or the delivery stage did).
+    pub(super) async fn run(
+        self: Arc<Self>,
+        mut events: mpsc::Receiver<driver::Event>,
+        delivery: mpsc::Sender<Received>,
+    ) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut batch = Vec::with_capacity(EVENT_BATCH);
+        loop {
+            let timer_at = self.state.lock().timer_at;
+            let wake = timer_at.map(|at| tokio::time::Instant::from_std(self.started + Duration::from_millis(at)));
+            let timer = async {
+                match wake {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                received = events.recv_many(&mut batch, EVENT_BATCH) => {
+                    if received == 0 {
+                        tracing::info!("cluster driver stopped");
+                        return;
+                    }
+                    let received = self.on_events(batch.drain(..));
+                    if delivery.send(received).await.is_err() {
+                        return;
+                    }
+                }
+                _ = timer => self.on_timer(),
+                _ = self.timer.notified() => {}
+                _ = tick.tick() => self.on_tick().await,
+            }
+        }
+    }
+
+    /// The delivery stage: decoding and routing (the cluster task) and
+    /// delivering (here) run side by side, in order. Ends after the
+    /// cluster task, with the last batch delivered.
+    pub(super) async fn deliver_stage(self: Arc<Self>, mut delivered: mpsc::Receiver<Received>) {
+        while let Some(received) = delivered.recv().await {
+            self.deliver_received(received);
+        }
+    }
+
+    fn on_timer(&self) {
+        let Some(broker) = self.broker.upgrade() else { return };
+        let mut local = Vec::new();
+        {
+            let mut st = self.state.lock();
+            st.timer_at = None;
+            let mut actions = Vec::new();
+            let _ = self.core_event(&mut st, Event::Timer, &mut actions);
+            self.execute(&mut st, &broker.storage, actions, None, &mut local);
+        }
+        deliver_all(&broker, local);
+    }
+
+    async fn on_tick(&self) {
+        let Some(broker) = self.broker.upgrade() else { return };
+        let now = self.now();
+        let mut local = Vec::new();
+        let load = {
+            let mut st = self.state.lock();
+            let st = &mut *st;
+            let (live, peers) = (&st.live, &st.peers);
+            for (sequence, id, message, to, route) in st.outbox.due(&broker.storage, now, |node| live.contains(&node)) {
+                if let Some(peer) = peers.get(&to) {
+                    self.links
+                        .sender(*peer)
+                        .send(Class::Resendable, |out| wire::write_forward(out, id, Some(sequence), &message, &route));
+                }
+            }
+            self.membership_tick(st);
+            if self.started.elapsed() >= REPLAY_AFTER {
+                for (id, message) in std::mem::take(&mut st.replay) {
+                    self.route(st, &broker.storage, id, Arc::new(message), &mut local);
+                }
+            }
+            driver::Load {
+                connections: crate::broker::Stats::get(&broker.stats.clients_connected),
+                shards: st.node.shards_owned() as u64,
+                entries: st.node.entries_owned() as u64,
+            }
+        };
+        deliver_all(&broker, local);
+        let _ = self.client.set_load(load).await;
+        if self.started.elapsed().as_secs() % 10 == 5 {
+            self.remember_members().await;
+        }
+    }
+}

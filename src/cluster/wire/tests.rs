@@ -1,0 +1,172 @@
+//! The envelope's round trips and its refusals of malformed frames.
+
+use super::*;
+
+fn decode(bytes: &[u8]) -> Result<Wire, WireError> {
+    super::decode(&Bytes::copy_from_slice(bytes))
+}
+
+fn forward() -> Forward {
+    Forward {
+        id: 7,
+        sequence: Some(Sequence { epoch: 3, seq: 9, base: 4 }),
+        message: Message {
+            topic: "a/b".into(),
+            payload: Bytes::from_static(b"hello"),
+            qos: QoS::ExactlyOnce,
+            retain: false,
+            properties: Default::default(),
+            expires_at_ms: Some(99),
+            origin: Some("c1".into()),
+        },
+        route: ForwardRoute { plain: true, shared: vec![SharedPick { group: "g".into(), filter: "a/+".into() }] },
+    }
+}
+
+#[test]
+fn forwards_with_properties_and_without_options_round_trip() {
+    let mut f = forward();
+    f.message.properties.content_type = Some("text/plain".into());
+    f.message.properties.user_properties = vec![("k".into(), "v".into())];
+    let bytes = encode_forward(f.id, f.sequence, &f.message, &f.route);
+    assert_eq!(decode(&bytes).unwrap(), Wire::Forward(Box::new(f.clone())));
+    f.sequence = None;
+    f.message.origin = None;
+    f.message.expires_at_ms = None;
+    f.message.retain = true;
+    f.message.qos = QoS::AtMostOnce;
+    f.route = ForwardRoute { plain: true, shared: Vec::new() };
+    let bytes = encode_forward(f.id, f.sequence, &f.message, &f.route);
+    assert_eq!(decode(&bytes).unwrap(), Wire::Forward(Box::new(f)));
+}
+
+#[test]
+fn forwards_and_acks_round_trip() {
+    let f = forward();
+    let wire = Wire::Forward(Box::new(f.clone()));
+    assert_eq!(decode(&encode_forward(f.id, f.sequence, &f.message, &f.route)).unwrap(), wire);
+    assert_eq!(decode(&encode_ack(2, u64::MAX)).unwrap(), Wire::Ack { epoch: 2, upto: u64::MAX });
+    assert_eq!(decode(&encode_retain(&[&f.message])).unwrap(), Wire::Retain(vec![f.message.clone()]));
+    assert_eq!(decode(&encode_rejoined()).unwrap(), Wire::Rejoined);
+}
+
+#[test]
+fn a_batch_carries_its_frames_in_order() {
+    let f = forward();
+    let frames = vec![encode_forward(1, None, &f.message, &f.route), encode_ack(1, 2), encode_rejoined()];
+    let batch = encode_batch(&frames);
+    assert_eq!(unbatch(batch).unwrap(), frames);
+    // A single frame is its own batch.
+    assert_eq!(unbatch(frames[1].clone()).unwrap(), vec![frames[1].clone()]);
+    // A truncated batch is an error; a batch inside a batch does not decode.
+    let batch = encode_batch(&frames);
+    assert!(matches!(unbatch(batch.slice(..batch.len() - 1)), Err(WireError::Batch)));
+    let nested = encode_batch(&[encode_batch(&frames)]);
+    let inner = unbatch(nested).unwrap();
+    assert!(matches!(decode(&inner[0]), Err(WireError::Kind(BATCH))));
+}
+
+#[test]
+fn bad_frames_are_errors_not_panics() {
+    assert!(matches!(decode(&[]), Err(WireError::Empty)));
+    assert!(matches!(decode(&[9, ACK, 0x90]), Err(WireError::Version(9))));
+    assert!(matches!(decode(&[VERSION, 77]), Err(WireError::Kind(77))));
+    assert!(matches!(decode(&[VERSION, FORWARD, 0xc1]), Err(WireError::Forward(_))));
+    assert!(matches!(decode(&[VERSION, ROUTE, 0xc1]), Err(WireError::Route(_))));
+    let f = forward();
+    let mut truncated = encode_forward(f.id, None, &f.message, &f.route).to_vec();
+    truncated.truncate(truncated.len() - 3);
+    assert!(decode(&truncated).is_err());
+    let mut longer = encode_forward(f.id, None, &f.message, &f.route).to_vec();
+    longer.push(0);
+    assert!(decode(&longer).is_err());
+    // Any prefix of a forward is an error, never a panic.
+    let whole = encode_forward(f.id, f.sequence, &f.message, &f.route);
+    for len in 0..whole.len() {
+        assert!(decode(&whole[..len]).is_err(), "prefix of {len} bytes");
+    }
+}
+
+/// Decodes a forward built from `f` (encoded as the sender would).
+fn decode_forward(f: &Forward) -> Result<Wire, WireError> {
+    decode(&encode_forward(f.id, f.sequence, &f.message, &f.route))
+}
+
+fn invalid(result: Result<Wire, WireError>) -> &'static str {
+    match result {
+        Err(WireError::Invalid(what)) => what,
+        other => panic!("expected an invalid field, got {other:?}"),
+    }
+}
+
+#[test]
+fn forwarded_topics_must_be_valid_and_within_the_level_limit() {
+    for topic in ["a/+", "#", "", "a\0b"] {
+        let mut f = forward();
+        f.message.topic = topic.into();
+        assert_eq!(invalid(decode_forward(&f)), "topic", "{topic:?}");
+    }
+    let mut f = forward();
+    f.message.topic = vec!["t"; core::node::DEFAULT_MAX_TOPIC_LEVELS + 1].join("/");
+    assert_eq!(invalid(decode_forward(&f)), "topic");
+    f.message.topic = vec!["t"; core::node::DEFAULT_MAX_TOPIC_LEVELS].join("/");
+    assert!(decode_forward(&f).is_ok());
+}
+
+#[test]
+fn sequences_and_ids_must_fit_the_qos() {
+    let mut f = forward();
+    f.sequence = None;
+    assert_eq!(invalid(decode_forward(&f)), "sequence (missing)");
+    let mut f = forward();
+    f.message.qos = QoS::AtMostOnce;
+    assert_eq!(invalid(decode_forward(&f)), "sequence (QoS 0)");
+    let mut f = forward();
+    f.sequence = Some(Sequence { epoch: 1, seq: u64::MAX, base: 0 });
+    assert_eq!(invalid(decode_forward(&f)), "sequence");
+    f.sequence = Some(Sequence { epoch: 1, seq: 3, base: 4 });
+    assert_eq!(invalid(decode_forward(&f)), "sequence");
+    let mut f = forward();
+    f.id = 0;
+    assert_eq!(invalid(decode_forward(&f)), "message id");
+    // QoS 3 does not even parse.
+    let mut bytes = encode_forward(7, None, &forward().message, &forward().route).to_vec();
+    bytes[11] = 3;
+    assert!(matches!(decode(&bytes), Err(WireError::Forward("qos"))));
+}
+
+#[test]
+fn shared_picks_origin_and_properties_are_checked() {
+    for (group, filter) in [("", "a/+"), ("g/h", "a/+"), ("g", "a/#/b"), ("g", "")] {
+        let mut f = forward();
+        f.route.shared = vec![SharedPick { group: group.into(), filter: filter.into() }];
+        assert_eq!(invalid(decode_forward(&f)), "shared subscription pick", "{group:?} {filter:?}");
+    }
+    let mut f = forward();
+    f.route = ForwardRoute::default();
+    assert_eq!(invalid(decode_forward(&f)), "route (nothing to deliver)");
+    let mut f = forward();
+    f.message.origin = Some("".into());
+    assert_eq!(invalid(decode_forward(&f)), "origin");
+    let mut f = forward();
+    f.message.properties.correlation_data = Some(Bytes::from(vec![0u8; MAX_PROPERTIES + 1]));
+    assert_eq!(invalid(decode_forward(&f)), "properties");
+    // A response topic is opaque here (the broker passes it on as the
+    // publisher gave it): only its size counts.
+    let mut f = forward();
+    f.message.properties.response_topic = Some("r/+".into());
+    assert!(decode_forward(&f).is_ok());
+}
+
+#[test]
+fn retained_messages_are_checked_and_bounded() {
+    let mut m = forward().message;
+    m.topic = "a/#".into();
+    assert_eq!(invalid(decode(&encode_retain(&[&m]))), "topic");
+    let good = forward().message;
+    let many: Vec<&Message> = std::iter::repeat_n(&good, MAX_RETAIN_MESSAGES + 1).collect();
+    assert_eq!(invalid(decode(&encode_retain(&many))), "retained messages (too many)");
+    assert_eq!(WireError::Invalid("topic").reason(), "invalid_topic");
+    assert_eq!(WireError::Invalid("origin").reason(), "invalid_field");
+    assert_eq!(WireError::Version(9).reason(), "version");
+}
