@@ -14,8 +14,11 @@ fn secs(n: u64) -> Duration {
     Duration::from_secs(n)
 }
 
-fn broker(clock: &Arc<ManualClock>) -> Broker {
-    Broker::open_with_clock(MqttConfig::default(), Storage::in_memory(), clock.clone()).unwrap()
+/// A broker on an in-memory store, and the clock it reads.
+fn broker_at(start_ms: u64) -> (Arc<ManualClock>, Broker) {
+    let clock = Arc::new(ManualClock::at(start_ms));
+    let broker = Broker::open_with_clock(MqttConfig::default(), Storage::in_memory(), clock.clone()).unwrap();
+    (clock, broker)
 }
 
 fn message(topic: &str, retain: bool, expires_at_ms: Option<u64>) -> Message {
@@ -52,8 +55,7 @@ fn take(broker: &Broker, session: &Session) -> (Vec<Publish>, usize) {
 
 #[tokio::test]
 async fn a_session_expires_when_the_clock_says_so() {
-    let clock = Arc::new(ManualClock::at(START));
-    let broker = broker(&clock);
+    let (clock, broker) = broker_at(START);
     let connected = broker.connect("c", false, 10).await;
     leave(&broker, &connected, None);
     assert_eq!(broker.storage.sessions().unwrap()[0].1.disconnected_at_ms, Some(START));
@@ -75,8 +77,7 @@ async fn a_session_expires_when_the_clock_says_so() {
 
 #[tokio::test]
 async fn a_delayed_will_is_published_after_its_delay() {
-    let clock = Arc::new(ManualClock::at(START));
-    let broker = broker(&clock);
+    let (clock, broker) = broker_at(START);
     let subscriber = broker.connect("s", false, 0).await;
     subscribe(&broker, &subscriber.session, "will/#");
     let publisher = broker.connect("p", false, 60).await;
@@ -99,8 +100,7 @@ async fn a_delayed_will_is_published_after_its_delay() {
 
 #[tokio::test]
 async fn an_expired_message_is_dropped_from_the_queue() {
-    let clock = Arc::new(ManualClock::at(START));
-    let broker = broker(&clock);
+    let (clock, broker) = broker_at(START);
     let subscriber = broker.connect("s", false, 60).await;
     subscribe(&broker, &subscriber.session, "t");
     leave(&broker, &subscriber, None);
@@ -118,8 +118,7 @@ async fn an_expired_message_is_dropped_from_the_queue() {
 
 #[tokio::test]
 async fn an_expired_retained_message_is_not_sent_and_is_forgotten() {
-    let clock = Arc::new(ManualClock::at(START));
-    let broker = broker(&clock);
+    let (clock, broker) = broker_at(START);
     broker.publish(message("r", true, Some(START + 5_000)));
     assert_eq!(broker.retained_count(), 1);
 
@@ -137,10 +136,10 @@ async fn an_expired_retained_message_is_not_sent_and_is_forgotten() {
 }
 
 #[test]
-fn uptime_follows_the_monotonic_reading_only() {
+fn uptime_counts_from_open_on_the_monotonic_reading() {
     let clock = Arc::new(ManualClock::at(START));
     clock.advance(secs(100));
-    let broker = broker(&clock);
+    let broker = Broker::open_with_clock(MqttConfig::default(), Storage::in_memory(), clock.clone()).unwrap();
     assert_eq!(broker.uptime(), Duration::ZERO);
     clock.advance(secs(3));
     assert_eq!(broker.uptime(), secs(3));
