@@ -8,7 +8,7 @@
 //! PUBREC, SUBACK of a persistent session), storage is flushed.
 
 use crate::broker::limits::{Limit, TokenBucket, TopicLimits};
-use crate::broker::message::{now_ms, Message};
+use crate::broker::message::Message;
 use crate::broker::session::{AttachmentHandle, ClientLimits, Session, NEVER_EXPIRES};
 use crate::broker::{Broker, Departure, Stats, SubscribeRequest};
 use crate::protocol::alias::{AliasUse, OutgoingAliases};
@@ -306,7 +306,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             throttled_until: None,
             unwritten_pubacks: 0,
         };
-        for packet in connection.session.resend_inflight() {
+        for packet in connection.session.resend_inflight(connection.broker.now_ms()) {
             connection.send(packet);
         }
         Some(connection)
@@ -536,7 +536,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             st.incoming_qos2.insert(packet_id);
             self.session.save(&st, &self.broker.storage);
         }
-        let now = now_ms();
+        let now = self.broker.now_ms();
         let message = Message {
             expires_at_ms: publish.properties.message.message_expiry_interval.map(|s| now + s as u64 * 1000),
             topic: publish.topic,
@@ -610,7 +610,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     /// more are ready.
     fn take_deliveries(&mut self) -> bool {
         let mut publishes = std::mem::take(&mut self.publishes);
-        let (more, dropped) = self.session.take_ready(DELIVERY_BATCH, &mut publishes, &self.broker.storage);
+        let (more, dropped) =
+            self.session.take_ready(DELIVERY_BATCH, &mut publishes, &self.broker.storage, self.broker.now_ms());
         if dropped > 0 {
             Stats::add(&self.broker.stats.messages_dropped, dropped as u64);
         }
@@ -718,7 +719,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         }
         let shutdown = self.link.stream.shutdown();
         let _ = tokio::time::timeout(self.keep_alive.unwrap_or(Duration::from_secs(5)), shutdown).await;
-        let now = now_ms();
+        let now = self.broker.now_ms();
         let will = self.will.take().filter(|_| will).map(|w| {
             let delay = if self.version == Version::V5 { w.properties.will_delay_interval.unwrap_or(0) } else { 0 };
             let message = Message {

@@ -48,12 +48,7 @@ fn figures(broker: &Broker, cluster: Option<&Cluster>) -> Vec<Figure> {
     let s = &broker.stats;
     let figure = Figure::new;
     vec![
-        figure(
-            "kadmq_uptime_seconds",
-            "gauge",
-            "Seconds since the broker started.",
-            broker.started.elapsed().as_secs(),
-        ),
+        figure("kadmq_uptime_seconds", "gauge", "Seconds since the broker started.", broker.uptime().as_secs()),
         figure("kadmq_connections", "gauge", "Client connections open now.", Stats::get(&s.clients_connected)),
         figure("kadmq_connections_total", "counter", "Client connections accepted.", Stats::get(&s.clients_total)),
         figure("kadmq_sessions", "gauge", "Sessions held (connected and offline).", broker.session_count() as u64),

@@ -14,7 +14,8 @@
 //! - [`metrics`]: the one figure type and its Prometheus text.
 //! - [`cluster`]: the node in a fleet: routing core, libp2p driver, forwards.
 //! - [`server`]: listeners, background tasks, start and graceful stop.
-//! - [`storage`]: the fjall store in the data directory.
+//! - [`storage`]: durable state over a small key-value engine (fjall in the
+//!   data directory, in memory for unit tests).
 //! - [`config`] and [`cli`]: configuration file, environment, flags.
 //!
 //! `docs/ARCHITECTURE.md` follows one PUBLISH through these modules.

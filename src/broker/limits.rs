@@ -103,7 +103,7 @@ impl LimitHits {
     pub fn hit(&self, limit: Limit, client: &str, what: &str) {
         let i = limit as usize;
         self.hits[i].fetch_add(1, Ordering::Relaxed);
-        if let Some(suppressed) = self.logs[i].pass(super::message::now_ms()) {
+        if let Some(suppressed) = self.logs[i].pass(super::clock::SystemClock::unix_ms()) {
             tracing::warn!(
                 limit = limit.name(),
                 client_id = client,

@@ -20,28 +20,32 @@
 //! `fleet_changes` while the trie lock orders them, and sent in that order
 //! under `fleet_gate`, so the fleet may deliver while it handles them.
 
+pub mod clock;
 pub mod fleet;
 pub mod limits;
 pub mod message;
 pub mod retained;
 pub mod session;
 pub mod sys;
+#[cfg(test)]
+mod tests;
 pub mod trie;
 
 use crate::config::MqttConfig;
 use crate::protocol::topic::{parse_shared, valid_topic_filter};
 use crate::protocol::{DisconnectReason, QoS, SubscriptionOptions};
 use crate::storage::{Storage, StorageError};
+use clock::{Clock, SystemClock};
 pub use fleet::{Fleet, PublishRoute, Recipients, ShareGroup};
 use limits::{Limit, LimitHits, TopicLimits};
-use message::{now_ms, Message};
+use message::Message;
 use parking_lot::{Mutex, RwLock};
 use retained::RetainedTree;
 use session::{Attachment, AttachmentHandle, Delivery, EndedSession, PendingWill, QueueLimits, Session, Subscription};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use trie::SubscriptionTrie;
 
 /// A subscriber in the trie: client id, and the share group for `$share`.
@@ -88,7 +92,10 @@ pub struct Broker {
     pub stats: Stats,
     /// Each time a client ran into one of its limits.
     pub limits: LimitHits,
-    pub started: Instant,
+    /// All the broker knows of time (see [`clock`]).
+    clock: Arc<dyn Clock>,
+    /// The clock's monotonic reading at open, for uptime.
+    started: Duration,
     sessions: Mutex<HashMap<Arc<str>, Arc<Session>>>,
     subscriptions: RwLock<SubscriptionTrie<SubscriberKey, SubscriberEntry>>,
     retained: RwLock<RetainedTree>,
@@ -133,12 +140,23 @@ impl Broker {
     /// Opens the broker on a storage, restoring retained messages and
     /// persistent sessions (dropping those that expired while it was down).
     pub fn open(config: MqttConfig, storage: Storage) -> Result<Broker, StorageError> {
+        Broker::open_with_clock(config, storage, Arc::new(SystemClock::new()))
+    }
+
+    /// [`Broker::open`] on the time `clock` gives (tests use a
+    /// [`clock::ManualClock`]).
+    pub fn open_with_clock(
+        config: MqttConfig,
+        storage: Storage,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Broker, StorageError> {
         let broker = Broker {
             config,
             storage,
             stats: Stats::default(),
             limits: LimitHits::default(),
-            started: Instant::now(),
+            started: clock.monotonic(),
+            clock,
             sessions: Mutex::new(HashMap::new()),
             subscriptions: RwLock::new(SubscriptionTrie::new()),
             retained: RwLock::new(RetainedTree::default()),
@@ -148,7 +166,7 @@ impl Broker {
             fleet_changes: Mutex::new(Vec::new()),
             fleet_gate: Mutex::new(()),
         };
-        let now = now_ms();
+        let now = broker.now_ms();
         {
             let mut retained = broker.retained.write();
             for message in broker.storage.retained()? {
@@ -169,7 +187,7 @@ impl Broker {
             }
             let deliveries = broker.storage.deliveries(&client_id)?;
             let client_id: Arc<str> = client_id.into();
-            let session = Arc::new(Session::restore(client_id.clone(), stored, deliveries));
+            let session = Arc::new(Session::restore(client_id.clone(), stored, deliveries, now));
             {
                 let st = session.lock();
                 let mut trie = broker.subscriptions.write();
@@ -218,6 +236,17 @@ impl Broker {
                 false => fleet.unsubscribed(&change.filter, group),
             }
         }
+    }
+
+    /// Wall-clock time in Unix milliseconds, as the broker's clock says:
+    /// what connections stamp message expiry with.
+    pub fn now_ms(&self) -> u64 {
+        self.clock.now_ms()
+    }
+
+    /// How long since the broker opened.
+    pub fn uptime(&self) -> Duration {
+        self.clock.monotonic().saturating_sub(self.started)
     }
 
     /// The fleet this node belongs to, if any.
@@ -273,7 +302,7 @@ impl Broker {
                     let expired = st
                         .disconnected_at_ms
                         .and_then(|at| expires_at(at, st.expiry_interval))
-                        .is_some_and(|end| end <= now_ms());
+                        .is_some_and(|end| end <= self.now_ms());
                     if clean_start || expired {
                         Step::Discard
                     } else {
@@ -315,7 +344,7 @@ impl Broker {
         let attached = st.connection.as_ref().is_some_and(|a| a.connection_id == departure.connection_id);
         if attached {
             st.connection = None;
-            st.disconnected_at_ms = Some(now_ms());
+            st.disconnected_at_ms = Some(self.now_ms());
         }
         // A takeover detaches the old connection before it closes: an
         // expiry-0 session still ends with it, unless another took it.
@@ -326,7 +355,7 @@ impl Broker {
             if delay == 0 || ends {
                 publish_now = Some(will);
             } else {
-                st.pending_will = Some(PendingWill { at_ms: now_ms() + delay as u64 * 1000, message: will });
+                st.pending_will = Some(PendingWill { at_ms: self.now_ms() + delay as u64 * 1000, message: will });
             }
         }
         if attached && !ends {
@@ -384,14 +413,14 @@ impl Broker {
     /// Publishes a will whose delay has passed: its Message Expiry Interval
     /// counts from now, the moment of publication (MQTT 5 §3.1.3.2.3).
     fn publish_will(&self, mut will: Message) {
-        will.expires_at_ms = will.properties.message_expiry_interval.map(|s| now_ms() + s as u64 * 1000);
+        will.expires_at_ms = will.properties.message_expiry_interval.map(|s| self.now_ms() + s as u64 * 1000);
         self.publish(will);
     }
 
     /// Expires sessions and publishes delayed wills whose time has come.
     /// Called about once a second.
     pub fn sweep(&self) {
-        let now = now_ms();
+        let now = self.now_ms();
         let sessions: Vec<Arc<Session>> = self.sessions.lock().values().cloned().collect();
         for session in sessions {
             let mut st = session.lock();
@@ -567,7 +596,7 @@ impl Broker {
     /// Keeps a retained message (or clears one, empty payload) set on
     /// another node of the fleet; nothing is delivered.
     pub fn retain_from_fleet(&self, message: &Message) {
-        if !message.is_expired(now_ms()) {
+        if !message.is_expired(self.now_ms()) {
             self.retain(message);
         }
     }
@@ -657,7 +686,7 @@ impl Broker {
             session.save(&st, &self.storage);
         }
         self.tell_fleet();
-        let now = now_ms();
+        let now = self.now_ms();
         for (filter, subscription) in retained_for {
             let messages = self.retained.read().matching(&filter);
             for message in messages {

@@ -7,7 +7,7 @@
 //! into storage so a restart loses nothing that was acknowledged upstream.
 
 use super::limits::Limit;
-use super::message::{now_ms, Message};
+use super::message::Message;
 use crate::protocol::{
     self, DisconnectReason, Packet, PubAck, Publish, PublishProperties, QoS, SubscriptionOptions, Version,
 };
@@ -288,7 +288,13 @@ impl Session {
 
     /// Rebuilds a persistent session from storage (offline, with its queue;
     /// deliveries that had been sent are sent again, with DUP, on resume).
-    pub fn restore(client_id: Arc<str>, stored: StoredSession, deliveries: Vec<(u64, StoredDelivery)>) -> Session {
+    /// A record without a disconnect time counts as disconnected at `now_ms`.
+    pub fn restore(
+        client_id: Arc<str>,
+        stored: StoredSession,
+        deliveries: Vec<(u64, StoredDelivery)>,
+        now_ms: u64,
+    ) -> Session {
         let session = Session::new(client_id, stored.expiry_interval);
         {
             let mut st = session.state.lock();
@@ -298,7 +304,7 @@ impl Session {
                 .map(|s| (s.filter, Subscription { options: s.options, identifier: s.identifier }))
                 .collect();
             st.incoming_qos2 = stored.incoming_qos2.into_iter().collect();
-            st.disconnected_at_ms = Some(stored.disconnected_at_ms.unwrap_or_else(now_ms));
+            st.disconnected_at_ms = Some(stored.disconnected_at_ms.unwrap_or(now_ms));
             for (seq, d) in deliveries {
                 st.next_seq = st.next_seq.max(seq + 1);
                 let delivery = Delivery {
@@ -374,11 +380,11 @@ impl Session {
     /// Moves deliveries from the queue into the inflight window and returns
     /// them as PUBLISH packets, at most `batch`. Expired messages and
     /// messages larger than the client accepts are dropped (the latter as
-    /// MQTT 5 requires). Returns whether more are ready.
-    pub fn take_ready(&self, batch: usize, out: &mut Vec<Publish>, storage: &Storage) -> (bool, usize) {
+    /// MQTT 5 requires); expiry is judged at `now` (Unix milliseconds).
+    /// Returns whether more are ready, and how many were dropped.
+    pub fn take_ready(&self, batch: usize, out: &mut Vec<Publish>, storage: &Storage, now: u64) -> (bool, usize) {
         let mut st = self.state.lock();
         let limits = st.client_limits;
-        let now = now_ms();
         let mut dropped = 0;
         let mut taken = 0;
         while taken < batch {
@@ -432,9 +438,9 @@ impl Session {
 
     /// What must be sent again when a client resumes the session: PUBLISH
     /// with DUP for unacknowledged messages, PUBREL for released QoS 2.
-    pub fn resend_inflight(&self) -> Vec<Packet> {
+    /// Message expiry intervals are what is left at `now` (Unix milliseconds).
+    pub fn resend_inflight(&self, now: u64) -> Vec<Packet> {
         let st = self.state.lock();
-        let now = now_ms();
         st.inflight
             .iter()
             .map(|(&id, inflight)| {
@@ -561,15 +567,12 @@ mod tests {
         QueueLimits { max_messages, max_bytes: usize::MAX, qos0_offline: false }
     }
 
-    fn storage() -> (tempfile::TempDir, Storage) {
-        let dir = tempfile::tempdir().unwrap();
-        let storage = Storage::open(dir.path()).unwrap();
-        (dir, storage)
-    }
+    /// The time the tests run at (Unix milliseconds).
+    const NOW: u64 = 1_000_000;
 
     #[test]
     fn inflight_window_honours_receive_maximum() {
-        let (_dir, storage) = storage();
+        let storage = Storage::in_memory();
         let session = Session::new("c".into(), 0);
         let (attachment, _handle) = Attachment::new(1);
         {
@@ -581,18 +584,18 @@ mod tests {
             session.enqueue(delivery(QoS::AtLeastOnce), &messages(100), &storage).unwrap();
         }
         let mut out = Vec::new();
-        let (more, _) = session.take_ready(100, &mut out, &storage);
+        let (more, _) = session.take_ready(100, &mut out, &storage, NOW);
         assert_eq!(out.len(), 2);
         assert!(!more);
         assert!(session.complete(out[0].packet_id.unwrap(), &storage));
         out.clear();
-        session.take_ready(100, &mut out, &storage);
+        session.take_ready(100, &mut out, &storage, NOW);
         assert_eq!(out.len(), 1);
     }
 
     #[test]
     fn offline_persistent_session_queues_and_bounds() {
-        let (_dir, storage) = storage();
+        let storage = Storage::in_memory();
         let session = Session::new("c".into(), 60);
         assert_eq!(session.enqueue(delivery(QoS::AtMostOnce), &messages(2), &storage), Err(Dropped::Offline));
         session.enqueue(delivery(QoS::AtLeastOnce), &messages(2), &storage).unwrap();
@@ -606,7 +609,7 @@ mod tests {
 
     #[test]
     fn queued_bytes_are_bounded_and_given_back() {
-        let (_dir, storage) = storage();
+        let storage = Storage::in_memory();
         let session = Session::new("c".into(), 60);
         // Each test delivery holds 2 bytes (topic "t", payload "p").
         let limits = QueueLimits { max_messages: 100, max_bytes: 5, qos0_offline: false };
@@ -618,7 +621,7 @@ mod tests {
         // Sending gives the bytes back.
         session.lock().connection = Some(Attachment::new(1).0);
         let mut out = Vec::new();
-        session.take_ready(1, &mut out, &storage);
+        session.take_ready(1, &mut out, &storage, NOW);
         assert_eq!(session.lock().queued_bytes(), 2);
         session.enqueue(delivery(QoS::AtLeastOnce), &limits, &storage).unwrap();
         // An empty queue takes one message of any size.
@@ -633,20 +636,42 @@ mod tests {
 
     #[test]
     fn restore_resends_inflight_with_dup() {
-        let (_dir, storage) = storage();
+        let storage = Storage::in_memory();
         let session = Session::new("c".into(), 60);
         session.lock().connection = Some(Attachment::new(1).0);
         session.enqueue(delivery(QoS::AtLeastOnce), &messages(10), &storage).unwrap();
         session.enqueue(delivery(QoS::ExactlyOnce), &messages(10), &storage).unwrap();
         let mut out = Vec::new();
-        session.take_ready(10, &mut out, &storage);
+        session.take_ready(10, &mut out, &storage, NOW);
         assert!(session.received(out[1].packet_id.unwrap(), 0, &storage));
 
         let stored = session.lock().to_stored();
-        let restored = Session::restore("c".into(), stored, storage.deliveries("c").unwrap());
-        let resend = restored.resend_inflight();
+        let restored = Session::restore("c".into(), stored, storage.deliveries("c").unwrap(), NOW);
+        let resend = restored.resend_inflight(NOW);
         assert_eq!(resend.len(), 2);
         assert!(matches!(&resend[0], Packet::Publish(p) if p.dup && p.packet_id == out[0].packet_id));
         assert!(matches!(&resend[1], Packet::PubRel(a) if Some(a.packet_id) == out[1].packet_id));
+    }
+
+    #[test]
+    fn expiry_is_judged_at_the_now_given() {
+        let storage = Storage::in_memory();
+        let session = Session::new("c".into(), 60);
+        session.lock().connection = Some(Attachment::new(1).0);
+        let expiring = |at: u64| {
+            let mut d = delivery(QoS::AtLeastOnce);
+            Arc::make_mut(&mut d.message).expires_at_ms = Some(at);
+            d
+        };
+        session.enqueue(expiring(NOW + 10_000), &messages(10), &storage).unwrap();
+        session.enqueue(expiring(NOW + 2_000), &messages(10), &storage).unwrap();
+        let mut out = Vec::new();
+        let (_, dropped) = session.take_ready(10, &mut out, &storage, NOW + 5_000);
+        assert_eq!((out.len(), dropped), (1, 1), "the message that expired at +2 s is dropped at +5 s");
+        assert_eq!(out[0].properties.message.message_expiry_interval, Some(5));
+        // Resent later, it carries what is left then.
+        let resend = session.resend_inflight(NOW + 8_500);
+        assert!(matches!(&resend[0], Packet::Publish(p) if p.properties.message.message_expiry_interval == Some(2)));
+        assert_eq!(storage.deliveries("c").unwrap().len(), 1, "the dropped one is forgotten in storage too");
     }
 }

@@ -13,7 +13,7 @@ pub fn snapshot(broker: &Broker) -> Vec<(&'static str, String)> {
     let s = &broker.stats;
     vec![
         ("$SYS/broker/version", format!("kadmq {}", env!("CARGO_PKG_VERSION"))),
-        ("$SYS/broker/uptime", format!("{} seconds", broker.started.elapsed().as_secs())),
+        ("$SYS/broker/uptime", format!("{} seconds", broker.uptime().as_secs())),
         ("$SYS/broker/clients/connected", Stats::get(&s.clients_connected).to_string()),
         ("$SYS/broker/clients/total", broker.session_count().to_string()),
         ("$SYS/broker/messages/received", Stats::get(&s.messages_received).to_string()),

@@ -89,7 +89,7 @@ pub async fn start(settings: &ClusterSettings, cx: StartContext<'_>) -> Result<A
     let storage = &cx.broker.storage;
     let mut outbox = Outbox::new(epoch);
     let mut replay = Vec::new();
-    let mut next_id = crate::broker::message::now_ms() << 16;
+    let mut next_id = cx.broker.now_ms() << 16;
     for (id, record) in outbox::restore(storage) {
         next_id = next_id.max(id + 1);
         if record.routed {

@@ -1,0 +1,297 @@
+//! Durable state in the data directory: retained messages, persistent
+//! sessions and their queued / unacknowledged messages, the cluster outbox.
+//!
+//! Boundary: this typed layer is what the broker and the cluster see; it
+//! turns records into bytes (values in MessagePack, keys laid out so one
+//! client's deliveries are one prefix) over a small key-value [`Engine`]:
+//! [`FjallEngine`] in the data directory, [`MemoryEngine`] for unit tests
+//! ([`Storage::in_memory`]). Writes go to the engine's journal;
+//! [`Storage::flush`] pushes the journal to the operating system, which is
+//! what makes a write survive a SIGKILL. The broker calls it before it
+//! acknowledges anything it promised to keep.
+//!
+//! Layout of the data directory:
+//! - `FORMAT`: the text `kadmq-data <version>`; checked before anything else
+//!   so an unknown or foreign directory is refused with a clear error
+//!   ([`prepare_data_dir`]);
+//! - `store/`: the fjall database.
+
+mod data_dir;
+mod engine;
+mod fjall;
+mod memory;
+#[cfg(test)]
+mod tests;
+
+pub use self::fjall::FjallEngine;
+pub use data_dir::{prepare_data_dir, FORMAT_VERSION};
+pub use engine::{Durability, Engine, Records, Tree, Write};
+pub use memory::MemoryEngine;
+
+use crate::broker::message::Message;
+use crate::protocol::{QoS, SubscriptionOptions};
+use data_dir::FORMAT_FILE;
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("data directory {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("data directory {path} is not a kadmq data directory (no {FORMAT_FILE} file, but not empty); use an empty directory or the right one")]
+    Foreign { path: PathBuf },
+    #[error("data directory {path} has format {found:?}; this kadmq reads format {FORMAT_VERSION}")]
+    UnknownFormat { path: PathBuf, found: String },
+    #[error("data directory {path}: the store is damaged or unreadable: {detail}")]
+    Corrupt { path: PathBuf, detail: String },
+    /// A read or write the engine could not do.
+    #[error("store: {0}")]
+    Store(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("record in {keyspace} could not be decoded: {detail}")]
+    Record { keyspace: &'static str, detail: String },
+}
+
+pub type Result<T> = std::result::Result<T, StorageError>;
+
+/// A persistent session as stored: enough to rebuild it after a restart.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredSession {
+    pub expiry_interval: u32,
+    pub subscriptions: Vec<StoredSubscription>,
+    /// QoS 2 packet ids received from the client and not yet released.
+    pub incoming_qos2: Vec<u16>,
+    /// When the client went away; `None` while connected.
+    pub disconnected_at_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredSubscription {
+    pub filter: String,
+    pub options: SubscriptionOptions,
+    pub identifier: Option<u32>,
+}
+
+/// A message owed to a persistent session: queued, or sent and not yet
+/// acknowledged (then `packet_id` is set; `released` once PUBREC came).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredDelivery {
+    pub message: Message,
+    pub qos: QoS,
+    pub retain: bool,
+    pub subscription_ids: Vec<u32>,
+    pub packet_id: Option<u16>,
+    pub released: bool,
+}
+
+pub struct Storage {
+    /// The data directory; empty for a store not opened from one.
+    path: PathBuf,
+    engine: Box<dyn Engine>,
+    retained: Tree,
+    sessions: Tree,
+    deliveries: Tree,
+    outbox: Tree,
+    dirty: AtomicBool,
+    /// Held across "clear dirty, persist": a caller that finds nothing
+    /// dirty must still wait for a persist in progress that covers its write.
+    flushing: parking_lot::Mutex<()>,
+}
+
+impl Storage {
+    /// Opens (or creates) the data directory. Never panics on a damaged
+    /// directory: it returns an error saying what is wrong.
+    pub fn open(path: &Path) -> Result<Storage> {
+        prepare_data_dir(path)?;
+        let mut storage = Storage::with_engine(Box::new(FjallEngine::open(path)?))?;
+        storage.path = path.to_path_buf();
+        Ok(storage)
+    }
+
+    /// A store that lives as long as the value: for tests.
+    pub fn in_memory() -> Storage {
+        Storage::with_engine(Box::new(MemoryEngine::new())).expect("the in-memory engine opens any tree")
+    }
+
+    /// The typed layer over `engine` (its trees are opened here).
+    pub fn with_engine(mut engine: Box<dyn Engine>) -> Result<Storage> {
+        Ok(Storage {
+            path: PathBuf::new(),
+            retained: engine.open_tree("retained")?,
+            sessions: engine.open_tree("sessions")?,
+            deliveries: engine.open_tree("deliveries")?,
+            outbox: engine.open_tree("outbox")?,
+            engine,
+            dirty: AtomicBool::new(false),
+            flushing: parking_lot::Mutex::new(()),
+        })
+    }
+
+    /// The data directory (empty for [`Storage::in_memory`]).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    // --- retained messages -------------------------------------------------
+
+    pub fn put_retained(&self, message: &Message) -> Result<()> {
+        self.engine.insert(self.retained, message.topic.as_bytes(), &encode(message))?;
+        self.mark_dirty();
+        Ok(())
+    }
+
+    pub fn remove_retained(&self, topic: &str) -> Result<()> {
+        self.engine.remove(self.retained, topic.as_bytes())?;
+        self.mark_dirty();
+        Ok(())
+    }
+
+    pub fn retained(&self) -> Result<Vec<Message>> {
+        self.scan(self.retained, "retained", b"").map(|rows| rows.into_iter().map(|(_, m)| m).collect())
+    }
+
+    // --- sessions ----------------------------------------------------------
+
+    pub fn put_session(&self, client_id: &str, session: &StoredSession) -> Result<()> {
+        self.engine.insert(self.sessions, client_id.as_bytes(), &encode(session))?;
+        self.mark_dirty();
+        Ok(())
+    }
+
+    /// Removes a session and every delivery owed to it.
+    pub fn remove_session(&self, client_id: &str) -> Result<()> {
+        let mut writes = vec![Write::Remove { tree: self.sessions, key: client_id.as_bytes().to_vec() }];
+        for record in self.engine.scan_prefix(self.deliveries, &delivery_prefix(client_id))? {
+            let (key, _) = record?;
+            writes.push(Write::Remove { tree: self.deliveries, key });
+        }
+        self.engine.commit(writes)?;
+        self.mark_dirty();
+        Ok(())
+    }
+
+    pub fn sessions(&self) -> Result<Vec<(String, StoredSession)>> {
+        self.scan(self.sessions, "sessions", b"")?
+            .into_iter()
+            .map(|(key, s)| Ok((String::from_utf8_lossy(&key).into_owned(), s)))
+            .collect()
+    }
+
+    // --- deliveries --------------------------------------------------------
+
+    pub fn put_delivery(&self, client_id: &str, seq: u64, delivery: &StoredDelivery) -> Result<()> {
+        self.engine.insert(self.deliveries, &delivery_key(client_id, seq), &encode(delivery))?;
+        self.mark_dirty();
+        Ok(())
+    }
+
+    pub fn remove_delivery(&self, client_id: &str, seq: u64) -> Result<()> {
+        self.engine.remove(self.deliveries, &delivery_key(client_id, seq))?;
+        self.mark_dirty();
+        Ok(())
+    }
+
+    /// The deliveries owed to `client_id`, in sequence order.
+    pub fn deliveries(&self, client_id: &str) -> Result<Vec<(u64, StoredDelivery)>> {
+        let prefix = delivery_prefix(client_id);
+        self.scan(self.deliveries, "deliveries", &prefix)?
+            .into_iter()
+            .map(|(key, d)| {
+                let seq = key
+                    .get(prefix.len()..)
+                    .and_then(|b| b.try_into().ok())
+                    .map(u64::from_be_bytes)
+                    .ok_or(StorageError::Record { keyspace: "deliveries", detail: "bad key".into() })?;
+                Ok((seq, d))
+            })
+            .collect()
+    }
+
+    // --- cluster outbox ----------------------------------------------------
+
+    /// Keeps a QoS 1/2 message forwarded to other nodes until they
+    /// acknowledge it (`record` is the cluster's own encoding).
+    pub fn put_outbox(&self, id: u64, record: &[u8]) -> Result<()> {
+        self.engine.insert(self.outbox, &id.to_be_bytes(), record)?;
+        self.mark_dirty();
+        Ok(())
+    }
+
+    pub fn remove_outbox(&self, id: u64) -> Result<()> {
+        self.engine.remove(self.outbox, &id.to_be_bytes())?;
+        self.mark_dirty();
+        Ok(())
+    }
+
+    /// Every outbox record, oldest id first.
+    pub fn outbox(&self) -> Result<Vec<(u64, Vec<u8>)>> {
+        let mut out = Vec::new();
+        for record in self.engine.scan_prefix(self.outbox, b"")? {
+            let (key, value) = record?;
+            let id = <[u8; 8]>::try_from(key.as_slice())
+                .map(u64::from_be_bytes)
+                .map_err(|_| StorageError::Record { keyspace: "outbox", detail: "bad key".into() })?;
+            out.push((id, value));
+        }
+        Ok(out)
+    }
+
+    // --- durability --------------------------------------------------------
+
+    fn mark_dirty(&self) {
+        self.dirty.store(true, Ordering::Release);
+    }
+
+    /// Whether writes were made since the last flush.
+    pub fn is_dirty(&self) -> bool {
+        self.dirty.load(Ordering::Acquire)
+    }
+
+    /// Hands buffered journal writes to the operating system, so they
+    /// survive the process being killed. Cheap when nothing was written.
+    pub fn flush(&self) -> Result<()> {
+        let _flushing = self.flushing.lock();
+        if self.dirty.swap(false, Ordering::AcqRel) {
+            self.engine.persist(Durability::Buffer)?;
+        }
+        Ok(())
+    }
+
+    /// Flushes and fsyncs: used at shutdown.
+    pub fn sync(&self) -> Result<()> {
+        let _flushing = self.flushing.lock();
+        self.dirty.store(false, Ordering::Release);
+        self.engine.persist(Durability::Sync)?;
+        Ok(())
+    }
+
+    /// The records of `tree` under `prefix`, decoded (`name` is for errors).
+    fn scan<T: DeserializeOwned>(&self, tree: Tree, name: &'static str, prefix: &[u8]) -> Result<Vec<(Vec<u8>, T)>> {
+        let mut out = Vec::new();
+        for record in self.engine.scan_prefix(tree, prefix)? {
+            let (key, value) = record?;
+            let record = rmp_serde::from_slice(&value)
+                .map_err(|err| StorageError::Record { keyspace: name, detail: err.to_string() })?;
+            out.push((key, record));
+        }
+        Ok(out)
+    }
+}
+
+fn delivery_prefix(client_id: &str) -> Vec<u8> {
+    // MQTT strings cannot hold U+0000, so 0 ends the client id unambiguously.
+    let mut key = Vec::with_capacity(client_id.len() + 9);
+    key.extend_from_slice(client_id.as_bytes());
+    key.push(0);
+    key
+}
+
+fn delivery_key(client_id: &str, seq: u64) -> Vec<u8> {
+    let mut key = delivery_prefix(client_id);
+    key.extend_from_slice(&seq.to_be_bytes());
+    key
+}
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    rmp_serde::to_vec_named(value).expect("in-memory records always encode")
+}
