@@ -289,8 +289,7 @@ mod tests {
 
     #[test]
     fn held_until_every_destination_acks_and_survives_a_restart() {
-        let dir = tempfile::tempdir().unwrap();
-        let storage = Storage::open(dir.path()).unwrap();
+        let storage = Storage::in_memory();
         let mut outbox = Outbox::new(7);
         let seqs = forward(&mut outbox, &storage, 5, &[NodeId(1), NodeId(2)], 0);
         assert_eq!(seqs[0], Sequence { epoch: 7, seq: 0, base: 0 });
@@ -309,8 +308,7 @@ mod tests {
 
     #[test]
     fn resends_in_order_after_silence_only_to_reachable_nodes() {
-        let dir = tempfile::tempdir().unwrap();
-        let storage = Storage::open(dir.path()).unwrap();
+        let storage = Storage::in_memory();
         let mut outbox = Outbox::new(1);
         for id in 10..13 {
             forward(&mut outbox, &storage, id, &[NodeId(1), NodeId(2)], 1_000);
