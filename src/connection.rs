@@ -7,16 +7,17 @@
 //! Before an acknowledgement leaves that promises durability (PUBACK,
 //! PUBREC, SUBACK of a persistent session), storage is flushed.
 
-use crate::broker::limits::{Limit, TokenBucket, TopicLimits};
+use crate::broker::limits::{topic_limits, Limit, TokenBucket};
 use crate::broker::message::Message;
 use crate::broker::session::{AttachmentHandle, ClientLimits, Session, NEVER_EXPIRES};
 use crate::broker::{Broker, Departure, Stats, SubscribeRequest};
 use crate::protocol::alias::{AliasUse, OutgoingAliases};
 use crate::protocol::{
-    self, topic, ConnAck, ConnAckProperties, Connect, ConnectReason, DecodeError, Disconnect, DisconnectReason,
-    LastWill, Packet, PubAck, Publish, QoS, ReasonProperties, SubAck, Subscribe, UnsubAck, Unsubscribe, Version,
+    self, ConnAck, ConnAckProperties, Connect, ConnectReason, DecodeError, Disconnect, DisconnectReason, LastWill,
+    Packet, PubAck, Publish, QoS, ReasonProperties, SubAck, Subscribe, UnsubAck, Unsubscribe, Version,
 };
 use bytes::BytesMut;
+use kadmq_dht::topic;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -218,8 +219,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 let _ = link.flush().await;
                 return None;
             }
-            if let Some(limit) = TopicLimits::of(&broker.config).exceeded_by(&will.topic) {
-                broker.limits.hit(limit, &connect.client_id, "CONNECT refused (will topic, 0x90)");
+            if let Some(limit) = topic_limits(&broker.config).exceeded_by(&will.topic) {
+                broker.limits.hit(limit.into(), &connect.client_id, "CONNECT refused (will topic, 0x90)");
                 refuse(&mut link, ConnectReason::TopicNameInvalid, "will topic over the topic limits");
                 let _ = link.flush().await;
                 return None;
@@ -497,11 +498,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 return Err(Close::Error(DisconnectReason::ReceiveMaximumExceeded, "receive maximum exceeded"));
             }
         }
-        if let Some(limit) = TopicLimits::of(&self.broker.config).exceeded_by(&publish.topic) {
+        if let Some(limit) = topic_limits(&self.broker.config).exceeded_by(&publish.topic) {
             // MQTT 5 at QoS 1/2: refused with 0x90 (Topic Name invalid), the
             // connection stays; at QoS 0, and for 3.1.1 (no reason codes in
             // acknowledgements), the only answer is to close the connection.
-            self.broker.limits.hit(limit, &self.session.client_id, "PUBLISH refused (0x90)");
+            self.broker.limits.hit(limit.into(), &self.session.client_id, "PUBLISH refused (0x90)");
             return match (self.version, publish.qos) {
                 (Version::V5, QoS::AtLeastOnce) => {
                     self.send_puback(PubAck::with_reason(packet_id, 0x90));

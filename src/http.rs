@@ -124,7 +124,7 @@ async fn routes_json(
     let Some(topic) = query.remove("topic") else {
         return (StatusCode::BAD_REQUEST, "give the topic: /api/v1/routes?topic=a/b").into_response();
     };
-    if !crate::protocol::topic::valid_topic_name(&topic) {
+    if !kadmq_dht::topic::valid_topic_name(&topic) {
         return (StatusCode::BAD_REQUEST, format!("{topic:?} is not a valid topic name")).into_response();
     }
     Json(cluster.routes(&topic).await).into_response()

@@ -5,7 +5,8 @@
 //!
 //! # Layout
 //!
-//! - [`protocol`]: packets, the 3.1.1/5.0 codec, topic rules. No I/O.
+//! - [`protocol`]: packets, the 3.1.1/5.0 codec. No I/O. The topic rules
+//!   are [`kadmq_dht::topic`], shared with the routing core.
 //! - [`broker`]: sessions, the subscription trie, retained messages, wills,
 //!   `$SYS`. Shared by all connections; never touches a socket.
 //! - [`connection`]: one client connection, CONNECT to close.

@@ -12,9 +12,13 @@
 //! cache, rebalancing, anti-entropy): a `Node` state machine that takes
 //! events and returns actions. Its module docs describe the API the driver
 //! and the simulator drive it with.
+//!
+//! [`topic`] holds the MQTT topic rules (validation, `$share/` parsing,
+//! matching, levels, limits) for the core and the broker alike.
 
 pub mod core;
 pub mod driver;
 pub mod shard;
+pub mod topic;
 
 pub use shard::{filter_shard, publish_shards, ShardKey, DEFAULT_SHARD_DEPTH};

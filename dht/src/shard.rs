@@ -6,6 +6,7 @@
 //! the prefix, a 256-bit Kademlia key. A publish to topic `T` may match
 //! filters in the shards of `T`'s prefixes of length `0..=depth`.
 
+use crate::topic::levels;
 use sha2::{Digest, Sha256};
 use std::fmt;
 
@@ -48,7 +49,7 @@ impl fmt::Debug for ShardKey {
 /// The literal prefix of `filter` that names its shard.
 pub fn filter_prefix(filter: &str, depth: usize) -> &str {
     let mut end = 0;
-    for (taken, level) in filter.split('/').enumerate() {
+    for (taken, level) in levels(filter).enumerate() {
         if taken == depth || level == "+" || level == "#" {
             break;
         }
@@ -73,7 +74,7 @@ pub fn publish_shards(topic: &str, depth: usize) -> Vec<(String, ShardKey)> {
         shards.push((String::new(), ShardKey::of_prefix("")));
     }
     let mut prefix = String::new();
-    for (i, level) in topic.split('/').take(depth).enumerate() {
+    for (i, level) in levels(topic).take(depth).enumerate() {
         if i > 0 {
             prefix.push('/');
         }
@@ -127,7 +128,7 @@ mod tests {
             let mut filter = filter;
             if hash { filter.push("#".into()); }
             let filter = filter.join("/");
-            if crate::core::topic::matches(&filter, &topic) {
+            if crate::topic::matches(&filter, &topic) {
                 let key = filter_shard(&filter, depth);
                 prop_assert!(publish_shards(&topic, depth).iter().any(|(_, k)| *k == key),
                     "filter {} for topic {} not in its shards", filter, topic);

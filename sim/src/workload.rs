@@ -169,7 +169,7 @@ mod tests {
         assert!((0.40..0.50).contains(&plus1), "{plus1}");
         assert!((0.15..0.22).contains(&hash), "{hash}");
         assert!((0.27..0.33).contains(&shared), "{shared}");
-        assert!(all.iter().all(|s| kadmq_dht::core::topic::valid_filter(&s.filter)));
+        assert!(all.iter().all(|s| kadmq_dht::topic::valid_topic_filter(&s.filter)));
         let topic = w.topic(&mut rng);
         assert_eq!(topic.split('/').count(), 3);
     }

@@ -3,12 +3,15 @@
 //!
 //! Every size a client decides (topic depth and length, subscriptions,
 //! queued messages and bytes, connections, publish rate) has a setting in
-//! [`MqttConfig`]. A hit is answered with the protocol's reason code by the
-//! caller; here it is counted (`kadmq_limit_hits_total{limit}`) and logged
-//! once, then at most once a minute per limit with the number of hits in
-//! between: a client that hits a limit in a loop must not flood the log.
+//! [`MqttConfig`] (the topic checks themselves are
+//! [`kadmq_dht::topic::TopicLimits`], shared with the routing core). A hit
+//! is answered with the protocol's reason code by the caller; here it is
+//! counted (`kadmq_limit_hits_total{limit}`) and logged once, then at most
+//! once a minute per limit with the number of hits in between: a client
+//! that hits a limit in a loop must not flood the log.
 
 use crate::config::MqttConfig;
+use kadmq_dht::topic::{TopicLimit, TopicLimits};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::time::Instant;
@@ -67,28 +70,19 @@ impl Limit {
     }
 }
 
-/// The topic limits of a configuration, checked on every topic name and
-/// filter a client sends (PUBLISH, SUBSCRIBE, UNSUBSCRIBE, wills).
-#[derive(Debug, Clone, Copy)]
-pub struct TopicLimits {
-    pub max_levels: usize,
-    pub max_length: usize,
+impl From<TopicLimit> for Limit {
+    fn from(limit: TopicLimit) -> Limit {
+        match limit {
+            TopicLimit::Levels => Limit::TopicLevels,
+            TopicLimit::Length => Limit::TopicLength,
+        }
+    }
 }
 
-impl TopicLimits {
-    pub fn of(config: &MqttConfig) -> TopicLimits {
-        TopicLimits { max_levels: config.max_topic_levels, max_length: config.max_topic_length }
-    }
-
-    /// The limit `topic` (a name or a filter, without `$share/group/`) is over, if any.
-    pub fn exceeded_by(&self, topic: &str) -> Option<Limit> {
-        if topic.len() > self.max_length {
-            return Some(Limit::TopicLength);
-        }
-        // Levels = separators + 1; counted over bytes, no allocation.
-        let levels = topic.bytes().filter(|&b| b == b'/').count() + 1;
-        (levels > self.max_levels).then_some(Limit::TopicLevels)
-    }
+/// The topic limits of a configuration, checked on every topic name and
+/// filter a client sends (PUBLISH, SUBSCRIBE, UNSUBSCRIBE, wills).
+pub fn topic_limits(config: &MqttConfig) -> TopicLimits {
+    TopicLimits { max_levels: config.max_topic_levels, max_len: config.max_topic_length }
 }
 
 /// Hits per limit, and when each was last logged.
@@ -181,13 +175,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn topic_limits_count_levels_and_bytes() {
-        let limits = TopicLimits { max_levels: 3, max_length: 10 };
+    fn topic_limits_come_from_the_config_and_name_their_limit() {
+        let config = MqttConfig { max_topic_levels: 3, max_topic_length: 10, ..MqttConfig::default() };
+        let limits = topic_limits(&config);
         assert_eq!(limits.exceeded_by("a/b/c"), None);
-        assert_eq!(limits.exceeded_by("a/b/c/d"), Some(Limit::TopicLevels));
-        assert_eq!(limits.exceeded_by("///"), Some(Limit::TopicLevels), "empty levels count");
-        assert_eq!(limits.exceeded_by("abcdefghijk"), Some(Limit::TopicLength));
-        assert_eq!(limits.exceeded_by(&"/".repeat(65_535)), Some(Limit::TopicLength));
+        assert_eq!(limits.exceeded_by("a/b/c/d").map(Limit::from), Some(Limit::TopicLevels));
+        assert_eq!(limits.exceeded_by("abcdefghijk").map(Limit::from), Some(Limit::TopicLength));
     }
 
     #[test]

@@ -32,12 +32,12 @@ mod tests;
 pub mod trie;
 
 use crate::config::MqttConfig;
-use crate::protocol::topic::{parse_shared, valid_topic_filter};
 use crate::protocol::{DisconnectReason, QoS, SubscriptionOptions};
 use crate::storage::{Storage, StorageError};
 use clock::{Clock, SystemClock};
 pub use fleet::{Fleet, PublishRoute, Recipients, ShareGroup};
-use limits::{Limit, LimitHits, TopicLimits};
+use kadmq_dht::topic::{parse_shared, split_shared, valid_topic_filter};
+use limits::{topic_limits, Limit, LimitHits};
 use message::Message;
 use parking_lot::{Mutex, RwLock};
 use retained::RetainedTree;
@@ -217,7 +217,7 @@ impl Broker {
             for filter in filters {
                 let (filter, group) = split_shared(&filter);
                 if !node_local(filter) {
-                    fleet.subscribed(filter, group.as_deref());
+                    fleet.subscribed(filter, group);
                 }
             }
         }
@@ -642,7 +642,7 @@ impl Broker {
     pub fn subscribe(&self, session: &Arc<Session>, requests: Vec<SubscribeRequest>) -> Vec<u8> {
         let mut reasons = Vec::with_capacity(requests.len());
         let mut retained_for = Vec::new();
-        let topics = TopicLimits::of(&self.config);
+        let topics = topic_limits(&self.config);
         {
             let mut st = session.lock();
             let mut trie = self.subscriptions.write();
@@ -660,7 +660,7 @@ impl Broker {
                 }
                 let filter = shared.as_ref().map_or(request.filter.as_str(), |s| s.filter);
                 if let Some(limit) = topics.exceeded_by(filter) {
-                    self.limits.hit(limit, &session.client_id, "SUBSCRIBE refused (0x8F)");
+                    self.limits.hit(limit.into(), &session.client_id, "SUBSCRIBE refused (0x8F)");
                     reasons.push(0x8F);
                     continue;
                 }
@@ -714,15 +714,15 @@ impl Broker {
     /// Removes subscriptions; per filter 0x00, 0x11 (no subscription
     /// existed) or 0x8F (over the topic limits, so it cannot exist).
     pub fn unsubscribe(&self, session: &Arc<Session>, filters: &[String]) -> Vec<u8> {
-        let topics = TopicLimits::of(&self.config);
+        let topics = topic_limits(&self.config);
         let mut st = session.lock();
         let mut trie = self.subscriptions.write();
         let reasons = filters
             .iter()
             .map(|filter| {
-                let bare = parse_shared(filter).ok().flatten().map_or(filter.as_str(), |s| s.filter);
+                let (bare, _) = split_shared(filter);
                 if let Some(limit) = topics.exceeded_by(bare) {
-                    self.limits.hit(limit, &session.client_id, "UNSUBSCRIBE refused (0x8F)");
+                    self.limits.hit(limit.into(), &session.client_id, "UNSUBSCRIBE refused (0x8F)");
                     0x8F
                 } else if st.subscriptions.remove(filter).is_some() {
                     self.unindex(&mut trie, session, filter);
@@ -747,6 +747,7 @@ impl Broker {
         subscription: &Subscription,
     ) {
         let (trie_filter, group) = split_shared(filter);
+        let group: Option<Arc<str>> = group.map(Arc::from);
         let entry = SubscriberEntry {
             session: session.clone(),
             options: subscription.options,
@@ -769,6 +770,7 @@ impl Broker {
 
     fn unindex(&self, trie: &mut SubscriptionTrie<SubscriberKey, SubscriberEntry>, session: &Session, filter: &str) {
         let (trie_filter, group) = split_shared(filter);
+        let group: Option<Arc<str>> = group.map(Arc::from);
         let removed = trie.remove(trie_filter, &(session.client_id.clone(), group.clone())).is_some();
         if removed {
             self.queue_change(trie_filter, group, false);
@@ -794,14 +796,6 @@ enum Step {
     TakeOver(Attachment),
     Discard,
     Resumed(AttachmentHandle),
-}
-
-/// `$share/g/f` → (`f`, `Some(g)`); any other filter → (filter, `None`).
-fn split_shared(filter: &str) -> (&str, Option<Arc<str>>) {
-    match parse_shared(filter) {
-        Ok(Some(shared)) => (shared.filter, Some(Arc::from(shared.group))),
-        _ => (filter, None),
-    }
 }
 
 fn expires_at(disconnected_at_ms: u64, expiry_interval: u32) -> Option<u64> {

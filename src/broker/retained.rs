@@ -5,6 +5,7 @@
 
 use super::message::Message;
 use ahash::AHashMap;
+use kadmq_dht::topic::levels;
 use std::sync::Arc;
 
 #[derive(Default)]
@@ -52,7 +53,7 @@ impl RetainedTree {
     /// Stores `message` for its topic, replacing the previous one.
     pub fn insert(&mut self, message: Arc<Message>) {
         let mut node = &mut self.root;
-        for level in message.topic.split('/') {
+        for level in levels(&message.topic) {
             if !node.children.contains_key(level) {
                 node.children.insert(level.into(), Level::default());
             }
@@ -65,7 +66,7 @@ impl RetainedTree {
 
     /// Clears the retained message of `topic`; returns whether there was one.
     pub fn remove(&mut self, topic: &str) -> bool {
-        let levels: Vec<&str> = topic.split('/').collect();
+        let levels: Vec<&str> = levels(topic).collect();
         let mut node = &mut self.root;
         for level in &levels {
             match node.children.get_mut(*level) {
@@ -108,7 +109,7 @@ impl RetainedTree {
 
     fn get(&self, topic: &str) -> Option<&Arc<Message>> {
         let mut node = &self.root;
-        for level in topic.split('/') {
+        for level in levels(topic) {
             node = node.children.get(level)?;
         }
         node.message.as_ref()
@@ -117,7 +118,7 @@ impl RetainedTree {
     /// The retained messages whose topics match `filter`.
     pub fn matching(&self, filter: &str) -> Vec<Arc<Message>> {
         let mut out = Vec::new();
-        let levels: Vec<&str> = filter.split('/').collect();
+        let levels: Vec<&str> = levels(filter).collect();
         // Each entry: a node and how many filter levels it has consumed.
         let mut stack = vec![(&self.root, 0)];
         while let Some((node, depth)) = stack.pop() {
@@ -155,8 +156,9 @@ impl RetainedTree {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::{topic::matches, MessageProperties, QoS};
+    use crate::protocol::{MessageProperties, QoS};
     use bytes::Bytes;
+    use kadmq_dht::topic::matches;
 
     fn msg(topic: &str) -> Arc<Message> {
         Arc::new(Message {
@@ -181,7 +183,7 @@ mod tests {
         for filter in ["#", "a/#", "+/b", "+", "a/+/c", "$SYS/#", "+/+", "/", "+/#", "a/b/c/#"] {
             let mut got: Vec<String> = tree.matching(filter).iter().map(|m| m.topic.clone()).collect();
             got.sort();
-            let mut want: Vec<String> = topics.iter().filter(|t| matches(t, filter)).map(|t| t.to_string()).collect();
+            let mut want: Vec<String> = topics.iter().filter(|t| matches(filter, t)).map(|t| t.to_string()).collect();
             want.sort();
             assert_eq!(got, want, "filter {filter}");
         }

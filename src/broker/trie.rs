@@ -8,6 +8,7 @@
 //! topic starting with `$` matches no filter that starts with a wildcard.
 
 use ahash::AHashMap;
+use kadmq_dht::topic::levels;
 use std::hash::Hash;
 
 pub struct SubscriptionTrie<K, V> {
@@ -124,10 +125,10 @@ impl<K: Eq + Hash + Clone, V> SubscriptionTrie<K, V> {
     }
 
     /// Adds or replaces `key`'s entry for `filter`; returns the old value.
-    /// The filter must be valid (see `protocol::topic::valid_topic_filter`).
+    /// The filter must be valid (see `kadmq_dht::topic::valid_topic_filter`).
     pub fn insert(&mut self, filter: &str, key: K, value: V) -> Option<V> {
         let mut node = &mut self.root;
-        let mut levels = filter.split('/').peekable();
+        let mut levels = levels(filter).peekable();
         while let Some(level) = levels.next() {
             if level == "#" && levels.peek().is_none() {
                 let old = node.hash.insert(key, value);
@@ -155,7 +156,7 @@ impl<K: Eq + Hash + Clone, V> SubscriptionTrie<K, V> {
 
     /// Removes `key`'s entry for `filter`, pruning empty nodes.
     pub fn remove(&mut self, filter: &str, key: &K) -> Option<V> {
-        let levels: Vec<&str> = filter.split('/').collect();
+        let levels: Vec<&str> = levels(filter).collect();
         let (path, in_hash) = match levels.split_last() {
             Some((&"#", path)) => (path, true),
             _ => (&levels[..], false),
@@ -189,7 +190,7 @@ impl<K: Eq + Hash + Clone, V> SubscriptionTrie<K, V> {
     /// with several matching filters is visited once per filter.
     pub fn for_each_match(&self, topic: &str, mut visit: impl FnMut(&K, &V)) {
         let dollar = topic.starts_with('$');
-        let mut levels = topic.split('/');
+        let mut levels = levels(topic);
         let first = levels.next().unwrap_or("");
         let root = &self.root;
         // Each entry is a node that has consumed one level, with the levels
@@ -260,7 +261,7 @@ impl<K: Eq + Hash + Clone, V> SubscriptionTrie<K, V> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::topic::matches;
+    use kadmq_dht::topic::matches;
     use proptest::prelude::*;
 
     fn matched(trie: &SubscriptionTrie<u32, ()>, topic: &str) -> Vec<u32> {
@@ -385,7 +386,7 @@ mod tests {
                 let expected: Vec<u32> = filters
                     .iter()
                     .enumerate()
-                    .filter(|(_, f)| matches(&topic, f))
+                    .filter(|(_, f)| matches(f, &topic))
                     .map(|(i, _)| i as u32)
                     .collect();
                 prop_assert_eq!(matched(&trie, &topic), expected, "topic {}", topic);

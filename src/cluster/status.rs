@@ -7,7 +7,7 @@
 
 use super::{node_id, Cluster};
 use crate::broker::Stats;
-use kadmq_dht::core::topic::join_filter;
+use kadmq_dht::core::filter_trie::join_filter;
 use kadmq_dht::core::{NodeId, Ownership};
 use kadmq_dht::driver::MemberState;
 use kadmq_dht::shard::publish_shards;

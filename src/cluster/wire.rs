@@ -16,6 +16,7 @@ use crate::broker::message::Message;
 use crate::protocol::QoS;
 use bytes::Bytes;
 use kadmq_dht::core::{self, ForwardRoute, SharedPick};
+use kadmq_dht::topic;
 use std::sync::Arc;
 
 pub const VERSION: u8 = 2;
@@ -102,8 +103,7 @@ pub const MAX_RETAIN_MESSAGES: usize = 4096;
 
 /// A topic a message may be published to, within the node's level limit.
 fn check_topic(topic: &str, max_levels: usize) -> Result<(), WireError> {
-    let levels = topic.bytes().filter(|b| *b == b'/').count() + 1;
-    if !crate::protocol::topic::valid_topic_name(topic) || levels > max_levels {
+    if !topic::valid_topic_name(topic) || topic::level_count(topic) > max_levels {
         return Err(WireError::Invalid("topic"));
     }
     Ok(())
@@ -259,8 +259,7 @@ fn read_forward(frame: &Bytes, max_levels: usize) -> Result<Forward, WireError> 
     let mut shared = Vec::with_capacity(picks.min(64) as usize);
     for _ in 0..picks {
         let pick = SharedPick { group: r.string()?, filter: r.string()? };
-        let group_ok = !pick.group.is_empty() && !pick.group.contains(['/', '+', '#', '\0']);
-        if !group_ok || !crate::protocol::topic::valid_topic_filter(&pick.filter) {
+        if !topic::valid_share_group(&pick.group) || !topic::valid_topic_filter(&pick.filter) {
             return Err(WireError::Invalid("shared subscription pick"));
         }
         shared.push(pick);

@@ -1,6 +1,8 @@
-//! The MQTT wire protocol: packet types, the 3.1.1/5.0 codec and topic rules.
+//! The MQTT wire protocol: packet types and the 3.1.1/5.0 codec.
 //!
 //! Boundary: bytes in, [`Packet`] out and back. No I/O, no broker state.
+//! The topic rules the codec applies live in [`kadmq_dht::topic`], shared
+//! with the broker and the routing core.
 //!
 //! We started from `mqttbytes` (chosen crate) and replaced its packet codec:
 //! it splits 3.1.1 and 5.0 into two unrelated type families, has no AUTH
@@ -13,7 +15,6 @@
 pub mod alias;
 mod codec;
 mod packet;
-pub mod topic;
 
 pub use codec::{decode, encode, encoded_len, DecodeError, EncodeError, MAX_PACKET_SIZE};
 pub use packet::*;

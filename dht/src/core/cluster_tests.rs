@@ -6,6 +6,7 @@
 
 use super::*;
 use crate::shard::ShardKey;
+use crate::topic;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};

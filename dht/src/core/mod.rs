@@ -8,7 +8,8 @@
 //!
 //! - [`id`]: [`NodeId`] (a `u64`) and its position in the key space; stable hashes.
 //! - [`ownership`]: the [`Ownership`] trait, XOR and ring strategies, [`Membership`].
-//! - [`topic`]: MQTT filter matching, [`FilterTrie`].
+//! - [`filter_trie`]: [`FilterTrie`], filters to values, matched level by level
+//!   (the topic rules themselves are [`crate::topic`]).
 //! - [`route_shard`]: owner side, [`RouteShard`].
 //! - [`route_cache`]: publisher side, [`RouteCache`].
 //! - [`frame`]: [`Frame`]s between nodes, [`encode`]/[`decode`] (rmp-serde).
@@ -63,17 +64,18 @@
 //! child shard `ShardKey::of_prefix(prefix + "/" + level)`; a publisher that
 //! finds a split shard also consults the child on its topic's path.
 
+pub mod filter_trie;
 pub mod frame;
 pub mod id;
 pub mod node;
 pub mod ownership;
 pub mod route_cache;
 pub mod route_shard;
-pub mod topic;
 
 #[cfg(test)]
 mod cluster_tests;
 
+pub use filter_trie::FilterTrie;
 pub use frame::{
     decode, encode, ForwardRoute, Frame, FrameError, FrameKind, LookupAnswer, RouteChange, RouteOp, SharedPick,
 };
@@ -84,4 +86,3 @@ pub use ownership::{
 };
 pub use route_cache::RouteCache;
 pub use route_shard::{FilterRoutes, RouteShard};
-pub use topic::FilterTrie;

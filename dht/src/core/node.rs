@@ -25,13 +25,14 @@
 //! event, and everything else is a function of the events. Liveness (who is
 //! in the [`Membership`]) is decided outside.
 
+use super::filter_trie::{join_filter, FilterTrie};
 use super::frame::{ForwardRoute, Frame, FrameKind, LookupAnswer, RouteChange, RouteOp, SharedPick};
 use super::id::{FastMap, NodeId, StableHasher};
 use super::ownership::{Membership, Owners, Ownership, OwnershipConfig, XorOwnership};
 use super::route_cache::{Evicted, PendingLookup, RouteCache};
 use super::route_shard::{FilterRoutes, RouteShard};
-use super::topic::{join_filter, valid_filter, valid_topic, FilterTrie};
 use crate::shard::{filter_prefix, filter_shard, publish_shards, ShardKey, DEFAULT_SHARD_DEPTH};
+use crate::topic::{valid_share_group, valid_topic_filter, valid_topic_name, TopicLimit, TopicLimits, MAX_TOPIC_LEN};
 use smallvec::SmallVec;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
@@ -42,8 +43,6 @@ const LOOKUP_RETRY_MS: u64 = 100;
 
 /// Default of [`Config::max_topic_levels`].
 pub const DEFAULT_MAX_TOPIC_LEVELS: usize = 128;
-/// Longest topic, filter or group name: an MQTT string holds 65,535 bytes.
-pub const MAX_STRING: usize = 65_535;
 /// Most items (ops, changes, digests, shards) one frame may carry. A frame
 /// is at most 16 MiB, so this only bites on frames of tiny items; it bounds
 /// the work one frame can ask for.
@@ -75,6 +74,14 @@ pub struct Config {
     /// Most levels a topic filter or topic may have, here or in a frame
     /// from another node.
     pub max_topic_levels: usize,
+}
+
+impl Config {
+    /// The level and length limits a topic or filter is checked against;
+    /// the length is MQTT's, the levels this fleet's.
+    pub fn topic_limits(&self) -> TopicLimits {
+        TopicLimits { max_levels: self.max_topic_levels, max_len: MAX_TOPIC_LEN }
+    }
 }
 
 impl Default for Config {
@@ -979,7 +986,7 @@ impl Node {
         }
         for pick in route.shared {
             let member = self.local.get(&pick.filter).is_some_and(|c| c.get(Some(&pick.group)) > 0);
-            if member && super::topic::matches(&pick.filter, topic) {
+            if member && crate::topic::matches(&pick.filter, topic) {
                 local.shared.push(pick);
             }
         }
@@ -999,19 +1006,16 @@ impl Node {
     }
 
     fn check_levels(&self, text: &str) -> Result<(), Rejected> {
-        if text.len() > MAX_STRING {
-            return Err(Rejected::TooLong);
+        match self.config.topic_limits().exceeded_by(text) {
+            Some(TopicLimit::Length) => Err(Rejected::TooLong),
+            Some(TopicLimit::Levels) => Err(Rejected::TooDeep),
+            None => Ok(()),
         }
-        // Counted without splitting: a 64 KiB string of slashes is cheap.
-        if text.bytes().filter(|b| *b == b'/').count() >= self.config.max_topic_levels {
-            return Err(Rejected::TooDeep);
-        }
-        Ok(())
     }
 
     fn check_filter(&self, filter: &str) -> Result<(), Rejected> {
         self.check_levels(filter)?;
-        if !valid_filter(filter) {
+        if !valid_topic_filter(filter) {
             return Err(Rejected::InvalidFilter);
         }
         Ok(())
@@ -1019,7 +1023,7 @@ impl Node {
 
     fn check_topic(&self, topic: &str) -> Result<(), Rejected> {
         self.check_levels(topic)?;
-        if !valid_topic(topic) {
+        if !valid_topic_name(topic) {
             return Err(Rejected::InvalidFilter);
         }
         Ok(())
@@ -1396,10 +1400,10 @@ impl Node {
 /// A shared-subscription group name: non-empty, at most 65,535 bytes, no
 /// `/`, `+`, `#` or NUL (MQTT 5 4.8.2).
 fn check_group(group: &str) -> Result<(), Rejected> {
-    if group.len() > MAX_STRING {
+    if group.len() > MAX_TOPIC_LEN {
         return Err(Rejected::TooLong);
     }
-    if group.is_empty() || group.contains(['/', '+', '#', '\0']) {
+    if !valid_share_group(group) {
         return Err(Rejected::InvalidGroup);
     }
     Ok(())
@@ -1538,7 +1542,7 @@ mod tests {
         assert_eq!(feed(&mut n, PEER, assert_frame(&deep, None, shard(&deep))), Some(Rejected::TooDeep));
         let just = vec!["l"; DEFAULT_MAX_TOPIC_LEVELS].join("/");
         assert_eq!(feed(&mut n, PEER, assert_frame(&just, None, shard(&just))), None);
-        let long = "x".repeat(MAX_STRING + 1);
+        let long = "x".repeat(MAX_TOPIC_LEN + 1);
         assert_eq!(feed(&mut n, PEER, assert_frame(&long, None, shard(&long))), Some(Rejected::TooLong));
         // The limit is the node's own setting.
         let mut strict = Node::new(ME, Config { max_topic_levels: 2, ..Config::default() });

@@ -9,10 +9,10 @@
 //! Boundary: bookkeeping only. Choosing which owner to ask, timeouts and
 //! frames belong to the [`Node`](super::node::Node).
 
+use super::filter_trie::FilterTrie;
 use super::frame::RouteChange;
 use super::id::{FastMap, NodeId};
 use super::route_shard::FilterRoutes;
-use super::topic::FilterTrie;
 use crate::shard::ShardKey;
 use smallvec::SmallVec;
 use std::collections::BTreeMap;

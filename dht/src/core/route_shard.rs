@@ -11,10 +11,10 @@
 //! Boundary: data and bookkeeping only. Who owns what, timers and frames are
 //! the [`Node`](super::node::Node)'s business.
 
+use super::filter_trie::{join_filter, FilterTrie};
 use super::frame::{RouteChange, RouteOp};
 use super::id::{FastMap, NodeId, StableHasher};
 use super::ownership::Owners;
-use super::topic::{join_filter, FilterTrie};
 use smallvec::SmallVec;
 
 /// Subscribers per node, sorted by node.

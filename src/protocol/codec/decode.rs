@@ -7,7 +7,7 @@ use super::{
     valid_puback_reason, valid_pubrel_reason, valid_suback_reason, valid_unsuback_reason, DecodeError, MAX_VARINT,
 };
 use crate::protocol::packet::*;
-use crate::protocol::topic;
+use kadmq_dht::topic;
 
 type Result<T> = std::result::Result<T, DecodeError>;
 

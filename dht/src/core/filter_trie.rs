@@ -1,56 +1,14 @@
-//! MQTT topic matching for the routing core: filter and topic validation, a
-//! reference matcher, and [`FilterTrie`], a map from topic filters to values
-//! that finds every filter matching a topic without scanning them all.
+//! [`FilterTrie`]: a map from topic filters to values that finds every
+//! filter matching a topic without scanning them all, and [`join_filter`],
+//! which turns a visited path back into its filter.
 //!
-//! Rules: levels split on `/`; `+` matches exactly one level (possibly
-//! empty); `#` is last and matches the parent level and any number below
-//! (`a/#` matches `a`); a topic whose first level starts with `$` matches no
-//! filter that starts with a wildcard.
-//!
-//! Boundary: this is the cluster's matcher (route shards, caches, the local
-//! filter set of a node). It knows nothing of clients or sessions; the
-//! broker's own trie in `src/` delivers to clients.
+//! Boundary: a data structure of the routing core (route shards, route
+//! caches, a node's local filter set). The topic rules it follows (levels,
+//! wildcards, the `$` rule) are [`crate::topic`]'s, and its tests check it
+//! against [`crate::topic::matches`]. It knows nothing of clients or
+//! sessions; the broker's own trie in `src/` delivers to clients.
 
-/// A valid MQTT topic filter: non-empty, `#` only as the whole last level,
-/// `+` only as a whole level, no NUL.
-pub fn valid_filter(filter: &str) -> bool {
-    if filter.is_empty() || filter.contains('\0') {
-        return false;
-    }
-    let mut levels = filter.split('/').peekable();
-    while let Some(level) = levels.next() {
-        let last = levels.peek().is_none();
-        if level.contains('#') && (level != "#" || !last) {
-            return false;
-        }
-        if level.contains('+') && level != "+" {
-            return false;
-        }
-    }
-    true
-}
-
-/// A valid topic name to publish to: non-empty, no wildcards, no NUL.
-pub fn valid_topic(topic: &str) -> bool {
-    !topic.is_empty() && !topic.contains(['+', '#', '\0'])
-}
-
-/// Does `filter` match `topic`? The reference the trie is tested against.
-pub fn matches(filter: &str, topic: &str) -> bool {
-    if topic.starts_with('$') && (filter.starts_with('+') || filter.starts_with('#')) {
-        return false;
-    }
-    let (mut f, mut t) = (filter.split('/'), topic.split('/'));
-    loop {
-        match (f.next(), t.next()) {
-            (Some("#"), _) => return true,
-            (Some("+"), Some(_)) => {}
-            (Some(a), Some(b)) if a == b => {}
-            (None, None) => return true,
-            _ => return false,
-        }
-    }
-}
+use crate::topic::levels;
 
 /// Joins matched filter levels (as given to the [`FilterTrie`] visitors)
 /// back into a filter.
@@ -241,7 +199,7 @@ impl<V> FilterTrie<V> {
 
     fn slot(&self, filter: &str) -> Option<&Option<Box<V>>> {
         let mut node = &self.root;
-        let mut levels = filter.split('/').peekable();
+        let mut levels = levels(filter).peekable();
         while let Some(level) = levels.next() {
             if level == "#" && levels.peek().is_none() {
                 return Some(&node.multi);
@@ -262,7 +220,7 @@ impl<V> FilterTrie<V> {
 
     pub fn get_mut(&mut self, filter: &str) -> Option<&mut V> {
         let mut node = &mut self.root;
-        let mut levels = filter.split('/').peekable();
+        let mut levels = levels(filter).peekable();
         while let Some(level) = levels.next() {
             if level == "#" && levels.peek().is_none() {
                 return node.multi.as_deref_mut();
@@ -280,7 +238,7 @@ impl<V> FilterTrie<V> {
     /// The value of `filter`, inserted with `make` if absent.
     pub fn get_or_insert_with(&mut self, filter: &str, make: impl FnOnce() -> V) -> &mut V {
         let mut node = &mut self.root;
-        let mut levels = filter.split('/').peekable();
+        let mut levels = levels(filter).peekable();
         let slot = loop {
             let Some(level) = levels.next() else { break &mut node.value };
             if level == "#" && levels.peek().is_none() {
@@ -314,7 +272,7 @@ impl<V> FilterTrie<V> {
         let mut multi = false;
         {
             let mut node = &self.root;
-            let mut levels = filter.split('/').peekable();
+            let mut levels = levels(filter).peekable();
             while let Some(level) = levels.next() {
                 if level == "#" && levels.peek().is_none() {
                     multi = true;
@@ -361,7 +319,7 @@ impl<V> FilterTrie<V> {
 
     /// Visits every filter matching `topic`, as (levels, ends with `#`, value).
     pub fn match_topic<'a>(&'a self, topic: &str, mut visit: impl FnMut(&[&'a str], bool, &'a V)) {
-        let levels: smallvec::SmallVec<[(&str, u64); 8]> = topic.split('/').map(|l| (l, level_hash(l))).collect();
+        let levels: smallvec::SmallVec<[(&str, u64); 8]> = levels(topic).map(|l| (l, level_hash(l))).collect();
         let dollar = topic.starts_with('$');
         // Inline up to 16 levels and branches: no allocation for ordinary topics.
         let mut path: smallvec::SmallVec<[&'a str; 16]> = smallvec::SmallVec::new();
@@ -491,33 +449,9 @@ impl<V> FilterTrie<V> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::topic::matches;
     use proptest::prelude::*;
     use std::collections::BTreeSet;
-
-    #[test]
-    fn validates_filters_and_topics() {
-        for ok in ["a", "a/b", "+", "#", "a/+/c", "a/#", "+/+", "/", "a//b", "$SYS/#"] {
-            assert!(valid_filter(ok), "{ok}");
-        }
-        for bad in ["", "a#", "a/#/b", "a+/b", "#/a", "a/b+"] {
-            assert!(!valid_filter(bad), "{bad}");
-        }
-        assert!(valid_topic("a/b") && valid_topic("$SYS/x") && valid_topic("/"));
-        assert!(!valid_topic("") && !valid_topic("a/+") && !valid_topic("#"));
-    }
-
-    #[test]
-    fn reference_matcher_follows_mqtt() {
-        assert!(matches("a/#", "a"));
-        assert!(matches("a/#", "a/b/c"));
-        assert!(matches("#", "a"));
-        assert!(matches("+", ""));
-        assert!(matches("a/+", "a/"));
-        assert!(!matches("a/+", "a"));
-        assert!(!matches("#", "$SYS/x"));
-        assert!(!matches("+/x", "$SYS/x"));
-        assert!(matches("$SYS/#", "$SYS/x"));
-    }
 
     #[test]
     fn trie_inserts_removes_and_prunes() {
