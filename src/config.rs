@@ -168,8 +168,8 @@ impl Default for MqttConfig {
             max_queued_bytes: 64 * 1024 * 1024,
             max_inflight: 1024,
             queue_qos0_offline: false,
-            max_topic_levels: 128,
-            max_topic_length: 65_535,
+            max_topic_levels: kadmq_dht::topic::DEFAULT_MAX_LEVELS,
+            max_topic_length: kadmq_dht::topic::MAX_TOPIC_LEN,
             max_subscriptions_per_client: 10_000,
             max_publish_rate: 0,
             topic_alias_maximum: 64,
@@ -223,7 +223,7 @@ impl Config {
         if m.max_topic_levels == 0 {
             return invalid("mqtt.max_topic_levels must be at least 1");
         }
-        if m.max_topic_length == 0 || m.max_topic_length > 65_535 {
+        if m.max_topic_length == 0 || m.max_topic_length > kadmq_dht::topic::MAX_TOPIC_LEN {
             return invalid("mqtt.max_topic_length must be between 1 and 65535 bytes");
         }
         if m.max_subscriptions_per_client == 0 {

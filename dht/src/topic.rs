@@ -18,6 +18,11 @@
 /// The longest string MQTT can carry (two-byte length prefix).
 pub const MAX_TOPIC_LEN: usize = 65_535;
 
+/// The default limit on topic levels, the same on a node's clients
+/// (`mqtt.max_topic_levels`) and in its routing core: a fleet refuses what
+/// a node would.
+pub const DEFAULT_MAX_LEVELS: usize = 128;
+
 const SHARE_PREFIX: &str = "$share/";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]

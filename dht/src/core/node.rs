@@ -42,7 +42,7 @@ use std::sync::Arc;
 const LOOKUP_RETRY_MS: u64 = 100;
 
 /// Default of [`Config::max_topic_levels`].
-pub const DEFAULT_MAX_TOPIC_LEVELS: usize = 128;
+pub const DEFAULT_MAX_TOPIC_LEVELS: usize = crate::topic::DEFAULT_MAX_LEVELS;
 /// Most items (ops, changes, digests, shards) one frame may carry. A frame
 /// is at most 16 MiB, so this only bites on frames of tiny items; it bounds
 /// the work one frame can ask for.
