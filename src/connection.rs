@@ -47,13 +47,14 @@ pub async fn serve<S>(stream: S, peer: SocketAddr, broker: Arc<Broker>, shutdown
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut link = Link { stream, rbuf: BytesMut::with_capacity(8 * 1024), wbuf: BytesMut::with_capacity(8 * 1024) };
+    let mut client =
+        ClientStream { stream, rbuf: BytesMut::with_capacity(8 * 1024), wbuf: BytesMut::with_capacity(8 * 1024) };
     let timeout = Duration::from_secs(broker.config.connect_timeout_secs);
-    let connect = match tokio::time::timeout(timeout, link.read_connect(&broker)).await {
+    let connect = match tokio::time::timeout(timeout, client.read_connect(&broker)).await {
         Ok(Ok(connect)) => connect,
         Ok(Err(reason)) => {
             tracing::info!(%peer, reason, "connection refused before CONNECT");
-            let _ = link.flush().await;
+            let _ = client.flush().await;
             return;
         }
         Err(_) => {
@@ -61,7 +62,7 @@ where
             return;
         }
     };
-    let Some(mut connection) = Connection::accept(link, connect, peer, broker.clone()).await else {
+    let Some(mut connection) = Connection::accept(client, connect, peer, broker.clone()).await else {
         return;
     };
     Stats::add(&broker.stats.clients_connected, 1);
@@ -77,26 +78,27 @@ pub async fn refuse<S>(stream: S, peer: SocketAddr, broker: Arc<Broker>)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut link = Link { stream, rbuf: BytesMut::with_capacity(1024), wbuf: BytesMut::with_capacity(64) };
+    let mut client = ClientStream { stream, rbuf: BytesMut::with_capacity(1024), wbuf: BytesMut::with_capacity(64) };
     let wait = Duration::from_secs(broker.config.connect_timeout_secs.min(5));
-    let who = match tokio::time::timeout(wait, link.read_connect(&broker)).await {
+    let who = match tokio::time::timeout(wait, client.read_connect(&broker)).await {
         Ok(Ok(connect)) => {
-            link.queue(&connack(ConnectReason::QuotaExceeded, false), connect.version);
+            client.queue(&connack(ConnectReason::QuotaExceeded, false), connect.version);
             connect.client_id
         }
         _ => String::new(),
     };
     broker.limits.hit(Limit::Connections, &who, &format!("connection from {peer} refused"));
-    let _ = tokio::time::timeout(wait, link.flush()).await;
+    let _ = tokio::time::timeout(wait, client.flush()).await;
 }
 
-struct Link<S> {
+/// The client's byte stream with its read and write buffers.
+struct ClientStream<S> {
     stream: S,
     rbuf: BytesMut,
     wbuf: BytesMut,
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin> Link<S> {
+impl<S: AsyncRead + AsyncWrite + Unpin> ClientStream<S> {
     /// Reads the first packet, which must be a CONNECT. On error, a CONNACK
     /// saying why may already be in the write buffer.
     async fn read_connect(&mut self, broker: &Broker) -> Result<Connect, &'static str> {
@@ -171,7 +173,7 @@ fn connack(code: ConnectReason, session_present: bool) -> Packet {
 }
 
 struct Connection<S> {
-    link: Link<S>,
+    client: ClientStream<S>,
     peer: SocketAddr,
     broker: Arc<Broker>,
     version: Version,
@@ -202,27 +204,32 @@ struct Connection<S> {
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     /// Checks the CONNECT, attaches to the session and answers CONNACK.
-    async fn accept(mut link: Link<S>, connect: Connect, peer: SocketAddr, broker: Arc<Broker>) -> Option<Self> {
+    async fn accept(
+        mut client: ClientStream<S>,
+        connect: Connect,
+        peer: SocketAddr,
+        broker: Arc<Broker>,
+    ) -> Option<Self> {
         let version = connect.version;
-        let refuse = |link: &mut Link<S>, code: ConnectReason, why: &'static str| {
+        let refuse = |client: &mut ClientStream<S>, code: ConnectReason, why: &'static str| {
             tracing::info!(%peer, client_id = %connect.client_id, why, "CONNECT refused");
-            link.queue(&connack(code, false), version);
+            client.queue(&connack(code, false), version);
         };
         if connect.properties.authentication_method.is_some() {
-            refuse(&mut link, ConnectReason::BadAuthenticationMethod, "enhanced authentication is not supported");
-            let _ = link.flush().await;
+            refuse(&mut client, ConnectReason::BadAuthenticationMethod, "enhanced authentication is not supported");
+            let _ = client.flush().await;
             return None;
         }
         if let Some(will) = &connect.will {
             if !topic::valid_topic_name(&will.topic) {
-                refuse(&mut link, ConnectReason::TopicNameInvalid, "invalid will topic");
-                let _ = link.flush().await;
+                refuse(&mut client, ConnectReason::TopicNameInvalid, "invalid will topic");
+                let _ = client.flush().await;
                 return None;
             }
             if let Some(limit) = topic_limits(&broker.config).exceeded_by(&will.topic) {
                 broker.limits.hit(limit.into(), &connect.client_id, "CONNECT refused (will topic, 0x90)");
-                refuse(&mut link, ConnectReason::TopicNameInvalid, "will topic over the topic limits");
-                let _ = link.flush().await;
+                refuse(&mut client, ConnectReason::TopicNameInvalid, "will topic over the topic limits");
+                let _ = client.flush().await;
                 return None;
             }
         }
@@ -231,8 +238,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         let mut client_id = connect.client_id.clone();
         if client_id.is_empty() {
             if version == Version::V311 && !connect.clean_start {
-                refuse(&mut link, ConnectReason::ClientIdentifierNotValid, "empty client id needs a clean session");
-                let _ = link.flush().await;
+                refuse(&mut client, ConnectReason::ClientIdentifierNotValid, "empty client id needs a clean session");
+                let _ = client.flush().await;
                 return None;
             }
             client_id = format!("kadmq-{:016x}", rand::random::<u64>());
@@ -277,7 +284,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             props.maximum_packet_size = Some(config.max_packet_size);
             props.topic_alias_maximum = Some(config.topic_alias_maximum);
         }
-        link.queue(
+        client.queue(
             &Packet::ConnAck(ConnAck {
                 session_present: connected.session_present,
                 code: ConnectReason::Success,
@@ -288,7 +295,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         tracing::debug!(%peer, client_id, version = ?version, session_present = connected.session_present, "connected");
         let publish_rate = TokenBucket::new(config.max_publish_rate, Instant::now());
         let mut connection = Connection {
-            link,
+            client,
             peer,
             broker,
             version,
@@ -321,7 +328,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         let mut more = true;
         // Packets that arrived in the same read as the CONNECT are already
         // buffered: handle them now, not after the next read.
-        if !self.link.rbuf.is_empty() {
+        if !self.client.rbuf.is_empty() {
             if let Err(close) = self.handle_input() {
                 self.close(close).await;
                 return;
@@ -338,7 +345,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             let throttled = self.throttled_until;
             tokio::select! {
                 biased;
-                read = self.link.stream.read_buf(&mut self.link.rbuf), if throttled.is_none() => {
+                read = self.client.stream.read_buf(&mut self.client.rbuf), if throttled.is_none() => {
                     match read {
                         Ok(0) | Err(_) => break Close::Transport,
                         Ok(n) => {
@@ -386,7 +393,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     fn handle_input(&mut self) -> Result<(), Close> {
         loop {
             const PUBLISH: u8 = 3;
-            let next_is_publish = self.link.rbuf.first().is_some_and(|b| b >> 4 == PUBLISH);
+            let next_is_publish = self.client.rbuf.first().is_some_and(|b| b >> 4 == PUBLISH);
             if let (true, Some(bucket)) = (next_is_publish, self.publish_rate.as_mut()) {
                 if let Err(at) = bucket.ready(Instant::now()) {
                     self.broker.limits.hit(Limit::PublishRate, &self.session.client_id, "PUBLISH read later");
@@ -395,7 +402,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 }
             }
             let packet = match protocol::decode(
-                &mut self.link.rbuf,
+                &mut self.client.rbuf,
                 self.version,
                 self.broker.config.max_packet_size as usize,
             ) {
@@ -670,11 +677,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         if !self.problem_information {
             strip_problem_information(&mut packet);
         }
-        self.link.queue(&packet, self.version);
+        self.client.queue(&packet, self.version);
     }
 
     async fn flush(&mut self) -> std::io::Result<()> {
-        if self.link.wbuf.is_empty() {
+        if self.client.wbuf.is_empty() {
             self.unwritten_pubacks = 0;
             return Ok(());
         }
@@ -685,7 +692,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             }
         }
         // No byte taken for a keep-alive period: the client is gone.
-        let n = self.link.flush_within(self.keep_alive).await?;
+        let n = self.client.flush_within(self.keep_alive).await?;
         self.unwritten_pubacks = 0;
         Stats::add(&self.broker.stats.bytes_sent, n as u64);
         Ok(())
@@ -718,7 +725,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             Close::ClientDisconnect { .. } => tracing::debug!(peer = %self.peer, %client_id, "client disconnected"),
             Close::Transport => tracing::debug!(peer = %self.peer, %client_id, "connection lost"),
         }
-        let shutdown = self.link.stream.shutdown();
+        let shutdown = self.client.stream.shutdown();
         let _ = tokio::time::timeout(self.keep_alive.unwrap_or(Duration::from_secs(5)), shutdown).await;
         let now = self.broker.now_ms();
         let will = self.will.take().filter(|_| will).map(|w| {
@@ -768,11 +775,11 @@ mod tests {
             theirs.read_to_end(&mut sink).await.unwrap();
             sink.len()
         });
-        let mut link = Link { stream: ours, rbuf: BytesMut::new(), wbuf: BytesMut::with_capacity(8 * 1024) };
-        link.wbuf.extend_from_slice(&vec![0u8; 4 << 20]);
-        assert_eq!(link.flush().await.unwrap(), 4 << 20);
-        assert!(link.wbuf.capacity() <= MAX_IDLE_WBUF, "write buffer kept {} bytes", link.wbuf.capacity());
-        drop(link);
+        let mut client = ClientStream { stream: ours, rbuf: BytesMut::new(), wbuf: BytesMut::with_capacity(8 * 1024) };
+        client.wbuf.extend_from_slice(&vec![0u8; 4 << 20]);
+        assert_eq!(client.flush().await.unwrap(), 4 << 20);
+        assert!(client.wbuf.capacity() <= MAX_IDLE_WBUF, "write buffer kept {} bytes", client.wbuf.capacity());
+        drop(client);
         assert_eq!(reader.await.unwrap(), 4 << 20);
     }
 }
