@@ -404,7 +404,7 @@ async fn max_keep_alive_is_announced_as_server_keep_alive() {
 
 /// The broker uses the Server Keep Alive it announced: a client that asked
 /// for none (0) and stays silent is disconnected with 0x8D after 1.5x.
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn server_keep_alive_is_enforced() {
     let broker = TestBroker::start_with(|c| c.mqtt.max_keep_alive = 1).await;
     let (mut c, ack) = Raw::v5_connack(broker.mqtt(), "ska-enforced", |c| c.keep_alive = 0).await;

@@ -44,7 +44,7 @@ async fn delayed_will_expiry_counts_from_publication() {
 
 /// A subscriber that stops reading (its socket buffers full) and stops
 /// sending must still be disconnected by keep-alive, and its will published.
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn stalled_reader_is_closed_by_keep_alive_and_its_will_published() {
     let broker = TestBroker::start().await;
     let (mut obs, _) = Raw::v311(broker.mqtt(), "rst-obs", true).await;

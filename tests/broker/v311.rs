@@ -155,7 +155,7 @@ async fn same_client_id_takes_over_and_first_is_disconnected() {
 
 // --- keep-alive and wills -----------------------------------------------------
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn keep_alive_is_enforced_at_one_and_a_half_times_and_publishes_the_will() {
     let broker = TestBroker::start().await;
     let (mut watcher, _) = Raw::v311(broker.mqtt(), "ka-watch", true).await;
@@ -165,7 +165,7 @@ async fn keep_alive_is_enforced_at_one_and_a_half_times_and_publishes_the_will()
     connect.will = Some(will("will/ka", b"gone", Q::AtLeastOnce, false));
     let (mut silent, ack) = Raw::connect(broker.mqtt(), connect).await;
     assert_eq!(ack.code, ConnectReason::Success);
-    let start = Instant::now();
+    let start = tokio::time::Instant::now();
     let before = silent.expect_closed(Duration::from_secs(4)).await;
     let elapsed = start.elapsed();
     assert!(before.is_empty(), "{before:?}");
@@ -177,7 +177,7 @@ async fn keep_alive_is_enforced_at_one_and_a_half_times_and_publishes_the_will()
     assert_eq!((w.topic.as_str(), &w.payload[..]), ("will/ka", &b"gone"[..]));
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn keep_alive_is_reset_by_any_packet() {
     let broker = TestBroker::start().await;
     let (mut c, _) = Raw::connect(broker.mqtt(), connect_v311("ka-busy", true, 1)).await;
@@ -453,7 +453,7 @@ async fn plus_and_hash_wildcards() {
     }
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn dollar_topics_are_not_matched_by_leading_wildcards() {
     let broker = TestBroker::start().await;
     let addr = broker.mqtt();

@@ -225,7 +225,7 @@ async fn second_connect_is_a_protocol_error_with_reason_string() {
     assert!(d.reason_string.as_deref().is_some_and(|s| !s.is_empty()), "no reason string: {d:?}");
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn keep_alive_timeout_disconnects_with_0x8d() {
     let broker = TestBroker::start().await;
     let mut a = Raw::v5(broker.mqtt(), "ka", |c| c.keep_alive = 1).await;
@@ -237,7 +237,7 @@ async fn keep_alive_timeout_disconnects_with_0x8d() {
     assert!(took >= Duration::from_millis(1200) && took < Duration::from_millis(3500), "after {took:?}");
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn keep_alive_is_kept_by_pings() {
     let broker = TestBroker::start().await;
     let mut a = Raw::v5(broker.mqtt(), "ka-ping", |c| c.keep_alive = 1).await;
