@@ -207,8 +207,11 @@ impl Node {
 
     /// The node's peer id, from its data dir (`kadmq id`).
     pub fn peer_id(&self) -> String {
-        let out = kadmq().arg("id").arg("--data-dir").arg(&self.data_dir).output();
-        String::from_utf8(out.unwrap().stdout).unwrap().trim().to_string()
+        let out = kadmq().arg("id").arg("--data-dir").arg(&self.data_dir).output().expect("run kadmq id");
+        let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success() && !id.is_empty(), "kadmq id for {}: {}: {stderr}", self.name, out.status);
+        id
     }
 
     pub fn pid(&self) -> Option<u32> {
@@ -326,13 +329,18 @@ impl Drop for Node {
     }
 }
 
-/// Waits (up to [`SETTLE`] for each) until each of `nodes` sees exactly
+/// How long each node may take to see the members it should: a fleet of
+/// debug-build nodes on a loaded machine forms (or re-forms after a restart)
+/// in seconds, but sometimes in tens of them.
+pub const MEMBERSHIP: Duration = Duration::from_secs(30);
+
+/// Waits (up to [`MEMBERSHIP`] for each) until each of `nodes` sees exactly
 /// `names` alive.
 pub fn wait_for_members(nodes: &[&Node], names: &[&str]) {
     let mut want: Vec<String> = names.iter().map(|s| s.to_string()).collect();
     want.sort();
     for node in nodes {
-        wait_until(SETTLE, &format!("{} to see {want:?} alive", node.name), || {
+        wait_until(MEMBERSHIP, &format!("{} to see {want:?} alive", node.name), || {
             let alive = node.alive_members();
             if alive == want {
                 Ok(())
