@@ -1,8 +1,10 @@
 //! Malformed and hostile input over raw TCP: the offending connection is
 //! closed, everyone else is unaffected.
 
-use crate::common::{assert_broker_serves, encode311, publish_packet, Raw, TestBroker, WAIT};
-use kadmq::protocol::{Packet as P, QoS as Q};
+use crate::common::{assert_broker_serves, TestBroker};
+use crate::support::raw::{connect_v311, encode311, publish_packet, Raw, WAIT};
+use crate::support::wait::wait_until_async;
+use kadmq::protocol::{Packet as P, QoS as Q, Version};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -52,7 +54,7 @@ fn subscribe_bytes(packet_id: u16, filters: &[(&str, u8)]) -> Vec<u8> {
 
 /// A connected client that then sends `bytes`: the broker must close it.
 async fn connected_then_closed(addr: SocketAddr, id: &str, bytes: &[u8]) {
-    let (mut c, _) = Raw::connect(addr, id, true).await;
+    let (mut c, _) = Raw::v311(addr, id, true).await;
     c.try_send_bytes(bytes).await;
     let before = c.expect_closed(WAIT).await;
     assert!(before.is_empty(), "3.1.1: no answer before the close, got {before:?}");
@@ -61,7 +63,7 @@ async fn connected_then_closed(addr: SocketAddr, id: &str, bytes: &[u8]) {
 /// A fresh connection whose first bytes are `bytes`: the broker must close
 /// it without a CONNACK.
 async fn first_bytes_closed(addr: SocketAddr, bytes: &[u8]) {
-    let mut c = Raw::open(addr).await;
+    let mut c = Raw::open(addr, Version::V311).await;
     c.try_send_bytes(bytes).await;
     let before = c.expect_closed(WAIT).await;
     assert!(before.is_empty(), "no answer to {bytes:02x?}, got {before:?}");
@@ -102,12 +104,12 @@ async fn connect_with_reserved_flag_or_bad_protocol_name_is_closed() {
 #[tokio::test]
 async fn no_connect_within_the_connect_timeout_is_closed() {
     let broker = TestBroker::start_with(|c| c.mqtt.connect_timeout_secs = 1).await;
-    let mut idle = Raw::open(broker.mqtt()).await;
+    let mut idle = Raw::open(broker.mqtt(), Version::V311).await;
     let start = Instant::now();
     idle.expect_closed(Duration::from_secs(3)).await;
     assert!(start.elapsed() >= Duration::from_millis(900), "closed too early: {:?}", start.elapsed());
     // Half a CONNECT, then silence: also closed.
-    let mut half = Raw::open(broker.mqtt()).await;
+    let mut half = Raw::open(broker.mqtt(), Version::V311).await;
     half.send_bytes(&[0x10, 0x20, 0x00, 0x04, b'M']).await;
     half.expect_closed(Duration::from_secs(3)).await;
     assert_broker_serves(broker.mqtt()).await;
@@ -116,8 +118,8 @@ async fn no_connect_within_the_connect_timeout_is_closed() {
 #[tokio::test]
 async fn publish_with_a_wildcard_topic_is_closed() {
     let broker = TestBroker::start().await;
-    let (mut watcher, _) = Raw::connect(broker.mqtt(), "wild-watch", true).await;
-    watcher.subscribe(1, &[("#", Q::AtMostOnce)]).await;
+    let (mut watcher, _) = Raw::v311(broker.mqtt(), "wild-watch", true).await;
+    watcher.subscribe_id(1, &[("#", Q::AtMostOnce)]).await;
     connected_then_closed(broker.mqtt(), "wild-1", &publish_bytes(b"a/+", 0, None, b"x")).await;
     connected_then_closed(broker.mqtt(), "wild-2", &publish_bytes(b"a/#", 1, Some(1), b"x")).await;
     connected_then_closed(broker.mqtt(), "wild-3", &publish_bytes(b"+", 0, None, b"x")).await;
@@ -166,18 +168,18 @@ async fn publish_with_bad_flags_or_packet_id_is_closed() {
 #[tokio::test]
 async fn subscribe_with_an_invalid_filter_is_closed_and_subscribes_nothing() {
     let broker = TestBroker::start().await;
-    let (mut c, _) = Raw::connect(broker.mqtt(), "badfilter", true).await;
+    let (mut c, _) = Raw::v311(broker.mqtt(), "badfilter", true).await;
     c.send_bytes(&subscribe_bytes(5, &[("ok/t", 1), ("a/#/b", 1)])).await;
     let before = c.expect_closed(WAIT).await;
     assert!(before.is_empty(), "no SUBACK for a malformed SUBSCRIBE: {before:?}");
     for filter in ["a/b+", "#/a", "a/#/"] {
-        let (mut c, _) = Raw::connect(broker.mqtt(), "badfilter", true).await;
+        let (mut c, _) = Raw::v311(broker.mqtt(), "badfilter", true).await;
         c.send_bytes(&subscribe_bytes(6, &[(filter, 0)])).await;
         c.expect_closed(WAIT).await;
     }
     // The valid filter of the refused SUBSCRIBE was not subscribed either.
-    let (mut publisher, _) = Raw::connect(broker.mqtt(), "badfilter-pub", true).await;
-    publisher.publish("ok/t", b"x", Q::AtLeastOnce, false, 1).await;
+    let (mut publisher, _) = Raw::v311(broker.mqtt(), "badfilter-pub", true).await;
+    publisher.publish_with_id("ok/t", b"x", Q::AtLeastOnce, false, 1).await;
     assert_eq!(broker.server.as_ref().unwrap().broker.subscription_count(), 0);
     assert_broker_serves(broker.mqtt()).await;
 }
@@ -185,10 +187,10 @@ async fn subscribe_with_an_invalid_filter_is_closed_and_subscribes_nothing() {
 #[tokio::test]
 async fn oversize_packet_is_closed_and_others_are_unaffected() {
     let broker = TestBroker::start_with(|c| c.mqtt.max_packet_size = 1024).await;
-    let (mut bystander, _) = Raw::connect(broker.mqtt(), "big-bystander", true).await;
-    bystander.subscribe(1, &[("big/#", Q::AtLeastOnce)]).await;
+    let (mut bystander, _) = Raw::v311(broker.mqtt(), "big-bystander", true).await;
+    bystander.subscribe_id(1, &[("big/#", Q::AtLeastOnce)]).await;
 
-    let (mut big, _) = Raw::connect(broker.mqtt(), "big-sender", true).await;
+    let (mut big, _) = Raw::v311(broker.mqtt(), "big-sender", true).await;
     let packet = publish_bytes(b"big/t", 1, Some(1), &[b'x'; 2000]);
     assert!(packet.len() > 2000);
     big.try_send_bytes(&packet).await;
@@ -197,14 +199,14 @@ async fn oversize_packet_is_closed_and_others_are_unaffected() {
 
     // Only the fixed header counts: announcing a huge packet is refused
     // before its body arrives.
-    let (mut liar, _) = Raw::connect(broker.mqtt(), "big-liar", true).await;
+    let (mut liar, _) = Raw::v311(broker.mqtt(), "big-liar", true).await;
     liar.try_send_bytes(&[0x30, 0xff, 0xff, 0xff, 0x7f]).await;
     liar.expect_closed(WAIT).await;
     let limits = &broker.server.as_ref().unwrap().broker.limits;
     assert_eq!(limits.count(kadmq::broker::limits::Limit::PacketSize), 2, "both counted");
 
     // Just under the limit is fine; the bystander gets only that one.
-    let (mut fits, _) = Raw::connect(broker.mqtt(), "big-fits", true).await;
+    let (mut fits, _) = Raw::v311(broker.mqtt(), "big-fits", true).await;
     let payload = vec![b'y'; 1024 - 2 - 2 - 5 - 2 - 3];
     let packet = publish_bytes(b"big/t", 1, Some(2), &payload);
     assert!(packet.len() <= 1024, "{}", packet.len());
@@ -212,7 +214,7 @@ async fn oversize_packet_is_closed_and_others_are_unaffected() {
     assert!(matches!(fits.recv().await, P::PubAck(a) if a.packet_id == 2));
     let p = bystander.recv_publish().await;
     assert_eq!(p.payload.len(), payload.len());
-    bystander.ack(&p).await;
+    bystander.complete(&p).await;
     bystander.expect_silence().await;
     bystander.ping().await;
 }
@@ -228,7 +230,7 @@ async fn five_byte_remaining_length_is_closed() {
 #[tokio::test]
 async fn second_connect_is_closed() {
     let broker = TestBroker::start().await;
-    let connect = encode311(&P::Connect(crate::common::connect_packet("twice", true, 30)));
+    let connect = encode311(&P::Connect(connect_v311("twice", true, 30)));
     connected_then_closed(broker.mqtt(), "twice", &connect).await;
     assert_broker_serves(broker.mqtt()).await;
 }
@@ -237,7 +239,7 @@ async fn second_connect_is_closed() {
 async fn many_malformed_connections_then_a_normal_client() {
     let broker = TestBroker::start().await;
     let addr = broker.mqtt();
-    let connect = encode311(&P::Connect(crate::common::connect_packet("", true, 30)));
+    let connect = encode311(&P::Connect(connect_v311("", true, 30)));
     let samples: Vec<Vec<u8>> = vec![
         b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03".to_vec(), // a TLS ClientHello
         vec![0xff; 64],
@@ -254,7 +256,7 @@ async fn many_malformed_connections_then_a_normal_client() {
         let batch = (0..AT_ONCE).map(|i| {
             let bytes = samples[(round * AT_ONCE + i) % samples.len()].clone();
             async move {
-                let mut c = Raw::open(addr).await;
+                let mut c = Raw::open(addr, Version::V311).await;
                 c.try_send_bytes(&bytes).await;
                 let before = c.expect_closed(WAIT).await;
                 // At most the CONNACK of the samples that connect first.
@@ -266,14 +268,14 @@ async fn many_malformed_connections_then_a_normal_client() {
     assert_broker_serves(addr).await;
     // The probe's own connection is torn down just after it sees EOF.
     let server = broker.server.as_ref().unwrap();
-    let deadline = Instant::now() + WAIT;
-    loop {
+    wait_until_async(WAIT, "every connection and session gone", move || async move {
         let connected = server.broker.stats.clients_connected.load(std::sync::atomic::Ordering::Relaxed);
         let sessions = server.broker.session_count();
         if connected == 0 && sessions == 0 {
-            break;
+            Ok(())
+        } else {
+            Err(format!("left behind: {connected} connections, {sessions} sessions"))
         }
-        assert!(Instant::now() < deadline, "left behind: {connected} connections, {sessions} sessions");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await;
 }

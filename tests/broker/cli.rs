@@ -1,20 +1,11 @@
 //! The `kadmq` binary as a user runs it: help, configuration precedence
 //! (flags > environment > file > defaults), refusal of bad configuration.
 
-use crate::common::{free_port, wait_for_port};
+use crate::support::ports::free_port;
+use crate::support::process::kadmq;
+use crate::support::wait::wait_for_port;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn kadmq() -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_kadmq"));
-    // The test environment must not leak into precedence checks.
-    for (key, _) in std::env::vars() {
-        if key.starts_with("KADMQ_") {
-            command.env_remove(key);
-        }
-    }
-    command
-}
 
 fn listening(port: u16) -> bool {
     std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
@@ -24,7 +15,7 @@ fn listening(port: u16) -> bool {
 /// `unexpected_port` does not, and kills the child by its own id.
 fn assert_listens_on(mut command: Command, expected_port: u16, unexpected_port: u16) {
     let mut child = command.stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("spawn kadmq");
-    wait_for_port(expected_port);
+    wait_for_port(expected_port, Duration::from_secs(5));
     let listens_elsewhere = listening(unexpected_port);
     let _ = child.kill();
     let _ = child.wait();

@@ -1,20 +1,14 @@
 //! The HTTP endpoint: Prometheus metrics and the JSON view move with traffic.
 
-use crate::common::{Raw, TestBroker};
+use crate::common::TestBroker;
+use crate::support::http::http_get_async;
+use crate::support::raw::Raw;
 use kadmq::protocol::QoS;
 use std::net::SocketAddr;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
-/// A plain HTTP/1.1 GET; returns (status line, body).
-async fn get(addr: SocketAddr, path: &str) -> (String, String) {
-    let mut stream = TcpStream::connect(addr).await.unwrap();
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut response = String::new();
-    tokio::time::timeout(crate::common::WAIT, stream.read_to_string(&mut response)).await.unwrap().unwrap();
-    let (head, body) = response.split_once("\r\n\r\n").unwrap();
-    (head.lines().next().unwrap().to_string(), body.to_string())
+/// GET `path` on the broker's HTTP endpoint: (status, body).
+async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
+    http_get_async(addr.port(), path).await.unwrap_or_else(|err| panic!("GET {path}: {err}"))
 }
 
 fn metric(text: &str, name: &str) -> u64 {
@@ -32,19 +26,19 @@ async fn metrics_and_json_follow_traffic() {
     let http = broker.server.as_ref().unwrap().http_addr().expect("http endpoint bound");
 
     let (status, before) = get(http, "/metrics").await;
-    assert!(status.contains("200"), "{status}");
+    assert_eq!(status, 200);
     assert!(before.contains("# TYPE kadmq_messages_received_total counter"), "{before}");
     let received_before = metric(&before, "kadmq_messages_received_total");
 
-    let (mut sub, _) = Raw::connect(broker.mqtt(), "http-sub", true).await;
-    sub.subscribe(1, &[("m/#", QoS::AtLeastOnce)]).await;
-    let (mut publisher, _) = Raw::connect(broker.mqtt(), "http-pub", true).await;
+    let (mut sub, _) = Raw::v311(broker.mqtt(), "http-sub", true).await;
+    sub.subscribe_id(1, &[("m/#", QoS::AtLeastOnce)]).await;
+    let (mut publisher, _) = Raw::v311(broker.mqtt(), "http-pub", true).await;
     for id in 1..=3 {
-        publisher.publish("m/t", b"x", QoS::AtLeastOnce, false, id).await;
+        publisher.publish_with_id("m/t", b"x", QoS::AtLeastOnce, false, id).await;
     }
     for _ in 0..3 {
         let p = sub.recv_publish().await;
-        sub.ack(&p).await;
+        sub.complete(&p).await;
     }
 
     let (_, after) = get(http, "/metrics").await;
@@ -54,11 +48,11 @@ async fn metrics_and_json_follow_traffic() {
     assert_eq!(metric(&after, "kadmq_subscriptions"), 1);
 
     let (status, json) = get(http, "/api/v1/broker").await;
-    assert!(status.contains("200"));
+    assert_eq!(status, 200);
     let value: serde_json::Value = serde_json::from_str(&json).unwrap();
     assert_eq!(value["connections"], 2);
     assert_eq!(value["subscriptions"], 1);
 
     let (status, _) = get(http, "/nothing").await;
-    assert!(status.contains("404"), "{status}");
+    assert_eq!(status, 404);
 }

@@ -1,17 +1,15 @@
 //! Durability with the real `kadmq` binary: SIGKILL and restart on the same
 //! data directory, damaged directories, graceful stop on SIGTERM.
 
-use crate::common::{free_port, publish_packet, BrokerProcess, Raw, QUIET};
+use crate::common::BrokerProcess;
+use crate::support::ports::free_port;
+use crate::support::process::kadmq;
+use crate::support::raw::{encode311, publish_packet, Raw, QUIET};
 use kadmq::protocol::{Packet as P, PubAck, QoS as Q};
 use std::collections::BTreeSet;
-use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::{ExitStatus, Stdio};
 use std::time::{Duration, Instant};
-
-fn addr(broker: &BrokerProcess) -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], broker.port))
-}
 
 /// Sends every PUBLISH at once, then waits for every PUBACK / PUBREC (the
 /// broker promises durability with them). Returns when all came.
@@ -19,7 +17,7 @@ async fn publish_all_and_wait_for_acks(c: &mut Raw, topic: &str, qos: Q, n: u16,
     let mut bytes = Vec::new();
     for i in 0..n {
         let id = first_id + i;
-        bytes.extend(crate::common::encode311(&publish_packet(topic, &i.to_be_bytes(), qos, false, Some(id))));
+        bytes.extend(encode311(&publish_packet(topic, &i.to_be_bytes(), qos, false, Some(id))));
     }
     c.send_bytes(&bytes).await;
     let mut acked = BTreeSet::new();
@@ -40,19 +38,19 @@ fn payloads(got: &[kadmq::protocol::Publish], topic: &str) -> BTreeSet<u16> {
 #[tokio::test]
 async fn retained_messages_survive_kill_9() {
     let dir = tempfile::tempdir().unwrap();
-    let mut broker = BrokerProcess::spawn(dir.path());
-    let (mut c, _) = Raw::connect(addr(&broker), "ret-writer", true).await;
-    c.publish("keep/1", b"one", Q::AtLeastOnce, true, 1).await;
-    c.publish("keep/2", b"two", Q::ExactlyOnce, true, 2).await;
-    c.publish("keep/3", b"old", Q::AtLeastOnce, true, 3).await;
-    c.publish("keep/3", b"three", Q::AtLeastOnce, true, 4).await;
-    c.publish("keep/gone", b"x", Q::AtLeastOnce, true, 5).await;
-    c.publish("keep/gone", b"", Q::AtLeastOnce, true, 6).await;
+    let broker = BrokerProcess::spawn(dir.path());
+    let (mut c, _) = Raw::v311(broker.addr(), "ret-writer", true).await;
+    c.publish_with_id("keep/1", b"one", Q::AtLeastOnce, true, 1).await;
+    c.publish_with_id("keep/2", b"two", Q::ExactlyOnce, true, 2).await;
+    c.publish_with_id("keep/3", b"old", Q::AtLeastOnce, true, 3).await;
+    c.publish_with_id("keep/3", b"three", Q::AtLeastOnce, true, 4).await;
+    c.publish_with_id("keep/gone", b"x", Q::AtLeastOnce, true, 5).await;
+    c.publish_with_id("keep/gone", b"", Q::AtLeastOnce, true, 6).await;
     broker.kill();
 
     let broker = BrokerProcess::spawn(dir.path());
-    let (mut s, _) = Raw::connect(addr(&broker), "ret-reader", true).await;
-    s.subscribe(1, &[("keep/#", Q::ExactlyOnce)]).await;
+    let (mut s, _) = Raw::v311(broker.addr(), "ret-reader", true).await;
+    s.subscribe_id(1, &[("keep/#", Q::ExactlyOnce)]).await;
     let got = s.drain(QUIET).await;
     let mut found: Vec<(String, Vec<u8>, Q, bool)> =
         got.into_iter().map(|p| (p.topic, p.payload.to_vec(), p.qos, p.retain)).collect();
@@ -70,18 +68,18 @@ async fn retained_messages_survive_kill_9() {
 #[tokio::test]
 async fn acknowledged_messages_for_an_offline_session_survive_kill_9() {
     let dir = tempfile::tempdir().unwrap();
-    let mut broker = BrokerProcess::spawn(dir.path());
-    let (mut sub, _) = Raw::connect(addr(&broker), "durable-sub", false).await;
-    assert_eq!(sub.subscribe(1, &[("d/1", Q::AtLeastOnce), ("d/2", Q::ExactlyOnce)]).await, vec![1, 2]);
+    let broker = BrokerProcess::spawn(dir.path());
+    let (mut sub, _) = Raw::v311(broker.addr(), "durable-sub", false).await;
+    assert_eq!(sub.subscribe_id(1, &[("d/1", Q::AtLeastOnce), ("d/2", Q::ExactlyOnce)]).await, vec![1, 2]);
     sub.disconnect().await;
 
-    let (mut publisher, _) = Raw::connect(addr(&broker), "durable-pub", true).await;
+    let (mut publisher, _) = Raw::v311(broker.addr(), "durable-pub", true).await;
     publish_all_and_wait_for_acks(&mut publisher, "d/1", Q::AtLeastOnce, 200, 1).await;
     publish_all_and_wait_for_acks(&mut publisher, "d/2", Q::ExactlyOnce, 50, 1000).await;
     broker.kill();
 
     let broker = BrokerProcess::spawn(dir.path());
-    let (mut sub, present) = Raw::connect(addr(&broker), "durable-sub", false).await;
+    let (mut sub, present) = Raw::v311(broker.addr(), "durable-sub", false).await;
     assert!(present, "the persistent session survives SIGKILL");
     let got = sub.drain(Duration::from_millis(1000)).await;
     assert_eq!(payloads(&got, "d/1"), (0..200).collect(), "every PUBACKed QoS 1 message");
@@ -93,11 +91,11 @@ async fn acknowledged_messages_for_an_offline_session_survive_kill_9() {
 #[tokio::test]
 async fn subscriptions_and_unacked_inflight_survive_kill_9() {
     let dir = tempfile::tempdir().unwrap();
-    let mut broker = BrokerProcess::spawn(dir.path());
-    let (mut sub, _) = Raw::connect(addr(&broker), "sub-kill", false).await;
-    sub.subscribe(1, &[("sk/a", Q::AtLeastOnce), ("sk/+/b", Q::ExactlyOnce)]).await;
-    let (mut publisher, _) = Raw::connect(addr(&broker), "sub-kill-pub", true).await;
-    publisher.publish("sk/a", b"inflight", Q::AtLeastOnce, false, 1).await;
+    let broker = BrokerProcess::spawn(dir.path());
+    let (mut sub, _) = Raw::v311(broker.addr(), "sub-kill", false).await;
+    sub.subscribe_id(1, &[("sk/a", Q::AtLeastOnce), ("sk/+/b", Q::ExactlyOnce)]).await;
+    let (mut publisher, _) = Raw::v311(broker.addr(), "sub-kill-pub", true).await;
+    publisher.publish_with_id("sk/a", b"inflight", Q::AtLeastOnce, false, 1).await;
     let p = sub.recv_publish().await; // received, never acknowledged
     let inflight_id = p.packet_id.unwrap();
     sub.ping().await;
@@ -106,23 +104,23 @@ async fn subscriptions_and_unacked_inflight_survive_kill_9() {
 
     let broker = BrokerProcess::spawn(dir.path());
     // Published while the subscriber is still away after the restart.
-    let (mut publisher, _) = Raw::connect(addr(&broker), "sub-kill-pub", true).await;
-    publisher.publish("sk/x/b", b"queued", Q::ExactlyOnce, false, 1).await;
+    let (mut publisher, _) = Raw::v311(broker.addr(), "sub-kill-pub", true).await;
+    publisher.publish_with_id("sk/x/b", b"queued", Q::ExactlyOnce, false, 1).await;
 
-    let (mut sub, present) = Raw::connect(addr(&broker), "sub-kill", false).await;
+    let (mut sub, present) = Raw::v311(broker.addr(), "sub-kill", false).await;
     assert!(present);
     let resent = sub.recv_publish().await;
     assert_eq!((&resent.payload[..], resent.dup, resent.packet_id), (&b"inflight"[..], true, Some(inflight_id)));
-    sub.ack(&resent).await;
+    sub.complete(&resent).await;
     let queued = sub.recv_publish().await;
     assert_eq!((&queued.payload[..], queued.qos), (&b"queued"[..], Q::ExactlyOnce));
-    sub.ack(&queued).await;
+    sub.complete(&queued).await;
 
     // And the subscriptions route new messages at their QoS.
-    publisher.publish("sk/a", b"live", Q::ExactlyOnce, false, 2).await;
+    publisher.publish_with_id("sk/a", b"live", Q::ExactlyOnce, false, 2).await;
     let live = sub.recv_publish().await;
     assert_eq!((&live.payload[..], live.qos), (&b"live"[..], Q::AtLeastOnce));
-    sub.ack(&live).await;
+    sub.complete(&live).await;
     sub.expect_silence().await;
 }
 
@@ -131,18 +129,18 @@ async fn qos2_from_publisher_is_not_routed_twice_after_kill_9() {
     // PUBREC promises the id is remembered: a retransmitted PUBLISH with the
     // same id after a restart must not be routed again.
     let dir = tempfile::tempdir().unwrap();
-    let mut broker = BrokerProcess::spawn(dir.path());
-    let (mut sub, _) = Raw::connect(addr(&broker), "q2k-sub", false).await;
-    sub.subscribe(1, &[("q2k/t", Q::ExactlyOnce)]).await;
+    let broker = BrokerProcess::spawn(dir.path());
+    let (mut sub, _) = Raw::v311(broker.addr(), "q2k-sub", false).await;
+    sub.subscribe_id(1, &[("q2k/t", Q::ExactlyOnce)]).await;
     sub.disconnect().await;
-    let (mut publisher, _) = Raw::connect(addr(&broker), "q2k-pub", false).await;
+    let (mut publisher, _) = Raw::v311(broker.addr(), "q2k-pub", false).await;
     publisher.send(&publish_packet("q2k/t", b"once", Q::ExactlyOnce, false, Some(42))).await;
     assert_eq!(publisher.recv().await, P::PubRec(PubAck::new(42)));
     broker.kill();
     drop(publisher);
 
     let broker = BrokerProcess::spawn(dir.path());
-    let (mut publisher, present) = Raw::connect(addr(&broker), "q2k-pub", false).await;
+    let (mut publisher, present) = Raw::v311(broker.addr(), "q2k-pub", false).await;
     assert!(present);
     let mut dup = publish_packet("q2k/t", b"once", Q::ExactlyOnce, false, Some(42));
     if let P::Publish(p) = &mut dup {
@@ -153,7 +151,7 @@ async fn qos2_from_publisher_is_not_routed_twice_after_kill_9() {
     publisher.send(&P::PubRel(PubAck::new(42))).await;
     assert_eq!(publisher.recv().await, P::PubComp(PubAck::new(42)));
 
-    let (mut sub, _) = Raw::connect(addr(&broker), "q2k-sub", false).await;
+    let (mut sub, _) = Raw::v311(broker.addr(), "q2k-sub", false).await;
     let got = sub.drain(QUIET).await;
     assert_eq!(got.len(), 1, "routed exactly once: {got:?}");
 }
@@ -163,7 +161,7 @@ async fn qos2_from_publisher_is_not_routed_twice_after_kill_9() {
 /// Runs `kadmq start` on `data_dir`; it must exit by itself within 10 s.
 fn start_expecting_exit(data_dir: &Path) -> (ExitStatus, String) {
     let port = free_port();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kadmq"))
+    let mut child = kadmq()
         .args(["start", "--no-ws", "--mqtt", &format!("127.0.0.1:{port}"), "--data-dir"])
         .arg(data_dir)
         .stdout(Stdio::null())
@@ -197,10 +195,10 @@ fn assert_clean_refusal(status: ExitStatus, stderr: &str, mentions: &[&str]) {
 /// Makes a real store (a retained message and a session), then SIGKILLs.
 async fn populated_data_dir() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
-    let mut broker = BrokerProcess::spawn(dir.path());
-    let (mut c, _) = Raw::connect(addr(&broker), "populate", false).await;
-    c.subscribe(1, &[("pop/#", Q::AtLeastOnce)]).await;
-    c.publish("pop/r", b"retained", Q::AtLeastOnce, true, 1).await;
+    let broker = BrokerProcess::spawn(dir.path());
+    let (mut c, _) = Raw::v311(broker.addr(), "populate", false).await;
+    c.subscribe_id(1, &[("pop/#", Q::AtLeastOnce)]).await;
+    c.publish_with_id("pop/r", b"retained", Q::AtLeastOnce, true, 1).await;
     broker.kill();
     dir
 }
@@ -258,31 +256,21 @@ async fn foreign_directory_makes_start_fail_cleanly() {
 #[tokio::test]
 async fn sigterm_stops_gracefully_with_exit_0_and_keeps_state() {
     let dir = tempfile::tempdir().unwrap();
-    let mut broker = BrokerProcess::spawn(dir.path());
-    let (mut c, _) = Raw::connect(addr(&broker), "term", false).await;
-    c.subscribe(1, &[("term/t", Q::AtLeastOnce)]).await;
-    c.publish("term/r", b"kept", Q::AtMostOnce, true, 0).await;
+    let broker = BrokerProcess::spawn(dir.path());
+    let (mut c, _) = Raw::v311(broker.addr(), "term", false).await;
+    c.subscribe_id(1, &[("term/t", Q::AtLeastOnce)]).await;
+    c.publish_with_id("term/r", b"kept", Q::AtMostOnce, true, 0).await;
     c.ping().await;
 
-    let pid = broker.child.id().to_string();
-    let sent = Command::new("kill").args(["-TERM", &pid]).status().expect("run kill");
-    assert!(sent.success());
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(status) = broker.child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "kadmq did not stop within 10 s of SIGTERM");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = broker.process.stop(Duration::from_secs(10)).expect("kadmq stops within 10 s of SIGTERM");
     assert_eq!(status.code(), Some(0), "graceful stop exits 0: {status:?}");
     // The connection was closed by the broker.
     c.expect_closed(Duration::from_secs(2)).await;
 
     let broker = BrokerProcess::spawn(dir.path());
-    let (mut c, present) = Raw::connect(addr(&broker), "term", false).await;
+    let (mut c, present) = Raw::v311(broker.addr(), "term", false).await;
     assert!(present, "the session is kept across a graceful stop");
-    c.subscribe(2, &[("term/r", Q::AtMostOnce)]).await;
+    c.subscribe_id(2, &[("term/r", Q::AtMostOnce)]).await;
     let p = c.recv_publish().await;
     assert_eq!((&p.payload[..], p.retain), (&b"kept"[..], true));
 }

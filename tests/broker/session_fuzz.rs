@@ -8,8 +8,8 @@
 //! Cases: `PROPTEST_CASES` (default 64). A failure prints the shrunk case
 //! and the seed; replay it with `PROPTEST_RNG_SEED=<seed>`.
 
-use crate::common::{assert_broker_serves, TestBroker, WAIT};
-use crate::v5::{publish_packet, Got, Raw};
+use crate::common::{assert_broker_serves, TestBroker};
+use crate::support::raw::{self, Raw, Read, WAIT};
 use bytes::{Bytes, BytesMut};
 use kadmq::protocol::{
     encode, Auth, ConnAck, ConnAckProperties, Connect, ConnectProperties, ConnectReason, Disconnect, DisconnectReason,
@@ -400,16 +400,16 @@ impl Side {
     async fn round(&mut self) -> Result<(), String> {
         self.rounds += 1;
         let payload = self.rounds.to_be_bytes();
-        self.publisher.publish(publish_packet("side/check", QoS::AtLeastOnce, &payload)).await;
+        self.publisher.publish(raw::publish("side/check", &payload, QoS::AtLeastOnce)).await;
         loop {
-            match self.subscriber.next_within(WAIT).await {
-                Got::Packet(Packet::Publish(p)) if p.topic == "side/check" => {
+            match self.subscriber.read(WAIT).await {
+                Read::Packet(Packet::Publish(p)) if p.topic == "side/check" => {
                     self.subscriber.ack(&p).await;
                     if p.payload[..] == payload {
                         return Ok(());
                     }
                 }
-                Got::Packet(_) => {}
+                Read::Packet(_) => {}
                 other => return Err(format!("side subscriber got {other:?} in round {}", self.rounds)),
             }
         }
@@ -447,8 +447,8 @@ fn hostile_sessions_never_panic_the_broker_and_others_keep_receiving() {
     }));
     let addr = broker.mqtt();
     let side = rt.block_on(async {
-        let publisher = Raw::ok(addr, "side-pub", |_| {}).await;
-        let mut subscriber = Raw::ok(addr, "side-sub", |_| {}).await;
+        let publisher = Raw::v5(addr, "side-pub", |_| {}).await;
+        let mut subscriber = Raw::v5(addr, "side-sub", |_| {}).await;
         subscriber.subscribe("side/check", QoS::AtLeastOnce).await;
         Mutex::new(Side { publisher, subscriber, rounds: 0 })
     });

@@ -1,8 +1,10 @@
 //! MQTT 3.1.1 behaviour: rumqttc (v4 API) clients and raw sockets against an
 //! in-process broker on 127.0.0.1.
 
-use crate::common::{connect_packet, options311, publish_packet, will, Client311, Raw, Read, TestBroker, QUIET, WAIT};
-use kadmq::protocol::{ConnectReason, Packet as P, PubAck, QoS as Q};
+use crate::common::TestBroker;
+use crate::support::mqtt::Client;
+use crate::support::raw::{connect_v311, encode311, publish_packet, will, Raw, Read, QUIET, WAIT};
+use kadmq::protocol::{ConnectReason, Packet as P, PubAck, QoS as Q, Version};
 use rumqttc::{Event, Outgoing, Packet, QoS, SubscribeReasonCode};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -42,7 +44,7 @@ async fn expect_eof(raw: &mut Raw) {
 #[tokio::test]
 async fn connack_unsupported_protocol_level_is_code_1_then_close() {
     let broker = TestBroker::start().await;
-    let mut raw = Raw::open(broker.mqtt()).await;
+    let mut raw = Raw::open(broker.mqtt(), Version::V311).await;
     raw.send_bytes(&connect_bytes(6, "lvl", 0x02, 30)).await;
     assert_eq!(read_exact_bytes(&mut raw, 4).await, [0x20, 0x02, 0x00, 0x01]);
     expect_eof(&mut raw).await;
@@ -51,7 +53,7 @@ async fn connack_unsupported_protocol_level_is_code_1_then_close() {
 #[tokio::test]
 async fn connack_empty_client_id_without_clean_session_is_code_2_then_close() {
     let broker = TestBroker::start().await;
-    let mut raw = Raw::open(broker.mqtt()).await;
+    let mut raw = Raw::open(broker.mqtt(), Version::V311).await;
     raw.send_bytes(&connect_bytes(4, "", 0x00, 30)).await;
     assert_eq!(read_exact_bytes(&mut raw, 4).await, [0x20, 0x02, 0x00, 0x02]);
     expect_eof(&mut raw).await;
@@ -60,11 +62,11 @@ async fn connack_empty_client_id_without_clean_session_is_code_2_then_close() {
 #[tokio::test]
 async fn connack_empty_client_id_with_clean_session_is_accepted() {
     let broker = TestBroker::start().await;
-    let mut raw = Raw::open(broker.mqtt()).await;
+    let mut raw = Raw::open(broker.mqtt(), Version::V311).await;
     raw.send_bytes(&connect_bytes(4, "", 0x02, 30)).await;
     assert_eq!(read_exact_bytes(&mut raw, 4).await, [0x20, 0x02, 0x00, 0x00]);
     // And the connection works: subscribe and receive our own message.
-    assert_eq!(raw.subscribe(1, &[("anon/t", Q::AtMostOnce)]).await, vec![0]);
+    assert_eq!(raw.subscribe_id(1, &[("anon/t", Q::AtMostOnce)]).await, vec![0]);
     raw.send(&publish_packet("anon/t", b"x", Q::AtMostOnce, false, None)).await;
     assert_eq!(&raw.recv_publish().await.payload[..], b"x");
 }
@@ -72,7 +74,7 @@ async fn connack_empty_client_id_with_clean_session_is_accepted() {
 #[tokio::test]
 async fn pingreq_gets_pingresp() {
     let broker = TestBroker::start().await;
-    let (mut raw, _) = Raw::connect(broker.mqtt(), "pinger", true).await;
+    let (mut raw, _) = Raw::v311(broker.mqtt(), "pinger", true).await;
     raw.send_bytes(&[0xC0, 0x00]).await;
     assert_eq!(read_exact_bytes(&mut raw, 2).await, [0xD0, 0x00]);
     raw.send_bytes(&[0xC0, 0x00, 0xC0, 0x00]).await;
@@ -85,54 +87,54 @@ async fn pingreq_gets_pingresp() {
 async fn clean_session_flag_and_subscriptions_across_reconnects() {
     let broker = TestBroker::start().await;
     let addr = broker.mqtt();
-    let (mut publisher, _) = Raw::connect(addr, "cs-pub", true).await;
+    let (mut publisher, _) = Raw::v311(addr, "cs-pub", true).await;
 
     // First persistent connection: no session yet.
-    let (mut sub, present) = Raw::connect(addr, "cs-sub", false).await;
+    let (mut sub, present) = Raw::v311(addr, "cs-sub", false).await;
     assert!(!present, "a new session is not present");
-    assert_eq!(sub.subscribe(1, &[("cs/t", Q::AtLeastOnce)]).await, vec![1]);
+    assert_eq!(sub.subscribe_id(1, &[("cs/t", Q::AtLeastOnce)]).await, vec![1]);
     sub.disconnect().await;
 
     // Persistent again: session present, the subscription still works.
-    let (mut sub, present) = Raw::connect(addr, "cs-sub", false).await;
+    let (mut sub, present) = Raw::v311(addr, "cs-sub", false).await;
     assert!(present, "the persistent session must be present");
-    publisher.publish("cs/t", b"one", Q::AtLeastOnce, false, 1).await;
+    publisher.publish_with_id("cs/t", b"one", Q::AtLeastOnce, false, 1).await;
     let got = sub.recv_publish().await;
     assert_eq!((&got.payload[..], got.qos), (&b"one"[..], Q::AtLeastOnce));
-    sub.ack(&got).await;
+    sub.complete(&got).await;
     sub.disconnect().await;
 
     // Clean session: the old session is discarded, the subscription with it.
-    let (mut sub, present) = Raw::connect(addr, "cs-sub", true).await;
+    let (mut sub, present) = Raw::v311(addr, "cs-sub", true).await;
     assert!(!present, "clean session never reports a present session");
-    publisher.publish("cs/t", b"two", Q::AtLeastOnce, false, 2).await;
+    publisher.publish_with_id("cs/t", b"two", Q::AtLeastOnce, false, 2).await;
     sub.expect_silence().await;
     sub.disconnect().await;
 
     // And nothing was kept after the clean session ended.
-    let (mut sub, present) = Raw::connect(addr, "cs-sub", false).await;
+    let (mut sub, present) = Raw::v311(addr, "cs-sub", false).await;
     assert!(!present, "a clean session leaves no session behind");
-    publisher.publish("cs/t", b"three", Q::AtLeastOnce, false, 3).await;
+    publisher.publish_with_id("cs/t", b"three", Q::AtLeastOnce, false, 3).await;
     sub.expect_silence().await;
 }
 
 #[tokio::test]
 async fn rumqttc_persistent_session_keeps_subscription() {
     let broker = TestBroker::start().await;
-    let mut o = options311("rq-sub", broker.port());
+    let mut o = Client::options("rq-sub", broker.port());
     o.set_clean_session(false);
-    let (mut sub, ack) = Client311::connect(o.clone()).await;
+    let (mut sub, ack) = Client::connect(o.clone()).await;
     assert!(!ack.session_present);
     assert_eq!(sub.subscribe("rq/#", QoS::AtLeastOnce).await, vec![SubscribeReasonCode::Success(QoS::AtLeastOnce)]);
     sub.client.disconnect().await.unwrap();
-    sub.wait_for(|e| matches!(e, Event::Outgoing(Outgoing::Disconnect)).then_some(())).await;
+    sub.wait_for("event", |e| matches!(e, Event::Outgoing(Outgoing::Disconnect)).then_some(())).await;
     drop(sub);
 
-    let (mut publisher, _) = Client311::connect(options311("rq-pub", broker.port())).await;
+    let (mut publisher, _) = Client::connect(Client::options("rq-pub", broker.port())).await;
     publisher.client.publish("rq/x", QoS::AtLeastOnce, false, "offline").await.unwrap();
-    publisher.wait_for(|e| matches!(e, Event::Incoming(Packet::PubAck(_))).then_some(())).await;
+    publisher.wait_for("event", |e| matches!(e, Event::Incoming(Packet::PubAck(_))).then_some(())).await;
 
-    let (mut sub, ack) = Client311::connect(o).await;
+    let (mut sub, ack) = Client::connect(o).await;
     assert!(ack.session_present);
     let p = sub.next_publish().await;
     assert_eq!((p.topic.as_str(), &p.payload[..], p.qos), ("rq/x", &b"offline"[..], QoS::AtLeastOnce));
@@ -141,29 +143,29 @@ async fn rumqttc_persistent_session_keeps_subscription() {
 #[tokio::test]
 async fn same_client_id_takes_over_and_first_is_disconnected() {
     let broker = TestBroker::start().await;
-    let (mut first, _) = Raw::connect(broker.mqtt(), "twin", true).await;
-    let (mut second, present) = Raw::connect(broker.mqtt(), "twin", true).await;
+    let (mut first, _) = Raw::v311(broker.mqtt(), "twin", true).await;
+    let (mut second, present) = Raw::v311(broker.mqtt(), "twin", true).await;
     assert!(!present);
     let before = first.expect_closed(WAIT).await;
     assert!(before.is_empty(), "3.1.1: no packet before the close, got {before:?}");
     // The new connection is the live one.
     second.ping().await;
-    assert_eq!(second.subscribe(1, &[("twin/t", Q::AtMostOnce)]).await, vec![0]);
+    assert_eq!(second.subscribe_id(1, &[("twin/t", Q::AtMostOnce)]).await, vec![0]);
 }
 
 // --- keep-alive and wills -----------------------------------------------------
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn keep_alive_is_enforced_at_one_and_a_half_times_and_publishes_the_will() {
     let broker = TestBroker::start().await;
-    let (mut watcher, _) = Raw::connect(broker.mqtt(), "ka-watch", true).await;
-    watcher.subscribe(1, &[("will/ka", Q::AtLeastOnce)]).await;
+    let (mut watcher, _) = Raw::v311(broker.mqtt(), "ka-watch", true).await;
+    watcher.subscribe_id(1, &[("will/ka", Q::AtLeastOnce)]).await;
 
-    let mut connect = connect_packet("ka-client", true, 1);
-    connect.will = Some(will("will/ka", "gone", Q::AtLeastOnce, false));
-    let (mut silent, ack) = Raw::connect_with(broker.mqtt(), connect).await;
+    let mut connect = connect_v311("ka-client", true, 1);
+    connect.will = Some(will("will/ka", b"gone", Q::AtLeastOnce, false));
+    let (mut silent, ack) = Raw::connect(broker.mqtt(), connect).await;
     assert_eq!(ack.code, ConnectReason::Success);
-    let start = Instant::now();
+    let start = tokio::time::Instant::now();
     let before = silent.expect_closed(Duration::from_secs(4)).await;
     let elapsed = start.elapsed();
     assert!(before.is_empty(), "{before:?}");
@@ -175,10 +177,10 @@ async fn keep_alive_is_enforced_at_one_and_a_half_times_and_publishes_the_will()
     assert_eq!((w.topic.as_str(), &w.payload[..]), ("will/ka", &b"gone"[..]));
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn keep_alive_is_reset_by_any_packet() {
     let broker = TestBroker::start().await;
-    let (mut c, _) = Raw::connect_with(broker.mqtt(), connect_packet("ka-busy", true, 1)).await;
+    let (mut c, _) = Raw::connect(broker.mqtt(), connect_v311("ka-busy", true, 1)).await;
     // 3 s of PINGREQs every 0.5 s: never 1.5 s of silence.
     for _ in 0..6 {
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -189,27 +191,27 @@ async fn keep_alive_is_reset_by_any_packet() {
 #[tokio::test]
 async fn will_is_published_when_the_socket_drops() {
     let broker = TestBroker::start().await;
-    let (mut watcher, _) = Raw::connect(broker.mqtt(), "will-watch", true).await;
-    watcher.subscribe(1, &[("will/#", Q::ExactlyOnce)]).await;
+    let (mut watcher, _) = Raw::v311(broker.mqtt(), "will-watch", true).await;
+    watcher.subscribe_id(1, &[("will/#", Q::ExactlyOnce)]).await;
 
-    let mut connect = connect_packet("will-drop", true, 30);
-    connect.will = Some(will("will/drop", "lost", Q::ExactlyOnce, false));
-    let (c, _) = Raw::connect_with(broker.mqtt(), connect).await;
+    let mut connect = connect_v311("will-drop", true, 30);
+    connect.will = Some(will("will/drop", b"lost", Q::ExactlyOnce, false));
+    let (c, _) = Raw::connect(broker.mqtt(), connect).await;
     drop(c);
     let w = watcher.recv_publish().await;
     assert_eq!((w.topic.as_str(), &w.payload[..], w.qos), ("will/drop", &b"lost"[..], Q::ExactlyOnce));
-    watcher.ack(&w).await;
+    watcher.complete(&w).await;
 }
 
 #[tokio::test]
 async fn will_is_not_published_after_disconnect() {
     let broker = TestBroker::start().await;
-    let (mut watcher, _) = Raw::connect(broker.mqtt(), "nowill-watch", true).await;
-    watcher.subscribe(1, &[("will/#", Q::AtLeastOnce)]).await;
+    let (mut watcher, _) = Raw::v311(broker.mqtt(), "nowill-watch", true).await;
+    watcher.subscribe_id(1, &[("will/#", Q::AtLeastOnce)]).await;
 
-    let mut connect = connect_packet("will-clean", true, 30);
-    connect.will = Some(will("will/clean", "should not appear", Q::AtLeastOnce, false));
-    let (c, _) = Raw::connect_with(broker.mqtt(), connect).await;
+    let mut connect = connect_v311("will-clean", true, 30);
+    connect.will = Some(will("will/clean", b"should not appear", Q::AtLeastOnce, false));
+    let (c, _) = Raw::connect(broker.mqtt(), connect).await;
     c.disconnect().await;
     watcher.expect_silence().await;
 }
@@ -217,22 +219,22 @@ async fn will_is_not_published_after_disconnect() {
 #[tokio::test]
 async fn retained_will_is_kept_for_later_subscribers() {
     let broker = TestBroker::start().await;
-    let mut connect = connect_packet("will-retain", true, 30);
-    connect.will = Some(will("will/retained", "offline", Q::AtLeastOnce, true));
-    let (c, _) = Raw::connect_with(broker.mqtt(), connect).await;
+    let mut connect = connect_v311("will-retain", true, 30);
+    connect.will = Some(will("will/retained", b"offline", Q::AtLeastOnce, true));
+    let (c, _) = Raw::connect(broker.mqtt(), connect).await;
     drop(c);
     // Poll until the broker has noticed the drop and retained the will.
     let deadline = Instant::now() + WAIT;
     loop {
-        let (mut late, _) = Raw::connect(broker.mqtt(), "will-late", true).await;
-        late.subscribe(1, &[("will/retained", Q::AtLeastOnce)]).await;
+        let (mut late, _) = Raw::v311(broker.mqtt(), "will-late", true).await;
+        late.subscribe_id(1, &[("will/retained", Q::AtLeastOnce)]).await;
         match late.read(Duration::from_millis(200)).await {
             Read::Packet(P::Publish(p)) => {
                 assert!(p.retain);
                 assert_eq!(&p.payload[..], b"offline");
                 return;
             }
-            Read::Nothing if Instant::now() < deadline => continue,
+            Read::Silent if Instant::now() < deadline => continue,
             other => panic!("retained will not delivered: {other:?}"),
         }
     }
@@ -243,9 +245,9 @@ async fn retained_will_is_kept_for_later_subscribers() {
 #[tokio::test]
 async fn rumqttc_qos_0_1_2_both_directions_with_full_ack_flows() {
     let broker = TestBroker::start().await;
-    let (mut sub, _) = Client311::connect(options311("flow-sub", broker.port())).await;
+    let (mut sub, _) = Client::connect(Client::options("flow-sub", broker.port())).await;
     assert_eq!(sub.subscribe("flow/#", QoS::ExactlyOnce).await, vec![SubscribeReasonCode::Success(QoS::ExactlyOnce)]);
-    let (mut publisher, _) = Client311::connect(options311("flow-pub", broker.port())).await;
+    let (mut publisher, _) = Client::connect(Client::options("flow-pub", broker.port())).await;
 
     for (i, qos) in [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce].into_iter().enumerate() {
         let topic = format!("flow/{i}");
@@ -254,12 +256,12 @@ async fn rumqttc_qos_0_1_2_both_directions_with_full_ack_flows() {
         match qos {
             QoS::AtMostOnce => {}
             QoS::AtLeastOnce => {
-                publisher.wait_for(|e| matches!(e, Event::Incoming(Packet::PubAck(_))).then_some(())).await
+                publisher.wait_for("event", |e| matches!(e, Event::Incoming(Packet::PubAck(_))).then_some(())).await
             }
             QoS::ExactlyOnce => {
-                publisher.wait_for(|e| matches!(e, Event::Incoming(Packet::PubRec(_))).then_some(())).await;
-                publisher.wait_for(|e| matches!(e, Event::Outgoing(Outgoing::PubRel(_))).then_some(())).await;
-                publisher.wait_for(|e| matches!(e, Event::Incoming(Packet::PubComp(_))).then_some(())).await;
+                publisher.wait_for("event", |e| matches!(e, Event::Incoming(Packet::PubRec(_))).then_some(())).await;
+                publisher.wait_for("event", |e| matches!(e, Event::Outgoing(Outgoing::PubRel(_))).then_some(())).await;
+                publisher.wait_for("event", |e| matches!(e, Event::Incoming(Packet::PubComp(_))).then_some(())).await;
             }
         }
         // Subscriber side.
@@ -268,11 +270,13 @@ async fn rumqttc_qos_0_1_2_both_directions_with_full_ack_flows() {
         assert_eq!(p.payload, format!("m{i}").as_bytes());
         match qos {
             QoS::AtMostOnce => assert_eq!(p.pkid, 0),
-            QoS::AtLeastOnce => sub.wait_for(|e| matches!(e, Event::Outgoing(Outgoing::PubAck(_))).then_some(())).await,
+            QoS::AtLeastOnce => {
+                sub.wait_for("event", |e| matches!(e, Event::Outgoing(Outgoing::PubAck(_))).then_some(())).await
+            }
             QoS::ExactlyOnce => {
-                sub.wait_for(|e| matches!(e, Event::Outgoing(Outgoing::PubRec(_))).then_some(())).await;
-                sub.wait_for(|e| matches!(e, Event::Incoming(Packet::PubRel(_))).then_some(())).await;
-                sub.wait_for(|e| matches!(e, Event::Outgoing(Outgoing::PubComp(_))).then_some(())).await;
+                sub.wait_for("event", |e| matches!(e, Event::Outgoing(Outgoing::PubRec(_))).then_some(())).await;
+                sub.wait_for("event", |e| matches!(e, Event::Incoming(Packet::PubRel(_))).then_some(())).await;
+                sub.wait_for("event", |e| matches!(e, Event::Outgoing(Outgoing::PubComp(_))).then_some(())).await;
             }
         }
     }
@@ -282,9 +286,9 @@ async fn rumqttc_qos_0_1_2_both_directions_with_full_ack_flows() {
 #[tokio::test]
 async fn raw_qos2_order_and_duplicate_publish_routed_once() {
     let broker = TestBroker::start().await;
-    let (mut sub, _) = Raw::connect(broker.mqtt(), "q2-sub", true).await;
-    assert_eq!(sub.subscribe(1, &[("q2/t", Q::ExactlyOnce)]).await, vec![2]);
-    let (mut publisher, _) = Raw::connect(broker.mqtt(), "q2-pub", true).await;
+    let (mut sub, _) = Raw::v311(broker.mqtt(), "q2-sub", true).await;
+    assert_eq!(sub.subscribe_id(1, &[("q2/t", Q::ExactlyOnce)]).await, vec![2]);
+    let (mut publisher, _) = Raw::v311(broker.mqtt(), "q2-pub", true).await;
 
     // PUBLISH id 7 → PUBREC 7; the same PUBLISH again (DUP) → PUBREC 7 again.
     publisher.send(&publish_packet("q2/t", b"once", Q::ExactlyOnce, false, Some(7))).await;
@@ -308,47 +312,48 @@ async fn raw_qos2_order_and_duplicate_publish_routed_once() {
     sub.expect_silence().await;
 
     // After PUBREL the id is free again: a new message with id 7 is routed.
-    publisher.publish("q2/t", b"again", Q::ExactlyOnce, false, 7).await;
+    publisher.publish_with_id("q2/t", b"again", Q::ExactlyOnce, false, 7).await;
     let p = sub.recv_publish().await;
     assert_eq!(&p.payload[..], b"again");
-    sub.ack(&p).await;
+    sub.complete(&p).await;
     sub.expect_silence().await;
 }
 
 #[tokio::test]
 async fn raw_qos1_publisher_gets_puback_with_its_packet_id() {
     let broker = TestBroker::start().await;
-    let (mut sub, _) = Raw::connect(broker.mqtt(), "q1-sub", true).await;
-    sub.subscribe(1, &[("q1/t", Q::AtLeastOnce)]).await;
-    let (mut publisher, _) = Raw::connect(broker.mqtt(), "q1-pub", true).await;
+    let (mut sub, _) = Raw::v311(broker.mqtt(), "q1-sub", true).await;
+    sub.subscribe_id(1, &[("q1/t", Q::AtLeastOnce)]).await;
+    let (mut publisher, _) = Raw::v311(broker.mqtt(), "q1-pub", true).await;
     for id in [1u16, 500, 65535] {
-        publisher.publish("q1/t", &id.to_be_bytes(), Q::AtLeastOnce, false, id).await;
+        publisher.publish_with_id("q1/t", &id.to_be_bytes(), Q::AtLeastOnce, false, id).await;
         let p = sub.recv_publish().await;
         assert_eq!((&p.payload[..], p.qos), (&id.to_be_bytes()[..], Q::AtLeastOnce));
-        sub.ack(&p).await;
+        sub.complete(&p).await;
     }
 }
 
 #[tokio::test]
 async fn granted_qos_is_requested_and_delivered_qos_is_the_minimum() {
     let broker = TestBroker::start().await;
-    let (mut sub, _) = Raw::connect(broker.mqtt(), "min-sub", true).await;
-    let granted = sub.subscribe(1, &[("m/0", Q::AtMostOnce), ("m/1", Q::AtLeastOnce), ("m/2", Q::ExactlyOnce)]).await;
+    let (mut sub, _) = Raw::v311(broker.mqtt(), "min-sub", true).await;
+    let granted =
+        sub.subscribe_id(1, &[("m/0", Q::AtMostOnce), ("m/1", Q::AtLeastOnce), ("m/2", Q::ExactlyOnce)]).await;
     assert_eq!(granted, vec![0, 1, 2]);
-    let (mut publisher, _) = Raw::connect(broker.mqtt(), "min-pub", true).await;
+    let (mut publisher, _) = Raw::v311(broker.mqtt(), "min-pub", true).await;
     let levels = [Q::AtMostOnce, Q::AtLeastOnce, Q::ExactlyOnce];
     let mut id = 1;
     for sub_qos in levels {
         for pub_qos in levels {
             let topic = format!("m/{}", sub_qos as u8);
-            publisher.publish(&topic, &[pub_qos as u8], pub_qos, false, id).await;
+            publisher.publish_with_id(&topic, &[pub_qos as u8], pub_qos, false, id).await;
             id += 1;
             let p = sub.recv_publish().await;
             assert_eq!(p.topic, topic);
             assert_eq!(p.payload[..], [pub_qos as u8]);
             assert_eq!(p.qos, pub_qos.min(sub_qos), "published at {pub_qos:?}, subscribed at {sub_qos:?}");
             assert_eq!(p.packet_id.is_some(), p.qos != Q::AtMostOnce);
-            sub.ack(&p).await;
+            sub.complete(&p).await;
         }
     }
     sub.expect_silence().await;
@@ -357,29 +362,30 @@ async fn granted_qos_is_requested_and_delivered_qos_is_the_minimum() {
 #[tokio::test]
 async fn overlapping_subscriptions_deliver_once_at_the_highest_qos() {
     let broker = TestBroker::start().await;
-    let (mut sub, _) = Raw::connect(broker.mqtt(), "ovl-sub", true).await;
-    let granted = sub.subscribe(1, &[("o/+", Q::AtMostOnce), ("o/#", Q::ExactlyOnce), ("o/x", Q::AtLeastOnce)]).await;
+    let (mut sub, _) = Raw::v311(broker.mqtt(), "ovl-sub", true).await;
+    let granted =
+        sub.subscribe_id(1, &[("o/+", Q::AtMostOnce), ("o/#", Q::ExactlyOnce), ("o/x", Q::AtLeastOnce)]).await;
     assert_eq!(granted, vec![0, 2, 1]);
-    let (mut publisher, _) = Raw::connect(broker.mqtt(), "ovl-pub", true).await;
-    publisher.publish("o/x", b"1", Q::ExactlyOnce, false, 1).await;
+    let (mut publisher, _) = Raw::v311(broker.mqtt(), "ovl-pub", true).await;
+    publisher.publish_with_id("o/x", b"1", Q::ExactlyOnce, false, 1).await;
     let p = sub.recv_publish().await;
     assert_eq!(p.qos, Q::ExactlyOnce);
-    sub.ack(&p).await;
-    publisher.publish("o/x", b"2", Q::AtLeastOnce, false, 2).await;
+    sub.complete(&p).await;
+    publisher.publish_with_id("o/x", b"2", Q::AtLeastOnce, false, 2).await;
     let p = sub.recv_publish().await;
     assert_eq!((&p.payload[..], p.qos), (&b"2"[..], Q::AtLeastOnce));
-    sub.ack(&p).await;
+    sub.complete(&p).await;
     sub.expect_silence().await;
 }
 
 #[tokio::test]
 async fn resubscribing_replaces_the_subscription_qos() {
     let broker = TestBroker::start().await;
-    let (mut sub, _) = Raw::connect(broker.mqtt(), "resub", true).await;
-    assert_eq!(sub.subscribe(1, &[("rs/t", Q::ExactlyOnce)]).await, vec![2]);
-    assert_eq!(sub.subscribe(2, &[("rs/t", Q::AtMostOnce)]).await, vec![0]);
-    let (mut publisher, _) = Raw::connect(broker.mqtt(), "resub-pub", true).await;
-    publisher.publish("rs/t", b"x", Q::ExactlyOnce, false, 1).await;
+    let (mut sub, _) = Raw::v311(broker.mqtt(), "resub", true).await;
+    assert_eq!(sub.subscribe_id(1, &[("rs/t", Q::ExactlyOnce)]).await, vec![2]);
+    assert_eq!(sub.subscribe_id(2, &[("rs/t", Q::AtMostOnce)]).await, vec![0]);
+    let (mut publisher, _) = Raw::v311(broker.mqtt(), "resub-pub", true).await;
+    publisher.publish_with_id("rs/t", b"x", Q::ExactlyOnce, false, 1).await;
     let p = sub.recv_publish().await;
     assert_eq!(p.qos, Q::AtMostOnce);
     sub.expect_silence().await;
@@ -388,8 +394,8 @@ async fn resubscribing_replaces_the_subscription_qos() {
 #[tokio::test]
 async fn unsubscribe_stops_deliveries() {
     let broker = TestBroker::start().await;
-    let (mut sub, _) = Raw::connect(broker.mqtt(), "unsub", true).await;
-    sub.subscribe(1, &[("us/t", Q::AtLeastOnce)]).await;
+    let (mut sub, _) = Raw::v311(broker.mqtt(), "unsub", true).await;
+    sub.subscribe_id(1, &[("us/t", Q::AtLeastOnce)]).await;
     sub.send(&P::Unsubscribe(kadmq::protocol::Unsubscribe {
         packet_id: 9,
         filters: vec!["us/t".into()],
@@ -400,16 +406,16 @@ async fn unsubscribe_stops_deliveries() {
         P::UnsubAck(a) => assert_eq!(a.packet_id, 9),
         other => panic!("expected UNSUBACK, got {other:?}"),
     }
-    let (mut publisher, _) = Raw::connect(broker.mqtt(), "unsub-pub", true).await;
-    publisher.publish("us/t", b"x", Q::AtLeastOnce, false, 1).await;
+    let (mut publisher, _) = Raw::v311(broker.mqtt(), "unsub-pub", true).await;
+    publisher.publish_with_id("us/t", b"x", Q::AtLeastOnce, false, 1).await;
     sub.expect_silence().await;
 }
 
 // --- topic matching -------------------------------------------------------------
 
 async fn subscriber(addr: SocketAddr, id: &str, filter: &str) -> Raw {
-    let (mut c, _) = Raw::connect(addr, id, true).await;
-    assert_eq!(c.subscribe(1, &[(filter, Q::AtMostOnce)]).await, vec![0], "filter {filter}");
+    let (mut c, _) = Raw::v311(addr, id, true).await;
+    assert_eq!(c.subscribe_id(1, &[(filter, Q::AtMostOnce)]).await, vec![0], "filter {filter}");
     c
 }
 
@@ -426,7 +432,7 @@ async fn plus_and_hash_wildcards() {
     for (i, f) in filters.iter().enumerate() {
         subs.push(subscriber(addr, &format!("wc-{i}"), f).await);
     }
-    let (mut publisher, _) = Raw::connect(addr, "wc-pub", true).await;
+    let (mut publisher, _) = Raw::v311(addr, "wc-pub", true).await;
     let topics = ["w", "w/b", "w/b/c", "w/b/d", "w//c", "x/y", "w/b/c/d", "/w"];
     for t in topics {
         publisher.send(&publish_packet(t, b"", Q::AtMostOnce, false, None)).await;
@@ -447,7 +453,7 @@ async fn plus_and_hash_wildcards() {
     }
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn dollar_topics_are_not_matched_by_leading_wildcards() {
     let broker = TestBroker::start().await;
     let addr = broker.mqtt();
@@ -459,7 +465,7 @@ async fn dollar_topics_are_not_matched_by_leading_wildcards() {
     // $SYS is published every second (retained, so also sent on subscribe).
     let got = sys.recv_publish().await;
     assert!(got.topic.starts_with("$SYS/broker/"), "{got:?}");
-    let (mut publisher, _) = Raw::connect(addr, "dl-pub", true).await;
+    let (mut publisher, _) = Raw::v311(addr, "dl-pub", true).await;
     publisher.send(&publish_packet("$app/x", b"1", Q::AtMostOnce, false, None)).await;
     publisher.send(&publish_packet("app/x", b"2", Q::AtMostOnce, false, None)).await;
     publisher.ping().await;
@@ -479,41 +485,41 @@ async fn dollar_topics_are_not_matched_by_leading_wildcards() {
 async fn retained_stored_replaced_cleared_and_flagged() {
     let broker = TestBroker::start().await;
     let addr = broker.mqtt();
-    let (mut publisher, _) = Raw::connect(addr, "ret-pub", true).await;
-    publisher.publish("ret/a", b"v1", Q::AtLeastOnce, true, 1).await;
+    let (mut publisher, _) = Raw::v311(addr, "ret-pub", true).await;
+    publisher.publish_with_id("ret/a", b"v1", Q::AtLeastOnce, true, 1).await;
 
     // Stored: a new subscriber gets it with retain=1.
-    let (mut s1, _) = Raw::connect(addr, "ret-s1", true).await;
-    s1.subscribe(1, &[("ret/+", Q::AtLeastOnce)]).await;
+    let (mut s1, _) = Raw::v311(addr, "ret-s1", true).await;
+    s1.subscribe_id(1, &[("ret/+", Q::AtLeastOnce)]).await;
     let p = s1.recv_publish().await;
     assert_eq!((p.topic.as_str(), &p.payload[..], p.retain, p.qos), ("ret/a", &b"v1"[..], true, Q::AtLeastOnce));
-    s1.ack(&p).await;
+    s1.complete(&p).await;
 
     // Replaced: the existing subscriber gets a normal delivery, retain=0.
-    publisher.publish("ret/a", b"v2", Q::AtLeastOnce, true, 2).await;
+    publisher.publish_with_id("ret/a", b"v2", Q::AtLeastOnce, true, 2).await;
     let p = s1.recv_publish().await;
     assert_eq!((&p.payload[..], p.retain), (&b"v2"[..], false), "live delivery must have retain=0");
-    s1.ack(&p).await;
+    s1.complete(&p).await;
 
     // Retained QoS is capped by the subscription.
-    let (mut s2, _) = Raw::connect(addr, "ret-s2", true).await;
-    s2.subscribe(1, &[("ret/#", Q::AtMostOnce)]).await;
+    let (mut s2, _) = Raw::v311(addr, "ret-s2", true).await;
+    s2.subscribe_id(1, &[("ret/#", Q::AtMostOnce)]).await;
     let p = s2.recv_publish().await;
     assert_eq!((&p.payload[..], p.retain, p.qos), (&b"v2"[..], true, Q::AtMostOnce));
     s2.expect_silence().await;
 
     // Cleared by an empty retained payload.
-    publisher.publish("ret/a", b"", Q::AtLeastOnce, true, 3).await;
-    let (mut s3, _) = Raw::connect(addr, "ret-s3", true).await;
-    s3.subscribe(1, &[("ret/#", Q::AtLeastOnce)]).await;
+    publisher.publish_with_id("ret/a", b"", Q::AtLeastOnce, true, 3).await;
+    let (mut s3, _) = Raw::v311(addr, "ret-s3", true).await;
+    s3.subscribe_id(1, &[("ret/#", Q::AtLeastOnce)]).await;
     s3.expect_silence().await;
 
     // A non-retained publish does not replace the retained one.
-    publisher.publish("ret/b", b"kept", Q::AtMostOnce, true, 0).await;
-    publisher.publish("ret/b", b"not kept", Q::AtMostOnce, false, 0).await;
+    publisher.publish_with_id("ret/b", b"kept", Q::AtMostOnce, true, 0).await;
+    publisher.publish_with_id("ret/b", b"not kept", Q::AtMostOnce, false, 0).await;
     publisher.ping().await;
-    let (mut s4, _) = Raw::connect(addr, "ret-s4", true).await;
-    s4.subscribe(1, &[("ret/b", Q::AtMostOnce)]).await;
+    let (mut s4, _) = Raw::v311(addr, "ret-s4", true).await;
+    s4.subscribe_id(1, &[("ret/b", Q::AtMostOnce)]).await;
     let p = s4.recv_publish().await;
     assert_eq!((&p.payload[..], p.retain), (&b"kept"[..], true));
     s4.expect_silence().await;
@@ -522,12 +528,12 @@ async fn retained_stored_replaced_cleared_and_flagged() {
 #[tokio::test]
 async fn retained_delivered_for_each_matching_topic_on_wildcard_subscribe() {
     let broker = TestBroker::start().await;
-    let (mut publisher, _) = Raw::connect(broker.mqtt(), "rw-pub", true).await;
+    let (mut publisher, _) = Raw::v311(broker.mqtt(), "rw-pub", true).await;
     for t in ["rw/a", "rw/b", "rw/c/d", "other"] {
-        publisher.publish(t, t.as_bytes(), Q::AtLeastOnce, true, 1).await;
+        publisher.publish_with_id(t, t.as_bytes(), Q::AtLeastOnce, true, 1).await;
     }
-    let (mut sub, _) = Raw::connect(broker.mqtt(), "rw-sub", true).await;
-    sub.subscribe(1, &[("rw/#", Q::AtLeastOnce)]).await;
+    let (mut sub, _) = Raw::v311(broker.mqtt(), "rw-sub", true).await;
+    sub.subscribe_id(1, &[("rw/#", Q::AtLeastOnce)]).await;
     let got: BTreeSet<String> =
         sub.drain(QUIET).await.into_iter().inspect(|p| assert!(p.retain)).map(|p| p.topic).collect();
     assert_eq!(got, BTreeSet::from(["rw/a".into(), "rw/b".into(), "rw/c/d".into()]));
@@ -541,18 +547,18 @@ async fn shared_subscription_delivers_each_message_to_exactly_one_member() {
     let addr = broker.mqtt();
     let mut members = Vec::new();
     for i in 0..3 {
-        let (mut m, _) = Raw::connect(addr, &format!("share-{i}"), true).await;
-        assert_eq!(m.subscribe(1, &[("$share/g/sh/t", Q::AtLeastOnce)]).await, vec![1]);
+        let (mut m, _) = Raw::v311(addr, &format!("share-{i}"), true).await;
+        assert_eq!(m.subscribe_id(1, &[("$share/g/sh/t", Q::AtLeastOnce)]).await, vec![1]);
         members.push(m);
     }
     // A normal subscriber next to the group gets everything.
-    let (mut plain, _) = Raw::connect(addr, "share-plain", true).await;
-    plain.subscribe(1, &[("sh/t", Q::AtLeastOnce)]).await;
+    let (mut plain, _) = Raw::v311(addr, "share-plain", true).await;
+    plain.subscribe_id(1, &[("sh/t", Q::AtLeastOnce)]).await;
 
-    let (mut publisher, _) = Raw::connect(addr, "share-pub", true).await;
+    let (mut publisher, _) = Raw::v311(addr, "share-pub", true).await;
     const N: usize = 30;
     for i in 0..N {
-        publisher.publish("sh/t", i.to_string().as_bytes(), Q::AtLeastOnce, false, i as u16 + 1).await;
+        publisher.publish_with_id("sh/t", i.to_string().as_bytes(), Q::AtLeastOnce, false, i as u16 + 1).await;
     }
     let per_member = futures_util::future::join_all(members.iter_mut().map(|m| m.drain(QUIET))).await;
     let mut seen: HashMap<String, usize> = HashMap::new();
@@ -574,11 +580,11 @@ async fn shared_subscription_delivers_each_message_to_exactly_one_member() {
 async fn unacked_qos1_is_redelivered_with_dup_and_same_ids_after_reconnect() {
     let broker = TestBroker::start().await;
     let addr = broker.mqtt();
-    let (mut sub, _) = Raw::connect(addr, "redeliver", false).await;
-    sub.subscribe(1, &[("rd/t", Q::AtLeastOnce)]).await;
-    let (mut publisher, _) = Raw::connect(addr, "redeliver-pub", true).await;
+    let (mut sub, _) = Raw::v311(addr, "redeliver", false).await;
+    sub.subscribe_id(1, &[("rd/t", Q::AtLeastOnce)]).await;
+    let (mut publisher, _) = Raw::v311(addr, "redeliver-pub", true).await;
     for i in 0..3u8 {
-        publisher.publish("rd/t", &[i], Q::AtLeastOnce, false, 10 + i as u16).await;
+        publisher.publish_with_id("rd/t", &[i], Q::AtLeastOnce, false, 10 + i as u16).await;
     }
     let mut first = BTreeMap::new();
     for _ in 0..3 {
@@ -588,7 +594,7 @@ async fn unacked_qos1_is_redelivered_with_dup_and_same_ids_after_reconnect() {
     }
     drop(sub); // no PUBACK
 
-    let (mut sub, present) = Raw::connect(addr, "redeliver", false).await;
+    let (mut sub, present) = Raw::v311(addr, "redeliver", false).await;
     assert!(present);
     let mut again = BTreeMap::new();
     for _ in 0..3 {
@@ -596,14 +602,14 @@ async fn unacked_qos1_is_redelivered_with_dup_and_same_ids_after_reconnect() {
         assert!(p.dup, "a resent PUBLISH must have DUP=1: {p:?}");
         assert_eq!(p.qos, Q::AtLeastOnce);
         again.insert(p.packet_id.unwrap(), p.payload.to_vec());
-        sub.ack(&p).await;
+        sub.complete(&p).await;
     }
     assert_eq!(first, again, "same packet ids, same payloads");
     sub.expect_silence().await;
     sub.disconnect().await;
 
     // Acknowledged now: not sent a third time.
-    let (mut sub, _) = Raw::connect(addr, "redeliver", false).await;
+    let (mut sub, _) = Raw::v311(addr, "redeliver", false).await;
     sub.expect_silence().await;
 }
 
@@ -611,17 +617,17 @@ async fn unacked_qos1_is_redelivered_with_dup_and_same_ids_after_reconnect() {
 async fn unreleased_qos2_is_resumed_with_pubrel_after_reconnect() {
     let broker = TestBroker::start().await;
     let addr = broker.mqtt();
-    let (mut sub, _) = Raw::connect(addr, "q2-resume", false).await;
-    sub.subscribe(1, &[("q2r/t", Q::ExactlyOnce)]).await;
-    let (mut publisher, _) = Raw::connect(addr, "q2-resume-pub", true).await;
-    publisher.publish("q2r/t", b"x", Q::ExactlyOnce, false, 1).await;
+    let (mut sub, _) = Raw::v311(addr, "q2-resume", false).await;
+    sub.subscribe_id(1, &[("q2r/t", Q::ExactlyOnce)]).await;
+    let (mut publisher, _) = Raw::v311(addr, "q2-resume-pub", true).await;
+    publisher.publish_with_id("q2r/t", b"x", Q::ExactlyOnce, false, 1).await;
     let p = sub.recv_publish().await;
     let id = p.packet_id.unwrap();
     sub.send(&P::PubRec(PubAck::new(id))).await;
     assert_eq!(sub.recv().await, P::PubRel(PubAck::new(id)));
     drop(sub); // no PUBCOMP
 
-    let (mut sub, present) = Raw::connect(addr, "q2-resume", false).await;
+    let (mut sub, present) = Raw::v311(addr, "q2-resume", false).await;
     assert!(present);
     assert_eq!(sub.recv().await, P::PubRel(PubAck::new(id)), "the PUBREL is sent again, not the PUBLISH");
     sub.send(&P::PubComp(PubAck::new(id))).await;
@@ -632,19 +638,19 @@ async fn unreleased_qos2_is_resumed_with_pubrel_after_reconnect() {
 async fn offline_persistent_session_gets_qos1_and_qos2_on_reconnect() {
     let broker = TestBroker::start().await;
     let addr = broker.mqtt();
-    let (mut sub, _) = Raw::connect(addr, "offline", false).await;
-    sub.subscribe(1, &[("off/1", Q::AtLeastOnce), ("off/2", Q::ExactlyOnce), ("off/0", Q::ExactlyOnce)]).await;
+    let (mut sub, _) = Raw::v311(addr, "offline", false).await;
+    sub.subscribe_id(1, &[("off/1", Q::AtLeastOnce), ("off/2", Q::ExactlyOnce), ("off/0", Q::ExactlyOnce)]).await;
     sub.disconnect().await;
 
-    let (mut publisher, _) = Raw::connect(addr, "offline-pub", true).await;
+    let (mut publisher, _) = Raw::v311(addr, "offline-pub", true).await;
     for i in 0..5u8 {
-        publisher.publish("off/1", &[i], Q::AtLeastOnce, false, 1).await;
-        publisher.publish("off/2", &[i], Q::ExactlyOnce, false, 2).await;
-        publisher.publish("off/0", &[i], Q::AtMostOnce, false, 0).await;
+        publisher.publish_with_id("off/1", &[i], Q::AtLeastOnce, false, 1).await;
+        publisher.publish_with_id("off/2", &[i], Q::ExactlyOnce, false, 2).await;
+        publisher.publish_with_id("off/0", &[i], Q::AtMostOnce, false, 0).await;
     }
     publisher.ping().await;
 
-    let (mut sub, present) = Raw::connect(addr, "offline", false).await;
+    let (mut sub, present) = Raw::v311(addr, "offline", false).await;
     assert!(present);
     let got = sub.drain(QUIET).await;
     let of = |topic: &str, qos: Q| -> Vec<u8> {
@@ -659,16 +665,16 @@ async fn offline_persistent_session_gets_qos1_and_qos2_on_reconnect() {
 async fn offline_queue_is_bounded_by_max_queued_messages() {
     let broker = TestBroker::start_with(|c| c.mqtt.max_queued_messages = 5).await;
     let addr = broker.mqtt();
-    let (mut sub, _) = Raw::connect(addr, "bounded", false).await;
-    sub.subscribe(1, &[("bq/t", Q::AtLeastOnce)]).await;
+    let (mut sub, _) = Raw::v311(addr, "bounded", false).await;
+    sub.subscribe_id(1, &[("bq/t", Q::AtLeastOnce)]).await;
     sub.disconnect().await;
 
-    let (mut publisher, _) = Raw::connect(addr, "bounded-pub", true).await;
+    let (mut publisher, _) = Raw::v311(addr, "bounded-pub", true).await;
     for i in 0..8u8 {
         // The publisher is acknowledged even when the subscriber's queue is full.
-        publisher.publish("bq/t", &[i], Q::AtLeastOnce, false, i as u16 + 1).await;
+        publisher.publish_with_id("bq/t", &[i], Q::AtLeastOnce, false, i as u16 + 1).await;
     }
-    let (mut sub, _) = Raw::connect(addr, "bounded", false).await;
+    let (mut sub, _) = Raw::v311(addr, "bounded", false).await;
     let got: Vec<u8> = sub.drain(QUIET).await.iter().map(|p| p.payload[0]).collect();
     assert_eq!(got, vec![0, 1, 2, 3, 4], "the first 5 are kept, the excess dropped");
 }
@@ -701,8 +707,8 @@ fn num(values: &HashMap<String, String>, key: &str) -> u64 {
 async fn sys_topics_appear_and_change() {
     let broker = TestBroker::start().await;
     let addr = broker.mqtt();
-    let (mut sys, _) = Raw::connect(addr, "sys-watch", true).await;
-    sys.subscribe(1, &[("$SYS/broker/#", Q::AtMostOnce)]).await;
+    let (mut sys, _) = Raw::v311(addr, "sys-watch", true).await;
+    sys.subscribe_id(1, &[("$SYS/broker/#", Q::AtMostOnce)]).await;
     let keys = ["uptime", "clients/connected", "messages/received", "messages/sent", "subscriptions/count"];
     let mut v = HashMap::new();
     sys_until(&mut sys, &mut v, |v| keys.iter().all(|k| v.contains_key(*k))).await;
@@ -718,8 +724,8 @@ async fn sys_topics_appear_and_change() {
         num(&v, "clients/connected"),
     );
 
-    let (mut other, _) = Raw::connect(addr, "sys-other", true).await;
-    other.subscribe(1, &[("sys/a", Q::AtMostOnce), ("sys/b", Q::AtMostOnce)]).await;
+    let (mut other, _) = Raw::v311(addr, "sys-other", true).await;
+    other.subscribe_id(1, &[("sys/a", Q::AtMostOnce), ("sys/b", Q::AtMostOnce)]).await;
     for _ in 0..3 {
         other.send(&publish_packet("sys/a", b"x", Q::AtMostOnce, false, None)).await;
     }
@@ -740,8 +746,8 @@ async fn packets_pipelined_with_connect_are_handled() {
     // Some clients write CONNECT and SUBSCRIBE/PUBLISH back to back; they
     // arrive in one read and must all be handled without further input.
     let broker = TestBroker::start().await;
-    let mut bytes = crate::common::encode311(&P::Connect(connect_packet("pipelined", true, 30)));
-    bytes.extend(crate::common::encode311(&P::Subscribe(kadmq::protocol::Subscribe {
+    let mut bytes = encode311(&P::Connect(connect_v311("pipelined", true, 30)));
+    bytes.extend(encode311(&P::Subscribe(kadmq::protocol::Subscribe {
         packet_id: 3,
         filters: vec![kadmq::protocol::SubscribeFilter {
             filter: "pipe/t".into(),
@@ -750,8 +756,8 @@ async fn packets_pipelined_with_connect_are_handled() {
         subscription_identifier: None,
         user_properties: vec![],
     })));
-    bytes.extend(crate::common::encode311(&publish_packet("pipe/t", b"self", Q::AtLeastOnce, false, Some(4))));
-    let mut c = Raw::open(broker.mqtt()).await;
+    bytes.extend(encode311(&publish_packet("pipe/t", b"self", Q::AtLeastOnce, false, Some(4))));
+    let mut c = Raw::open(broker.mqtt(), Version::V311).await;
     c.send_bytes(&bytes).await;
     assert!(matches!(c.recv().await, P::ConnAck(a) if a.code == ConnectReason::Success));
     assert!(matches!(c.recv().await, P::SubAck(a) if a.packet_id == 3 && a.reasons == vec![1]));
@@ -762,7 +768,7 @@ async fn packets_pipelined_with_connect_are_handled() {
             P::PubAck(a) if a.packet_id == 4 => got_puback = true,
             P::Publish(p) if &p.payload[..] == b"self" => {
                 got_publish = true;
-                c.ack(&p).await;
+                c.complete(&p).await;
             }
             other => panic!("unexpected {other:?}"),
         }
@@ -773,40 +779,34 @@ async fn packets_pipelined_with_connect_are_handled() {
 async fn takeover_of_a_persistent_session_keeps_it() {
     let broker = TestBroker::start().await;
     let addr = broker.mqtt();
-    let (mut first, _) = Raw::connect(addr, "tk-persist", false).await;
-    first.subscribe(1, &[("tk/t", Q::AtLeastOnce)]).await;
-    let (mut publisher, _) = Raw::connect(addr, "tk-pub", true).await;
-    publisher.publish("tk/t", b"unacked", Q::AtLeastOnce, false, 1).await;
+    let (mut first, _) = Raw::v311(addr, "tk-persist", false).await;
+    first.subscribe_id(1, &[("tk/t", Q::AtLeastOnce)]).await;
+    let (mut publisher, _) = Raw::v311(addr, "tk-pub", true).await;
+    publisher.publish_with_id("tk/t", b"unacked", Q::AtLeastOnce, false, 1).await;
     let p = first.recv_publish().await;
 
-    let (mut second, present) = Raw::connect(addr, "tk-persist", false).await;
+    let (mut second, present) = Raw::v311(addr, "tk-persist", false).await;
     assert!(present, "taking over a persistent session resumes it");
     first.expect_closed(WAIT).await;
     let again = second.recv_publish().await;
     assert_eq!((&again.payload[..], again.dup, again.packet_id), (&b"unacked"[..], true, p.packet_id));
-    second.ack(&again).await;
-    publisher.publish("tk/t", b"next", Q::AtLeastOnce, false, 2).await;
+    second.complete(&again).await;
+    publisher.publish_with_id("tk/t", b"next", Q::AtLeastOnce, false, 2).await;
     let next = second.recv_publish().await;
     assert_eq!(&next.payload[..], b"next");
-    second.ack(&next).await;
+    second.complete(&next).await;
     second.expect_silence().await;
 }
 
 #[tokio::test]
 async fn qos1_order_is_kept_for_one_publisher() {
     let broker = TestBroker::start().await;
-    let (mut sub, _) = Raw::connect(broker.mqtt(), "order-sub", true).await;
-    sub.subscribe(1, &[("order/t", Q::AtLeastOnce)]).await;
-    let (mut publisher, _) = Raw::connect(broker.mqtt(), "order-pub", true).await;
+    let (mut sub, _) = Raw::v311(broker.mqtt(), "order-sub", true).await;
+    sub.subscribe_id(1, &[("order/t", Q::AtLeastOnce)]).await;
+    let (mut publisher, _) = Raw::v311(broker.mqtt(), "order-pub", true).await;
     let mut bytes = Vec::new();
     for i in 0..300u16 {
-        bytes.extend(crate::common::encode311(&publish_packet(
-            "order/t",
-            &i.to_be_bytes(),
-            Q::AtLeastOnce,
-            false,
-            Some(i + 1),
-        )));
+        bytes.extend(encode311(&publish_packet("order/t", &i.to_be_bytes(), Q::AtLeastOnce, false, Some(i + 1))));
     }
     publisher.send_bytes(&bytes).await;
     let got: Vec<u16> =
@@ -818,8 +818,8 @@ async fn qos1_order_is_kept_for_one_publisher() {
 async fn unsubscribe_on_a_persistent_session_is_remembered() {
     let broker = TestBroker::start().await;
     let addr = broker.mqtt();
-    let (mut c, _) = Raw::connect(addr, "unsub-persist", false).await;
-    c.subscribe(1, &[("up/a", Q::AtLeastOnce), ("up/b", Q::AtLeastOnce)]).await;
+    let (mut c, _) = Raw::v311(addr, "unsub-persist", false).await;
+    c.subscribe_id(1, &[("up/a", Q::AtLeastOnce), ("up/b", Q::AtLeastOnce)]).await;
     c.send(&P::Unsubscribe(kadmq::protocol::Unsubscribe {
         packet_id: 2,
         filters: vec!["up/a".into()],
@@ -828,10 +828,10 @@ async fn unsubscribe_on_a_persistent_session_is_remembered() {
     .await;
     assert!(matches!(c.recv().await, P::UnsubAck(a) if a.packet_id == 2));
     c.disconnect().await;
-    let (mut publisher, _) = Raw::connect(addr, "unsub-persist-pub", true).await;
-    publisher.publish("up/a", b"a", Q::AtLeastOnce, false, 1).await;
-    publisher.publish("up/b", b"b", Q::AtLeastOnce, false, 2).await;
-    let (mut c, present) = Raw::connect(addr, "unsub-persist", false).await;
+    let (mut publisher, _) = Raw::v311(addr, "unsub-persist-pub", true).await;
+    publisher.publish_with_id("up/a", b"a", Q::AtLeastOnce, false, 1).await;
+    publisher.publish_with_id("up/b", b"b", Q::AtLeastOnce, false, 2).await;
+    let (mut c, present) = Raw::v311(addr, "unsub-persist", false).await;
     assert!(present);
     let topics: Vec<String> = c.drain(QUIET).await.into_iter().map(|p| p.topic).collect();
     assert_eq!(topics, vec!["up/b".to_string()]);
@@ -841,12 +841,12 @@ async fn unsubscribe_on_a_persistent_session_is_remembered() {
 async fn sys_clients_connected_goes_down_after_disconnect() {
     let broker = TestBroker::start().await;
     let addr = broker.mqtt();
-    let (mut sys, _) = Raw::connect(addr, "sysc-watch", true).await;
-    sys.subscribe(1, &[("$SYS/broker/clients/connected", Q::AtMostOnce)]).await;
+    let (mut sys, _) = Raw::v311(addr, "sysc-watch", true).await;
+    sys.subscribe_id(1, &[("$SYS/broker/clients/connected", Q::AtMostOnce)]).await;
     let mut v = HashMap::new();
     let mut others = Vec::new();
     for i in 0..3 {
-        others.push(Raw::connect(addr, &format!("sysc-{i}"), true).await.0);
+        others.push(Raw::v311(addr, &format!("sysc-{i}"), true).await.0);
     }
     sys_until(&mut sys, &mut v, |v| v.get("clients/connected").is_some_and(|_| num(v, "clients/connected") == 4)).await;
     for c in others {
@@ -861,18 +861,12 @@ async fn sys_clients_connected_goes_down_after_disconnect() {
 #[tokio::test]
 async fn qos0_burst_larger_than_a_batch_is_delivered_without_client_traffic() {
     let broker = TestBroker::start().await;
-    let (mut sub, _) = Raw::connect(broker.mqtt(), "burst-sub", true).await;
-    sub.subscribe(1, &[("burst/t", Q::AtMostOnce)]).await;
-    let (mut publisher, _) = Raw::connect(broker.mqtt(), "burst-pub", true).await;
+    let (mut sub, _) = Raw::v311(broker.mqtt(), "burst-sub", true).await;
+    sub.subscribe_id(1, &[("burst/t", Q::AtMostOnce)]).await;
+    let (mut publisher, _) = Raw::v311(broker.mqtt(), "burst-pub", true).await;
     let mut bytes = Vec::new();
     for i in 0..2000u32 {
-        bytes.extend(crate::common::encode311(&publish_packet(
-            "burst/t",
-            &i.to_be_bytes(),
-            Q::AtMostOnce,
-            false,
-            None,
-        )));
+        bytes.extend(encode311(&publish_packet("burst/t", &i.to_be_bytes(), Q::AtMostOnce, false, None)));
     }
     publisher.send_bytes(&bytes).await;
     publisher.ping().await; // all 2000 routed once the PINGRESP is back

@@ -1,7 +1,9 @@
 //! MQTT over WebSocket (path /mqtt, subprotocol mqtt): a raw tungstenite
 //! client carrying MQTT bytes, mixed with TCP clients; paho-mqtt interop.
 
-use crate::common::{connect_packet, encode311, options311, publish_packet, Client311, Raw, TestBroker, QUIET, WAIT};
+use crate::common::TestBroker;
+use crate::support::mqtt::Client;
+use crate::support::raw::{connect_v311, encode311, publish_packet, will, Raw, QUIET, WAIT};
 use bytes::BytesMut;
 use futures_util::{SinkExt, StreamExt};
 use kadmq::protocol::{self, ConnectReason, Packet as P, PubAck, QoS as Q, Subscribe, SubscribeFilter, Version};
@@ -37,7 +39,7 @@ impl WsMqtt {
         let (ws, response) = ws_open(addr, "/mqtt", Some("mqtt")).await.expect("WebSocket handshake");
         assert_eq!(response.headers().get("sec-websocket-protocol").map(|v| v.as_bytes()), Some(&b"mqtt"[..]));
         let mut c = WsMqtt { ws, buf: BytesMut::new() };
-        c.send(&P::Connect(connect_packet(client_id, true, 30))).await;
+        c.send(&P::Connect(connect_v311(client_id, true, 30))).await;
         match c.recv().await {
             P::ConnAck(a) => assert_eq!(a.code, ConnectReason::Success),
             other => panic!("expected CONNACK, got {other:?}"),
@@ -127,7 +129,7 @@ async fn ws_connect_subscribe_and_receive_from_tcp_and_back() {
     }
 
     // TCP (rumqttc) → WebSocket.
-    let (mut tcp, _) = Client311::connect(options311("tcp-pub", broker.port())).await;
+    let (mut tcp, _) = Client::connect(Client::options("tcp-pub", broker.port())).await;
     tcp.client.publish("mix/ws", rumqttc::QoS::AtLeastOnce, false, "from tcp").await.unwrap();
     match ws.recv().await {
         P::Publish(p) => {
@@ -156,7 +158,7 @@ async fn ws_packets_may_span_frames_and_share_frames() {
     let (ws, _) = ws_open(broker.ws(), "/mqtt", Some("mqtt")).await.unwrap();
     let mut c = WsMqtt { ws, buf: BytesMut::new() };
     // CONNECT cut in three frames.
-    let connect = encode311(&P::Connect(connect_packet("ws-frames", true, 30)));
+    let connect = encode311(&P::Connect(connect_v311("ws-frames", true, 30)));
     c.send_bytes(connect[..1].to_vec()).await;
     c.send_bytes(connect[1..5].to_vec()).await;
     c.send_bytes(connect[5..].to_vec()).await;
@@ -194,18 +196,18 @@ async fn ws_text_frame_or_garbage_closes_only_that_connection() {
 #[tokio::test]
 async fn ws_will_is_published_when_the_websocket_drops() {
     let broker = TestBroker::start().await;
-    let (mut watcher, _) = Raw::connect(broker.mqtt(), "ws-will-watch", true).await;
-    watcher.subscribe(1, &[("wswill/t", Q::AtLeastOnce)]).await;
+    let (mut watcher, _) = Raw::v311(broker.mqtt(), "ws-will-watch", true).await;
+    watcher.subscribe_id(1, &[("wswill/t", Q::AtLeastOnce)]).await;
     let (ws, _) = ws_open(broker.ws(), "/mqtt", Some("mqtt")).await.unwrap();
     let mut c = WsMqtt { ws, buf: BytesMut::new() };
-    let mut connect = connect_packet("ws-will", true, 30);
-    connect.will = Some(crate::common::will("wswill/t", "ws gone", Q::AtLeastOnce, false));
+    let mut connect = connect_v311("ws-will", true, 30);
+    connect.will = Some(will("wswill/t", b"ws gone", Q::AtLeastOnce, false));
     c.send(&P::Connect(connect)).await;
     assert!(matches!(c.recv().await, P::ConnAck(_)));
     drop(c); // TCP closed without a close frame or DISCONNECT
     let p = watcher.recv_publish().await;
     assert_eq!(&p.payload[..], b"ws gone");
-    watcher.ack(&p).await;
+    watcher.complete(&p).await;
 }
 
 // --- interop with paho-mqtt (python) ------------------------------------------------
@@ -294,8 +296,8 @@ async fn paho_interop_over_tcp_and_websocket() {
     }
     let broker = TestBroker::start().await;
     // A Rust TCP subscriber sees what paho publishes over both transports.
-    let (mut watcher, _) = Raw::connect(broker.mqtt(), "paho-watch", true).await;
-    watcher.subscribe(1, &[("interop/#", Q::ExactlyOnce)]).await;
+    let (mut watcher, _) = Raw::v311(broker.mqtt(), "paho-watch", true).await;
+    watcher.subscribe_id(1, &[("interop/#", Q::ExactlyOnce)]).await;
     run_paho(broker.port(), "tcp", "tcp").await;
     run_paho(broker.ws().port(), "websockets", "ws").await;
     let mut got: Vec<(String, Vec<u8>)> =

@@ -19,16 +19,16 @@
 //! payload is `tag seq sent_ms` (the test's clock), so a subscriber can tell
 //! what it missed, what came twice, and when.
 
-use crate::common::{Lab, LogsOnPanic, Node, SETTLE};
-use rumqttc::{AsyncClient, ConnectReturnCode, Event, MqttOptions, Packet, QoS, SubscribeFilter, SubscribeReasonCode};
+use crate::support::lab::{strings, wait_for_members, Lab, Node, SETTLE};
+use crate::support::mqtt::{Client, Received, PATIENCE};
+use crate::support::runtime;
+use crate::support::wait::{try_wait_until_every, wait_until_every};
+use rumqttc::QoS;
 use serde_json::Value;
-use std::collections::{BTreeMap, HashMap};
-use std::io::{Read, Write};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::runtime::Runtime;
-use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::{timeout, MissedTickBehavior};
 
@@ -48,6 +48,11 @@ impl Clock {
     fn ms(&self) -> u64 {
         self.0.elapsed().as_millis() as u64
     }
+
+    /// `at` on the test clock.
+    fn ms_at(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.0).as_millis() as u64
+    }
 }
 
 /// The wall clock as the nodes' logs show it (UTC, `HH:MM:SS.mmm`).
@@ -57,40 +62,8 @@ fn utc_now() -> String {
     format!("{:02}:{:02}:{:02}.{:03}", s / 3600, s / 60 % 60, s % 60, ms % 1000)
 }
 
-/// Polls `check` every 300 ms until it passes or `within` is over; panics
-/// with its last complaint.
-fn wait_for(within: Duration, what: &str, check: impl FnMut() -> Result<(), String>) {
-    if let Err(last) = try_wait_for(within, what, check) {
-        panic!("timed out after {within:?} waiting for {what}: {last}");
-    }
-}
-
-/// As [`wait_for`], but returns the last complaint instead of panicking.
-fn try_wait_for(within: Duration, what: &str, mut check: impl FnMut() -> Result<(), String>) -> Result<(), String> {
-    let start = Instant::now();
-    let mut last = String::new();
-    let mut next_note = Duration::from_secs(5);
-    while start.elapsed() < within {
-        match check() {
-            Ok(()) => {
-                let waited = start.elapsed().as_secs_f64();
-                println!(
-                    "  (waited {waited:.1} s for {what}{})",
-                    if last.is_empty() { String::new() } else { format!("; last: {last}") }
-                );
-                return Ok(());
-            }
-            Err(why) => last = why,
-        }
-        if start.elapsed() >= next_note {
-            println!("  ... still waiting after {:.1} s for {what}: {last}", start.elapsed().as_secs_f64());
-            next_note += Duration::from_secs(5);
-        }
-        std::thread::sleep(Duration::from_millis(300));
-    }
-    println!("  (gave up after {within:?} waiting for {what}: {last})");
-    Err(last)
-}
+/// How often a wait polls: each check asks several nodes over HTTP.
+const POLL: Duration = Duration::from_millis(300);
 
 /// Prints a line stamped with the test clock.
 macro_rules! say {
@@ -99,101 +72,11 @@ macro_rules! say {
     };
 }
 
-fn runtime() -> Runtime {
-    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
-}
-
 // ----- what the nodes say ----------------------------------------------------------
-
-/// The nodes' HTTP endpoint, patient with a loaded machine (the harness's
-/// `get` gives up after 10 s): 30 s per try, three tries.
-trait Patient {
-    fn json(&self, path: &str) -> Value;
-    /// The unlabelled figures of `/metrics`.
-    fn all_figures(&self) -> HashMap<String, u64>;
-    /// One unlabelled figure from `/metrics`.
-    fn figure(&self, name: &str) -> u64;
-}
-
-fn try_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
-    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
-    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
-    let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    Ok((status, body.to_string()))
-}
-
-impl Patient for Node {
-    fn json(&self, path: &str) -> Value {
-        let mut last = String::new();
-        for _ in 0..3 {
-            match try_get(self.http_port, path) {
-                Ok((200, body)) => return serde_json::from_str(&body).unwrap(),
-                Ok((status, body)) => last = format!("status {status}: {body}"),
-                Err(err) => last = err.to_string(),
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        panic!("GET {path} on {}: {last}", self.name)
-    }
-
-    fn all_figures(&self) -> HashMap<String, u64> {
-        let mut last = String::new();
-        for _ in 0..3 {
-            match try_get(self.http_port, "/metrics") {
-                Ok((200, body)) => {
-                    return body
-                        .lines()
-                        .filter(|line| !line.starts_with('#'))
-                        .filter_map(|line| line.split_once(' '))
-                        .filter_map(|(name, value)| Some((name.to_string(), value.trim().parse().ok()?)))
-                        .collect()
-                }
-                Ok((status, body)) => last = format!("status {status}: {body}"),
-                Err(err) => last = err.to_string(),
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        panic!("GET /metrics on {}: {last}", self.name)
-    }
-
-    fn figure(&self, name: &str) -> u64 {
-        self.all_figures().get(name).copied().unwrap_or_else(|| panic!("no metric {name} on {}", self.name))
-    }
-}
-
-/// Waits until each of `nodes` sees exactly `names` alive.
-fn wait_members(nodes: &[&Node], names: &[&str]) {
-    let want: Vec<&str> = names.to_vec();
-    wait_for(Duration::from_secs(30), &format!("every node to see {want:?} alive"), || {
-        for node in nodes {
-            let members = node.json("/api/v1/cluster")["members"].clone();
-            let mut alive: Vec<&str> = members
-                .as_array()
-                .unwrap()
-                .iter()
-                .filter(|m| m["state"] == "alive")
-                .map(|m| m["name"].as_str().unwrap())
-                .collect();
-            alive.sort();
-            if alive != want {
-                return Err(format!("{} sees {alive:?} alive", node.name));
-            }
-        }
-        Ok(())
-    });
-}
-
-fn routes(node: &Node, topic: &str) -> Value {
-    node.json(&format!("/api/v1/routes?topic={topic}"))
-}
 
 /// The names in a JSON list, sorted.
 fn names(list: &Value) -> Vec<String> {
-    let mut names: Vec<String> = list.as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect();
+    let mut names = strings(list);
     names.sort();
     names
 }
@@ -209,7 +92,7 @@ fn shard<'a>(report: &'a Value, prefix: &str) -> &'a Value {
 }
 
 fn sum(nodes: &[&Node], metric: &str) -> u64 {
-    nodes.iter().map(|n| n.figure(metric)).sum()
+    nodes.iter().map(|n| n.metric(metric)).sum()
 }
 
 /// Each node's (shards owned, entries owned, local filters): one `/metrics` each.
@@ -218,7 +101,7 @@ fn table(nodes: &[&Node]) -> Vec<(String, [u64; 3])> {
     nodes
         .iter()
         .map(|n| {
-            let all = n.all_figures();
+            let all = n.metrics();
             (
                 n.name.clone(),
                 names.map(|name| all.get(name).copied().unwrap_or_else(|| panic!("no {name} on {}", n.name))),
@@ -258,7 +141,7 @@ fn counters(nodes: &[&Node]) -> String {
     nodes
         .iter()
         .map(|n| {
-            let all = n.all_figures();
+            let all = n.metrics();
             let figures: Vec<String> = names
                 .iter()
                 .filter_map(|(metric, label)| all.get(*metric).filter(|v| **v > 0).map(|v| format!("{label} {v}")))
@@ -298,122 +181,55 @@ struct Arrival {
     dup: bool,
 }
 
-/// A client whose event loop runs in a task until its first error (it
-/// never reconnects): PUBLISHes are recorded, PUBACKs counted, the other
-/// incoming packets passed on.
-struct Client {
-    id: String,
-    client: AsyncClient,
-    packets: mpsc::UnboundedReceiver<Packet>,
-    got: Arc<Mutex<Vec<Arrival>>>,
-    acked: Arc<AtomicU64>,
-    /// Why the event loop ended.
-    ended: Arc<Mutex<Option<String>>>,
-    task: JoinHandle<()>,
+/// Connects client `id` to `node` (clean session or not) and returns it
+/// and the CONNACK's session present flag.
+async fn connect(node: &Node, id: &str, clean: bool) -> (Client, bool) {
+    let mut options = Client::options(id, node.mqtt_port);
+    options.set_clean_session(clean);
+    options.set_max_packet_size(256 * 1024, 256 * 1024);
+    Client::connect_ok(options).await
 }
 
-impl Client {
-    /// Connects to `node` and returns the client and CONNACK's session present flag.
-    async fn connect(clock: Clock, node: &Node, id: &str, clean: bool) -> (Client, bool) {
-        let mut options = MqttOptions::new(id, "127.0.0.1", node.mqtt_port);
-        options.set_keep_alive(Duration::from_secs(30));
-        options.set_clean_session(clean);
-        options.set_max_packet_size(256 * 1024, 256 * 1024);
-        let (client, mut events) = AsyncClient::new(options, 1000);
-        // A loaded CI machine may take more than rumqttc's default 5 s to accept.
-        let mut network = events.network_options();
-        network.set_connection_timeout(20);
-        events.set_network_options(network);
-        let (tx, packets) = mpsc::unbounded_channel();
-        let got = Arc::new(Mutex::new(Vec::new()));
-        let acked = Arc::new(AtomicU64::new(0));
-        let ended = Arc::new(Mutex::new(None));
-        let task = tokio::spawn({
-            let (got, acked, ended) = (got.clone(), acked.clone(), ended.clone());
-            async move {
-                loop {
-                    let event = match events.poll().await {
-                        Ok(event) => event,
-                        Err(err) => {
-                            *ended.lock().unwrap() = Some(err.to_string());
-                            return;
-                        }
-                    };
-                    match event {
-                        Event::Incoming(Packet::Publish(p)) => {
-                            let text = String::from_utf8_lossy(&p.payload).to_string();
-                            let mut fields = text.split_whitespace();
-                            let tag = fields.next().unwrap_or_default().to_string();
-                            let seq = fields.next().and_then(|f| f.parse().ok()).unwrap_or(u64::MAX);
-                            let at_ms = clock.ms();
-                            let arrival = Arrival { topic: p.topic.clone(), tag, seq, at_ms, dup: p.dup };
-                            got.lock().unwrap().push(arrival);
-                        }
-                        Event::Incoming(Packet::PubAck(_)) => {
-                            acked.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Event::Incoming(packet) => {
-                            let _ = tx.send(packet);
-                        }
-                        Event::Outgoing(_) => {}
-                    }
-                }
-            }
-        });
-        let mut client = Client { id: id.into(), client, packets, got, acked, ended, task };
-        let connack = client
-            .next_packet("CONNACK", |p| match p {
-                Packet::ConnAck(ack) => Some(ack.clone()),
-                _ => None,
-            })
-            .await;
-        assert_eq!(connack.code, ConnectReturnCode::Success, "{id} on {}", node.name);
-        (client, connack.session_present)
-    }
+/// Subscribes to `filters` at QoS 1 (100 per SUBSCRIBE) and waits for the SUBACKs.
+async fn subscribe(client: &mut Client, filters: &[String]) {
+    let packets = filters.len().div_ceil(100) as u32;
+    client.subscribe_all(filters, QoS::AtLeastOnce, 100, PATIENCE * packets).await;
+}
 
-    /// The next incoming packet `pick` accepts (bounded: 30 s).
-    async fn next_packet<T>(&mut self, what: &str, mut pick: impl FnMut(&Packet) -> Option<T>) -> T {
-        let id = self.id.clone();
-        let ended = self.ended.clone();
-        timeout(Duration::from_secs(30), async {
-            loop {
-                match self.packets.recv().await {
-                    Some(packet) => {
-                        if let Some(found) = pick(&packet) {
-                            return found;
-                        }
-                    }
-                    None => panic!("{id}: connection ended while waiting for {what}: {:?}", ended.lock().unwrap()),
-                }
-            }
-        })
-        .await
-        .unwrap_or_else(|_| panic!("{id}: no {what} within 30 s"))
-    }
+/// The `tag seq` a payload (`tag seq sent_ms`) starts with; seq u64::MAX
+/// if it is unreadable.
+fn tag_seq(payload: &[u8]) -> (String, u64) {
+    let text = String::from_utf8_lossy(payload);
+    let mut fields = text.split_whitespace();
+    let tag = fields.next().unwrap_or_default().to_string();
+    (tag, fields.next().and_then(|f| f.parse().ok()).unwrap_or(u64::MAX))
+}
 
-    /// Subscribes to `filters` at QoS 1 (100 per SUBSCRIBE) and waits for the SUBACKs.
-    async fn subscribe(&mut self, filters: &[String]) {
-        for chunk in filters.chunks(100) {
-            let request = chunk.iter().map(|f| SubscribeFilter::new(f.clone(), QoS::AtLeastOnce));
-            self.client.subscribe_many(request).await.unwrap();
-            let codes = self
-                .next_packet("SUBACK", |p| match p {
-                    Packet::SubAck(ack) => Some(ack.return_codes.clone()),
-                    _ => None,
-                })
-                .await;
-            assert!(codes.iter().all(|c| matches!(c, SubscribeReasonCode::Success(_))), "{}: {codes:?}", self.id);
-        }
-    }
-
-    fn arrivals(&self) -> Vec<Arrival> {
-        self.got.lock().unwrap().clone()
-    }
-
+/// What these tests read of the PUBLISHes a client got.
+trait Arrivals {
+    fn arrivals(&self, clock: Clock) -> Vec<Arrival>;
     /// Distinct sequence numbers received from publisher `tag`.
+    fn distinct_from(&self, tag: &str) -> usize;
+}
+
+impl Arrivals for Client {
+    fn arrivals(&self, clock: Clock) -> Vec<Arrival> {
+        let arrival = |received: Received<rumqttc::Publish>| {
+            let (tag, seq) = tag_seq(&received.publish.payload);
+            let at_ms = clock.ms_at(received.at);
+            Arrival { topic: received.publish.topic, tag, seq, at_ms, dup: received.publish.dup }
+        };
+        self.received().into_iter().map(arrival).collect()
+    }
+
     fn distinct_from(&self, tag: &str) -> usize {
-        let got = self.got.lock().unwrap();
-        let mut seqs: Vec<u64> = got.iter().filter(|a| a.tag == tag).map(|a| a.seq).collect();
+        let mut seqs: Vec<u64> = self
+            .received()
+            .iter()
+            .map(|r| tag_seq(&r.publish.payload))
+            .filter(|(t, _)| t == tag)
+            .map(|(_, seq)| seq)
+            .collect();
         seqs.sort_unstable();
         seqs.dedup();
         seqs.len()
@@ -440,7 +256,7 @@ fn spawn_publisher(
     pace: Pace,
 ) -> JoinHandle<Vec<u64>> {
     let Pace { every, max, limit, stop_at } = pace;
-    let (client, ended) = (publisher.client.clone(), publisher.ended.clone());
+    let client = publisher.client.clone();
     tokio::spawn(async move {
         let started = Instant::now();
         let mut tick = tokio::time::interval(every);
@@ -449,14 +265,15 @@ fn spawn_publisher(
         while (sent.len() as u64) < max && started.elapsed() < limit {
             tick.tick().await;
             let now = clock.ms();
-            if now >= stop_at.load(Ordering::Relaxed) || ended.lock().unwrap().is_some() {
+            if now >= stop_at.load(Ordering::Relaxed) {
                 break;
             }
             let seq = sent.len() as u64;
             let publish = client.publish(topic(seq), QoS::AtLeastOnce, false, format!("{tag} {seq} {now}"));
             match timeout(Duration::from_secs(5), publish).await {
                 Ok(Ok(())) => sent.push(now),
-                // The client's queue is stuck or closed: stop (the counts tell).
+                // The client's queue is stuck, or closed because its
+                // connection ended: stop (the counts tell).
                 _ => break,
             }
         }
@@ -554,19 +371,10 @@ fn a_killed_node_is_routed_around_and_rejoins_with_its_persistent_sessions() {
     let clock = Clock(Instant::now());
     let rt = runtime();
     let lab = Lab::new();
-    let mut logs = LogsOnPanic(Vec::new());
     const NAMES: [&str; 5] = ["c1", "c2", "c3", "c4", "c5"];
     const VICTIM: usize = 3;
     const SURVIVORS: [usize; 4] = [0, 1, 2, 4];
-    let mut nodes = vec![lab.node("c1", None)];
-    let boot = nodes[0].multiaddr();
-    for name in &NAMES[1..] {
-        nodes.push(lab.node(name, Some(&boot)));
-    }
-    for node in &nodes {
-        logs.add(node);
-    }
-    wait_members(&nodes.iter().collect::<Vec<_>>(), &NAMES);
+    let mut nodes = Vec::from(lab.fleet(NAMES, &[]));
     say!(clock, "kill: 5 nodes up and seeing each other");
     let victim = NAMES[VICTIM];
     let survivor_names: Vec<String> = SURVIVORS.iter().map(|&i| NAMES[i].to_string()).collect();
@@ -575,7 +383,7 @@ fn a_killed_node_is_routed_around_and_rejoins_with_its_persistent_sessions() {
     let mut flow_topics = Vec::new();
     for i in 0..100 {
         let topic = format!("churn/k{i}");
-        if names(&shard(&routes(&nodes[0], &topic), &topic)["owners"]).contains(&victim.to_string()) {
+        if names(&shard(&nodes[0].routes(&topic), &topic)["owners"]).contains(&victim.to_string()) {
             flow_topics.push(topic);
         }
         if flow_topics.len() == SURVIVORS.len() {
@@ -588,7 +396,7 @@ fn a_killed_node_is_routed_around_and_rejoins_with_its_persistent_sessions() {
         .iter()
         .chain(&flow_topics)
         .chain(std::iter::once(&"churn/p".to_string()))
-        .filter(|t| names(&shard(&routes(&nodes[0], t), t)["owners"]).contains(&victim.to_string()))
+        .filter(|t| names(&shard(&nodes[0].routes(t), t)["owners"]).contains(&victim.to_string()))
         .count();
     say!(
         clock,
@@ -602,27 +410,29 @@ fn a_killed_node_is_routed_around_and_rejoins_with_its_persistent_sessions() {
     let (mut static_subs, mut flow_subs, mut publishers) = (Vec::new(), Vec::new(), Vec::new());
     let keeper = rt.block_on(async {
         for node in &nodes {
-            let (mut sub, _) = Client::connect(clock, node, &format!("static-{}", node.name), true).await;
-            sub.subscribe(&statics).await;
+            let (mut sub, _) = connect(node, &format!("static-{}", node.name), true).await;
+            subscribe(&mut sub, &statics).await;
             static_subs.push(sub);
         }
         for (k, &i) in SURVIVORS.iter().enumerate() {
             let others: Vec<String> =
                 (0..SURVIVORS.len()).filter(|&j| j != k).map(|j| flow_topics[j].clone()).collect();
-            let (mut sub, _) = Client::connect(clock, &nodes[i], &format!("flow-{}", NAMES[i]), true).await;
-            sub.subscribe(&others).await;
+            let (mut sub, _) = connect(&nodes[i], &format!("flow-{}", NAMES[i]), true).await;
+            subscribe(&mut sub, &others).await;
             flow_subs.push(sub);
-            let (publisher, _) = Client::connect(clock, &nodes[i], &format!("pub-{}", NAMES[i]), true).await;
+            let (publisher, _) = connect(&nodes[i], &format!("pub-{}", NAMES[i]), true).await;
             publishers.push(publisher);
         }
-        let (mut keeper, _) = Client::connect(clock, &nodes[VICTIM], "keeper", false).await;
-        keeper.subscribe(&["churn/p".to_string()]).await;
+        let (mut keeper, _) = connect(&nodes[VICTIM], "keeper", false).await;
+        subscribe(&mut keeper, &["churn/p".to_string()]).await;
         keeper
     });
     say!(clock, "kill: clients connected and subscribed");
     let mut filters: Vec<u64> = vec![statics.len() as u64 + 3; NAMES.len()];
     filters[VICTIM] = statics.len() as u64 + 1;
-    wait_for(SETTLE, "every entry replicated R times", || replicated(&nodes.iter().collect::<Vec<_>>(), &filters));
+    wait_until_every(POLL, SETTLE, "every entry replicated R times", || {
+        replicated(&nodes.iter().collect::<Vec<_>>(), &filters)
+    });
     let entries_before = sum(&nodes.iter().collect::<Vec<_>>(), "kadmq_cluster_shard_entries_owned");
     say!(clock, "kill: before the kill {}", figures(&nodes.iter().collect::<Vec<_>>()));
 
@@ -647,16 +457,14 @@ fn a_killed_node_is_routed_around_and_rejoins_with_its_persistent_sessions() {
     // Pair (k, s): publisher k (on SURVIVORS[k]) → flow subscriber s (on SURVIVORS[s]).
     let pairs: Vec<(usize, usize)> =
         (0..SURVIVORS.len()).flat_map(|k| (0..SURVIVORS.len()).filter(move |&s| s != k).map(move |s| (k, s))).collect();
-    wait_for(Duration::from_secs(15), "every pair to flow before the kill", || {
+    wait_until_every(POLL, Duration::from_secs(15), "every pair to flow before the kill", || {
         match pairs.iter().find(|(k, s)| flow_subs[*s].distinct_from(&k.to_string()) < 10) {
             Some((k, s)) => Err(format!("{} got < 10 messages from pub-{}", flow_subs[*s].id, NAMES[SURVIVORS[*k]])),
             None => Ok(()),
         }
     });
 
-    let member = |node: &Node, name: &str| -> Value {
-        node.json("/api/v1/cluster")["members"].as_array().unwrap().iter().find(|m| m["name"] == name).unwrap().clone()
-    };
+    let member = |node: &Node, name: &str| -> Value { node.member(name).unwrap() };
     let before = member(&nodes[0], victim);
     assert_eq!(before["peer_id"], nodes[VICTIM].peer_id(), "c1's view of {victim}'s peer id");
 
@@ -666,7 +474,7 @@ fn a_killed_node_is_routed_around_and_rejoins_with_its_persistent_sessions() {
     nodes[VICTIM].kill();
     stop_at.store(kill_ms + 16_000, Ordering::Relaxed);
     let survivors: Vec<&Node> = SURVIVORS.iter().map(|&i| &nodes[i]).collect();
-    wait_for(Duration::from_secs(30), &format!("the survivors to declare {victim} dead"), || {
+    wait_until_every(POLL, Duration::from_secs(30), &format!("the survivors to declare {victim} dead"), || {
         for node in &survivors {
             let state = member(node, victim)["state"].clone();
             if state != "dead" {
@@ -677,9 +485,9 @@ fn a_killed_node_is_routed_around_and_rejoins_with_its_persistent_sessions() {
     });
     let dead_ms = clock.ms() - kill_ms;
     let survivor_filters = vec![statics.len() as u64 + 3; SURVIVORS.len()];
-    wait_for(Duration::from_secs(30), "the survivors' entries replicated R times", || {
+    wait_until_every(POLL, Duration::from_secs(30), "the survivors' entries replicated R times", || {
         for node in &survivors {
-            let members = node.figure("kadmq_cluster_members");
+            let members = node.metric("kadmq_cluster_members");
             if members != 4 {
                 return Err(format!("{} routes over {members} members", node.name));
             }
@@ -694,11 +502,11 @@ fn a_killed_node_is_routed_around_and_rejoins_with_its_persistent_sessions() {
     // shard's three owners route the (first 8) static filters to every survivor.
     let mut topics: Vec<String> = statics[..8].iter().chain(&flow_topics).cloned().collect();
     topics.push("churn/p".into());
-    wait_for(Duration::from_secs(10), &format!("no route to {victim} left"), || {
+    wait_until_every(POLL, Duration::from_secs(10), &format!("no route to {victim} left"), || {
         for topic in &topics {
             let mut owners = 0;
             for node in &survivors {
-                let report = routes(node, topic);
+                let report = node.routes(topic);
                 let destinations = names(&report["destinations"]);
                 if destinations.contains(&victim.to_string()) {
                     return Err(format!("{} routes {topic} to {victim}: {report}", node.name));
@@ -741,7 +549,7 @@ fn a_killed_node_is_routed_around_and_rejoins_with_its_persistent_sessions() {
     let mut report = Vec::new();
     let mut problems = Vec::new();
     for &(k, s) in &pairs {
-        let got: Vec<Arrival> = flow_subs[s].arrivals().into_iter().filter(|a| a.tag == k.to_string()).collect();
+        let got: Vec<Arrival> = flow_subs[s].arrivals(clock).into_iter().filter(|a| a.tag == k.to_string()).collect();
         let f = pair_figures(&sent[k], &got, kill_ms);
         let pair = format!("{} → {}", NAMES[SURVIVORS[k]], NAMES[SURVIVORS[s]]);
         report.push(format!(
@@ -769,7 +577,7 @@ fn a_killed_node_is_routed_around_and_rejoins_with_its_persistent_sessions() {
         if !f.lost.is_empty() {
             // Both ends are alive: a QoS 1 message must not be lost, however
             // soon it came after the kill.
-            let acked = publishers[k].acked.load(Ordering::Relaxed) >= sent[k].len() as u64;
+            let acked = publishers[k].pubacks() >= sent[k].len() as u64;
             problems.push(format!(
                 "{pair}: {} QoS 1 messages ({}) never arrived, published {:?} ms after the kill",
                 f.lost.len(),
@@ -796,7 +604,7 @@ fn a_killed_node_is_routed_around_and_rejoins_with_its_persistent_sessions() {
     let acks: Vec<String> = publishers
         .iter()
         .zip(&sent)
-        .map(|(p, sent)| format!("{}: {} published, {} PUBACKs", p.id, sent.len(), p.acked.load(Ordering::Relaxed)))
+        .map(|(p, sent)| format!("{}: {} published, {} PUBACKs", p.id, sent.len(), p.pubacks()))
         .collect();
     say!(clock, "kill: publishers {}", acks.join("; "));
     say!(clock, "kill: counters {}", counters(&survivors));
@@ -813,7 +621,7 @@ fn a_killed_node_is_routed_around_and_rejoins_with_its_persistent_sessions() {
     // persistent session's subscription is routed again.
     let restart_ms = clock.ms();
     nodes[VICTIM].start();
-    wait_members(&nodes.iter().collect::<Vec<_>>(), &NAMES);
+    wait_for_members(&nodes.iter().collect::<Vec<_>>(), &NAMES);
     let rejoin_ms = clock.ms() - restart_ms;
     let after = member(&nodes[0], victim);
     let own = member(&nodes[VICTIM], victim);
@@ -829,13 +637,13 @@ fn a_killed_node_is_routed_around_and_rejoins_with_its_persistent_sessions() {
 
     let (keeper, session_present) = rt.block_on(async {
         drop(keeper);
-        Client::connect(clock, &nodes[VICTIM], "keeper", false).await
+        connect(&nodes[VICTIM], "keeper", false).await
     });
     assert!(session_present, "the keeper's session survived {victim}'s SIGKILL");
-    wait_for(SETTLE, &format!("churn/p's owners to route it to {victim} again"), || {
+    wait_until_every(POLL, SETTLE, &format!("churn/p's owners to route it to {victim} again"), || {
         let mut owners = 0;
         for node in &nodes {
-            let report = routes(node, "churn/p");
+            let report = node.routes("churn/p");
             if shard(&report, "churn/p")["source"] == "owned" {
                 owners += 1;
                 if names(&report["destinations"]) != [victim] {
@@ -850,7 +658,7 @@ fn a_killed_node_is_routed_around_and_rejoins_with_its_persistent_sessions() {
     });
     const BACK: u64 = 20;
     let got = rt.block_on(async {
-        let (publisher, _) = Client::connect(clock, &nodes[1], "pub-back", true).await;
+        let (publisher, _) = connect(&nodes[1], "pub-back", true).await;
         for seq in 0..BACK {
             let payload = format!("back {seq} {}", clock.ms());
             publisher.client.publish("churn/p", QoS::AtLeastOnce, false, payload).await.unwrap();
@@ -859,8 +667,8 @@ fn a_killed_node_is_routed_around_and_rejoins_with_its_persistent_sessions() {
         while Instant::now() < deadline && keeper.distinct_from("back") < BACK as usize {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        publisher.task.abort();
-        keeper.arrivals()
+        publisher.abort();
+        keeper.arrivals(clock)
     });
     let back: Vec<u64> = got.iter().filter(|a| a.tag == "back").map(|a| a.seq).collect();
     let mut distinct = back.clone();
@@ -878,12 +686,12 @@ fn a_killed_node_is_routed_around_and_rejoins_with_its_persistent_sessions() {
     // sessions died with it); the table is whole again.
     let mut filters_back = vec![statics.len() as u64 + 3; NAMES.len()];
     filters_back[VICTIM] = 1;
-    wait_for(SETTLE, "every entry replicated R times after the restart", || {
+    wait_until_every(POLL, SETTLE, "every entry replicated R times after the restart", || {
         replicated(&nodes.iter().collect::<Vec<_>>(), &filters_back)
     });
     say!(clock, "kill: after the restart {}", figures(&nodes.iter().collect::<Vec<_>>()));
     for client in static_subs.iter().chain(&flow_subs).chain(&publishers).chain([&keeper]) {
-        client.task.abort();
+        client.abort();
     }
     say!(clock, "kill: took {:.1} s", test_started.elapsed().as_secs_f64());
     assert!(problems.is_empty(), "while {victim} was killed: {problems:#?}");
@@ -902,22 +710,14 @@ fn a_node_joining_under_traffic_takes_shards_and_no_subscription_misses_a_messag
     let clock = Clock(Instant::now());
     let rt = runtime();
     let lab = Lab::new();
-    let mut logs = LogsOnPanic(Vec::new());
     const NAMES: [&str; 6] = ["j1", "j2", "j3", "j4", "j5", "j6"];
     const FILTERS: u64 = 300;
     const EVERY: Duration = Duration::from_millis(20);
     // Nobody dies here: a long dead timeout keeps a starved CI machine from
     // declaring deaths that did not happen.
     const PATIENT: [&str; 2] = ["--dead-timeout", "30"];
-    let mut nodes = vec![lab.node_with("j1", None, &lab.key, &PATIENT)];
+    let mut nodes = Vec::from(lab.fleet(["j1", "j2", "j3", "j4", "j5"], &PATIENT));
     let boot = nodes[0].multiaddr();
-    for name in &NAMES[1..5] {
-        nodes.push(lab.node_with(name, Some(&boot), &lab.key, &PATIENT));
-    }
-    for node in &nodes {
-        logs.add(node);
-    }
-    wait_members(&nodes.iter().collect::<Vec<_>>(), &NAMES[..5]);
     say!(clock, "join: 5 nodes up and seeing each other");
 
     // 300 filters, each in its own shard, on a subscriber on each of j2..j5.
@@ -925,15 +725,15 @@ fn a_node_joining_under_traffic_takes_shards_and_no_subscription_misses_a_messag
     let mut subscribers = Vec::new();
     let publisher = rt.block_on(async {
         for node in &nodes[1..] {
-            let (mut sub, _) = Client::connect(clock, node, &format!("mover-{}", node.name), true).await;
-            sub.subscribe(&filters).await;
+            let (mut sub, _) = connect(node, &format!("mover-{}", node.name), true).await;
+            subscribe(&mut sub, &filters).await;
             subscribers.push(sub);
         }
-        Client::connect(clock, &nodes[0], "pub-j1", true).await.0
+        connect(&nodes[0], "pub-j1", true).await.0
     });
     say!(clock, "join: clients connected and subscribed");
     let local = [0, FILTERS, FILTERS, FILTERS, FILTERS];
-    wait_for(Duration::from_secs(90), "every entry replicated R times", || {
+    wait_until_every(POLL, Duration::from_secs(90), "every entry replicated R times", || {
         replicated(&nodes.iter().collect::<Vec<_>>(), &local)
     });
     let before = figures(&nodes.iter().collect::<Vec<_>>());
@@ -947,7 +747,7 @@ fn a_node_joining_under_traffic_takes_shards_and_no_subscription_misses_a_messag
         let pace = Pace { every: EVERY, max: 4000, limit: Duration::from_secs(90), stop_at: stop_at.clone() };
         spawn_publisher(clock, &publisher, "p".into(), topic, pace)
     };
-    wait_for(Duration::from_secs(20), "the subscribers to get traffic", || {
+    wait_until_every(POLL, Duration::from_secs(20), "the subscribers to get traffic", || {
         match subscribers.iter().find(|s| s.distinct_from("p") < 80) {
             Some(s) => Err(format!("{} got {} messages", s.id, s.distinct_from("p"))),
             None => Ok(()),
@@ -958,12 +758,11 @@ fn a_node_joining_under_traffic_takes_shards_and_no_subscription_misses_a_messag
     let join_ms = clock.ms();
     let join_utc = utc_now();
     nodes.push(lab.node_with("j6", Some(&boot), &lab.key, &PATIENT));
-    logs.add(&nodes[5]);
-    wait_members(&nodes.iter().collect::<Vec<_>>(), &NAMES);
+    wait_for_members(&nodes.iter().collect::<Vec<_>>(), &NAMES);
     let members_ms = clock.ms() - join_ms;
-    wait_for(SETTLE, "j6 to own shards with entries", || {
+    wait_until_every(POLL, SETTLE, "j6 to own shards with entries", || {
         let (shards, entries) =
-            (nodes[5].figure("kadmq_cluster_shards_owned"), nodes[5].figure("kadmq_cluster_shard_entries_owned"));
+            (nodes[5].metric("kadmq_cluster_shards_owned"), nodes[5].metric("kadmq_cluster_shard_entries_owned"));
         if shards > 0 && entries > 0 {
             Ok(())
         } else {
@@ -976,9 +775,11 @@ fn a_node_joining_under_traffic_takes_shards_and_no_subscription_misses_a_messag
     // still worth checking: the failure is asserted at the end.
     let mut problems = Vec::new();
     let local6 = [0, FILTERS, FILTERS, FILTERS, FILTERS, 0];
-    if let Err(last) = try_wait_for(Duration::from_secs(30), "every entry replicated R times over 6 nodes", || {
-        replicated(&nodes.iter().collect::<Vec<_>>(), &local6)
-    }) {
+    if let Err(last) =
+        try_wait_until_every(POLL, Duration::from_secs(30), "every entry replicated R times over 6 nodes", || {
+            replicated(&nodes.iter().collect::<Vec<_>>(), &local6)
+        })
+    {
         problems.push(format!("the route table did not settle over 6 nodes within 30 s: {last}"));
     }
     let settled_ms = clock.ms() - join_ms;
@@ -988,7 +789,7 @@ fn a_node_joining_under_traffic_takes_shards_and_no_subscription_misses_a_messag
     let sent = rt.block_on(traffic).unwrap();
     let after = figures(&nodes.iter().collect::<Vec<_>>());
     let (moved_shards, moved_entries) =
-        (nodes[5].figure("kadmq_cluster_shards_owned"), nodes[5].figure("kadmq_cluster_shard_entries_owned"));
+        (nodes[5].metric("kadmq_cluster_shards_owned"), nodes[5].metric("kadmq_cluster_shard_entries_owned"));
 
     // Every message reaches every subscriber: no gap; duplicates reported.
     let expected: Vec<(&Client, &str, usize)> = subscribers.iter().map(|s| (s, "p", sent.len())).collect();
@@ -997,7 +798,7 @@ fn a_node_joining_under_traffic_takes_shards_and_no_subscription_misses_a_messag
     let mut lost_topics = std::collections::BTreeSet::new();
     let mut lines = Vec::new();
     for sub in &subscribers {
-        let got = sub.arrivals();
+        let got = sub.arrivals(clock);
         let mut count: BTreeMap<u64, (usize, usize)> = BTreeMap::new();
         for arrival in got.iter().filter(|a| a.tag == "p") {
             let entry = count.entry(arrival.seq).or_default();
@@ -1044,7 +845,7 @@ fn a_node_joining_under_traffic_takes_shards_and_no_subscription_misses_a_messag
     say!(clock,
         "join: {} messages published on j1 (QoS 1, {} PUBACKs), {} expected deliveries; all delivered: {complete}; lost {lost_total}, duplicates {duplicate_total}",
         sent.len(),
-        publisher.acked.load(Ordering::Relaxed),
+        publisher.pubacks(),
         sent.len() * subscribers.len()
     );
     for line in &lines {
@@ -1053,7 +854,7 @@ fn a_node_joining_under_traffic_takes_shards_and_no_subscription_misses_a_messag
     say!(clock, "join: counters {}", counters(&nodes.iter().collect::<Vec<_>>()));
     if !lost_topics.is_empty() {
         // Were the losses on shards that moved to j6?
-        let moved = |topic: &str| names(&shard(&routes(&nodes[0], topic), topic)["owners"]).contains(&"j6".into());
+        let moved = |topic: &str| names(&shard(&nodes[0].routes(topic), topic)["owners"]).contains(&"j6".into());
         let on_moved = lost_topics.iter().take(20).filter(|i| moved(&format!("move/{i}"))).count();
         let all_moved = (0..FILTERS).step_by(5).filter(|i| moved(&format!("move/{i}"))).count();
         say!(
@@ -1064,7 +865,7 @@ fn a_node_joining_under_traffic_takes_shards_and_no_subscription_misses_a_messag
         );
     }
     for client in subscribers.iter().chain([&publisher]) {
-        client.task.abort();
+        client.abort();
     }
     say!(clock, "join: took {:.1} s", test_started.elapsed().as_secs_f64());
     assert!(moved_shards > 0 && moved_entries > 0, "shards moved to j6");
@@ -1078,13 +879,6 @@ fn a_node_joining_under_traffic_takes_shards_and_no_subscription_misses_a_messag
 
 // ----- a node the others declare dead while it is alive ---------------------------------
 
-/// Sends `signal` (`STOP`, `CONT`) to a node this test started.
-fn signal(node: &Node, signal: &str) {
-    let pid = node.pid().expect("running");
-    let status = std::process::Command::new("kill").arg(format!("-{signal}")).arg(pid.to_string()).status().unwrap();
-    assert!(status.success(), "kill -{signal} {pid}");
-}
-
 /// Four nodes; f4 runs with `--dead-timeout 60`, the others with 8 s.
 /// f4 is paused (SIGSTOP) until f1..f3 declare it dead, then resumed
 /// (SIGCONT): only the others saw a death. Its subscriptions, in a shard
@@ -1095,7 +889,6 @@ fn a_node_declared_dead_while_alive_is_routed_to_again() {
     let clock = Clock(Instant::now());
     let rt = runtime();
     let lab = Lab::new();
-    let mut logs = LogsOnPanic(Vec::new());
     const NAMES: [&str; 4] = ["f1", "f2", "f3", "f4"];
     let mut nodes = vec![lab.node("f1", None)];
     let boot = nodes[0].multiaddr();
@@ -1106,21 +899,20 @@ fn a_node_declared_dead_while_alive_is_routed_to_again() {
     // others' dead timeout (8 s) but shorter than its own (60 s), only the
     // others see a death.
     nodes.push(lab.node_with("f4", Some(&boot), &lab.key, &["--dead-timeout", "60"]));
-    for node in &nodes {
-        logs.add(node);
-    }
-    wait_members(&nodes.iter().collect::<Vec<_>>(), &NAMES);
+    wait_for_members(&nodes.iter().collect::<Vec<_>>(), &NAMES);
     // A topic whose shard f4 does not own, and one it owns.
-    let owners = |t: &str| names(&shard(&routes(&nodes[0], t), t)["owners"]);
+    let owners = |t: &str| names(&shard(&nodes[0].routes(t), t)["owners"]);
     let foreign = (0..100).map(|i| format!("fd/a{i}")).find(|t| !owners(t).contains(&"f4".to_string())).unwrap();
     let own = (0..100).map(|i| format!("fd/b{i}")).find(|t| owners(t).contains(&"f4".to_string())).unwrap();
     let (sub, publisher) = rt.block_on(async {
-        let (mut sub, _) = Client::connect(clock, &nodes[3], "sub-f4", true).await;
-        sub.subscribe(&[foreign.clone(), own.clone()]).await;
-        let (publisher, _) = Client::connect(clock, &nodes[0], "pub-f1", true).await;
+        let (mut sub, _) = connect(&nodes[3], "sub-f4", true).await;
+        subscribe(&mut sub, &[foreign.clone(), own.clone()]).await;
+        let (publisher, _) = connect(&nodes[0], "pub-f1", true).await;
         (sub, publisher)
     });
-    wait_for(SETTLE, "f4's entries replicated", || replicated(&nodes.iter().collect::<Vec<_>>(), &[0, 0, 0, 2]));
+    wait_until_every(POLL, SETTLE, "f4's entries replicated", || {
+        replicated(&nodes.iter().collect::<Vec<_>>(), &[0, 0, 0, 2])
+    });
     let probe = |tag: &str, within: Duration| -> Vec<String> {
         // Publishes to both topics every 500 ms until both arrive or `within` passes.
         let start = Instant::now();
@@ -1133,7 +925,7 @@ fn a_node_declared_dead_while_alive_is_routed_to_again() {
             seq += 1;
             std::thread::sleep(Duration::from_millis(500));
             let mut got: Vec<String> =
-                sub.arrivals().into_iter().filter(|a| a.tag.starts_with(tag)).map(|a| a.topic).collect();
+                sub.arrivals(clock).into_iter().filter(|a| a.tag.starts_with(tag)).map(|a| a.topic).collect();
             got.sort();
             got.dedup();
             if got.len() == 2 || start.elapsed() > within {
@@ -1144,10 +936,10 @@ fn a_node_declared_dead_while_alive_is_routed_to_again() {
     assert_eq!(probe("before", Duration::from_secs(10)).len(), 2, "both topics reach f4 before the pause");
 
     // Pause f4 past the others' dead timeout.
-    signal(&nodes[3], "STOP");
+    nodes[3].pause();
     let others: Vec<&Node> = nodes[..3].iter().collect();
     let paused = Instant::now();
-    wait_for(Duration::from_secs(30), "f1..f3 to declare f4 dead", || {
+    wait_until_every(POLL, Duration::from_secs(30), "f1..f3 to declare f4 dead", || {
         for node in &others {
             let state = node.json("/api/v1/cluster")["members"]
                 .as_array()
@@ -1161,10 +953,10 @@ fn a_node_declared_dead_while_alive_is_routed_to_again() {
         }
         Ok(())
     });
-    signal(&nodes[3], "CONT");
+    nodes[3].resume();
     say!(clock, "false death: f4 paused {:.1} s", paused.elapsed().as_secs_f64());
-    wait_members(&nodes.iter().collect::<Vec<_>>(), &NAMES);
-    assert_eq!(nodes[3].figure("kadmq_cluster_members"), 4, "f4 itself never saw a member die");
+    wait_for_members(&nodes.iter().collect::<Vec<_>>(), &NAMES);
+    assert_eq!(nodes[3].metric("kadmq_cluster_members"), 4, "f4 itself never saw a member die");
     let after = Instant::now();
     // Longer than an anti-entropy round (30 s).
     let got = probe("after", Duration::from_secs(35));

@@ -2,21 +2,13 @@
 //! `kadmq cluster status`, and `kadmq start` refusing a bad cluster
 //! configuration with one readable line.
 
-use crate::common::{free_port, wait_for_members, wait_until, Lab};
+use crate::support::lab::{wait_for_members, Lab};
+use crate::support::ports::free_port;
+use crate::support::process::{kadmq, Process};
+use crate::support::wait::wait_for_port;
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Output, Stdio};
 use std::time::Duration;
-
-fn kadmq() -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_kadmq"));
-    // The test environment must not leak into what the binary sees.
-    for (key, _) in std::env::vars() {
-        if key.starts_with("KADMQ_") {
-            command.env_remove(key);
-        }
-    }
-    command
-}
 
 fn status(http: &str) -> Output {
     kadmq().args(["cluster", "status", "--http", http]).output().expect("run kadmq cluster status")
@@ -35,33 +27,19 @@ fn assert_fails_with_one_line(out: &Output, start: &str) {
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
 
-/// A single (non-clustered) node, killed by its own handle when dropped.
-struct Solo(Child);
-
-impl Solo {
-    fn start(data_dir: &Path, http_port: u16) -> Solo {
-        let child = kadmq()
-            .args(["start", "--no-ws", "--mqtt", &format!("127.0.0.1:{}", free_port())])
-            .args(["--http", &format!("127.0.0.1:{http_port}")])
-            .arg("--data-dir")
-            .arg(data_dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn kadmq");
-        let solo = Solo(child);
-        wait_until(Duration::from_secs(30), "the single node to listen", || {
-            std::net::TcpStream::connect(("127.0.0.1", http_port)).is_ok()
-        });
-        solo
-    }
-}
-
-impl Drop for Solo {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+/// A single (non-clustered) node on `http_port`, listening.
+fn solo(data_dir: &Path, http_port: u16) -> Process {
+    let mut command = kadmq();
+    command
+        .args(["start", "--no-ws", "--mqtt", &format!("127.0.0.1:{}", free_port())])
+        .args(["--http", &format!("127.0.0.1:{http_port}")])
+        .arg("--data-dir")
+        .arg(data_dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let solo = Process::spawn(command);
+    wait_for_port(http_port, Duration::from_secs(30));
+    solo
 }
 
 #[test]
@@ -106,7 +84,7 @@ fn cluster_status_lists_the_members_and_marks_the_answering_node() {
 fn cluster_status_of_a_single_node_says_it_runs_alone() {
     let dir = tempfile::tempdir().unwrap();
     let http_port = free_port();
-    let _solo = Solo::start(&dir.path().join("solo"), http_port);
+    let _solo = solo(&dir.path().join("solo"), http_port);
     let addr = format!("127.0.0.1:{http_port}");
     let out = status(&addr);
     assert_fails_with_one_line(&out, &format!("kadmq: the node at {addr} runs alone (not started with --p2p-listen)"));

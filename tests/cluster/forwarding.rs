@@ -20,18 +20,15 @@
 //! the nodes' HTTP endpoints (blocking) while they run. Every wait is
 //! bounded.
 
-use crate::common::{wait_for_members, Lab, LogsOnPanic, Node, SETTLE};
-use rumqttc::{AsyncClient, ConnectReturnCode, Event, MqttOptions, Packet, QoS, SubscribeFilter, SubscribeReasonCode};
+use crate::support::lab::{strings, wait_for_members, Lab, Node, SETTLE};
+use crate::support::mqtt::Client;
+use crate::support::runtime;
+use crate::support::wait::{wait_until, wait_until_every};
+use rumqttc::{Event, Packet, QoS};
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{Read, Write};
-use std::net::TcpStream;
-use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tokio::runtime::Runtime;
-use tokio::sync::mpsc;
-use tokio::time::timeout;
 
 /// How long a client may take for what must come (CONNACK, SUBACK, acks).
 const WAIT: Duration = Duration::from_secs(30);
@@ -46,41 +43,6 @@ const SHARD_DEPTH: usize = 2;
 /// them. Debug builds on a busy 2-core machine do miss heartbeats for
 /// seconds.
 const CALM: [&str; 2] = ["--dead-timeout", "30"];
-
-// ----- waiting, logs --------------------------------------------------------------------
-
-/// Polls `check` every 200 ms until it passes or `within` is over; panics
-/// with its last complaint.
-fn settle(within: Duration, what: &str, check: impl FnMut() -> Result<(), String>) {
-    settle_every(Duration::from_millis(200), within, what, check);
-}
-
-/// [`settle`], polling every `every` (for checks that cost the nodes work).
-fn settle_every(every: Duration, within: Duration, what: &str, mut check: impl FnMut() -> Result<(), String>) {
-    let start = Instant::now();
-    let mut last = String::new();
-    while start.elapsed() < within {
-        match check() {
-            Ok(()) => return,
-            Err(why) => last = why,
-        }
-        std::thread::sleep(every);
-    }
-    panic!("timed out after {within:?} waiting for {what}: {last}");
-}
-
-/// These tests start one cluster each; they take turns. An idle debug-build
-/// node spends a good part of a core verifying gossip signatures (5 nodes
-/// took about one core of a 2-core machine), so two clusters at once starve
-/// each other and every wait stretches.
-fn one_cluster_at_a_time() -> MutexGuard<'static, ()> {
-    static TURN: Mutex<()> = Mutex::new(());
-    TURN.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-fn runtime() -> Runtime {
-    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
-}
 
 // ----- MQTT: the oracle -----------------------------------------------------------------
 
@@ -138,182 +100,34 @@ struct Got {
     payload: String,
 }
 
-/// A client whose event loop runs in a task until its first error (it never
-/// reconnects): PUBLISHes are recorded, other incoming packets passed on.
-struct Mqtt {
-    id: String,
-    client: AsyncClient,
-    packets: mpsc::UnboundedReceiver<Packet>,
-    got: Arc<Mutex<Vec<Got>>>,
-    /// Why the event loop stopped, if it did.
-    ended: Arc<Mutex<Option<String>>>,
+/// Connects client `id` (clean session) to `node` and waits for a
+/// successful CONNACK.
+fn connect(rt: &Runtime, node: &Node, id: &str) -> Client {
+    let mut options = Client::options(id, node.mqtt_port);
+    options.set_max_packet_size(1 << 20, 1 << 20);
+    let (client, ack) = rt.block_on(Client::connect(options));
+    assert_eq!(ack.code, rumqttc::ConnectReturnCode::Success, "{id} on {}", node.name);
+    client
 }
 
-impl Mqtt {
-    /// Connects (clean session) to `node` and waits for a successful CONNACK.
-    fn connect(rt: &Runtime, node: &Node, id: &str) -> Mqtt {
-        let mut options = MqttOptions::new(id, "127.0.0.1", node.mqtt_port);
-        options.set_keep_alive(Duration::from_secs(30));
-        options.set_max_packet_size(1 << 20, 1 << 20);
-        let (client, mut events) = AsyncClient::new(options, 1000);
-        let (tx, packets) = mpsc::unbounded_channel();
-        let got = Arc::new(Mutex::new(Vec::new()));
-        let ended = Arc::new(Mutex::new(None));
-        rt.spawn({
-            let (got, ended) = (got.clone(), ended.clone());
-            async move {
-                loop {
-                    match events.poll().await {
-                        Ok(Event::Incoming(Packet::Publish(p))) => got.lock().unwrap().push(Got {
-                            topic: p.topic.clone(),
-                            qos: p.qos as u8,
-                            payload: String::from_utf8_lossy(&p.payload).into_owned(),
-                        }),
-                        Ok(Event::Incoming(packet)) => {
-                            let _ = tx.send(packet);
-                        }
-                        Ok(Event::Outgoing(_)) => {}
-                        Err(err) => {
-                            *ended.lock().unwrap() = Some(err.to_string());
-                            return;
-                        }
-                    }
-                }
-            }
-        });
-        let mut mqtt = Mqtt { id: id.into(), client, packets, got, ended };
-        let code = mqtt.expect(rt, "CONNACK", 1, |p| match p {
-            Packet::ConnAck(ack) => Some(ack.code),
-            _ => None,
-        });
-        assert_eq!(code, vec![ConnectReturnCode::Success], "{id} on {}", node.name);
-        mqtt
-    }
+/// Subscribes to `filters` at QoS 2 (one SUBSCRIBE) and checks each was granted.
+fn subscribe(rt: &Runtime, client: &mut Client, filters: &[String]) {
+    rt.block_on(client.subscribe_all(filters, QoS::ExactlyOnce, filters.len(), WAIT));
+}
 
-    /// Waits (at most [`WAIT`]) for `n` incoming packets that `pick` takes,
-    /// dropping the others; returns what `pick` made of them.
-    fn expect<T>(&mut self, rt: &Runtime, what: &str, n: usize, pick: impl FnMut(&Packet) -> Option<T>) -> Vec<T> {
-        self.expect_within(rt, WAIT, what, n, pick)
-    }
+fn publish(rt: &Runtime, client: &Client, topic: &str, qos: QoS, payload: String) {
+    rt.block_on(client.publish(topic, qos, false, payload));
+}
 
-    fn expect_within<T>(
-        &mut self,
-        rt: &Runtime,
-        within: Duration,
-        what: &str,
-        n: usize,
-        mut pick: impl FnMut(&Packet) -> Option<T>,
-    ) -> Vec<T> {
-        let mut out = Vec::new();
-        let packets = &mut self.packets;
-        let wait = async {
-            while out.len() < n {
-                match packets.recv().await {
-                    Some(packet) => out.extend(pick(&packet)),
-                    None => return false,
-                }
-            }
-            true
-        };
-        let done = rt.block_on(async { timeout(within, wait).await });
-        let ended = self.ended.lock().unwrap().clone();
-        assert!(done == Ok(true), "{}: got {} of {n} {what} (connection ended: {ended:?})", self.id, out.len());
-        out
-    }
-
-    /// Subscribes to `filters` at QoS 2 and checks each was granted.
-    fn subscribe(&mut self, rt: &Runtime, filters: &[String]) {
-        self.subscribe_many(rt, filters, filters.len(), WAIT);
-    }
-
-    /// Subscribes to `filters` at QoS 2, `per_packet` filters per SUBSCRIBE,
-    /// waiting at most `within` for the SUBACKs, and checks each was granted.
-    fn subscribe_many(&mut self, rt: &Runtime, filters: &[String], per_packet: usize, within: Duration) {
-        let chunks: Vec<&[String]> = filters.chunks(per_packet).collect();
-        for chunk in &chunks {
-            let many = chunk.iter().map(|f| SubscribeFilter::new(f.clone(), QoS::ExactlyOnce));
-            rt.block_on(self.client.subscribe_many(many)).unwrap();
-        }
-        let codes: Vec<SubscribeReasonCode> = self
-            .expect_within(rt, within, "SUBACK", chunks.len(), |p| match p {
-                Packet::SubAck(ack) => Some(ack.return_codes.clone()),
-                _ => None,
-            })
-            .concat();
-        assert_eq!(codes.len(), filters.len(), "{}: one return code per filter", self.id);
-        let refused: Vec<&String> =
-            filters.iter().zip(&codes).filter(|(_, c)| **c == SubscribeReasonCode::Failure).map(|(f, _)| f).collect();
-        assert!(refused.is_empty(), "{}: subscriptions refused: {refused:?}", self.id);
-    }
-
-    fn publish(&self, rt: &Runtime, topic: &str, qos: QoS, payload: String) {
-        rt.block_on(self.client.publish(topic, qos, false, payload)).unwrap();
-    }
-
-    fn received(&self) -> Vec<Got> {
-        self.got.lock().unwrap().clone()
-    }
-
-    fn count(&self) -> usize {
-        self.got.lock().unwrap().len()
-    }
-
-    /// Panics if the connection ended.
-    fn check_alive(&self) {
-        if let Some(why) = self.ended.lock().unwrap().as_ref() {
-            panic!("{}: connection ended: {why}", self.id);
-        }
-    }
+/// Every PUBLISH `client` received so far.
+fn got(client: &Client) -> Vec<Got> {
+    let publishes = client.received().into_iter().map(|r| r.publish);
+    publishes
+        .map(|p| Got { topic: p.topic, qos: p.qos as u8, payload: String::from_utf8_lossy(&p.payload).into_owned() })
+        .collect()
 }
 
 // ----- what the nodes say -----------------------------------------------------------------
-
-/// GET `path` on `node`'s HTTP endpoint as JSON (or text), allowing a starved
-/// node 30 s to answer (the harness's `Node::get` allows 10).
-fn get(node: &Node, path: &str) -> String {
-    let mut stream = TcpStream::connect(("127.0.0.1", node.http_port)).unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap_or_else(|e| panic!("GET {path} on {}: {e}", node.name));
-    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
-    assert!(
-        head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.0 200"),
-        "GET {path} on {}: {response}",
-        node.name
-    );
-    body.to_string()
-}
-
-fn get_json(node: &Node, path: &str) -> Value {
-    serde_json::from_str(&get(node, path)).unwrap()
-}
-
-/// One unlabelled figure from `node`'s `/metrics`.
-fn metric(node: &Node, name: &str) -> u64 {
-    get(node, "/metrics")
-        .lines()
-        .find_map(|line| line.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')).map(|v| v.trim().to_string()))
-        .unwrap_or_else(|| panic!("no metric {name} on {}", node.name))
-        .parse()
-        .unwrap()
-}
-
-/// `/api/v1/routes?topic=`, the topic percent-encoded.
-fn routes(node: &Node, topic: &str) -> Value {
-    let mut query = String::new();
-    for byte in topic.bytes() {
-        match byte {
-            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'/' | b'-' | b'_' | b'.' => query.push(byte as char),
-            other => query.push_str(&format!("%{other:02X}")),
-        }
-    }
-    get_json(node, &format!("/api/v1/routes?topic={query}"))
-}
-
-fn strings(list: &Value) -> Vec<String> {
-    list.as_array().unwrap_or(&Vec::new()).iter().map(|v| v.as_str().unwrap_or_default().to_string()).collect()
-}
 
 /// `[["name", count], ...]` as (name, count) pairs, sorted.
 fn node_counts(list: &Value) -> Vec<(String, u64)> {
@@ -332,7 +146,7 @@ fn node_counts(list: &Value) -> Vec<(String, u64)> {
 fn check_member_ids(nodes: &[&Node]) {
     let ids: BTreeMap<String, String> = nodes.iter().map(|n| (n.name.clone(), n.peer_id())).collect();
     for node in nodes {
-        let status = get_json(node, "/api/v1/cluster");
+        let status = node.cluster();
         assert_eq!(status["node"], node.name.as_str());
         let members = status["members"].as_array().unwrap();
         for member in members {
@@ -346,7 +160,7 @@ fn check_member_ids(nodes: &[&Node]) {
 
 /// The figure `metric` of each node, and their sum.
 fn per_node(nodes: &[&Node], name: &str) -> (Vec<u64>, u64) {
-    let each: Vec<u64> = nodes.iter().map(|n| self::metric(n, name)).collect();
+    let each: Vec<u64> = nodes.iter().map(|n| n.metric(name)).collect();
     let sum = each.iter().sum();
     (each, sum)
 }
@@ -370,7 +184,7 @@ fn check_routes(
     replication: usize,
     counts: bool,
 ) -> Result<ShardOwners, String> {
-    let report = routes(node, topic);
+    let report = node.routes(topic);
     let at = format!("{} for {topic:?}", node.name);
     if report["topic"] != topic {
         return Err(format!("{at}: report names topic {}", report["topic"]));
@@ -553,17 +367,11 @@ fn audit(who: &str, filter: &str, got: &[Got], sent: &[Sent], ordered_from: usiz
 /// publishers on the first (one per QoS), four rounds over 16 topics.
 #[test]
 fn three_nodes_forward_every_qos_and_wildcard_position() {
-    let _turn = one_cluster_at_a_time();
     let started = Instant::now();
     let lab = Lab::new();
     let flags = ["--replication", "2", CALM[0], CALM[1]];
-    let a = lab.node_with("f1", None, &lab.key, &flags);
-    let boot = a.multiaddr();
-    let b = lab.node_with("f2", Some(&boot), &lab.key, &flags);
-    let c = lab.node_with("f3", Some(&boot), &lab.key, &flags);
+    let [a, b, c] = lab.fleet(["f1", "f2", "f3"], &flags);
     let nodes = [&a, &b, &c];
-    let _logs = LogsOnPanic::watch(&nodes);
-    wait_for_members(&nodes, &["f1", "f2", "f3"]);
     eprintln!("3 nodes up and in each other's view after {:?}", started.elapsed());
     check_member_ids(&nodes);
 
@@ -578,24 +386,24 @@ fn three_nodes_forward_every_qos_and_wildcard_position() {
     let mut subscribers = Vec::new();
     for (i, (on, filter)) in subs.iter().enumerate() {
         let node = nodes.iter().find(|n| n.name == *on).unwrap();
-        let mut client = Mqtt::connect(&rt, node, &format!("sub{i}-{on}"));
-        client.subscribe(&rt, std::slice::from_ref(filter));
+        let mut client = connect(&rt, node, &format!("sub{i}-{on}"));
+        subscribe(&rt, &mut client, std::slice::from_ref(filter));
         subscribers.push(client);
     }
 
     // 7: every node's routes for every topic agree with the subscriptions.
-    settle(SETTLE, "the routes to agree with the subscriptions on every node", || {
+    wait_until(SETTLE, "the routes to agree with the subscriptions on every node", || {
         routes_agree(&nodes, TOPICS, &subs, 2, false)
     });
     eprintln!("routes in place after {:?}", started.elapsed());
 
-    let mut publishers: Vec<Mqtt> = (0..3).map(|q| Mqtt::connect(&rt, &a, &format!("pub{q}"))).collect();
+    let mut publishers: Vec<Client> = (0..3).map(|q| connect(&rt, &a, &format!("pub{q}"))).collect();
     let mut sent = Vec::new();
     let mut lookups = 0;
     let expected = |sent: &[Sent]| -> Vec<usize> {
         subs.iter().map(|(_, f)| sent.iter().filter(|s| matches(f, s.topic)).count()).collect()
     };
-    let all_arrived = |subscribers: &[Mqtt], want: &[usize]| -> Result<(), String> {
+    let all_arrived = |subscribers: &[Client], want: &[usize]| -> Result<(), String> {
         let short: Vec<String> = subscribers
             .iter()
             .zip(want)
@@ -613,7 +421,7 @@ fn three_nodes_forward_every_qos_and_wildcard_position() {
         for (t, topic) in TOPICS.iter().enumerate() {
             for (q, publisher) in publishers.iter().enumerate() {
                 let seq = round * TOPICS.len() + t;
-                publisher.publish(&rt, topic, qos(q as u8), format!("{q}:{seq}"));
+                publish(&rt, publisher, topic, qos(q as u8), format!("{q}:{seq}"));
                 sent.push(Sent { q: q as u8, seq, topic });
             }
         }
@@ -621,9 +429,9 @@ fn three_nodes_forward_every_qos_and_wildcard_position() {
             // The first round waits on lookups; once it is in, every shard
             // the topics need is owned or cached on A.
             let want = expected(&sent);
-            settle(SETTLE, "the first round to arrive", || all_arrived(&subscribers, &want));
+            wait_until(SETTLE, "the first round to arrive", || all_arrived(&subscribers, &want));
             for topic in TOPICS {
-                let report = routes(&a, topic);
+                let report = a.routes(topic);
                 for shard in report["shards"].as_array().unwrap() {
                     let source = shard["source"].as_str().unwrap();
                     assert!(source == "owned" || source == "cached", "after publishing, f1 for {topic}: {shard}");
@@ -634,21 +442,21 @@ fn three_nodes_forward_every_qos_and_wildcard_position() {
                 assert_eq!(have, want, "f1's destinations for {topic}: {report}");
             }
             // With R = 2 of 3, f1 owns about 2/3 of the ~20 shards involved.
-            lookups = metric(&a, "kadmq_cluster_remote_lookups_total");
+            lookups = a.metric("kadmq_cluster_remote_lookups_total");
             assert!(lookups > 0, "f1 looked up the shards it does not own");
         }
     }
     let want = expected(&sent);
-    settle(SETTLE, "every round to arrive", || all_arrived(&subscribers, &want));
+    wait_until(SETTLE, "every round to arrive", || all_arrived(&subscribers, &want));
     std::thread::sleep(QUIET);
-    let later = metric(&a, "kadmq_cluster_remote_lookups_total");
+    let later = a.metric("kadmq_cluster_remote_lookups_total");
     eprintln!("f1 made {lookups} lookups in the first round, {} after", later - lookups);
     assert_eq!(later, lookups, "the later rounds route from f1's cache and owned shards");
 
     let mut problems = Vec::new();
     for (subscriber, (_, filter)) in subscribers.iter().zip(&subs) {
         subscriber.check_alive();
-        problems.extend(audit(&subscriber.id, filter, &subscriber.received(), &sent, TOPICS.len()));
+        problems.extend(audit(&subscriber.id, filter, &got(subscriber), &sent, TOPICS.len()));
     }
     assert!(problems.is_empty(), "{} problems:\n{}", problems.len(), problems.join("\n"));
     let delivered: usize = subscribers.iter().map(|s| s.count()).sum();
@@ -656,8 +464,10 @@ fn three_nodes_forward_every_qos_and_wildcard_position() {
 
     // The brokers acknowledged every QoS 1 and 2 publish.
     let per_publisher = ROUNDS * TOPICS.len();
-    publishers[1].expect(&rt, "PUBACK", per_publisher, |p| matches!(p, Packet::PubAck(_)).then_some(()));
-    publishers[2].expect(&rt, "PUBCOMP", per_publisher, |p| matches!(p, Packet::PubComp(_)).then_some(()));
+    let pubacks = |e: &Event| matches!(e, Event::Incoming(Packet::PubAck(_))).then_some(());
+    rt.block_on(publishers[1].collect("PUBACK", per_publisher, WAIT, pubacks));
+    let pubcomps = |e: &Event| matches!(e, Event::Incoming(Packet::PubComp(_))).then_some(());
+    rt.block_on(publishers[2].collect("PUBCOMP", per_publisher, WAIT, pubcomps));
     for publisher in &publishers {
         publisher.check_alive();
     }
@@ -672,28 +482,21 @@ fn three_nodes_forward_every_qos_and_wildcard_position() {
 #[test]
 fn shared_group_members_on_two_nodes_split_the_messages() {
     const MESSAGES: usize = 200;
-    let _turn = one_cluster_at_a_time();
     let started = Instant::now();
     let lab = Lab::new();
-    let a = lab.node_with("g1", None, &lab.key, &CALM);
-    let boot = a.multiaddr();
-    let b = lab.node_with("g2", Some(&boot), &lab.key, &CALM);
-    let c = lab.node_with("g3", Some(&boot), &lab.key, &CALM);
-    let nodes = [&a, &b, &c];
-    let _logs = LogsOnPanic::watch(&nodes);
-    wait_for_members(&nodes, &["g1", "g2", "g3"]);
+    let [a, b, c] = lab.fleet(["g1", "g2", "g3"], &CALM);
 
     let rt = runtime();
-    let mut on_b = Mqtt::connect(&rt, &b, "member-b");
-    on_b.subscribe(&rt, &["$share/work/jobs/+".into()]);
-    let mut on_c = Mqtt::connect(&rt, &c, "member-c");
-    on_c.subscribe(&rt, &["$share/work/jobs/+".into()]);
-    let mut plain = Mqtt::connect(&rt, &c, "plain-c");
-    plain.subscribe(&rt, &["jobs/#".into()]);
+    let mut on_b = connect(&rt, &b, "member-b");
+    subscribe(&rt, &mut on_b, &["$share/work/jobs/+".into()]);
+    let mut on_c = connect(&rt, &c, "member-c");
+    subscribe(&rt, &mut on_c, &["$share/work/jobs/+".into()]);
+    let mut plain = connect(&rt, &c, "plain-c");
+    subscribe(&rt, &mut plain, &["jobs/#".into()]);
 
     // The publisher's node knows the group has members on g2 and g3.
-    settle(SETTLE, "g1 to route jobs/0 to the group on g2 and g3", || {
-        let report = routes(&a, "jobs/0");
+    wait_until(SETTLE, "g1 to route jobs/0 to the group on g2 and g3", || {
+        let report = a.routes("jobs/0");
         let shard = report["shards"].as_array().unwrap().iter().find(|s| s["prefix"] == "jobs").cloned();
         let filters = shard.map(|s| s["filters"].clone()).unwrap_or_default();
         let mut found = BTreeMap::new();
@@ -711,11 +514,11 @@ fn shared_group_members_on_two_nodes_split_the_messages() {
         }
     });
 
-    let publisher = Mqtt::connect(&rt, &a, "jobs-publisher");
+    let publisher = connect(&rt, &a, "jobs-publisher");
     for i in 0..MESSAGES {
-        publisher.publish(&rt, &format!("jobs/{}", i % 5), qos((i % 3) as u8), format!("{i}"));
+        publish(&rt, &publisher, &format!("jobs/{}", i % 5), qos((i % 3) as u8), format!("{i}"));
     }
-    settle(SETTLE, "every message to reach the group and the plain subscriber", || {
+    wait_until(SETTLE, "every message to reach the group and the plain subscriber", || {
         let (group, all) = (on_b.count() + on_c.count(), plain.count());
         if group >= MESSAGES && all >= MESSAGES {
             Ok(())
@@ -725,9 +528,9 @@ fn shared_group_members_on_two_nodes_split_the_messages() {
     });
     std::thread::sleep(QUIET);
 
-    let numbers = |client: &Mqtt| -> Vec<usize> {
+    let numbers = |client: &Client| -> Vec<usize> {
         client.check_alive();
-        client.received().iter().map(|g| g.payload.parse().unwrap()).collect()
+        got(client).iter().map(|g| g.payload.parse().unwrap()).collect()
     };
     let (from_b, from_c, from_plain) = (numbers(&on_b), numbers(&on_c), numbers(&plain));
     eprintln!("shared group: {} to g2, {} to g3 of {MESSAGES}", from_b.len(), from_c.len());
@@ -758,17 +561,13 @@ fn five_nodes_own_each_entry_three_times_and_publish_from_the_cache() {
     const MIN_SHARE: f64 = 0.45;
     const WARM_SHARDS: usize = 10;
     const PER_SHARD: usize = 30;
-    let _turn = one_cluster_at_a_time();
 
     let started = Instant::now();
     let lab = Lab::new();
     let flags = ["--replication", "3", CALM[0], CALM[1]];
-    let n1 = lab.node_with("n1", None, &lab.key, &flags);
-    let boot = n1.multiaddr();
-    let others: Vec<Node> = (2..=5).map(|i| lab.node_with(&format!("n{i}"), Some(&boot), &lab.key, &flags)).collect();
-    let nodes: Vec<&Node> = std::iter::once(&n1).chain(&others).collect();
-    let _logs = LogsOnPanic::watch(&nodes);
-    wait_for_members(&nodes, &["n1", "n2", "n3", "n4", "n5"]);
+    let fleet = lab.fleet(["n1", "n2", "n3", "n4", "n5"], &flags);
+    let nodes: Vec<&Node> = fleet.iter().collect();
+    let n1 = nodes[0];
     eprintln!("5 nodes up and in each other's view after {:?}", started.elapsed());
     check_member_ids(&nodes);
     let n5 = nodes[4];
@@ -777,11 +576,11 @@ fn five_nodes_own_each_entry_three_times_and_publish_from_the_cache() {
     let rt = runtime();
     let filter = |i: usize| format!("s{}/x{i}/+", i % 500);
     let filters: Vec<String> = (0..FILTERS).map(filter).collect();
-    let mut subscriber = Mqtt::connect(&rt, n5, "many-filters");
-    subscriber.subscribe_many(&rt, &filters, 500, Duration::from_secs(120));
+    let mut subscriber = connect(&rt, n5, "many-filters");
+    rt.block_on(subscriber.subscribe_all(&filters, QoS::ExactlyOnce, 500, Duration::from_secs(120)));
     eprintln!("{FILTERS} filters granted after {:?}", started.elapsed());
     // Each /metrics walks the ~6,000 shards a node owns: poll gently.
-    settle_every(Duration::from_secs(1), Duration::from_secs(180), "the entries to be owned R times", || {
+    wait_until_every(Duration::from_secs(1), Duration::from_secs(180), "the entries to be owned R times", || {
         let (each, sum) = per_node(&nodes, "kadmq_cluster_shard_entries_owned");
         if sum == (R * FILTERS) as u64 {
             Ok(())
@@ -789,7 +588,7 @@ fn five_nodes_own_each_entry_three_times_and_publish_from_the_cache() {
             Err(format!("entries owned {each:?} add up to {sum}"))
         }
     });
-    assert_eq!(metric(n5, "kadmq_cluster_local_filters"), FILTERS as u64);
+    assert_eq!(n5.metric("kadmq_cluster_local_filters"), FILTERS as u64);
     let (entries, _) = per_node(&nodes, "kadmq_cluster_shard_entries_owned");
     let (shards, _) = per_node(&nodes, "kadmq_cluster_shards_owned");
     let shares: Vec<String> = entries.iter().map(|e| format!("{:.3}", *e as f64 / FILTERS as f64)).collect();
@@ -819,7 +618,7 @@ fn five_nodes_own_each_entry_three_times_and_publish_from_the_cache() {
             break;
         }
         let topic = format!("s{}/x{i}/w", i % 500);
-        let report = routes(&n1, &topic);
+        let report = n1.routes(&topic);
         let shard = report["shards"].as_array().unwrap().iter().find(|s| s["prefix"] == format!("s{}/x{i}", i % 500));
         let owners = strings(&shard.unwrap()["owners"]);
         if !owners.contains(&"n1".to_string()) {
@@ -837,19 +636,19 @@ fn five_nodes_own_each_entry_three_times_and_publish_from_the_cache() {
     }
 
     // The first publish to each looks it up.
-    let publisher = Mqtt::connect(&rt, &n1, "steady-publisher");
+    let publisher = connect(&rt, n1, "steady-publisher");
     for (_, topic, _) in &warm {
-        publisher.publish(&rt, topic, QoS::AtLeastOnce, topic.clone());
+        publish(&rt, &publisher, topic, QoS::AtLeastOnce, topic.clone());
     }
-    settle(SETTLE, "the first publishes to arrive", || {
+    wait_until(SETTLE, "the first publishes to arrive", || {
         (subscriber.count() >= WARM_SHARDS).then_some(()).ok_or(format!("{} of {WARM_SHARDS}", subscriber.count()))
     });
-    let lookups = metric(&n1, "kadmq_cluster_remote_lookups_total");
-    let misses = metric(&n1, "kadmq_cluster_route_cache_misses_total");
-    let hits = metric(&n1, "kadmq_cluster_route_cache_hits_total");
+    let lookups = n1.metric("kadmq_cluster_remote_lookups_total");
+    let misses = n1.metric("kadmq_cluster_route_cache_misses_total");
+    let hits = n1.metric("kadmq_cluster_route_cache_hits_total");
     assert!(lookups >= WARM_SHARDS as u64, "n1 looked up the shards it does not own: {lookups} lookups");
     for (i, topic, _) in &warm {
-        let report = routes(&n1, topic);
+        let report = n1.routes(topic);
         let prefix = format!("s{}/x{i}", i % 500);
         let shard = report["shards"].as_array().unwrap().iter().find(|s| s["prefix"] == prefix).unwrap().clone();
         assert_eq!(shard["source"], "cached", "n1 cached {prefix}: {report}");
@@ -860,45 +659,45 @@ fn five_nodes_own_each_entry_three_times_and_publish_from_the_cache() {
     for round in 0..PER_SHARD {
         for (i, _, _) in &warm {
             let topic = format!("s{}/x{i}/m{round}", i % 500);
-            publisher.publish(&rt, &topic, QoS::AtLeastOnce, topic.clone());
+            publish(&rt, &publisher, &topic, QoS::AtLeastOnce, topic.clone());
         }
     }
     let total = WARM_SHARDS * (1 + PER_SHARD);
-    settle(SETTLE, "every publish to arrive", || {
+    wait_until(SETTLE, "every publish to arrive", || {
         (subscriber.count() >= total).then_some(()).ok_or(format!("{} of {total}", subscriber.count()))
     });
     std::thread::sleep(QUIET);
     subscriber.check_alive();
-    let got = subscriber.received();
+    let got = got(&subscriber);
     let distinct: BTreeSet<&str> = got.iter().map(|g| g.payload.as_str()).collect();
     assert_eq!((got.len(), distinct.len()), (total, total), "each publish arrives once");
     assert!(got.iter().all(|g| g.payload == g.topic), "payloads name their topics");
     let after = (
-        metric(&n1, "kadmq_cluster_remote_lookups_total"),
-        metric(&n1, "kadmq_cluster_route_cache_misses_total"),
-        metric(&n1, "kadmq_cluster_route_cache_hits_total"),
+        n1.metric("kadmq_cluster_remote_lookups_total"),
+        n1.metric("kadmq_cluster_route_cache_misses_total"),
+        n1.metric("kadmq_cluster_route_cache_hits_total"),
     );
     eprintln!("n1: lookups {lookups} -> {}, misses {misses} -> {}, cache hits {hits} -> {}", after.0, after.1, after.2);
     assert_eq!(after.0, lookups, "no remote lookups in steady state");
     assert_eq!(after.1, misses, "no cache misses in steady state");
     assert!(after.2 >= hits + (WARM_SHARDS * PER_SHARD) as u64, "a cache hit per publish at least");
-    assert_eq!(metric(&n1, "kadmq_cluster_lookups_failed_total"), 0);
+    assert_eq!(n1.metric("kadmq_cluster_lookups_failed_total"), 0);
 
     // A topic published again takes the route remembered for it: the core
     // is not even asked (no owned read, no cache hit), and it still arrives.
     let (_, topic, _) = &warm[0];
-    let memo_before = metric(&n1, "kadmq_cluster_topic_route_hits_total");
+    let memo_before = n1.metric("kadmq_cluster_topic_route_hits_total");
     const AGAIN: usize = 20;
     for _ in 0..AGAIN {
-        publisher.publish(&rt, topic, QoS::AtLeastOnce, topic.clone());
+        publish(&rt, &publisher, topic, QoS::AtLeastOnce, topic.clone());
     }
-    settle(SETTLE, "the repeated publishes to arrive", || {
+    wait_until(SETTLE, "the repeated publishes to arrive", || {
         let got = subscriber.count();
         (got >= total + AGAIN).then_some(()).ok_or(format!("{got} of {}", total + AGAIN))
     });
-    let memo_hits = metric(&n1, "kadmq_cluster_topic_route_hits_total") - memo_before;
+    let memo_hits = n1.metric("kadmq_cluster_topic_route_hits_total") - memo_before;
     assert!(memo_hits >= (AGAIN - 1) as u64, "repeated publishes use the remembered route: {memo_hits} hits");
-    assert_eq!(metric(&n1, "kadmq_cluster_publishes_waiting"), 0);
+    assert_eq!(n1.metric("kadmq_cluster_publishes_waiting"), 0);
     eprintln!("done after {:?}", started.elapsed());
 }
 
@@ -913,31 +712,21 @@ fn a_node_with_another_cluster_key_is_refused() {
     const WHY: &str = "handshake failed, likely a wrong cluster key";
     /// At least this many heartbeats' worth of watching.
     const WATCH: Duration = Duration::from_secs(5);
-    let _turn = one_cluster_at_a_time();
 
     let started = Instant::now();
     let lab = Lab::new();
-    let w1 = lab.node_with("w1", None, &lab.key, &CALM);
+    let [w1, w2] = lab.fleet(["w1", "w2"], &CALM);
     let boot = w1.multiaddr();
-    let w2 = lab.node_with("w2", Some(&boot), &lab.key, &CALM);
-    wait_for_members(&[&w1, &w2], &["w1", "w2"]);
 
     let other_key = lab.dir.path().join("other.key");
-    let status = Command::new(env!("CARGO_BIN_EXE_kadmq"))
-        .args(["keygen", "--out"])
-        .arg(&other_key)
-        .stdout(Stdio::null())
-        .status()
-        .unwrap();
-    assert!(status.success());
+    lab.keygen(&other_key);
     assert_ne!(std::fs::read(&other_key).unwrap(), std::fs::read(&lab.key).unwrap());
     let w3 = lab.node_with("w3", Some(&boot), &other_key, &CALM);
-    let _logs = LogsOnPanic::watch(&[&w1, &w2, &w3]);
 
     let rt = runtime();
-    let mut outsider = Mqtt::connect(&rt, &w3, "outsider");
-    outsider.subscribe(&rt, &["#".into()]);
-    let insider = Mqtt::connect(&rt, &w1, "insider");
+    let mut outsider = connect(&rt, &w3, "outsider");
+    subscribe(&rt, &mut outsider, &["#".into()]);
+    let insider = connect(&rt, &w1, "insider");
 
     // Watch until w3 has logged why (bounded) and for at least WATCH.
     let watch_start = Instant::now();
@@ -945,19 +734,14 @@ fn a_node_with_another_cluster_key_is_refused() {
     let mut logged = None;
     while watch_start.elapsed() < SETTLE + WATCH {
         let names = |node: &Node| -> BTreeSet<String> {
-            get_json(node, "/api/v1/cluster")["members"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|m| m["name"].as_str().unwrap().into())
-                .collect()
+            node.cluster()["members"].as_array().unwrap().iter().map(|m| m["name"].as_str().unwrap().into()).collect()
         };
         assert_eq!(names(&w3), BTreeSet::from(["w3".to_string()]), "w3 knows of no other member");
         for node in [&w1, &w2] {
             assert_eq!(names(node), BTreeSet::from(["w1".into(), "w2".into()]), "{} never lists w3", node.name);
         }
-        assert_eq!(metric(&w3, "kadmq_cluster_members"), 1);
-        insider.publish(&rt, &format!("t/{sent}"), QoS::AtLeastOnce, format!("{sent}"));
+        assert_eq!(w3.metric("kadmq_cluster_members"), 1);
+        publish(&rt, &insider, &format!("t/{sent}"), QoS::AtLeastOnce, format!("{sent}"));
         sent += 1;
         if logged.is_none() && w3.log().contains(WHY) {
             logged = Some(watch_start.elapsed());
@@ -985,7 +769,7 @@ fn a_node_with_another_cluster_key_is_refused() {
 /// The subscriber counts `node` reports for `filter` (in the shard its
 /// literal prefix names), as routes to `topic`.
 fn reported_counts(node: &Node, topic: &str, filter: &str) -> Vec<(String, u64)> {
-    let report = routes(node, topic);
+    let report = node.routes(topic);
     let prefix = filter_prefix(filter);
     let shards = report["shards"].as_array().cloned().unwrap_or_default();
     let shard = shards.iter().find(|s| s["prefix"] == prefix.as_str()).cloned().unwrap_or_default();
@@ -1006,21 +790,17 @@ fn reported_counts(node: &Node, topic: &str, filter: &str) -> Vec<(String, u64)>
 /// (`Node::local_ops`). c1 and c2 report 1, c3 reports 2.
 #[test]
 fn routes_report_subscriber_counts_per_node() {
-    let _turn = one_cluster_at_a_time();
     let lab = Lab::new();
-    let a = lab.node_with("c1", None, &lab.key, &CALM);
+    let [a, b] = lab.fleet(["c1", "c2"], &CALM);
     let boot = a.multiaddr();
-    let b = lab.node_with("c2", Some(&boot), &lab.key, &CALM);
-    let mut logs = LogsOnPanic::watch(&[&a, &b]);
-    wait_for_members(&[&a, &b], &["c1", "c2"]);
 
     let rt = runtime();
-    let mut first = Mqtt::connect(&rt, &b, "counted-1");
-    first.subscribe(&rt, &["cnt/x".into()]);
-    let mut second = Mqtt::connect(&rt, &b, "counted-2");
-    second.subscribe(&rt, &["cnt/x".into()]);
+    let mut first = connect(&rt, &b, "counted-1");
+    subscribe(&rt, &mut first, &["cnt/x".into()]);
+    let mut second = connect(&rt, &b, "counted-2");
+    subscribe(&rt, &mut second, &["cnt/x".into()]);
     for node in [&a, &b] {
-        settle(SETTLE, &format!("{} to list c2 for cnt/x", node.name), || {
+        wait_until(SETTLE, &format!("{} to list c2 for cnt/x", node.name), || {
             let counts = reported_counts(node, "cnt/x", "cnt/x");
             (!counts.is_empty()).then_some(()).ok_or(format!("{counts:?}"))
         });
@@ -1028,9 +808,8 @@ fn routes_report_subscriber_counts_per_node() {
 
     // A third node joins and becomes an owner: c2 re-asserts its entries to it.
     let c = lab.node_with("c3", Some(&boot), &lab.key, &CALM);
-    logs.add(&c);
     wait_for_members(&[&a, &b, &c], &["c1", "c2", "c3"]);
-    settle(SETTLE, "c3 to list c2 for cnt/x", || {
+    wait_until(SETTLE, "c3 to list c2 for cnt/x", || {
         let counts = reported_counts(&c, "cnt/x", "cnt/x");
         (!counts.is_empty()).then_some(()).ok_or(format!("{counts:?}"))
     });

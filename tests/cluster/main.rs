@@ -1,9 +1,12 @@
 //! Multi-node tests: real `kadmq` processes on 127.0.0.1 forming a cluster
-//! over libp2p, real MQTT clients (rumqttc).
+//! over libp2p (a `support::lab::Lab` each, one lab at a time), real MQTT
+//! clients (rumqttc).
+
+#[path = "../support/mod.rs"]
+mod support;
 
 mod churn;
 mod cli;
-mod common;
 mod forwarding;
 mod outbox;
 mod peers;

@@ -5,7 +5,10 @@
 //! to real kadmq nodes over a real link: nothing it sends is applied, every
 //! drop is counted by reason, and the node goes on routing for good peers.
 
-use crate::common::{wait_for_members, wait_until, Lab, Node, SETTLE};
+use crate::support::lab::{wait_for_members, Lab, Node, SETTLE};
+use crate::support::mqtt::Client;
+use crate::support::runtime;
+use crate::support::wait::wait_until;
 use bytes::Bytes;
 use futures::{AsyncReadExt as _, AsyncWriteExt as _, StreamExt as _};
 use kadmq::broker::message::Message;
@@ -20,14 +23,10 @@ use kadmq_dht::driver::{
 };
 use kadmq_dht::shard::{filter_shard, DEFAULT_SHARD_DEPTH};
 use libp2p::{gossipsub, Multiaddr, PeerId};
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use rumqttc::{Event, Packet, QoS};
 use std::time::Duration;
 use tokio::runtime::Runtime;
 use tokio::sync::mpsc;
-
-fn runtime() -> Runtime {
-    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
-}
 
 /// The settings every kadmq node of these tests runs with.
 fn fleet() -> FleetSettings {
@@ -219,32 +218,24 @@ fn invalid_frames_of_a_member_are_counted_and_the_node_keeps_routing() {
     // Routing between the good nodes goes on: a publish on n2 reaches a
     // subscriber on n1.
     rt.block_on(async {
-        let (sub, mut sub_events) = AsyncClient::new(MqttOptions::new("sub", "127.0.0.1", n1.mqtt_port), 100);
-        sub.subscribe("good/#", QoS::AtLeastOnce).await.unwrap();
-        let got = tokio::spawn(async move {
-            loop {
-                match sub_events.poll().await {
-                    Ok(Event::Incoming(Packet::Publish(p))) => return p.topic,
-                    Ok(_) => {}
-                    Err(err) => panic!("subscriber: {err}"),
-                }
-            }
-        });
-        let (publisher, mut pub_events) = AsyncClient::new(MqttOptions::new("pub", "127.0.0.1", n2.mqtt_port), 100);
-        tokio::spawn(async move { while pub_events.poll().await.is_ok() {} });
+        let mut sub = Client::start("sub", Client::options("sub", n1.mqtt_port));
+        sub.client.subscribe("good/#", QoS::AtLeastOnce).await.unwrap();
+        let publisher = Client::start("pub", Client::options("pub", n2.mqtt_port));
         let deadline = tokio::time::Instant::now() + SETTLE;
-        let mut got = std::pin::pin!(got);
         loop {
-            publisher.publish("good/1", QoS::AtLeastOnce, false, "hi").await.unwrap();
-            tokio::select! {
-                topic = &mut got => {
-                    assert_eq!(topic.unwrap(), "good/1");
-                    break;
-                }
-                _ = tokio::time::sleep(Duration::from_millis(500)) => {
-                    assert!(tokio::time::Instant::now() < deadline, "no publish from n2 reached n1");
-                }
+            publisher.publish("good/1", QoS::AtLeastOnce, false, "hi").await;
+            let publish = |e: &Event| match e {
+                Event::Incoming(Packet::Publish(p)) => Some(p.topic.clone()),
+                _ => None,
+            };
+            if let Some(topic) = sub.next_within(Duration::from_millis(500), publish).await {
+                assert_eq!(topic, "good/1");
+                break;
             }
+            if let Some(err) = sub.ended() {
+                panic!("subscriber: {err}");
+            }
+            assert!(tokio::time::Instant::now() < deadline, "no publish from n2 reached n1");
         }
     });
     assert_eq!(n1.alive_members(), ["bad", "n1", "n2"], "n1 is healthy and kept its members");
@@ -278,9 +269,9 @@ fn what_a_node_keeps_for_a_dead_peer_goes_after_the_dead_timeout() {
     wait_for_members(&[&n1, &n2], &["n1", "n2"]);
     // Route frames flow both ways (subscriptions assert to the owners).
     rt.block_on(async {
-        let (sub, mut events) = AsyncClient::new(MqttOptions::new("s", "127.0.0.1", n2.mqtt_port), 10);
-        sub.subscribe("keep/#", QoS::AtLeastOnce).await.unwrap();
-        let _ = tokio::time::timeout(Duration::from_secs(1), async { while events.poll().await.is_ok() {} }).await;
+        let sub = Client::start("s", Client::options("s", n2.mqtt_port));
+        sub.client.subscribe("keep/#", QoS::AtLeastOnce).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(1)).await;
     });
     wait_until(SETTLE, "n1 to keep a send queue for n2", || n1.metric("kadmq_cluster_peer_queues") == 1);
     assert_eq!(n1.metric("kadmq_cluster_peers_known"), 2);

@@ -1,16 +1,13 @@
 //! A node started without a bootstrap address (the first node of a fleet)
 //! finds the fleet again after a crash: it remembers the members it saw.
 
-use crate::common::{wait_for_members, wait_until, Lab, SETTLE};
+use crate::support::lab::{wait_for_members, Lab, SETTLE};
+use crate::support::wait::wait_until;
 
 #[test]
 fn the_first_node_rejoins_after_a_crash_without_a_bootstrap_address() {
     let lab = Lab::new();
-    let mut first = lab.node("j1", None);
-    let boot = first.multiaddr();
-    let second = lab.node("j2", Some(&boot));
-    let third = lab.node("j3", Some(&boot));
-    wait_for_members(&[&first, &second, &third], &["j1", "j2", "j3"]);
+    let [mut first, second, third] = lab.fleet(["j1", "j2", "j3"], &[]);
     let peers = first.data_dir.join("cluster").join("peers");
     wait_until(SETTLE, "j1 to remember its peers", || {
         std::fs::read_to_string(&peers).is_ok_and(|text| text.lines().count() >= 2)

@@ -1,61 +1,37 @@
 //! Retained messages in a fleet: set on one node, seen by new subscribers
 //! on every node, cleared everywhere, and handed to a node that joins later.
 
-use crate::common::{wait_for_members, Lab, Node};
-use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
+use crate::support::lab::{wait_for_members, Lab, Node};
+use crate::support::mqtt::Client;
+use rumqttc::{Event, Packet, QoS};
 use std::time::Duration;
-use tokio::time::timeout;
-
-async fn connect(node: &Node, id: &str) -> (AsyncClient, EventLoop) {
-    let mut options = MqttOptions::new(id, "127.0.0.1", node.mqtt_port);
-    options.set_keep_alive(Duration::from_secs(30));
-    let (client, mut events) = AsyncClient::new(options, 100);
-    timeout(Duration::from_secs(5), async {
-        loop {
-            if let Event::Incoming(Packet::ConnAck(_)) = events.poll().await.expect("connect") {
-                return;
-            }
-        }
-    })
-    .await
-    .expect("CONNACK within 5 s");
-    (client, events)
-}
 
 /// Publishes a retained message (empty payload clears) and waits for its PUBACK.
 async fn publish_retained(node: &Node, topic: &str, payload: &[u8]) {
-    let (client, mut events) = connect(node, &format!("pub-{}", node.name)).await;
-    client.publish(topic, QoS::AtLeastOnce, true, payload.to_vec()).await.unwrap();
-    timeout(Duration::from_secs(5), async {
-        loop {
-            if let Event::Incoming(Packet::PubAck(_)) = events.poll().await.expect("publish") {
-                return;
-            }
-        }
-    })
-    .await
-    .expect("PUBACK within 5 s");
-    client.disconnect().await.unwrap();
-    let _ = timeout(Duration::from_secs(1), events.poll()).await;
+    let (mut client, _) = Client::connect(Client::options(&format!("pub-{}", node.name), node.mqtt_port)).await;
+    client.publish(topic, QoS::AtLeastOnce, true, payload.to_vec()).await;
+    client.wait_for("PUBACK", |e| matches!(e, Event::Incoming(Packet::PubAck(_))).then_some(())).await;
+    client.client.disconnect().await.unwrap();
+    let _ = client.next_within(Duration::from_secs(1), |_| None::<()>).await;
 }
 
 /// Subscribes to `filter` on `node` and returns the retained payloads that
-/// arrive within `quiet` after the SUBACK.
+/// arrive within `quiet` after the SUBSCRIBE.
 async fn retained_on(node: &Node, filter: &str, quiet: Duration) -> Vec<(String, Vec<u8>)> {
-    let (client, mut events) = connect(node, &format!("sub-{}-{}", node.name, filter.len())).await;
-    client.subscribe(filter, QoS::AtLeastOnce).await.unwrap();
-    let mut got = Vec::new();
-    let _ = timeout(quiet, async {
-        loop {
-            match events.poll().await {
-                Ok(Event::Incoming(Packet::Publish(p))) if p.retain => got.push((p.topic.clone(), p.payload.to_vec())),
-                Ok(_) => {}
-                Err(err) => panic!("subscriber on {}: {err}", node.name),
-            }
-        }
-    })
-    .await;
-    client.disconnect().await.unwrap();
+    let id = format!("sub-{}-{}", node.name, filter.len());
+    let (mut client, _) = Client::connect(Client::options(&id, node.mqtt_port)).await;
+    client.client.subscribe(filter, QoS::AtLeastOnce).await.unwrap();
+    let mut got: Vec<(String, Vec<u8>)> = client
+        .publishes_within(quiet)
+        .await
+        .into_iter()
+        .filter(|p| p.retain)
+        .map(|p| (p.topic.clone(), p.payload.to_vec()))
+        .collect();
+    if let Some(err) = client.ended() {
+        panic!("subscriber on {}: {err}", node.name);
+    }
+    client.client.disconnect().await.unwrap();
     got.sort();
     got
 }
@@ -76,11 +52,8 @@ async fn wait_retained(node: &Node, filter: &str, want: &[(&str, &[u8])]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retained_messages_reach_every_node_and_a_late_joiner() {
     let lab = Lab::new();
-    let n1 = lab.node("r1", None);
+    let [n1, n2, n3] = lab.fleet(["r1", "r2", "r3"], &[]);
     let boot = n1.multiaddr();
-    let n2 = lab.node("r2", Some(&boot));
-    let n3 = lab.node("r3", Some(&boot));
-    wait_for_members(&[&n1, &n2, &n3], &["r1", "r2", "r3"]);
 
     publish_retained(&n1, "status/a", b"on").await;
     publish_retained(&n2, "status/b", b"off").await;
