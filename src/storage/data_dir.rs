@@ -23,16 +23,40 @@ fn check_format(path: &Path) -> Result<()> {
     let io = |source| StorageError::Io { path: path.to_path_buf(), source };
     let format_file = path.join(FORMAT_FILE);
     let expected = format!("kadmq-data {FORMAT_VERSION}");
-    match std::fs::read_to_string(&format_file) {
-        Ok(found) if found.trim() == expected => Ok(()),
-        Ok(found) => Err(StorageError::UnknownFormat { path: path.to_path_buf(), found: found.trim().to_string() }),
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
-            let empty = std::fs::read_dir(path).map_err(io)?.next().is_none();
-            if !empty {
-                return Err(StorageError::Foreign { path: path.to_path_buf() });
+    // Another process preparing the same directory (`kadmq id` beside a
+    // starting node) may have created the file and not written it yet.
+    for _ in 0..FORMAT_WAIT_TRIES {
+        match std::fs::read_to_string(&format_file) {
+            Ok(found) if found.is_empty() => std::thread::sleep(FORMAT_WAIT),
+            Ok(found) if found.trim() == expected => return Ok(()),
+            Ok(found) => {
+                return Err(StorageError::UnknownFormat { path: path.to_path_buf(), found: found.trim().to_string() })
             }
-            std::fs::write(&format_file, format!("{expected}\n")).map_err(io)
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                let empty = std::fs::read_dir(path).map_err(io)?.next().is_none();
+                if !empty {
+                    if format_file.exists() {
+                        continue; // written meanwhile by another process
+                    }
+                    return Err(StorageError::Foreign { path: path.to_path_buf() });
+                }
+                // Exclusive: of two processes preparing at once, one writes.
+                let mut options = std::fs::OpenOptions::new();
+                match options.write(true).create_new(true).open(&format_file) {
+                    Ok(mut file) => {
+                        return std::io::Write::write_all(&mut file, format!("{expected}\n").as_bytes()).map_err(io)
+                    }
+                    Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                    Err(err) => return Err(io(err)),
+                }
+            }
+            Err(err) => return Err(io(err)),
         }
-        Err(err) => Err(io(err)),
     }
+    Err(StorageError::UnknownFormat { path: path.to_path_buf(), found: String::new() })
 }
+
+/// How long (tries x wait) a `FORMAT` file another process created may stay
+/// empty before it counts as damaged.
+const FORMAT_WAIT_TRIES: usize = 200;
+const FORMAT_WAIT: std::time::Duration = std::time::Duration::from_millis(10);

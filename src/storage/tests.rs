@@ -237,3 +237,22 @@ fn a_directory_in_use_is_refused_with_a_clear_error() {
     assert!(matches!(err, StorageError::Io { .. }), "{err}");
     assert!(err.to_string().ends_with("in use by another kadmq process"), "{err}");
 }
+
+#[test]
+fn processes_preparing_one_directory_at_once_all_succeed() {
+    // `kadmq id` beside a starting node: both prepare the same fresh
+    // directory; neither may read the FORMAT file half written.
+    for _ in 0..20 {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let results: Vec<_> = std::thread::scope(|scope| {
+            let racers: Vec<_> = (0..8).map(|_| scope.spawn(|| prepare_data_dir(&data))).collect();
+            racers.into_iter().map(|r| r.join().unwrap()).collect()
+        });
+        for result in results {
+            result.unwrap();
+        }
+        let format = std::fs::read_to_string(data.join("FORMAT")).unwrap();
+        assert_eq!(format, format!("kadmq-data {FORMAT_VERSION}\n"));
+    }
+}

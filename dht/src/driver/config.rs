@@ -188,8 +188,15 @@ pub fn load_or_generate_keypair(dir: &Path) -> Result<Keypair, Error> {
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let keypair = generate_keypair();
-            save_keypair(dir, &keypair)?;
-            Ok(keypair)
+            fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+            let bytes = keypair.to_protobuf_encoding().map_err(|e| Error::Key(e.to_string()))?;
+            // Only if no other process (`kadmq id` beside a starting node)
+            // created one meanwhile: then that one is the node's key.
+            if write_secret_new(&path, &bytes)? {
+                Ok(keypair)
+            } else {
+                load_or_generate_keypair(dir)
+            }
         }
         Err(e) => Err(Error::io(&path, e)),
     }
@@ -249,7 +256,30 @@ pub fn write_cluster_key(path: &Path, key: &PreSharedKey) -> Result<(), Error> {
 fn write_secret(path: &Path, bytes: &[u8]) -> Result<(), Error> {
     // Write to a temporary file and rename, so a crash never leaves half a
     // key behind (which would change the peer id on the next start).
-    let tmp = path.with_extension("tmp");
+    let tmp = write_temporary(path, bytes)?;
+    fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
+
+/// As [`write_secret`], but only if `path` does not exist yet: false (and
+/// nothing written) if it does.
+fn write_secret_new(path: &Path, bytes: &[u8]) -> Result<bool, Error> {
+    let tmp = write_temporary(path, bytes)?;
+    // A hard link is created whole or not at all, and never replaces.
+    let linked = fs::hard_link(&tmp, path);
+    let _ = fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+        Err(e) => Err(Error::io(path, e)),
+    }
+}
+
+/// Writes `bytes` (mode 0600) to a file beside `path` that no other
+/// process writes, synced; returns its path.
+fn write_temporary(path: &Path, bytes: &[u8]) -> Result<PathBuf, Error> {
+    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let nth = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = path.with_extension(format!("tmp-{}-{nth}", std::process::id()));
     {
         let mut options = fs::OpenOptions::new();
         options.write(true).create(true).truncate(true);
@@ -262,7 +292,7 @@ fn write_secret(path: &Path, bytes: &[u8]) -> Result<(), Error> {
         std::io::Write::write_all(&mut file, bytes).map_err(|e| Error::io(&tmp, e))?;
         file.sync_all().map_err(|e| Error::io(&tmp, e))?;
     }
-    fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    Ok(tmp)
 }
 
 #[cfg(test)]
@@ -286,6 +316,26 @@ mod tests {
         let second = load_or_generate_keypair(&dir).unwrap();
         assert_eq!(first.public().to_peer_id(), second.public().to_peer_id());
         fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn racing_first_starts_agree_on_one_key() {
+        // `kadmq id` beside a node starting on a fresh directory: whoever
+        // creates the key first, both use that one.
+        for _ in 0..10 {
+            let dir = temp_dir("race");
+            let ids: Vec<PeerId> = std::thread::scope(|scope| {
+                let racers: Vec<_> = (0..6)
+                    .map(|_| scope.spawn(|| load_or_generate_keypair(&dir).unwrap().public().to_peer_id()))
+                    .collect();
+                racers.into_iter().map(|r| r.join().unwrap()).collect()
+            });
+            assert!(ids.windows(2).all(|w| w[0] == w[1]), "{ids:?}");
+            assert_eq!(load_or_generate_keypair(&dir).unwrap().public().to_peer_id(), ids[0]);
+            let leftovers = fs::read_dir(&dir).unwrap().count();
+            assert_eq!(leftovers, 1, "only the key file stays");
+            fs::remove_dir_all(&dir).ok();
+        }
     }
 
     #[test]
