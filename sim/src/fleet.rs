@@ -21,8 +21,7 @@ use crate::scenario::Scenario;
 use crate::workload::{Subscription, Workload};
 use kadmq_dht::core::Ownership as _;
 use kadmq_dht::core::{
-    encode, Action, Config as CoreConfig, Counters, Event, ForwardRoute, Frame, Membership, Node, NodeId,
-    OwnershipConfig,
+    encode, Action, Counters, Event, ForwardRoute, Frame, Membership, Node, NodeId, OwnershipConfig, RoutingConfig,
 };
 use kadmq_dht::ShardKey;
 use rand::seq::SliceRandom;
@@ -211,7 +210,7 @@ pub struct Simulation {
     net: Network,
     rng: ChaCha8Rng,
     workload: Workload,
-    core_config: CoreConfig,
+    core_config: RoutingConfig,
     ownership: OwnershipConfig,
     nodes: Vec<SimNode>,
     /// Live node indices, ascending (for uniform picks).
