@@ -4,6 +4,11 @@
 //! (`sim/`) both drive this one core, so what the simulator measures is what
 //! the fleet runs.
 //!
+//! Boundary: no socket, clock or randomness; `now` comes in with each event
+//! and what should happen goes out as actions. The build keeps it so: this
+//! module compiles without the crate's `driver` feature, the only one that
+//! brings in tokio, libp2p and rand.
+//!
 //! # Layout
 //!
 //! - [`id`]: [`NodeId`] (a `u64`) and its position in the key space; stable hashes.

@@ -1,4 +1,5 @@
-//! The libp2p driver: kadmq's cluster transport and membership.
+//! The libp2p driver: kadmq's cluster transport and membership. Built with
+//! the crate's `driver` feature (on by default).
 //!
 //! Job: move opaque frames between nodes and say who is in the fleet. One
 //! libp2p swarm per node (TCP + pnet pre-shared key + noise + yamux, with
