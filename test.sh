@@ -14,4 +14,13 @@ if ! python3 -c "import paho.mqtt" 2>/dev/null; then
   fi
 fi
 
+# The routing core is sans-IO by construction: it builds and passes its
+# tests without the libp2p driver, and the simulator, which uses it so,
+# pulls in no tokio, libp2p or rand. Checked first so the boundary cannot rot.
+cargo test -p kadmq-dht --no-default-features --lib --locked
+if cargo tree -p kadmq-sim -e normal --locked | grep -E 'tokio|libp2p|rand'; then
+  echo "test.sh: kadmq-sim depends on the crates above; the core must not" >&2
+  exit 1
+fi
+
 cargo test --workspace --locked "$@"
