@@ -14,4 +14,14 @@ if ! python3 -c "import paho.mqtt" 2>/dev/null; then
   fi
 fi
 
+# The routing core is sans-IO by construction: it builds and passes its
+# tests without the libp2p driver, and the simulator, which uses it so,
+# pulls in no tokio, libp2p or rand. Checked first so the boundary cannot rot.
+cargo test -p kadmq-dht --no-default-features --lib --locked
+sim_deps=$(cargo tree -p kadmq-sim -e normal --locked)
+if grep -E 'tokio|libp2p|rand' <<<"$sim_deps"; then
+  echo "test.sh: kadmq-sim pulls in the crates above; the routing core must build without them" >&2
+  exit 1
+fi
+
 cargo test --workspace --locked "$@"

@@ -10,7 +10,7 @@ use std::{
     time::Duration,
 };
 
-use kadmq_dht::driver::{self, Client, ClusterConfig, Event, Member, MemberState, Multiaddr, PeerId, PreSharedKey};
+use kadmq_dht::driver::{self, Client, DriverConfig, Event, Member, MemberState, Multiaddr, PeerId, PreSharedKey};
 use tokio::{sync::mpsc, task::JoinHandle, time::timeout};
 
 const HEARTBEAT: Duration = Duration::from_millis(250);
@@ -31,8 +31,8 @@ fn init_logging() {
         .try_init();
 }
 
-fn config(name: &str, key: &PreSharedKey, bootstrap: Vec<Multiaddr>) -> ClusterConfig {
-    let mut config = ClusterConfig::new(name, driver::generate_keypair(), *key);
+fn config(name: &str, key: &PreSharedKey, bootstrap: Vec<Multiaddr>) -> DriverConfig {
+    let mut config = DriverConfig::new(name, driver::generate_keypair(), *key);
     config.listen_addrs = vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()];
     config.bootstrap = bootstrap;
     config.mqtt_listeners = vec![format!("mqtt://{name}.invalid:1883")];
@@ -51,7 +51,7 @@ struct Node {
     addr: Multiaddr,
 }
 
-async fn spawn(config: ClusterConfig) -> Node {
+async fn spawn(config: DriverConfig) -> Node {
     let (client, events, event_loop) = driver::start(config).await.expect("node starts");
     let task = tokio::spawn(event_loop.run());
     let peer = client.local_peer_id();

@@ -22,7 +22,7 @@
 //! timer or a view never errors (nor panics).
 #![no_main]
 
-use kadmq_dht::core::{self, Action, Config, Event, Frame, Membership, Node, NodeId, OwnershipConfig};
+use kadmq_dht::core::{self, Action, Event, Frame, Membership, Node, NodeId, OwnershipConfig, RoutingConfig};
 use libfuzzer_sys::fuzz_target;
 use std::sync::Arc;
 
@@ -49,14 +49,14 @@ const ALL: [NodeId; 4] = [ME, NodeId(2), NodeId(3), NodeId(4)];
 /// dht crate's `fuzzing` feature): a four-node view, local plain and shared
 /// subscriptions, and publishes, some parked on lookups.
 fn start() -> (Node, Arc<Membership>) {
-    let config = Config {
+    let config = RoutingConfig {
         replication: 2,
         cache_capacity: 8,
         handoff_grace_ms: 500,
         handoff_warmup_ms: 300,
         lookup_timeout_ms: 200,
         anti_entropy_interval_ms: 1000,
-        ..Config::default()
+        ..RoutingConfig::default()
     };
     let mut node = Node::new(ME, config);
     let mut out = Vec::new();

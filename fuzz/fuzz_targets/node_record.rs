@@ -4,7 +4,7 @@
 //! failure detector) must not panic.
 #![no_main]
 
-use kadmq_dht::driver::membership::{Membership, NodeRecord};
+use kadmq_dht::driver::membership::{FailureDetector, NodeRecord};
 use kadmq_dht::driver::PeerId;
 use libfuzzer_sys::fuzz_target;
 use std::sync::OnceLock;
@@ -16,7 +16,7 @@ fuzz_target!(|data: &[u8]| {
     assert_eq!(NodeRecord::decode(&bytes).as_ref(), Some(&record), "a record round-trips");
     static LOCAL: OnceLock<PeerId> = OnceLock::new();
     let local = *LOCAL.get_or_init(PeerId::random);
-    let mut table = Membership::new(local, Duration::from_secs(5), Duration::from_secs(15));
+    let mut table = FailureDetector::new(local, Duration::from_secs(5), Duration::from_secs(15));
     let t0 = Instant::now();
     let _ = table.observe(&record, t0);
     let mut next = record.clone();

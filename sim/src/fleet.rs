@@ -14,6 +14,7 @@
 //! Boundary: no routing decision is made here. Which owners hold a shard,
 //! what a publisher asks and whom it forwards to all come from the core.
 
+use crate::dice::Dice;
 use crate::engine::{EventQueue, Millis};
 use crate::network::{Fate, Network, FORWARD, KINDS};
 use crate::oracle::{Expected, Oracle};
@@ -21,13 +22,9 @@ use crate::scenario::Scenario;
 use crate::workload::{Subscription, Workload};
 use kadmq_dht::core::Ownership as _;
 use kadmq_dht::core::{
-    encode, Action, Config as CoreConfig, Counters, Event, ForwardRoute, Frame, Membership, Node, NodeId,
-    OwnershipConfig,
+    encode, Action, Counters, Event, ForwardRoute, Frame, Membership, Node, NodeId, OwnershipConfig, RoutingConfig,
 };
 use kadmq_dht::ShardKey;
-use rand::seq::SliceRandom;
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
 use std::sync::Arc;
 
 /// Something that happens at a virtual instant.
@@ -209,9 +206,9 @@ pub struct Simulation {
     scenario: Scenario,
     queue: EventQueue<SimEvent>,
     net: Network,
-    rng: ChaCha8Rng,
+    rng: Dice,
     workload: Workload,
-    core_config: CoreConfig,
+    core_config: RoutingConfig,
     ownership: OwnershipConfig,
     nodes: Vec<SimNode>,
     /// Live node indices, ascending (for uniform picks).
@@ -245,9 +242,9 @@ impl Simulation {
     /// Builds the initial fleet (every node with the same first view) and
     /// schedules the whole workload.
     pub fn new(scenario: Scenario) -> Simulation {
-        let mut seeder = ChaCha8Rng::seed_from_u64(scenario.seed);
-        let net_rng = ChaCha8Rng::seed_from_u64(seeder.gen());
-        let rng = ChaCha8Rng::seed_from_u64(seeder.gen());
+        let mut seeder = Dice::seeded(scenario.seed);
+        let net_rng = Dice::seeded(seeder.next_u64());
+        let rng = Dice::seeded(seeder.next_u64());
         let core_config = scenario.fleet.core_config();
         let ownership = scenario.fleet.ownership_config();
         let n = scenario.fleet.nodes;
@@ -307,16 +304,16 @@ impl Simulation {
     fn schedule_workload(&mut self) {
         let s = self.scenario.clone();
         let n = s.fleet.nodes as u32;
-        let window = |rng: &mut ChaCha8Rng, start: Millis, end: Millis| {
+        let window = |rng: &mut Dice, start: Millis, end: Millis| {
             if end > start {
-                rng.gen_range(start..end)
+                rng.int(start..end)
             } else {
                 start
             }
         };
         for _ in 0..s.subscriptions.count {
             let at = window(&mut self.rng, s.subscriptions.start_ms, s.subscriptions.end_ms);
-            let node = self.rng.gen_range(0..n);
+            let node = self.rng.int(0..n);
             let sub = self.workload.subscription(&mut self.rng);
             self.queue.schedule(at, SimEvent::Subscribe { node, sub });
         }
@@ -559,7 +556,7 @@ impl Simulation {
         if self.live.is_empty() {
             return;
         }
-        let node = self.live[self.rng.gen_range(0..self.live.len())];
+        let node = *self.rng.choose(&self.live).expect("live is not empty");
         let topic: Box<str> = self.workload.topic(&mut self.rng).into();
         let expected = self.oracle.expected(&topic);
         let msg = self.msgs.len() as u64;
@@ -596,7 +593,7 @@ impl Simulation {
         let now = self.queue.now();
         for _ in 0..per_join {
             // After the joiner has its view (delivered at once, see publish_views).
-            let at = now + 1 + self.rng.gen_range(0..2_000);
+            let at = now + 1 + self.rng.int(0..2_000);
             let sub = self.workload.subscription(&mut self.rng);
             self.queue.schedule(at, SimEvent::Subscribe { node: index, sub });
         }
@@ -607,7 +604,7 @@ impl Simulation {
         if self.live.len() <= self.min_live() {
             return;
         }
-        let pick = self.rng.gen_range(0..self.live.len());
+        let pick = self.rng.int(0..self.live.len());
         let index = self.live.remove(pick);
         let node = &mut self.nodes[index as usize];
         node.alive = false;
@@ -636,7 +633,7 @@ impl Simulation {
         let groups = self.scenario.partitions[index].groups.clone();
         let total: f64 = groups.iter().sum();
         let mut order = self.live.clone();
-        order.shuffle(&mut self.rng);
+        self.rng.shuffle(&mut order);
         let mut group = vec![0u16; self.nodes.len()];
         let mut start = 0usize;
         let mut acc = 0.0;

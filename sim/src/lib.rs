@@ -8,6 +8,7 @@
 //! # Layout
 //!
 //! - [`engine`]: the virtual clock and the event queue (deterministic ties).
+//! - [`dice`]: the seeded random numbers every choice of a run comes from.
 //! - [`network`]: latency distributions, loss, partitions, per-link order, counters.
 //! - [`scenario`]: scenario files (TOML) and `--set` overrides.
 //! - [`workload`]: the Zipf-skewed topic tree, filters with wildcards and `$share` groups.
@@ -19,6 +20,7 @@
 //! [`report::Report::from_outcome`]. The same scenario and seed give the
 //! same report, byte for byte.
 
+pub mod dice;
 pub mod engine;
 pub mod fleet;
 pub mod network;

@@ -9,10 +9,9 @@
 //! Boundary: when (and whether) a message arrives. What it carries is
 //! opaque here apart from its kind and size.
 
+use crate::dice::Dice;
 use crate::engine::Millis;
 use crate::scenario::{LatencyConfig, NetworkConfig};
-use rand::Rng;
-use rand_chacha::ChaCha8Rng;
 use rustc_hash::FxHashMap;
 use serde::Serialize;
 
@@ -58,7 +57,7 @@ pub struct NetCounters {
 /// Draws latencies and decides the fate of each message.
 pub struct Network {
     config: NetworkConfig,
-    rng: ChaCha8Rng,
+    rng: Dice,
     /// Latest arrival time per link, so links stay FIFO. Pruned of links
     /// with nothing in flight, so it holds about the messages in flight.
     link_clock: FxHashMap<(u32, u32), Millis>,
@@ -78,7 +77,7 @@ pub enum Fate {
 }
 
 impl Network {
-    pub fn new(config: NetworkConfig, rng: ChaCha8Rng) -> Network {
+    pub fn new(config: NetworkConfig, rng: Dice) -> Network {
         Network {
             config,
             rng,
@@ -104,7 +103,7 @@ impl Network {
         if max == 0 {
             0
         } else {
-            self.rng.gen_range(0..=max)
+            self.rng.int(0..=max)
         }
     }
 
@@ -117,7 +116,7 @@ impl Network {
             self.counters.cut += 1;
             return Fate::Cut;
         }
-        if self.config.loss > 0.0 && self.rng.gen_bool(self.config.loss) {
+        if self.config.loss > 0.0 && self.rng.chance(self.config.loss) {
             self.counters.lost += 1;
             return Fate::Lost;
         }
@@ -154,20 +153,21 @@ impl Network {
 }
 
 /// One draw from a latency distribution, in whole ms, at least 1.
-pub fn sample_latency(config: &LatencyConfig, rng: &mut impl Rng) -> Millis {
+pub fn sample_latency(config: &LatencyConfig, rng: &mut Dice) -> Millis {
     let ms = match *config {
         LatencyConfig::Fixed { ms } => ms,
         LatencyConfig::Uniform { min_ms, max_ms } => {
             if max_ms > min_ms {
-                rng.gen_range(min_ms..max_ms)
+                min_ms + (max_ms - min_ms) * rng.unit()
             } else {
                 min_ms
             }
         }
         LatencyConfig::LogNormal { median_ms, sigma, max_ms } => {
             // Box-Muller: one standard normal from two uniforms.
-            let u1: f64 = rng.gen_range(f64::EPSILON..1.0);
-            let u2: f64 = rng.gen();
+            // u1 in (0, 1]: ln(0) would be infinite.
+            let u1 = 1.0 - rng.unit();
+            let u2 = rng.unit();
             let z = (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos();
             (median_ms.ln() + sigma * z).exp().min(max_ms)
         }
@@ -178,11 +178,10 @@ pub fn sample_latency(config: &LatencyConfig, rng: &mut impl Rng) -> Millis {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rand::SeedableRng;
 
     fn net(latency: LatencyConfig, loss: f64) -> Network {
         let config = NetworkConfig { latency, loss, ..NetworkConfig::default() };
-        Network::new(config, ChaCha8Rng::seed_from_u64(3))
+        Network::new(config, Dice::seeded(3))
     }
 
     #[test]
@@ -217,7 +216,7 @@ mod tests {
 
     #[test]
     fn lognormal_median_is_about_right() {
-        let mut rng = ChaCha8Rng::seed_from_u64(9);
+        let mut rng = Dice::seeded(9);
         let config = LatencyConfig::LogNormal { median_ms: 20.0, sigma: 0.5, max_ms: 1_000.0 };
         let mut draws: Vec<u64> = (0..10_001).map(|_| sample_latency(&config, &mut rng)).collect();
         draws.sort_unstable();

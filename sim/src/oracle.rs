@@ -297,8 +297,7 @@ impl Oracle {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rand::{Rng, SeedableRng};
-    use rand_chacha::ChaCha8Rng;
+    use crate::dice::Dice;
 
     /// The MQTT rules written out plainly, to check the trie against.
     fn plain_match(filter: &str, topic: &str) -> bool {
@@ -334,14 +333,14 @@ mod tests {
 
     #[test]
     fn trie_agrees_with_the_plain_rules() {
-        let mut rng = ChaCha8Rng::seed_from_u64(5);
-        let level = |rng: &mut ChaCha8Rng| ["a", "b", "", "$x"][rng.gen_range(0..4)];
+        let mut rng = Dice::seeded(5);
+        let level = |rng: &mut Dice| *rng.choose(&["a", "b", "", "$x"]).expect("four levels");
         let mut o = Oracle::new(2);
         let mut filters = Vec::new();
         for node in 0..300u32 {
-            let depth = rng.gen_range(1..4);
-            let mut f: Vec<&str> = (0..depth).map(|_| if rng.gen_bool(0.3) { "+" } else { level(&mut rng) }).collect();
-            if rng.gen_bool(0.2) {
+            let depth = rng.int(1..4usize);
+            let mut f: Vec<&str> = (0..depth).map(|_| if rng.chance(0.3) { "+" } else { level(&mut rng) }).collect();
+            if rng.chance(0.2) {
                 f.push("#");
             }
             let f = f.join("/");
@@ -349,7 +348,7 @@ mod tests {
             filters.push(f);
         }
         for _ in 0..300 {
-            let depth = rng.gen_range(1..4);
+            let depth = rng.int(1..4usize);
             let topic = (0..depth).map(|_| level(&mut rng)).collect::<Vec<_>>().join("/");
             let want: Vec<u32> = (0..300u32).filter(|&n| plain_match(&filters[n as usize], &topic)).collect();
             assert_eq!(o.expected(&topic).plain, want, "topic {topic:?}");

@@ -8,7 +8,7 @@
 //! Boundary: configuration and its validation; nothing runs here.
 
 use anyhow::{bail, Context};
-use kadmq_dht::core::{Config as CoreConfig, OwnershipConfig};
+use kadmq_dht::core::{OwnershipConfig, RoutingConfig};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
@@ -73,7 +73,7 @@ pub struct FleetConfig {
 
 impl Default for FleetConfig {
     fn default() -> Self {
-        let core = CoreConfig::default();
+        let core = RoutingConfig::default();
         let (ownership, vnodes) = match OwnershipConfig::default() {
             OwnershipConfig::Xor => (OwnershipKind::Xor, 128),
             OwnershipConfig::Ring { vnodes } => (OwnershipKind::Ring, vnodes),
@@ -101,8 +101,8 @@ pub enum OwnershipKind {
 }
 
 impl FleetConfig {
-    pub fn core_config(&self) -> CoreConfig {
-        CoreConfig {
+    pub fn core_config(&self) -> RoutingConfig {
+        RoutingConfig {
             replication: self.replication,
             shard_depth: self.shard_depth,
             cache_capacity: self.cache_capacity,
@@ -110,7 +110,7 @@ impl FleetConfig {
             handoff_warmup_ms: self.handoff_warmup_ms,
             lookup_timeout_ms: self.lookup_timeout_ms,
             anti_entropy_interval_ms: self.anti_entropy_interval_ms,
-            ..CoreConfig::default()
+            ..RoutingConfig::default()
         }
     }
 

@@ -10,8 +10,8 @@
 //!
 //! Boundary: what is subscribed and published, never how it is routed.
 
+use crate::dice::Dice;
 use crate::scenario::{SubscriptionConfig, TopicConfig};
-use rand::Rng;
 
 /// Samples ranks `0..n` with probability proportional to `1/(rank+1)^s`.
 #[derive(Clone, Debug)]
@@ -33,8 +33,8 @@ impl Zipf {
         Zipf { cdf }
     }
 
-    pub fn sample(&self, rng: &mut impl Rng) -> usize {
-        let u: f64 = rng.gen();
+    pub fn sample(&self, rng: &mut Dice) -> usize {
+        let u = rng.unit();
         self.cdf.partition_point(|&p| p <= u).min(self.cdf.len() - 1)
     }
 
@@ -70,27 +70,27 @@ impl Workload {
         }
     }
 
-    fn levels(&self, rng: &mut impl Rng) -> Vec<String> {
-        let depth = rng.gen_range(self.topics.depth_min..=self.topics.depth_max);
+    fn levels(&self, rng: &mut Dice) -> Vec<String> {
+        let depth = rng.int(self.topics.depth_min..=self.topics.depth_max);
         let mut levels = Vec::with_capacity(depth);
         levels.push(format!("t{}", self.first.sample(rng)));
         for i in 1..depth {
-            let name = if i == 1 { self.second.sample(rng) } else { rng.gen_range(0..self.topics.branching) };
+            let name = if i == 1 { self.second.sample(rng) } else { rng.int(0..self.topics.branching) };
             levels.push(format!("l{name}"));
         }
         levels
     }
 
     /// A topic to publish to: a path of the tree.
-    pub fn topic(&self, rng: &mut impl Rng) -> String {
+    pub fn topic(&self, rng: &mut Dice) -> String {
         self.levels(rng).join("/")
     }
 
     /// A filter to subscribe to.
-    pub fn subscription(&self, rng: &mut impl Rng) -> Subscription {
+    pub fn subscription(&self, rng: &mut Dice) -> Subscription {
         let mut levels = self.levels(rng);
-        if rng.gen_bool(self.subs.root_wildcard_share.clamp(0.0, 1.0)) {
-            if levels.len() < 2 || rng.gen_bool(0.5) {
+        if rng.chance(self.subs.root_wildcard_share.clamp(0.0, 1.0)) {
+            if levels.len() < 2 || rng.chance(0.5) {
                 levels = vec!["#".into()];
             } else {
                 levels[0] = "+".into();
@@ -98,11 +98,11 @@ impl Workload {
         } else {
             for (k, level) in levels.iter_mut().enumerate() {
                 let p = self.subs.plus_share.get(k).copied().unwrap_or(0.0);
-                if p > 0.0 && rng.gen_bool(p.min(1.0)) {
+                if p > 0.0 && rng.chance(p.min(1.0)) {
                     *level = "+".into();
                 }
             }
-            if rng.gen_bool(self.subs.hash_share.clamp(0.0, 1.0)) {
+            if rng.chance(self.subs.hash_share.clamp(0.0, 1.0)) {
                 // Replace the last level, keeping at least one level above
                 // it so `#` here is not a root wildcard.
                 if levels.len() > 1 {
@@ -112,8 +112,8 @@ impl Workload {
                 }
             }
         }
-        let group = if self.subs.shared_share > 0.0 && rng.gen_bool(self.subs.shared_share.min(1.0)) {
-            Some(format!("g{}", rng.gen_range(0..self.subs.shared_groups.max(1))).into_boxed_str())
+        let group = if self.subs.shared_share > 0.0 && rng.chance(self.subs.shared_share.min(1.0)) {
+            Some(format!("g{}", rng.int(0..self.subs.shared_groups.max(1))).into_boxed_str())
         } else {
             None
         };
@@ -129,12 +129,10 @@ impl Workload {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rand::SeedableRng;
-    use rand_chacha::ChaCha8Rng;
 
     #[test]
     fn zipf_is_skewed_and_uniform_at_zero() {
-        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        let mut rng = Dice::seeded(1);
         let z = Zipf::new(100, 1.0);
         let mut counts = [0u32; 100];
         for _ in 0..100_000 {
@@ -158,7 +156,7 @@ mod tests {
             ..SubscriptionConfig::default()
         };
         let w = Workload::new(&topics, &subs);
-        let mut rng = ChaCha8Rng::seed_from_u64(2);
+        let mut rng = Dice::seeded(2);
         let all: Vec<Subscription> = (0..10_000).map(|_| w.subscription(&mut rng)).collect();
         let share = |f: &dyn Fn(&Subscription) -> bool| all.iter().filter(|s| f(s)).count() as f64 / 1e4;
         let root = share(&|s| s.filter.starts_with('+') || s.filter.starts_with('#'));

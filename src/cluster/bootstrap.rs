@@ -16,7 +16,7 @@ use super::{Cluster, ClusterError, ClusterStats};
 use crate::broker::Broker;
 use crate::config::ClusterSettings;
 use kadmq_dht::core::{self, Event, Membership, Node, NodeId, OwnershipConfig};
-use kadmq_dht::driver::{self, ClusterConfig, Multiaddr, PeerId};
+use kadmq_dht::driver::{self, DriverConfig, Multiaddr, PeerId};
 use parking_lot::{Mutex, RwLock};
 use std::path::Path;
 use std::sync::atomic::AtomicU64;
@@ -46,7 +46,7 @@ pub async fn start(settings: &ClusterSettings, cx: StartContext<'_>) -> Result<A
     let cluster_key = driver::read_cluster_key(key_file)?;
     let peer_id = keypair.public().to_peer_id();
     let name = settings.node_name.clone().unwrap_or_else(|| default_name(&peer_id));
-    let mut config = ClusterConfig::new(name.clone(), keypair, cluster_key);
+    let mut config = DriverConfig::new(name.clone(), keypair, cluster_key);
     config.fleet = driver::FleetSettings {
         replication: settings.replication as u32,
         shard_depth: settings.shard_depth as u32,
@@ -71,11 +71,11 @@ pub async fn start(settings: &ClusterSettings, cx: StartContext<'_>) -> Result<A
     cx.tasks.spawn(event_loop.run());
 
     let me = node_id(&peer_id);
-    let core_config = core::Config {
+    let core_config = core::RoutingConfig {
         replication: settings.replication,
         shard_depth: settings.shard_depth,
         max_topic_levels: cx.broker.config.max_topic_levels,
-        ..core::Config::default()
+        ..core::RoutingConfig::default()
     };
     let mut node = Node::new(me, core_config.clone());
     let mut actions = Vec::new();

@@ -146,7 +146,8 @@ mod tests {
     fn per_peer_state_of_long_dead_peers_is_pruned() {
         let me_peer = PeerId::random();
         let me = node_id(&me_peer);
-        let mut st = State::new(Node::new(me, kadmq_dht::core::Config::default()), me_peer, Outbox::new(1), Vec::new());
+        let mut st =
+            State::new(Node::new(me, kadmq_dht::core::RoutingConfig::default()), me_peer, Outbox::new(1), Vec::new());
         let t0 = Instant::now();
         let dead_timeout = Duration::from_secs(8);
         let peers: Vec<PeerId> = (0..50).map(|_| PeerId::random()).collect();

@@ -19,7 +19,7 @@ use kadmq_dht::driver::{
     behaviour::{build_swarm, MEMBERSHIP_TOPIC},
     frames::{encode_frame, ACCEPTED, PROTOCOL},
     membership::RECORD_VERSION,
-    ClusterConfig, FleetSettings, Load, NodeRecord,
+    DriverConfig, FleetSettings, Load, NodeRecord,
 };
 use kadmq_dht::shard::{filter_shard, DEFAULT_SHARD_DEPTH};
 use libp2p::{gossipsub, Multiaddr, PeerId};
@@ -61,7 +61,7 @@ fn test_peer_after(
 ) -> (PeerId, mpsc::UnboundedSender<Bytes>) {
     let _guard = rt.enter();
     let key = driver::read_cluster_key(&lab.key).unwrap();
-    let config = ClusterConfig::new(name, driver::generate_keypair(), key);
+    let config = DriverConfig::new(name, driver::generate_keypair(), key);
     let mut swarm = build_swarm(&config).unwrap();
     let me = *swarm.local_peer_id();
     swarm.listen_on("/ip4/127.0.0.1/tcp/0".parse().unwrap()).unwrap();

@@ -18,7 +18,7 @@ enum Wire {
 }
 
 struct Net {
-    config: Config,
+    config: RoutingConfig,
     nodes: BTreeMap<NodeId, Node>,
     membership: Arc<Membership>,
     /// In flight, FIFO per (from, to).
@@ -35,7 +35,7 @@ struct Net {
 }
 
 impl Net {
-    fn new(seed: u64, config: Config, ownership: OwnershipConfig, nodes: usize) -> Net {
+    fn new(seed: u64, config: RoutingConfig, ownership: OwnershipConfig, nodes: usize) -> Net {
         let mut net = Net {
             config,
             nodes: BTreeMap::new(),
@@ -272,8 +272,8 @@ impl Net {
     }
 }
 
-fn test_config() -> Config {
-    Config {
+fn test_config() -> RoutingConfig {
+    RoutingConfig {
         replication: 3,
         shard_depth: 1,
         cache_capacity: 1_000,
@@ -281,7 +281,7 @@ fn test_config() -> Config {
         handoff_warmup_ms: 300,
         lookup_timeout_ms: 200,
         anti_entropy_interval_ms: 1_000,
-        ..Config::default()
+        ..RoutingConfig::default()
     }
 }
 

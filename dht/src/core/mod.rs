@@ -4,6 +4,11 @@
 //! (`sim/`) both drive this one core, so what the simulator measures is what
 //! the fleet runs.
 //!
+//! Boundary: no socket, clock or randomness; `now` comes in with each event
+//! and what should happen goes out as actions. The build keeps it so: this
+//! module compiles without the crate's `driver` feature, the only one that
+//! brings in tokio, libp2p and rand.
+//!
 //! # Layout
 //!
 //! - [`id`]: [`NodeId`] (a `u64`) and its position in the key space; stable hashes.
@@ -18,11 +23,11 @@
 //! # Driving a node
 //!
 //! ```
-//! use kadmq_dht::core::{Action, Config, Event, Membership, Node, NodeId, OwnershipConfig};
+//! use kadmq_dht::core::{Action, Event, Membership, Node, NodeId, OwnershipConfig, RoutingConfig};
 //! use std::sync::Arc;
 //!
 //! let me = NodeId::from_peer_bytes(b"peer id bytes");
-//! let mut node = Node::new(me, Config::default());
+//! let mut node = Node::new(me, RoutingConfig::default());
 //! let mut actions = Vec::new();
 //! let view = Arc::new(Membership::new(1, [me], OwnershipConfig::Xor));
 //! node.handle(0, Event::Membership(view), &mut actions).unwrap();
@@ -80,7 +85,7 @@ pub use frame::{
     decode, encode, ForwardRoute, Frame, FrameError, FrameKind, LookupAnswer, RouteChange, RouteOp, SharedPick,
 };
 pub use id::NodeId;
-pub use node::{Action, Config, CoreError, Counters, Event, Node, Rejected};
+pub use node::{Action, CoreError, Counters, Event, Node, Rejected, RoutingConfig};
 pub use ownership::{
     Membership, MembershipDelta, Owners, Ownership, OwnershipConfig, Placement, RingOwnership, XorOwnership,
 };

@@ -41,18 +41,18 @@ use std::sync::Arc;
 /// again, while views are still converging after a membership change.
 const LOOKUP_RETRY_MS: u64 = 100;
 
-/// Default of [`Config::max_topic_levels`].
+/// Default of [`RoutingConfig::max_topic_levels`].
 pub const DEFAULT_MAX_TOPIC_LEVELS: usize = crate::topic::DEFAULT_MAX_LEVELS;
 /// Most items (ops, changes, digests, shards) one frame may carry. A frame
 /// is at most 16 MiB, so this only bites on frames of tiny items; it bounds
 /// the work one frame can ask for.
 pub const MAX_FRAME_ITEMS: usize = 1 << 20;
 
-/// Settings shared by the whole fleet (every node must agree on
-/// `replication`, `shard_depth` and the ownership strategy).
+/// The routing core's settings, shared by the whole fleet (every node must
+/// agree on `replication`, `shard_depth` and the ownership strategy).
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(default)]
-pub struct Config {
+pub struct RoutingConfig {
     /// Owners per shard (R).
     pub replication: usize,
     /// Literal prefix levels that name a shard.
@@ -76,7 +76,7 @@ pub struct Config {
     pub max_topic_levels: usize,
 }
 
-impl Config {
+impl RoutingConfig {
     /// The level and length limits a topic or filter is checked against;
     /// the length is MQTT's, the levels this fleet's.
     pub fn topic_limits(&self) -> TopicLimits {
@@ -84,9 +84,9 @@ impl Config {
     }
 }
 
-impl Default for Config {
+impl Default for RoutingConfig {
     fn default() -> Self {
-        Config {
+        RoutingConfig {
             replication: 3,
             shard_depth: DEFAULT_SHARD_DEPTH,
             cache_capacity: 100_000,
@@ -330,7 +330,7 @@ struct Parked {
 #[cfg_attr(feature = "fuzzing", derive(Clone))]
 pub struct Node {
     id: NodeId,
-    config: Config,
+    config: RoutingConfig,
     membership: Arc<Membership>,
     /// The view before the latest burst of membership changes (changes less
     /// than `handoff_warmup_ms` apart form one burst), and when the last
@@ -355,12 +355,12 @@ pub struct Node {
 
 impl Node {
     /// A node with an empty view; feed it [`Event::Membership`] first.
-    pub fn new(id: NodeId, config: Config) -> Node {
+    pub fn new(id: NodeId, config: RoutingConfig) -> Node {
         Node::with_ownership(id, config, OwnershipConfig::default())
     }
 
     /// As [`Node::new`], with the strategy of the initial empty view.
-    pub fn with_ownership(id: NodeId, config: Config, ownership: OwnershipConfig) -> Node {
+    pub fn with_ownership(id: NodeId, config: RoutingConfig, ownership: OwnershipConfig) -> Node {
         let cache = RouteCache::new(config.cache_capacity);
         let empty = Arc::new(Membership::empty(ownership));
         Node {
@@ -389,7 +389,7 @@ impl Node {
         self.id
     }
 
-    pub fn config(&self) -> &Config {
+    pub fn config(&self) -> &RoutingConfig {
         &self.config
     }
 
@@ -1464,7 +1464,7 @@ mod tests {
     const PEER: NodeId = NodeId(2);
 
     fn node() -> Node {
-        let mut node = Node::new(ME, Config::default());
+        let mut node = Node::new(ME, RoutingConfig::default());
         let view = Arc::new(Membership::new(1, [ME, PEER], OwnershipConfig::Xor));
         node.handle(0, Event::Membership(view), &mut Vec::new()).unwrap();
         node
@@ -1545,7 +1545,7 @@ mod tests {
         let long = "x".repeat(MAX_TOPIC_LEN + 1);
         assert_eq!(feed(&mut n, PEER, assert_frame(&long, None, shard(&long))), Some(Rejected::TooLong));
         // The limit is the node's own setting.
-        let mut strict = Node::new(ME, Config { max_topic_levels: 2, ..Config::default() });
+        let mut strict = Node::new(ME, RoutingConfig { max_topic_levels: 2, ..RoutingConfig::default() });
         let view = Arc::new(Membership::new(1, [ME, PEER], OwnershipConfig::Xor));
         strict.handle(0, Event::Membership(view), &mut Vec::new()).unwrap();
         assert_eq!(feed(&mut strict, PEER, assert_frame("a/b/c", None, shard("a/b/c"))), Some(Rejected::TooDeep));

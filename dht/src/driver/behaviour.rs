@@ -30,7 +30,7 @@ use libp2p::{
     tcp, yamux, Multiaddr, StreamProtocol, Swarm, Transport,
 };
 
-use super::{ClusterConfig, Error};
+use super::{DriverConfig, Error};
 
 /// Kademlia protocol name: kadmq nodes form their own DHT, apart from IPFS.
 pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/kadmq/kad/1.0.0");
@@ -49,7 +49,7 @@ pub struct Behaviour {
 }
 
 impl Behaviour {
-    fn new(key: &Keypair, config: &ClusterConfig) -> Result<Self, Error> {
+    fn new(key: &Keypair, config: &DriverConfig) -> Result<Self, Error> {
         let peer_id = key.public().to_peer_id();
 
         let identify = identify::Behaviour::new(
@@ -94,7 +94,7 @@ impl Behaviour {
 
 /// Builds the swarm for `config`: TCP (behind DNS resolution) + pnet +
 /// noise + yamux, and the composed [`Behaviour`].
-pub fn build_swarm(config: &ClusterConfig) -> Result<Swarm<Behaviour>, Error> {
+pub fn build_swarm(config: &DriverConfig) -> Result<Swarm<Behaviour>, Error> {
     let psk: PreSharedKey = config.cluster_key;
     let handshake_timeout = config.handshake_timeout;
     let swarm = libp2p::SwarmBuilder::with_existing_identity(config.keypair.clone())

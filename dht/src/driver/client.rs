@@ -38,7 +38,7 @@ pub enum Event {
     MemberDead(PeerId),
     /// A frame from another node, in the order that node sent it. `held`
     /// is its share of the node's receive budget
-    /// ([`super::ClusterConfig::receive_buffer`]): drop it once the frame
+    /// ([`super::DriverConfig::receive_buffer`]): drop it once the frame
     /// is dealt with, or readers stop reading.
     Frame { from: PeerId, bytes: Bytes, held: Arc<Charged> },
     /// A peer whose record announces other fleet settings (replication,

@@ -1,10 +1,10 @@
-//! Cluster configuration and the two secrets a node keeps on disk.
+//! The driver's configuration and the two secrets a node keeps on disk.
 //!
 //! Job: say how one node joins the fleet (name, listen and bootstrap
 //! multiaddrs, timings) and load, generate and persist its node keypair (so
 //! the peer id survives restarts) and the fleet's pre-shared key (libp2p
 //! pnet, the go-ipfs `swarm.key` format). Boundary: no sockets here; the
-//! event loop turns a validated [`ClusterConfig`] into a running swarm.
+//! event loop turns a validated [`DriverConfig`] into a running swarm.
 
 use std::{
     fs,
@@ -26,9 +26,10 @@ pub const NODE_KEY_FILE: &str = "node.key";
 /// File name of the incarnation counter inside a data directory.
 pub const INCARNATION_FILE: &str = "incarnation";
 
-/// How one node takes part in the cluster.
+/// How one node's driver takes part in the cluster: identity, addresses,
+/// timings. (The routing core's settings are [`crate::core::RoutingConfig`].)
 #[derive(Clone)]
-pub struct ClusterConfig {
+pub struct DriverConfig {
     /// Human-readable node name, carried in the node record.
     pub node_name: String,
     /// The node's identity; its public half is the peer id.
@@ -71,11 +72,11 @@ pub struct ClusterConfig {
     pub fleet: FleetSettings,
 }
 
-impl std::fmt::Debug for ClusterConfig {
+impl std::fmt::Debug for DriverConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never print the secrets; the pnet key's Debug prints only its
         // fingerprint.
-        f.debug_struct("ClusterConfig")
+        f.debug_struct("DriverConfig")
             .field("node_name", &self.node_name)
             .field("peer_id", &self.keypair.public().to_peer_id())
             .field("cluster_key", &self.cluster_key)
@@ -94,7 +95,7 @@ impl std::fmt::Debug for ClusterConfig {
     }
 }
 
-impl ClusterConfig {
+impl DriverConfig {
     /// A config with production timings (heartbeat 1 s, suspect after 5 s,
     /// dead after 15 s, handshakes bounded by 10 s), listening on `/ip4/0.0.0.0/tcp/0`, no bootstrap
     /// addresses and an incarnation taken from the wall clock (milliseconds
@@ -117,7 +118,7 @@ impl ClusterConfig {
             send_buffer: 256 << 20,
             receive_buffer: 64 << 20,
             fleet: FleetSettings {
-                replication: crate::core::Config::default().replication as u32,
+                replication: crate::core::RoutingConfig::default().replication as u32,
                 shard_depth: crate::shard::DEFAULT_SHARD_DEPTH as u32,
                 frame_version: u32::from(crate::core::frame::FRAME_VERSION),
             },
@@ -365,7 +366,7 @@ mod tests {
 
     #[test]
     fn validate_rejects_bad_timings() {
-        let mut config = ClusterConfig::new("n1", generate_keypair(), generate_cluster_key());
+        let mut config = DriverConfig::new("n1", generate_keypair(), generate_cluster_key());
         assert!(config.validate().is_ok());
         config.dead_timeout = config.suspect_timeout;
         assert!(config.validate().is_err());

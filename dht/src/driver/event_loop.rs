@@ -37,8 +37,8 @@ use super::{
     client::{Client, Command, Event, LinkQueue},
     config::peer_id_of,
     frames::{self, PROTOCOL},
-    membership::{Change, Load, Member, MemberState, Membership, NodeRecord, RECORD_VERSION},
-    ClusterConfig, Error,
+    membership::{Change, FailureDetector, Load, Member, MemberState, NodeRecord, RECORD_VERSION},
+    DriverConfig, Error,
 };
 
 /// Capacity of the event channel handed to the caller.
@@ -57,7 +57,7 @@ const LEAVE_GRACE: Duration = Duration::from_millis(300);
 /// addresses are known, so [`Client::listen_addrs`] is useful at once) and
 /// returns the client, the event stream and the event loop. Nothing happens
 /// on the network until the caller spawns [`EventLoop::run`].
-pub async fn start(config: ClusterConfig) -> Result<(Client, mpsc::Receiver<Event>, EventLoop), Error> {
+pub async fn start(config: DriverConfig) -> Result<(Client, mpsc::Receiver<Event>, EventLoop), Error> {
     config.validate()?;
     let mut swarm = build_swarm(&config)?;
     let local = *swarm.local_peer_id();
@@ -131,10 +131,10 @@ pub async fn start(config: ClusterConfig) -> Result<(Client, mpsc::Receiver<Even
         incoming: Some((incoming, accepted_tx)),
         accepted: accepted_rx,
         control,
-        membership: Membership::new(local, config.suspect_timeout, config.dead_timeout),
+        detector: FailureDetector::new(local, config.suspect_timeout, config.dead_timeout),
         record,
         topic,
-        links: HashMap::new(),
+        writers: HashMap::new(),
         readers: HashMap::new(),
         tasks: JoinSet::new(),
         blocked: HashSet::new(),
@@ -152,8 +152,9 @@ pub async fn start(config: ClusterConfig) -> Result<(Client, mpsc::Receiver<Even
     Ok((Client::new(command_tx, local, budget), event_rx, event_loop))
 }
 
-/// The writer side of one peer's link.
-struct Link {
+/// The writer side of one peer's link: the queue its frames go into and the
+/// task that writes them to the peer's frame stream.
+struct LinkWriter {
     queue: LinkQueue,
     task: AbortHandle,
     created: Instant,
@@ -175,11 +176,11 @@ pub struct EventLoop {
     /// Inbound frame streams queued by the accept task.
     accepted: mpsc::Receiver<(PeerId, Stream)>,
     control: libp2p_stream::Control,
-    membership: Membership,
+    detector: FailureDetector,
     /// This node's own record; `seq` counts heartbeats.
     record: NodeRecord,
     topic: gossipsub::IdentTopic,
-    links: HashMap<PeerId, Link>,
+    writers: HashMap<PeerId, LinkWriter>,
     readers: HashMap<PeerId, Vec<AbortHandle>>,
     /// Writer and reader tasks; dropping the event loop aborts them all.
     tasks: JoinSet<()>,
@@ -273,13 +274,13 @@ impl EventLoop {
 
     fn on_heartbeat(&mut self) {
         self.publish_record();
-        let changes = self.membership.tick(Instant::now().into_std());
+        let changes = self.detector.tick(Instant::now().into_std());
         for change in changes {
             self.apply_change(change);
         }
         // Reconnect to every member we should be linked to.
         let to_dial: Vec<(PeerId, Vec<Multiaddr>)> = self
-            .membership
+            .detector
             .iter()
             .filter(|m| m.state != MemberState::Dead)
             .map(|m| (m.peer_id, m.listen_addrs.clone()))
@@ -317,7 +318,7 @@ impl EventLoop {
             .connected_since
             .iter()
             .filter(|(peer, since)| {
-                let heard = self.membership.last_heard(peer).map(Instant::from_std).map_or(**since, |h| h.max(**since));
+                let heard = self.detector.last_heard(peer).map(Instant::from_std).map_or(**since, |h| h.max(**since));
                 now.saturating_duration_since(heard) > self.dead_timeout
             })
             .map(|(peer, _)| *peer)
@@ -335,10 +336,10 @@ impl EventLoop {
     /// go when the member is declared dead.
     fn drop_orphan_links(&mut self) {
         let orphans: Vec<PeerId> = self
-            .links
+            .writers
             .iter()
             .filter(|(peer, link)| {
-                self.membership.get(peer).is_none()
+                self.detector.get(peer).is_none()
                     && !self.swarm.is_connected(peer)
                     && link.created.elapsed() > self.dead_timeout
             })
@@ -379,7 +380,7 @@ impl EventLoop {
         if self.refused.remove(&peer).is_some() {
             info!(%peer, name = %record.name, "peer now runs this fleet's settings: admitted");
         }
-        if let Some(change) = self.membership.observe(&record, Instant::now().into_std()) {
+        if let Some(change) = self.detector.observe(&record, Instant::now().into_std()) {
             if let Change::Up(member) = &change {
                 for addr in &member.listen_addrs {
                     self.swarm.behaviour_mut().kad.add_address(&member.peer_id, addr.clone());
@@ -476,7 +477,7 @@ impl EventLoop {
     }
 
     fn drop_links(&mut self, peer: &PeerId) {
-        if let Some(link) = self.links.remove(peer) {
+        if let Some(link) = self.writers.remove(peer) {
             link.task.abort();
         }
         for reader in self.readers.remove(peer).unwrap_or_default() {
@@ -485,7 +486,7 @@ impl EventLoop {
     }
 
     fn link(&mut self, peer: PeerId) -> LinkQueue {
-        if let Some(link) = self.links.get(&peer) {
+        if let Some(link) = self.writers.get(&peer) {
             if !link.queue.is_closed() {
                 return link.queue.clone();
             }
@@ -494,7 +495,7 @@ impl EventLoop {
         // its share of the node's send budget.
         let (queue, rx) = mpsc::unbounded_channel();
         let task = self.tasks.spawn(frames::write_loop(peer, self.control.clone(), rx));
-        self.links.insert(peer, Link { queue: queue.clone(), task, created: Instant::now() });
+        self.writers.insert(peer, LinkWriter { queue: queue.clone(), task, created: Instant::now() });
         queue
     }
 
@@ -526,7 +527,7 @@ impl EventLoop {
                 } else if self.blocked.contains(&peer) || self.refused.contains_key(&peer) {
                     Ok(None)
                 } else {
-                    match self.membership.get(&peer).map(|m| m.state) {
+                    match self.detector.get(&peer).map(|m| m.state) {
                         Some(MemberState::Dead) => Err(Error::PeerDead(peer)),
                         Some(_) => Ok(Some(self.link(peer))),
                         // Not (yet) a member, but linked: e.g. answering a
@@ -539,7 +540,7 @@ impl EventLoop {
             }
             Command::Members { reply } => {
                 let mut members = vec![self.local_member()];
-                members.extend(self.membership.iter().cloned());
+                members.extend(self.detector.iter().cloned());
                 let _ = reply.send(members);
             }
             Command::ListenAddrs { reply } => {

@@ -1,7 +1,7 @@
 //! Who is in the fleet: node records and the failure detector.
 //!
 //! Job: the gossiped [`NodeRecord`] wire format (MessagePack, versioned), and
-//! the [`Membership`] table that turns records and the passing of time into
+//! the [`FailureDetector`] that turns records and the passing of time into
 //! `Up` / `Suspect` / `Dead` changes. Boundary: no I/O and no clock of its
 //! own: the event loop feeds it records it received over gossipsub and the
 //! current `Instant`, and forwards the changes as [`super::Event`]s. That
@@ -167,18 +167,19 @@ struct Entry {
     last_heard: Instant,
 }
 
-/// The membership table and failure detector of one node.
+/// The failure detector of one node: the table of remote members, each with
+/// the last heartbeat heard, that times them out to suspect and then dead.
 ///
 /// Remote members only: the local node is added by the caller when it
 /// lists members, since it never times out.
-pub struct Membership {
+pub struct FailureDetector {
     local: PeerId,
     suspect_timeout: Duration,
     dead_timeout: Duration,
     members: HashMap<PeerId, Entry>,
 }
 
-impl Membership {
+impl FailureDetector {
     pub fn new(local: PeerId, suspect_timeout: Duration, dead_timeout: Duration) -> Self {
         Self { local, suspect_timeout, dead_timeout, members: HashMap::new() }
     }
@@ -294,8 +295,8 @@ mod tests {
         }
     }
 
-    fn table() -> Membership {
-        Membership::new(PeerId::random(), Duration::from_secs(5), Duration::from_secs(15))
+    fn table() -> FailureDetector {
+        FailureDetector::new(PeerId::random(), Duration::from_secs(5), Duration::from_secs(15))
     }
 
     #[test]
@@ -397,7 +398,7 @@ mod tests {
     #[test]
     fn own_records_are_ignored() {
         let local = PeerId::random();
-        let mut m = Membership::new(local, Duration::from_secs(1), Duration::from_secs(2));
+        let mut m = FailureDetector::new(local, Duration::from_secs(1), Duration::from_secs(2));
         assert_eq!(m.observe(&record(local, 1, 1), Instant::now()), None);
     }
 }

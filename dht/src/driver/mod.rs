@@ -1,4 +1,5 @@
-//! The libp2p driver: kadmq's cluster transport and membership.
+//! The libp2p driver: kadmq's cluster transport and membership. Built with
+//! the crate's `driver` feature (on by default).
 //!
 //! Job: move opaque frames between nodes and say who is in the fleet. One
 //! libp2p swarm per node (TCP + pnet pre-shared key + noise + yamux, with
@@ -16,9 +17,9 @@
 //!
 //! # Layout
 //!
-//! - [`config`]: [`ClusterConfig`], node keypair and cluster key files.
+//! - [`config`]: [`DriverConfig`], node keypair and cluster key files.
 //! - [`behaviour`]: the transport stack and the composed `Behaviour`.
-//! - [`membership`]: node records and the failure detector (no I/O).
+//! - [`membership`]: node records and the [`FailureDetector`] (no I/O).
 //! - [`budget`]: [`SendBudget`], the node-wide bound on bytes held for peers.
 //! - [`frames`]: the `/kadmq/frames/1` protocol, writer and reader tasks.
 //! - [`client`]: [`Client`], [`Event`] and the command enum.
@@ -28,9 +29,9 @@
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), kadmq_dht::driver::Error> {
-//! use kadmq_dht::driver::{self, ClusterConfig};
+//! use kadmq_dht::driver::{self, DriverConfig};
 //! let dir = std::path::Path::new("/var/lib/kadmq");
-//! let mut config = ClusterConfig::new(
+//! let mut config = DriverConfig::new(
 //!     "n1",
 //!     driver::load_or_generate_keypair(dir)?,
 //!     driver::read_cluster_key(&dir.join("cluster.key"))?,
@@ -58,11 +59,11 @@ pub use budget::{Charged, SendBudget};
 pub use client::{Client, Event};
 pub use config::{
     generate_cluster_key, generate_keypair, load_or_generate_keypair, next_incarnation, parse_cluster_key, peer_id_of,
-    read_cluster_key, save_keypair, write_cluster_key, ClusterConfig,
+    read_cluster_key, save_keypair, write_cluster_key, DriverConfig,
 };
 pub use error::Error;
 pub use event_loop::{start, EventLoop};
-pub use membership::{FleetSettings, Load, Member, MemberState, NodeRecord};
+pub use membership::{FailureDetector, FleetSettings, Load, Member, MemberState, NodeRecord};
 
 // Re-exported so callers need not depend on libp2p for the basic types.
 pub use libp2p::{identity::Keypair, multiaddr, pnet::PreSharedKey, Multiaddr, PeerId};
