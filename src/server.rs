@@ -5,6 +5,7 @@
 //! addresses); [`run`] is what the binary calls: start, wait for the
 //! shutdown signal, stop gracefully.
 
+use crate::broker::clock::{Clock, SystemClock};
 use crate::broker::limits::Limit;
 use crate::broker::{sys, Broker};
 use crate::cluster::{self, Cluster};
@@ -54,9 +55,15 @@ enum Transport {
 
 impl Server {
     pub async fn start(config: Config) -> Result<Server, StartError> {
+        Server::start_with_clock(config, Arc::new(SystemClock::new())).await
+    }
+
+    /// [`Server::start`] with the broker on `clock` (tests give a
+    /// [`TokioClock`](crate::broker::clock::TokioClock) and pause tokio).
+    pub async fn start_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<Server, StartError> {
         config.validate()?;
         let storage = Storage::open(&config.data_dir)?;
-        let broker = Arc::new(Broker::open(config.mqtt.clone(), storage)?);
+        let broker = Arc::new(Broker::open_with_clock(config.mqtt.clone(), storage, clock)?);
         let (stop, _) = broadcast::channel(1);
         let permits = Arc::new(Semaphore::new(config.mqtt.max_connections));
         let mut tasks = JoinSet::new();

@@ -90,6 +90,38 @@ impl Clock for ManualClock {
     }
 }
 
+/// Tokio's clock, with the wall clock read once when it is made: it
+/// follows a paused tokio clock (`#[tokio::test(start_paused = true)]`,
+/// `tokio::time::advance`), so a test of a whole server waits for an expiry
+/// or a will delay without waiting; unpaused, it runs as the system's
+/// monotonic clock. For tests: it does not follow wall-clock steps.
+pub struct TokioClock {
+    wall_at_origin_ms: u64,
+    origin: tokio::time::Instant,
+}
+
+impl TokioClock {
+    pub fn new() -> TokioClock {
+        TokioClock { wall_at_origin_ms: SystemClock::unix_ms(), origin: tokio::time::Instant::now() }
+    }
+}
+
+impl Default for TokioClock {
+    fn default() -> Self {
+        TokioClock::new()
+    }
+}
+
+impl Clock for TokioClock {
+    fn now_ms(&self) -> u64 {
+        self.wall_at_origin_ms + self.origin.elapsed().as_millis() as u64
+    }
+
+    fn monotonic(&self) -> Duration {
+        self.origin.elapsed()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -102,5 +134,14 @@ mod tests {
         assert_eq!((clock.now_ms(), clock.monotonic()), (2_500, Duration::from_millis(1_500)));
         clock.set(500);
         assert_eq!((clock.now_ms(), clock.monotonic()), (500, Duration::from_millis(1_500)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn tokio_clock_follows_a_paused_tokio_clock() {
+        let clock = TokioClock::new();
+        let start = clock.now_ms();
+        tokio::time::advance(Duration::from_secs(90)).await;
+        assert_eq!(clock.now_ms() - start, 90_000);
+        assert_eq!(clock.monotonic(), Duration::from_secs(90));
     }
 }

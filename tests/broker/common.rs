@@ -7,18 +7,22 @@ use crate::support::ports::free_port;
 use crate::support::process::{kadmq, Process};
 use crate::support::raw::{publish_packet, Raw};
 use crate::support::wait::wait_for_port;
+use kadmq::broker::clock::TokioClock;
 use kadmq::protocol::QoS;
 use kadmq::{Config, Server};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::Duration;
 use tempfile::TempDir;
 
 /// A broker running in this process; its data directory lives as long as it.
+/// Its broker runs on tokio's clock: a `start_paused` test advances it.
 pub struct TestBroker {
     pub server: Option<Server>,
     pub dir: TempDir,
+    clock: Arc<TokioClock>,
 }
 
 impl TestBroker {
@@ -29,8 +33,10 @@ impl TestBroker {
     /// Starts a broker after `tweak` adjusts the test configuration.
     pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> TestBroker {
         let dir = tempfile::tempdir().expect("temp dir");
-        let server = Server::start(test_config(dir.path(), tweak)).await.expect("broker starts");
-        TestBroker { server: Some(server), dir }
+        let clock = Arc::new(TokioClock::new());
+        let server =
+            Server::start_with_clock(test_config(dir.path(), tweak), clock.clone()).await.expect("broker starts");
+        TestBroker { server: Some(server), dir, clock }
     }
 
     pub fn mqtt(&self) -> SocketAddr {
@@ -51,7 +57,9 @@ impl TestBroker {
         if let Some(server) = self.server.take() {
             server.shutdown().await;
         }
-        let server = Server::start(test_config(self.dir.path(), tweak)).await.expect("broker restarts");
+        // The same clock: what the first run stored was stamped by it.
+        let config = test_config(self.dir.path(), tweak);
+        let server = Server::start_with_clock(config, self.clock.clone()).await.expect("broker restarts");
         self.server = Some(server);
     }
 }

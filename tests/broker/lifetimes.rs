@@ -17,7 +17,7 @@ use std::time::Duration;
 /// Publication Expiry Interval when the Server publishes the Will Message",
 /// so it counts from publication, not from the disconnect. A will delayed
 /// longer than its expiry must still be delivered.
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn delayed_will_expiry_counts_from_publication() {
     let broker = TestBroker::start().await;
     let (mut obs, _) = Raw::v5_connack(broker.mqtt(), "rwx-obs", |_| {}).await;
@@ -138,7 +138,7 @@ async fn resuming_with_expiry_zero_forgets_the_stored_session() {
 
 /// An expired retained message is not only skipped: a subscribe that finds
 /// it clears it, in memory and in storage.
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn an_expired_retained_message_is_cleared_when_found() {
     let mut broker = TestBroker::start_with(|c| c.mqtt.sys_interval_secs = 0).await;
     let (mut publisher, _) = Raw::v5_connack(broker.mqtt(), "expiring-retainer", |_| {}).await;

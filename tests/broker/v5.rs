@@ -117,7 +117,7 @@ async fn session_expiry_zero_session_ends_with_the_connection() {
     a.expect_silence().await;
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn session_expiry_resumes_within_interval_and_ends_after() {
     let broker = TestBroker::start().await;
     let addr = broker.mqtt();
@@ -603,7 +603,7 @@ fn expiring(topic: &str, secs: u32, payload: &[u8]) -> Publish {
     p
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn retained_message_expires() {
     let broker = TestBroker::start().await;
     let mut p = Raw::v5(broker.mqtt(), "mx-pub", |_| {}).await;
@@ -625,7 +625,7 @@ async fn retained_message_expires() {
     s.expect_silence().await;
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn queued_message_expires_for_offline_session() {
     let broker = TestBroker::start().await;
     let persistent = |c: &mut Connect| {
@@ -883,7 +883,7 @@ async fn server_disconnect_reason_string_follows_problem_information() {
 // Will delay
 // ---------------------------------------------------------------------------
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn delayed_will_is_published_after_the_delay() {
     let broker = TestBroker::start().await;
     let mut w = Raw::v5(broker.mqtt(), "wd-obs", |_| {}).await;
@@ -901,7 +901,7 @@ async fn delayed_will_is_published_after_the_delay() {
     assert!(took >= Duration::from_millis(1800) && took < Duration::from_millis(4000), "will after {took:?}");
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn delayed_will_is_cancelled_by_reconnecting() {
     let broker = TestBroker::start().await;
     let mut w = Raw::v5(broker.mqtt(), "wc-obs", |_| {}).await;
@@ -926,7 +926,7 @@ async fn delayed_will_is_cancelled_by_reconnecting() {
     }
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn will_delay_longer_than_session_expiry_fires_at_expiry() {
     let broker = TestBroker::start().await;
     let mut w = Raw::v5(broker.mqtt(), "we-obs", |_| {}).await;
@@ -946,7 +946,7 @@ async fn will_delay_longer_than_session_expiry_fires_at_expiry() {
     assert!(!ack.session_present);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn takeover_cancels_a_delayed_will_when_the_session_resumes() {
     let broker = TestBroker::start().await;
     let mut w = Raw::v5(broker.mqtt(), "wt-obs", |_| {}).await;
