@@ -173,6 +173,37 @@ impl TopicLimits {
     }
 }
 
+/// Proptest strategies for topics and filters over a small alphabet (so
+/// that generated filters and topics often match), shared by the tests of
+/// every trie that matches them against [`matches`].
+#[cfg(any(test, feature = "strategies"))]
+pub mod strategies {
+    use proptest::prelude::*;
+
+    /// One literal level: two names, the empty level, a `$` name.
+    pub fn level() -> impl Strategy<Value = String> {
+        prop_oneof![Just("a".to_string()), Just("b".to_string()), Just(String::new()), Just("$c".to_string())]
+    }
+
+    /// A valid filter of up to four levels of [`level`] or `+`, ending in
+    /// `#` at random (always when it would be empty).
+    pub fn filter() -> impl Strategy<Value = String> {
+        (proptest::collection::vec(prop_oneof![level(), Just("+".to_string())], 0..4), any::<bool>()).prop_map(
+            |(mut levels, hash)| {
+                if hash || levels.is_empty() {
+                    levels.push("#".into());
+                }
+                levels.join("/")
+            },
+        )
+    }
+
+    /// A topic name of one to four [`level`]s.
+    pub fn topic() -> impl Strategy<Value = String> {
+        proptest::collection::vec(level(), 1..5).prop_map(|levels| levels.join("/"))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

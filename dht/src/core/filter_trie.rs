@@ -450,6 +450,7 @@ impl<V> FilterTrie<V> {
 mod tests {
     use super::*;
     use crate::topic::matches;
+    use crate::topic::strategies::{filter, topic};
     use proptest::prelude::*;
     use std::collections::BTreeSet;
 
@@ -505,30 +506,14 @@ mod tests {
             .unwrap();
     }
 
-    fn level() -> impl Strategy<Value = String> {
-        prop_oneof![Just("a".to_string()), Just("b".to_string()), Just(String::new()), Just("$c".to_string())]
-    }
-
-    fn filter() -> impl Strategy<Value = String> {
-        (proptest::collection::vec(prop_oneof![level(), Just("+".to_string())], 0..4), any::<bool>()).prop_map(
-            |(mut levels, hash)| {
-                if hash || levels.is_empty() {
-                    levels.push("#".into());
-                }
-                levels.join("/")
-            },
-        )
-    }
-
     proptest! {
         /// The trie finds exactly the filters the reference matcher accepts.
         #[test]
         fn trie_agrees_with_reference(
             filters in proptest::collection::vec(filter(), 0..20),
-            topic in proptest::collection::vec(level(), 1..5),
+            topic in topic(),
             removed in proptest::collection::vec(any::<prop::sample::Index>(), 0..5),
         ) {
-            let topic = topic.join("/");
             let mut trie = FilterTrie::new();
             let mut set = BTreeSet::new();
             for f in &filters {
