@@ -31,8 +31,7 @@ impl SystemClock {
         SystemClock { origin: Instant::now() }
     }
 
-    /// The system's wall clock in Unix milliseconds, for what is no
-    /// decision of the broker (how often a limit hit is logged).
+    /// The system's wall clock in Unix milliseconds.
     pub fn unix_ms() -> u64 {
         SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
     }

@@ -10,9 +10,11 @@
 //! once a minute per limit with the number of hits in between: a client
 //! that hits a limit in a loop must not flood the log.
 
+use super::clock::Clock;
 use crate::config::MqttConfig;
 use kadmq_dht::topic::{TopicLimit, TopicLimits};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -85,19 +87,23 @@ pub fn topic_limits(config: &MqttConfig) -> TopicLimits {
     TopicLimits { max_levels: config.max_topic_levels, max_len: config.max_topic_length }
 }
 
-/// Hits per limit, and when each was last logged.
-#[derive(Default)]
+/// Hits per limit, and when each was last logged (on the broker's clock).
 pub struct LimitHits {
     hits: [AtomicU64; Limit::ALL.len()],
     logs: [LogGate; Limit::ALL.len()],
+    clock: Arc<dyn Clock>,
 }
 
 impl LimitHits {
+    pub fn new(clock: Arc<dyn Clock>) -> LimitHits {
+        LimitHits { hits: Default::default(), logs: Default::default(), clock }
+    }
+
     /// Counts a hit of `limit` by `client` and logs it if the gate is open.
     pub fn hit(&self, limit: Limit, client: &str, what: &str) {
         let i = limit as usize;
         self.hits[i].fetch_add(1, Ordering::Relaxed);
-        if let Some(suppressed) = self.logs[i].pass(super::clock::SystemClock::unix_ms()) {
+        if let Some(suppressed) = self.logs[i].pass(self.clock.now_ms()) {
             tracing::warn!(
                 limit = limit.name(),
                 client_id = client,
@@ -222,7 +228,7 @@ mod tests {
 
     #[test]
     fn hits_are_counted_per_limit() {
-        let hits = LimitHits::default();
+        let hits = LimitHits::new(Arc::new(super::super::clock::ManualClock::at(1_000)));
         for _ in 0..5 {
             hits.hit(Limit::TopicLevels, "c", "SUBSCRIBE");
         }

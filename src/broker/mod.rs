@@ -154,7 +154,7 @@ impl Broker {
             config,
             storage,
             stats: Stats::default(),
-            limits: LimitHits::default(),
+            limits: LimitHits::new(clock.clone()),
             started: clock.monotonic(),
             clock,
             sessions: Mutex::new(HashMap::new()),
