@@ -17,7 +17,7 @@
 use crate::dice::Dice;
 use crate::engine::{EventQueue, Millis};
 use crate::network::{Fate, Network, FORWARD, KINDS};
-use crate::oracle::{Expected, Oracle};
+use crate::oracle::{DeliveryWindow, Expected, Oracle};
 use crate::scenario::Scenario;
 use crate::workload::{Subscription, Workload};
 use kadmq_dht::core::Ownership as _;
@@ -106,9 +106,12 @@ pub struct DisturbanceRecord {
 pub struct MsgRecord {
     pub topic: Box<str>,
     pub at: Millis,
-    /// Published while the fleet was converged (no disturbance open).
+    /// No disturbance was open when it was published, and none started
+    /// within its delivery window ([`DeliveryWindow`]).
     pub steady: bool,
-    /// The latest disturbance not yet converged when it was published.
+    /// The latest disturbance not yet converged when it was published or,
+    /// for one published in steady state, the first that started within
+    /// its delivery window.
     pub cause: Option<Disturbance>,
     pub expected: Expected,
     /// Deliveries per expected plain node (same order as `expected.plain`).
@@ -116,6 +119,29 @@ pub struct MsgRecord {
     pub shared_got: Vec<u8>,
     /// Deliveries to nodes or groups the oracle did not expect.
     pub unexpected: u32,
+    /// When the publisher finished routing it (None: never, e.g. it died
+    /// with the publish parked on a lookup).
+    pub routed_at: Option<Millis>,
+    /// When the last forward it sent arrived or was dropped.
+    pub last_forward_at: Millis,
+    /// When an expected node or group last got its first copy.
+    pub last_first_delivery_at: Millis,
+}
+
+impl MsgRecord {
+    /// Did every expected node and group get it?
+    pub fn complete(&self) -> bool {
+        self.plain_got.iter().chain(&self.shared_got).all(|&got| got > 0)
+    }
+
+    /// The span in which a fault could still have changed its deliveries.
+    pub fn window(&self) -> DeliveryWindow {
+        DeliveryWindow {
+            published: self.at,
+            all_delivered: self.complete().then_some(self.last_first_delivery_at),
+            settled: self.routed_at.map(|at| at.max(self.last_forward_at)),
+        }
+    }
 }
 
 /// One audit of the route table against the oracle.
@@ -495,12 +521,16 @@ impl Simulation {
                     bucket.messages[FORWARD] += 1;
                     bucket.bytes[FORWARD] += bytes as u64;
                     let to = to.0 as u32;
-                    if let Fate::Arrives(at) = self.net.send(now, from, to, FORWARD, bytes) {
+                    let fate = self.net.send(now, from, to, FORWARD, bytes);
+                    let settles = if let Fate::Arrives(at) = fate { at } else { now };
+                    let record = &mut self.msgs[msg as usize];
+                    record.last_forward_at = record.last_forward_at.max(settles);
+                    if let Fate::Arrives(at) = fate {
                         self.queue.schedule(at, SimEvent::Forward { from, to, msg, route });
                     }
                 }
                 Action::Deliver { msg, route } => self.delivered(from, msg, &route),
-                Action::Routed { .. } => {}
+                Action::Routed { msg, .. } => self.msgs[msg as usize].routed_at = Some(now),
                 Action::ArmTimer { at } => {
                     self.nodes[from as usize].timer_at = Some(at);
                     self.queue.schedule(at, SimEvent::Timer { node: from, at });
@@ -510,10 +540,16 @@ impl Simulation {
     }
 
     fn delivered(&mut self, node: u32, msg: u64, route: &ForwardRoute) {
+        let now = self.queue.now();
         let record = &mut self.msgs[msg as usize];
         if route.plain {
             match record.expected.plain.binary_search(&node) {
-                Ok(i) => record.plain_got[i] = record.plain_got[i].saturating_add(1),
+                Ok(i) => {
+                    if record.plain_got[i] == 0 {
+                        record.last_first_delivery_at = now;
+                    }
+                    record.plain_got[i] = record.plain_got[i].saturating_add(1);
+                }
                 Err(_) => record.unexpected += 1,
             }
         }
@@ -524,7 +560,12 @@ impl Simulation {
                 .filter(|&g| self.oracle.is_member(g, node))
                 .and_then(|g| record.expected.shared.binary_search(&g).ok());
             match hit {
-                Some(i) => record.shared_got[i] = record.shared_got[i].saturating_add(1),
+                Some(i) => {
+                    if record.shared_got[i] == 0 {
+                        record.last_first_delivery_at = now;
+                    }
+                    record.shared_got[i] = record.shared_got[i].saturating_add(1);
+                }
                 None => record.unexpected += 1,
             }
         }
@@ -560,8 +601,10 @@ impl Simulation {
         let topic: Box<str> = self.workload.topic(&mut self.rng).into();
         let expected = self.oracle.expected(&topic);
         let msg = self.msgs.len() as u64;
+        let now = self.queue.now();
         self.msgs.push(MsgRecord {
-            at: self.queue.now(),
+            at: now,
+            // Provisional: `classify_in_flight` also looks at what started later.
             steady: self.open.is_empty(),
             cause: self.open.last().map(|&i| self.disturbances[i].kind),
             plain_got: vec![0; expected.plain.len()],
@@ -569,6 +612,9 @@ impl Simulation {
             expected,
             unexpected: 0,
             topic: topic.clone(),
+            routed_at: None,
+            last_forward_at: now,
+            last_first_delivery_at: now,
         });
         self.drive(node, Event::Publish { topic: &topic, msg });
     }
@@ -830,8 +876,24 @@ impl Simulation {
         })
     }
 
+    /// Makes disturbed every publish that was steady when made but still in
+    /// flight when a disturbance started (see [`DeliveryWindow`]), and
+    /// charges it to that disturbance. Run at the end, when every window
+    /// that will close has closed.
+    fn classify_in_flight(&mut self) {
+        // Disturbances are recorded as they happen, so in time order.
+        let starts: Vec<Millis> = self.disturbances.iter().map(|d| d.at_ms).collect();
+        for m in self.msgs.iter_mut().filter(|m| m.steady) {
+            if let Some(i) = m.window().first_overlap(&starts) {
+                m.steady = false;
+                m.cause = Some(self.disturbances[i].kind);
+            }
+        }
+    }
+
     /// Stops and gathers what was observed.
     pub fn finish(mut self) -> Outcome {
+        self.classify_in_flight();
         let mut counters = self.retired.clone();
         let mut gauges = Vec::with_capacity(self.live.len());
         for &i in &self.live {

@@ -10,9 +10,14 @@
 //! shared with the core: a reference that reused the code under test would
 //! agree with its bugs.
 //!
+//! It also holds the rule that says which publishes the steady-state
+//! figures may judge ([`DeliveryWindow`]): a publish is steady only if no
+//! fault could have touched it between its publish and its last delivery.
+//!
 //! Boundary: truth only. It never routes, and it is updated by the fleet
 //! the instant a subscription is made or its node dies.
 
+use crate::engine::Millis;
 use kadmq_dht::core::route_shard::entry_hash;
 use kadmq_dht::core::NodeId;
 use kadmq_dht::{filter_shard, ShardKey};
@@ -64,6 +69,61 @@ pub struct Expected {
     pub shared: Vec<u32>,
     /// Since when each of `shared` has had a member.
     pub shared_since: Vec<u64>,
+}
+
+/// The span of virtual time in which a fault could still change what one
+/// publish delivers: from its publish until every expected recipient had
+/// it or, if some never did, until its last message settled.
+///
+/// A publish that was steady when made can still be caught by a fault that
+/// starts while it is in flight (published at 19,995 ms, its lookup answer
+/// back at 19,999 ms, its forward sent at 20,001 ms into a partition that
+/// started at 20,000 ms). Such a loss belongs to the fault, so a
+/// disturbance that starts inside the window makes the publish disturbed.
+///
+/// The end is observed, not a fixed bound. The network decides each
+/// message's fate when it is sent and never delivers one later than the
+/// latency distribution's maximum after it was sent (links stay FIFO, but
+/// a link's clock is itself some earlier send plus at most that maximum),
+/// so a publish's last forward lands at most one maximum one-way latency
+/// after the publisher routed it. How long routing takes is not fixed: a
+/// cache hit or an owned shard forwards at once, a miss costs a lookup round
+/// trip, one per owner in turn while owners answer "warming", a silent
+/// owner costs the lookup timeout and a lookup every owner refused is asked
+/// again shortly. A fixed hop count (lookup, reply, forward: three maximum
+/// latencies) would miss a fault that cuts a publish still routing after
+/// that or, widened to cover the slowest routing, charge real steady losses
+/// to unrelated later faults; the simulator sees every message of the
+/// publish, so it uses when they actually settled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeliveryWindow {
+    pub published: Millis,
+    /// When the last expected recipient first got it; None if one never did.
+    pub all_delivered: Option<Millis>,
+    /// When its last message settled: the publisher had routed it and every
+    /// forward it sent had arrived or been dropped. None: never routed
+    /// (the window stays open to the end of the run).
+    pub settled: Option<Millis>,
+}
+
+impl DeliveryWindow {
+    /// The last instant of the window; None while it is open.
+    pub fn end(&self) -> Option<Millis> {
+        self.all_delivered.or(self.settled)
+    }
+
+    /// Does a disturbance that started at `start` fall inside the window?
+    /// One that started in the very millisecond of the publish counts: it
+    /// may have run first.
+    pub fn overlaps(&self, start: Millis) -> bool {
+        start >= self.published && self.end().is_none_or(|end| start <= end)
+    }
+
+    /// The first of `starts` (ascending) inside the window, by index.
+    pub fn first_overlap(&self, starts: &[Millis]) -> Option<usize> {
+        let i = starts.partition_point(|&s| s < self.published);
+        starts.get(i).filter(|&&s| self.overlaps(s)).map(|_| i)
+    }
 }
 
 #[derive(Default)]
@@ -353,6 +413,26 @@ mod tests {
             let want: Vec<u32> = (0..300u32).filter(|&n| plain_match(&filters[n as usize], &topic)).collect();
             assert_eq!(o.expected(&topic).plain, want, "topic {topic:?}");
         }
+    }
+
+    #[test]
+    fn a_fault_that_cuts_a_publish_in_flight_makes_it_disturbed() {
+        let partition = [20_000];
+        // Published just before the split; its forward left after it.
+        let cut = DeliveryWindow { published: 19_995, all_delivered: None, settled: Some(20_001) };
+        assert_eq!(cut.first_overlap(&partition), Some(0));
+        // Published as close, but every recipient had it before the split.
+        let through = DeliveryWindow { published: 19_995, all_delivered: Some(19_999), settled: Some(20_003) };
+        assert_eq!(through.first_overlap(&partition), None, "later stray forwards do not matter");
+        // A loss with nothing in flight at the split stays a steady loss.
+        let lost = DeliveryWindow { published: 19_990, all_delivered: None, settled: Some(19_993) };
+        assert_eq!(lost.first_overlap(&partition), None);
+        // Never routed: open until the run ends.
+        let parked = DeliveryWindow { published: 10_000, all_delivered: None, settled: None };
+        assert_eq!(parked.first_overlap(&[5_000, 30_000]), Some(1));
+        // A fault that began before the publish is judged at publish time, not here.
+        assert_eq!(cut.first_overlap(&[19_000]), None);
+        assert!(cut.overlaps(19_995), "same millisecond as the publish");
     }
 
     #[test]

@@ -145,7 +145,8 @@ pub struct Report {
     pub delivery_total: Delivery,
     pub delivery_steady: Delivery,
     pub delivery_disturbed: Delivery,
-    /// Disturbed publishes by the latest disturbance open when they were made.
+    /// Disturbed publishes by cause: the latest disturbance open when they
+    /// were made, else the first that started while they were in flight.
     pub delivery_by_cause: Vec<CauseDelivery>,
     pub route_table: RouteTable,
     pub lookups: Lookups,
