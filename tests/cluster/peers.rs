@@ -267,10 +267,16 @@ fn what_a_node_keeps_for_a_dead_peer_goes_after_the_dead_timeout() {
     let n1 = lab.node_with("n1", None, &lab.key, &["--dead-timeout", "3"]);
     let mut n2 = lab.node_with("n2", Some(&n1.multiaddr()), &lab.key, &["--dead-timeout", "3"]);
     wait_for_members(&[&n1, &n2], &["n1", "n2"]);
-    // Route frames flow both ways (subscriptions assert to the owners).
+    // Route frames flow both ways: each node has a subscriber, and each
+    // asserts its route to the shard's owners, the other node among them.
+    // (With a subscriber on n2 only, n1 might send n2 nothing for a while.)
     rt.block_on(async {
-        let sub = Client::start("s", Client::options("s", n2.mqtt_port));
-        sub.client.subscribe("keep/#", QoS::AtLeastOnce).await.unwrap();
+        let mut subscribers = Vec::new();
+        for (id, node) in [("s1", &n1), ("s2", &n2)] {
+            let sub = Client::start(id, Client::options(id, node.mqtt_port));
+            sub.client.subscribe("keep/#", QoS::AtLeastOnce).await.unwrap();
+            subscribers.push(sub); // its event loop runs while it lives
+        }
         tokio::time::sleep(Duration::from_secs(1)).await;
     });
     wait_until(SETTLE, "n1 to keep a send queue for n2", || n1.metric("kadmq_cluster_peer_queues") == 1);
