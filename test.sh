@@ -25,3 +25,6 @@ if grep -E 'tokio|libp2p|rand' <<<"$sim_deps"; then
 fi
 
 cargo test --workspace --locked "$@"
+
+# The API docs build without a broken or private link.
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked --quiet

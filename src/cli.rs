@@ -154,7 +154,7 @@ pub struct StartArgs {
     /// Cluster listen multiaddr, e.g. /ip4/0.0.0.0/tcp/7000; turns cluster mode on [toml: cluster.p2p_listen]
     #[arg(long, env = "KADMQ_P2P_LISTEN", value_name = "MULTIADDR", value_delimiter = ',')]
     pub p2p_listen: Vec<String>,
-    /// Node to join through, /ip4/../tcp/7000/p2p/<id> or /dns4/../tcp/7000; repeat for several [toml: cluster.bootstrap]
+    /// Node to join through, /ip4/../tcp/7000/p2p/PEER_ID or /dns4/../tcp/7000; repeat for several [toml: cluster.bootstrap]
     #[arg(long, env = "KADMQ_BOOTSTRAP", value_name = "MULTIADDR", value_delimiter = ',')]
     pub bootstrap: Vec<String>,
     /// Pre-shared cluster key file, from `kadmq keygen` [toml: cluster.cluster_key_file]

@@ -16,7 +16,7 @@
 //! [`Broker::deliver`] collects from the trie and releases it before it
 //! takes any session lock (subscribe holds a session lock, then the trie);
 //! and the fleet is told of subscription changes only after the session and
-//! trie locks are released ([`Broker::tell_fleet`]): changes are queued in
+//! trie locks are released (`Broker::tell_fleet`): changes are queued in
 //! `fleet_changes` while the trie lock orders them, and sent in that order
 //! under `fleet_gate`, so the fleet may deliver while it handles them.
 

@@ -41,7 +41,7 @@
 //!
 //! # Locks
 //!
-//! One mutex guards the [`state`](state::State) and the core: publishing
+//! One mutex guards the state (`state.rs`) and the core: publishing
 //! connections take it briefly to route (a cached route needs no network),
 //! the cluster task takes it for frames from other nodes, membership changes
 //! and the core's timer. A topic published again while nothing that decides

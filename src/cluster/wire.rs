@@ -8,7 +8,7 @@
 //! Layout: byte 0 is [`VERSION`], byte 1 the kind; a route frame follows as
 //! the core encoded it (it carries its own version), a batch is a sequence
 //! of whole frames, each behind its 4-byte big-endian length, a forward is
-//! a fixed binary layout (see [`encode_forward`]: the bulk of the traffic,
+//! a fixed binary layout (see [`write_forward`]: the bulk of the traffic,
 //! and its payload is read without a copy), the others are rmp-serde.
 
 use super::outbox::Sequence;
