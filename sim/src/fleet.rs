@@ -544,12 +544,7 @@ impl Simulation {
         let record = &mut self.msgs[msg as usize];
         if route.plain {
             match record.expected.plain.binary_search(&node) {
-                Ok(i) => {
-                    if record.plain_got[i] == 0 {
-                        record.last_first_delivery_at = now;
-                    }
-                    record.plain_got[i] = record.plain_got[i].saturating_add(1);
-                }
+                Ok(i) => copy_arrived(&mut record.plain_got[i], &mut record.last_first_delivery_at, now),
                 Err(_) => record.unexpected += 1,
             }
         }
@@ -560,12 +555,7 @@ impl Simulation {
                 .filter(|&g| self.oracle.is_member(g, node))
                 .and_then(|g| record.expected.shared.binary_search(&g).ok());
             match hit {
-                Some(i) => {
-                    if record.shared_got[i] == 0 {
-                        record.last_first_delivery_at = now;
-                    }
-                    record.shared_got[i] = record.shared_got[i].saturating_add(1);
-                }
+                Some(i) => copy_arrived(&mut record.shared_got[i], &mut record.last_first_delivery_at, now),
                 None => record.unexpected += 1,
             }
         }
@@ -960,4 +950,13 @@ pub fn add_counters(sum: &mut Counters, c: &Counters) {
     for i in 0..sum.frames_rejected.len() {
         sum.frames_rejected[i] += c.frames_rejected[i];
     }
+}
+
+/// Counts one copy for an expected recipient; the first one moves the
+/// publish's `last_first_delivery_at` to `now`.
+fn copy_arrived(got: &mut u8, last_first_delivery_at: &mut Millis, now: Millis) {
+    if *got == 0 {
+        *last_first_delivery_at = now;
+    }
+    *got = got.saturating_add(1);
 }

@@ -86,22 +86,20 @@ pub struct SendRefusals {
 }
 
 impl SendRefusals {
-    fn count(&self, class: Class) {
-        let counter = match class {
-            Class::Control => &self.control,
-            Class::Droppable => &self.droppable,
-            Class::Resendable => &self.resendable,
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
-    }
-
-    pub fn get(&self, class: Class) -> u64 {
+    fn of(&self, class: Class) -> &AtomicU64 {
         match class {
             Class::Control => &self.control,
             Class::Droppable => &self.droppable,
             Class::Resendable => &self.resendable,
         }
-        .load(Ordering::Relaxed)
+    }
+
+    fn count(&self, class: Class) {
+        self.of(class).fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn get(&self, class: Class) -> u64 {
+        self.of(class).load(Ordering::Relaxed)
     }
 }
 

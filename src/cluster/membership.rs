@@ -115,9 +115,9 @@ impl Cluster {
     /// record never came, and the state of peers dead for long.
     pub(super) fn membership_tick(&self, st: &mut State) {
         let peers = &st.peers;
+        let notice = wire::encode_rejoined();
         st.rejoin_notices.retain(|node, left| {
             if let Some(peer) = peers.get(node) {
-                let notice = wire::encode_rejoined();
                 self.links.sender(*peer).send(Class::Control, links::copy_of(&notice));
             }
             *left -= 1;

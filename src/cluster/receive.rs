@@ -13,8 +13,8 @@
 
 use super::dedupe::Verdict;
 use super::links::{self, Class};
-use super::memo::recipients;
 use super::metrics::bump;
+use super::publish::deliver_all;
 use super::state::State;
 use super::wire::{self, Forward, Wire};
 use super::Cluster;
@@ -89,9 +89,7 @@ impl Cluster {
     /// sessions and on disk).
     pub(super) fn deliver_received(&self, received: Received) {
         let Some(broker) = self.broker.upgrade() else { return };
-        for (message, route) in received.local {
-            broker.deliver(message, &recipients(route));
-        }
+        deliver_all(&broker, received.local);
         if !received.acks.is_empty() {
             // What we acknowledge must survive a crash of this node.
             if let Err(err) = broker.storage.flush() {
