@@ -314,6 +314,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             throttled_until: None,
             unwritten_pubacks: 0,
         };
+        if connection.broker.fleet().is_some() {
+            let client_id = connection.session.client_id.clone();
+            let now = connection.broker.now_ms();
+            let will = connection.will.clone().map(|w| will_message(w, version, &client_id, now));
+            connection.broker.announce_connected(&client_id, will);
+        }
         for packet in connection.session.resend_inflight(connection.broker.now_ms()) {
             connection.send(packet);
         }
@@ -553,6 +559,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             retain: publish.retain,
             properties: publish.properties.message,
             origin: Some(self.session.client_id.clone()),
+            fleet_id: None,
         };
         let matched = self.broker.publish(message);
         // MQTT 5: 0x10 tells the publisher nobody was subscribed.
@@ -702,11 +709,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         let client_id = self.session.client_id.clone();
         let will = match &close {
             Close::ClientDisconnect { will } => *will,
-            Close::Error(DisconnectReason::SessionTakenOver | DisconnectReason::ServerShuttingDown, _) => {
-                // Takeover: the will follows the usual rules. Shutdown: the
-                // session is kept for the restart and the will with it... but
-                // the will is not durable, so a shutdown does not publish it.
-                matches!(close, Close::Error(DisconnectReason::SessionTakenOver, _))
+            Close::Error(DisconnectReason::SessionTakenOver, _) => true,
+            Close::Error(DisconnectReason::ServerShuttingDown, _) => {
+                // A node leaving its fleet hands the session (and a will
+                // waiting for its delay) to another node: the usual rules.
+                // A single node shutting down keeps the session for its
+                // restart, but not the will (it is not durable), so the
+                // will is not published.
+                self.broker.is_leaving()
             }
             Close::Error(..) | Close::Transport => true,
         };
@@ -728,24 +738,29 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         let shutdown = self.client.stream.shutdown();
         let _ = tokio::time::timeout(self.keep_alive.unwrap_or(Duration::from_secs(5)), shutdown).await;
         let now = self.broker.now_ms();
-        let will = self.will.take().filter(|_| will).map(|w| {
-            let delay = if self.version == Version::V5 { w.properties.will_delay_interval.unwrap_or(0) } else { 0 };
-            let message = Message {
-                expires_at_ms: w.properties.message.message_expiry_interval.map(|s| now + s as u64 * 1000),
-                topic: w.topic,
-                payload: w.payload,
-                qos: w.qos,
-                retain: w.retain,
-                properties: w.properties.message,
-                origin: Some(client_id.clone()),
-            };
-            (message, delay)
-        });
+        let will = self.will.take().filter(|_| will).map(|w| will_message(w, self.version, &client_id, now));
         self.broker.disconnect(&self.session, Departure { connection_id: self.attachment.connection_id, will });
         if let Err(err) = self.broker.storage.flush() {
             tracing::error!(cause = %err, "storage flush failed");
         }
     }
+}
+
+/// A client's will as the broker publishes it, with its Will Delay
+/// Interval in seconds (MQTT 5; 3.1.1 has none).
+fn will_message(will: LastWill, version: Version, client_id: &Arc<str>, now: u64) -> (Message, u32) {
+    let delay = if version == Version::V5 { will.properties.will_delay_interval.unwrap_or(0) } else { 0 };
+    let message = Message {
+        expires_at_ms: will.properties.message.message_expiry_interval.map(|s| now + s as u64 * 1000),
+        topic: will.topic,
+        payload: will.payload,
+        qos: will.qos,
+        retain: will.retain,
+        properties: will.properties.message,
+        origin: Some(client_id.clone()),
+        fleet_id: None,
+    };
+    (message, delay)
 }
 
 /// Request Problem Information = 0: no reason string or user properties on

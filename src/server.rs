@@ -146,12 +146,19 @@ impl Server {
     }
 
     /// Stops accepting, closes every connection (MQTT 5 clients get
-    /// DISCONNECT 0x8B), leaves the fleet, waits for the tasks (the
-    /// cluster's too: they end with its driver) and syncs storage.
+    /// DISCONNECT 0x8B), leaves the fleet (its sessions and wills handed to
+    /// the nodes that take them over, see `crate::cluster::sessions`),
+    /// waits for the tasks (the cluster's too: they end with its driver)
+    /// and syncs storage.
     pub async fn shutdown(mut self) {
+        if self.cluster.is_some() {
+            // Connections closed from here on publish their wills as usual.
+            self.broker.start_leaving();
+        }
         let _ = self.stop.send(());
         self.broker.kick_all(DisconnectReason::ServerShuttingDown).await;
         if let Some(cluster) = &self.cluster {
+            cluster.leave().await;
             cluster.shutdown().await;
         }
         let deadline = tokio::time::sleep(Duration::from_secs(5));

@@ -30,6 +30,14 @@ impl ShardKey {
         ShardKey(hasher.finalize().into())
     }
 
+    /// The session directory key of an MQTT client id.
+    pub fn of_client(client_id: &str) -> ShardKey {
+        let mut hasher = Sha256::new();
+        hasher.update(b"client:");
+        hasher.update(client_id.as_bytes());
+        ShardKey(hasher.finalize().into())
+    }
+
     /// Kademlia XOR distance to another key.
     pub fn distance(&self, other: &ShardKey) -> [u8; 32] {
         std::array::from_fn(|i| self.0[i] ^ other.0[i])

@@ -8,7 +8,9 @@
 //! held (see "Locks" in `super`), so the fleet may deliver from inside a
 //! call.
 
-use super::message::Message;
+use super::message::{FleetId, Message};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 
 /// The rest of the fleet, as the broker sees it (implemented by
@@ -28,6 +30,35 @@ pub trait Fleet: Send + Sync {
     /// A local publish set (or, with an empty payload, cleared) a retained
     /// message: the other nodes keep a copy, so their new subscribers get it.
     fn retained(&self, message: &Message);
+    /// A client `client_id` is connecting here: makes this node its
+    /// session's home in the fleet's directory, and brings the session here
+    /// from the node that holds it (through [`super::Broker::prepare_arrival`]
+    /// and [`super::Broker::absorb`]), or has it discarded there
+    /// (`clean_start`). The guard is held until the new connection is
+    /// attached: a later CONNECT elsewhere takes the session only then.
+    fn claim<'a>(&'a self, client_id: &'a str, clean_start: bool) -> BoxFuture<'a, ClaimGuard>;
+    /// What the directory keeps of a session this node holds (called with
+    /// no broker lock held, in the order things happened).
+    fn presence(&self, client_id: &str, presence: Presence);
+    /// The fleet's name for a local QoS 1/2 publish.
+    fn message_id(&self) -> FleetId;
+}
+
+/// A boxed future, for the fleet's asynchronous calls.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Held while a claimed session is being attached (see [`Fleet::claim`]).
+pub type ClaimGuard = Box<dyn Send>;
+
+/// A session's state for the fleet's directory.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Presence {
+    /// A client is connected, with its will and Will Delay Interval (s).
+    Connected { will: Option<(Message, u32)> },
+    /// The client went away; a will waits for its delay (Unix ms when due).
+    Disconnected { pending_will: Option<(u64, Message)> },
+    /// The session ended.
+    Ended,
 }
 
 /// What the fleet decided for a local publish.

@@ -19,7 +19,16 @@ pub struct Message {
     pub expires_at_ms: Option<u64>,
     /// Client id of the publisher, for the No Local option; not for clients.
     pub origin: Option<Arc<str>>,
+    /// In a fleet, a QoS 1/2 message's name: the publishing node's id and
+    /// its number there. A session moving between nodes may be given the
+    /// same message twice (by the node it leaves and the one it reaches);
+    /// this is how the copy is known.
+    #[serde(default)]
+    pub fleet_id: Option<FleetId>,
 }
+
+/// A QoS 1/2 message's name in a fleet: (publishing node, its number there).
+pub type FleetId = (u64, u64);
 
 impl Message {
     /// Seconds of life left at `now_ms` (rounded up), `Some(0)` once expired.
@@ -46,6 +55,7 @@ mod tests {
             properties: MessageProperties::default(),
             expires_at_ms: Some(10_000),
             origin: None,
+            fleet_id: None,
         };
         assert_eq!(msg.remaining_secs(8_500), Some(2));
         assert!(!msg.is_expired(9_999));

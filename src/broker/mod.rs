@@ -33,17 +33,19 @@ pub mod trie;
 
 use crate::config::MqttConfig;
 use crate::protocol::{DisconnectReason, QoS, SubscriptionOptions};
-use crate::storage::{Storage, StorageError};
+use crate::storage::{Storage, StorageError, StoredSession};
 use clock::{Clock, SystemClock};
-pub use fleet::{Fleet, PublishRoute, Recipients, ShareGroup};
+pub use fleet::{BoxFuture, ClaimGuard, Fleet, Presence, PublishRoute, Recipients, ShareGroup};
 use kadmq_dht::topic::{parse_shared, split_shared, valid_topic_filter};
 use limits::{topic_limits, Limit, LimitHits};
 use message::Message;
 use parking_lot::{Mutex, RwLock};
 use retained::RetainedTree;
-use session::{Attachment, AttachmentHandle, Delivery, EndedSession, PendingWill, QueueLimits, Session, Subscription};
+use session::{
+    Attachment, AttachmentHandle, Delivery, EndedSession, MovedSession, PendingWill, QueueLimits, Session, Subscription,
+};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use trie::SubscriptionTrie;
@@ -106,6 +108,9 @@ pub struct Broker {
     fleet_changes: Mutex<Vec<SubscriptionChange>>,
     /// Held while telling the fleet, so changes reach it in order.
     fleet_gate: Mutex<()>,
+    /// Set while the node leaves its fleet: connections it closes publish
+    /// their wills as any closed connection does (the sessions move on).
+    leaving: AtomicBool,
 }
 
 /// A local subscription that began or ended, for the fleet.
@@ -165,6 +170,7 @@ impl Broker {
             fleet: OnceLock::new(),
             fleet_changes: Mutex::new(Vec::new()),
             fleet_gate: Mutex::new(()),
+            leaving: AtomicBool::new(false),
         };
         let now = broker.now_ms();
         {
@@ -275,6 +281,12 @@ impl Broker {
     /// `clean_start` asks or none exists.
     pub async fn connect(&self, client_id: &str, clean_start: bool, expiry_interval: u32) -> Connected {
         let connection_id = self.next_connection_id();
+        // In a fleet the session comes here first (or is discarded where it
+        // was); the claim holds until this connection is attached.
+        let _claim = match self.fleet.get() {
+            Some(fleet) => Some(fleet.claim(client_id, clean_start).await),
+            None => None,
+        };
         loop {
             let existing = self.sessions.lock().get(client_id).cloned();
             let Some(session) = existing else {
@@ -361,9 +373,12 @@ impl Broker {
         if attached && !ends {
             session.save(&st, &self.storage);
         }
+        let pending_will = st.pending_will.as_ref().map(|w| (w.at_ms, w.message.clone()));
         drop(st);
         if ends {
             self.end_session(session);
+        } else if attached {
+            self.tell_presence(&session.client_id, Presence::Disconnected { pending_will });
         }
         if let Some(will) = publish_now {
             self.publish(will);
@@ -384,24 +399,8 @@ impl Broker {
 
     /// Removes a session everywhere and publishes its pending will.
     fn end_session(&self, session: &Arc<Session>) {
-        // Clean up storage and the trie while the session is still in the
-        // map (marked ended): a CONNECT for the same client id waits for the
-        // map entry to go, so it can never have its new record deleted or
-        // its new subscriptions unindexed by this cleanup.
-        let EndedSession { subscriptions, pending_will, orphans } = session.end(&self.storage);
-        {
-            let mut trie = self.subscriptions.write();
-            for filter in subscriptions.keys() {
-                self.unindex(&mut trie, session, filter);
-            }
-        }
-        self.tell_fleet();
-        {
-            let mut sessions = self.sessions.lock();
-            if sessions.get(&session.client_id).is_some_and(|s| Arc::ptr_eq(s, session)) {
-                sessions.remove(&session.client_id);
-            }
-        }
+        let EndedSession { pending_will, orphans, .. } = self.remove_session(session);
+        self.tell_presence(&session.client_id, Presence::Ended);
         for orphan in orphans {
             self.reroute_shared(orphan);
         }
@@ -410,9 +409,140 @@ impl Broker {
         }
     }
 
+    /// Takes a session out of this node (storage, trie, map) and hands back
+    /// what is left of it.
+    fn remove_session(&self, session: &Arc<Session>) -> EndedSession {
+        // Clean up storage and the trie while the session is still in the
+        // map (marked ended): a CONNECT for the same client id waits for the
+        // map entry to go, so it can never have its new record deleted or
+        // its new subscriptions unindexed by this cleanup.
+        let ended = session.end(&self.storage);
+        {
+            let mut trie = self.subscriptions.write();
+            for filter in ended.subscriptions.keys() {
+                self.unindex(&mut trie, session, filter);
+            }
+        }
+        self.tell_fleet();
+        let mut sessions = self.sessions.lock();
+        if sessions.get(&session.client_id).is_some_and(|s| Arc::ptr_eq(s, session)) {
+            sessions.remove(&session.client_id);
+        }
+        ended
+    }
+
+    fn tell_presence(&self, client_id: &str, presence: Presence) {
+        if let Some(fleet) = self.fleet.get() {
+            fleet.presence(client_id, presence);
+        }
+    }
+
+    /// A client is connected here (after [`Broker::connect`]): the fleet's
+    /// directory keeps its will, to publish it should this node die.
+    pub fn announce_connected(&self, client_id: &str, will: Option<(Message, u32)>) {
+        self.tell_presence(client_id, Presence::Connected { will });
+    }
+
+    /// Whether this node is leaving its fleet ([`Broker::start_leaving`]).
+    pub fn is_leaving(&self) -> bool {
+        self.leaving.load(Ordering::Acquire)
+    }
+
+    /// From now on connections closed by the server publish their wills as
+    /// the protocol says (the node is leaving; its sessions move on).
+    pub fn start_leaving(&self) {
+        self.leaving.store(true, Ordering::Release);
+    }
+
+    /// Client ids of every session held here.
+    pub fn session_ids(&self) -> Vec<Arc<str>> {
+        self.sessions.lock().keys().cloned().collect()
+    }
+
+    // ----- sessions moving between nodes (for the fleet) -------------------
+
+    /// Takes a session away from this node for another one: its connection
+    /// is closed (0x8E, the will as a takeover has it), then the session is
+    /// handed back whole and removed here without its will. With
+    /// `clean_start` the session ends here instead (its will is published
+    /// as a single node would) and nothing is handed back.
+    pub async fn export_session(&self, client_id: &str, clean_start: bool) -> Option<MovedSession> {
+        let session = self.sessions.lock().get(client_id).cloned()?;
+        let old = session.lock().connection.take();
+        if let Some(old) = old {
+            old.take_over(DisconnectReason::SessionTakenOver, Duration::from_secs(5)).await;
+        }
+        if session.lock().ended {
+            return None;
+        }
+        if clean_start {
+            self.end_session(&session);
+            return None;
+        }
+        let moved = session.snapshot();
+        self.remove_session(&session);
+        Some(moved)
+    }
+
+    /// A session is coming here from another node: it is set up offline
+    /// with `record`'s subscriptions (announced to the fleet, so what is
+    /// published meanwhile is queued here) until [`Broker::absorb`] brings
+    /// the rest. Nothing happens if a session of that id is here already.
+    pub fn prepare_arrival(&self, client_id: &str, record: StoredSession) {
+        if self.sessions.lock().contains_key(client_id) {
+            return;
+        }
+        let session = Arc::new(Session::restore(client_id.into(), record, Vec::new(), self.now_ms()));
+        {
+            let st = session.lock();
+            let mut trie = self.subscriptions.write();
+            for (filter, sub) in &st.subscriptions {
+                self.index(&mut trie, &session, filter, sub);
+            }
+            session.save(&st, &self.storage);
+        }
+        self.sessions.lock().entry(client_id.into()).or_insert(session);
+        self.tell_fleet();
+    }
+
+    /// Takes in a session moved here (taken over from another node, handed
+    /// over by a node that leaves, or adopted from a dead node's copy): its
+    /// subscriptions are indexed, what it owes the client comes first, then
+    /// anything queued for it here meanwhile that it did not bring.
+    pub fn absorb(&self, client_id: &str, moved: MovedSession) {
+        let session = {
+            let mut sessions = self.sessions.lock();
+            let session = sessions
+                .entry(client_id.into())
+                .or_insert_with(|| Arc::new(Session::new(client_id.into(), moved.session.expiry_interval)));
+            session.clone()
+        };
+        {
+            let before = session.absorb(moved, &self.storage);
+            let st = session.lock();
+            let mut trie = self.subscriptions.write();
+            for filter in before.keys().filter(|f| !st.subscriptions.contains_key(*f)) {
+                self.unindex(&mut trie, &session, filter);
+            }
+            for (filter, sub) in &st.subscriptions {
+                self.index(&mut trie, &session, filter, sub);
+            }
+            session.save(&st, &self.storage);
+        }
+        self.tell_fleet();
+    }
+
+    /// The will waiting for its delay in `client_id`'s session (outer
+    /// `None`: no session here).
+    pub fn pending_will_of(&self, client_id: &str) -> Option<Option<(u64, Message)>> {
+        let session = self.sessions.lock().get(client_id).cloned()?;
+        let st = session.lock();
+        Some(st.pending_will.as_ref().map(|w| (w.at_ms, w.message.clone())))
+    }
+
     /// Publishes a will whose delay has passed: its Message Expiry Interval
     /// counts from now, the moment of publication (MQTT 5 §3.1.3.2.3).
-    fn publish_will(&self, mut will: Message) {
+    pub fn publish_will(&self, mut will: Message) {
         will.expires_at_ms = will.properties.message_expiry_interval.map(|s| self.now_ms() + s as u64 * 1000);
         self.publish(will);
     }
@@ -457,8 +587,12 @@ impl Broker {
                 fleet.retained(&message);
             }
         }
+        let Some(fleet) = fleet else { return self.deliver(Arc::new(message), &Recipients::All) };
+        let mut message = message;
+        if message.qos != QoS::AtMostOnce && message.fleet_id.is_none() {
+            message.fleet_id = Some(fleet.message_id());
+        }
         let message = Arc::new(message);
-        let Some(fleet) = fleet else { return self.deliver(message, &Recipients::All) };
         match fleet.publish(&message) {
             PublishRoute::Decided { local, forwards } => {
                 forwards + local.map_or(0, |recipients| self.deliver(message, &recipients))

@@ -169,6 +169,7 @@ mod tests {
             properties: MessageProperties::default(),
             expires_at_ms: None,
             origin: None,
+            fleet_id: None,
         })
     }
 

@@ -7,7 +7,7 @@
 //! into storage so a restart loses nothing that was acknowledged upstream.
 
 use super::limits::Limit;
-use super::message::Message;
+use super::message::{FleetId, Message};
 use crate::protocol::{
     self, DisconnectReason, Packet, PubAck, Publish, PublishProperties, QoS, SubscriptionOptions, Version,
 };
@@ -16,6 +16,16 @@ use parking_lot::{Mutex, MutexGuard};
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use tokio::sync::{oneshot, Notify};
+
+/// A session as it moves between nodes: its record, what is owed to the
+/// client (inflight first, with packet ids, then the queue, in order) and a
+/// will waiting for its delay (Unix milliseconds when due).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct MovedSession {
+    pub session: StoredSession,
+    pub deliveries: Vec<StoredDelivery>,
+    pub pending_will: Option<(u64, Message)>,
+}
 
 /// Session expiry that never ends (3.1.1 persistent sessions).
 pub const NEVER_EXPIRES: u32 = u32::MAX;
@@ -177,6 +187,18 @@ impl Queue {
 }
 
 impl Delivery {
+    /// The delivery as storage and other nodes keep it.
+    fn to_stored(&self, packet_id: Option<u16>, released: bool) -> StoredDelivery {
+        StoredDelivery {
+            message: (*self.message).clone(),
+            qos: self.qos,
+            retain: self.retain,
+            subscription_ids: self.subscription_ids.clone(),
+            packet_id,
+            released,
+        }
+    }
+
     /// What this delivery counts against [`QueueLimits::max_bytes`]: its
     /// topic and payload (the message itself may be shared with others).
     fn queued_bytes(&self) -> usize {
@@ -231,14 +253,7 @@ impl SessionState {
         storage: &Storage,
     ) {
         let Some(seq) = delivery.seq else { return };
-        let stored = StoredDelivery {
-            message: (*delivery.message).clone(),
-            qos: delivery.qos,
-            retain: delivery.retain,
-            subscription_ids: delivery.subscription_ids.clone(),
-            packet_id,
-            released,
-        };
+        let stored = delivery.to_stored(packet_id, released);
         if let Err(err) = storage.put_delivery(client_id, seq, &stored) {
             tracing::error!(cause = %err, client_id, "could not persist a delivery");
         }
@@ -249,6 +264,52 @@ impl SessionState {
             if let Err(err) = storage.remove_delivery(client_id, seq) {
                 tracing::error!(cause = %err, client_id, "could not remove a delivery");
             }
+        }
+    }
+
+    /// Takes the record part of a stored or moved session.
+    fn take_record(&mut self, stored: StoredSession) {
+        self.expiry_interval = stored.expiry_interval;
+        self.subscriptions = stored
+            .subscriptions
+            .into_iter()
+            .map(|s| (s.filter, Subscription { options: s.options, identifier: s.identifier }))
+            .collect();
+        self.incoming_qos2 = stored.incoming_qos2.into_iter().collect();
+        self.disconnected_at_ms = stored.disconnected_at_ms;
+    }
+
+    /// Takes a delivery owed to the client into the inflight window (it has
+    /// a packet id) or the queue. Restored from storage it keeps its `seq`;
+    /// moved here it gets the next one and is stored (persistent sessions).
+    fn take_delivery(&mut self, client_id: &str, seq: Option<u64>, d: StoredDelivery, storage: Option<&Storage>) {
+        let seq = match seq {
+            Some(seq) => Some(seq),
+            None if self.is_persistent() && d.qos != QoS::AtMostOnce => Some(self.next_seq),
+            None => None,
+        };
+        if let Some(seq) = seq {
+            self.next_seq = self.next_seq.max(seq + 1);
+        }
+        let (packet_id, released) = (d.packet_id, d.released);
+        let delivery = Delivery {
+            message: Arc::new(d.message),
+            qos: d.qos,
+            retain: d.retain,
+            subscription_ids: d.subscription_ids,
+            seq,
+            shared: None,
+        };
+        let packet_id = packet_id.filter(|id| !self.inflight.contains_key(id));
+        if let Some(storage) = storage {
+            self.store_delivery(client_id, &delivery, packet_id, released, storage);
+        }
+        match packet_id {
+            Some(id) => {
+                self.inflight.insert(id, Inflight { delivery, released });
+                self.next_packet_id = self.next_packet_id.max(id.wrapping_add(1)).max(1);
+            }
+            None => self.queue.push_back(delivery),
         }
     }
 
@@ -298,30 +359,10 @@ impl Session {
         let session = Session::new(client_id, stored.expiry_interval);
         {
             let mut st = session.state.lock();
-            st.subscriptions = stored
-                .subscriptions
-                .into_iter()
-                .map(|s| (s.filter, Subscription { options: s.options, identifier: s.identifier }))
-                .collect();
-            st.incoming_qos2 = stored.incoming_qos2.into_iter().collect();
-            st.disconnected_at_ms = Some(stored.disconnected_at_ms.unwrap_or(now_ms));
+            st.take_record(stored);
+            st.disconnected_at_ms = Some(st.disconnected_at_ms.unwrap_or(now_ms));
             for (seq, d) in deliveries {
-                st.next_seq = st.next_seq.max(seq + 1);
-                let delivery = Delivery {
-                    message: Arc::new(d.message),
-                    qos: d.qos,
-                    retain: d.retain,
-                    subscription_ids: d.subscription_ids,
-                    seq: Some(seq),
-                    shared: None,
-                };
-                match d.packet_id {
-                    Some(id) if !st.inflight.contains_key(&id) => {
-                        st.inflight.insert(id, Inflight { delivery, released: d.released });
-                        st.next_packet_id = st.next_packet_id.max(id.wrapping_add(1)).max(1);
-                    }
-                    _ => st.queue.push_back(delivery),
-                }
+                st.take_delivery(&session.client_id, Some(seq), d, None);
             }
         }
         session
@@ -484,6 +525,50 @@ impl Session {
         true
     }
 
+    /// Everything the session holds, to move it to another node: its
+    /// record, its inflight messages (with their packet ids) then its
+    /// queue, in order, and a will waiting for its delay.
+    pub fn snapshot(&self) -> MovedSession {
+        let st = self.state.lock();
+        let inflight = st.inflight.iter().map(|(&id, i)| i.delivery.to_stored(Some(id), i.released));
+        let queued = st.queue.items.iter().map(|d| d.to_stored(None, false));
+        MovedSession {
+            session: st.to_stored(),
+            deliveries: inflight.chain(queued).collect(),
+            pending_will: st.pending_will.as_ref().map(|w| (w.at_ms, w.message.clone())),
+        }
+    }
+
+    /// Takes in a session moved here from another node: its record, its
+    /// inflight messages (same packet ids, same QoS 2 state) and queue, then
+    /// what this node queued for it meanwhile, less the copies the moved
+    /// session brought (the same [`Message::fleet_id`]). Returns the
+    /// subscriptions it had here before, for the broker to re-index.
+    pub fn absorb(&self, moved: MovedSession, storage: &Storage) -> HashMap<String, Subscription> {
+        let mut st = self.state.lock();
+        let mut here: Vec<Delivery> = std::mem::take(&mut st.inflight).into_values().map(|i| i.delivery).collect();
+        here.extend(st.queue.take_all());
+        for delivery in &here {
+            st.forget_delivery(&self.client_id, delivery, storage);
+        }
+        let brought: HashSet<FleetId> = moved.deliveries.iter().filter_map(|d| d.message.fleet_id).collect();
+        let before = std::mem::take(&mut st.subscriptions);
+        st.take_record(moved.session);
+        st.pending_will = moved.pending_will.map(|(at_ms, message)| PendingWill { at_ms, message });
+        for stored in moved.deliveries {
+            st.take_delivery(&self.client_id, None, stored, Some(storage));
+        }
+        for mut delivery in here {
+            if delivery.message.fleet_id.is_some_and(|id| brought.contains(&id)) {
+                continue;
+            }
+            delivery.seq = None;
+            let stored = delivery.to_stored(None, false);
+            st.take_delivery(&self.client_id, None, stored, Some(storage));
+        }
+        before
+    }
+
     /// Drops everything owed to the client (session discarded) and hands
     /// back what the broker must still clean up or publish.
     pub fn end(&self, storage: &Storage) -> EndedSession {
@@ -554,6 +639,7 @@ mod tests {
                 properties: MessageProperties::default(),
                 expires_at_ms: None,
                 origin: None,
+                fleet_id: None,
             }),
             qos,
             retain: false,

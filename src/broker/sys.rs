@@ -36,6 +36,7 @@ pub fn publish_snapshot(broker: &Broker) {
             properties: MessageProperties::default(),
             expires_at_ms: None,
             origin: None,
+            fleet_id: None,
         });
     }
 }

@@ -30,6 +30,7 @@ fn message(topic: &str, retain: bool, expires_at_ms: Option<u64>) -> Message {
         properties: MessageProperties::default(),
         expires_at_ms,
         origin: None,
+        fleet_id: None,
     }
 }
 

@@ -8,7 +8,9 @@
 //! runs once at start (and the peers file once in a while); routing is in
 //! the other rooms.
 
+use super::directory::Directory;
 use super::outbox::{self, Outbox};
+use super::sessions::Sessions;
 use super::state::State;
 use super::task::DELIVERY_QUEUE;
 use super::wire;
@@ -103,6 +105,7 @@ pub async fn start(settings: &ClusterSettings, cx: StartContext<'_>) -> Result<A
         tracing::info!(held = outbox.len(), unrouted = replay.len(), "cluster outbox restored");
     }
 
+    let (sessions, session_changes) = Sessions::new(Directory::load(storage));
     let cluster = Arc::new(Cluster {
         state: Mutex::new(State::new(node, peer_id, outbox, replay)),
         max_topic_levels: core_config.max_topic_levels,
@@ -122,7 +125,14 @@ pub async fn start(settings: &ClusterSettings, cx: StartContext<'_>) -> Result<A
         dead_timeout: Duration::from_secs(settings.dead_timeout_secs),
         remembered: Mutex::new(remembered),
         stats: ClusterStats::default(),
+        replication: settings.replication,
+        sessions,
+        this: std::sync::OnceLock::new(),
     });
+    let _ = cluster.this.set(Arc::downgrade(&cluster));
+    if !storage.set_mirror(cluster.sessions.mirror()) {
+        tracing::error!("storage already mirrored; sessions are not copied to their standby");
+    }
     {
         let mut st = cluster.state.lock();
         let mut local = Vec::new();
@@ -131,6 +141,7 @@ pub async fn start(settings: &ClusterSettings, cx: StartContext<'_>) -> Result<A
     let (delivery, delivered) = mpsc::channel(DELIVERY_QUEUE);
     cx.tasks.spawn(cluster.clone().run(events, delivery));
     cx.tasks.spawn(cluster.clone().deliver_stage(delivered));
+    cx.tasks.spawn(cluster.clone().directory_task(session_changes));
     cx.broker.attach_fleet(cluster.clone());
     for addr in client.listen_addrs().await? {
         tracing::info!(%addr, node = %cluster.name, "cluster listener ready");

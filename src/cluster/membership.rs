@@ -90,6 +90,8 @@ impl Cluster {
         let id = st.id_of(peer);
         if st.live.remove(&id) {
             self.apply_membership(st, storage, &mut received.local);
+            // Its clients' sessions and wills: this node acts for some.
+            received.orphans.extend(self.orphaned_by(st, id));
         }
     }
 

@@ -57,6 +57,7 @@
 mod bootstrap;
 pub mod counter;
 pub mod dedupe;
+pub mod directory;
 pub mod guard;
 pub mod links;
 mod membership;
@@ -65,6 +66,7 @@ pub mod metrics;
 pub mod outbox;
 mod publish;
 mod receive;
+pub mod sessions;
 mod state;
 pub mod status;
 mod task;
@@ -130,6 +132,12 @@ pub struct Cluster {
     /// What the peers file holds (as written last, or read at start).
     remembered: Mutex<Vec<String>>,
     pub stats: ClusterStats,
+    /// The fleet's replication factor R (route shards, session directory).
+    replication: usize,
+    /// Sessions following their clients ([`sessions`]).
+    sessions: sessions::Sessions,
+    /// This cluster, for the tasks it starts itself.
+    this: std::sync::OnceLock<Weak<Cluster>>,
 }
 
 impl Cluster {
@@ -165,6 +173,11 @@ impl Cluster {
     /// cluster's tasks end with the driver: the cluster task when the
     /// driver's events stop, the delivery stage after it, the send queues'
     /// tasks as they are closed here.
+    /// The session directory's counters and size, for metrics.
+    pub fn session_stats(&self) -> (&sessions::SessionStats, usize) {
+        (&self.sessions.stats, self.sessions.directory.lock().len())
+    }
+
     pub async fn shutdown(&self) {
         if let Err(err) = self.client.shutdown().await {
             tracing::debug!(cause = %err, "cluster driver already stopped");

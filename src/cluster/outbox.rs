@@ -274,6 +274,7 @@ mod tests {
             properties: Default::default(),
             expires_at_ms: None,
             origin: None,
+            fleet_id: None,
         })
     }
 

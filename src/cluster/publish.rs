@@ -16,11 +16,13 @@ use super::links::{self, Class};
 use super::memo::{recipients, TopicRoute};
 use super::metrics::bump;
 use super::outbox;
+use super::sessions;
 use super::state::{Routing, State};
 use super::wire;
 use super::Cluster;
+use crate::broker::message::FleetId;
 use crate::broker::message::Message;
-use crate::broker::{Broker, Fleet, PublishRoute};
+use crate::broker::{BoxFuture, Broker, ClaimGuard, Fleet, Presence, PublishRoute};
 use crate::protocol::QoS;
 use crate::storage::Storage;
 use kadmq_dht::core::{Action, Event, ForwardRoute, NodeId};
@@ -29,6 +31,18 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 impl Fleet for Cluster {
+    fn claim<'a>(&'a self, client_id: &'a str, clean_start: bool) -> BoxFuture<'a, ClaimGuard> {
+        Box::pin(self.claim_session(client_id, clean_start))
+    }
+
+    fn presence(&self, client_id: &str, presence: Presence) {
+        self.sessions.tell(client_id, presence);
+    }
+
+    fn message_id(&self) -> FleetId {
+        sessions::message_id(self.me, &self.next_id)
+    }
+
     fn subscribed(&self, filter: &str, group: Option<&str>) {
         self.handle_local(Event::Subscribe { filter, group });
     }
@@ -57,7 +71,7 @@ impl Fleet for Cluster {
                 return routed;
             }
         }
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let id = self.publish_id(message);
         let mut local = Vec::new();
         let routed = {
             let mut st = self.state.lock();
@@ -92,7 +106,7 @@ impl Cluster {
                 sender.send(Class::Droppable, |out| wire::write_forward(out, 0, None, message, to));
             }
         } else if !route.forwards.is_empty() {
-            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+            let id = self.publish_id(message);
             let now = self.now();
             let mut st = self.state.lock();
             let mut waiting = Vec::with_capacity(route.forwards.len());
@@ -105,6 +119,15 @@ impl Cluster {
         }
         self.stats.forwarded_out.add(route.forwards.len() as u64);
         PublishRoute::Decided { local: route.local.clone(), forwards: route.forwards.len() }
+    }
+
+    /// The id a local publish is routed and forwarded under: its fleet id's
+    /// number (QoS 1/2), else the next one.
+    fn publish_id(&self, message: &Message) -> u64 {
+        match message.fleet_id {
+            Some((_, id)) => id,
+            None => self.next_id.fetch_add(1, Ordering::Relaxed),
+        }
     }
 
     /// Queues for node `to` the frame `write` appends (see

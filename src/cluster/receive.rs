@@ -12,6 +12,7 @@
 //! stage.
 
 use super::dedupe::Verdict;
+use super::directory::Record;
 use super::links::{self, Class};
 use super::metrics::bump;
 use super::publish::deliver_all;
@@ -33,6 +34,8 @@ pub(super) struct Received {
     pub local: Vec<(Arc<Message>, ForwardRoute)>,
     /// Per sending peer, the acknowledgement to send: (epoch, upto).
     pub acks: HashMap<PeerId, (u64, u64)>,
+    /// Sessions of nodes declared dead that this node now acts for.
+    pub orphans: Vec<(Arc<str>, Record)>,
 }
 
 /// A batch of driver events being handled: the state mutex, taken at the
@@ -90,6 +93,9 @@ impl Cluster {
     pub(super) fn deliver_received(&self, received: Received) {
         let Some(broker) = self.broker.upgrade() else { return };
         deliver_all(&broker, received.local);
+        if !received.orphans.is_empty() {
+            self.adopt(&broker, received.orphans);
+        }
         if !received.acks.is_empty() {
             // What we acknowledge must survive a crash of this node.
             if let Err(err) = broker.storage.flush() {
@@ -157,7 +163,7 @@ impl Cluster {
     /// One decoded frame from `from` that needs the state.
     fn on_wire(&self, batch: &mut Batch<'_>, from: PeerId, wire: Wire) {
         let storage = batch.storage;
-        let (st, Received { local, acks }) = batch.parts();
+        let (st, Received { local, acks, .. }) = batch.parts();
         let sender = st.id_of(from);
         let mut actions = Vec::new();
         match wire {
@@ -184,6 +190,10 @@ impl Cluster {
                     }
                 }
                 self.stats.forwarded_in.add(1);
+                let mut message = message;
+                if message.qos != crate::protocol::QoS::AtMostOnce {
+                    message.fleet_id = Some((sender.0, id));
+                }
                 let message = Arc::new(message);
                 let event = Event::Forwarded { from: sender, topic: &message.topic, msg: id, route };
                 let result = self.core_event(st, event, &mut actions);
@@ -195,6 +205,11 @@ impl Cluster {
                 tracing::info!(peer = %from, "a member had taken this node for dead: routes asserted to it again");
                 let _ = self.core_event(st, Event::Rejoined { from: sender }, &mut actions);
                 self.execute(st, storage, actions, None, local);
+            }
+            Wire::Session(frame) => {
+                if let Some(broker) = self.broker.upgrade() {
+                    self.on_session_frame(st, &broker, sender, *frame);
+                }
             }
             Wire::Retain(messages) => {
                 if let Some(broker) = self.broker.upgrade() {

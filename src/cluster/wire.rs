@@ -12,6 +12,7 @@
 //! and its payload is read without a copy), the others are rmp-serde.
 
 use super::outbox::Sequence;
+use super::sessions::{Part, SessionFrame, Update};
 use crate::broker::message::Message;
 use crate::protocol::QoS;
 use bytes::Bytes;
@@ -19,7 +20,7 @@ use kadmq_dht::core::{self, ForwardRoute, SharedPick};
 use kadmq_dht::topic;
 use std::sync::Arc;
 
-pub const VERSION: u8 = 2;
+pub const VERSION: u8 = 3;
 
 const ROUTE: u8 = 1;
 const FORWARD: u8 = 2;
@@ -27,6 +28,7 @@ const ACK: u8 = 3;
 const RETAIN: u8 = 4;
 const REJOINED: u8 = 5;
 const BATCH: u8 = 6;
+const SESSION: u8 = 7;
 
 /// A message forwarded to one destination node.
 #[derive(Debug, Clone, PartialEq)]
@@ -55,6 +57,8 @@ pub enum Wire {
     /// The sender had taken the receiver for dead and sees it again: the
     /// receiver's routes must be asserted to it afresh.
     Rejoined,
+    /// Sessions following their clients (`super::sessions`).
+    Session(Box<SessionFrame>),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -274,7 +278,7 @@ fn read_forward(frame: &Bytes, max_levels: usize) -> Result<Forward, WireError> 
         return Err(WireError::Forward("trailing bytes"));
     }
     let payload = frame.slice(start..start + len);
-    let message = Message { topic, payload, qos, retain, properties, expires_at_ms, origin };
+    let message = Message { topic, payload, qos, retain, properties, expires_at_ms, origin, fleet_id: None };
     check_message(&message, max_levels)?;
     Ok(Forward { id, sequence, message, route: ForwardRoute { plain, shared } })
 }
@@ -322,6 +326,64 @@ pub fn encode_ack(epoch: u64, upto: u64) -> Bytes {
 
 pub fn encode_retain(messages: &[&Message]) -> Bytes {
     with_header(RETAIN, &rmp_serde::to_vec(messages).expect("in-memory messages always encode"))
+}
+
+pub fn encode_session(frame: &SessionFrame) -> Bytes {
+    with_header(SESSION, &rmp_serde::to_vec(frame).expect("in-memory session frames always encode"))
+}
+
+/// What a session frame carries that a node must not take from a peer:
+/// client ids that are no MQTT client id, invalid messages or filters.
+fn check_session(frame: &SessionFrame, max_levels: usize) -> Result<(), WireError> {
+    let client_ok = |c: &str| !c.is_empty() && c.len() <= u16::MAX as usize && !c.contains('\0');
+    let client = match frame {
+        SessionFrame::Claim { client, .. }
+        | SessionFrame::TakeOver { client, .. }
+        | SessionFrame::Directory { client, .. }
+        | SessionFrame::Take { client } => Some(client),
+        SessionFrame::Claimed { .. } | SessionFrame::Handover { .. } => None,
+    };
+    if client.is_some_and(|c| !client_ok(c)) {
+        return Err(WireError::Invalid("client id"));
+    }
+    let session_ok = |s: &crate::storage::StoredSession| {
+        s.subscriptions.iter().all(|sub| {
+            let (filter, _) = topic::split_shared(&sub.filter);
+            topic::parse_shared(&sub.filter).is_ok()
+                && topic::valid_topic_filter(filter)
+                && topic::level_count(filter) <= max_levels
+        })
+    };
+    let mut messages: Vec<&Message> = Vec::new();
+    let mut sessions = Vec::new();
+    match frame {
+        SessionFrame::Claimed { previous: Some(r), .. } => {
+            messages.extend(r.will.iter().map(|(m, _)| m).chain(r.pending_will.iter().map(|(_, m)| m)));
+            sessions.extend(r.session.iter());
+        }
+        SessionFrame::Handover { part: Part::Session(moved), .. } => {
+            sessions.push(&moved.session);
+            messages.extend(moved.deliveries.iter().map(|d| &d.message));
+            messages.extend(moved.pending_will.iter().map(|(_, m)| m));
+        }
+        SessionFrame::Handover { part: Part::More(deliveries), .. } => {
+            messages.extend(deliveries.iter().map(|d| &d.message))
+        }
+        SessionFrame::Directory { update, .. } => match update {
+            Update::Presence { will, pending_will, .. } => {
+                messages.extend(will.iter().map(|(m, _)| m).chain(pending_will.iter().map(|(_, m)| m)))
+            }
+            Update::Session(session) => sessions.push(session),
+            Update::Delivery { delivery, .. } => messages.push(&delivery.message),
+            Update::Copy(copy) => messages.extend(copy.iter().map(|(_, d)| &d.message)),
+            Update::DeliveryDone { .. } | Update::Ended => {}
+        },
+        _ => {}
+    }
+    if !sessions.into_iter().all(session_ok) {
+        return Err(WireError::Invalid("session subscriptions"));
+    }
+    messages.into_iter().try_for_each(|m| check_message(m, max_levels))
 }
 
 pub fn encode_rejoined() -> Bytes {
@@ -412,6 +474,11 @@ pub fn decode_within(frame: &Bytes, max_topic_levels: usize) -> Result<Wire, Wir
             Wire::Retain(messages)
         }
         REJOINED => Wire::Rejoined,
+        SESSION => {
+            let frame: SessionFrame = rmp_serde::from_slice(body)?;
+            check_session(&frame, max_topic_levels)?;
+            Wire::Session(Box::new(frame))
+        }
         other => return Err(WireError::Kind(other)),
     })
 }

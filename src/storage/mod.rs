@@ -84,6 +84,15 @@ pub struct StoredDelivery {
     pub released: bool,
 }
 
+/// A write to a persistent session, as [`Storage::set_mirror`] sees it.
+#[derive(Debug, Clone)]
+pub enum Mirrored {
+    Session(std::sync::Arc<str>, StoredSession),
+    SessionRemoved(std::sync::Arc<str>),
+    Delivery(std::sync::Arc<str>, u64, Box<StoredDelivery>),
+    DeliveryRemoved(std::sync::Arc<str>, u64),
+}
+
 pub struct Storage {
     /// The data directory; empty for a store not opened from one.
     path: PathBuf,
@@ -92,6 +101,11 @@ pub struct Storage {
     sessions: Tree,
     deliveries: Tree,
     outbox: Tree,
+    directory: Tree,
+    replicas: Tree,
+    /// Told of every write to a persistent session (the fleet copies them
+    /// to the session's standby node); set once, by the cluster.
+    mirror: std::sync::OnceLock<Box<dyn Fn(Mirrored) + Send + Sync>>,
     dirty: AtomicBool,
     /// Held across "clear dirty, persist": a caller that finds nothing
     /// dirty must still wait for a persist in progress that covers its write.
@@ -121,6 +135,9 @@ impl Storage {
             sessions: engine.open_tree("sessions")?,
             deliveries: engine.open_tree("deliveries")?,
             outbox: engine.open_tree("outbox")?,
+            directory: engine.open_tree("directory")?,
+            replicas: engine.open_tree("replicas")?,
+            mirror: std::sync::OnceLock::new(),
             engine,
             dirty: AtomicBool::new(false),
             flushing: parking_lot::Mutex::new(()),
@@ -155,18 +172,39 @@ impl Storage {
     pub fn put_session(&self, client_id: &str, session: &StoredSession) -> Result<()> {
         self.engine.insert(self.sessions, client_id.as_bytes(), &encode(session))?;
         self.mark_dirty();
+        self.tell_mirror(|| Mirrored::Session(client_id.into(), session.clone()));
         Ok(())
     }
 
     /// Removes a session and every delivery owed to it.
     pub fn remove_session(&self, client_id: &str) -> Result<()> {
         let mut writes = vec![Write::Remove { tree: self.sessions, key: client_id.as_bytes().to_vec() }];
-        for record in self.engine.scan_prefix(self.deliveries, &delivery_prefix(client_id))? {
-            let (key, _) = record?;
-            writes.push(Write::Remove { tree: self.deliveries, key });
-        }
+        self.removals_under(self.deliveries, &delivery_prefix(client_id), &mut writes)?;
         self.engine.commit(writes)?;
         self.mark_dirty();
+        self.tell_mirror(|| Mirrored::SessionRemoved(client_id.into()));
+        Ok(())
+    }
+
+    /// Has `mirror` told of every later write to a persistent session
+    /// (called under the session's lock: it must only queue what it gets).
+    /// Once; a second mirror is refused.
+    pub fn set_mirror(&self, mirror: Box<dyn Fn(Mirrored) + Send + Sync>) -> bool {
+        self.mirror.set(mirror).is_ok()
+    }
+
+    fn tell_mirror(&self, what: impl FnOnce() -> Mirrored) {
+        if let Some(mirror) = self.mirror.get() {
+            mirror(what());
+        }
+    }
+
+    /// Adds to `writes` the removal of every record of `tree` under `prefix`.
+    fn removals_under(&self, tree: Tree, prefix: &[u8], writes: &mut Vec<Write>) -> Result<()> {
+        for record in self.engine.scan_prefix(tree, prefix)? {
+            let (key, _) = record?;
+            writes.push(Write::Remove { tree, key });
+        }
         Ok(())
     }
 
@@ -182,26 +220,93 @@ impl Storage {
     pub fn put_delivery(&self, client_id: &str, seq: u64, delivery: &StoredDelivery) -> Result<()> {
         self.engine.insert(self.deliveries, &delivery_key(client_id, seq), &encode(delivery))?;
         self.mark_dirty();
+        self.tell_mirror(|| Mirrored::Delivery(client_id.into(), seq, Box::new(delivery.clone())));
         Ok(())
     }
 
     pub fn remove_delivery(&self, client_id: &str, seq: u64) -> Result<()> {
         self.engine.remove(self.deliveries, &delivery_key(client_id, seq))?;
         self.mark_dirty();
+        self.tell_mirror(|| Mirrored::DeliveryRemoved(client_id.into(), seq));
         Ok(())
     }
 
     /// The deliveries owed to `client_id`, in sequence order.
     pub fn deliveries(&self, client_id: &str) -> Result<Vec<(u64, StoredDelivery)>> {
+        self.deliveries_in(self.deliveries, "deliveries", client_id)
+    }
+
+    // --- the fleet's session directory and replicas ------------------------
+    // Records another node's sessions: what this node keeps as one of a
+    // client's directory owners (a record per client, the cluster's own
+    // encoding) and as its standby (a copy of its deliveries). Never
+    // mirrored: they are copies already.
+
+    pub fn put_directory(&self, client_id: &str, record: &[u8]) -> Result<()> {
+        self.engine.insert(self.directory, client_id.as_bytes(), record)?;
+        self.mark_dirty();
+        Ok(())
+    }
+
+    pub fn remove_directory(&self, client_id: &str) -> Result<()> {
+        self.engine.remove(self.directory, client_id.as_bytes())?;
+        self.mark_dirty();
+        Ok(())
+    }
+
+    /// Every directory record: (client id, record).
+    pub fn directory(&self) -> Result<Vec<(String, Vec<u8>)>> {
+        let mut out = Vec::new();
+        for record in self.engine.scan_prefix(self.directory, b"")? {
+            let (key, value) = record?;
+            out.push((String::from_utf8_lossy(&key).into_owned(), value));
+        }
+        Ok(out)
+    }
+
+    pub fn put_replica(&self, client_id: &str, seq: u64, delivery: &StoredDelivery) -> Result<()> {
+        self.engine.insert(self.replicas, &delivery_key(client_id, seq), &encode(delivery))?;
+        self.mark_dirty();
+        Ok(())
+    }
+
+    pub fn remove_replica(&self, client_id: &str, seq: u64) -> Result<()> {
+        self.engine.remove(self.replicas, &delivery_key(client_id, seq))?;
+        self.mark_dirty();
+        Ok(())
+    }
+
+    /// Replaces the copy of `client_id`'s deliveries with `deliveries`.
+    pub fn replace_replicas(&self, client_id: &str, deliveries: &[(u64, StoredDelivery)]) -> Result<()> {
+        let mut writes = Vec::new();
+        self.removals_under(self.replicas, &delivery_prefix(client_id), &mut writes)?;
+        for (seq, delivery) in deliveries {
+            writes.push(Write::Insert {
+                tree: self.replicas,
+                key: delivery_key(client_id, *seq),
+                value: encode(delivery),
+            });
+        }
+        self.engine.commit(writes)?;
+        self.mark_dirty();
+        Ok(())
+    }
+
+    /// The copy of `client_id`'s deliveries, in sequence order.
+    pub fn replicas(&self, client_id: &str) -> Result<Vec<(u64, StoredDelivery)>> {
+        self.deliveries_in(self.replicas, "replicas", client_id)
+    }
+
+    fn deliveries_in(&self, tree: Tree, name: &'static str, client_id: &str) -> Result<Vec<(u64, StoredDelivery)>> {
         let prefix = delivery_prefix(client_id);
-        self.scan(self.deliveries, "deliveries", &prefix)?
+        self.scan(tree, name, &prefix)?
             .into_iter()
             .map(|(key, d)| {
                 let seq = key
                     .get(prefix.len()..)
                     .and_then(|b| b.try_into().ok())
                     .map(u64::from_be_bytes)
-                    .ok_or(StorageError::Record { keyspace: "deliveries", detail: "bad key".into() })?;
+                    .ok_or(StorageError::Record { keyspace: name, detail: "bad key".into() })?;
                 Ok((seq, d))
             })
             .collect()

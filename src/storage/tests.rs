@@ -15,6 +15,7 @@ fn message(topic: &str) -> Message {
         properties: MessageProperties { content_type: Some("text/plain".into()), ..Default::default() },
         expires_at_ms: Some(42),
         origin: Some("c".into()),
+        fleet_id: None,
     }
 }
 

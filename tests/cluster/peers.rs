@@ -194,6 +194,7 @@ fn invalid_frames_of_a_member_are_counted_and_the_node_keeps_routing() {
         properties: Default::default(),
         expires_at_ms: None,
         origin: None,
+        fleet_id: None,
     };
     let plain = kadmq_dht::core::ForwardRoute { plain: true, shared: Vec::new() };
     wire::write_forward(&mut wildcard, 0, None, &message, &plain);

@@ -18,6 +18,7 @@ fn forward() -> Forward {
             properties: Default::default(),
             expires_at_ms: Some(99),
             origin: Some("c1".into()),
+            fleet_id: None,
         },
         route: ForwardRoute { plain: true, shared: vec![SharedPick { group: "g".into(), filter: "a/+".into() }] },
     }
