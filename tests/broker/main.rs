@@ -15,6 +15,7 @@ mod http;
 mod lifetimes;
 mod limits;
 mod persistence;
+mod proxy;
 mod session_fuzz;
 mod v311;
 mod v5;

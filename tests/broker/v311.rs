@@ -2,11 +2,12 @@
 //! in-process broker on 127.0.0.1.
 
 use crate::common::TestBroker;
+use crate::support::checks;
 use crate::support::mqtt::Client;
 use crate::support::raw::{connect_v311, encode311, publish_packet, will, Raw, Read, QUIET, WAIT};
 use kadmq::protocol::{ConnectReason, Packet as P, PubAck, QoS as Q, Version};
 use rumqttc::{Event, Outgoing, Packet, QoS, SubscribeReasonCode};
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -86,36 +87,7 @@ async fn pingreq_gets_pingresp() {
 #[tokio::test]
 async fn clean_session_flag_and_subscriptions_across_reconnects() {
     let broker = TestBroker::start().await;
-    let addr = broker.mqtt();
-    let (mut publisher, _) = Raw::v311(addr, "cs-pub", true).await;
-
-    // First persistent connection: no session yet.
-    let (mut sub, present) = Raw::v311(addr, "cs-sub", false).await;
-    assert!(!present, "a new session is not present");
-    assert_eq!(sub.subscribe_id(1, &[("cs/t", Q::AtLeastOnce)]).await, vec![1]);
-    sub.disconnect().await;
-
-    // Persistent again: session present, the subscription still works.
-    let (mut sub, present) = Raw::v311(addr, "cs-sub", false).await;
-    assert!(present, "the persistent session must be present");
-    publisher.publish_with_id("cs/t", b"one", Q::AtLeastOnce, false, 1).await;
-    let got = sub.recv_publish().await;
-    assert_eq!((&got.payload[..], got.qos), (&b"one"[..], Q::AtLeastOnce));
-    sub.complete(&got).await;
-    sub.disconnect().await;
-
-    // Clean session: the old session is discarded, the subscription with it.
-    let (mut sub, present) = Raw::v311(addr, "cs-sub", true).await;
-    assert!(!present, "clean session never reports a present session");
-    publisher.publish_with_id("cs/t", b"two", Q::AtLeastOnce, false, 2).await;
-    sub.expect_silence().await;
-    sub.disconnect().await;
-
-    // And nothing was kept after the clean session ended.
-    let (mut sub, present) = Raw::v311(addr, "cs-sub", false).await;
-    assert!(!present, "a clean session leaves no session behind");
-    publisher.publish_with_id("cs/t", b"three", Q::AtLeastOnce, false, 3).await;
-    sub.expect_silence().await;
+    checks::clean_session_flag_and_subscriptions_across_reconnects(broker.mqtt()).await;
 }
 
 #[tokio::test]
@@ -143,14 +115,7 @@ async fn rumqttc_persistent_session_keeps_subscription() {
 #[tokio::test]
 async fn same_client_id_takes_over_and_first_is_disconnected() {
     let broker = TestBroker::start().await;
-    let (mut first, _) = Raw::v311(broker.mqtt(), "twin", true).await;
-    let (mut second, present) = Raw::v311(broker.mqtt(), "twin", true).await;
-    assert!(!present);
-    let before = first.expect_closed(WAIT).await;
-    assert!(before.is_empty(), "3.1.1: no packet before the close, got {before:?}");
-    // The new connection is the live one.
-    second.ping().await;
-    assert_eq!(second.subscribe_id(1, &[("twin/t", Q::AtMostOnce)]).await, vec![0]);
+    checks::same_client_id_takes_over_and_first_is_disconnected(broker.mqtt()).await;
 }
 
 // --- keep-alive and wills -----------------------------------------------------
@@ -579,86 +544,19 @@ async fn shared_subscription_delivers_each_message_to_exactly_one_member() {
 #[tokio::test]
 async fn unacked_qos1_is_redelivered_with_dup_and_same_ids_after_reconnect() {
     let broker = TestBroker::start().await;
-    let addr = broker.mqtt();
-    let (mut sub, _) = Raw::v311(addr, "redeliver", false).await;
-    sub.subscribe_id(1, &[("rd/t", Q::AtLeastOnce)]).await;
-    let (mut publisher, _) = Raw::v311(addr, "redeliver-pub", true).await;
-    for i in 0..3u8 {
-        publisher.publish_with_id("rd/t", &[i], Q::AtLeastOnce, false, 10 + i as u16).await;
-    }
-    let mut first = BTreeMap::new();
-    for _ in 0..3 {
-        let p = sub.recv_publish().await;
-        assert!(!p.dup);
-        first.insert(p.packet_id.unwrap(), p.payload.to_vec());
-    }
-    drop(sub); // no PUBACK
-
-    let (mut sub, present) = Raw::v311(addr, "redeliver", false).await;
-    assert!(present);
-    let mut again = BTreeMap::new();
-    for _ in 0..3 {
-        let p = sub.recv_publish().await;
-        assert!(p.dup, "a resent PUBLISH must have DUP=1: {p:?}");
-        assert_eq!(p.qos, Q::AtLeastOnce);
-        again.insert(p.packet_id.unwrap(), p.payload.to_vec());
-        sub.complete(&p).await;
-    }
-    assert_eq!(first, again, "same packet ids, same payloads");
-    sub.expect_silence().await;
-    sub.disconnect().await;
-
-    // Acknowledged now: not sent a third time.
-    let (mut sub, _) = Raw::v311(addr, "redeliver", false).await;
-    sub.expect_silence().await;
+    checks::unacked_qos1_is_redelivered_with_dup_and_same_ids_after_reconnect(broker.mqtt()).await;
 }
 
 #[tokio::test]
 async fn unreleased_qos2_is_resumed_with_pubrel_after_reconnect() {
     let broker = TestBroker::start().await;
-    let addr = broker.mqtt();
-    let (mut sub, _) = Raw::v311(addr, "q2-resume", false).await;
-    sub.subscribe_id(1, &[("q2r/t", Q::ExactlyOnce)]).await;
-    let (mut publisher, _) = Raw::v311(addr, "q2-resume-pub", true).await;
-    publisher.publish_with_id("q2r/t", b"x", Q::ExactlyOnce, false, 1).await;
-    let p = sub.recv_publish().await;
-    let id = p.packet_id.unwrap();
-    sub.send(&P::PubRec(PubAck::new(id))).await;
-    assert_eq!(sub.recv().await, P::PubRel(PubAck::new(id)));
-    drop(sub); // no PUBCOMP
-
-    let (mut sub, present) = Raw::v311(addr, "q2-resume", false).await;
-    assert!(present);
-    assert_eq!(sub.recv().await, P::PubRel(PubAck::new(id)), "the PUBREL is sent again, not the PUBLISH");
-    sub.send(&P::PubComp(PubAck::new(id))).await;
-    sub.expect_silence().await;
+    checks::unreleased_qos2_is_resumed_with_pubrel_after_reconnect(broker.mqtt()).await;
 }
 
 #[tokio::test]
 async fn offline_persistent_session_gets_qos1_and_qos2_on_reconnect() {
     let broker = TestBroker::start().await;
-    let addr = broker.mqtt();
-    let (mut sub, _) = Raw::v311(addr, "offline", false).await;
-    sub.subscribe_id(1, &[("off/1", Q::AtLeastOnce), ("off/2", Q::ExactlyOnce), ("off/0", Q::ExactlyOnce)]).await;
-    sub.disconnect().await;
-
-    let (mut publisher, _) = Raw::v311(addr, "offline-pub", true).await;
-    for i in 0..5u8 {
-        publisher.publish_with_id("off/1", &[i], Q::AtLeastOnce, false, 1).await;
-        publisher.publish_with_id("off/2", &[i], Q::ExactlyOnce, false, 2).await;
-        publisher.publish_with_id("off/0", &[i], Q::AtMostOnce, false, 0).await;
-    }
-    publisher.ping().await;
-
-    let (mut sub, present) = Raw::v311(addr, "offline", false).await;
-    assert!(present);
-    let got = sub.drain(QUIET).await;
-    let of = |topic: &str, qos: Q| -> Vec<u8> {
-        got.iter().filter(|p| p.topic == topic).inspect(|p| assert_eq!(p.qos, qos)).map(|p| p.payload[0]).collect()
-    };
-    assert_eq!(of("off/1", Q::AtLeastOnce), vec![0, 1, 2, 3, 4], "QoS 1 in order");
-    assert_eq!(of("off/2", Q::ExactlyOnce), vec![0, 1, 2, 3, 4], "QoS 2 in order");
-    assert_eq!(of("off/0", Q::AtMostOnce), Vec::<u8>::new(), "QoS 0 is not queued offline by default");
+    checks::offline_persistent_session_gets_qos1_and_qos2_on_reconnect(broker.mqtt()).await;
 }
 
 #[tokio::test]
@@ -778,24 +676,7 @@ async fn packets_pipelined_with_connect_are_handled() {
 #[tokio::test]
 async fn takeover_of_a_persistent_session_keeps_it() {
     let broker = TestBroker::start().await;
-    let addr = broker.mqtt();
-    let (mut first, _) = Raw::v311(addr, "tk-persist", false).await;
-    first.subscribe_id(1, &[("tk/t", Q::AtLeastOnce)]).await;
-    let (mut publisher, _) = Raw::v311(addr, "tk-pub", true).await;
-    publisher.publish_with_id("tk/t", b"unacked", Q::AtLeastOnce, false, 1).await;
-    let p = first.recv_publish().await;
-
-    let (mut second, present) = Raw::v311(addr, "tk-persist", false).await;
-    assert!(present, "taking over a persistent session resumes it");
-    first.expect_closed(WAIT).await;
-    let again = second.recv_publish().await;
-    assert_eq!((&again.payload[..], again.dup, again.packet_id), (&b"unacked"[..], true, p.packet_id));
-    second.complete(&again).await;
-    publisher.publish_with_id("tk/t", b"next", Q::AtLeastOnce, false, 2).await;
-    let next = second.recv_publish().await;
-    assert_eq!(&next.payload[..], b"next");
-    second.complete(&next).await;
-    second.expect_silence().await;
+    checks::takeover_of_a_persistent_session_keeps_it(broker.mqtt()).await;
 }
 
 #[tokio::test]

@@ -7,6 +7,7 @@
 //! not (both from `support::raw`).
 
 use crate::common::TestBroker;
+use crate::support::checks;
 use crate::support::mqtt::Client5;
 use crate::support::raw::{connect_v5, delayed_will, opts, publish, will, Raw, Read, QUIET, WAIT};
 use bytes::Bytes;
@@ -180,22 +181,7 @@ async fn normal_disconnect_discards_the_will() {
 #[tokio::test]
 async fn second_connection_with_same_id_takes_over_with_0x8e() {
     let broker = TestBroker::start().await;
-    let expiry = |c: &mut Connect| c.properties.session_expiry_interval = Some(60);
-    let mut first = Raw::v5(broker.mqtt(), "dup", expiry).await;
-    first.subscribe("dup/t", QoS::AtLeastOnce).await;
-    let (mut second, ack) = Raw::v5_connack(broker.mqtt(), "dup", |c| {
-        expiry(c);
-        c.clean_start = false;
-    })
-    .await;
-    assert_eq!(ack.code, ConnectReason::Success);
-    assert!(ack.session_present, "persistent session not handed over");
-    let d = first.disconnected().await;
-    assert_eq!(d.reason, DisconnectReason::SessionTakenOver);
-    // The new connection has the subscription.
-    let mut p = Raw::v5(broker.mqtt(), "dup-pub", |_| {}).await;
-    p.publish(publish("dup/t", b"x", QoS::AtLeastOnce)).await;
-    assert_eq!(second.recv_publish().await.topic, "dup/t");
+    checks::second_connection_with_same_id_takes_over_with_0x8e(broker.mqtt()).await;
 }
 
 #[tokio::test]

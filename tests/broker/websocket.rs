@@ -3,7 +3,8 @@
 
 use crate::common::TestBroker;
 use crate::support::mqtt::Client;
-use crate::support::raw::{connect_v311, encode311, publish_packet, will, Raw, QUIET, WAIT};
+use crate::support::paho;
+use crate::support::raw::{connect_v311, encode311, publish_packet, will, Raw, WAIT};
 use bytes::BytesMut;
 use futures_util::{SinkExt, StreamExt};
 use kadmq::protocol::{self, ConnectReason, Packet as P, PubAck, QoS as Q, Subscribe, SubscribeFilter, Version};
@@ -212,100 +213,11 @@ async fn ws_will_is_published_when_the_websocket_drops() {
 
 // --- interop with paho-mqtt (python) ------------------------------------------------
 
-const PAHO_SCRIPT: &str = r#"
-import sys, threading, time
-import paho.mqtt.client as mqtt
-
-host, port, transport, tag = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
-topic = "interop/" + tag
-subscribed, done = threading.Event(), threading.Event()
-got = []
-
-def client(name):
-    c = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=name,
-                    protocol=mqtt.MQTTv311, transport=transport)
-    if transport == "websockets":
-        c.ws_set_options(path="/mqtt")
-    return c
-
-def on_connect(c, userdata, flags, reason_code, properties):
-    if reason_code != 0:
-        print("connect failed", reason_code); sys.exit(2)
-    c.subscribe(topic, qos=2)
-
-def on_subscribe(c, userdata, mid, reason_codes, properties):
-    if [int(r.value) for r in reason_codes] != [2]:
-        print("suback", reason_codes)
-    subscribed.set()
-
-def on_message(c, userdata, msg):
-    got.append((msg.qos, msg.payload.decode()))
-    if len(got) == 3:
-        done.set()
-
-sub = client("paho-sub-" + tag)
-sub.on_connect, sub.on_subscribe, sub.on_message = on_connect, on_subscribe, on_message
-sub.connect(host, port, keepalive=30)
-sub.loop_start()
-if not subscribed.wait(5):
-    print("no SUBACK"); sys.exit(1)
-
-pub = client("paho-pub-" + tag)
-pub.connect(host, port, keepalive=30)
-pub.loop_start()
-for qos in (0, 1, 2):
-    info = pub.publish(topic, "q%d" % qos, qos=qos)
-    info.wait_for_publish(5)
-    if not info.is_published():
-        print("publish at QoS", qos, "not acknowledged"); sys.exit(1)
-if not done.wait(5):
-    print("received only", got); sys.exit(1)
-if sorted(got) != [(0, "q0"), (1, "q1"), (2, "q2")]:
-    print("wrong messages", got); sys.exit(1)
-pub.disconnect(); sub.disconnect()
-pub.loop_stop(); sub.loop_stop()
-print("OK", transport)
-"#;
-
-async fn paho_installed() -> bool {
-    let probe = tokio::process::Command::new("python3").args(["-c", "import paho.mqtt.client"]).output();
-    matches!(tokio::time::timeout(WAIT, probe).await, Ok(Ok(out)) if out.status.success())
-}
-
-async fn run_paho(port: u16, transport: &str, tag: &str) {
-    let run = tokio::process::Command::new("python3")
-        .args(["-c", PAHO_SCRIPT, "127.0.0.1", &port.to_string(), transport, tag])
-        .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(std::time::Duration::from_secs(20), run)
-        .await
-        .expect("paho script finishes within 20 s")
-        .expect("python3 runs");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "paho over {transport} failed: {stdout}\n{stderr}");
-    assert!(stdout.contains(&format!("OK {transport}")), "{stdout}\n{stderr}");
-}
-
 #[tokio::test]
 async fn paho_interop_over_tcp_and_websocket() {
-    if !paho_installed().await {
-        println!("skipped: paho-mqtt not installed");
-        eprintln!("skipped: paho-mqtt not installed");
+    if !paho::installed_or_skip().await {
         return;
     }
     let broker = TestBroker::start().await;
-    // A Rust TCP subscriber sees what paho publishes over both transports.
-    let (mut watcher, _) = Raw::v311(broker.mqtt(), "paho-watch", true).await;
-    watcher.subscribe_id(1, &[("interop/#", Q::ExactlyOnce)]).await;
-    run_paho(broker.port(), "tcp", "tcp").await;
-    run_paho(broker.ws().port(), "websockets", "ws").await;
-    let mut got: Vec<(String, Vec<u8>)> =
-        watcher.drain(QUIET).await.into_iter().map(|p| (p.topic, p.payload.to_vec())).collect();
-    got.sort();
-    let want: Vec<(String, Vec<u8>)> = ["tcp", "ws"]
-        .iter()
-        .flat_map(|t| (0..3).map(move |q| (format!("interop/{t}"), format!("q{q}").into_bytes())))
-        .collect();
-    assert_eq!(got, want);
+    paho::interop(broker.mqtt(), &[(broker.port(), "tcp", "tcp"), (broker.ws().port(), "websockets", "ws")]).await;
 }

@@ -12,3 +12,4 @@ mod outbox;
 mod peers;
 mod rejoin;
 mod retained;
+mod sessions;

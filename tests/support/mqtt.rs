@@ -31,9 +31,17 @@ pub trait Api: Send + 'static {
     type Event: Debug + Send + 'static;
     type Publish: Clone + Debug + Send + 'static;
     fn new(options: Self::Options) -> (Self::Client, Self::EventLoop);
-    fn poll(eventloop: &mut Self::EventLoop) -> impl Future<Output = Result<Self::Event, String>> + Send;
+    fn poll(eventloop: &mut Self::EventLoop) -> impl Future<Output = Result<Self::Event, Ending>> + Send;
     fn incoming_publish(event: &Self::Event) -> Option<&Self::Publish>;
     fn is_puback(event: &Self::Event) -> bool;
+    fn is_pubcomp(event: &Self::Event) -> bool;
+}
+
+/// How an event loop ended: rumqttc's error, and the reason code of the
+/// DISCONNECT the server sent, if that is what ended it (MQTT 5 only).
+pub struct Ending {
+    pub why: String,
+    pub disconnect: Option<u8>,
 }
 
 /// rumqttc's MQTT 3.1.1 API (`rumqttc::AsyncClient`).
@@ -58,8 +66,8 @@ impl Api for V311 {
         (client, eventloop)
     }
 
-    async fn poll(eventloop: &mut rumqttc::EventLoop) -> Result<rumqttc::Event, String> {
-        eventloop.poll().await.map_err(|err| err.to_string())
+    async fn poll(eventloop: &mut rumqttc::EventLoop) -> Result<rumqttc::Event, Ending> {
+        eventloop.poll().await.map_err(|err| Ending { why: err.to_string(), disconnect: None })
     }
 
     fn incoming_publish(event: &rumqttc::Event) -> Option<&rumqttc::Publish> {
@@ -72,6 +80,10 @@ impl Api for V311 {
     fn is_puback(event: &rumqttc::Event) -> bool {
         matches!(event, rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)))
     }
+
+    fn is_pubcomp(event: &rumqttc::Event) -> bool {
+        matches!(event, rumqttc::Event::Incoming(rumqttc::Packet::PubComp(_)))
+    }
 }
 
 impl Api for V5 {
@@ -81,12 +93,24 @@ impl Api for V5 {
     type Event = rumqttc::v5::Event;
     type Publish = v5p::Publish;
 
-    fn new(options: rumqttc::v5::MqttOptions) -> (rumqttc::v5::AsyncClient, rumqttc::v5::EventLoop) {
+    fn new(mut options: rumqttc::v5::MqttOptions) -> (rumqttc::v5::AsyncClient, rumqttc::v5::EventLoop) {
+        // As for 3.1.1: a loaded machine (or a CONNACK that waits for
+        // another node) may take more than rumqttc's default 5 s.
+        options.set_connection_timeout(20);
         rumqttc::v5::AsyncClient::new(options, CAPACITY)
     }
 
-    async fn poll(eventloop: &mut rumqttc::v5::EventLoop) -> Result<rumqttc::v5::Event, String> {
-        eventloop.poll().await.map_err(|err| err.to_string())
+    async fn poll(eventloop: &mut rumqttc::v5::EventLoop) -> Result<rumqttc::v5::Event, Ending> {
+        eventloop.poll().await.map_err(|err| {
+            let disconnect = match &err {
+                rumqttc::v5::ConnectionError::MqttState(rumqttc::v5::StateError::ServerDisconnect {
+                    reason_code,
+                    ..
+                }) => Some(*reason_code as u8),
+                _ => None,
+            };
+            Ending { why: err.to_string(), disconnect }
+        })
     }
 
     fn incoming_publish(event: &rumqttc::v5::Event) -> Option<&v5p::Publish> {
@@ -98,6 +122,10 @@ impl Api for V5 {
 
     fn is_puback(event: &rumqttc::v5::Event) -> bool {
         matches!(event, rumqttc::v5::Event::Incoming(v5p::Packet::PubAck(_)))
+    }
+
+    fn is_pubcomp(event: &rumqttc::v5::Event) -> bool {
+        matches!(event, rumqttc::v5::Event::Incoming(v5p::Packet::PubComp(_)))
     }
 }
 
@@ -112,8 +140,11 @@ pub struct Received<P> {
 struct Record<P> {
     publishes: Mutex<Vec<Received<P>>>,
     pubacks: AtomicU64,
+    pubcomps: AtomicU64,
     /// Why the event loop ended, if it did.
     ended: Mutex<Option<String>>,
+    /// The reason code of the server's DISCONNECT, if one ended it.
+    disconnect: Mutex<Option<u8>>,
 }
 
 /// A rumqttc client whose event loop runs in a task (aborted when the
@@ -144,8 +175,13 @@ impl<A: Api> Mqtt<A> {
     pub fn start(id: &str, options: A::Options) -> Mqtt<A> {
         let (client, mut eventloop) = A::new(options);
         let (tx, events) = mpsc::unbounded_channel();
-        let record =
-            Arc::new(Record { publishes: Mutex::new(Vec::new()), pubacks: AtomicU64::new(0), ended: Mutex::new(None) });
+        let record = Arc::new(Record {
+            publishes: Mutex::new(Vec::new()),
+            pubacks: AtomicU64::new(0),
+            pubcomps: AtomicU64::new(0),
+            ended: Mutex::new(None),
+            disconnect: Mutex::new(None),
+        });
         let task = tokio::spawn({
             let record = record.clone();
             async move {
@@ -159,10 +195,15 @@ impl<A: Api> Mqtt<A> {
                             if A::is_puback(&event) {
                                 record.pubacks.fetch_add(1, Ordering::Relaxed);
                             }
+                            if A::is_pubcomp(&event) {
+                                record.pubcomps.fetch_add(1, Ordering::Relaxed);
+                            }
                             let _ = tx.send(event);
                         }
-                        Err(err) => {
-                            *record.ended.lock().unwrap() = Some(err);
+                        Err(ending) => {
+                            // The reason first: whoever sees `ended` may read it.
+                            *record.disconnect.lock().unwrap() = ending.disconnect;
+                            *record.ended.lock().unwrap() = Some(ending.why);
                             return;
                         }
                     }
@@ -261,6 +302,17 @@ impl<A: Api> Mqtt<A> {
     /// How many PUBACKs the client received (for its QoS 1 publishes).
     pub fn pubacks(&self) -> u64 {
         self.record.pubacks.load(Ordering::Relaxed)
+    }
+
+    /// How many PUBCOMPs the client received (for its QoS 2 publishes).
+    pub fn pubcomps(&self) -> u64 {
+        self.record.pubcomps.load(Ordering::Relaxed)
+    }
+
+    /// The reason code of the DISCONNECT the server ended the connection
+    /// with (MQTT 5; None while it is open, or if it ended otherwise).
+    pub fn server_disconnect(&self) -> Option<u8> {
+        *self.record.disconnect.lock().unwrap()
     }
 
     /// Why the event loop ended, if it has.
@@ -371,6 +423,37 @@ impl Client5 {
             })
             .await;
         (client, ack)
+    }
+
+    /// Options for a persistent session: clean start 0 and Session Expiry
+    /// Interval `expiry` seconds (the first connection of the id simply
+    /// finds no session).
+    pub fn persistent(id: &str, port: u16, expiry: u32) -> rumqttc::v5::MqttOptions {
+        let mut options = Client5::options(id, port);
+        options.set_clean_start(false);
+        options.set_session_expiry_interval(Some(expiry));
+        options
+    }
+
+    /// [`Client5::connect`] without the panic: the CONNACK, or why there
+    /// was none (the connection ended or was refused first, or nothing came
+    /// within `within`).
+    pub async fn try_connect(
+        options: rumqttc::v5::MqttOptions,
+        within: Duration,
+    ) -> Result<(Client5, v5p::ConnAck), String> {
+        let id = options.client_id();
+        let mut client = Client5::start(&id, options);
+        let ack = client
+            .next_within(within, |e| match e {
+                rumqttc::v5::Event::Incoming(v5p::Packet::ConnAck(ack)) => Some(ack.clone()),
+                _ => None,
+            })
+            .await;
+        match ack {
+            Some(ack) => Ok((client, ack)),
+            None => Err(client.ended().unwrap_or_else(|| format!("no CONNACK within {within:?}"))),
+        }
     }
 
     /// SUBSCRIBE to `filters` (with subscription identifier `id`, if any)

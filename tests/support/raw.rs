@@ -11,9 +11,11 @@ use kadmq::protocol::{
     SubscriptionOptions, Version, WillProperties,
 };
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::task::JoinHandle;
 
 /// How long a test waits for something that should happen.
 pub const WAIT: Duration = Duration::from_secs(5);
@@ -134,11 +136,17 @@ impl Raw {
     /// Opens a connection and sends `connect` (its version is the client's);
     /// returns the CONNACK, whatever its code.
     pub async fn connect(addr: SocketAddr, connect: Connect) -> (Raw, ConnAck) {
+        Raw::connect_within(addr, connect, WAIT).await
+    }
+
+    /// [`Raw::connect`], waiting up to `within` for the CONNACK (one a
+    /// fleet answers after asking another node, say).
+    pub async fn connect_within(addr: SocketAddr, connect: Connect, within: Duration) -> (Raw, ConnAck) {
         let mut raw = Raw::open(addr, connect.version).await;
         raw.send(&Packet::Connect(connect)).await;
-        match raw.recv().await {
-            Packet::ConnAck(ack) => (raw, ack),
-            other => panic!("expected CONNACK, got {other:?}"),
+        match raw.read(within).await {
+            Read::Packet(Packet::ConnAck(ack)) => (raw, ack),
+            other => panic!("expected CONNACK within {within:?}, got {other:?}"),
         }
     }
 
@@ -444,5 +452,91 @@ impl Raw {
     pub async fn disconnect_with(mut self, reason: DisconnectReason) {
         self.try_send(&Packet::Disconnect(Disconnect::new(reason))).await;
         let _ = self.read(WAIT).await;
+    }
+}
+
+// ----- a client left to itself ------------------------------------------------------------
+
+/// How an [`Acking`] client's connection ended.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Ending {
+    /// The broker sent DISCONNECT with this reason (5.0), then closed.
+    Disconnect(DisconnectReason),
+    /// The broker closed the connection without a DISCONNECT.
+    Closed,
+}
+
+/// What an [`Acking`] client saw: every PUBLISH in arrival order (DUP
+/// flag and packet id included), and how the connection ended.
+#[derive(Default)]
+struct Seen {
+    publishes: Vec<Publish>,
+    ending: Option<Ending>,
+}
+
+/// A raw client in a task of its own, behaving as a subscriber that keeps
+/// nothing between connections: it acknowledges every PUBLISH (QoS 1
+/// PUBACK; QoS 2 PUBREC, then PUBCOMP for the PUBREL) and answers every
+/// PUBREL with PUBCOMP, also for a packet id it never saw a PUBLISH of (a
+/// resumed session sends the PUBREL of a flow its previous connection
+/// began). rumqttc cannot be that client: it ends its connection on a
+/// PUBREL it did not expect. Pings every 10 s. Stops when dropped.
+pub struct Acking {
+    seen: Arc<Mutex<Seen>>,
+    task: JoinHandle<()>,
+}
+
+impl Raw {
+    /// Leaves this client to a task that acknowledges and records
+    /// everything (see [`Acking`]).
+    pub fn acking(mut self) -> Acking {
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let task = tokio::spawn({
+            let seen = seen.clone();
+            async move {
+                let ending = loop {
+                    match self.read(Duration::from_secs(10)).await {
+                        Read::Packet(Packet::Publish(p)) => {
+                            let ack = match (p.qos, p.packet_id) {
+                                (QoS::AtLeastOnce, Some(id)) => Some(Packet::PubAck(PubAck::new(id))),
+                                (QoS::ExactlyOnce, Some(id)) => Some(Packet::PubRec(PubAck::new(id))),
+                                _ => None,
+                            };
+                            seen.lock().unwrap().publishes.push(p);
+                            if let Some(ack) = ack {
+                                self.try_send(&ack).await;
+                            }
+                        }
+                        Read::Packet(Packet::PubRel(rel)) => {
+                            self.try_send(&Packet::PubComp(PubAck::new(rel.packet_id))).await
+                        }
+                        Read::Packet(Packet::Disconnect(d)) => break Ending::Disconnect(d.reason),
+                        Read::Packet(_) => {}
+                        Read::Silent => self.try_send_bytes(&[0xC0, 0x00]).await,
+                        Read::Closed => break Ending::Closed,
+                    }
+                };
+                seen.lock().unwrap().ending = Some(ending);
+            }
+        });
+        Acking { seen, task }
+    }
+}
+
+impl Acking {
+    /// Every PUBLISH received so far, in arrival order.
+    pub fn publishes(&self) -> Vec<Publish> {
+        self.seen.lock().unwrap().publishes.clone()
+    }
+
+    /// How the connection ended, if it has.
+    pub fn ending(&self) -> Option<Ending> {
+        self.seen.lock().unwrap().ending.clone()
+    }
+}
+
+impl Drop for Acking {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }
