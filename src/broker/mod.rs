@@ -484,6 +484,15 @@ impl Broker {
         Some(moved)
     }
 
+    /// Another node prepares to take `client_id`'s session: from now on the
+    /// session remembers which messages it was given, for that node to
+    /// drop its own copies ([`MovedSession::seen`]).
+    pub fn watch_move(&self, client_id: &str) {
+        if let Some(session) = self.sessions.lock().get(client_id) {
+            session.lock().moving.get_or_insert_with(Default::default);
+        }
+    }
+
     /// A session is coming here from another node: it is set up offline
     /// with `record`'s subscriptions (announced to the fleet, so what is
     /// published meanwhile is queued here) until [`Broker::absorb`] brings

@@ -25,7 +25,14 @@ pub struct MovedSession {
     pub session: StoredSession,
     pub deliveries: Vec<StoredDelivery>,
     pub pending_will: Option<(u64, Message)>,
+    /// Fleet ids of messages the session was given while it was being
+    /// moved, delivered or not: the node it moves to drops its own copies.
+    #[serde(default)]
+    pub seen: Vec<FleetId>,
 }
+
+/// Most fleet ids a session being moved remembers (see `SessionState::moving`).
+const MOVING_SEEN_MAX: usize = 65_536;
 
 /// Session expiry that never ends (3.1.1 persistent sessions).
 pub const NEVER_EXPIRES: u32 = u32::MAX;
@@ -112,6 +119,10 @@ pub struct SessionState {
     pub pending_will: Option<PendingWill>,
     /// Set when the session was discarded; late deliveries are dropped.
     pub ended: bool,
+    /// While another node prepares to take the session over: the fleet ids
+    /// of the messages queued here since, which that node also got and
+    /// must not deliver again (they go with the session).
+    pub moving: Option<HashSet<FleetId>>,
     /// What the attached client accepts (from its CONNECT).
     pub client_limits: ClientLimits,
 }
@@ -341,6 +352,7 @@ impl Session {
                 disconnected_at_ms: None,
                 pending_will: None,
                 ended: false,
+                moving: None,
                 client_limits: ClientLimits::default(),
             }),
             wake: Notify::new(),
@@ -404,6 +416,12 @@ impl Session {
         // already bounds it), so a large message is not refused forever.
         if st.queue.len() > 0 && st.queue.bytes + delivery.queued_bytes() > limits.max_bytes {
             return Err(Dropped::QueueFull(Limit::QueuedBytes));
+        }
+        if let (Some(seen), Some(id)) = (&mut st.moving, delivery.message.fleet_id) {
+            // Bounded: a move never finished must not grow it for ever.
+            if seen.len() < MOVING_SEEN_MAX {
+                seen.insert(id);
+            }
         }
         if st.is_persistent() && delivery.qos != QoS::AtMostOnce {
             delivery.seq = Some(st.next_seq);
@@ -536,13 +554,14 @@ impl Session {
             session: st.to_stored(),
             deliveries: inflight.chain(queued).collect(),
             pending_will: st.pending_will.as_ref().map(|w| (w.at_ms, w.message.clone())),
+            seen: st.moving.iter().flatten().copied().collect(),
         }
     }
 
     /// Takes in a session moved here from another node: its record, its
     /// inflight messages (same packet ids, same QoS 2 state) and queue, then
     /// what this node queued for it meanwhile, less the copies the moved
-    /// session brought (the same [`Message::fleet_id`]). Returns the
+    /// session brought or saw (the same [`Message::fleet_id`]). Returns the
     /// subscriptions it had here before, for the broker to re-index.
     pub fn absorb(&self, moved: MovedSession, storage: &Storage) -> HashMap<String, Subscription> {
         let mut st = self.state.lock();
@@ -551,7 +570,8 @@ impl Session {
         for delivery in &here {
             st.forget_delivery(&self.client_id, delivery, storage);
         }
-        let brought: HashSet<FleetId> = moved.deliveries.iter().filter_map(|d| d.message.fleet_id).collect();
+        let mut brought: HashSet<FleetId> = moved.deliveries.iter().filter_map(|d| d.message.fleet_id).collect();
+        brought.extend(moved.seen);
         let before = std::mem::take(&mut st.subscriptions);
         st.take_record(moved.session);
         st.pending_will = moved.pending_will.map(|(at_ms, message)| PendingWill { at_ms, message });

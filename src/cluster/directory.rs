@@ -118,9 +118,9 @@ impl Directory {
                 record.session = Some(session);
                 Ok(())
             }
-            Update::Delivery { seq, delivery } => storage.put_replica(client_id, seq, &delivery),
-            Update::DeliveryDone { seq } => storage.remove_replica(client_id, seq),
-            Update::Copy(deliveries) => storage.replace_replicas(client_id, &deliveries),
+            Update::Delivery { seq, delivery } => storage.put_replica(client_id, home.0, seq, &delivery),
+            Update::DeliveryDone { seq } => storage.remove_replica(client_id, home.0, seq),
+            Update::Copy(deliveries) => storage.replace_replicas(client_id, Some(home.0), &deliveries),
             Update::Ended => {
                 self.forget(storage, client_id);
                 return true;
@@ -136,7 +136,7 @@ impl Directory {
     /// Forgets a client's record and the copy of its deliveries.
     pub fn forget(&mut self, storage: &Storage, client_id: &str) {
         self.records.remove(client_id);
-        let removed = storage.remove_directory(client_id).and_then(|()| storage.replace_replicas(client_id, &[]));
+        let removed = storage.remove_directory(client_id).and_then(|()| storage.replace_replicas(client_id, None, &[]));
         if let Err(err) = removed {
             tracing::error!(cause = %err, client_id, "could not forget a session directory record");
         }
@@ -221,7 +221,7 @@ mod tests {
         let storage = Storage::open(dir_path.path()).unwrap();
         let dir = Directory::load(&storage);
         assert_eq!(dir.get("c").map(|r| (r.home, r.version)), Some((7, 1)));
-        assert_eq!(storage.replicas("c").unwrap(), vec![(4, delivery)]);
+        assert_eq!(storage.replicas("c").unwrap(), vec![delivery]);
         assert_eq!(dir.homed_at(NodeId(7)).len(), 1);
     }
 }

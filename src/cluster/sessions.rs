@@ -80,6 +80,9 @@ pub enum SessionFrame {
     Directory { client: String, version: u64, update: Update },
     /// From a leaving node to a session's successor: take it from me.
     Take { client: String },
+    /// To the node holding a session, before `TakeOver`: remember what
+    /// the session is given from now on (the sender gets copies too).
+    Moving { client: String },
 }
 
 /// One part of a hand-over. (A frame lives briefly, one at a time: the
@@ -274,6 +277,7 @@ impl Cluster {
         };
         self.sessions.homed.lock().insert(client.clone(), version);
         self.sessions.claiming.lock().insert(client.clone(), version);
+        tracing::debug!(client_id, version, previous = ?previous.as_ref().map(|r| (r.home, r.version)), "session claimed");
         let Some(previous) = previous else { return Box::new(guard) };
         let home = NodeId(previous.home);
         if home == self.me {
@@ -305,17 +309,30 @@ impl Cluster {
         }
         if !clean_start {
             if let Some(record) = previous.session.clone() {
+                self.send_session(source, &SessionFrame::Moving { client: client_id.to_string() });
                 broker.prepare_arrival(client_id, record);
                 tokio::time::sleep(ROUTE_SETTLE).await;
             }
         }
-        match self.pull(source, client_id, version, clean_start).await {
-            Some(Some(moved)) => {
-                broker.absorb(client_id, moved);
-                bump(&self.sessions.stats.moved_in);
-            }
-            Some(None) => {}
-            None => bump(&self.sessions.stats.handovers_unanswered),
+        let mut pulled = self.pull(source, client_id, version, clean_start).await;
+        tracing::debug!(client_id, source = source.0, answered = pulled.is_some(), "session pulled");
+        if pulled.is_none() {
+            // The holder does not answer (dying, or paused): its standby
+            // keeps a copy of the session.
+            bump(&self.sessions.stats.handovers_unanswered);
+            let standby = owners_of(&self.view(), self.replication, client_id).into_iter().find(|o| *o != source);
+            pulled = match standby {
+                Some(standby) if standby == self.me => {
+                    Some((!clean_start).then(|| self.copy_of(&broker, client_id, &previous)).flatten())
+                }
+                Some(standby) => self.pull(standby, client_id, version, clean_start).await,
+                None => None,
+            };
+        }
+        if let Some(Some(moved)) = pulled {
+            tracing::debug!(client_id, deliveries = moved.deliveries.len(), "session taken in");
+            broker.absorb(client_id, moved);
+            bump(&self.sessions.stats.moved_in);
         }
         Box::new(guard)
     }
@@ -354,9 +371,14 @@ impl Cluster {
         let deadline = tokio::time::Instant::now() + HANDOVER_WAIT;
         let mut moved: Option<MovedSession> = None;
         let result = loop {
-            let Ok(Some(SessionFrame::Handover { part, last, .. })) =
-                tokio::time::timeout_at(deadline, answers.recv()).await
-            else {
+            // A holder declared dead meanwhile will not answer: stop waiting.
+            let slice = (tokio::time::Instant::now() + Duration::from_millis(250)).min(deadline);
+            let frame = match tokio::time::timeout_at(slice, answers.recv()).await {
+                Ok(frame) => frame,
+                Err(_) if tokio::time::Instant::now() < deadline && self.is_live(source) => continue,
+                Err(_) => None,
+            };
+            let Some(SessionFrame::Handover { part, last, .. }) = frame else {
                 break None;
             };
             match part {
@@ -397,17 +419,21 @@ impl Cluster {
         if record.connected || session.disconnected_at_ms.is_none() {
             session.disconnected_at_ms = Some(now);
         }
-        let deliveries = match broker.storage.replicas(client_id) {
-            Ok(copies) => copies.into_iter().map(|(_, d)| d).collect(),
+        tracing::debug!(client_id, "session copy taken");
+        let mut deliveries = match broker.storage.replicas(client_id) {
+            Ok(copies) => copies,
             Err(err) => {
                 tracing::error!(cause = %err, client_id, "cannot read a session's copy; it resumes without its messages");
                 Vec::new()
             }
         };
-        if let Err(err) = broker.storage.replace_replicas(client_id, &[]) {
+        // The copies of two homes (a move under way) may name one message twice.
+        let mut kept = std::collections::HashSet::new();
+        deliveries.retain(|d| d.message.fleet_id.is_none_or(|id| kept.insert(id)));
+        if let Err(err) = broker.storage.replace_replicas(client_id, None, &[]) {
             tracing::error!(cause = %err, client_id, "cannot drop a session's copy");
         }
-        Some(MovedSession { session, deliveries, pending_will })
+        Some(MovedSession { session, deliveries, pending_will, seen: Vec::new() })
     }
 
     // ----- handing over: another node claimed a session held here ---------
@@ -431,12 +457,15 @@ impl Cluster {
         }
         let mut moved = broker.export_session(&client, clean_start).await;
         if moved.is_none() {
+            // No session here: the copy this node keeps as the session's
+            // standby, if any (its home is dead or does not answer), goes
+            // to the claim that asks (the newest: the directory ordered it).
             let record = self.sessions.directory.lock().get(&client).cloned();
-            if let Some(record) = record.filter(|r| r.home != self.me.0 && !self.is_live(NodeId(r.home))) {
-                moved = match clean_start {
-                    true => None,
-                    false => self.copy_of(&broker, &client, &record),
-                };
+            if let Some(record) = record.filter(|r| r.version <= version) {
+                match clean_start {
+                    true => self.sessions.directory.lock().forget(&broker.storage, &client),
+                    false => moved = self.copy_of(&broker, &client, &record),
+                }
             }
         }
         {
@@ -506,6 +535,7 @@ impl Cluster {
             SessionFrame::Directory { client, version, update } => {
                 self.sessions.directory.lock().apply(&broker.storage, &client, from, version, update);
             }
+            SessionFrame::Moving { client } => broker.watch_move(&client),
             SessionFrame::Take { client } => {
                 if let Some(this) = self.this() {
                     self.spawn(async move {

@@ -340,7 +340,8 @@ fn check_session(frame: &SessionFrame, max_levels: usize) -> Result<(), WireErro
         SessionFrame::Claim { client, .. }
         | SessionFrame::TakeOver { client, .. }
         | SessionFrame::Directory { client, .. }
-        | SessionFrame::Take { client } => Some(client),
+        | SessionFrame::Take { client }
+        | SessionFrame::Moving { client } => Some(client),
         SessionFrame::Claimed { .. } | SessionFrame::Handover { .. } => None,
     };
     if client.is_some_and(|c| !client_ok(c)) {

@@ -232,9 +232,6 @@ impl Storage {
     }
 
     /// The deliveries owed to `client_id`, in sequence order.
-    pub fn deliveries(&self, client_id: &str) -> Result<Vec<(u64, StoredDelivery)>> {
-        self.deliveries_in(self.deliveries, "deliveries", client_id)
-    }
 
     // --- the fleet's session directory and replicas ------------------------
     // Records another node's sessions: what this node keeps as one of a
@@ -264,42 +261,51 @@ impl Storage {
         Ok(out)
     }
 
-    pub fn put_replica(&self, client_id: &str, seq: u64, delivery: &StoredDelivery) -> Result<()> {
-        self.engine.insert(self.replicas, &delivery_key(client_id, seq), &encode(delivery))?;
+    /// Keeps a copy of delivery `seq` that `home` owes `client_id`. Copies
+    /// are kept per home: while a session moves, the node it leaves and the
+    /// node it reaches both number deliveries for it.
+    pub fn put_replica(&self, client_id: &str, home: u64, seq: u64, delivery: &StoredDelivery) -> Result<()> {
+        self.engine.insert(self.replicas, &replica_key(client_id, Some(home), Some(seq)), &encode(delivery))?;
         self.mark_dirty();
         Ok(())
     }
 
-    pub fn remove_replica(&self, client_id: &str, seq: u64) -> Result<()> {
-        self.engine.remove(self.replicas, &delivery_key(client_id, seq))?;
+    pub fn remove_replica(&self, client_id: &str, home: u64, seq: u64) -> Result<()> {
+        self.engine.remove(self.replicas, &replica_key(client_id, Some(home), Some(seq)))?;
         self.mark_dirty();
         Ok(())
     }
 
-    /// Replaces the copy of `client_id`'s deliveries with `deliveries`.
-    pub fn replace_replicas(&self, client_id: &str, deliveries: &[(u64, StoredDelivery)]) -> Result<()> {
+    /// Replaces the copy of what `home` owes `client_id` with `deliveries`
+    /// (`home` = `None`: every home's copy).
+    pub fn replace_replicas(
+        &self,
+        client_id: &str,
+        home: Option<u64>,
+        deliveries: &[(u64, StoredDelivery)],
+    ) -> Result<()> {
         let mut writes = Vec::new();
-        self.removals_under(self.replicas, &delivery_prefix(client_id), &mut writes)?;
-        for (seq, delivery) in deliveries {
-            writes.push(Write::Insert {
-                tree: self.replicas,
-                key: delivery_key(client_id, *seq),
-                value: encode(delivery),
-            });
+        self.removals_under(self.replicas, &replica_key(client_id, home, None), &mut writes)?;
+        if let Some(home) = home {
+            for (seq, delivery) in deliveries {
+                let key = replica_key(client_id, Some(home), Some(*seq));
+                writes.push(Write::Insert { tree: self.replicas, key, value: encode(delivery) });
+            }
         }
         self.engine.commit(writes)?;
         self.mark_dirty();
         Ok(())
     }
 
-    /// The copy of `client_id`'s deliveries, in sequence order.
-    pub fn replicas(&self, client_id: &str) -> Result<Vec<(u64, StoredDelivery)>> {
-        self.deliveries_in(self.replicas, "replicas", client_id)
+    /// Every copy kept of what is owed to `client_id`: per home, in order.
+    pub fn replicas(&self, client_id: &str) -> Result<Vec<StoredDelivery>> {
+        let rows = self.scan(self.replicas, "replicas", &replica_key(client_id, None, None))?;
+        Ok(rows.into_iter().map(|(_, delivery)| delivery).collect())
     }
 
-    fn deliveries_in(&self, tree: Tree, name: &'static str, client_id: &str) -> Result<Vec<(u64, StoredDelivery)>> {
-        let prefix = delivery_prefix(client_id);
-        self.scan(tree, name, &prefix)?
+    pub fn deliveries(&self, client_id: &str) -> Result<Vec<(u64, StoredDelivery)>> {
+        let (name, prefix) = ("deliveries", delivery_prefix(client_id));
+        self.scan(self.deliveries, name, &prefix)?
             .into_iter()
             .map(|(key, d)| {
                 let seq = key
@@ -394,6 +400,17 @@ fn delivery_prefix(client_id: &str) -> Vec<u8> {
 fn delivery_key(client_id: &str, seq: u64) -> Vec<u8> {
     let mut key = delivery_prefix(client_id);
     key.extend_from_slice(&seq.to_be_bytes());
+    key
+}
+
+/// A copy's key: the client's prefix, then the home's id and the
+/// delivery's number there (each 8 bytes, big-endian, so a scan is in
+/// order); cut short for the prefix of one home's or every home's copies.
+fn replica_key(client_id: &str, home: Option<u64>, seq: Option<u64>) -> Vec<u8> {
+    let mut key = delivery_prefix(client_id);
+    for part in [home, seq].into_iter().flatten() {
+        key.extend_from_slice(&part.to_be_bytes());
+    }
     key
 }
 
