@@ -231,8 +231,6 @@ impl Storage {
         Ok(())
     }
 
-    /// The deliveries owed to `client_id`, in sequence order.
-
     // --- the fleet's session directory and replicas ------------------------
     // Records another node's sessions: what this node keeps as one of a
     // client's directory owners (a record per client, the cluster's own
@@ -303,6 +301,7 @@ impl Storage {
         Ok(rows.into_iter().map(|(_, delivery)| delivery).collect())
     }
 
+    /// The deliveries owed to `client_id`, in sequence order.
     pub fn deliveries(&self, client_id: &str) -> Result<Vec<(u64, StoredDelivery)>> {
         let (name, prefix) = ("deliveries", delivery_prefix(client_id));
         self.scan(self.deliveries, name, &prefix)?
