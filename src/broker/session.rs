@@ -760,6 +760,51 @@ mod tests {
     }
 
     #[test]
+    fn a_moved_session_keeps_its_packet_ids_and_drops_the_copies_it_brought_or_saw() {
+        let storage = Storage::in_memory();
+        let named = |qos: QoS, id: u64| {
+            let mut d = delivery(qos);
+            Arc::make_mut(&mut d.message).fleet_id = Some((9, id));
+            d
+        };
+        // The node it leaves: one QoS 2 message sent (PUBREC in), one queued.
+        let leaving = Session::new("c".into(), 60);
+        leaving.lock().connection = Some(Attachment::new(1).0);
+        leaving.enqueue(named(QoS::ExactlyOnce, 1), &messages(10), &storage).unwrap();
+        let mut sent = Vec::new();
+        leaving.take_ready(1, &mut sent, &storage, NOW);
+        assert!(leaving.received(sent[0].packet_id.unwrap(), 0, &storage));
+        leaving.enqueue(named(QoS::AtLeastOnce, 2), &messages(10), &storage).unwrap();
+        leaving.lock().moving = Some(HashSet::from([(9, 3)])); // given, and acknowledged, during the move
+        let moved = leaving.snapshot();
+        assert_eq!(moved.deliveries.len(), 2);
+        assert_eq!(moved.seen, vec![(9, 3)]);
+
+        // The node it reaches (its own storage) queued copies of 2 and 3,
+        // and a new 4, meanwhile.
+        let storage = Storage::in_memory();
+        let arriving = Session::new("c".into(), 60);
+        for id in [2, 3, 4] {
+            arriving.enqueue(named(QoS::AtLeastOnce, id), &messages(10), &storage).unwrap();
+        }
+        arriving.absorb(moved, &storage);
+        let resend = arriving.resend_inflight(NOW);
+        assert!(
+            matches!(&resend[..], [Packet::PubRel(a)] if Some(a.packet_id) == sent[0].packet_id),
+            "the QoS 2 exchange goes on under its packet id: {resend:?}"
+        );
+        arriving.lock().connection = Some(Attachment::new(2).0);
+        let mut out = Vec::new();
+        arriving.take_ready(10, &mut out, &storage, NOW);
+        assert_eq!(out.len(), 2, "message 2 (brought) and 4 (new); 3 was seen: {out:?}");
+        let st = arriving.lock();
+        let fleet_ids: Vec<_> = st.inflight.values().filter_map(|i| i.delivery.message.fleet_id).collect();
+        assert!(fleet_ids.contains(&(9, 2)) && fleet_ids.contains(&(9, 4)) && !fleet_ids.contains(&(9, 3)));
+        drop(st);
+        assert_eq!(storage.deliveries("c").unwrap().len(), 3, "persisted: the released QoS 2 and the two sent");
+    }
+
+    #[test]
     fn expiry_is_judged_at_the_now_given() {
         let storage = Storage::in_memory();
         let session = Session::new("c".into(), 60);

@@ -214,6 +214,7 @@ impl Cluster {
         let core_reasons = kadmq_dht::core::Rejected::ALL.map(|r| r.name());
         let mut rejected: std::collections::BTreeMap<&'static str, u64> =
             glue.into_iter().chain(["invalid_field"]).chain(core_reasons).map(|r| (r, 0)).collect();
+        figures.extend(self.sessions.figures());
         rejected.extend(s.rejected.counts());
         for (reason, value) in rejected {
             figures.push(Figure {

@@ -173,11 +173,6 @@ impl Cluster {
     /// cluster's tasks end with the driver: the cluster task when the
     /// driver's events stop, the delivery stage after it, the send queues'
     /// tasks as they are closed here.
-    /// The session directory's counters and size, for metrics.
-    pub fn session_stats(&self) -> (&sessions::SessionStats, usize) {
-        (&self.sessions.stats, self.sessions.directory.lock().len())
-    }
-
     pub async fn shutdown(&self) {
         if let Err(err) = self.client.shutdown().await {
             tracing::debug!(cause = %err, "cluster driver already stopped");

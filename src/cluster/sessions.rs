@@ -37,6 +37,7 @@ use super::Cluster;
 use crate::broker::message::{FleetId, Message};
 use crate::broker::session::MovedSession;
 use crate::broker::{Broker, ClaimGuard, Presence};
+use crate::metrics::Figure;
 use crate::protocol::DisconnectReason;
 use crate::storage::{Mirrored, StoredDelivery, StoredSession};
 use kadmq_dht::core::{Membership, NodeId, Owners, Ownership};
@@ -203,6 +204,56 @@ impl Sessions {
 
     pub fn tell(&self, client_id: &str, presence: Presence) {
         let _ = self.told.send(Told::Presence(client_id.into(), presence));
+    }
+
+    /// The sessions' Prometheus figures.
+    pub fn figures(&self) -> Vec<Figure> {
+        let s = &self.stats;
+        let get = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        vec![
+            Figure::new(
+                "kadmq_cluster_directory_records",
+                "gauge",
+                "Session directory records this node keeps as one of their clients' owners.",
+                self.directory.lock().len() as u64,
+            ),
+            Figure::new(
+                "kadmq_cluster_sessions_moved_in_total",
+                "counter",
+                "Sessions brought here from another node (a CONNECT here, a node leaving, a standby's copy).",
+                get(&s.moved_in),
+            ),
+            Figure::new(
+                "kadmq_cluster_sessions_moved_out_total",
+                "counter",
+                "Sessions handed to another node.",
+                get(&s.moved_out),
+            ),
+            Figure::new(
+                "kadmq_cluster_sessions_adopted_total",
+                "counter",
+                "Persistent sessions of dead nodes adopted here (this node was their primary directory owner).",
+                get(&s.adopted),
+            ),
+            Figure::new(
+                "kadmq_cluster_wills_of_dead_total",
+                "counter",
+                "Wills of dead nodes' clients published here.",
+                get(&s.wills_of_dead),
+            ),
+            Figure::new(
+                "kadmq_cluster_claims_unanswered_total",
+                "counter",
+                "CONNECTs whose claim no directory owner answered in time (the session started here as if new).",
+                get(&s.claims_unanswered),
+            ),
+            Figure::new(
+                "kadmq_cluster_handovers_unanswered_total",
+                "counter",
+                "Sessions the holding node did not hand over in time (taken from the standby's copy, or from the directory's record).",
+                get(&s.handovers_unanswered),
+            ),
+        ]
     }
 
     fn version_of(&self, client_id: &str) -> u64 {
