@@ -681,6 +681,43 @@ impl Broker {
         queued
     }
 
+    /// Queues `message` for the sessions of `clients` held here whose
+    /// plain (non-shared) subscriptions match it: once per session, at the
+    /// highest QoS they ask, with their identifiers; not for a session that
+    /// holds it already (by fleet id). Returns the deliveries queued.
+    pub fn deliver_to_sessions(&self, message: &Arc<Message>, clients: &[Arc<str>]) -> usize {
+        let mut queued = 0;
+        for client in clients {
+            let Some(session) = self.sessions.lock().get(client).cloned() else { continue };
+            let wanted = {
+                let st = session.lock();
+                if message.fleet_id.is_some_and(|id| st.holds(id)) {
+                    continue;
+                }
+                let mut wanted: Option<(QoS, bool, Vec<u32>)> = None;
+                for (filter, sub) in &st.subscriptions {
+                    if filter.starts_with("$share/") || !kadmq_dht::topic::matches(filter, &message.topic) {
+                        continue;
+                    }
+                    let entry = wanted.get_or_insert((QoS::AtMostOnce, false, Vec::new()));
+                    entry.0 = entry.0.max(message.qos.min(sub.options.qos));
+                    entry.1 |= message.retain && sub.options.retain_as_published;
+                    entry.2.extend(sub.identifier);
+                }
+                wanted
+            };
+            let Some((qos, retain, mut subscription_ids)) = wanted else { continue };
+            subscription_ids.sort_unstable();
+            let delivery =
+                Delivery { message: message.clone(), qos, retain, subscription_ids, seq: None, shared: None };
+            match session.enqueue(delivery, &self.queue_limits(), &self.storage) {
+                Ok(()) => queued += 1,
+                Err(dropped) => self.count_dropped(&session, dropped),
+            }
+        }
+        queued
+    }
+
     /// Gives a shared-subscription delivery whose session ended undelivered
     /// to another member of its group (MQTT 5 §4.8.2), if one is left.
     fn reroute_shared(&self, orphan: Delivery) {

@@ -278,6 +278,12 @@ impl SessionState {
         }
     }
 
+    /// Whether the message named `id` is owed to the client (queued or inflight).
+    pub fn holds(&self, id: FleetId) -> bool {
+        let named = |d: &Delivery| d.message.fleet_id == Some(id);
+        self.queue.items.iter().any(named) || self.inflight.values().any(|i| named(&i.delivery))
+    }
+
     /// Takes the record part of a stored or moved session.
     fn take_record(&mut self, stored: StoredSession) {
         self.expiry_interval = stored.expiry_interval;

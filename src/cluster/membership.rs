@@ -10,7 +10,7 @@
 //! alive; this room only follows it.
 
 use super::links::{self, Class};
-use super::receive::Batch;
+use super::receive::{Batch, Received};
 use super::state::State;
 use super::wire;
 use super::Cluster;
@@ -22,7 +22,8 @@ use kadmq_dht::driver::{self, PeerId};
 use std::sync::Arc;
 use std::time::Instant;
 
-/// Retained messages per frame when a member that came up gets all of them.
+/// Retained (or orphaned) messages per frame when a member that came up
+/// gets all of them.
 const RETAIN_CHUNK: usize = 256;
 /// Ticks a member we took for dead is told to assert its routes again: the
 /// notice is a frame, and frames right after a link comes back can be lost.
@@ -93,6 +94,49 @@ impl Cluster {
             // Its clients' sessions and wills: this node acts for some.
             received.orphans.extend(self.orphaned_by(st, id));
         }
+        let held = st.outbox.take_destination(storage, id);
+        if !held.is_empty() {
+            self.send_on_held(st, storage, id, held, received);
+        }
+    }
+
+    /// What this node held for `dead` (forwarded, unacknowledged), sent
+    /// elsewhere: the messages for its sessions to every other member and
+    /// to this node (each gives them to the sessions it adopted from
+    /// `dead`), and each shared group it was picked for to another member.
+    fn send_on_held(
+        &self,
+        st: &mut State,
+        storage: &Storage,
+        dead: NodeId,
+        held: Vec<(Arc<Message>, ForwardRoute)>,
+        received: &mut Received,
+    ) {
+        let mut orphans = Vec::new();
+        for (message, route) in held {
+            if route.plain {
+                orphans.push(message.clone());
+            }
+            if !route.shared.is_empty() {
+                self.route_again_for(st, storage, message, route.shared, &mut received.local);
+            }
+        }
+        if orphans.is_empty() {
+            return;
+        }
+        tracing::info!(
+            messages = orphans.len(),
+            "messages held for a dead node sent on to whoever adopts its sessions"
+        );
+        let others: Vec<NodeId> = st.live.iter().copied().filter(|n| *n != self.me).collect();
+        for chunk in orphans.chunks(RETAIN_CHUNK) {
+            let refs: Vec<&Message> = chunk.iter().map(|m| &**m).collect();
+            let frame = wire::encode_orphans(dead.0, &refs);
+            for node in &others {
+                self.send_to(st, *node, Class::Control, links::copy_of(&frame));
+            }
+        }
+        received.orphaned.push((dead, orphans));
     }
 
     /// Gives the core the membership view of the live set.

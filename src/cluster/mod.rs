@@ -8,9 +8,13 @@
 //! persisted [`outbox`] until its destination nodes acknowledge it, resent
 //! in order while they do not, and delivered in order and once at the
 //! destination ([`dedupe`]).
-//! Retained messages are copied to every node (each change is sent to the
-//! live members, and a member that comes up gets every retained message of
-//! each node); the route table is what is sharded.
+//! Sessions follow their clients: a directory sharded like the routes
+//! says which node holds each session, a CONNECT anywhere takes it there,
+//! a dead node's sessions are adopted and its clients' wills published
+//! ([`sessions`], [`directory`]). Retained messages are copied to every
+//! node (each change is sent to the live members, and a member that comes
+//! up gets every retained message of each node); the route table is what
+//! is sharded.
 //!
 //! Boundary: the broker knows this module only as a
 //! [`Fleet`](crate::broker::Fleet) (`publish.rs`): a publish comes in and a
@@ -28,7 +32,9 @@
 //! | `publish.rs` | the publish path: the `Fleet` impl, routing through the core, held publishers, carrying out the core's actions |
 //! | `memo.rs` | the per-topic route memo (publishes that skip the core) |
 //! | `receive.rs` | the receive path: driver frames, decoded and applied; the delivery stage |
-//! | `membership.rs` | members up, dead and refused; rejoin notices; retained sync to a member that came up; pruning the dead |
+//! | `membership.rs` | members up, dead and refused; rejoin notices; retained sync to a member that came up; what was held for a dead member sent on; pruning the dead |
+//! | [`sessions`] | sessions following their clients: claims, hand-overs, copies to the standby, adoption of a dead node's sessions and wills, leaving |
+//! | [`directory`] | the session directory records this node keeps as an owner, and the standby's copies |
 //! | `task.rs` | the cluster task: driver events, the core's timer, the 1 s tick |
 //! | `state.rs` | what the state mutex guards |
 //! | [`links`] | per-destination send queues (the one send API: [`links::Sender::send`]) |

@@ -199,6 +199,28 @@ impl Outbox {
         out
     }
 
+    /// `dead` will never acknowledge: takes its part out of every held
+    /// message (a message no other node waits for is forgotten) and hands
+    /// back what it was to deliver there, in order, for the caller to send
+    /// elsewhere.
+    pub fn take_destination(&mut self, storage: &Storage, dead: NodeId) -> Vec<(Arc<Message>, ForwardRoute)> {
+        let Some(link) = self.destinations.remove(&dead) else { return Vec::new() };
+        let mut taken = Vec::new();
+        for id in link.unacked.into_values() {
+            let Some(held) = self.held.get_mut(&id) else { continue };
+            let Some(at) = held.waiting.iter().position(|(node, _)| *node == dead) else { continue };
+            let (_, route) = held.waiting.remove(at);
+            taken.push((held.message.clone(), route));
+            if held.waiting.is_empty() {
+                self.held.remove(&id);
+                forget(storage, id);
+            } else {
+                persist(storage, id, &held.message, true, &held.waiting);
+            }
+        }
+        taken
+    }
+
     fn give_up(&mut self, storage: &Storage, id: u64, why: &str) {
         let Some(held) = self.held.remove(&id) else { return };
         for (node, _) in &held.waiting {
@@ -286,6 +308,24 @@ mod tests {
         let seqs = to.iter().map(|n| outbox.assign(*n, id, now)).collect();
         outbox.hold(storage, id, message(), to.iter().map(|n| (*n, route())).collect(), now);
         seqs
+    }
+
+    #[test]
+    fn a_dead_destinations_part_is_taken_out_and_handed_back() {
+        let storage = Storage::in_memory();
+        let mut outbox = Outbox::new(7);
+        let (a, dead) = (NodeId(1), NodeId(2));
+        forward(&mut outbox, &storage, 10, &[a, dead], 0);
+        forward(&mut outbox, &storage, 11, &[dead], 0);
+        forward(&mut outbox, &storage, 12, &[a], 0);
+        let taken = outbox.take_destination(&storage, dead);
+        assert_eq!(taken.len(), 2, "messages 10 and 11, in order");
+        assert_eq!(outbox.len(), 2, "11 waited for the dead node only: forgotten");
+        assert_eq!(storage.outbox().unwrap().len(), 2);
+        assert!(outbox.take_destination(&storage, dead).is_empty(), "nothing left for it");
+        // The rest is acknowledged as before.
+        outbox.ack(&storage, a, 7, 1, 0);
+        assert!(outbox.is_empty());
     }
 
     #[test]

@@ -25,7 +25,7 @@ use crate::broker::message::Message;
 use crate::broker::{BoxFuture, Broker, ClaimGuard, Fleet, Presence, PublishRoute};
 use crate::protocol::QoS;
 use crate::storage::Storage;
-use kadmq_dht::core::{Action, Event, ForwardRoute, NodeId};
+use kadmq_dht::core::{Action, Event, ForwardRoute, NodeId, SharedPick};
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -226,7 +226,7 @@ impl Cluster {
         local: &mut Vec<(Arc<Message>, ForwardRoute)>,
     ) -> Option<usize> {
         let durable = message.qos != QoS::AtMostOnce;
-        st.routing.insert(id, Routing { message: message.clone(), waiting: Vec::new(), persisted });
+        st.routing.insert(id, Routing { message: message.clone(), waiting: Vec::new(), persisted, only: None });
         let mut actions = Vec::new();
         let generation = self.generation.load(Ordering::Acquire);
         if let Err(err) = self.core_event(st, Event::Publish { topic: &message.topic, msg: id }, &mut actions) {
@@ -277,8 +277,11 @@ impl Cluster {
                     let bytes = wire::encode_route(&frame);
                     self.send_to(st, to, Class::Control, links::copy_of(&bytes));
                 }
-                Action::Forward { to, msg, route } => {
+                Action::Forward { to, msg, mut route } => {
                     let Some(pending) = st.routing.get_mut(&msg) else { continue };
+                    if !keep_only(&mut route, pending.only.as_deref()) {
+                        continue;
+                    }
                     let sequence = (pending.message.qos != QoS::AtMostOnce).then(|| {
                         pending.waiting.push((to, route.clone()));
                         st.outbox.assign(to, msg, now)
@@ -288,10 +291,13 @@ impl Cluster {
                     let class = if sequence.is_some() { Class::Resendable } else { Class::Droppable };
                     self.send_to(st, to, class, |out| wire::write_forward(out, msg, sequence, &message, &route));
                 }
-                Action::Deliver { msg, route } => {
+                Action::Deliver { msg, mut route } => {
                     let message = match forwarded {
                         Some(message) => Some(message.clone()),
-                        None => st.routing.get(&msg).map(|p| p.message.clone()),
+                        None => match st.routing.get(&msg) {
+                            Some(p) if keep_only(&mut route, p.only.as_deref()) => Some(p.message.clone()),
+                            _ => None,
+                        },
                     };
                     if let Some(message) = message {
                         local.push((message, route));
@@ -326,6 +332,40 @@ impl Cluster {
             self.release_held(st, storage, origin, local);
         }
         routed
+    }
+}
+
+/// Narrows `route` to the shared groups in `only` (when given, for a
+/// message routed again for them); false when nothing is left to deliver.
+fn keep_only(route: &mut ForwardRoute, only: Option<&[SharedPick]>) -> bool {
+    if let Some(only) = only {
+        route.plain = false;
+        route.shared.retain(|pick| only.contains(pick));
+    }
+    !route.is_empty()
+}
+
+impl Cluster {
+    /// Routes `message` again for one member of each of `groups` only (the
+    /// node picked for them died holding it): a fresh publish id, through
+    /// the core (a lookup if need be), the route not remembered.
+    pub(super) fn route_again_for(
+        &self,
+        st: &mut State,
+        storage: &Storage,
+        message: Arc<Message>,
+        groups: Vec<SharedPick>,
+        local: &mut Vec<(Arc<Message>, ForwardRoute)>,
+    ) {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let routing = Routing { message: message.clone(), waiting: Vec::new(), persisted: false, only: Some(groups) };
+        st.routing.insert(id, routing);
+        let mut actions = Vec::new();
+        if self.core_event(st, Event::Publish { topic: &message.topic, msg: id }, &mut actions).is_err() {
+            st.routing.remove(&id);
+            return;
+        }
+        self.execute(st, storage, actions, None, local);
     }
 }
 

@@ -21,7 +21,7 @@ use super::wire::{self, Forward, Wire};
 use super::Cluster;
 use crate::broker::message::Message;
 use crate::storage::Storage;
-use kadmq_dht::core::{self, Event, ForwardRoute};
+use kadmq_dht::core::{self, Event, ForwardRoute, NodeId};
 use kadmq_dht::driver::{self, PeerId};
 use parking_lot::MutexGuard;
 use std::collections::HashMap;
@@ -36,6 +36,8 @@ pub(super) struct Received {
     pub acks: HashMap<PeerId, (u64, u64)>,
     /// Sessions of nodes declared dead that this node now acts for.
     pub orphans: Vec<(Arc<str>, Record)>,
+    /// Messages held for a node declared dead, for its adopted sessions.
+    pub orphaned: Vec<(NodeId, Vec<Arc<Message>>)>,
 }
 
 /// A batch of driver events being handled: the state mutex, taken at the
@@ -95,6 +97,9 @@ impl Cluster {
         deliver_all(&broker, received.local);
         if !received.orphans.is_empty() {
             self.adopt(&broker, received.orphans);
+        }
+        for (dead, messages) in received.orphaned {
+            self.deliver_orphaned(&broker, dead, messages);
         }
         if !received.acks.is_empty() {
             // What we acknowledge must survive a crash of this node.
@@ -163,7 +168,7 @@ impl Cluster {
     /// One decoded frame from `from` that needs the state.
     fn on_wire(&self, batch: &mut Batch<'_>, from: PeerId, wire: Wire) {
         let storage = batch.storage;
-        let (st, Received { local, acks, .. }) = batch.parts();
+        let (st, Received { local, acks, orphaned: batch_orphaned, .. }) = batch.parts();
         let sender = st.id_of(from);
         let mut actions = Vec::new();
         match wire {
@@ -205,6 +210,10 @@ impl Cluster {
                 tracing::info!(peer = %from, "a member had taken this node for dead: routes asserted to it again");
                 let _ = self.core_event(st, Event::Rejoined { from: sender }, &mut actions);
                 self.execute(st, storage, actions, None, local);
+            }
+            Wire::Orphans { dead, messages } => {
+                let messages = messages.into_iter().map(Arc::new).collect();
+                batch_orphaned.push((NodeId(dead), messages));
             }
             Wire::Session(frame) => {
                 if let Some(broker) = self.broker.upgrade() {

@@ -6,7 +6,7 @@
 //! which orders the CONNECTs of one id fleet-wide and answers with the
 //! record as it was. If another node holds the session, this one sets it up
 //! offline with the record's subscriptions (so what is published meanwhile
-//! queues here), waits [`ROUTE_SETTLE`] for the routes to spread, and asks
+//! queues here), waits `ROUTE_SETTLE` (300 ms) for the routes to spread, and asks
 //! the holder to hand it over: the holder closes its connection (5.0:
 //! DISCONNECT 0x8E) and sends the session whole — subscriptions, inflight
 //! messages with their packet ids and QoS 2 state, queue — which is merged
@@ -23,7 +23,7 @@
 //! node that leaves (SIGTERM) closes its connections (0x8B) and has each
 //! session's successor take it over the same way a CONNECT would.
 //!
-//! Boundary: the owner side's data is [`directory::Directory`]; sessions
+//! Boundary: the owner side's data is [`Directory`]; sessions
 //! themselves are the broker's ([`Broker::export_session`],
 //! [`Broker::prepare_arrival`], [`Broker::absorb`]); frames leave through
 //! the cluster's send queues.
@@ -62,6 +62,10 @@ const HANDOVER_WAIT: Duration = Duration::from_secs(8);
 const ROUTE_SETTLE: Duration = Duration::from_millis(300);
 /// How long a leaving node waits for its sessions to be taken over.
 const LEAVE_WAIT: Duration = Duration::from_secs(10);
+/// Messages held for a node not yet declared dead here, at most.
+const ORPHANS_WAITING: usize = 100_000;
+/// How long a node remembers which sessions it adopted from a dead node.
+const ADOPTED_KEPT: Duration = Duration::from_secs(600);
 /// Deliveries per hand-over frame part, at most (in bytes of topic + payload).
 const PART_BYTES: usize = 4 << 20;
 
@@ -158,6 +162,11 @@ pub(super) struct Sessions {
     told: mpsc::UnboundedSender<Told>,
     /// Hand-overs and takes under way (each bounded in time).
     tasks: Mutex<JoinSet<()>>,
+    /// Per dead node, since when and the clients whose sessions this node
+    /// adopted from it: what others held for it goes to them.
+    adopted: Mutex<HashMap<NodeId, Adopted>>,
+    /// Messages held for a node not (yet) dead here, for when it is.
+    orphans_waiting: Mutex<HashMap<NodeId, Vec<Arc<Message>>>>,
     pub stats: SessionStats,
 }
 
@@ -175,6 +184,8 @@ pub struct SessionStats {
     pub claims_unanswered: AtomicU64,
     /// Hand-overs not answered in time (the session started from its record).
     pub handovers_unanswered: AtomicU64,
+    /// Messages held for a dead node, given here to sessions adopted from it.
+    pub orphans_delivered: AtomicU64,
 }
 
 impl Sessions {
@@ -188,6 +199,8 @@ impl Sessions {
             next_request: AtomicU64::new(1),
             told,
             tasks: Mutex::new(JoinSet::new()),
+            adopted: Mutex::new(HashMap::new()),
+            orphans_waiting: Mutex::new(HashMap::new()),
             stats: SessionStats::default(),
         };
         (sessions, changes)
@@ -242,6 +255,12 @@ impl Sessions {
                 get(&s.wills_of_dead),
             ),
             Figure::new(
+                "kadmq_cluster_orphans_delivered_total",
+                "counter",
+                "Messages other nodes held for a dead node, queued here for the sessions adopted from it.",
+                get(&s.orphans_delivered),
+            ),
+            Figure::new(
                 "kadmq_cluster_claims_unanswered_total",
                 "counter",
                 "CONNECTs whose claim no directory owner answered in time (the session started here as if new).",
@@ -260,6 +279,9 @@ impl Sessions {
         self.homed.lock().get(client_id).copied().unwrap_or(0)
     }
 }
+
+/// Since when, and which clients' sessions, a node adopted from a dead one.
+type Adopted = (Instant, Vec<Arc<str>>);
 
 /// Releases a claim under way when the claimed session is attached.
 struct Claiming {
@@ -353,6 +375,7 @@ impl Cluster {
                     if let Some(moved) = self.copy_of(&broker, client_id, &previous) {
                         broker.absorb(client_id, moved);
                         bump(&self.sessions.stats.moved_in);
+                        self.note_adopted(home, client);
                     }
                 }
             }
@@ -384,6 +407,11 @@ impl Cluster {
             tracing::debug!(client_id, deliveries = moved.deliveries.len(), "session taken in");
             broker.absorb(client_id, moved);
             bump(&self.sessions.stats.moved_in);
+        }
+        if source != home || !self.is_live(home) {
+            // Taken from a dead home's standby: what others held for that
+            // home comes here, as for a session adopted.
+            self.note_adopted(home, client);
         }
         Box::new(guard)
     }
@@ -628,13 +656,19 @@ impl Cluster {
     /// ones are adopted (from the copy, if this node is their standby; the
     /// will due after its delay), the wills of the others published now.
     pub(super) fn adopt(&self, broker: &Broker, orphans: Vec<(Arc<str>, Record)>) {
+        let mut dead_nodes = Vec::new();
         for (client, record) in orphans {
+            let dead = NodeId(record.home);
+            if !dead_nodes.contains(&dead) {
+                dead_nodes.push(dead);
+            }
             let (version, _) = self.sessions.directory.lock().claim(&broker.storage, &client, self.me);
             self.sessions.homed.lock().insert(client.clone(), version);
             match self.copy_of(broker, &client, &record) {
                 Some(moved) => {
                     tracing::info!(%client, "session of a dead node adopted");
                     broker.absorb(&client, moved);
+                    self.note_adopted(dead, client.clone());
                     bump(&self.sessions.stats.adopted);
                     self.tell_offline(&client);
                 }
@@ -653,6 +687,43 @@ impl Cluster {
                 }
             }
         }
+        // What others held for those nodes and sent on before this node
+        // had declared them dead.
+        for dead in dead_nodes {
+            let waiting = self.sessions.orphans_waiting.lock().remove(&dead);
+            if let Some(messages) = waiting {
+                self.deliver_orphaned(broker, dead, messages);
+            }
+        }
+    }
+
+    fn note_adopted(&self, dead: NodeId, client: Arc<str>) {
+        let mut adopted = self.sessions.adopted.lock();
+        adopted.entry(dead).or_insert_with(|| (Instant::now(), Vec::new())).1.push(client);
+    }
+
+    /// Messages another node (or this one) held for `dead`, for the sessions
+    /// this node adopted from it (matched against their subscriptions; a
+    /// copy a session already holds is skipped). Kept for later, bounded,
+    /// while `dead` is not dead here yet.
+    pub(super) fn deliver_orphaned(&self, broker: &Broker, dead: NodeId, messages: Vec<Arc<Message>>) {
+        if self.is_live(dead) {
+            let mut waiting = self.sessions.orphans_waiting.lock();
+            let held = waiting.entry(dead).or_default();
+            let room = ORPHANS_WAITING.saturating_sub(held.len());
+            held.extend(messages.into_iter().take(room));
+            return;
+        }
+        let clients = {
+            let mut adopted = self.sessions.adopted.lock();
+            adopted.retain(|_, (since, _)| since.elapsed() < ADOPTED_KEPT);
+            adopted.get(&dead).map(|(_, clients)| clients.clone()).unwrap_or_default()
+        };
+        if clients.is_empty() {
+            return;
+        }
+        let queued: usize = messages.iter().map(|m| broker.deliver_to_sessions(m, &clients)).sum();
+        self.sessions.stats.orphans_delivered.fetch_add(queued as u64, Ordering::Relaxed);
     }
 
     // ----- telling the directory -------------------------------------------

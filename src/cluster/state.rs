@@ -13,7 +13,7 @@ use super::guard;
 use super::node_id;
 use super::outbox::Outbox;
 use crate::broker::message::Message;
-use kadmq_dht::core::{ForwardRoute, Node, NodeId};
+use kadmq_dht::core::{ForwardRoute, Node, NodeId, SharedPick};
 use kadmq_dht::driver::PeerId;
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
@@ -26,6 +26,8 @@ pub(super) struct Routing {
     pub waiting: Vec<(NodeId, ForwardRoute)>,
     /// An outbox record (`routed: false`) was written while it waited.
     pub persisted: bool,
+    /// Routed again for these shared groups only (their picked node died).
+    pub only: Option<Vec<SharedPick>>,
 }
 
 /// A publish in a publisher's queue (`State::held`): the one parked in the

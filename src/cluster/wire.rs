@@ -29,6 +29,7 @@ const RETAIN: u8 = 4;
 const REJOINED: u8 = 5;
 const BATCH: u8 = 6;
 const SESSION: u8 = 7;
+const ORPHANS: u8 = 8;
 
 /// A message forwarded to one destination node.
 #[derive(Debug, Clone, PartialEq)]
@@ -59,6 +60,13 @@ pub enum Wire {
     Rejoined,
     /// Sessions following their clients (`super::sessions`).
     Session(Box<SessionFrame>),
+    /// QoS 1/2 messages the sender had forwarded to node `dead` (a node id)
+    /// for its sessions, unacknowledged when `dead` was declared dead: for
+    /// the sessions the receiver adopted from it.
+    Orphans {
+        dead: u64,
+        messages: Vec<Message>,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -101,8 +109,8 @@ impl WireError {
 /// lower: a broker allows properties up to its `max_packet_size`, and what
 /// a node accepts from its clients its peers must take from it.
 pub const MAX_PROPERTIES: usize = kadmq_dht::driver::frames::MAX_FRAME;
-/// Most retained messages one frame may carry (a node sends them in chunks
-/// of 256).
+/// Most retained (or orphaned) messages one frame may carry (a node sends
+/// them in chunks of 256).
 pub const MAX_RETAIN_MESSAGES: usize = 4096;
 
 /// A topic a message may be published to, within the node's level limit.
@@ -387,6 +395,10 @@ fn check_session(frame: &SessionFrame, max_levels: usize) -> Result<(), WireErro
     messages.into_iter().try_for_each(|m| check_message(m, max_levels))
 }
 
+pub fn encode_orphans(dead: u64, messages: &[&Message]) -> Bytes {
+    with_header(ORPHANS, &rmp_serde::to_vec(&(dead, messages)).expect("in-memory messages always encode"))
+}
+
 pub fn encode_rejoined() -> Bytes {
     with_header(REJOINED, &[])
 }
@@ -475,6 +487,14 @@ pub fn decode_within(frame: &Bytes, max_topic_levels: usize) -> Result<Wire, Wir
             Wire::Retain(messages)
         }
         REJOINED => Wire::Rejoined,
+        ORPHANS => {
+            let (dead, messages): (u64, Vec<Message>) = rmp_serde::from_slice(body)?;
+            if messages.len() > MAX_RETAIN_MESSAGES {
+                return Err(WireError::Invalid("orphaned messages (too many)"));
+            }
+            messages.iter().try_for_each(|m| check_message(m, max_topic_levels))?;
+            Wire::Orphans { dead, messages }
+        }
         SESSION => {
             let frame: SessionFrame = rmp_serde::from_slice(body)?;
             check_session(&frame, max_topic_levels)?;

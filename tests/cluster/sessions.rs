@@ -14,6 +14,8 @@
 //!   asked, and cancelled by a reconnection elsewhere;
 //! - g. a rolling restart under QoS 1 load with persistent sessions loses
 //!   no acknowledged message;
+//! - h. a `$share` member's node SIGKILLed: its messages reach the other
+//!   member;
 //! - i. paho-mqtt interop and the session conformance checks of
 //!   `tests/broker` through a round-robin proxy over the three nodes.
 //!
@@ -436,7 +438,7 @@ fn c_two_connections_racing_with_one_client_id_on_two_nodes_leave_one() {
 
 /// d. A persistent MQTT 5 session (expiry 300 s) subscribes on n1 (QoS 1)
 /// and disconnects cleanly; 20 QoS 1 messages published on n2 are all
-/// acknowledged by n2 and by n1; n1 is SIGKILLed. The client connects on n3 (retrying, as
+/// acknowledged; n1 is SIGKILLed. The client connects on n3 (retrying, as
 /// a client does, while the fleet has not yet declared n1 dead): session
 /// present, and every one of the 20 arrives (within the dead timeout +
 /// 20 s); then 10 more published on n2 reach it on n3.
@@ -452,10 +454,6 @@ fn d_a_session_whose_node_is_killed_resumes_elsewhere_with_every_acknowledged_me
     disconnect5(&rt, sub, &n1);
     let (publisher, _) = connect311(&rt, &n2, "kill-pub", true);
     publish_acked(&rt, &publisher, "kill/x", 0..N);
-    // n1 has them too (it acknowledged n2's forwards): what a publisher's
-    // node still holds for a node that dies stays held for that node (the
-    // outbox's part, not the session's; see docs/OPERATIONS.md).
-    wait_until(SETTLE, "n1 to acknowledge n2's forwards", || n2.metric("kadmq_cluster_outbox_messages") == 0);
 
     n1.kill();
     let killed = Instant::now();
@@ -818,6 +816,75 @@ fn g_a_rolling_restart_under_qos1_load_loses_no_acknowledged_message() {
         println!("roll-{}: {} copies; connections {:?}", i + 1, s.got().len(), s.connections());
     }
     verdict("rolling restart", &problems);
+}
+
+// ----- h. $share with a member's node killed ---------------------------------------------------
+
+/// h. `$share/g/sh/#` members on n1 and n2 (MQTT 5, persistent, QoS 1), a
+/// numbered QoS 1 stream from n3; once both members have had messages and
+/// half the stream is acknowledged, n1 is SIGKILLed. Every acknowledged
+/// number reaches at least one member: what was meant for the member on n1
+/// and not acknowledged by it goes to the member on n2.
+#[test]
+fn h_shared_subscription_messages_of_a_killed_members_node_reach_the_other_member() {
+    const N: u64 = 200;
+    let rt = runtime();
+    let lab = Lab::new();
+    let [mut n1, n2, n3] = lab.fleet(NAMES, &FAST);
+    let (mut m1, _) = connect5(&rt, &n1, "member-1");
+    subscribe5(&rt, &mut m1, &[("$share/g/sh/#", Q5::AtLeastOnce)]);
+    let (mut m2, _) = connect5(&rt, &n2, "member-2");
+    subscribe5(&rt, &mut m2, &[("$share/g/sh/#", Q5::AtLeastOnce)]);
+    wait_routed(&[&n3], "sh/x", &["n1", "n2"]);
+
+    let progress = Arc::new(Progress::default());
+    let stream = rt.spawn(
+        Numbered {
+            id: "sh-pub".into(),
+            topics: vec![("sh/x".into(), Q::AtLeastOnce)],
+            count: N,
+            every: Duration::from_millis(20),
+            limit: Duration::from_secs(40),
+            addrs: vec![addr(&n3)],
+        }
+        .run(progress.clone()),
+    );
+    let mut problems = Vec::new();
+    let spread = try_wait_until(SETTLE, "both members to have messages, half the stream acknowledged", || {
+        let (a, b) = (m1.count(), m2.count());
+        let done = progress.done.load(Ordering::Relaxed);
+        if a > 0 && b > 0 && done >= N / 2 {
+            Ok(())
+        } else {
+            Err(format!("member-1 {a}, member-2 {b}, {done} acknowledged"))
+        }
+    });
+    if let Err(why) = spread {
+        problems.push(format!("before the kill: {why}"));
+    }
+    n1.kill();
+    let killed = Instant::now();
+    let killed_at = progress.done.load(Ordering::Relaxed);
+    let published = rt.block_on(async { tokio::time::timeout(Duration::from_secs(45), stream).await });
+    let published = published.expect("the stream ends within its limit").expect("the stream task");
+    let acked = published.acked[0].clone();
+    if let Some(gap) = missing(0..N, &acked) {
+        problems.push(format!("publisher on n3 not acknowledged: {gap}"));
+    }
+    let union = || -> BTreeSet<u64> { numbers_5(&m1, "sh/x").into_iter().chain(numbers_5(&m2, "sh/x")).collect() };
+    let left = (DEAD_TIMEOUT + Duration::from_secs(20)).saturating_sub(killed.elapsed());
+    let _ = try_wait_until(left, "every acknowledged number at a member", || acked.is_subset(&union()));
+    if let Some(gap) = missing(acked.iter().copied(), &union()) {
+        problems.push(format!("acknowledged, at neither member: {gap}"));
+    }
+    println!(
+        "killed n1 at {killed_at} acknowledged; member-1 {} copies (ended: {:?}), member-2 {} copies; publisher {:?}",
+        m1.count(),
+        m1.ended(),
+        m2.count(),
+        published.connections
+    );
+    verdict("$share with a member's node killed", &problems);
 }
 
 // ----- i. through a round-robin proxy ------------------------------------------------------------
