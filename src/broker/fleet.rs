@@ -42,6 +42,10 @@ pub trait Fleet: Send + Sync {
     fn presence(&self, client_id: &str, presence: Presence);
     /// The fleet's name for a local QoS 1/2 publish.
     fn message_id(&self) -> FleetId;
+    /// A message for shared group `group` on `filter` whose member here
+    /// ended without it, and no other member is here: it goes to a member
+    /// on another node (called with no broker lock held).
+    fn reroute_shared(&self, message: &Arc<Message>, group: &str, filter: &str);
 }
 
 /// A boxed future, for the fleet's asynchronous calls.

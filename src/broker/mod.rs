@@ -719,7 +719,8 @@ impl Broker {
     }
 
     /// Gives a shared-subscription delivery whose session ended undelivered
-    /// to another member of its group (MQTT 5 §4.8.2), if one is left.
+    /// to another member of its group (MQTT 5 §4.8.2): one here, or else
+    /// one on another node of the fleet.
     fn reroute_shared(&self, orphan: Delivery) {
         let Some((group, filter)) = orphan.shared else { return };
         let message = orphan.message;
@@ -731,6 +732,9 @@ impl Broker {
             }
         });
         if members.is_empty() {
+            if let Some(fleet) = self.fleet.get() {
+                fleet.reroute_shared(&message, &group, &filter);
+            }
             return;
         }
         let (session, qos, retain, identifier) = self.pick_member(members);

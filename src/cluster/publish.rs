@@ -43,6 +43,17 @@ impl Fleet for Cluster {
         sessions::message_id(self.me, &self.next_id)
     }
 
+    fn reroute_shared(&self, message: &Arc<Message>, group: &str, filter: &str) {
+        let Some(broker) = self.broker.upgrade() else { return };
+        let pick = SharedPick { group: group.to_string(), filter: filter.to_string() };
+        let mut local = Vec::new();
+        {
+            let mut st = self.state.lock();
+            self.route_again_for(&mut st, &broker.storage, message.clone(), vec![pick], &mut local);
+        }
+        deliver_all(&broker, local);
+    }
+
     fn subscribed(&self, filter: &str, group: Option<&str>) {
         self.handle_local(Event::Subscribe { filter, group });
     }

@@ -15,7 +15,8 @@
 //! - g. a rolling restart under QoS 1 load with persistent sessions loses
 //!   no acknowledged message;
 //! - h. a `$share` member's node SIGKILLed: its messages reach the other
-//!   member;
+//!   member; h2. a member ending with unacknowledged messages: they go to
+//!   a member on another node;
 //! - i. paho-mqtt interop and the session conformance checks of
 //!   `tests/broker` through a round-robin proxy over the three nodes.
 //!
@@ -885,6 +886,44 @@ fn h_shared_subscription_messages_of_a_killed_members_node_reach_the_other_membe
         published.connections
     );
     verdict("$share with a member's node killed", &problems);
+}
+
+/// h2. A `$share` member on n1 (3.1.1, clean session) takes messages and
+/// acknowledges none, then its connection drops and its session ends: what
+/// it was given goes to the group's other member, on n2 (there is no other
+/// member on n1 to take it).
+#[test]
+fn h2_an_ending_members_messages_go_to_a_member_on_another_node() {
+    const N: u64 = 40;
+    let rt = runtime();
+    let lab = Lab::new();
+    let [n1, n2, n3] = lab.fleet(NAMES, &CALM);
+    let (mut m1, _) = rt.block_on(Raw::v311(addr(&n1), "ending-member", true));
+    rt.block_on(m1.subscribe("$share/g2/end/#", Q::AtLeastOnce));
+    let (mut m2, _) = connect5(&rt, &n2, "staying-member");
+    subscribe5(&rt, &mut m2, &[("$share/g2/end/#", Q5::AtLeastOnce)]);
+    wait_routed(&[&n3], "end/x", &["n1", "n2"]);
+    let (publisher, _) = connect311(&rt, &n3, "end-pub", true);
+    publish_acked(&rt, &publisher, "end/x", 0..N);
+    // The ending member reads what it is given, acknowledging nothing.
+    let unacked: Vec<u64> = rt.block_on(async {
+        let mut got = Vec::new();
+        while let Some(p) = m1.publish_within(Duration::from_secs(1)).await {
+            got.extend(number(&p.payload));
+        }
+        got
+    });
+    let mut problems = Vec::new();
+    if unacked.is_empty() {
+        problems.push("the ending member was given nothing: the test shows nothing".into());
+    }
+    drop(m1);
+    let got = || numbers_5(&m2, "end/x").into_iter().collect::<BTreeSet<u64>>();
+    let _ = try_wait_until(SETTLE, "every number at the staying member", || got().len() as u64 >= N);
+    if let Some(gap) = missing(0..N, &got()) {
+        problems.push(format!("at the staying member on n2 (the ending one had {unacked:?}): {gap}"));
+    }
+    verdict("$share member ending with unacknowledged messages", &problems);
 }
 
 // ----- i. through a round-robin proxy ------------------------------------------------------------

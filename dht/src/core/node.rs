@@ -1442,26 +1442,58 @@ fn collect(
         }
         let filter = join_filter(levels, hash);
         for (group, counts) in &filter_routes.groups {
-            let live: SmallVec<[NodeId; 8]> =
-                counts.iter().map(|&(n, _)| n).filter(|&n| n == me || membership.contains(n)).collect();
-            if live.is_empty() {
-                continue;
-            }
             let h = StableHasher::new().u64(msg).bytes(group.as_bytes()).bytes(filter.as_bytes()).finish();
-            let pick = live[(h % live.len() as u64) as usize];
-            matched.push((pick, Some(SharedPick { group: group.to_string(), filter: filter.clone() })));
+            if let Some(pick) = pick_by_members(counts, h, |n| n == me || membership.contains(n)) {
+                matched.push((pick, Some(SharedPick { group: group.to_string(), filter: filter.clone() })));
+            }
         }
     });
+}
+
+/// One node of a shared group for a message whose hash is `h`, with a
+/// chance in proportion to the members it holds (its count): messages are
+/// spread over the group's members, not its nodes. Only nodes `live` says
+/// are live; `None` if there is none.
+fn pick_by_members(counts: &[(NodeId, u32)], h: u64, live: impl Fn(NodeId) -> bool) -> Option<NodeId> {
+    let weight = |count: u32| u64::from(count.max(1));
+    let total: u64 = counts.iter().filter(|&&(n, _)| live(n)).map(|&(_, c)| weight(c)).sum();
+    if total == 0 {
+        return None;
+    }
+    let mut at = h % total;
+    for &(node, count) in counts.iter().filter(|&&(n, _)| live(n)) {
+        if at < weight(count) {
+            return Some(node);
+        }
+        at -= weight(count);
+    }
+    None
 }
 
 #[cfg(test)]
 mod tests {
     //! Checks on other nodes' input: each reason, and that nothing of a
-    //! rejected frame is applied.
+    //! rejected frame is applied; the shared group pick.
     use super::*;
 
     const ME: NodeId = NodeId(1);
     const PEER: NodeId = NodeId(2);
+
+    #[test]
+    fn shared_messages_are_spread_by_members_not_nodes() {
+        // Three members on node 7, one on node 8; node 9 is not live.
+        let counts = [(NodeId(7), 3), (NodeId(8), 1), (NodeId(9), 5)];
+        let live = |n: NodeId| n != NodeId(9);
+        let mut per_node = std::collections::HashMap::new();
+        for msg in 0..4_000u64 {
+            let h = StableHasher::new().u64(msg).bytes(b"g").bytes(b"a/+").finish();
+            *per_node.entry(pick_by_members(&counts, h, live).unwrap()).or_insert(0) += 1;
+        }
+        let (seven, eight) = (per_node[&NodeId(7)], per_node[&NodeId(8)]);
+        assert_eq!(seven + eight, 4_000, "never the node that is not live: {per_node:?}");
+        assert!((2_800..=3_200).contains(&seven), "node 7 holds 3 of 4 members: {per_node:?}");
+        assert_eq!(pick_by_members(&counts, 1, |_| false), None);
+    }
 
     fn node() -> Node {
         let mut node = Node::new(ME, RoutingConfig::default());
