@@ -141,8 +141,13 @@ impl Cluster {
 
     /// Gives the core the membership view of the live set.
     fn apply_membership(&self, st: &mut State, storage: &Storage, local: &mut Vec<(Arc<Message>, ForwardRoute)>) {
-        let next = Arc::new(st.node.membership().next(st.live.iter().copied()));
+        let current = st.node.membership().clone();
+        let next = Arc::new(current.next(st.live.iter().copied()));
         tracing::info!(members = next.len(), version = next.version(), "membership changed");
+        if next.members().iter().any(|m| !current.contains(*m)) {
+            // A node that joined may now own directory keys it has no record of.
+            self.sessions.membership_changed();
+        }
         let mut actions = Vec::new();
         let _ = self.core_event(st, Event::Membership(next), &mut actions);
         self.execute(st, storage, actions, None, local);

@@ -51,6 +51,10 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
+/// How long after a node joined (as it sees the fleet) a directory owner
+/// defers claims: the sessions' homes tell new owners their records within
+/// a tick (1 s) of the change.
+pub const CLAIM_SETTLE: Duration = Duration::from_millis(1500);
 /// How long a node waits for a directory owner to answer a claim.
 const CLAIM_WAIT: Duration = Duration::from_secs(2);
 /// How long a node waits for a session to be handed over (the holder
@@ -76,6 +80,8 @@ pub enum SessionFrame {
     Claim { req: u64, client: String },
     /// The claim's version and the record as it was before.
     Claimed { req: u64, version: u64, previous: Option<Record> },
+    /// The owner's view of the fleet changed just now: ask another.
+    ClaimDeferred { req: u64 },
     /// To the node holding a session: close its connection and hand the
     /// session over (`clean_start`: discard it instead).
     TakeOver { req: u64, client: String, version: u64, clean_start: bool },
@@ -167,6 +173,8 @@ pub(super) struct Sessions {
     adopted: Mutex<HashMap<NodeId, Adopted>>,
     /// Messages held for a node not (yet) dead here, for when it is.
     orphans_waiting: Mutex<HashMap<NodeId, Vec<Arc<Message>>>>,
+    /// Claims are answered from then on (see [`Sessions::membership_changed`]).
+    settled_at: Mutex<Instant>,
     pub stats: SessionStats,
 }
 
@@ -201,6 +209,7 @@ impl Sessions {
             tasks: Mutex::new(JoinSet::new()),
             adopted: Mutex::new(HashMap::new()),
             orphans_waiting: Mutex::new(HashMap::new()),
+            settled_at: Mutex::new(Instant::now()),
             stats: SessionStats::default(),
         };
         (sessions, changes)
@@ -273,6 +282,17 @@ impl Sessions {
                 get(&s.handovers_unanswered),
             ),
         ]
+    }
+
+    /// A node joined, as this node sees the fleet: the homes tell the new
+    /// owners their records within a tick; claims wait [`CLAIM_SETTLE`].
+    pub fn membership_changed(&self) {
+        *self.settled_at.lock() = Instant::now() + CLAIM_SETTLE;
+    }
+
+    /// Whether this node answers claims (its records had time to be repaired).
+    fn settled(&self) -> bool {
+        Instant::now() >= *self.settled_at.lock()
     }
 
     fn version_of(&self, client_id: &str) -> u64 {
@@ -417,22 +437,39 @@ impl Cluster {
     }
 
     /// Claims `client_id` at its first directory owner that answers (this
-    /// node itself, when it is one in turn). `None` if none answers.
+    /// node itself, when it is one in turn). An owner whose view of the
+    /// fleet changed just now defers (its records may not be repaired yet):
+    /// the next one is asked, and if all defer, all again a moment later.
+    /// `None` if none answers.
     async fn claim_at_owners(&self, broker: &Broker, client_id: &str) -> Option<(u64, Option<Record>)> {
-        let owners = owners_of(&self.view(), self.replication, client_id);
-        for owner in owners {
-            if owner == self.me {
-                return Some(self.sessions.directory.lock().claim(&broker.storage, client_id, self.me));
+        let deadline = Instant::now() + CLAIM_SETTLE * 2;
+        loop {
+            let mut deferred = false;
+            let view = self.view();
+            for owner in owners_of(&view, self.replication, client_id) {
+                if owner == self.me {
+                    // Alone, there is nobody to learn records from.
+                    if self.sessions.settled() || view.len() == 1 {
+                        return Some(self.sessions.directory.lock().claim(&broker.storage, client_id, self.me));
+                    }
+                    deferred = true;
+                    continue;
+                }
+                let client = client_id.to_string();
+                let (req, mut answers) = self.ask(owner, |req| SessionFrame::Claim { req, client });
+                let answer = tokio::time::timeout(CLAIM_WAIT, answers.recv()).await;
+                self.forget_request(req);
+                match answer {
+                    Ok(Some(SessionFrame::Claimed { version, previous, .. })) => return Some((version, previous)),
+                    Ok(Some(SessionFrame::ClaimDeferred { .. })) => deferred = true,
+                    _ => {}
+                }
             }
-            let client = client_id.to_string();
-            let (req, mut answers) = self.ask(owner, |req| SessionFrame::Claim { req, client });
-            let answer = tokio::time::timeout(CLAIM_WAIT, answers.recv()).await;
-            self.forget_request(req);
-            if let Ok(Some(SessionFrame::Claimed { version, previous, .. })) = answer {
-                return Some((version, previous));
+            if !deferred || Instant::now() >= deadline {
+                return None;
             }
+            tokio::time::sleep(Duration::from_millis(250)).await;
         }
-        None
     }
 
     /// Asks `source` for `client_id`'s session. `Some(None)`: nothing to
@@ -597,11 +634,19 @@ impl Cluster {
     ) {
         match frame {
             SessionFrame::Claim { req, client } => {
-                let (version, previous) = self.sessions.directory.lock().claim(&broker.storage, &client, from);
-                let bytes = wire::encode_session(&SessionFrame::Claimed { req, version, previous });
+                let answer = match self.sessions.settled() {
+                    true => {
+                        let (version, previous) = self.sessions.directory.lock().claim(&broker.storage, &client, from);
+                        SessionFrame::Claimed { req, version, previous }
+                    }
+                    false => SessionFrame::ClaimDeferred { req },
+                };
+                let bytes = wire::encode_session(&answer);
                 self.send_to(st, from, Class::Control, links::copy_of(&bytes));
             }
-            SessionFrame::Claimed { req, .. } | SessionFrame::Handover { req, .. } => {
+            SessionFrame::Claimed { req, .. }
+            | SessionFrame::ClaimDeferred { req }
+            | SessionFrame::Handover { req, .. } => {
                 if let Some(answers) = self.sessions.requests.lock().get(&req) {
                     let _ = answers.send(frame);
                 }

@@ -350,7 +350,7 @@ fn check_session(frame: &SessionFrame, max_levels: usize) -> Result<(), WireErro
         | SessionFrame::Directory { client, .. }
         | SessionFrame::Take { client }
         | SessionFrame::Moving { client } => Some(client),
-        SessionFrame::Claimed { .. } | SessionFrame::Handover { .. } => None,
+        SessionFrame::Claimed { .. } | SessionFrame::ClaimDeferred { .. } | SessionFrame::Handover { .. } => None,
     };
     if client.is_some_and(|c| !client_ok(c)) {
         return Err(WireError::Invalid("client id"));
