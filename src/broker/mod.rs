@@ -578,6 +578,8 @@ impl Broker {
                 let will = st.pending_will.take().expect("checked above");
                 drop(st);
                 self.publish_will(will.message);
+                // Published: the directory must not keep it for a dead node.
+                self.tell_presence(&session.client_id, Presence::Disconnected { pending_will: None });
             }
         }
         if let Err(err) = self.storage.flush() {
@@ -697,6 +699,9 @@ impl Broker {
                 let mut wanted: Option<(QoS, bool, Vec<u32>)> = None;
                 for (filter, sub) in &st.subscriptions {
                     if filter.starts_with("$share/") || !kadmq_dht::topic::matches(filter, &message.topic) {
+                        continue;
+                    }
+                    if sub.options.no_local && message.origin.as_deref() == Some(&**client) {
                         continue;
                     }
                     let entry = wanted.get_or_insert((QoS::AtMostOnce, false, Vec::new()));
@@ -983,5 +988,6 @@ enum Step {
 }
 
 fn expires_at(disconnected_at_ms: u64, expiry_interval: u32) -> Option<u64> {
-    (expiry_interval != session::NEVER_EXPIRES).then(|| disconnected_at_ms + expiry_interval as u64 * 1000)
+    (expiry_interval != session::NEVER_EXPIRES)
+        .then(|| disconnected_at_ms.saturating_add(expiry_interval as u64 * 1000))
 }

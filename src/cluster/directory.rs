@@ -83,12 +83,19 @@ impl Directory {
     /// `claimer` claims `client_id` (this node is its primary owner): the
     /// record now names it home under a new version. Returns that version
     /// and the record as it was.
-    pub fn claim(&mut self, storage: &Storage, client_id: &str, claimer: NodeId) -> (u64, Option<Record>) {
+    pub fn claim(
+        &mut self,
+        storage: &Storage,
+        client_id: &str,
+        claimer: NodeId,
+        clean_start: bool,
+    ) -> (u64, Option<Record>) {
         let previous = self.records.get(client_id).cloned();
-        let version = previous.as_ref().map_or(0, |r| r.version) + 1;
+        let version = previous.as_ref().map_or(0, |r| r.version).saturating_add(1);
         let mut record = Record::new(claimer, version);
-        // Until the new home says more, what it takes over is what was.
-        if let Some(previous) = &previous {
+        // Until the new home says more, what it takes over is what was
+        // (nothing, for a clean start: the session is discarded).
+        if let Some(previous) = previous.as_ref().filter(|_| !clean_start) {
             record.session = previous.session.clone();
         }
         record.connected = true;
@@ -99,7 +106,10 @@ impl Directory {
     /// An update from `home` for `client_id` under claim `version`. Returns
     /// false when a newer claim made it stale (nothing changed).
     pub fn apply(&mut self, storage: &Storage, client_id: &str, home: NodeId, version: u64, update: Update) -> bool {
-        if self.records.get(client_id).is_some_and(|r| r.version > version) {
+        // Older claims are stale; so is another home under the same version
+        // (two owners ordered claims while the primary changed).
+        let stale = |r: &Record| r.version > version || (r.version == version && r.home != home.0);
+        if self.records.get(client_id).is_some_and(stale) {
             tracing::debug!(client_id, home = home.0, version, "stale session directory update ignored");
             return false;
         }
@@ -118,9 +128,18 @@ impl Directory {
                 record.session = Some(session);
                 Ok(())
             }
+            Update::SessionGone => {
+                record.session = None;
+                storage.replace_replicas(client_id, Some(home.0), &[])
+            }
             Update::Delivery { seq, delivery } => storage.put_replica(client_id, home.0, seq, &delivery),
             Update::DeliveryDone { seq } => storage.remove_replica(client_id, home.0, seq),
-            Update::Copy(deliveries) => storage.replace_replicas(client_id, Some(home.0), &deliveries),
+            Update::Copy { deliveries, whole } => {
+                // A home that took the session in whole: the copies other
+                // homes left are void.
+                let wiped = if whole { storage.replace_replicas(client_id, None, &[]) } else { Ok(()) };
+                wiped.and_then(|()| storage.replace_replicas(client_id, Some(home.0), &deliveries))
+            }
             Update::Ended => {
                 self.forget(storage, client_id);
                 return true;
@@ -175,10 +194,10 @@ mod tests {
         let storage = Storage::in_memory();
         let mut dir = Directory::default();
         let (a, b) = (NodeId(1), NodeId(2));
-        let (v1, before) = dir.claim(&storage, "c", a);
+        let (v1, before) = dir.claim(&storage, "c", a, false);
         assert_eq!((v1, before), (1, None));
         assert!(dir.apply(&storage, "c", a, v1, Update::Session(stored())));
-        let (v2, before) = dir.claim(&storage, "c", b);
+        let (v2, before) = dir.claim(&storage, "c", b, false);
         assert_eq!(v2, 2);
         let before = before.expect("a's record");
         assert_eq!((before.home, before.version), (1, 1));
@@ -195,7 +214,7 @@ mod tests {
         let dir_path = tempfile::tempdir().unwrap();
         let storage = Storage::open(dir_path.path()).unwrap();
         let mut dir = Directory::default();
-        let (v, _) = dir.claim(&storage, "c", NodeId(7));
+        let (v, _) = dir.claim(&storage, "c", NodeId(7), false);
         let delivery = crate::storage::StoredDelivery {
             message: Message {
                 topic: "t".into(),

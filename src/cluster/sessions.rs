@@ -58,7 +58,8 @@ pub const CLAIM_SETTLE: Duration = Duration::from_millis(1500);
 /// How long a node waits for a directory owner to answer a claim.
 const CLAIM_WAIT: Duration = Duration::from_secs(2);
 /// How long a node waits for a session to be handed over (the holder
-/// waits up to 5 s for its connection to close).
+/// waits up to 2 s for its own claim of the id under way, then up to 5 s
+/// for its connection to close).
 const HANDOVER_WAIT: Duration = Duration::from_secs(8);
 /// Between announcing an arriving session's subscriptions and asking for
 /// the session: time for the new routes to reach the publishers, so that
@@ -76,8 +77,9 @@ const PART_BYTES: usize = 4 << 20;
 /// What nodes say to each other about sessions (one wire kind).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum SessionFrame {
-    /// To a client's primary directory owner: make the sender its home.
-    Claim { req: u64, client: String },
+    /// To a client's primary directory owner: make the sender its home
+    /// (`clean_start`: the session is discarded).
+    Claim { req: u64, client: String, clean_start: bool },
     /// The claim's version and the record as it was before.
     Claimed { req: u64, version: u64, previous: Option<Record> },
     /// The owner's view of the fleet changed just now: ask another.
@@ -129,8 +131,14 @@ pub enum Update {
     DeliveryDone {
         seq: u64,
     },
-    /// The whole copy (a new standby).
-    Copy(Vec<(u64, StoredDelivery)>),
+    /// The home's whole copy (a new standby; `whole`: the home took the
+    /// session in, and other homes' copies are void).
+    Copy {
+        deliveries: Vec<(u64, StoredDelivery)>,
+        whole: bool,
+    },
+    /// No longer a persistent session (its record and copies go).
+    SessionGone,
     Ended,
 }
 
@@ -143,7 +151,8 @@ impl Update {
             Update::Session(_) => "session",
             Update::Delivery { .. } => "delivery",
             Update::DeliveryDone { .. } => "delivery done",
-            Update::Copy(_) => "copy",
+            Update::Copy { .. } => "copy",
+            Update::SessionGone => "session gone",
             Update::Ended => "ended",
         }
     }
@@ -154,6 +163,10 @@ impl Update {
 pub(super) enum Told {
     Stored(Mirrored),
     Presence(Arc<str>, Presence),
+    /// The session was taken in here whole: the standby's copy is replaced.
+    TakenIn(Arc<str>),
+    /// The session went to another node: nothing more to tell of it.
+    HandedOver(Arc<str>),
 }
 
 /// The home side's state (in [`Cluster::sessions`]).
@@ -364,7 +377,7 @@ impl Cluster {
         this.sessions.claiming.lock().insert(client.clone(), 0);
         let guard = Claiming { cluster: this.clone(), client: client.clone() };
         let Some(broker) = self.broker.upgrade() else { return Box::new(guard) };
-        let Some((version, previous)) = self.claim_at_owners(&broker, client_id).await else {
+        let Some((version, previous)) = self.claim_at_owners(&broker, client_id, clean_start).await else {
             bump(&self.sessions.stats.claims_unanswered);
             return Box::new(guard);
         };
@@ -393,8 +406,7 @@ impl Cluster {
                 true => self.sessions.directory.lock().forget(&broker.storage, client_id),
                 false => {
                     if let Some(moved) = self.copy_of(&broker, client_id, &previous) {
-                        broker.absorb(client_id, moved);
-                        bump(&self.sessions.stats.moved_in);
+                        self.take_in(&broker, client_id, moved);
                         self.note_adopted(home, client);
                     }
                 }
@@ -425,8 +437,7 @@ impl Cluster {
         }
         if let Some(Some(moved)) = pulled {
             tracing::debug!(client_id, deliveries = moved.deliveries.len(), "session taken in");
-            broker.absorb(client_id, moved);
-            bump(&self.sessions.stats.moved_in);
+            self.take_in(&broker, client_id, moved);
         }
         if source != home || !self.is_live(home) {
             // Taken from a dead home's standby: what others held for that
@@ -441,7 +452,12 @@ impl Cluster {
     /// fleet changed just now defers (its records may not be repaired yet):
     /// the next one is asked, and if all defer, all again a moment later.
     /// `None` if none answers.
-    async fn claim_at_owners(&self, broker: &Broker, client_id: &str) -> Option<(u64, Option<Record>)> {
+    async fn claim_at_owners(
+        &self,
+        broker: &Broker,
+        client_id: &str,
+        clean_start: bool,
+    ) -> Option<(u64, Option<Record>)> {
         let deadline = Instant::now() + CLAIM_SETTLE * 2;
         loop {
             let mut deferred = false;
@@ -450,13 +466,14 @@ impl Cluster {
                 if owner == self.me {
                     // Alone, there is nobody to learn records from.
                     if self.sessions.settled() || view.len() == 1 {
-                        return Some(self.sessions.directory.lock().claim(&broker.storage, client_id, self.me));
+                        let mut directory = self.sessions.directory.lock();
+                        return Some(directory.claim(&broker.storage, client_id, self.me, clean_start));
                     }
                     deferred = true;
                     continue;
                 }
                 let client = client_id.to_string();
-                let (req, mut answers) = self.ask(owner, |req| SessionFrame::Claim { req, client });
+                let (req, mut answers) = self.ask(owner, |req| SessionFrame::Claim { req, client, clean_start });
                 let answer = tokio::time::timeout(CLAIM_WAIT, answers.recv()).await;
                 self.forget_request(req);
                 match answer {
@@ -520,15 +537,15 @@ impl Cluster {
     fn copy_of(&self, broker: &Broker, client_id: &str, record: &Record) -> Option<MovedSession> {
         let now = broker.now_ms();
         let mut session = record.session.clone()?;
-        let ended = session
-            .disconnected_at_ms
-            .is_some_and(|at| session.expiry_interval != u32::MAX && at + session.expiry_interval as u64 * 1000 <= now);
+        let ended = session.disconnected_at_ms.is_some_and(|at| {
+            session.expiry_interval != u32::MAX && at.saturating_add(session.expiry_interval as u64 * 1000) <= now
+        });
         if ended {
             return None;
         }
         let pending_will = match (&record.will, record.connected) {
             (Some((will, delay)), true) => {
-                Some((now + u64::from((*delay).min(session.expiry_interval)) * 1000, will.clone()))
+                Some((now.saturating_add(u64::from((*delay).min(session.expiry_interval)) * 1000), will.clone()))
             }
             _ => record.pending_will.clone(),
         };
@@ -559,7 +576,9 @@ impl Cluster {
     /// then hands the session over in parts.
     async fn hand_over(self: Arc<Self>, to: NodeId, req: u64, client: String, version: u64, clean_start: bool) {
         let Some(broker) = self.broker.upgrade() else { return };
-        let deadline = Instant::now() + Duration::from_secs(5);
+        // Within what the claimer waits (HANDOVER_WAIT): this, then up to
+        // 5 s for the old connection to close.
+        let deadline = Instant::now() + Duration::from_secs(2);
         loop {
             let under_way = self.sessions.claiming.lock().get(client.as_str()).copied();
             match under_way {
@@ -592,6 +611,7 @@ impl Cluster {
         }
         if moved.is_some() {
             bump(&self.sessions.stats.moved_out);
+            let _ = self.sessions.told.send(Told::HandedOver(client.as_str().into()));
         }
         self.send_handover(to, req, moved);
     }
@@ -633,10 +653,11 @@ impl Cluster {
         frame: SessionFrame,
     ) {
         match frame {
-            SessionFrame::Claim { req, client } => {
+            SessionFrame::Claim { req, client, clean_start } => {
                 let answer = match self.sessions.settled() {
                     true => {
-                        let (version, previous) = self.sessions.directory.lock().claim(&broker.storage, &client, from);
+                        let (version, previous) =
+                            self.sessions.directory.lock().claim(&broker.storage, &client, from, clean_start);
                         SessionFrame::Claimed { req, version, previous }
                     }
                     false => SessionFrame::ClaimDeferred { req },
@@ -661,6 +682,12 @@ impl Cluster {
             }
             SessionFrame::Moving { client } => broker.watch_move(&client),
             SessionFrame::Take { client } => {
+                // Only a session still homed at the node that leaves: its
+                // client may have reconnected elsewhere meanwhile.
+                let home = self.sessions.directory.lock().get(&client).map(|r| r.home);
+                if home.is_some_and(|home| home != from.0) {
+                    return;
+                }
                 if let Some(this) = self.this() {
                     self.spawn(async move {
                         let _claimed = this.claim_session(&client, false).await;
@@ -707,12 +734,12 @@ impl Cluster {
             if !dead_nodes.contains(&dead) {
                 dead_nodes.push(dead);
             }
-            let (version, _) = self.sessions.directory.lock().claim(&broker.storage, &client, self.me);
+            let (version, _) = self.sessions.directory.lock().claim(&broker.storage, &client, self.me, false);
             self.sessions.homed.lock().insert(client.clone(), version);
             match self.copy_of(broker, &client, &record) {
                 Some(moved) => {
                     tracing::info!(%client, "session of a dead node adopted");
-                    broker.absorb(&client, moved);
+                    self.take_in(broker, &client, moved);
                     self.note_adopted(dead, client.clone());
                     bump(&self.sessions.stats.adopted);
                     self.tell_offline(&client);
@@ -740,6 +767,14 @@ impl Cluster {
                 self.deliver_orphaned(broker, dead, messages);
             }
         }
+    }
+
+    /// Takes `moved` in as `client_id`'s session here; its standby gets
+    /// this node's whole copy (the one it kept of the previous home goes).
+    fn take_in(&self, broker: &Broker, client_id: &str, moved: MovedSession) {
+        broker.absorb(client_id, moved);
+        bump(&self.sessions.stats.moved_in);
+        let _ = self.sessions.told.send(Told::TakenIn(client_id.into()));
     }
 
     fn note_adopted(&self, dead: NodeId, client: Arc<str>) {
@@ -813,6 +848,19 @@ impl Cluster {
                 if let Some(k) = known.clients.get_mut(&client) {
                     k.session = None;
                 }
+                (client, Update::SessionGone, true)
+            }
+            Told::TakenIn(client) => {
+                let version = self.sessions.version_of(&client);
+                if let Some(standby) = owners_of(view, self.replication, &client).into_iter().find(|o| *o != self.me) {
+                    known.standbys.insert(client.clone(), standby);
+                    self.send_copy(&client, version, standby, true);
+                }
+                return;
+            }
+            Told::HandedOver(client) => {
+                known.clients.remove(&client);
+                known.standbys.remove(&client);
                 return;
             }
             Told::Stored(Mirrored::Delivery(client, seq, delivery)) => {
@@ -857,7 +905,7 @@ impl Cluster {
                     if known.standbys.get(&client) != Some(&standby) {
                         known.standbys.insert(client.clone(), standby);
                         // A new standby gets the whole copy first.
-                        self.send_copy(&client, version, standby);
+                        self.send_copy(&client, version, standby, false);
                     } else {
                         self.tell_owner(standby, &client, version, update);
                     }
@@ -886,17 +934,19 @@ impl Cluster {
             match standby {
                 Some(standby) if entry.session.is_some() && known.standbys.get(&client) != Some(&standby) => {
                     known.standbys.insert(client.clone(), standby);
-                    self.send_copy(&client, version, standby);
+                    self.send_copy(&client, version, standby, false);
                 }
                 _ => {}
             }
         }
     }
 
-    fn send_copy(&self, client: &str, version: u64, standby: NodeId) {
+    /// Sends `standby` this home's whole copy of `client`'s deliveries
+    /// (`whole`: the session was taken in here, other homes' copies go).
+    fn send_copy(&self, client: &str, version: u64, standby: NodeId, whole: bool) {
         let Some(broker) = self.broker.upgrade() else { return };
         match broker.storage.deliveries(client) {
-            Ok(copy) => self.tell_owner(standby, client, version, Update::Copy(copy)),
+            Ok(deliveries) => self.tell_owner(standby, client, version, Update::Copy { deliveries, whole }),
             Err(err) => tracing::error!(cause = %err, client, "cannot read a session's deliveries for its standby"),
         }
     }
@@ -932,15 +982,21 @@ impl Cluster {
                 self.send_session(*successor, &SessionFrame::Take { client: client.to_string() });
             }
         }
+        // Until the sessions are gone, the publishes routed (the wills just
+        // published may wait for a route lookup), their QoS 1/2 forwards
+        // acknowledged and the send queues written out: bounded.
         let deadline = Instant::now() + LEAVE_WAIT;
+        let unfinished = || {
+            let st = self.state.lock();
+            st.outbox.len() + st.routing.len() + st.replay.len()
+        };
         while Instant::now() < deadline {
-            let held = self.state.lock().outbox.len();
-            if broker.session_count() == 0 && held == 0 {
+            if broker.session_count() == 0 && unfinished() == 0 && self.client.send_budget().used() == 0 {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let (left, held) = (broker.session_count(), self.state.lock().outbox.len());
+        let (left, held) = (broker.session_count(), unfinished());
         match left + held {
             0 => tracing::info!("every session handed over"),
             _ => {

@@ -384,8 +384,8 @@ fn check_session(frame: &SessionFrame, max_levels: usize) -> Result<(), WireErro
             }
             Update::Session(session) => sessions.push(session),
             Update::Delivery { delivery, .. } => messages.push(&delivery.message),
-            Update::Copy(copy) => messages.extend(copy.iter().map(|(_, d)| &d.message)),
-            Update::DeliveryDone { .. } | Update::Ended => {}
+            Update::Copy { deliveries, .. } => messages.extend(deliveries.iter().map(|(_, d)| &d.message)),
+            Update::DeliveryDone { .. } | Update::SessionGone | Update::Ended => {}
         },
         _ => {}
     }
