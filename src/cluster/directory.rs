@@ -134,7 +134,10 @@ impl Directory {
             }
             Update::Delivery { seq, delivery } => storage.put_replica(client_id, home.0, seq, &delivery),
             Update::DeliveryDone { seq } => storage.remove_replica(client_id, home.0, seq),
-            Update::Copy { deliveries, whole } => {
+            Update::Copy { deliveries, more: true, .. } => {
+                deliveries.iter().try_for_each(|(seq, delivery)| storage.put_replica(client_id, home.0, *seq, delivery))
+            }
+            Update::Copy { deliveries, whole, more: false } => {
                 // A home that took the session in whole: the copies other
                 // homes left are void.
                 let wiped = if whole { storage.replace_replicas(client_id, None, &[]) } else { Ok(()) };

@@ -11,6 +11,7 @@
 
 use super::links::{self, Class};
 use super::receive::{Batch, Received};
+use super::sessions::in_parts;
 use super::state::State;
 use super::wire;
 use super::Cluster;
@@ -22,7 +23,7 @@ use kadmq_dht::driver::{self, PeerId};
 use std::sync::Arc;
 use std::time::Instant;
 
-/// Retained (or orphaned) messages per frame when a member that came up
+/// Retained messages (or messages sent on for a dead node) per frame when a member that came up
 /// gets all of them.
 const RETAIN_CHUNK: usize = 256;
 /// Ticks a member we took for dead is told to assert its routes again: the
@@ -92,7 +93,7 @@ impl Cluster {
         if st.live.remove(&id) {
             self.apply_membership(st, storage, &mut received.local);
             // Its clients' sessions and wills: this node acts for some.
-            received.orphans.extend(self.orphaned_by(st, id));
+            received.dead_sessions.extend(self.sessions_of_dead(st, id));
         }
         let held = st.outbox.take_destination(storage, id);
         if !held.is_empty() {
@@ -112,31 +113,34 @@ impl Cluster {
         held: Vec<(Arc<Message>, ForwardRoute)>,
         received: &mut Received,
     ) {
-        let mut orphans = Vec::new();
+        let mut for_sessions = Vec::new();
         for (message, route) in held {
             if route.plain {
-                orphans.push(message.clone());
+                for_sessions.push(message.clone());
             }
             if !route.shared.is_empty() {
                 self.route_again_for(st, storage, message, route.shared, &mut received.local);
             }
         }
-        if orphans.is_empty() {
+        if for_sessions.is_empty() {
             return;
         }
         tracing::info!(
-            messages = orphans.len(),
+            messages = for_sessions.len(),
             "messages held for a dead node sent on to whoever adopts its sessions"
         );
         let others: Vec<NodeId> = st.live.iter().copied().filter(|n| *n != self.me).collect();
-        for chunk in orphans.chunks(RETAIN_CHUNK) {
-            let refs: Vec<&Message> = chunk.iter().map(|m| &**m).collect();
-            let frame = wire::encode_orphans(dead.0, &refs);
-            for node in &others {
-                self.send_to(st, *node, Class::Control, links::copy_of(&frame));
+        // Frames of at most RETAIN_CHUNK messages and PART_BYTES bytes.
+        for chunk in for_sessions.chunks(RETAIN_CHUNK) {
+            for part in in_parts(chunk.to_vec(), |m| &**m) {
+                let refs: Vec<&Message> = part.iter().map(|m| &**m).collect();
+                let frame = wire::encode_sent_on(dead.0, &refs);
+                for node in &others {
+                    self.send_to(st, *node, Class::Control, links::copy_of(&frame));
+                }
             }
         }
-        received.orphaned.push((dead, orphans));
+        received.sent_on.push((dead, for_sessions));
     }
 
     /// Gives the core the membership view of the live set.

@@ -16,7 +16,6 @@ use super::links::{self, Class};
 use super::memo::{recipients, TopicRoute};
 use super::metrics::bump;
 use super::outbox;
-use super::sessions;
 use super::state::{Routing, State};
 use super::wire;
 use super::Cluster;
@@ -40,7 +39,7 @@ impl Fleet for Cluster {
     }
 
     fn message_id(&self) -> FleetId {
-        sessions::message_id(self.me, &self.next_id)
+        (self.me.0, self.next_id.fetch_add(1, Ordering::Relaxed))
     }
 
     fn reroute_shared(&self, message: &Arc<Message>, group: &str, filter: &str) {

@@ -35,9 +35,9 @@ pub(super) struct Received {
     /// Per sending peer, the acknowledgement to send: (epoch, upto).
     pub acks: HashMap<PeerId, (u64, u64)>,
     /// Sessions of nodes declared dead that this node now acts for.
-    pub orphans: Vec<(Arc<str>, Record)>,
+    pub dead_sessions: Vec<(Arc<str>, Record)>,
     /// Messages held for a node declared dead, for its adopted sessions.
-    pub orphaned: Vec<(NodeId, Vec<Arc<Message>>)>,
+    pub sent_on: Vec<(NodeId, Vec<Arc<Message>>)>,
 }
 
 /// A batch of driver events being handled: the state mutex, taken at the
@@ -95,11 +95,11 @@ impl Cluster {
     pub(super) fn deliver_received(&self, received: Received) {
         let Some(broker) = self.broker.upgrade() else { return };
         deliver_all(&broker, received.local);
-        if !received.orphans.is_empty() {
-            self.adopt(&broker, received.orphans);
+        if !received.dead_sessions.is_empty() {
+            self.adopt(&broker, received.dead_sessions);
         }
-        for (dead, messages) in received.orphaned {
-            self.deliver_orphaned(&broker, dead, messages);
+        for (dead, messages) in received.sent_on {
+            self.deliver_sent_on(&broker, dead, messages);
         }
         if !received.acks.is_empty() {
             // What we acknowledge must survive a crash of this node.
@@ -168,7 +168,7 @@ impl Cluster {
     /// One decoded frame from `from` that needs the state.
     fn on_wire(&self, batch: &mut Batch<'_>, from: PeerId, wire: Wire) {
         let storage = batch.storage;
-        let (st, Received { local, acks, orphaned: batch_orphaned, .. }) = batch.parts();
+        let (st, Received { local, acks, sent_on: batch_sent_on, .. }) = batch.parts();
         let sender = st.id_of(from);
         let mut actions = Vec::new();
         match wire {
@@ -211,9 +211,9 @@ impl Cluster {
                 let _ = self.core_event(st, Event::Rejoined { from: sender }, &mut actions);
                 self.execute(st, storage, actions, None, local);
             }
-            Wire::Orphans { dead, messages } => {
+            Wire::SentOn { dead, messages } => {
                 let messages = messages.into_iter().map(Arc::new).collect();
-                batch_orphaned.push((NodeId(dead), messages));
+                batch_sent_on.push((NodeId(dead), messages));
             }
             Wire::Session(frame) => {
                 if let Some(broker) = self.broker.upgrade() {

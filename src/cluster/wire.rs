@@ -29,7 +29,7 @@ const RETAIN: u8 = 4;
 const REJOINED: u8 = 5;
 const BATCH: u8 = 6;
 const SESSION: u8 = 7;
-const ORPHANS: u8 = 8;
+const SENT_ON: u8 = 8;
 
 /// A message forwarded to one destination node.
 #[derive(Debug, Clone, PartialEq)]
@@ -63,7 +63,7 @@ pub enum Wire {
     /// QoS 1/2 messages the sender had forwarded to node `dead` (a node id)
     /// for its sessions, unacknowledged when `dead` was declared dead: for
     /// the sessions the receiver adopted from it.
-    Orphans {
+    SentOn {
         dead: u64,
         messages: Vec<Message>,
     },
@@ -109,7 +109,7 @@ impl WireError {
 /// lower: a broker allows properties up to its `max_packet_size`, and what
 /// a node accepts from its clients its peers must take from it.
 pub const MAX_PROPERTIES: usize = kadmq_dht::driver::frames::MAX_FRAME;
-/// Most retained (or orphaned) messages one frame may carry (a node sends
+/// Most retained messages (or messages sent on) one frame may carry (a node sends
 /// them in chunks of 256).
 pub const MAX_RETAIN_MESSAGES: usize = 4096;
 
@@ -395,8 +395,8 @@ fn check_session(frame: &SessionFrame, max_levels: usize) -> Result<(), WireErro
     messages.into_iter().try_for_each(|m| check_message(m, max_levels))
 }
 
-pub fn encode_orphans(dead: u64, messages: &[&Message]) -> Bytes {
-    with_header(ORPHANS, &rmp_serde::to_vec(&(dead, messages)).expect("in-memory messages always encode"))
+pub fn encode_sent_on(dead: u64, messages: &[&Message]) -> Bytes {
+    with_header(SENT_ON, &rmp_serde::to_vec(&(dead, messages)).expect("in-memory messages always encode"))
 }
 
 pub fn encode_rejoined() -> Bytes {
@@ -487,13 +487,13 @@ pub fn decode_within(frame: &Bytes, max_topic_levels: usize) -> Result<Wire, Wir
             Wire::Retain(messages)
         }
         REJOINED => Wire::Rejoined,
-        ORPHANS => {
+        SENT_ON => {
             let (dead, messages): (u64, Vec<Message>) = rmp_serde::from_slice(body)?;
             if messages.len() > MAX_RETAIN_MESSAGES {
-                return Err(WireError::Invalid("orphaned messages (too many)"));
+                return Err(WireError::Invalid("messages sent on (too many)"));
             }
             messages.iter().try_for_each(|m| check_message(m, max_topic_levels))?;
-            Wire::Orphans { dead, messages }
+            Wire::SentOn { dead, messages }
         }
         SESSION => {
             let frame: SessionFrame = rmp_serde::from_slice(body)?;

@@ -1,0 +1,96 @@
+//! A node declared dead: its clients' sessions adopted (from the copy
+//! this node keeps as their standby) or their wills published, and what
+//! other nodes held for it given to the sessions adopted here.
+
+use super::*;
+
+impl Cluster {
+    // ----- a node declared dead --------------------------------------------
+
+    /// The records of `dead`'s clients this node now acts for (it is their
+    /// primary owner in the view without `dead`).
+    pub(in crate::cluster) fn sessions_of_dead(
+        &self,
+        st: &crate::cluster::state::State,
+        dead: NodeId,
+    ) -> Vec<(Arc<str>, Record)> {
+        let view = st.node.membership();
+        let mut records = self.sessions.directory.lock().homed_at(dead);
+        records.retain(|(client, _)| owners_of(view, self.replication, client).first() == Some(&self.me));
+        records
+    }
+
+    /// Takes in the sessions of a dead node this node acts for: persistent
+    /// ones are adopted (from the copy, if this node is their standby; the
+    /// will due after its delay), the wills of the others published now.
+    pub(in crate::cluster) fn adopt(&self, broker: &Broker, dead_sessions: Vec<(Arc<str>, Record)>) {
+        let mut dead_nodes = Vec::new();
+        for (client, record) in dead_sessions {
+            let dead = NodeId(record.home);
+            if !dead_nodes.contains(&dead) {
+                dead_nodes.push(dead);
+            }
+            let (version, _) = self.sessions.directory.lock().claim(&broker.storage, &client, self.me, false);
+            self.sessions.homed.lock().insert(client.clone(), version);
+            match self.take_copy(broker, &client, &record) {
+                Some(moved) => {
+                    tracing::info!(%client, "session of a dead node adopted");
+                    self.take_in(broker, &client, moved);
+                    self.note_adopted(dead, client.clone());
+                    bump(&self.sessions.stats.adopted);
+                    self.tell_offline(&client);
+                }
+                None => {
+                    let will = match (record.connected, record.will, record.pending_will) {
+                        (true, Some((will, _)), _) => Some(will),
+                        (false, _, Some((_, will))) => Some(will),
+                        _ => None,
+                    };
+                    if let Some(will) = will {
+                        tracing::info!(%client, "will of a dead node's client published");
+                        bump(&self.sessions.stats.wills_of_dead);
+                        broker.publish_will(will);
+                    }
+                    self.sessions.tell(&client, Presence::Ended);
+                }
+            }
+        }
+        // What others held for those nodes and sent on before this node
+        // had declared them dead.
+        for dead in dead_nodes {
+            let waiting = self.sessions.sent_on_waiting.lock().remove(&dead);
+            if let Some(messages) = waiting {
+                self.deliver_sent_on(broker, dead, messages);
+            }
+        }
+    }
+
+    pub(in crate::cluster) fn note_adopted(&self, dead: NodeId, client: Arc<str>) {
+        let mut adopted = self.sessions.adopted.lock();
+        adopted.entry(dead).or_insert_with(|| (Instant::now(), Vec::new())).1.push(client);
+    }
+
+    /// Messages another node (or this one) held for `dead`, for the sessions
+    /// this node adopted from it (matched against their subscriptions; a
+    /// copy a session already holds is skipped). Kept for later, bounded,
+    /// while `dead` is not dead here yet.
+    pub(in crate::cluster) fn deliver_sent_on(&self, broker: &Broker, dead: NodeId, messages: Vec<Arc<Message>>) {
+        if self.is_live(dead) {
+            let mut waiting = self.sessions.sent_on_waiting.lock();
+            let held = waiting.entry(dead).or_default();
+            let room = SENT_ON_WAITING.saturating_sub(held.len());
+            held.extend(messages.into_iter().take(room));
+            return;
+        }
+        let clients = {
+            let mut adopted = self.sessions.adopted.lock();
+            adopted.retain(|_, (since, _)| since.elapsed() < ADOPTED_KEPT);
+            adopted.get(&dead).map(|(_, clients)| clients.clone()).unwrap_or_default()
+        };
+        if clients.is_empty() {
+            return;
+        }
+        let queued: usize = messages.iter().map(|m| broker.deliver_to_sessions(m, &clients)).sum();
+        self.sessions.stats.sent_on_delivered.fetch_add(queued as u64, Ordering::Relaxed);
+    }
+}
