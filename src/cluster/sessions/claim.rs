@@ -43,7 +43,7 @@ impl Cluster {
                 false => {
                     if let Some(moved) = self.take_copy(&broker, client_id, &previous) {
                         self.take_in(&broker, client_id, moved);
-                        self.note_adopted(home, client);
+                        self.note_adopted(Some(&broker), home, client);
                     }
                 }
             }
@@ -78,7 +78,7 @@ impl Cluster {
         if source != home || !self.is_live(home) {
             // Taken from a dead home's standby: what others held for that
             // home comes here, as for a session adopted.
-            self.note_adopted(home, client);
+            self.note_adopted(Some(&broker), home, client);
         }
         Box::new(guard)
     }

@@ -30,13 +30,19 @@ impl Cluster {
             if !dead_nodes.contains(&dead) {
                 dead_nodes.push(dead);
             }
+            // Claimed elsewhere since the record was read (the client
+            // reconnected): not this node's to adopt any more.
+            let current = self.sessions.directory.lock().get(&client).map(|r| (r.home, r.version));
+            if current != Some((record.home, record.version)) {
+                continue;
+            }
             let (version, _) = self.sessions.directory.lock().claim(&broker.storage, &client, self.me, false);
             self.sessions.homed.lock().insert(client.clone(), version);
             match self.take_copy(broker, &client, &record) {
                 Some(moved) => {
                     tracing::info!(%client, "session of a dead node adopted");
                     self.take_in(broker, &client, moved);
-                    self.note_adopted(dead, client.clone());
+                    self.note_adopted(None, dead, client.clone());
                     bump(&self.sessions.stats.adopted);
                     self.tell_offline(&client);
                 }
@@ -59,15 +65,23 @@ impl Cluster {
         // had declared them dead.
         for dead in dead_nodes {
             let waiting = self.sessions.sent_on_waiting.lock().remove(&dead);
-            if let Some(messages) = waiting {
+            if let Some((_, messages)) = waiting {
                 self.deliver_sent_on(broker, dead, messages);
             }
         }
     }
 
-    pub(in crate::cluster) fn note_adopted(&self, dead: NodeId, client: Arc<str>) {
-        let mut adopted = self.sessions.adopted.lock();
-        adopted.entry(dead).or_insert_with(|| (Instant::now(), Vec::new())).1.push(client);
+    /// Notes that `client`'s session came here from dead node `dead`'s
+    /// keeping; messages sent on for `dead` that waited are given out now
+    /// (outside `adopt`, which does so once for all it adopted).
+    pub(in crate::cluster) fn note_adopted(&self, broker: Option<&Broker>, dead: NodeId, client: Arc<str>) {
+        self.sessions.adopted.lock().entry(dead).or_insert_with(|| (Instant::now(), Vec::new())).1.push(client);
+        if let Some(broker) = broker {
+            let waiting = self.sessions.sent_on_waiting.lock().remove(&dead);
+            if let Some((_, messages)) = waiting {
+                self.deliver_sent_on(broker, dead, messages);
+            }
+        }
     }
 
     /// Messages another node (or this one) held for `dead`, for the sessions
@@ -75,21 +89,21 @@ impl Cluster {
     /// copy a session already holds is skipped). Kept for later, bounded,
     /// while `dead` is not dead here yet.
     pub(in crate::cluster) fn deliver_sent_on(&self, broker: &Broker, dead: NodeId, messages: Vec<Arc<Message>>) {
-        if self.is_live(dead) {
-            let mut waiting = self.sessions.sent_on_waiting.lock();
-            let held = waiting.entry(dead).or_default();
-            let room = SENT_ON_WAITING.saturating_sub(held.len());
-            held.extend(messages.into_iter().take(room));
-            return;
-        }
         let clients = {
             let mut adopted = self.sessions.adopted.lock();
             adopted.retain(|_, (since, _)| since.elapsed() < ADOPTED_KEPT);
-            adopted.get(&dead).map(|(_, clients)| clients.clone()).unwrap_or_default()
+            adopted.get(&dead).map(|(_, clients)| clients.clone())
         };
-        if clients.is_empty() {
+        // Not dead here yet, or dead but not yet adopted from (the cluster
+        // task runs ahead of this stage): kept for `adopt`, a while.
+        let Some(clients) = clients.filter(|_| !self.is_live(dead)) else {
+            let mut waiting = self.sessions.sent_on_waiting.lock();
+            waiting.retain(|_, (since, _)| since.elapsed() < SENT_ON_KEPT);
+            let (_, held) = waiting.entry(dead).or_insert_with(|| (Instant::now(), Vec::new()));
+            let room = SENT_ON_WAITING.saturating_sub(held.len());
+            held.extend(messages.into_iter().take(room));
             return;
-        }
+        };
         let queued: usize = messages.iter().map(|m| broker.deliver_to_sessions(m, &clients)).sum();
         self.sessions.stats.sent_on_delivered.fetch_add(queued as u64, Ordering::Relaxed);
     }

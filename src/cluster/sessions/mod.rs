@@ -81,6 +81,9 @@ const ROUTE_SETTLE: Duration = Duration::from_millis(300);
 const LEAVE_WAIT: Duration = Duration::from_secs(10);
 /// Messages held for a node not yet declared dead here, at most.
 const SENT_ON_WAITING: usize = 100_000;
+/// How long messages sent on for a dead node wait for this node to adopt
+/// sessions from it (it declares it dead itself, then adopts).
+const SENT_ON_KEPT: Duration = Duration::from_secs(60);
 /// How long a node remembers which sessions it adopted from a dead node.
 const ADOPTED_KEPT: Duration = Duration::from_secs(600);
 /// Deliveries per hand-over frame part, at most (in bytes of topic + payload).
@@ -199,7 +202,7 @@ pub(super) struct Sessions {
     /// adopted from it: what others held for it goes to them.
     adopted: Mutex<HashMap<NodeId, Adopted>>,
     /// Messages held for a node not (yet) dead here, for when it is.
-    sent_on_waiting: Mutex<HashMap<NodeId, Vec<Arc<Message>>>>,
+    sent_on_waiting: Mutex<HashMap<NodeId, Waiting>>,
     /// Claims are answered from then on (see [`Sessions::membership_changed`]).
     settled_at: Mutex<Instant>,
     pub stats: SessionStats,
@@ -326,6 +329,9 @@ impl Sessions {
         self.homed.lock().get(client_id).copied().unwrap_or(0)
     }
 }
+
+/// Since when, and which messages sent on for a dead node, wait here.
+type Waiting = (Instant, Vec<Arc<Message>>);
 
 /// Since when, and which clients' sessions, a node adopted from a dead one.
 type Adopted = (Instant, Vec<Arc<str>>);
