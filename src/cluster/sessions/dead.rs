@@ -25,6 +25,8 @@ impl Cluster {
     /// will due after its delay), the wills of the others published now.
     pub(in crate::cluster) fn adopt(&self, broker: &Broker, dead_sessions: Vec<(Arc<str>, Record)>) {
         let mut dead_nodes = Vec::new();
+        let adopted_before = self.sessions.stats.adopted.load(Ordering::Relaxed);
+        let wills_before = self.sessions.stats.wills_of_dead.load(Ordering::Relaxed);
         for (client, record) in dead_sessions {
             let dead = NodeId(record.home);
             if !dead_nodes.contains(&dead) {
@@ -40,7 +42,7 @@ impl Cluster {
             self.sessions.homed.lock().insert(client.clone(), version);
             match self.take_copy(broker, &client, &record) {
                 Some(moved) => {
-                    tracing::info!(%client, "session of a dead node adopted");
+                    tracing::debug!(%client, "session of a dead node adopted");
                     self.take_in(broker, &client, moved);
                     self.note_adopted(None, dead, client.clone());
                     bump(&self.sessions.stats.adopted);
@@ -53,7 +55,7 @@ impl Cluster {
                         _ => None,
                     };
                     if let Some(will) = will {
-                        tracing::info!(%client, "will of a dead node's client published");
+                        tracing::debug!(%client, "will of a dead node's client published");
                         bump(&self.sessions.stats.wills_of_dead);
                         broker.publish_will(will);
                     }
@@ -61,6 +63,11 @@ impl Cluster {
                 }
             }
         }
+        let (adopted, wills) = (adopted_before, wills_before);
+        let adopted = self.sessions.stats.adopted.load(Ordering::Relaxed) - adopted;
+        let wills = self.sessions.stats.wills_of_dead.load(Ordering::Relaxed) - wills;
+        // One line per dead node, not one per client.
+        tracing::info!(adopted, wills, "sessions of a dead node adopted, wills of its clients published");
         // What others held for those nodes and sent on before this node
         // had declared them dead.
         for dead in dead_nodes {
