@@ -15,6 +15,7 @@ use super::outbox::Sequence;
 use super::sessions::{Part, SessionFrame, Update};
 use crate::broker::message::Message;
 use crate::protocol::QoS;
+use crate::storage::StoredDelivery;
 use bytes::Bytes;
 use kadmq_dht::core::{self, ForwardRoute, SharedPick};
 use kadmq_dht::topic;
@@ -355,15 +356,23 @@ fn check_session(frame: &SessionFrame, max_levels: usize) -> Result<(), WireErro
     if client.is_some_and(|c| !client_ok(c)) {
         return Err(WireError::Invalid("client id"));
     }
+    // What a session's client could not be sent: identifiers out of range,
+    // packet id 0.
+    let identifier_ok = |id: u32| (1..=MAX_SUBSCRIPTION_IDENTIFIER).contains(&id);
     let session_ok = |s: &crate::storage::StoredSession| {
-        s.subscriptions.iter().all(|sub| {
+        let filters_ok = s.subscriptions.iter().all(|sub| {
             let (filter, _) = topic::split_shared(&sub.filter);
             topic::parse_shared(&sub.filter).is_ok()
                 && topic::valid_topic_filter(filter)
                 && topic::level_count(filter) <= max_levels
-        })
+                && sub.identifier.is_none_or(identifier_ok)
+        });
+        filters_ok && !s.incoming_qos2.contains(&0)
     };
+    let delivery_ok =
+        |d: &StoredDelivery| d.packet_id != Some(0) && d.subscription_ids.iter().all(|id| identifier_ok(*id));
     let mut messages: Vec<&Message> = Vec::new();
+    let mut deliveries: Vec<&StoredDelivery> = Vec::new();
     let mut sessions = Vec::new();
     match frame {
         SessionFrame::Claimed { previous: Some(r), .. } => {
@@ -372,19 +381,17 @@ fn check_session(frame: &SessionFrame, max_levels: usize) -> Result<(), WireErro
         }
         SessionFrame::Handover { part: Part::Session(moved), .. } => {
             sessions.push(&moved.session);
-            messages.extend(moved.deliveries.iter().map(|d| &d.message));
+            deliveries.extend(&moved.deliveries);
             messages.extend(moved.pending_will.iter().map(|(_, m)| m));
         }
-        SessionFrame::Handover { part: Part::More(deliveries), .. } => {
-            messages.extend(deliveries.iter().map(|d| &d.message))
-        }
+        SessionFrame::Handover { part: Part::More(more), .. } => deliveries.extend(more),
         SessionFrame::Directory { update, .. } => match update {
             Update::Presence { will, pending_will, .. } => {
                 messages.extend(will.iter().map(|(m, _)| m).chain(pending_will.iter().map(|(_, m)| m)))
             }
             Update::Session(session) => sessions.push(session),
-            Update::Delivery { delivery, .. } => messages.push(&delivery.message),
-            Update::Copy { deliveries, .. } => messages.extend(deliveries.iter().map(|(_, d)| &d.message)),
+            Update::Delivery { delivery, .. } => deliveries.push(delivery),
+            Update::Copy { deliveries: copy, .. } => deliveries.extend(copy.iter().map(|(_, d)| d)),
             Update::DeliveryDone { .. } | Update::SessionGone | Update::Ended => {}
         },
         _ => {}
@@ -392,8 +399,15 @@ fn check_session(frame: &SessionFrame, max_levels: usize) -> Result<(), WireErro
     if !sessions.into_iter().all(session_ok) {
         return Err(WireError::Invalid("session subscriptions"));
     }
+    if !deliveries.iter().all(|d| delivery_ok(d)) {
+        return Err(WireError::Invalid("session delivery"));
+    }
+    messages.extend(deliveries.iter().map(|d| &d.message));
     messages.into_iter().try_for_each(|m| check_message(m, max_levels))
 }
+
+/// The largest MQTT 5 Subscription Identifier (a variable byte integer).
+const MAX_SUBSCRIPTION_IDENTIFIER: u32 = 268_435_455;
 
 pub fn encode_sent_on(dead: u64, messages: &[&Message]) -> Bytes {
     with_header(SENT_ON, &rmp_serde::to_vec(&(dead, messages)).expect("in-memory messages always encode"))

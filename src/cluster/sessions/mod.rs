@@ -193,7 +193,8 @@ pub(super) struct Sessions {
     homed: Mutex<HashMap<Arc<str>, u64>>,
     /// Claims under way here: client id → version (0 until answered).
     claiming: Mutex<HashMap<Arc<str>, u64>>,
-    requests: Mutex<HashMap<u64, mpsc::UnboundedSender<SessionFrame>>>,
+    /// Requests under way: id → the node asked, and where its answers go.
+    requests: Mutex<HashMap<u64, (NodeId, mpsc::UnboundedSender<SessionFrame>)>>,
     next_request: AtomicU64,
     told: mpsc::UnboundedSender<Told>,
     /// Hand-overs and takes under way (each bounded in time).
@@ -379,7 +380,7 @@ impl Cluster {
     fn ask(&self, to: NodeId, frame: impl FnOnce(u64) -> SessionFrame) -> (u64, mpsc::UnboundedReceiver<SessionFrame>) {
         let req = self.sessions.next_request.fetch_add(1, Ordering::Relaxed);
         let (answers, answered) = mpsc::unbounded_channel();
-        self.sessions.requests.lock().insert(req, answers);
+        self.sessions.requests.lock().insert(req, (to, answers));
         self.send_session(to, &frame(req));
         (req, answered)
     }
@@ -415,7 +416,9 @@ impl Cluster {
             SessionFrame::Claimed { req, .. }
             | SessionFrame::ClaimDeferred { req }
             | SessionFrame::Handover { req, .. } => {
-                if let Some(answers) = self.sessions.requests.lock().get(&req) {
+                // Only the node asked answers (another member's answer is dropped).
+                if let Some((_, answers)) = self.sessions.requests.lock().get(&req).filter(|(asked, _)| *asked == from)
+                {
                     let _ = answers.send(frame);
                 }
             }

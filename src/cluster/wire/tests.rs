@@ -171,3 +171,54 @@ fn retained_messages_are_checked_and_bounded() {
     assert_eq!(WireError::Invalid("origin").reason(), "invalid_field");
     assert_eq!(WireError::Version(9).reason(), "version");
 }
+
+#[test]
+fn session_frames_round_trip_and_what_a_client_could_not_be_sent_is_refused() {
+    use super::super::sessions::{Part, SessionFrame, Update};
+    use crate::broker::session::MovedSession;
+    use crate::storage::{StoredDelivery, StoredSession, StoredSubscription};
+    let delivery = |packet_id| StoredDelivery {
+        message: forward().message,
+        qos: QoS::ExactlyOnce,
+        retain: false,
+        subscription_ids: vec![1],
+        packet_id,
+        released: false,
+    };
+    let session = StoredSession {
+        expiry_interval: 60,
+        subscriptions: vec![StoredSubscription {
+            filter: "a/+".into(),
+            options: crate::protocol::SubscriptionOptions {
+                qos: QoS::AtLeastOnce,
+                no_local: false,
+                retain_as_published: false,
+                retain_handling: 0,
+            },
+            identifier: Some(1),
+        }],
+        incoming_qos2: vec![5],
+        disconnected_at_ms: Some(1),
+    };
+    let moved = |packet_id| MovedSession {
+        session: session.clone(),
+        deliveries: vec![delivery(packet_id)],
+        pending_will: None,
+        seen: vec![(1, 2)],
+    };
+    let handover = |packet_id| SessionFrame::Handover { req: 3, part: Part::Session(moved(packet_id)), last: true };
+    let ok = handover(Some(7));
+    assert_eq!(decode(&encode_session(&ok)).unwrap(), Wire::Session(Box::new(ok)));
+    assert!(matches!(decode(&encode_session(&handover(Some(0)))), Err(WireError::Invalid("session delivery"))));
+    let copy = Update::Copy { deliveries: vec![(1, delivery(None))], whole: true, more: false };
+    let directory = SessionFrame::Directory { client: "c".into(), version: 2, update: copy };
+    assert!(decode(&encode_session(&directory)).is_ok());
+    for client in ["", "a\0b"] {
+        let claim = SessionFrame::Claim { req: 1, client: client.into(), clean_start: false };
+        assert!(matches!(decode(&encode_session(&claim)), Err(WireError::Invalid("client id"))), "{client:?}");
+    }
+    let mut bad = session.clone();
+    bad.subscriptions[0].filter = "a/#/b".into();
+    let update = SessionFrame::Directory { client: "c".into(), version: 2, update: Update::Session(bad) };
+    assert!(matches!(decode(&encode_session(&update)), Err(WireError::Invalid("session subscriptions"))));
+}
