@@ -113,6 +113,11 @@ impl Directory {
             tracing::debug!(client_id, home = home.0, version, "stale session directory update ignored");
             return false;
         }
+        // What only removes makes no record where there is none.
+        let removes = matches!(update, Update::SessionGone | Update::Ended | Update::DeliveryDone { .. });
+        if removes && !self.records.contains_key(client_id) {
+            return false;
+        }
         tracing::debug!(client_id, home = home.0, version, update = update.name(), "session directory update");
         let mut record = self.records.get(client_id).cloned().unwrap_or_else(|| Record::new(home, version));
         record.home = home.0;
@@ -153,6 +158,15 @@ impl Directory {
         }
         self.put(storage, client_id, record);
         true
+    }
+
+    /// `home` took `client_id`'s session from this node under claim
+    /// `version`: the record, if it is not newer, names it.
+    pub fn rehome(&mut self, storage: &Storage, client_id: &str, home: NodeId, version: u64) {
+        let Some(record) = self.records.get(client_id).filter(|r| r.version <= version) else { return };
+        let mut record = record.clone();
+        (record.home, record.version) = (home.0, version);
+        self.put(storage, client_id, record);
     }
 
     /// Forgets a client's record and the copy of its deliveries.

@@ -38,10 +38,14 @@ impl Cluster {
         if source == self.me {
             // This node keeps the dead home's copy: adopt it, unless the
             // session is to be discarded.
+            let will_out = self.publish_lost_will(&broker, &previous, clean_start);
             match clean_start {
                 true => self.sessions.directory.lock().forget(&broker.storage, client_id),
                 false => {
-                    if let Some(moved) = self.take_copy(&broker, client_id, &previous) {
+                    if let Some(mut moved) = self.take_copy(&broker, client_id, &previous) {
+                        if will_out {
+                            moved.pending_will = None;
+                        }
                         self.take_in(&broker, client_id, moved);
                         self.note_adopted(Some(&broker), home, client);
                     }
@@ -60,8 +64,9 @@ impl Cluster {
         tracing::debug!(client_id, source = source.0, answered = pulled.is_some(), "session pulled");
         if pulled.is_none() {
             // The holder does not answer (dying, or paused): its standby
-            // keeps a copy of the session.
+            // keeps a copy of the session; the connection it had is lost.
             bump(&self.sessions.stats.handovers_unanswered);
+            let will_out = self.publish_lost_will(&broker, &previous, clean_start);
             let standby = owners_of(&self.view(), self.replication, client_id).into_iter().find(|o| *o != source);
             pulled = match standby {
                 Some(standby) if standby == self.me => {
@@ -70,6 +75,9 @@ impl Cluster {
                 Some(standby) => self.pull(standby, client_id, version, clean_start).await,
                 None => None,
             };
+            if let Some(Some(moved)) = pulled.as_mut().filter(|_| will_out) {
+                moved.pending_will = None;
+            }
         }
         if let Some(Some(moved)) = pulled {
             tracing::debug!(client_id, deliveries = moved.deliveries.len(), "session taken in");
@@ -81,6 +89,21 @@ impl Cluster {
             self.note_adopted(Some(&broker), home, client);
         }
         Box::new(guard)
+    }
+
+    /// The home of `previous` is dead (or does not answer) with a client
+    /// connected: its will is published now, as one node does for a lost
+    /// connection, when nothing would wait for it (no delay, a session that
+    /// ends with the connection, or a clean start discarding it). Returns
+    /// whether it was.
+    fn publish_lost_will(&self, broker: &Broker, previous: &Record, clean_start: bool) -> bool {
+        let Some((will, delay)) = previous.will.clone().filter(|_| previous.connected) else { return false };
+        if !(clean_start || previous.session.is_none() || delay == 0) {
+            return false;
+        }
+        bump(&self.sessions.stats.wills_of_dead);
+        broker.publish_will(will);
+        true
     }
 
     /// Claims `client_id` at its first directory owner that answers (this
@@ -253,10 +276,14 @@ impl Cluster {
         }
         {
             let mut homed = self.sessions.homed.lock();
-            if homed.get(client.as_str()).is_some_and(|mine| *mine < version) {
+            if homed.get(client.as_str()).is_some_and(|mine| *mine <= version) {
                 homed.remove(client.as_str());
             }
         }
+        // This node's own record (it may be an owner) names the claimer now,
+        // even at the version it claimed itself (an adopter's local claim
+        // and a claim another owner ordered can share a number).
+        self.sessions.directory.lock().rehome(&broker.storage, &client, to, version);
         if moved.is_some() {
             bump(&self.sessions.stats.moved_out);
             let _ = self.sessions.told.send(Told::HandedOver(client.as_str().into()));

@@ -71,6 +71,7 @@ impl Cluster {
         // What others held for those nodes and sent on before this node
         // had declared them dead.
         for dead in dead_nodes {
+            self.sessions.adopted.lock().entry(dead).or_insert_with(|| (Instant::now(), Vec::new(), false)).2 = true;
             let waiting = self.sessions.sent_on_waiting.lock().remove(&dead);
             if let Some((_, messages)) = waiting {
                 self.deliver_sent_on(broker, dead, messages);
@@ -82,11 +83,13 @@ impl Cluster {
     /// keeping; messages sent on for `dead` that waited are given out now
     /// (outside `adopt`, which does so once for all it adopted).
     pub(in crate::cluster) fn note_adopted(&self, broker: Option<&Broker>, dead: NodeId, client: Arc<str>) {
-        self.sessions.adopted.lock().entry(dead).or_insert_with(|| (Instant::now(), Vec::new())).1.push(client);
+        let entry = (Instant::now(), Vec::new(), false);
+        self.sessions.adopted.lock().entry(dead).or_insert(entry).1.push(client.clone());
         if let Some(broker) = broker {
-            let waiting = self.sessions.sent_on_waiting.lock().remove(&dead);
-            if let Some((_, messages)) = waiting {
-                self.deliver_sent_on(broker, dead, messages);
+            // For this session only: the rest wait for `adopt`.
+            let waiting = self.sessions.sent_on_waiting.lock().get(&dead).map(|(_, m)| m.clone());
+            for message in waiting.unwrap_or_default() {
+                broker.deliver_to_sessions(&message, std::slice::from_ref(&client));
             }
         }
     }
@@ -96,22 +99,25 @@ impl Cluster {
     /// copy a session already holds is skipped). Kept for later, bounded,
     /// while `dead` is not dead here yet.
     pub(in crate::cluster) fn deliver_sent_on(&self, broker: &Broker, dead: NodeId, messages: Vec<Arc<Message>>) {
-        let clients = {
+        let (clients, adopt_ran) = {
             let mut adopted = self.sessions.adopted.lock();
-            adopted.retain(|_, (since, _)| since.elapsed() < ADOPTED_KEPT);
-            adopted.get(&dead).map(|(_, clients)| clients.clone())
+            adopted.retain(|_, (since, ..)| since.elapsed() < ADOPTED_KEPT);
+            adopted.get(&dead).map(|(_, clients, ran)| (clients.clone(), *ran)).unwrap_or_default()
         };
-        // Not dead here yet, or dead but not yet adopted from (the cluster
+        let dead_here = !self.is_live(dead);
+        if dead_here && !clients.is_empty() {
+            let queued: usize = messages.iter().map(|m| broker.deliver_to_sessions(m, &clients)).sum();
+            self.sessions.stats.sent_on_delivered.fetch_add(queued as u64, Ordering::Relaxed);
+        }
+        // Not dead here yet, or `adopt` has not run for it yet (the cluster
         // task runs ahead of this stage): kept for `adopt`, a while.
-        let Some(clients) = clients.filter(|_| !self.is_live(dead)) else {
+        if !(dead_here && adopt_ran) {
             let mut waiting = self.sessions.sent_on_waiting.lock();
             waiting.retain(|_, (since, _)| since.elapsed() < SENT_ON_KEPT);
-            let (_, held) = waiting.entry(dead).or_insert_with(|| (Instant::now(), Vec::new()));
+            let (since, held) = waiting.entry(dead).or_insert_with(|| (Instant::now(), Vec::new()));
+            *since = Instant::now();
             let room = SENT_ON_WAITING.saturating_sub(held.len());
             held.extend(messages.into_iter().take(room));
-            return;
-        };
-        let queued: usize = messages.iter().map(|m| broker.deliver_to_sessions(m, &clients)).sum();
-        self.sessions.stats.sent_on_delivered.fetch_add(queued as u64, Ordering::Relaxed);
+        }
     }
 }

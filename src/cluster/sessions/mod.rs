@@ -334,8 +334,9 @@ impl Sessions {
 /// Since when, and which messages sent on for a dead node, wait here.
 type Waiting = (Instant, Vec<Arc<Message>>);
 
-/// Since when, and which clients' sessions, a node adopted from a dead one.
-type Adopted = (Instant, Vec<Arc<str>>);
+/// Since when, which clients' sessions a node took from a dead one, and
+/// whether `adopt` ran for it.
+type Adopted = (Instant, Vec<Arc<str>>, bool);
 
 /// Releases a claim under way when the claimed session is attached.
 struct Claiming {
