@@ -124,6 +124,7 @@ fn assert_op(filter: &str, shard_of: &str) -> Bytes {
     let op = RouteOp { filter: filter.into(), group: None, count: 1 };
     wire::encode_route(&Frame::Assert {
         shard: filter_shard(shard_of, DEFAULT_SHARD_DEPTH),
+        seq: 1,
         replace: false,
         ops: vec![op],
     })

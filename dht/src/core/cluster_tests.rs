@@ -1,7 +1,9 @@
 //! Tests of [`Node`]s talking to each other, through a tiny deterministic
 //! in-memory network: it carries encoded frames and forwards between nodes
 //! (FIFO per pair of nodes, interleaved across pairs by a seeded RNG), hands
-//! out membership views and fires timers. It makes no routing decision; the
+//! out membership views and fires timers. It can lose route frames (at
+//! random, or those a test picks); forwards are never lost (the glue's
+//! outbox resends QoS 1/2 ones until acknowledged). It makes no routing decision; the
 //! oracle it is checked against is one global table of subscriptions.
 
 use super::*;
@@ -16,6 +18,9 @@ enum Wire {
     Frame(Vec<u8>),
     Forward { msg: u64, route: ForwardRoute },
 }
+
+/// Picks route frames to lose: (from, to, frame) → lose it?
+type LosePick = dyn FnMut(NodeId, NodeId, &Frame) -> bool;
 
 struct Net {
     config: RoutingConfig,
@@ -32,6 +37,11 @@ struct Net {
     /// The oracle: every live node's subscriptions.
     oracle: BTreeMap<NodeId, BTreeMap<(String, Option<String>), u32>>,
     next_id: u64,
+    /// Chance that a route frame is lost when sent.
+    loss: f64,
+    /// Route frames a test wants lost: (from, to, frame) → lose it?
+    lose: Option<Box<LosePick>>,
+    lost: u64,
 }
 
 impl Net {
@@ -49,6 +59,9 @@ impl Net {
             deliveries: Vec::new(),
             oracle: BTreeMap::new(),
             next_id: 0,
+            loss: 0.0,
+            lose: None,
+            lost: 0,
         };
         let ids: Vec<NodeId> = (0..nodes).map(|_| net.fresh_id()).collect();
         for &id in &ids {
@@ -96,6 +109,11 @@ impl Net {
             match action {
                 Action::Send { to, frame } => {
                     assert_ne!(to, id, "frames to self stay inside the core");
+                    let picked = self.lose.as_mut().is_some_and(|lose| lose(id, to, &frame));
+                    if picked || (self.loss > 0.0 && self.rng.gen_bool(self.loss)) {
+                        self.lost += 1;
+                        continue;
+                    }
                     self.links.entry((id, to)).or_default().push_back(Wire::Frame(encode(&frame)));
                 }
                 Action::Forward { to, msg, route } => {
@@ -472,6 +490,139 @@ fn anti_entropy_repairs_a_replica_that_lost_entries() {
     assert_eq!(net.nodes[&victim].owned_shard(&key).unwrap().len(), 2);
 }
 
+/// Every owner of `filter`'s shard holds `node`'s entry for it (count > 0).
+fn owners_hold(net: &Net, node: NodeId, filter: &str) -> bool {
+    let key = crate::shard::filter_shard(filter, net.config.shard_depth);
+    let owners = net.membership.owners(&key, net.config.replication);
+    owners.iter().all(|o| {
+        net.nodes[o]
+            .owned_shard(&key)
+            .and_then(|s| s.routes().get(filter))
+            .is_some_and(|r| r.nodes.iter().any(|&(n, c)| n == node && c > 0))
+    })
+}
+
+#[test]
+fn a_lost_assertion_is_sent_again_until_every_owner_acknowledged_it() {
+    let mut net = Net::new(21, test_config(), OwnershipConfig::Xor, 4);
+    let ids = net.ids();
+    let subscriber = ids[0];
+    // The first two assertions from the subscriber are lost on every link.
+    let mut left = 2 * 3;
+    net.lose = Some(Box::new(move |from, _, frame| {
+        let lose = from == subscriber && matches!(frame, Frame::Assert { .. }) && left > 0;
+        left -= lose as u32;
+        lose
+    }));
+    net.subscribe(subscriber, "q/one", None);
+    let ticket = net.nodes[&subscriber].ticket("q/one").expect("a shard");
+    net.deliver_all();
+    let owners = net.membership.owners(&ticket.shard, 3);
+    let remote = owners.iter().any(|o| *o != subscriber);
+    assert!(remote, "the test needs an owner other than the subscriber");
+    assert!(!net.nodes[&subscriber].settled(&ticket), "nobody acknowledged a lost assertion");
+    assert!(!owners_hold(&net, subscriber, "q/one"));
+    net.run_for(test_config().assert_retry_ms + 1);
+    assert!(net.nodes[&subscriber].counters().assertions_retried > 0);
+    // The first retry was lost too (where it went to another node); the
+    // next one, after the back-off, gets through.
+    net.run_for(2 * test_config().assert_retry_ms + 1);
+    assert!(owners_hold(&net, subscriber, "q/one"), "every owner has it after the retries");
+    assert!(net.nodes[&subscriber].settled(&ticket));
+    assert_eq!(net.nodes[&subscriber].unsettled_shards(), 0);
+}
+
+#[test]
+fn a_missing_assertion_is_noticed_by_the_next_and_replaced() {
+    let mut config = test_config();
+    config.assert_retry_ms = 1_000_000; // only the gap can repair it here
+    let mut net = Net::new(22, config, OwnershipConfig::Xor, 3);
+    let ids = net.ids();
+    let subscriber = ids[0];
+    net.subscribe(subscriber, "g/a", None);
+    net.settle();
+    // Lose the next assertion of the shard, once per link.
+    let mut lost = BTreeSet::new();
+    net.lose = Some(Box::new(move |from, to, frame| {
+        from == subscriber && matches!(frame, Frame::Assert { .. }) && lost.insert(to)
+    }));
+    net.subscribe(subscriber, "g/b", None);
+    net.deliver_all();
+    assert!(!owners_hold(&net, subscriber, "g/b"));
+    net.subscribe(subscriber, "g/c", None);
+    net.deliver_all();
+    let gaps: u64 = net.nodes.values().map(|n| n.counters().assertion_gaps).sum();
+    assert!(gaps > 0, "owners saw the gap");
+    for filter in ["g/a", "g/b", "g/c"] {
+        assert!(owners_hold(&net, subscriber, filter), "{filter} everywhere after the replacement");
+    }
+    let ticket = net.nodes[&subscriber].ticket("g/c").unwrap();
+    assert!(net.nodes[&subscriber].settled(&ticket));
+}
+
+#[test]
+fn a_lost_delta_is_noticed_by_the_next_one_or_the_watch_check() {
+    let mut net = Net::new(23, test_config(), OwnershipConfig::Xor, 5);
+    // A publisher that owns no copy of the shard reads it from its cache.
+    let owners = net.owners_of("w/x");
+    let publisher = *net.ids().iter().find(|n| !owners.contains(n)).unwrap();
+    let ids: Vec<NodeId> = net.ids().into_iter().filter(|n| *n != publisher).collect();
+    net.subscribe(ids[1], "w/x", None);
+    net.settle();
+    let got = net.publish(publisher, "w/x");
+    net.check("w/x", &got).unwrap();
+    let lookups = net.total_lookups();
+    // Lose every delta to the publisher: the last one has no successor.
+    net.lose = Some(Box::new(move |_, to, frame| to == publisher && matches!(frame, Frame::Delta { .. })));
+    net.subscribe(ids[2], "w/x", None);
+    net.deliver_all();
+    let got = net.publish(publisher, "w/x");
+    assert!(net.check("w/x", &got).is_err(), "the stale copy misses the new subscriber");
+    net.lose = None;
+    // The watch check of the next anti-entropy round finds the copy stale.
+    net.run_for(2 * test_config().anti_entropy_interval_ms + 10);
+    assert!(net.nodes[&publisher].counters().watch_mismatches > 0);
+    let got = net.publish(publisher, "w/x");
+    net.check("w/x", &got).unwrap();
+    assert!(net.total_lookups() > lookups, "looked up again");
+
+    // A lost delta followed by another: the gap is seen at once.
+    let mut first = true;
+    net.lose = Some(Box::new(move |_, to, frame| {
+        let lose = to == publisher && matches!(frame, Frame::Delta { .. }) && first;
+        first &= !lose;
+        lose
+    }));
+    net.subscribe(ids[3], "w/x", None);
+    net.deliver_all();
+    net.lose = None;
+    net.subscribe(ids[0], "w/x", None);
+    net.deliver_all();
+    assert!(net.nodes[&publisher].counters().delta_gaps > 0);
+    let got = net.publish(publisher, "w/x");
+    net.check("w/x", &got).unwrap();
+}
+
+#[test]
+fn the_subscriber_check_repairs_an_owner_that_lost_its_entries() {
+    // One replica: there is no other owner to compare with.
+    let mut config = test_config();
+    config.replication = 1;
+    let mut net = Net::new(24, config, OwnershipConfig::Xor, 3);
+    let ids = net.ids();
+    let key = ShardKey::of_prefix("s");
+    let owner = net.membership.owners(&key, 1)[0];
+    let subscriber = *ids.iter().find(|n| **n != owner).unwrap();
+    net.subscribe(subscriber, "s/a", None);
+    net.subscribe(subscriber, "s/+", None);
+    net.settle();
+    net.nodes.get_mut(&owner).unwrap().owned.get_mut(&key).unwrap().remove_node(subscriber);
+    assert!(!owners_hold(&net, subscriber, "s/a"));
+    net.run_for(2 * test_config().anti_entropy_interval_ms + 10);
+    assert!(owners_hold(&net, subscriber, "s/a") && owners_hold(&net, subscriber, "s/+"));
+    assert!(net.nodes[&owner].counters().repairs_requested > 0);
+}
+
 #[test]
 fn a_joining_node_takes_over_shards_and_old_owners_let_go() {
     let mut net = Net::new(8, test_config(), OwnershipConfig::Ring { vnodes: 16 }, 4);
@@ -729,14 +880,25 @@ mod churn {
             nodes in 1usize..6,
             replication in 1usize..4,
             ring in any::<bool>(),
+            lossy in any::<bool>(),
             ops in proptest::collection::vec(op(), 0..60),
         ) {
             let mut config = test_config();
             config.replication = replication;
             let ownership = if ring { OwnershipConfig::Ring { vnodes: 8 } } else { OwnershipConfig::Xor };
             let mut net = Net::new(seed, config, ownership, nodes);
+            // Lossy cases lose 5% of the route frames during the churn and
+            // for a while after it; then the network is quiet and only the
+            // nodes' own timers (retries, anti-entropy) repair what was lost.
+            net.loss = if lossy { 0.05 } else { 0.0 };
             for op in &ops {
                 apply(&mut net, op);
+            }
+            if lossy {
+                net.run_for(5_000);
+                net.loss = 0.0;
+                // Retries back off to several seconds.
+                net.run_for(40_000);
             }
             net.settle();
             net.deliveries.clear();

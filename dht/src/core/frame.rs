@@ -14,7 +14,7 @@ use crate::shard::ShardKey;
 use serde::{Deserialize, Serialize};
 
 /// Bumped on any incompatible change to [`Frame`].
-pub const FRAME_VERSION: u16 = 1;
+pub const FRAME_VERSION: u16 = 2;
 
 /// One filter of the sending node, asserted to an owner of its shard.
 /// Idempotent: `count` is the node's current number of local subscribers
@@ -80,18 +80,28 @@ pub enum LookupAnswer {
 pub enum Frame {
     /// Subscriber → owner: the sender's entries in `shard`. With `replace`,
     /// `ops` is all of them and anything else the owner holds for the sender
-    /// in that shard goes (re-assertion after a move or a repair request).
-    Assert { shard: ShardKey, replace: bool, ops: Vec<RouteOp> },
+    /// in that shard goes (the first assertion to an owner, re-assertion
+    /// after a move, a retry or a repair request). `seq` numbers the
+    /// assertions of one (shard, subscriber, owner): the owner applies an
+    /// incremental one only right after the one before it, and asks for a
+    /// replacement when one is missing.
+    Assert { shard: ShardKey, seq: u64, replace: bool, ops: Vec<RouteOp> },
+    /// Owner → subscriber: assertions up to `seq` are applied and their
+    /// changes pushed to the shard's watchers.
+    Acked { shard: ShardKey, seq: u64 },
     /// Publisher → one owner: send me the shard and watch it for me.
     Lookup { shard: ShardKey, req: u64 },
-    /// Owner → publisher.
-    LookupReply { shard: ShardKey, req: u64, answer: LookupAnswer },
+    /// Owner → publisher. `version` numbers the owner's copy: each
+    /// [`Frame::Delta`] after it carries the next one.
+    LookupReply { shard: ShardKey, req: u64, version: u64, answer: LookupAnswer },
     /// Publisher → owner: stop pushing the watch that lookup `req` made.
     /// (The request id keeps an unwatch meant for an older lookup from
     /// cancelling a newer one.)
     Unwatch { shard: ShardKey, req: u64 },
-    /// Owner → a watcher: entries changed (`req`: the watcher's lookup).
-    Delta { shard: ShardKey, req: u64, changes: Vec<RouteChange> },
+    /// Owner → a watcher: entries changed (`req`: the watcher's lookup),
+    /// making the owner's copy `version`. A watcher whose copy is not at
+    /// `version - 1` missed a delta and looks the shard up again.
+    Delta { shard: ShardKey, req: u64, version: u64, changes: Vec<RouteChange> },
     /// Owner → watchers: I no longer serve this shard; look it up again.
     Released { shard: ShardKey },
     /// Replica → replica: my hash of each shard we both own.
@@ -100,12 +110,26 @@ pub enum Frame {
     NodeDigests { shard: ShardKey, items: Vec<(NodeId, u64)> },
     /// Owner → subscriber node: replicas disagree about you; re-assert.
     Reassert { shards: Vec<ShardKey> },
+    /// Subscriber → owner: my hash of my own entries in each of these
+    /// shards (the truth); the owner asks for a re-assertion where its copy
+    /// differs.
+    OwnDigests { items: Vec<(ShardKey, u64)> },
+    /// Publisher → the owner it watches: the (lookup, version) of each
+    /// shard I cached from you.
+    WatchCheck { items: Vec<(ShardKey, u64, u64)> },
+    /// Owner → publisher, answering [`Frame::WatchCheck`] (the shards whose
+    /// version differs from mine, `Some(mine)`, or that I do not watch for
+    /// you under that lookup, `None`), or a while after a shard's last
+    /// delta (its version now: a lost last delta shows no gap otherwise).
+    /// The publisher drops a copy at another version.
+    WatchState { items: Vec<(ShardKey, u64, Option<u64>)> },
 }
 
 /// Frame kinds, for counters.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum FrameKind {
     Assert,
+    Acked,
     Lookup,
     LookupReply,
     Unwatch,
@@ -114,11 +138,18 @@ pub enum FrameKind {
     Digest,
     NodeDigests,
     Reassert,
+    OwnDigests,
+    WatchCheck,
+    WatchState,
 }
 
+/// How many [`FrameKind`]s there are.
+pub const FRAME_KINDS: usize = 13;
+
 impl FrameKind {
-    pub const ALL: [FrameKind; 9] = [
+    pub const ALL: [FrameKind; FRAME_KINDS] = [
         FrameKind::Assert,
+        FrameKind::Acked,
         FrameKind::Lookup,
         FrameKind::LookupReply,
         FrameKind::Unwatch,
@@ -127,12 +158,16 @@ impl FrameKind {
         FrameKind::Digest,
         FrameKind::NodeDigests,
         FrameKind::Reassert,
+        FrameKind::OwnDigests,
+        FrameKind::WatchCheck,
+        FrameKind::WatchState,
     ];
 
     /// A metric label.
     pub fn name(self) -> &'static str {
         match self {
             FrameKind::Assert => "assert",
+            FrameKind::Acked => "acked",
             FrameKind::Lookup => "lookup",
             FrameKind::LookupReply => "lookup_reply",
             FrameKind::Unwatch => "unwatch",
@@ -141,6 +176,9 @@ impl FrameKind {
             FrameKind::Digest => "digest",
             FrameKind::NodeDigests => "node_digests",
             FrameKind::Reassert => "reassert",
+            FrameKind::OwnDigests => "own_digests",
+            FrameKind::WatchCheck => "watch_check",
+            FrameKind::WatchState => "watch_state",
         }
     }
 }
@@ -149,6 +187,7 @@ impl Frame {
     pub fn kind(&self) -> FrameKind {
         match self {
             Frame::Assert { .. } => FrameKind::Assert,
+            Frame::Acked { .. } => FrameKind::Acked,
             Frame::Lookup { .. } => FrameKind::Lookup,
             Frame::LookupReply { .. } => FrameKind::LookupReply,
             Frame::Unwatch { .. } => FrameKind::Unwatch,
@@ -157,6 +196,9 @@ impl Frame {
             Frame::Digest { .. } => FrameKind::Digest,
             Frame::NodeDigests { .. } => FrameKind::NodeDigests,
             Frame::Reassert { .. } => FrameKind::Reassert,
+            Frame::OwnDigests { .. } => FrameKind::OwnDigests,
+            Frame::WatchCheck { .. } => FrameKind::WatchCheck,
+            Frame::WatchState { .. } => FrameKind::WatchState,
         }
     }
 }
@@ -207,25 +249,36 @@ mod tests {
         vec![
             Frame::Assert {
                 shard,
+                seq: 3,
                 replace: true,
                 ops: vec![RouteOp { filter: "devices/#".into(), group: None, count: 1 }],
             },
+            Frame::Acked { shard, seq: 3 },
             Frame::Lookup { shard, req: 9 },
-            Frame::LookupReply { shard, req: 9, answer: LookupAnswer::Entries(vec![change.clone()]) },
-            Frame::LookupReply { shard, req: 10, answer: LookupAnswer::NotOwner },
-            Frame::LookupReply { shard, req: 11, answer: LookupAnswer::Warming(vec![change.clone()]) },
+            Frame::LookupReply { shard, req: 9, version: 4, answer: LookupAnswer::Entries(vec![change.clone()]) },
+            Frame::LookupReply { shard, req: 10, version: 0, answer: LookupAnswer::NotOwner },
+            Frame::LookupReply { shard, req: 11, version: 1, answer: LookupAnswer::Warming(vec![change.clone()]) },
             Frame::Unwatch { shard, req: 9 },
-            Frame::Delta { shard, req: 9, changes: vec![change] },
+            Frame::Delta { shard, req: 9, version: 5, changes: vec![change] },
             Frame::Released { shard },
             Frame::Digest { items: vec![(shard, u64::MAX)] },
             Frame::NodeDigests { shard, items: vec![(NodeId(1), 5)] },
             Frame::Reassert { shards: vec![shard] },
+            Frame::OwnDigests { items: vec![(shard, 17)] },
+            Frame::WatchCheck { items: vec![(shard, 9, 5)] },
+            Frame::WatchState { items: vec![(shard, 9, Some(6)), (shard, 8, None)] },
         ]
     }
 
     #[test]
     fn frames_round_trip() {
-        for frame in samples() {
+        let frames = samples();
+        assert_eq!(
+            FrameKind::ALL.len(),
+            frames.iter().map(|f| f.kind().name()).collect::<std::collections::HashSet<_>>().len(),
+            "every kind has a sample"
+        );
+        for frame in frames {
             let bytes = encode(&frame);
             assert_eq!(decode(&bytes).unwrap(), frame);
         }
@@ -239,10 +292,10 @@ mod tests {
     fn other_versions_and_garbage_are_refused() {
         let mut bytes = Vec::new();
         let mut ser = rmp_serde::Serializer::new(&mut bytes);
-        2u16.serialize(&mut ser).unwrap();
+        (FRAME_VERSION + 1).serialize(&mut ser).unwrap();
         Frame::Released { shard: ShardKey::of_prefix("") }.serialize(&mut ser).unwrap();
-        assert!(matches!(decode(&bytes), Err(FrameError::Version(2))));
-        assert!(matches!(decode(&[0x01, 0xc1]), Err(FrameError::Malformed(_))));
+        assert!(matches!(decode(&bytes), Err(FrameError::Version(v)) if v == FRAME_VERSION + 1));
+        assert!(matches!(decode(&[FRAME_VERSION as u8, 0xc1]), Err(FrameError::Malformed(_))));
         assert!(matches!(decode(&[]), Err(FrameError::Malformed(_))));
     }
 }

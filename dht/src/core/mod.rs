@@ -83,6 +83,7 @@ mod cluster_tests;
 pub use filter_trie::FilterTrie;
 pub use frame::{
     decode, encode, ForwardRoute, Frame, FrameError, FrameKind, LookupAnswer, RouteChange, RouteOp, SharedPick,
+    FRAME_KINDS,
 };
 pub use id::NodeId;
 pub use node::{Action, CoreError, Counters, Event, Node, Rejected, RoutingConfig};

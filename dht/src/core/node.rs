@@ -26,11 +26,11 @@
 //! in the [`Membership`]) is decided outside.
 
 use super::filter_trie::{join_filter, FilterTrie};
-use super::frame::{ForwardRoute, Frame, FrameKind, LookupAnswer, RouteChange, RouteOp, SharedPick};
+use super::frame::{ForwardRoute, Frame, FrameKind, LookupAnswer, RouteChange, RouteOp, SharedPick, FRAME_KINDS};
 use super::id::{FastMap, NodeId, StableHasher};
 use super::ownership::{Membership, Owners, Ownership, OwnershipConfig, XorOwnership};
-use super::route_cache::{Evicted, PendingLookup, RouteCache};
-use super::route_shard::{FilterRoutes, RouteShard};
+use super::route_cache::{Applied, Evicted, PendingLookup, RouteCache, Warming};
+use super::route_shard::{entry_hash, FilterRoutes, InOrder, RouteShard};
 use crate::shard::{filter_prefix, filter_shard, publish_shards, ShardKey, DEFAULT_SHARD_DEPTH};
 use crate::topic::{valid_share_group, valid_topic_filter, valid_topic_name, TopicLimit, TopicLimits, MAX_TOPIC_LEN};
 use smallvec::SmallVec;
@@ -40,6 +40,13 @@ use std::sync::Arc;
 /// How long a lookup that no owner answered waits before asking them all
 /// again, while views are still converging after a membership change.
 const LOOKUP_RETRY_MS: u64 = 100;
+
+/// The longest wait between two retries of an unacknowledged assertion
+/// (they back off from [`RoutingConfig::assert_retry_ms`] to this).
+const MAX_ASSERT_RETRY_MS: u64 = 30_000;
+/// Most unacknowledged assertions remembered per (shard, owner); older
+/// ones are forgotten (a later acknowledgement covers them).
+const MAX_UNACKED: usize = 256;
 
 /// Default of [`RoutingConfig::max_topic_levels`].
 pub const DEFAULT_MAX_TOPIC_LEVELS: usize = crate::topic::DEFAULT_MAX_LEVELS;
@@ -69,8 +76,13 @@ pub struct RoutingConfig {
     pub handoff_warmup_ms: u64,
     /// How long to wait for a lookup answer before asking the next owner.
     pub lookup_timeout_ms: u64,
-    /// Period of the replica digest exchange (0 = off).
+    /// Period of the anti-entropy round (0 = off): replicas compare their
+    /// digests, subscriber nodes check their own entries at the owners, and
+    /// publishers check the versions of the shards they cache.
     pub anti_entropy_interval_ms: u64,
+    /// How long an owner has to acknowledge an assertion before it is sent
+    /// again (as a replacement); doubled per retry up to 30 s.
+    pub assert_retry_ms: u64,
     /// Most levels a topic filter or topic may have, here or in a frame
     /// from another node.
     pub max_topic_levels: usize,
@@ -94,6 +106,7 @@ impl Default for RoutingConfig {
             handoff_warmup_ms: 3_000,
             lookup_timeout_ms: 2_000,
             anti_entropy_interval_ms: 30_000,
+            assert_retry_ms: 1_000,
             max_topic_levels: DEFAULT_MAX_TOPIC_LEVELS,
         }
     }
@@ -259,9 +272,20 @@ pub struct Counters {
     pub shards_released: u64,
     /// Entries dropped because their node left the membership.
     pub entries_dropped: u64,
+    /// Replacement assertions sent because an owner had not acknowledged
+    /// in time (a frame lost, a slow or cut link).
+    pub assertions_retried: u64,
+    /// Owner side: numbered assertions that came after a missing one (a
+    /// replacement was asked for).
+    pub assertion_gaps: u64,
+    /// Cached shards dropped because a delta went missing.
+    pub delta_gaps: u64,
+    /// Cached shards dropped because the owner's version or watch differed
+    /// at a watch check.
+    pub watch_mismatches: u64,
     /// Frames sent, by [`FrameKind`] (index: position in [`FrameKind::ALL`]).
-    pub frames_sent: [u64; 9],
-    pub frames_received: [u64; 9],
+    pub frames_sent: [u64; FRAME_KINDS],
+    pub frames_received: [u64; FRAME_KINDS],
     /// Frames and forwards from other nodes dropped unapplied, by
     /// [`Rejected`] (index: position in [`Rejected::ALL`]).
     pub frames_rejected: [u64; 8],
@@ -305,11 +329,52 @@ impl LocalCounts {
     }
 }
 
-/// This node's filters in one shard and the shard's owners in the current view.
+/// This node's filters in one shard, the shard's owners in the current
+/// view, and where the assertions to each owner stand. Kept while an owner
+/// has not acknowledged the last change, even once no filter is left.
 #[derive(Clone, Debug, Default)]
 struct LocalShard {
     filters: BTreeSet<Box<str>>,
     owners: Owners,
+    /// Bumped by every change of this node's entries here; what a
+    /// [`RouteTicket`] waits for.
+    stamp: u64,
+    /// Per owner: the numbered assertions sent and acknowledged.
+    links: SmallVec<[OwnerLink; 3]>,
+    /// When unacknowledged assertions are sent again, and the wait after that.
+    retry_at: Option<u64>,
+    retry_ms: u64,
+}
+
+impl LocalShard {
+    fn link(&self, owner: NodeId) -> Option<&OwnerLink> {
+        self.links.iter().find(|l| l.owner == owner)
+    }
+
+    /// Every current owner acknowledged every change.
+    fn all_acked(&self) -> bool {
+        self.owners.iter().all(|&o| self.link(o).is_some_and(|l| l.acked >= self.stamp))
+    }
+}
+
+/// The assertions of one shard to one of its owners.
+#[derive(Clone, Debug)]
+struct OwnerLink {
+    owner: NodeId,
+    /// The last number used (0: nothing sent yet, so the next is a replacement).
+    seq: u64,
+    /// The newest stamp the owner acknowledged.
+    acked: u64,
+    /// (number, stamp) of each assertion not yet acknowledged, oldest first.
+    unacked: VecDeque<(u64, u64)>,
+}
+
+/// A point in this node's subscription changes of one shard: settled once
+/// every owner of the shard acknowledged it ([`Node::settled`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RouteTicket {
+    pub shard: ShardKey,
+    stamp: u64,
 }
 
 /// A publish waiting for lookups.
@@ -347,6 +412,10 @@ pub struct Node {
     next_req: u64,
     releases: BTreeSet<(u64, ShardKey)>,
     lookup_deadlines: BTreeSet<(u64, ShardKey)>,
+    /// When a local shard's unacknowledged assertions are sent again.
+    assert_retries: BTreeSet<(u64, ShardKey)>,
+    /// When an owned shard's watchers are told the version of its last push.
+    tails: BTreeSet<(u64, ShardKey)>,
     next_anti_entropy: Option<u64>,
     armed: Option<u64>,
     inbox: VecDeque<Frame>,
@@ -378,6 +447,8 @@ impl Node {
             next_req: 0,
             releases: BTreeSet::new(),
             lookup_deadlines: BTreeSet::new(),
+            assert_retries: BTreeSet::new(),
+            tails: BTreeSet::new(),
             next_anti_entropy: None,
             armed: None,
             inbox: VecDeque::new(),
@@ -429,6 +500,28 @@ impl Node {
         self.local.len()
     }
 
+    /// Where this node's subscription changes in `filter`'s shard stand
+    /// now: take it right after [`Event::Subscribe`], then wait for
+    /// [`Node::settled`]. `None` when the filter names no shard here.
+    pub fn ticket(&self, filter: &str) -> Option<RouteTicket> {
+        let shard = filter_shard(filter, self.config.shard_depth);
+        self.local_shards.get(&shard).map(|s| RouteTicket { shard, stamp: s.stamp })
+    }
+
+    /// Whether every current owner of the ticket's shard acknowledged the
+    /// changes up to it (an owner that is new since has acknowledged the
+    /// re-assertion that brought it everything).
+    pub fn settled(&self, ticket: &RouteTicket) -> bool {
+        self.local_shards
+            .get(&ticket.shard)
+            .is_none_or(|s| s.owners.iter().all(|&o| s.link(o).is_some_and(|l| l.acked >= ticket.stamp)))
+    }
+
+    /// Local shards with a change some owner has not acknowledged yet.
+    pub fn unsettled_shards(&self) -> usize {
+        self.local_shards.values().filter(|s| !s.all_acked()).count()
+    }
+
     /// Publishes waiting for lookups.
     pub fn parked(&self) -> usize {
         self.parked.len() - self.free_slots.len()
@@ -436,10 +529,16 @@ impl Node {
 
     /// The earliest time the core wants [`Event::Timer`].
     pub fn next_deadline(&self) -> Option<u64> {
-        [self.releases.first().map(|e| e.0), self.lookup_deadlines.first().map(|e| e.0), self.next_anti_entropy]
-            .into_iter()
-            .flatten()
-            .min()
+        [
+            self.releases.first().map(|e| e.0),
+            self.lookup_deadlines.first().map(|e| e.0),
+            self.assert_retries.first().map(|e| e.0),
+            self.tails.first().map(|e| e.0),
+            self.next_anti_entropy,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// Handles one event at time `now` (ms), appending actions to `out`.
@@ -449,8 +548,8 @@ impl Node {
                 self.on_membership(now, membership, out);
                 Ok(())
             }
-            Event::Subscribe { filter, group } => self.subscribe(filter, group, out),
-            Event::Unsubscribe { filter, group } => self.unsubscribe(filter, group, out),
+            Event::Subscribe { filter, group } => self.subscribe(now, filter, group, out),
+            Event::Unsubscribe { filter, group } => self.unsubscribe(now, filter, group, out),
             Event::Publish { topic, msg } => self.publish(now, topic, msg, out),
             Event::Frame { from, frame } => {
                 self.counters.frames_received[kind_index(frame.kind())] += 1;
@@ -475,7 +574,7 @@ impl Node {
                 Ok(())
             }
             Event::Rejoined { from } => {
-                self.on_rejoined(from, out);
+                self.on_rejoined(now, from, out);
                 Ok(())
             }
         };
@@ -530,7 +629,13 @@ impl Node {
 
     // ----- subscriber side -------------------------------------------------
 
-    fn subscribe(&mut self, filter: &str, group: Option<&str>, out: &mut Vec<Action>) -> Result<(), CoreError> {
+    fn subscribe(
+        &mut self,
+        now: u64,
+        filter: &str,
+        group: Option<&str>,
+        out: &mut Vec<Action>,
+    ) -> Result<(), CoreError> {
         // Owners would refuse what they cannot take from us.
         if self.check_filter(filter).is_err() || group.is_some_and(|g| check_group(g).is_err()) {
             return Err(CoreError::InvalidFilter(filter.to_string()));
@@ -553,20 +658,27 @@ impl Node {
             },
         };
         let key = filter_shard(filter, self.config.shard_depth);
-        if count == 1 && !self.local_shards.contains_key(&key) {
+        if !self.local_shards.contains_key(&key) {
             let owners = self.owners(&key);
-            self.local_shards.insert(key, LocalShard { filters: BTreeSet::new(), owners });
+            let retry_ms = self.config.assert_retry_ms;
+            self.local_shards.insert(key, LocalShard { owners, retry_ms, ..LocalShard::default() });
         }
         let shard = self.local_shards.get_mut(&key).expect("a subscribed filter's shard is known");
         shard.filters.insert(filter.into());
-        let owners = shard.owners.clone();
         // Owners hold the subscriber count per node (one entry per filter,
         // whatever the count): every change of it is asserted.
-        self.assert_op(key, &owners, filter, group, count, out);
+        let op = RouteOp { filter: filter.to_string(), group: group.map(str::to_string), count };
+        self.assert_change(now, key, op, out);
         Ok(())
     }
 
-    fn unsubscribe(&mut self, filter: &str, group: Option<&str>, out: &mut Vec<Action>) -> Result<(), CoreError> {
+    fn unsubscribe(
+        &mut self,
+        now: u64,
+        filter: &str,
+        group: Option<&str>,
+        out: &mut Vec<Action>,
+    ) -> Result<(), CoreError> {
         let not_subscribed = || CoreError::NotSubscribed(filter.to_string());
         let counts = self.local.get_mut(filter).ok_or_else(not_subscribed)?;
         let left = match group {
@@ -585,42 +697,113 @@ impl Node {
                 left
             }
         };
-        let key = filter_shard(filter, self.config.shard_depth);
-        if left > 0 {
-            if let Some(owners) = self.local_shards.get(&key).map(|s| s.owners.clone()) {
-                self.assert_op(key, &owners, filter, group, left, out);
-            }
-            return Ok(());
-        }
-        let gone = counts.is_empty();
-        if gone {
+        if left == 0 && counts.is_empty() {
             self.local.remove(filter);
-        }
-        let Some(shard) = self.local_shards.get_mut(&key) else { return Ok(()) };
-        let owners = shard.owners.clone();
-        if gone {
-            shard.filters.remove(filter);
-            if shard.filters.is_empty() {
-                self.local_shards.remove(&key);
+            let key = filter_shard(filter, self.config.shard_depth);
+            if let Some(shard) = self.local_shards.get_mut(&key) {
+                shard.filters.remove(filter);
             }
         }
-        self.assert_op(key, &owners, filter, group, 0, out);
+        let key = filter_shard(filter, self.config.shard_depth);
+        if self.local_shards.contains_key(&key) {
+            let op = RouteOp { filter: filter.to_string(), group: group.map(str::to_string), count: left };
+            self.assert_change(now, key, op, out);
+        }
         Ok(())
     }
 
-    fn assert_op(
+    /// Asserts one changed entry of shard `key` to its owners, as the next
+    /// numbered assertion to each. (An owner that still numbers an earlier
+    /// run of this node's assertions sees a gap and asks for a replacement.)
+    fn assert_change(&mut self, now: u64, key: ShardKey, op: RouteOp, out: &mut Vec<Action>) {
+        let Some(shard) = self.local_shards.get_mut(&key) else { return };
+        shard.stamp += 1;
+        for owner in shard.owners.clone() {
+            self.send_assertion(now, key, owner, false, vec![op.clone()], out);
+        }
+    }
+
+    /// Numbers and sends one assertion of shard `key` to `owner`, remembers
+    /// it until acknowledged, and arms the retry.
+    fn send_assertion(
         &mut self,
+        now: u64,
         key: ShardKey,
-        owners: &[NodeId],
-        filter: &str,
-        group: Option<&str>,
-        count: u32,
+        owner: NodeId,
+        replace: bool,
+        ops: Vec<RouteOp>,
         out: &mut Vec<Action>,
     ) {
-        for &owner in owners {
-            let op = RouteOp { filter: filter.to_string(), group: group.map(str::to_string), count };
-            self.send(owner, Frame::Assert { shard: key, replace: false, ops: vec![op] }, out);
+        let Some(shard) = self.local_shards.get_mut(&key) else { return };
+        let stamp = shard.stamp;
+        let link = match shard.links.iter().position(|l| l.owner == owner) {
+            Some(i) => &mut shard.links[i],
+            None => {
+                shard.links.push(OwnerLink { owner, seq: 0, acked: 0, unacked: VecDeque::new() });
+                shard.links.last_mut().expect("pushed")
+            }
+        };
+        link.seq += 1;
+        let seq = link.seq;
+        if replace {
+            // A replacement covers everything before it.
+            link.unacked.clear();
+        } else if link.unacked.len() >= MAX_UNACKED {
+            link.unacked.pop_front();
         }
+        link.unacked.push_back((seq, stamp));
+        if shard.retry_at.is_none() {
+            let at = now + shard.retry_ms;
+            shard.retry_at = Some(at);
+            self.assert_retries.insert((at, key));
+        }
+        self.send(owner, Frame::Assert { shard: key, seq, replace, ops }, out);
+    }
+
+    /// An owner acknowledged assertions of `key` up to `seq`.
+    fn on_acked(&mut self, from: NodeId, key: ShardKey, seq: u64) {
+        let Some(shard) = self.local_shards.get_mut(&key) else { return };
+        let Some(link) = shard.links.iter_mut().find(|l| l.owner == from) else { return };
+        while let Some(&(number, stamp)) = link.unacked.front() {
+            if number > seq {
+                break;
+            }
+            link.acked = link.acked.max(stamp);
+            link.unacked.pop_front();
+        }
+        if shard.all_acked() {
+            shard.retry_ms = self.config.assert_retry_ms;
+        }
+        self.forget_if_settled(key);
+    }
+
+    /// Drops the local shard of `key` once it has no filter left and every
+    /// owner acknowledged that.
+    fn forget_if_settled(&mut self, key: ShardKey) {
+        if self.local_shards.get(&key).is_some_and(|s| s.filters.is_empty() && s.all_acked()) {
+            self.local_shards.remove(&key);
+        }
+    }
+
+    /// Sends the unacknowledged assertions of `key` again, as a
+    /// replacement, to each owner that has not acknowledged them.
+    fn retry_assertions(&mut self, now: u64, key: ShardKey, out: &mut Vec<Action>) {
+        let Some(shard) = self.local_shards.get_mut(&key) else { return };
+        shard.retry_at = None;
+        let owners = &shard.owners;
+        let laggards: Owners = shard
+            .links
+            .iter()
+            .filter(|l| !l.unacked.is_empty() && owners.contains(&l.owner))
+            .map(|l| l.owner)
+            .collect();
+        if laggards.is_empty() {
+            shard.retry_ms = self.config.assert_retry_ms;
+            return;
+        }
+        shard.retry_ms = (shard.retry_ms * 2).clamp(1, MAX_ASSERT_RETRY_MS);
+        self.counters.assertions_retried += laggards.len() as u64;
+        self.reassert(now, key, &laggards, out);
     }
 
     /// All of this node's entries in shard `key`.
@@ -639,11 +822,17 @@ impl Node {
         ops
     }
 
-    fn on_rejoined(&mut self, from: NodeId, out: &mut Vec<Action>) {
+    /// The hash an owner keeps of this node's entries in shard `key`
+    /// ([`RouteShard::node_summary`]), from the local truth.
+    fn own_digest(&self, key: &ShardKey) -> u64 {
+        self.local_ops(key).iter().fold(0, |h, op| h ^ entry_hash(self.id, &op.filter, op.group.as_deref()))
+    }
+
+    fn on_rejoined(&mut self, now: u64, from: NodeId, out: &mut Vec<Action>) {
         let keys: Vec<ShardKey> =
             self.local_shards.iter().filter(|(_, s)| s.owners.contains(&from)).map(|(k, _)| *k).collect();
         for key in keys {
-            self.reassert(key, &[from], out);
+            self.reassert(now, key, &[from], out);
         }
         let stale: Vec<ShardKey> = self.cache.sources().filter(|(_, source, _)| *source == from).map(|e| e.0).collect();
         for key in stale {
@@ -652,14 +841,22 @@ impl Node {
         }
     }
 
-    fn reassert(&mut self, key: ShardKey, to: &[NodeId], out: &mut Vec<Action>) {
+    /// Sends every entry of shard `key` to the owners `to`, as a replacement.
+    fn reassert(&mut self, now: u64, key: ShardKey, to: &[NodeId], out: &mut Vec<Action>) {
         if to.is_empty() {
             return;
+        }
+        if !self.local_shards.contains_key(&key) {
+            // Nothing here any more: the (empty) replacement is tracked until
+            // acknowledged like any other.
+            let owners = self.owners(&key);
+            let retry_ms = self.config.assert_retry_ms;
+            self.local_shards.insert(key, LocalShard { owners, retry_ms, ..LocalShard::default() });
         }
         let ops = self.local_ops(&key);
         for &owner in to {
             self.counters.reassertions += 1;
-            self.send(owner, Frame::Assert { shard: key, replace: true, ops: ops.clone() }, out);
+            self.send_assertion(now, key, owner, true, ops.clone(), out);
         }
     }
 
@@ -692,6 +889,7 @@ impl Node {
             }
             let owners = self.membership.owners(key, r);
             let fresh: Owners = owners.iter().copied().filter(|o| !shard.owners.contains(o)).collect();
+            shard.links.retain(|l| owners.contains(&l.owner));
             shard.owners = owners;
             if !fresh.is_empty() {
                 reasserts.push((*key, fresh));
@@ -699,12 +897,18 @@ impl Node {
         }
         reasserts.sort_unstable_by_key(|(k, _)| *k);
         for (key, to) in reasserts {
-            self.reassert(key, &to, out);
+            self.reassert(now, key, &to, out);
+        }
+        // Shards emptied here whose only laggard was an owner that left.
+        let mut settled: Vec<ShardKey> =
+            self.local_shards.iter().filter(|(_, s)| s.filters.is_empty() && s.all_acked()).map(|(k, _)| *k).collect();
+        settled.sort_unstable();
+        for key in settled {
+            self.forget_if_settled(key);
         }
 
         // Owner side: drop the dead, then find out what we still own.
-        type Push = (ShardKey, Vec<(NodeId, u64)>, Vec<RouteChange>);
-        let mut pushes: Vec<Push> = Vec::new();
+        let mut pushes: Vec<(ShardKey, Vec<RouteChange>)> = Vec::new();
         let mut regained: Vec<ShardKey> = Vec::new();
         for (key, shard) in self.owned.iter_mut() {
             let mut changes = Vec::new();
@@ -725,15 +929,13 @@ impl Node {
                 shard.release_at = Some(at);
                 self.releases.insert((at, *key));
             }
-            if !changes.is_empty() && !shard.watchers().is_empty() {
-                pushes.push((*key, shard.watchers().to_vec(), changes));
+            if !changes.is_empty() {
+                pushes.push((*key, changes));
             }
         }
-        pushes.sort_unstable_by_key(|(k, _, _)| *k);
-        for (key, watchers, changes) in pushes {
-            for (w, req) in watchers {
-                self.send(w, Frame::Delta { shard: key, req, changes: changes.clone() }, out);
-            }
+        pushes.sort_unstable_by_key(|(k, _)| *k);
+        for (key, changes) in pushes {
+            self.push_changes(now, key, changes, out);
         }
         // A shard owned again before its grace ended missed this node's own
         // changes meanwhile (they went to the owners of the time): its own
@@ -742,7 +944,7 @@ impl Node {
         for key in regained {
             let ops = self.local_ops(&key);
             let changes = self.owned.get_mut(&key).expect("owned").assert_from(self.id, true, &ops);
-            self.push_changes(key, changes, out);
+            self.push_changes(now, key, changes, out);
         }
 
         // Publisher side: forget shards whose source died or no longer owns them.
@@ -880,12 +1082,12 @@ impl Node {
             // membership change: views are still converging (an owner that
             // has not seen the change yet). Ask them all again shortly
             // rather than route without the shard.
-            None if settling && pending.warming.as_ref().is_none_or(|(source, _)| !owners.contains(source)) => {
+            None if settling && pending.warming.as_ref().is_none_or(|w| !owners.contains(&w.source)) => {
                 // A new request id: an answer to the old one, still on its
                 // way, must not be taken for (or unwatch) the new one.
                 self.next_req += 1;
                 let old_req = std::mem::replace(&mut pending.req, self.next_req);
-                let stale = pending.warming.take().map(|(source, _)| source);
+                let stale = pending.warming.take().map(|w| w.source);
                 pending.tried.clear();
                 pending.asked = self.id;
                 pending.deadline = now + LOOKUP_RETRY_MS;
@@ -901,13 +1103,13 @@ impl Node {
                     // Only owners still warming up answered: their entries
                     // (and their watch) are the best there is, while that
                     // owner still is one.
-                    Some((source, entries)) if owners.contains(&source) => {
-                        let evicted = self.cache.insert(key, source, pending.req, &entries);
+                    Some(w) if owners.contains(&w.source) => {
+                        let evicted = self.cache.insert(key, w.source, pending.req, w.version, &w.entries);
                         self.unwatch_evicted(evicted, out);
                     }
-                    Some((source, _)) => {
-                        if self.membership.contains(source) {
-                            self.send(source, Frame::Unwatch { shard: key, req: pending.req }, out);
+                    Some(w) => {
+                        if self.membership.contains(w.source) {
+                            self.send(w.source, Frame::Unwatch { shard: key, req: pending.req }, out);
                         }
                         self.counters.lookups_failed += 1;
                     }
@@ -1076,6 +1278,9 @@ impl Node {
                 ..
             } => changes(shard, entries),
             Frame::Delta { shard, changes: list, .. } => changes(shard, list),
+            Frame::OwnDigests { items: list } => items(list.len()),
+            Frame::WatchCheck { items: list } => items(list.len()),
+            Frame::WatchState { items: list } => items(list.len()),
             Frame::Digest { items: list } => items(list.len()),
             Frame::NodeDigests { items: list, .. } => {
                 items(list.len())?;
@@ -1088,6 +1293,7 @@ impl Node {
             Frame::Lookup { .. }
             | Frame::LookupReply { answer: LookupAnswer::NotOwner, .. }
             | Frame::Unwatch { .. }
+            | Frame::Acked { .. }
             | Frame::Released { .. } => Ok(()),
         }
     }
@@ -1111,7 +1317,8 @@ impl Node {
 
     fn on_frame(&mut self, now: u64, from: NodeId, frame: Frame, out: &mut Vec<Action>) {
         match frame {
-            Frame::Assert { shard: key, replace, ops } => self.on_assert(now, from, key, replace, &ops, out),
+            Frame::Assert { shard: key, seq, replace, ops } => self.on_assert(now, from, key, seq, replace, &ops, out),
+            Frame::Acked { shard: key, seq } => self.on_acked(from, key, seq),
             Frame::Lookup { shard: key, req } => {
                 let owner = self.owned.get(&key).map(|s| s.release_at.is_none());
                 let entries = match owner {
@@ -1134,9 +1341,12 @@ impl Node {
                     Some(entries) => LookupAnswer::Entries(entries),
                     None => LookupAnswer::NotOwner,
                 };
-                self.send(from, Frame::LookupReply { shard: key, req, answer }, out);
+                let version = self.owned.get(&key).map_or(0, |s| s.version);
+                self.send(from, Frame::LookupReply { shard: key, req, version, answer }, out);
             }
-            Frame::LookupReply { shard: key, req, answer } => self.on_lookup_reply(now, from, key, req, answer, out),
+            Frame::LookupReply { shard: key, req, version, answer } => {
+                self.on_lookup_reply(now, from, key, req, version, answer, out)
+            }
             Frame::Unwatch { shard: key, req } => {
                 if let Some(shard) = self.owned.get_mut(&key) {
                     shard.unwatch(from, req);
@@ -1145,15 +1355,33 @@ impl Node {
                     }
                 }
             }
-            Frame::Delta { shard: key, req, changes } => match self.cache.apply(&key, from, req, &changes) {
-                Some(evicted) => self.unwatch_evicted(evicted, out),
-                // A warming owner's answer kept while the lookup goes on:
-                // it is watched already, keep it current.
-                None => match self.cache.pending_mut(&key).and_then(|p| p.warming_answer(from, req)) {
-                    Some(entries) => apply_changes(entries, &changes),
-                    None => self.send(from, Frame::Unwatch { shard: key, req }, out),
-                },
-            },
+            Frame::Delta { shard: key, req, version, changes } => {
+                match self.cache.apply(&key, from, req, version, &changes) {
+                    Applied::Yes(evicted) => self.unwatch_evicted(evicted, out),
+                    Applied::Gap => {
+                        // The next publish looks the shard up afresh.
+                        self.counters.delta_gaps += 1;
+                        self.counters.cache_invalidations += 1;
+                        self.send(from, Frame::Unwatch { shard: key, req }, out);
+                    }
+                    // A warming owner's answer kept while the lookup goes on:
+                    // it is watched already, keep it current.
+                    Applied::NotCached => {
+                        match self.cache.pending_mut(&key).and_then(|p| p.warming_answer(from, req)) {
+                            Some(warming) if warming.version + 1 == version => {
+                                warming.version = version;
+                                apply_changes(&mut warming.entries, &changes);
+                            }
+                            Some(_) => {
+                                self.counters.delta_gaps += 1;
+                                self.cache.pending_mut(&key).expect("pending").warming = None;
+                                self.send(from, Frame::Unwatch { shard: key, req }, out);
+                            }
+                            None => self.send(from, Frame::Unwatch { shard: key, req }, out),
+                        }
+                    }
+                }
+            }
             Frame::Released { shard: key } => {
                 if self.cache.peek(&key).is_some_and(|s| s.source == from) {
                     self.cache.remove(&key);
@@ -1174,30 +1402,86 @@ impl Node {
                     }
                 }
             }
-            Frame::NodeDigests { shard: key, items } => self.on_node_digests(key, items, out),
+            Frame::NodeDigests { shard: key, items } => self.on_node_digests(now, key, items, out),
             Frame::Reassert { mut shards } => {
                 // One re-assertion per shard, however often it is named.
                 shards.sort_unstable();
                 shards.dedup();
                 for key in shards {
                     let owners = self.owners(&key);
-                    self.reassert(key, &owners, out);
+                    self.reassert(now, key, &owners, out);
+                }
+            }
+            Frame::OwnDigests { items } => {
+                let mut differ = Vec::new();
+                for (key, hash) in items {
+                    let mine = match self.owned.get(&key) {
+                        Some(s) if s.release_at.is_none() => s.node_summary(from).hash,
+                        Some(_) => continue,
+                        None if self.owners(&key).contains(&self.id) => 0,
+                        None => continue,
+                    };
+                    if mine != hash {
+                        differ.push(key);
+                    }
+                }
+                if !differ.is_empty() {
+                    self.counters.repairs_requested += differ.len() as u64;
+                    self.send(from, Frame::Reassert { shards: differ }, out);
+                }
+            }
+            Frame::WatchCheck { items } => {
+                let mut differ = Vec::new();
+                for (key, req, version) in items {
+                    match self.owned.get(&key) {
+                        Some(s) if s.watchers().contains(&(from, req)) => {
+                            if s.version != version {
+                                differ.push((key, req, Some(s.version)));
+                            }
+                        }
+                        _ => differ.push((key, req, None)),
+                    }
+                }
+                if !differ.is_empty() {
+                    self.send(from, Frame::WatchState { items: differ }, out);
+                }
+            }
+            Frame::WatchState { items } => {
+                for (key, req, version) in items {
+                    let Some(cached) = self.cache.peek(&key).filter(|c| c.source == from && c.req == req) else {
+                        continue;
+                    };
+                    // Deltas sent before this answer came before it: a copy
+                    // at another version missed one.
+                    if version == Some(cached.version) {
+                        continue;
+                    }
+                    self.cache.remove(&key);
+                    self.counters.watch_mismatches += 1;
+                    self.counters.cache_invalidations += 1;
+                    if version.is_some() {
+                        self.send(from, Frame::Unwatch { shard: key, req }, out);
+                    }
                 }
             }
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn on_assert(
         &mut self,
         now: u64,
         from: NodeId,
         key: ShardKey,
+        seq: u64,
         replace: bool,
         ops: &[RouteOp],
         out: &mut Vec<Action>,
     ) {
         if !self.owned.contains_key(&key) {
             if ops.iter().all(|op| op.count == 0) {
+                // Nothing is held here for anyone: already so.
+                self.send(from, Frame::Acked { shard: key, seq }, out);
                 return;
             }
             let mut shard = RouteShard::new();
@@ -1211,16 +1495,30 @@ impl Node {
             }
             self.owned.insert(key, shard);
         }
-        let changes = self.owned.get_mut(&key).expect("present").assert_from(from, replace, ops);
-        self.push_changes(key, changes, out);
+        let shard = self.owned.get_mut(&key).expect("present");
+        let order = shard.sequence(from, seq, replace);
+        let changes = shard.assert_from(from, replace, ops);
+        self.push_changes(now, key, changes, out);
+        // Acknowledged once applied and pushed to the watchers.
+        match order {
+            InOrder::Next => self.send(from, Frame::Acked { shard: key, seq }, out),
+            InOrder::Gap { ask } => {
+                self.counters.assertion_gaps += 1;
+                if ask {
+                    self.send(from, Frame::Reassert { shards: vec![key] }, out);
+                }
+            }
+        }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn on_lookup_reply(
         &mut self,
         now: u64,
         from: NodeId,
         key: ShardKey,
         req: u64,
+        version: u64,
         answer: LookupAnswer,
         out: &mut Vec<Action>,
     ) {
@@ -1237,10 +1535,10 @@ impl Node {
         match answer {
             LookupAnswer::Entries(entries) if current => {
                 let pending = self.cache.take_pending(&key).expect("pending");
-                if let Some((warming, _)) = pending.warming {
-                    self.send(warming, Frame::Unwatch { shard: key, req }, out);
+                if let Some(warming) = pending.warming {
+                    self.send(warming.source, Frame::Unwatch { shard: key, req }, out);
                 }
-                let evicted = self.cache.insert(key, from, req, &entries);
+                let evicted = self.cache.insert(key, from, req, version, &entries);
                 self.unwatch_evicted(evicted, out);
                 self.resolve_waiters(&key, pending.waiters, out);
             }
@@ -1248,9 +1546,12 @@ impl Node {
                 // Keep the fuller of the warming answers (and its watch) in
                 // case no owner of longer standing answers; ask the next.
                 let pending = self.cache.pending_mut(&key).expect("pending");
-                let keep = pending.warming.as_ref().is_none_or(|(_, kept)| entries.len() > kept.len());
-                let dropped =
-                    if keep { pending.warming.replace((from, entries)).map(|(node, _)| node) } else { Some(from) };
+                let keep = pending.warming.as_ref().is_none_or(|kept| entries.len() > kept.entries.len());
+                let dropped = if keep {
+                    pending.warming.replace(Warming { source: from, version, entries }).map(|w| w.source)
+                } else {
+                    Some(from)
+                };
                 if let Some(node) = dropped {
                     self.send(node, Frame::Unwatch { shard: key, req }, out);
                 }
@@ -1272,7 +1573,7 @@ impl Node {
         }
     }
 
-    fn on_node_digests(&mut self, key: ShardKey, theirs: Vec<(NodeId, u64)>, out: &mut Vec<Action>) {
+    fn on_node_digests(&mut self, now: u64, key: ShardKey, theirs: Vec<(NodeId, u64)>, out: &mut Vec<Action>) {
         let mine = self.owned.get(&key).map(|s| s.node_digests()).unwrap_or_default();
         let (mut i, mut j) = (0, 0);
         let mut differ = Vec::new();
@@ -1303,14 +1604,14 @@ impl Node {
         for node in differ {
             if node == self.id {
                 let owners = self.owners(&key);
-                self.reassert(key, &owners, out);
+                self.reassert(now, key, &owners, out);
             } else if self.membership.contains(node) {
                 self.counters.repairs_requested += 1;
                 self.send(node, Frame::Reassert { shards: vec![key] }, out);
             } else if let Some(shard) = self.owned.get_mut(&key) {
                 let changes = shard.remove_node(node);
                 self.counters.entries_dropped += changes.len() as u64;
-                self.push_changes(key, changes, out);
+                self.push_changes(now, key, changes, out);
             }
         }
     }
@@ -1328,6 +1629,32 @@ impl Node {
                 self.try_next_owner(now, key, out);
             }
         }
+        // Assertions not acknowledged in time: send them again.
+        while let Some(&(at, key)) = self.assert_retries.first() {
+            if at > now {
+                break;
+            }
+            self.assert_retries.pop_first();
+            if self.local_shards.get(&key).is_some_and(|s| s.retry_at == Some(at)) {
+                self.retry_assertions(now, key, out);
+            }
+        }
+        // Watchers of shards pushed to a while ago: the version they should be at.
+        let mut tails: BTreeMap<NodeId, Vec<(ShardKey, u64, Option<u64>)>> = BTreeMap::new();
+        while let Some(&(at, key)) = self.tails.first() {
+            if at > now {
+                break;
+            }
+            self.tails.pop_first();
+            let Some(shard) = self.owned.get_mut(&key).filter(|s| s.tail_at == Some(at)) else { continue };
+            shard.tail_at = None;
+            for &(watcher, req) in shard.watchers() {
+                tails.entry(watcher).or_default().push((key, req, Some(shard.version)));
+            }
+        }
+        for (watcher, items) in tails {
+            self.send(watcher, Frame::WatchState { items }, out);
+        }
         // Shards whose grace period ended.
         while let Some(&(at, key)) = self.releases.first() {
             if at > now {
@@ -1344,13 +1671,13 @@ impl Node {
         }
         if self.next_anti_entropy.is_some_and(|at| at <= now) {
             self.next_anti_entropy = Some(now + self.config.anti_entropy_interval_ms);
-            self.anti_entropy_round(out);
+            self.anti_entropy_round(now, out);
         }
     }
 
     /// Sends each other owner of each shard we own our digest of it, and
     /// sweeps entries and watchers of nodes no longer live.
-    fn anti_entropy_round(&mut self, out: &mut Vec<Action>) {
+    fn anti_entropy_round(&mut self, now: u64, out: &mut Vec<Action>) {
         let mut digests: BTreeMap<NodeId, Vec<(ShardKey, u64)>> = BTreeMap::new();
         let mut pushes = Vec::new();
         for (key, shard) in self.owned.iter_mut() {
@@ -1376,23 +1703,74 @@ impl Node {
         }
         pushes.sort_unstable_by_key(|(k, _)| *k);
         for (key, changes) in pushes {
-            self.push_changes(key, changes, out);
+            self.push_changes(now, key, changes, out);
         }
         for (peer, mut items) in digests {
             items.sort_unstable();
             self.send(peer, Frame::Digest { items }, out);
         }
         self.drop_idle_owned();
+        self.check_own_entries(out);
+        self.check_watches(out);
+    }
+
+    /// Subscriber side of anti-entropy: sends each owner the hash of this
+    /// node's own entries in each shard it owns (the truth against its
+    /// copy). Only shards with every change acknowledged: one in flight
+    /// would differ for no fault.
+    fn check_own_entries(&mut self, out: &mut Vec<Action>) {
+        let mut per_owner: BTreeMap<NodeId, Vec<(ShardKey, u64)>> = BTreeMap::new();
+        for (key, shard) in &self.local_shards {
+            if !shard.all_acked() {
+                continue;
+            }
+            let digest = self.own_digest(key);
+            for &owner in shard.owners.iter().filter(|o| **o != self.id) {
+                per_owner.entry(owner).or_default().push((*key, digest));
+            }
+        }
+        for (owner, mut items) in per_owner {
+            items.sort_unstable();
+            self.send(owner, Frame::OwnDigests { items }, out);
+        }
+    }
+
+    /// Publisher side of anti-entropy: asks each owner it caches shards
+    /// from whether its copies are current (a last delta can go missing
+    /// with no later one to show the gap; a watch can be lost).
+    fn check_watches(&mut self, out: &mut Vec<Action>) {
+        let mut per_source: BTreeMap<NodeId, Vec<(ShardKey, u64, u64)>> = BTreeMap::new();
+        for (key, source, req) in self.cache.sources() {
+            if self.membership.contains(source) {
+                let version = self.cache.peek(&key).map_or(0, |c| c.version);
+                per_source.entry(source).or_default().push((key, req, version));
+            }
+        }
+        for (source, mut items) in per_source {
+            items.sort_unstable();
+            self.send(source, Frame::WatchCheck { items }, out);
+        }
     }
 
     /// Pushes owner-side changes of shard `key` to its watchers.
-    fn push_changes(&mut self, key: ShardKey, changes: Vec<RouteChange>, out: &mut Vec<Action>) {
+    /// A delta can be lost with no later one to show the gap: a while after
+    /// the last push, the watchers are told the version they should be at
+    /// (the tail; [`Frame::WatchState`]), and drop a copy that is not.
+    fn push_changes(&mut self, now: u64, key: ShardKey, changes: Vec<RouteChange>, out: &mut Vec<Action>) {
         if changes.is_empty() {
             return;
         }
-        let watchers = self.owned.get(&key).map(|s| s.watchers().to_vec()).unwrap_or_default();
+        let Some(shard) = self.owned.get_mut(&key) else { return };
+        shard.version += 1;
+        let version = shard.version;
+        let watchers = shard.watchers().to_vec();
+        if !watchers.is_empty() && shard.tail_at.is_none() {
+            let at = now + self.config.assert_retry_ms;
+            shard.tail_at = Some(at);
+            self.tails.insert((at, key));
+        }
         for (w, req) in watchers {
-            self.send(w, Frame::Delta { shard: key, req, changes: changes.clone() }, out);
+            self.send(w, Frame::Delta { shard: key, req, version, changes: changes.clone() }, out);
         }
     }
 }
@@ -1504,7 +1882,7 @@ mod tests {
 
     fn assert_frame(filter: &str, group: Option<&str>, shard: ShardKey) -> Frame {
         let op = RouteOp { filter: filter.into(), group: group.map(Into::into), count: 1 };
-        Frame::Assert { shard, replace: false, ops: vec![op] }
+        Frame::Assert { shard, seq: 1, replace: false, ops: vec![op] }
     }
 
     fn shard(filter: &str) -> ShardKey {
@@ -1562,7 +1940,7 @@ mod tests {
             RouteOp { filter: "x/y".into(), group: None, count: 1 },
         ];
         let mut n = node();
-        let frame = Frame::Assert { shard: shard("a/b/c"), replace: true, ops };
+        let frame = Frame::Assert { shard: shard("a/b/c"), seq: 1, replace: true, ops };
         assert_eq!(feed(&mut n, PEER, frame), Some(Rejected::WrongShard));
         assert_eq!(n.entries_held(), 0);
     }
@@ -1599,9 +1977,10 @@ mod tests {
     fn deltas_and_lookup_answers_are_checked_too() {
         let mut n = node();
         let bad = RouteChange { filter: "a/b".into(), group: None, node: PEER, count: 1 };
-        let frame = Frame::Delta { shard: shard("q/r"), req: 1, changes: vec![bad.clone()] };
+        let frame = Frame::Delta { shard: shard("q/r"), req: 1, version: 1, changes: vec![bad.clone()] };
         assert_eq!(feed(&mut n, PEER, frame), Some(Rejected::WrongShard));
-        let frame = Frame::LookupReply { shard: shard("q/r"), req: 1, answer: LookupAnswer::Warming(vec![bad]) };
+        let frame =
+            Frame::LookupReply { shard: shard("q/r"), req: 1, version: 0, answer: LookupAnswer::Warming(vec![bad]) };
         assert_eq!(feed(&mut n, PEER, frame), Some(Rejected::WrongShard));
         assert_eq!(n.cache().entries(), 0);
     }

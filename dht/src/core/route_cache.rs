@@ -28,6 +28,9 @@ pub struct CachedShard {
     pub source: NodeId,
     /// The lookup that registered our watch at `source`.
     pub req: u64,
+    /// The source's version of the shard this copy is at: its lookup
+    /// answer's, then each delta's.
+    pub version: u64,
     entries: usize,
     last_used: u64,
 }
@@ -82,17 +85,38 @@ pub struct PendingLookup {
     pub waiters: SmallVec<[u32; 4]>,
     /// The best answer so far from an owner still warming up (it watches
     /// the shard for us): used if no owner of longer standing answers.
-    pub warming: Option<(NodeId, Vec<RouteChange>)>,
+    pub warming: Option<Warming>,
+}
+
+/// An answer from an owner still warming up, kept current by its deltas.
+#[derive(Clone, Debug)]
+pub struct Warming {
+    pub source: NodeId,
+    /// The owner's version of the entries (see [`CachedShard::version`]).
+    pub version: u64,
+    pub entries: Vec<RouteChange>,
 }
 
 impl PendingLookup {
     /// The kept warming answer, if `from` gave it to request `req`.
-    pub fn warming_answer(&mut self, from: NodeId, req: u64) -> Option<&mut Vec<RouteChange>> {
+    pub fn warming_answer(&mut self, from: NodeId, req: u64) -> Option<&mut Warming> {
         match &mut self.warming {
-            Some((source, entries)) if self.req == req && *source == from => Some(entries),
+            Some(warming) if self.req == req && warming.source == from => Some(warming),
             _ => None,
         }
     }
+}
+
+/// What became of a pushed delta ([`RouteCache::apply`]).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Applied {
+    /// Applied; these shards were evicted to make room.
+    Yes(Vec<Evicted>),
+    /// The cached copy is not at the version before the delta (one went
+    /// missing): it was dropped; look the shard up again.
+    Gap,
+    /// Not cached from that owner under that lookup.
+    NotCached,
 }
 
 /// A bounded route cache with single-flight misses.
@@ -171,12 +195,19 @@ impl RouteCache {
 
     /// Caches the answer to lookup `req` from `source`. Returns the shards
     /// evicted to make room, as (key, source, req), to unwatch.
-    pub fn insert(&mut self, key: ShardKey, source: NodeId, req: u64, entries: &[RouteChange]) -> Vec<Evicted> {
+    pub fn insert(
+        &mut self,
+        key: ShardKey,
+        source: NodeId,
+        req: u64,
+        version: u64,
+        entries: &[RouteChange],
+    ) -> Vec<Evicted> {
         let mut evicted = Vec::new();
         if let Some(old) = self.remove(&key) {
             evicted.push((key, old.source, old.req));
         }
-        let mut shard = CachedShard { routes: FilterTrie::new(), source, req, entries: 0, last_used: 0 };
+        let mut shard = CachedShard { routes: FilterTrie::new(), source, req, version, entries: 0, last_used: 0 };
         for change in entries.iter().filter(|c| c.count > 0) {
             shard.apply(change);
         }
@@ -189,11 +220,19 @@ impl RouteCache {
         evicted
     }
 
-    /// Applies a delta pushed by `from` for our lookup `req`. `None` if we do
-    /// not cache the shard from that watch (the caller should unwatch);
-    /// otherwise the evictions.
-    pub fn apply(&mut self, key: &ShardKey, from: NodeId, req: u64, changes: &[RouteChange]) -> Option<Vec<Evicted>> {
-        let shard = self.ready.get_mut(key).filter(|s| s.source == from && s.req == req)?;
+    /// Applies a delta pushed by `from` for our lookup `req` that makes the
+    /// source's copy `version`: [`Applied::NotCached`] if we do not cache the
+    /// shard from that watch (the caller should unwatch), [`Applied::Gap`]
+    /// (the copy is dropped) if a delta before it went missing.
+    pub fn apply(&mut self, key: &ShardKey, from: NodeId, req: u64, version: u64, changes: &[RouteChange]) -> Applied {
+        let Some(shard) = self.ready.get_mut(key).filter(|s| s.source == from && s.req == req) else {
+            return Applied::NotCached;
+        };
+        if shard.version.checked_add(1) != Some(version) {
+            self.remove(key);
+            return Applied::Gap;
+        }
+        shard.version = version;
         let before = shard.weight();
         for change in changes {
             shard.apply(change);
@@ -201,10 +240,9 @@ impl RouteCache {
         self.weight = self.weight + shard.weight() - before;
         let mut evicted = Vec::new();
         self.evict_beyond_capacity(key, &mut evicted);
-        Some(evicted)
+        Applied::Yes(evicted)
     }
 
-    /// Drops a cached shard (the next publish looks it up again).
     pub fn remove(&mut self, key: &ShardKey) -> Option<CachedShard> {
         let shard = self.ready.remove(key)?;
         self.lru.remove(&shard.last_used);
@@ -240,15 +278,29 @@ mod tests {
     fn deltas_apply_only_from_the_source() {
         let mut cache = RouteCache::new(100);
         let key = ShardKey::of_prefix("a");
-        cache.insert(key, NodeId(9), 1, &[change("a/b", 1, 1)]);
+        cache.insert(key, NodeId(9), 1, 4, &[change("a/b", 1, 1)]);
         assert_eq!(cache.entries(), 1);
-        assert!(cache.apply(&key, NodeId(8), 1, &[change("a/c", 2, 1)]).is_none());
-        assert!(cache.apply(&key, NodeId(9), 0, &[change("a/c", 2, 1)]).is_none(), "an older watch");
-        assert!(cache.apply(&key, NodeId(9), 1, &[change("a/c", 2, 1), change("a/b", 1, 0)]).is_some());
+        assert_eq!(cache.apply(&key, NodeId(8), 1, 5, &[change("a/c", 2, 1)]), Applied::NotCached);
+        assert_eq!(cache.apply(&key, NodeId(9), 0, 5, &[change("a/c", 2, 1)]), Applied::NotCached, "an older watch");
+        let both = [change("a/c", 2, 1), change("a/b", 1, 0)];
+        assert_eq!(cache.apply(&key, NodeId(9), 1, 5, &both), Applied::Yes(Vec::new()));
         let shard = cache.get(&key).unwrap();
         assert!(shard.routes.get("a/b").is_none());
         assert_eq!(shard.routes.get("a/c").unwrap().nodes.as_slice(), &[(NodeId(2), 1)]);
         assert_eq!(shard.len(), 1);
+        assert_eq!(shard.version, 5);
+    }
+
+    #[test]
+    fn a_missed_delta_drops_the_copy() {
+        let mut cache = RouteCache::new(100);
+        let key = ShardKey::of_prefix("a");
+        cache.insert(key, NodeId(9), 1, 4, &[change("a/b", 1, 1)]);
+        assert_eq!(cache.apply(&key, NodeId(9), 1, 6, &[change("a/c", 2, 1)]), Applied::Gap, "5 went missing");
+        assert!(!cache.contains(&key));
+        assert_eq!(cache.entries(), 0);
+        cache.insert(key, NodeId(9), 2, 6, &[]);
+        assert_eq!(cache.apply(&key, NodeId(9), 2, 6, &[]), Applied::Gap, "a repeated version is no successor");
     }
 
     #[test]
@@ -256,15 +308,15 @@ mod tests {
         let mut cache = RouteCache::new(3);
         let keys: Vec<ShardKey> = (0..4).map(|i| ShardKey::of_prefix(&format!("k{i}"))).collect();
         for (i, key) in keys[..3].iter().enumerate() {
-            assert!(cache.insert(*key, NodeId(i as u64), 7, &[change("x", 1, 1)]).is_empty());
+            assert!(cache.insert(*key, NodeId(i as u64), 7, 0, &[change("x", 1, 1)]).is_empty());
         }
         cache.get(&keys[0]);
-        let evicted = cache.insert(keys[3], NodeId(3), 7, &[change("x", 1, 1)]);
+        let evicted = cache.insert(keys[3], NodeId(3), 7, 0, &[change("x", 1, 1)]);
         assert_eq!(evicted, vec![(keys[1], NodeId(1), 7)]);
         assert!(cache.contains(&keys[0]) && !cache.contains(&keys[1]));
         // A shard larger than the whole cache stays, alone.
         let big: Vec<RouteChange> = (0..10).map(|n| change("y", n, 1)).collect();
-        let evicted = cache.insert(keys[1], NodeId(1), 8, &big);
+        let evicted = cache.insert(keys[1], NodeId(1), 8, 0, &big);
         assert_eq!(evicted.len(), 3);
         assert_eq!(cache.shards(), 1);
     }

@@ -129,6 +129,33 @@ pub struct RouteShard {
     pub(crate) owners: Owners,
     /// When this node stopped owning the shard, the time it lets it go.
     pub(crate) release_at: Option<u64>,
+    /// Bumped by every batch of changes pushed to the watchers: a lookup
+    /// answer carries it, each delta the next one.
+    pub(crate) version: u64,
+    /// When the watchers are told `version` after the last push.
+    pub(crate) tail_at: Option<u64>,
+    /// Per subscriber node, where its numbered assertions stand.
+    assertions: FastMap<NodeId, AssertionSeq>,
+}
+
+/// Where one subscriber node's numbered assertions to this shard stand.
+#[derive(Clone, Copy, Debug, Default)]
+struct AssertionSeq {
+    /// The last one applied in order.
+    applied: u64,
+    /// One went missing after `applied`; a replacement was asked for.
+    gap: bool,
+}
+
+/// What to do about a numbered assertion ([`RouteShard::sequence`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InOrder {
+    /// Next in line (or a replacement): apply it and acknowledge `seq`.
+    Next,
+    /// One before it went missing: apply it (entries are absolute counts,
+    /// so applying never hurts), do not acknowledge, and ask the node for a
+    /// replacement if `ask` (once per gap).
+    Gap { ask: bool },
 }
 
 impl RouteShard {
@@ -247,8 +274,23 @@ impl RouteShard {
         changes
     }
 
+    /// Places assertion `seq` of `node` in its order: a replacement
+    /// (`replace`) starts a new order, anything else must come right after
+    /// the last one applied.
+    pub fn sequence(&mut self, node: NodeId, seq: u64, replace: bool) -> InOrder {
+        let state = self.assertions.entry(node).or_default();
+        if replace || (!state.gap && seq == state.applied + 1) {
+            *state = AssertionSeq { applied: seq, gap: false };
+            return InOrder::Next;
+        }
+        let ask = !state.gap;
+        state.gap = true;
+        InOrder::Gap { ask }
+    }
+
     /// Drops every entry of `node` (it died or its entries are stale).
     pub fn remove_node(&mut self, node: NodeId) -> Vec<RouteChange> {
+        self.assertions.remove(&node);
         if !self.by_node.contains_key(&node) {
             return Vec::new();
         }
