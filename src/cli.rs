@@ -172,6 +172,9 @@ pub struct StartArgs {
     /// MiB held for all other nodes together; past 7/8 QoS 0 forwards are dropped [toml: cluster.send_buffer_mib]
     #[arg(long, env = "KADMQ_CLUSTER_SEND_BUFFER", value_name = "MIB")]
     pub cluster_send_buffer: Option<u64>,
+    /// Milliseconds a SUBACK waits for the route owners' acknowledgements (0 = no wait) [toml: cluster.subscribe_ack_timeout_ms]
+    #[arg(long, env = "KADMQ_SUBSCRIBE_ACK_TIMEOUT_MS", value_name = "MS")]
+    pub subscribe_ack_timeout_ms: Option<u64>,
 }
 
 impl StartArgs {
@@ -232,6 +235,7 @@ impl StartArgs {
         set(&mut c.shard_depth, &self.shard_depth);
         set(&mut c.dead_timeout_secs, &self.dead_timeout);
         set(&mut c.send_buffer_mib, &self.cluster_send_buffer);
+        set(&mut c.subscribe_ack_timeout_ms, &self.subscribe_ack_timeout_ms);
         config.validate()?;
         Ok(config)
     }

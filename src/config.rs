@@ -113,6 +113,10 @@ pub struct ClusterSettings {
     /// MiB held for all other nodes together (frames queued or being
     /// written); past 7/8 of it QoS 0 forwards are dropped.
     pub send_buffer_mib: u64,
+    /// How long a SUBACK waits for every owner of the filters' shards to
+    /// acknowledge the new routes (0 = do not wait). Past it the SUBACK
+    /// goes out and the routes keep being retried.
+    pub subscribe_ack_timeout_ms: u64,
 }
 
 impl ClusterSettings {
@@ -132,6 +136,7 @@ impl Default for ClusterSettings {
             shard_depth: kadmq_dht::shard::DEFAULT_SHARD_DEPTH,
             dead_timeout_secs: 8,
             send_buffer_mib: 256,
+            subscribe_ack_timeout_ms: 2_000,
         }
     }
 }

@@ -10,7 +10,7 @@
 use crate::broker::limits::{topic_limits, Limit, TokenBucket};
 use crate::broker::message::Message;
 use crate::broker::session::{AttachmentHandle, ClientLimits, Session, NEVER_EXPIRES};
-use crate::broker::{Broker, Departure, Stats, SubscribeRequest};
+use crate::broker::{BoxFuture, Broker, Departure, Stats, SubscribeRequest};
 use crate::protocol::alias::{AliasUse, OutgoingAliases};
 use crate::protocol::{
     self, ConnAck, ConnAckProperties, Connect, ConnectReason, DecodeError, Disconnect, DisconnectReason, LastWill,
@@ -197,6 +197,10 @@ struct Connection<S> {
     /// Set while the next packet is a PUBLISH over the allowance: nothing
     /// is read or handled until then, so TCP slows the client down.
     throttled_until: Option<Instant>,
+    /// A SUBACK waiting for the fleet to acknowledge its routes
+    /// ([`Broker::routes_settled`]): nothing more is read or handled until
+    /// it is sent, so a publish after the SUBACK finds the routes.
+    awaiting_routes: Option<(SubAck, BoxFuture<'static, ()>)>,
     /// PUBACKs in the write buffer (MQTT 5 only; 3.1.1 has no Receive
     /// Maximum): their PUBLISHes are still in flight from the client's side.
     unwritten_pubacks: usize,
@@ -312,6 +316,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             publishes: Vec::new(),
             publish_rate,
             throttled_until: None,
+            awaiting_routes: None,
             unwritten_pubacks: 0,
         };
         if connection.broker.fleet().is_some() {
@@ -349,9 +354,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 break Close::Transport;
             }
             let throttled = self.throttled_until;
+            let awaiting = self.awaiting_routes.is_some();
             tokio::select! {
                 biased;
-                read = self.client.stream.read_buf(&mut self.client.rbuf), if throttled.is_none() => {
+                read = self.client.stream.read_buf(&mut self.client.rbuf), if throttled.is_none() && !awaiting => {
                     match read {
                         Ok(0) | Err(_) => break Close::Transport,
                         Ok(n) => {
@@ -367,6 +373,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 reason = &mut self.attachment.kicked => {
                     let reason = reason.unwrap_or(DisconnectReason::SessionTakenOver);
                     break Close::Error(reason, "closed by the broker");
+                }
+                _ = routes_settled(&mut self.awaiting_routes), if awaiting => {
+                    let (suback, _) = self.awaiting_routes.take().expect("awaiting");
+                    self.needs_flush = true;
+                    self.send(Packet::SubAck(suback));
+                    // The client did send; only we held back from reading it.
+                    last_seen = Instant::now();
+                    if let Err(close) = self.handle_input() {
+                        break close;
+                    }
+                    more = true;
                 }
                 _ = tokio::time::sleep_until(throttled.unwrap_or_else(|| Instant::now() + far)), if throttled.is_some() => {
                     self.throttled_until = None;
@@ -398,6 +415,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     /// a PUBLISH over the client's allowance (then `throttled_until` is set).
     fn handle_input(&mut self) -> Result<(), Close> {
         loop {
+            if self.awaiting_routes.is_some() {
+                return Ok(());
+            }
             const PUBLISH: u8 = 3;
             let next_is_publish = self.client.rbuf.first().is_some_and(|b| b >> 4 == PUBLISH);
             if let (true, Some(bucket)) = (next_is_publish, self.publish_rate.as_mut()) {
@@ -590,13 +610,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 identifier: subscribe.subscription_identifier,
             });
         }
+        let filters: Vec<String> = requests.iter().map(|r| r.filter.clone()).collect();
         let reasons = self.broker.subscribe(&self.session, requests);
-        self.needs_flush = true;
-        self.send(Packet::SubAck(SubAck {
-            packet_id: subscribe.packet_id,
-            reasons,
-            properties: ReasonProperties::default(),
-        }));
+        let settled = self.broker.routes_settled(filters.iter().map(String::as_str), &reasons);
+        let suback = SubAck { packet_id: subscribe.packet_id, reasons, properties: ReasonProperties::default() };
+        match settled {
+            Some(wait) => self.awaiting_routes = Some((suback, wait)),
+            None => {
+                self.needs_flush = true;
+                self.send(Packet::SubAck(suback));
+            }
+        }
         Ok(())
     }
 
@@ -773,6 +797,15 @@ fn strip_problem_information(packet: &mut Packet) {
         Packet::SubAck(s) => s.properties = ReasonProperties::default(),
         Packet::UnsubAck(u) => u.properties = ReasonProperties::default(),
         _ => {}
+    }
+}
+
+/// Waits for a SUBACK's routes (pending forever when none waits; the
+/// caller polls it only while one does).
+async fn routes_settled(awaiting: &mut Option<(SubAck, BoxFuture<'static, ()>)>) {
+    match awaiting {
+        Some((_, wait)) => wait.as_mut().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -5,6 +5,8 @@
 //! - `GET /api/v1/broker`: the same figures as JSON.
 //! - `GET /api/v1/cluster`: the fleet's members (404 on a single node).
 //! - `GET /api/v1/routes?topic=a/b`: where a publish to the topic goes (404 on a single node).
+//! - `POST /api/v1/faults?cut=NAME` / `?delay=NAME&ms=N` / `?heal`: test-only fault hooks, served
+//!   only when the node started with `KADMQ_FAULTS=1` (see `crate::cluster::faults`).
 
 use crate::broker::limits::Limit;
 use crate::broker::{Broker, Stats};
@@ -38,6 +40,7 @@ pub async fn serve(
         .route("/api/v1/broker", get(broker_json))
         .route("/api/v1/cluster", get(cluster_json))
         .route("/api/v1/routes", get(routes_json))
+        .route("/api/v1/faults", axum::routing::post(faults))
         .with_state(App { broker, cluster });
     if let Err(err) = axum::serve(listener, app).with_graceful_shutdown(stop).await {
         tracing::error!(cause = %err, "HTTP endpoint failed");
@@ -113,6 +116,24 @@ async fn cluster_json(State(app): State<App>) -> axum::response::Response {
     match app.cluster {
         Some(cluster) => Json(cluster.status().await).into_response(),
         None => (StatusCode::NOT_FOUND, NOT_CLUSTERED).into_response(),
+    }
+}
+
+async fn faults(
+    State(app): State<App>,
+    Query(query): Query<std::collections::HashMap<String, String>>,
+) -> axum::response::Response {
+    let Some(cluster) = app.cluster else { return (StatusCode::NOT_FOUND, NOT_CLUSTERED).into_response() };
+    let ms = query.get("ms").and_then(|ms| ms.parse().ok()).map(std::time::Duration::from_millis);
+    let (peer, delay) = match (query.get("cut"), query.get("delay"), ms, query.contains_key("heal")) {
+        (Some(peer), None, None, false) => (Some(peer.as_str()), None),
+        (None, Some(peer), Some(ms), false) => (Some(peer.as_str()), Some(ms)),
+        (None, None, None, true) => (None, None),
+        _ => return (StatusCode::BAD_REQUEST, "give ?cut=NAME, ?delay=NAME&ms=N or ?heal").into_response(),
+    };
+    match cluster.fault(peer, delay).await {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(err) => (StatusCode::FORBIDDEN, err).into_response(),
     }
 }
 

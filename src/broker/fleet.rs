@@ -46,6 +46,11 @@ pub trait Fleet: Send + Sync {
     /// ended without it, and no other member is here: it goes to a member
     /// on another node (called with no broker lock held).
     fn reroute_shared(&self, message: &Arc<Message>, group: &str, filter: &str);
+    /// Resolves once every owner of these filters' shards acknowledged this
+    /// node's routes for them as they stand now (filters without
+    /// `$share/group/`, already told through `subscribed`), or once the
+    /// fleet's timeout passed. `None`: nothing to wait for.
+    fn routes_settled(&self, filters: &[&str]) -> Option<BoxFuture<'static, ()>>;
 }
 
 /// A boxed future, for the fleet's asynchronous calls.

@@ -900,6 +900,29 @@ impl Broker {
         reasons
     }
 
+    /// What a SUBACK for `filters` (as subscribed, `$share/…` included)
+    /// with `reasons` waits for: the fleet's acknowledgement of the granted
+    /// ones' routes, so a publish anywhere right after the SUBACK reaches
+    /// them. `None` on a single node or when nothing is pending.
+    pub fn routes_settled<'a>(
+        &self,
+        filters: impl IntoIterator<Item = &'a str>,
+        reasons: &[u8],
+    ) -> Option<BoxFuture<'static, ()>> {
+        let fleet = self.fleet.get()?;
+        let granted: Vec<&str> = filters
+            .into_iter()
+            .zip(reasons)
+            .filter(|(_, reason)| **reason < 0x80)
+            .map(|(filter, _)| split_shared(filter).0)
+            .filter(|filter| !node_local(filter))
+            .collect();
+        if granted.is_empty() {
+            return None;
+        }
+        fleet.routes_settled(&granted)
+    }
+
     /// Removes subscriptions; per filter 0x00, 0x11 (no subscription
     /// existed) or 0x8F (over the topic limits, so it cannot exist).
     pub fn unsubscribe(&self, session: &Arc<Session>, filters: &[String]) -> Vec<u8> {

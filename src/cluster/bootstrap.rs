@@ -123,10 +123,12 @@ pub async fn start(settings: &ClusterSettings, cx: StartContext<'_>) -> Result<A
         peers_file,
         members: RwLock::new(std::collections::HashSet::new()),
         dead_timeout: Duration::from_secs(settings.dead_timeout_secs),
+        subscribe_ack_timeout: Duration::from_millis(settings.subscribe_ack_timeout_ms),
         remembered: Mutex::new(remembered),
         stats: ClusterStats::default(),
         replication: settings.replication,
         sessions,
+        faults: super::faults::Faults::from_env(),
         this: std::sync::OnceLock::new(),
     });
     let _ = cluster.this.set(Arc::downgrade(&cluster));

@@ -33,6 +33,10 @@ pub struct ClusterStats {
     pub local_refused: AtomicU64,
     /// Publishes routed from the per-topic memo, without the core.
     pub topic_route_hits: Counter,
+    /// SUBACKs that waited for the route owners' acknowledgements.
+    pub subscribe_waits: AtomicU64,
+    /// SUBACKs sent when the wait timed out (the routes are still retried).
+    pub subscribe_ack_timeouts: AtomicU64,
 }
 
 /// Adds `n` to a plain counter.
@@ -103,6 +107,48 @@ impl Cluster {
                 "counter",
                 "Route lookups no owner answered.",
                 c.lookups_failed,
+            ),
+            figure(
+                "kadmq_cluster_subscribe_waits_total",
+                "counter",
+                "SUBACKs that waited for every owner to acknowledge the new routes.",
+                get(&s.subscribe_waits),
+            ),
+            figure(
+                "kadmq_cluster_subscribe_ack_timeouts_total",
+                "counter",
+                "SUBACKs sent when that wait timed out (the routes keep being retried).",
+                get(&s.subscribe_ack_timeouts),
+            ),
+            figure(
+                "kadmq_cluster_route_unsettled_shards",
+                "gauge",
+                "Shards of this node's subscriptions with a change some owner has not acknowledged.",
+                st.node.unsettled_shards() as u64,
+            ),
+            figure(
+                "kadmq_cluster_assertions_retried_total",
+                "counter",
+                "Route assertions sent again because an owner had not acknowledged them in time.",
+                c.assertions_retried,
+            ),
+            figure(
+                "kadmq_cluster_assertion_gaps_total",
+                "counter",
+                "Route assertions that came after a missing one (a replacement was asked for).",
+                c.assertion_gaps,
+            ),
+            figure(
+                "kadmq_cluster_route_cache_repairs_total",
+                "counter",
+                "Cached shards dropped because a delta went missing or the owner's version differed.",
+                c.delta_gaps + c.watch_mismatches,
+            ),
+            figure(
+                "kadmq_cluster_fault_frames_dropped_total",
+                "counter",
+                "Route frames lost to a test fault hook (always 0 unless KADMQ_FAULTS=1 and a cut was asked for).",
+                get(&self.faults.dropped),
             ),
             figure(
                 "kadmq_cluster_owned_reads_total",

@@ -41,6 +41,7 @@
 //! | [`outbox`] | unacknowledged QoS 1/2 forwards |
 //! | [`dedupe`] | the receiver's in-order, once-only filter of QoS 1/2 forwards |
 //! | [`wire`] | the envelope between brokers |
+//! | [`faults`] | test-only fault hooks: route frames to chosen peers lost |
 //! | [`guard`] | peer input not applied (counted, logged once), frames of peers not yet members |
 //! | [`metrics`] | the glue's counters and the cluster's Prometheus figures |
 //! | [`status`] | `/api/v1/cluster`, `/api/v1/routes` |
@@ -64,6 +65,7 @@ mod bootstrap;
 pub mod counter;
 pub mod dedupe;
 pub mod directory;
+pub mod faults;
 pub mod guard;
 pub mod links;
 mod membership;
@@ -135,6 +137,8 @@ pub struct Cluster {
     /// Read per batch of frames, outside the state mutex.
     members: RwLock<HashSet<driver::PeerId>>,
     dead_timeout: Duration,
+    /// How long a SUBACK waits for the route owners ([`Cluster::routes_settled`]).
+    subscribe_ack_timeout: Duration,
     /// What the peers file holds (as written last, or read at start).
     remembered: Mutex<Vec<String>>,
     pub stats: ClusterStats,
@@ -142,6 +146,8 @@ pub struct Cluster {
     replication: usize,
     /// Sessions following their clients ([`sessions`]).
     sessions: sessions::Sessions,
+    /// Test-only fault hooks ([`faults`]).
+    pub faults: faults::Faults,
     /// This cluster, for the tasks it starts itself.
     this: std::sync::OnceLock<Weak<Cluster>>,
 }
@@ -167,7 +173,41 @@ impl Cluster {
         if !matches!(event, Event::Publish { .. } | Event::Forwarded { .. }) {
             self.generation.fetch_add(1, Ordering::AcqRel);
         }
-        st.node.handle(self.now(), event, actions)
+        let result = st.node.handle(self.now(), event, actions);
+        if !st.route_waiters.is_empty() {
+            let node = &st.node;
+            st.route_waiters.retain_mut(|waiter| {
+                waiter.tickets.retain(|t| !node.settled(t));
+                let done = waiter.tickets.is_empty() || waiter.tx.is_closed();
+                if done {
+                    if let Some(tx) = waiter.tx.take() {
+                        let _ = tx.send(());
+                    }
+                }
+                !done
+            });
+        }
+        result
+    }
+
+    /// Fault hook ([`faults`]): cut the route frames to and from the member
+    /// named `peer` (`delay: None`) or make the ones to it late, or heal
+    /// every fault (`peer: None`).
+    pub async fn fault(&self, peer: Option<&str>, delay: Option<Duration>) -> Result<(), String> {
+        if !self.faults.enabled() {
+            return Err("fault hooks are off (start the node with KADMQ_FAULTS=1)".into());
+        }
+        let Some(peer) = peer else {
+            self.faults.heal();
+            return Ok(());
+        };
+        let members = self.client.members().await.unwrap_or_default();
+        let member = members.iter().find(|m| m.name == peer).ok_or_else(|| format!("no member named {peer:?}"))?;
+        match delay {
+            None => self.faults.cut(node_id(&member.peer_id)),
+            Some(by) => self.faults.delay(node_id(&member.peer_id), by, self.links.sender(member.peer_id)),
+        }
+        Ok(())
     }
 
     /// Runs `f` on the core (read-only access for status and metrics).

@@ -16,7 +16,7 @@ use super::links::{self, Class};
 use super::memo::{recipients, TopicRoute};
 use super::metrics::bump;
 use super::outbox;
-use super::state::{Routing, State};
+use super::state::{RouteSettled, RouteWaiter, Routing, State};
 use super::wire;
 use super::Cluster;
 use crate::broker::message::FleetId;
@@ -24,7 +24,7 @@ use crate::broker::message::Message;
 use crate::broker::{BoxFuture, Broker, ClaimGuard, Fleet, Presence, PublishRoute};
 use crate::protocol::QoS;
 use crate::storage::Storage;
-use kadmq_dht::core::{Action, Event, ForwardRoute, NodeId, SharedPick};
+use kadmq_dht::core::{Action, Event, ForwardRoute, NodeId, RouteTicket, SharedPick};
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -40,6 +40,36 @@ impl Fleet for Cluster {
 
     fn message_id(&self) -> FleetId {
         (self.me.0, self.next_id.fetch_add(1, Ordering::Relaxed))
+    }
+
+    fn routes_settled(&self, filters: &[&str]) -> Option<BoxFuture<'static, ()>> {
+        if self.subscribe_ack_timeout.is_zero() {
+            return None;
+        }
+        let settled = {
+            let mut st = self.state.lock();
+            let mut tickets: Vec<RouteTicket> =
+                filters.iter().filter_map(|f| st.node.ticket(f)).filter(|t| !st.node.settled(t)).collect();
+            tickets.sort_unstable_by_key(|t| t.shard);
+            tickets.dedup_by_key(|t| t.shard);
+            if tickets.is_empty() {
+                return None;
+            }
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            st.route_waiters.push(RouteWaiter { tickets, tx: RouteSettled::new(tx) });
+            rx
+        };
+        bump(&self.stats.subscribe_waits, 1);
+        let timeout = self.subscribe_ack_timeout;
+        let cluster = self.this.get().cloned();
+        Some(Box::pin(async move {
+            if tokio::time::timeout(timeout, settled).await.is_err() {
+                // The routes keep being retried by the core; the SUBACK goes.
+                if let Some(cluster) = cluster.and_then(|c| c.upgrade()) {
+                    bump(&cluster.stats.subscribe_ack_timeouts, 1);
+                }
+            }
+        }))
     }
 
     fn reroute_shared(&self, message: &Arc<Message>, group: &str, filter: &str) {
@@ -284,7 +314,13 @@ impl Cluster {
         for action in actions {
             match action {
                 Action::Send { to, frame } => {
+                    if self.faults.cuts(to) {
+                        continue;
+                    }
                     let bytes = wire::encode_route(&frame);
+                    if self.faults.delays(to, &bytes) {
+                        continue;
+                    }
                     self.send_to(st, to, Class::Control, links::copy_of(&bytes));
                 }
                 Action::Forward { to, msg, mut route } => {

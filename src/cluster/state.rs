@@ -13,7 +13,7 @@ use super::guard;
 use super::node_id;
 use super::outbox::Outbox;
 use crate::broker::message::Message;
-use kadmq_dht::core::{ForwardRoute, Node, NodeId, SharedPick};
+use kadmq_dht::core::{ForwardRoute, Node, NodeId, RouteTicket, SharedPick};
 use kadmq_dht::driver::PeerId;
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
@@ -28,6 +28,30 @@ pub(super) struct Routing {
     pub persisted: bool,
     /// Routed again for these shared groups only (their picked node died).
     pub only: Option<Vec<SharedPick>>,
+}
+
+/// A SUBACK waiting until every owner acknowledged the routes it asks for.
+pub(super) struct RouteWaiter {
+    pub tickets: Vec<RouteTicket>,
+    pub tx: RouteSettled,
+}
+
+/// Tells a waiting SUBACK its routes are acknowledged.
+pub(super) struct RouteSettled(Option<tokio::sync::oneshot::Sender<()>>);
+
+impl RouteSettled {
+    pub fn new(tx: tokio::sync::oneshot::Sender<()>) -> RouteSettled {
+        RouteSettled(Some(tx))
+    }
+
+    pub fn take(&mut self) -> Option<tokio::sync::oneshot::Sender<()>> {
+        self.0.take()
+    }
+
+    /// The SUBACK stopped waiting (its timeout passed, the client left).
+    pub fn is_closed(&self) -> bool {
+        self.0.as_ref().is_none_or(|tx| tx.is_closed())
+    }
 }
 
 /// A publish in a publisher's queue (`State::held`): the one parked in the
@@ -66,6 +90,8 @@ pub(super) struct State {
     /// Dead peers whose address maps are pruned, and since when they are
     /// dead: their identity goes after [`IDENTITY_KEPT`] dead timeouts.
     pub gone: HashMap<NodeId, Instant>,
+    /// SUBACKs waiting for their routes' acknowledgements.
+    pub route_waiters: Vec<RouteWaiter>,
 }
 
 /// Dead peers' identities (incarnation, inbound numbering) are kept this
@@ -95,6 +121,7 @@ impl State {
             dead: HashMap::new(),
             refused: HashMap::new(),
             gone: HashMap::new(),
+            route_waiters: Vec::new(),
         }
     }
 

@@ -12,4 +12,5 @@ mod outbox;
 mod peers;
 mod rejoin;
 mod retained;
+mod routes;
 mod sessions;

@@ -1,5 +1,6 @@
-//! One HTTP GET on 127.0.0.1 (the nodes' metrics and JSON API), blocking,
-//! and the same for a task. Nothing more of HTTP: no keep-alive, no TLS.
+//! One HTTP GET (or an empty POST) on 127.0.0.1 (the nodes' metrics, JSON
+//! API and fault hooks), blocking, and the GET for a task. Nothing more of
+//! HTTP: no keep-alive, no TLS.
 
 use std::io::{Read, Write};
 use std::time::Duration;
@@ -11,10 +12,19 @@ pub const PATIENCE: Duration = Duration::from_secs(30);
 /// GET `path` from 127.0.0.1:`port` as HTTP/1.0, so the server closes after
 /// its answer and the body is everything after the head: (status, body).
 pub fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
+    request(port, "GET", path)
+}
+
+/// An empty POST to `path`, like [`http_get`].
+pub fn http_post(port: u16, path: &str) -> std::io::Result<(u16, String)> {
+    request(port, "POST", path)
+}
+
+fn request(port: u16, method: &str, path: &str) -> std::io::Result<(u16, String)> {
     let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
     stream.set_read_timeout(Some(PATIENCE))?;
     stream.set_write_timeout(Some(PATIENCE))?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
+    write!(stream, "{method} {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n\r\n")?;
     let mut response = String::new();
     stream.read_to_string(&mut response)?;
     let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));

@@ -12,7 +12,7 @@
 //! each sent only to a process the lab started, by its pid. No test cuts
 //! links between nodes, so there is no partition helper.
 
-use super::http::http_get;
+use super::http::{http_get, http_post};
 use super::ports::free_port;
 use super::process::{kadmq, Process};
 use super::wait::wait_until;
@@ -188,6 +188,8 @@ impl Node {
             .arg("--data-dir")
             .arg(&self.data_dir)
             .args(&self.extra)
+            // Fault hooks on (they act only when a test asks).
+            .env("KADMQ_FAULTS", "1")
             .stdout(Stdio::null())
             .stderr(log);
         if let Some(bootstrap) = &self.bootstrap {
@@ -249,6 +251,24 @@ impl Node {
     /// GET `path` on the node's HTTP endpoint, once: (status, body).
     pub fn get(&self, path: &str) -> (u16, String) {
         http_get(self.http_port, path).unwrap_or_else(|err| panic!("GET {path} on {}: {err}", self.name))
+    }
+
+    /// Fault hook: loses the route frames between this node and `peer`
+    /// (`Some`), or heals every cut (`None`).
+    pub fn cut(&self, peer: Option<&str>) {
+        let path = match peer {
+            Some(peer) => format!("/api/v1/faults?cut={peer}"),
+            None => "/api/v1/faults?heal".to_string(),
+        };
+        let (status, body) = http_post(self.http_port, &path).unwrap_or_else(|e| panic!("POST {path}: {e}"));
+        assert_eq!(status, 204, "POST {path} on {}: {body}", self.name);
+    }
+
+    /// Fault hook: the route frames this node sends `peer` leave `ms` late.
+    pub fn delay(&self, peer: &str, ms: u64) {
+        let path = format!("/api/v1/faults?delay={peer}&ms={ms}");
+        let (status, body) = http_post(self.http_port, &path).unwrap_or_else(|e| panic!("POST {path}: {e}"));
+        assert_eq!(status, 204, "POST {path} on {}: {body}", self.name);
     }
 
     /// GET `path` as JSON, status 200. Up to three tries: a starved node
