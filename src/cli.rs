@@ -175,6 +175,9 @@ pub struct StartArgs {
     /// Milliseconds a SUBACK waits for the route owners' acknowledgements (0 = no wait) [toml: cluster.subscribe_ack_timeout_ms]
     #[arg(long, env = "KADMQ_SUBSCRIBE_ACK_TIMEOUT_MS", value_name = "MS")]
     pub subscribe_ack_timeout_ms: Option<u64>,
+    /// Seconds a cleared retained message's tombstone is kept (longer than a node may be away) [toml: cluster.retained_tombstone_secs]
+    #[arg(long, env = "KADMQ_RETAINED_TOMBSTONE_SECS", value_name = "SECS")]
+    pub retained_tombstone_secs: Option<u64>,
 }
 
 impl StartArgs {
@@ -236,6 +239,7 @@ impl StartArgs {
         set(&mut c.dead_timeout_secs, &self.dead_timeout);
         set(&mut c.send_buffer_mib, &self.cluster_send_buffer);
         set(&mut c.subscribe_ack_timeout_ms, &self.subscribe_ack_timeout_ms);
+        set(&mut c.retained_tombstone_secs, &self.retained_tombstone_secs);
         config.validate()?;
         Ok(config)
     }

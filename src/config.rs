@@ -117,6 +117,9 @@ pub struct ClusterSettings {
     /// acknowledge the new routes (0 = do not wait). Past it the SUBACK
     /// goes out and the routes keep being retried.
     pub subscribe_ack_timeout_ms: u64,
+    /// How long a cleared retained message's tombstone is kept, so that a
+    /// node away for less cannot bring the old value back.
+    pub retained_tombstone_secs: u64,
 }
 
 impl ClusterSettings {
@@ -137,6 +140,7 @@ impl Default for ClusterSettings {
             dead_timeout_secs: 8,
             send_buffer_mib: 256,
             subscribe_ack_timeout_ms: 2_000,
+            retained_tombstone_secs: 7 * 24 * 3600,
         }
     }
 }

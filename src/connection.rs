@@ -197,10 +197,12 @@ struct Connection<S> {
     /// Set while the next packet is a PUBLISH over the allowance: nothing
     /// is read or handled until then, so TCP slows the client down.
     throttled_until: Option<Instant>,
-    /// A SUBACK waiting for the fleet to acknowledge its routes
-    /// ([`Broker::routes_settled`]): nothing more is read or handled until
-    /// it is sent, so a publish after the SUBACK finds the routes.
-    awaiting_routes: Option<(SubAck, BoxFuture<'static, ()>)>,
+    /// An acknowledgement waiting for the fleet: a SUBACK for its routes
+    /// ([`Broker::routes_settled`]), a PUBACK or PUBREC of a retained
+    /// message for its owners ([`Broker::publish_kept`]). Nothing more is
+    /// read or handled until it is sent, so what the client does after the
+    /// acknowledgement sees the fleet updated.
+    awaiting: Option<(Packet, BoxFuture<'static, ()>)>,
     /// PUBACKs in the write buffer (MQTT 5 only; 3.1.1 has no Receive
     /// Maximum): their PUBLISHes are still in flight from the client's side.
     unwritten_pubacks: usize,
@@ -316,7 +318,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             publishes: Vec::new(),
             publish_rate,
             throttled_until: None,
-            awaiting_routes: None,
+            awaiting: None,
             unwritten_pubacks: 0,
         };
         if connection.broker.fleet().is_some() {
@@ -354,7 +356,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 break Close::Transport;
             }
             let throttled = self.throttled_until;
-            let awaiting = self.awaiting_routes.is_some();
+            let awaiting = self.awaiting.is_some();
             tokio::select! {
                 biased;
                 read = self.client.stream.read_buf(&mut self.client.rbuf), if throttled.is_none() && !awaiting => {
@@ -374,10 +376,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                     let reason = reason.unwrap_or(DisconnectReason::SessionTakenOver);
                     break Close::Error(reason, "closed by the broker");
                 }
-                _ = routes_settled(&mut self.awaiting_routes), if awaiting => {
-                    let (suback, _) = self.awaiting_routes.take().expect("awaiting");
-                    self.needs_flush = true;
-                    self.send(Packet::SubAck(suback));
+                _ = fleet_settled(&mut self.awaiting), if awaiting => {
+                    let (ack, _) = self.awaiting.take().expect("awaiting");
+                    self.send_ack(ack);
                     // The client did send; only we held back from reading it.
                     last_seen = Instant::now();
                     if let Err(close) = self.handle_input() {
@@ -415,7 +416,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     /// a PUBLISH over the client's allowance (then `throttled_until` is set).
     fn handle_input(&mut self) -> Result<(), Close> {
         loop {
-            if self.awaiting_routes.is_some() {
+            if self.awaiting.is_some() {
                 return Ok(());
             }
             const PUBLISH: u8 = 3;
@@ -581,19 +582,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             origin: Some(self.session.client_id.clone()),
             fleet_id: None,
         };
-        let matched = self.broker.publish(message);
+        let (matched, kept) = self.broker.publish_kept(message);
         // MQTT 5: 0x10 tells the publisher nobody was subscribed.
         let reason = if matched == 0 && self.version == Version::V5 { 0x10 } else { 0 };
         match publish.qos {
             QoS::AtMostOnce => {}
-            QoS::AtLeastOnce => {
-                self.needs_flush = true;
-                self.send_puback(PubAck::with_reason(packet_id, reason));
-            }
-            QoS::ExactlyOnce => {
-                self.needs_flush = true;
-                self.send(Packet::PubRec(PubAck::with_reason(packet_id, reason)));
-            }
+            QoS::AtLeastOnce => self.acknowledge(Packet::PubAck(PubAck::with_reason(packet_id, reason)), kept),
+            QoS::ExactlyOnce => self.acknowledge(Packet::PubRec(PubAck::with_reason(packet_id, reason)), kept),
         }
         Ok(())
     }
@@ -614,13 +609,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         let reasons = self.broker.subscribe(&self.session, requests);
         let settled = self.broker.routes_settled(filters.iter().map(String::as_str), &reasons);
         let suback = SubAck { packet_id: subscribe.packet_id, reasons, properties: ReasonProperties::default() };
-        match settled {
-            Some(wait) => self.awaiting_routes = Some((suback, wait)),
-            None => {
-                self.needs_flush = true;
-                self.send(Packet::SubAck(suback));
-            }
-        }
+        self.acknowledge(Packet::SubAck(suback), settled);
         Ok(())
     }
 
@@ -697,6 +686,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
 
     /// A PUBACK for a client's QoS 1 PUBLISH, which stays in flight (for
     /// Receive Maximum) until the PUBACK is written.
+    /// Sends `ack` now, or once `wait` resolves (input waits meanwhile).
+    fn acknowledge(&mut self, ack: Packet, wait: Option<BoxFuture<'static, ()>>) {
+        match wait {
+            Some(wait) => self.awaiting = Some((ack, wait)),
+            None => self.send_ack(ack),
+        }
+    }
+
+    fn send_ack(&mut self, ack: Packet) {
+        self.needs_flush = true;
+        match ack {
+            Packet::PubAck(ack) => self.send_puback(ack),
+            ack => self.send(ack),
+        }
+    }
+
     fn send_puback(&mut self, ack: PubAck) {
         if self.version == Version::V5 {
             self.unwritten_pubacks += 1;
@@ -800,9 +805,9 @@ fn strip_problem_information(packet: &mut Packet) {
     }
 }
 
-/// Waits for a SUBACK's routes (pending forever when none waits; the
-/// caller polls it only while one does).
-async fn routes_settled(awaiting: &mut Option<(SubAck, BoxFuture<'static, ()>)>) {
+/// Waits for what an acknowledgement waits for (pending forever when none
+/// waits; the caller polls it only while one does).
+async fn fleet_settled(awaiting: &mut Option<(Packet, BoxFuture<'static, ()>)>) {
     match awaiting {
         Some((_, wait)) => wait.as_mut().await,
         None => std::future::pending().await,

@@ -18,8 +18,10 @@ fn reencode(wire: &Wire) -> Bytes {
             Bytes::from(out)
         }
         Wire::Ack { epoch, upto } => wire::encode_ack(*epoch, *upto),
-        Wire::Retain(messages) => wire::encode_retain(&messages.iter().collect::<Vec<_>>()),
+        Wire::Retained(frame) => wire::encode_retained(frame),
         Wire::Rejoined => wire::encode_rejoined(),
+        Wire::Session(frame) => wire::encode_session(frame),
+        Wire::SentOn { dead, messages } => wire::encode_sent_on(*dead, &messages.iter().collect::<Vec<_>>()),
     }
 }
 

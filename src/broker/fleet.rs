@@ -9,6 +9,7 @@
 //! call.
 
 use super::message::{FleetId, Message};
+use super::session::{Session, Subscription};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -28,8 +29,15 @@ pub trait Fleet: Send + Sync {
     /// persisted outbox until their destinations acknowledge them).
     fn publish(&self, message: &Arc<Message>) -> PublishRoute;
     /// A local publish set (or, with an empty payload, cleared) a retained
-    /// message: the other nodes keep a copy, so their new subscribers get it.
-    fn retained(&self, message: &Message);
+    /// message: the fleet keeps it (at the topic's owners), the broker not.
+    /// The future resolves once the owners have it (or the fleet's timeout
+    /// passed): a client's PUBACK waits for it.
+    fn retained(&self, message: &Message) -> Option<BoxFuture<'static, ()>>;
+    /// Gathers the fleet's retained messages matching `filter` (not
+    /// `$share/…`), once each, and queues them for `session`'s new
+    /// `subscription` (through [`super::Broker::queue_retained`]) when they
+    /// come.
+    fn send_retained(&self, session: &Arc<Session>, filter: &str, subscription: &Subscription);
     /// A client `client_id` is connecting here: makes this node its
     /// session's home in the fleet's directory, and brings the session here
     /// from the node that holds it (through [`super::Broker::prepare_arrival`]

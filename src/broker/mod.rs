@@ -591,13 +591,26 @@ impl Broker {
     /// it); returns the number of deliveries queued, or 1 when a fleet
     /// cannot tell yet. Retained messages are stored or cleared first.
     pub fn publish(&self, message: Message) -> usize {
+        self.publish_kept(message).0
+    }
+
+    /// [`Broker::publish`], and what a client's acknowledgement of a
+    /// retained message waits for: the fleet's owners keeping it.
+    pub fn publish_kept(&self, message: Message) -> (usize, Option<BoxFuture<'static, ()>>) {
         let fleet = self.fleet.get().filter(|_| !node_local(&message.topic));
+        let mut kept = None;
         if message.retain {
-            self.retain(&message);
-            if let Some(fleet) = fleet {
-                fleet.retained(&message);
+            match fleet {
+                // The fleet keeps it, at the topic's owners.
+                Some(fleet) => kept = fleet.retained(&message),
+                None => self.retain(&message),
             }
         }
+        (self.route(message), kept)
+    }
+
+    fn route(&self, message: Message) -> usize {
+        let fleet = self.fleet.get().filter(|_| !node_local(&message.topic));
         let Some(fleet) = fleet else { return self.deliver(Arc::new(message), &Recipients::All) };
         let mut message = message;
         if message.qos != QoS::AtMostOnce && message.fleet_id.is_none() {
@@ -782,17 +795,31 @@ impl Broker {
         members.swap_remove(online)
     }
 
-    /// Keeps a retained message (or clears one, empty payload) set on
-    /// another node of the fleet; nothing is delivered.
-    pub fn retain_from_fleet(&self, message: &Message) {
-        if !message.is_expired(self.now_ms()) {
-            self.retain(message);
+    /// Hands the retained messages this broker kept that the fleet keeps
+    /// from now on (all but node-local ones) to the caller, and forgets
+    /// them here (memory and storage): a node that joins a fleet.
+    pub fn take_fleet_retained(&self) -> Vec<Message> {
+        let mut tree = self.retained.write();
+        let mut taken = Vec::new();
+        for message in tree.matching("#").into_iter().chain(tree.matching("+/#")) {
+            if node_local(&message.topic) || taken.iter().any(|m: &Message| m.topic == message.topic) {
+                continue;
+            }
+            taken.push((*message).clone());
         }
-    }
-
-    /// Every retained message held (not `$` topics), for a joining node.
-    pub fn retained_messages(&self) -> Vec<Arc<Message>> {
-        self.retained.read().matching("#")
+        let dollar = self.storage.retained().unwrap_or_default();
+        for message in dollar.into_iter().filter(|m| !node_local(&m.topic)) {
+            if !taken.iter().any(|m| m.topic == message.topic) {
+                taken.push(message);
+            }
+        }
+        for message in &taken {
+            tree.remove(&message.topic);
+            if let Err(err) = self.storage.remove_retained(&message.topic) {
+                tracing::error!(cause = %err, "could not move a retained message to the fleet");
+            }
+        }
+        taken
     }
 
     /// Clears a retained message found expired, in memory and in storage.
@@ -875,12 +902,29 @@ impl Broker {
             session.save(&st, &self.storage);
         }
         self.tell_fleet();
-        let now = self.now_ms();
         for (filter, subscription) in retained_for {
-            let messages = self.retained.read().matching(&filter);
+            match self.fleet.get().filter(|_| !node_local(&filter)) {
+                // The fleet gathers them from the owners and queues them
+                // through `queue_retained` when they come.
+                Some(fleet) => fleet.send_retained(session, &filter, &subscription),
+                None => {
+                    let messages = self.retained.read().matching(&filter);
+                    self.queue_retained(session, &subscription, messages);
+                }
+            }
+        }
+        reasons
+    }
+
+    /// Queues retained `messages` for a new subscription of `session`.
+    pub fn queue_retained(&self, session: &Arc<Session>, subscription: &Subscription, messages: Vec<Arc<Message>>) {
+        let now = self.now_ms();
+        {
             for message in messages {
                 if message.is_expired(now) {
-                    self.forget_expired_retained(&message.topic, now);
+                    if self.fleet.get().is_none() || node_local(&message.topic) {
+                        self.forget_expired_retained(&message.topic, now);
+                    }
                     continue;
                 }
                 let delivery = Delivery {
@@ -897,7 +941,6 @@ impl Broker {
                 }
             }
         }
-        reasons
     }
 
     /// What a SUBACK for `filters` (as subscribed, `$share/…` included)

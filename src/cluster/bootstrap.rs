@@ -106,6 +106,7 @@ pub async fn start(settings: &ClusterSettings, cx: StartContext<'_>) -> Result<A
     }
 
     let (sessions, session_changes) = Sessions::new(Directory::load(storage));
+    let retained = super::retained::FleetRetainedStore::open(storage, settings.retained_tombstone_secs)?;
     let cluster = Arc::new(Cluster {
         state: Mutex::new(State::new(node, peer_id, outbox, replay)),
         max_topic_levels: core_config.max_topic_levels,
@@ -128,6 +129,7 @@ pub async fn start(settings: &ClusterSettings, cx: StartContext<'_>) -> Result<A
         stats: ClusterStats::default(),
         replication: settings.replication,
         sessions,
+        retained,
         faults: super::faults::Faults::from_env(),
         this: std::sync::OnceLock::new(),
     });
@@ -144,6 +146,13 @@ pub async fn start(settings: &ClusterSettings, cx: StartContext<'_>) -> Result<A
     cx.tasks.spawn(cluster.clone().run(events, delivery));
     cx.tasks.spawn(cluster.clone().deliver_stage(delivered));
     cx.tasks.spawn(cluster.clone().directory_task(session_changes));
+    // Retained messages kept before this node was in a fleet join the
+    // fleet's (at version 0: any write made in the fleet is newer).
+    let local = cx.broker.take_fleet_retained();
+    if !local.is_empty() {
+        tracing::info!(messages = local.len(), "retained messages of this node handed to the fleet's store");
+        cluster.adopt_local_retained(storage, local);
+    }
     cx.broker.attach_fleet(cluster.clone());
     for addr in client.listen_addrs().await? {
         tracing::info!(%addr, node = %cluster.name, "cluster listener ready");

@@ -16,16 +16,14 @@ use super::state::State;
 use super::wire;
 use super::Cluster;
 use crate::broker::message::Message;
-use crate::broker::Broker;
 use crate::storage::Storage;
 use kadmq_dht::core::{Event, ForwardRoute, NodeId};
 use kadmq_dht::driver::{self, PeerId};
 use std::sync::Arc;
 use std::time::Instant;
 
-/// Retained messages (or messages sent on for a dead node) per frame when a member that came up
-/// gets all of them.
-const RETAIN_CHUNK: usize = 256;
+/// Messages sent on for a dead node per frame.
+const SENT_ON_CHUNK: usize = 256;
 /// Ticks a member we took for dead is told to assert its routes again: the
 /// notice is a frame, and frames right after a link comes back can be lost.
 const REJOIN_NOTICES: u8 = 3;
@@ -48,7 +46,7 @@ impl Cluster {
         }
     }
 
-    pub(super) fn member_up(&self, batch: &mut Batch<'_>, broker: &Broker, member: driver::Member) {
+    pub(super) fn member_up(&self, batch: &mut Batch<'_>, member: driver::Member) {
         let storage = batch.storage;
         let (st, received) = batch.parts();
         st.dead.remove(&member.peer_id);
@@ -72,9 +70,6 @@ impl Cluster {
                 self.send_to(st, id, Class::Control, links::copy_of(&notice));
                 st.rejoin_notices.insert(id, REJOIN_NOTICES);
             }
-            // A member we did not route to may have missed retained
-            // messages set meanwhile: it gets ours.
-            self.send_retained(st, broker, id);
         }
         // Its frames that came before its record, in order.
         let held = st.strangers.take(&member.peer_id);
@@ -130,8 +125,8 @@ impl Cluster {
             "messages held for a dead node sent on to whoever adopts its sessions"
         );
         let others: Vec<NodeId> = st.live.iter().copied().filter(|n| *n != self.me).collect();
-        // Frames of at most RETAIN_CHUNK messages and PART_BYTES bytes.
-        for chunk in for_sessions.chunks(RETAIN_CHUNK) {
+        // Frames of at most SENT_ON_CHUNK messages and PART_BYTES bytes.
+        for chunk in for_sessions.chunks(SENT_ON_CHUNK) {
             for part in in_parts(chunk.to_vec(), |m| &**m) {
                 let refs: Vec<&Message> = part.iter().map(|m| &**m).collect();
                 let frame = wire::encode_sent_on(dead.0, &refs);
@@ -153,17 +148,10 @@ impl Cluster {
             self.sessions.membership_changed();
         }
         let mut actions = Vec::new();
-        let _ = self.core_event(st, Event::Membership(next), &mut actions);
+        let _ = self.core_event(st, Event::Membership(next.clone()), &mut actions);
         self.execute(st, storage, actions, None, local);
-    }
-
-    /// Sends every retained message this node holds to `to`.
-    fn send_retained(&self, st: &State, broker: &Broker, to: NodeId) {
-        for chunk in broker.retained_messages().chunks(RETAIN_CHUNK) {
-            let refs: Vec<&Message> = chunk.iter().map(|m| &**m).collect();
-            let frame = wire::encode_retain(&refs);
-            self.send_to(st, to, Class::Control, links::copy_of(&frame));
-        }
+        let now_ms = self.broker.upgrade().map_or(0, |b| b.now_ms());
+        self.retained_membership_changed(st, &current, &next, now_ms);
     }
 
     /// Once a tick: the rejoin notices still due, frames of peers whose

@@ -52,6 +52,7 @@ impl Cluster {
         let s = &self.stats;
         let get = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
         let refused = self.links.refusals();
+        let retained = self.retained.figures();
         let figure = Figure::new;
         let mut figures = vec![
             figure(
@@ -143,6 +144,54 @@ impl Cluster {
                 "counter",
                 "Cached shards dropped because a delta went missing or the owner's version differed.",
                 c.delta_gaps + c.watch_mismatches,
+            ),
+            figure(
+                "kadmq_cluster_retained_messages",
+                "gauge",
+                "Retained messages this node keeps as an owner of their shards.",
+                retained.0,
+            ),
+            figure(
+                "kadmq_cluster_retained_tombstones",
+                "gauge",
+                "Cleared retained topics remembered (so a returning node cannot bring them back).",
+                retained.1,
+            ),
+            figure(
+                "kadmq_cluster_retained_bytes",
+                "gauge",
+                "Payload and topic bytes of the retained messages this node keeps.",
+                retained.2,
+            ),
+            figure(
+                "kadmq_cluster_retained_queries_total",
+                "counter",
+                "Retained lookups of new subscriptions (one per filter).",
+                get(&self.retained.stats.queries),
+            ),
+            figure(
+                "kadmq_cluster_retained_partial_total",
+                "counter",
+                "Retained lookups some asked node did not answer in full by the deadline.",
+                get(&self.retained.stats.partial),
+            ),
+            figure(
+                "kadmq_cluster_retained_stale_total",
+                "counter",
+                "Retained items refused because a newer version was held.",
+                get(&self.retained.stats.stale),
+            ),
+            figure(
+                "kadmq_cluster_retained_unacknowledged_total",
+                "counter",
+                "Retained writes whose owners did not all confirm in time (the PUBACK went anyway).",
+                get(&self.retained.stats.unacknowledged),
+            ),
+            figure(
+                "kadmq_cluster_retained_handed_over_total",
+                "counter",
+                "Retained items sent to nodes that became owners of their shards.",
+                get(&self.retained.stats.handed_over),
             ),
             figure(
                 "kadmq_cluster_fault_frames_dropped_total",

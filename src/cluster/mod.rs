@@ -11,10 +11,9 @@
 //! Sessions follow their clients: a directory sharded like the routes
 //! says which node holds each session, a CONNECT anywhere takes it there,
 //! a dead node's sessions are adopted and its clients' wills published
-//! ([`sessions`], [`directory`]). Retained messages are copied to every
-//! node (each change is sent to the live members, and a member that comes
-//! up gets every retained message of each node); the route table is what
-//! is sharded.
+//! ([`sessions`], [`directory`]). Retained messages live with their
+//! topic's shard owners, versioned, and a subscribe gathers them
+//! ([`retained`]).
 //!
 //! Boundary: the broker knows this module only as a
 //! [`Fleet`](crate::broker::Fleet) (`publish.rs`): a publish comes in and a
@@ -34,6 +33,7 @@
 //! | `receive.rs` | the receive path: driver frames, decoded and applied; the delivery stage |
 //! | `membership.rs` | members up, dead and refused; rejoin notices; retained sync to a member that came up; what was held for a dead member sent on; pruning the dead |
 //! | [`sessions`] | sessions following their clients: claims, hand-overs, copies to the standby, adoption of a dead node's sessions and wills, leaving |
+//! | [`retained`] | retained messages at their shards' owners: versions, tombstones, scatter-gather, hand-overs |
 //! | [`directory`] | the session directory records this node keeps as an owner, and the standby's copies |
 //! | `task.rs` | the cluster task: driver events, the core's timer, the 1 s tick |
 //! | `state.rs` | what the state mutex guards |
@@ -74,6 +74,7 @@ pub mod metrics;
 pub mod outbox;
 mod publish;
 mod receive;
+pub mod retained;
 pub mod sessions;
 mod state;
 pub mod status;
@@ -105,6 +106,8 @@ pub enum ClusterError {
     Multiaddr { addr: String, cause: String },
     #[error("cluster: no cluster key file configured (create one with `kadmq keygen`)")]
     NoKey,
+    #[error("cluster: {0}")]
+    Storage(#[from] crate::storage::StorageError),
 }
 
 /// This node's part of the fleet. Create with [`start`].
@@ -146,6 +149,8 @@ pub struct Cluster {
     replication: usize,
     /// Sessions following their clients ([`sessions`]).
     sessions: sessions::Sessions,
+    /// The fleet's retained messages this node keeps ([`retained`]).
+    retained: retained::FleetRetainedStore,
     /// Test-only fault hooks ([`faults`]).
     pub faults: faults::Faults,
     /// This cluster, for the tasks it starts itself.

@@ -21,6 +21,7 @@ use super::wire;
 use super::Cluster;
 use crate::broker::message::FleetId;
 use crate::broker::message::Message;
+use crate::broker::session::{Session, Subscription};
 use crate::broker::{BoxFuture, Broker, ClaimGuard, Fleet, Presence, PublishRoute};
 use crate::protocol::QoS;
 use crate::storage::Storage;
@@ -91,12 +92,19 @@ impl Fleet for Cluster {
         self.handle_local(Event::Unsubscribe { filter, group });
     }
 
-    fn retained(&self, message: &Message) {
-        let bytes = wire::encode_retain(&[message]);
-        let st = self.state.lock();
-        for node in st.live.iter().filter(|n| **n != self.me) {
-            self.send_to(&st, *node, Class::Control, links::copy_of(&bytes));
-        }
+    fn retained(&self, message: &Message) -> Option<BoxFuture<'static, ()>> {
+        let broker = self.broker.upgrade()?;
+        self.set_retained(&broker.storage, message, broker.now_ms(), self.subscribe_ack_timeout)
+    }
+
+    fn send_retained(&self, session: &Arc<Session>, filter: &str, subscription: &Subscription) {
+        let Some(cluster) = self.this.get().and_then(|c| c.upgrade()) else { return };
+        let Some(broker) = self.broker.upgrade() else { return };
+        let (session, filter, subscription) = (session.clone(), filter.to_string(), subscription.clone());
+        self.spawn(async move {
+            let messages = cluster.clone().gather_retained(filter, broker.now_ms()).await;
+            broker.queue_retained(&session, &subscription, messages);
+        });
     }
 
     fn publish(&self, message: &Arc<Message>) -> PublishRoute {

@@ -81,7 +81,7 @@ impl Cluster {
                     }
                 }
                 driver::Event::MemberRefused { peer, reason } => self.member_refused(&mut batch, peer, &reason),
-                driver::Event::MemberUp(member) => self.member_up(&mut batch, &broker, member),
+                driver::Event::MemberUp(member) => self.member_up(&mut batch, member),
                 driver::Event::MemberSuspect(peer) => tracing::info!(%peer, "member suspect"),
                 driver::Event::MemberDead(peer) => self.member_dead(&mut batch, peer),
             }
@@ -221,13 +221,7 @@ impl Cluster {
                     self.on_session_frame(st, &broker, sender, *frame);
                 }
             }
-            Wire::Retain(messages) => {
-                if let Some(broker) = self.broker.upgrade() {
-                    for message in &messages {
-                        broker.retain_from_fleet(message);
-                    }
-                }
-            }
+            Wire::Retained(frame) => self.on_retain_frame(st, storage, sender, *frame),
         }
     }
 }

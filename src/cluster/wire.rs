@@ -2,7 +2,7 @@
 //!
 //! Job: one envelope around the traffic between nodes (the routing core's
 //! route frames, forwarded messages, acknowledgements of QoS 1/2 forwards,
-//! and retained messages), with a version byte so a fleet can be upgraded node by
+//! retained messages for their owners, sessions), with a version byte so a fleet can be upgraded node by
 //! node. Boundary: pure encoding, no state.
 //!
 //! Layout: byte 0 is [`VERSION`], byte 1 the kind; a route frame follows as
@@ -12,6 +12,7 @@
 //! and its payload is read without a copy), the others are rmp-serde.
 
 use super::outbox::Sequence;
+use super::retained::RetainFrame;
 use super::sessions::{Part, SessionFrame, Update};
 use crate::broker::message::Message;
 use crate::protocol::QoS;
@@ -21,12 +22,12 @@ use kadmq_dht::core::{self, ForwardRoute, SharedPick};
 use kadmq_dht::topic;
 use std::sync::Arc;
 
-pub const VERSION: u8 = 3;
+pub const VERSION: u8 = 4;
 
 const ROUTE: u8 = 1;
 const FORWARD: u8 = 2;
 const ACK: u8 = 3;
-const RETAIN: u8 = 4;
+const RETAINED: u8 = 4;
 const REJOINED: u8 = 5;
 const BATCH: u8 = 6;
 const SESSION: u8 = 7;
@@ -54,8 +55,8 @@ pub enum Wire {
         epoch: u64,
         upto: u64,
     },
-    /// Retained messages set (or cleared: empty payload) on the sender.
-    Retain(Vec<Message>),
+    /// Retained messages for (or from) their shards' owners (`super::retained`).
+    Retained(Box<RetainFrame>),
     /// The sender had taken the receiver for dead and sees it again: the
     /// receiver's routes must be asserted to it afresh.
     Rejoined,
@@ -110,9 +111,12 @@ impl WireError {
 /// lower: a broker allows properties up to its `max_packet_size`, and what
 /// a node accepts from its clients its peers must take from it.
 pub const MAX_PROPERTIES: usize = kadmq_dht::driver::frames::MAX_FRAME;
-/// Most retained messages (or messages sent on) one frame may carry (a node sends
-/// them in chunks of 256).
-pub const MAX_RETAIN_MESSAGES: usize = 4096;
+/// Most messages sent on one frame may carry (a node sends them in chunks
+/// of 256).
+pub const MAX_SENT_ON_MESSAGES: usize = 4096;
+/// Most retained items one frame may carry (a node sends at most this many
+/// and at most 1 MiB of them).
+pub const MAX_RETAINED_ITEMS: usize = 4096;
 
 /// A topic a message may be published to, within the node's level limit.
 fn check_topic(topic: &str, max_levels: usize) -> Result<(), WireError> {
@@ -333,8 +337,8 @@ pub fn encode_ack(epoch: u64, upto: u64) -> Bytes {
     with_header(ACK, &rmp_serde::to_vec(&(epoch, upto)).expect("numbers always encode"))
 }
 
-pub fn encode_retain(messages: &[&Message]) -> Bytes {
-    with_header(RETAIN, &rmp_serde::to_vec(messages).expect("in-memory messages always encode"))
+pub fn encode_retained(frame: &RetainFrame) -> Bytes {
+    with_header(RETAINED, &rmp_serde::to_vec(frame).expect("in-memory retained frames always encode"))
 }
 
 pub fn encode_session(frame: &SessionFrame) -> Bytes {
@@ -492,18 +496,29 @@ pub fn decode_within(frame: &Bytes, max_topic_levels: usize) -> Result<Wire, Wir
             let (epoch, upto) = rmp_serde::from_slice(body)?;
             Wire::Ack { epoch, upto }
         }
-        RETAIN => {
-            let messages: Vec<Message> = rmp_serde::from_slice(body)?;
-            if messages.len() > MAX_RETAIN_MESSAGES {
+        RETAINED => {
+            let frame: RetainFrame = rmp_serde::from_slice(body)?;
+            let items = frame.items();
+            if items.len() > MAX_RETAINED_ITEMS {
                 return Err(WireError::Invalid("retained messages (too many)"));
             }
-            messages.iter().try_for_each(|m| check_message(m, max_topic_levels))?;
-            Wire::Retain(messages)
+            for item in items {
+                check_topic(&item.topic, max_topic_levels)?;
+                if let Some(message) = &item.message {
+                    check_message(message, max_topic_levels)?;
+                }
+            }
+            if let RetainFrame::Query { filter, .. } = &frame {
+                if !topic::valid_topic_filter(filter) || topic::level_count(filter) > max_topic_levels {
+                    return Err(WireError::Invalid("retained query filter"));
+                }
+            }
+            Wire::Retained(Box::new(frame))
         }
         REJOINED => Wire::Rejoined,
         SENT_ON => {
             let (dead, messages): (u64, Vec<Message>) = rmp_serde::from_slice(body)?;
-            if messages.len() > MAX_RETAIN_MESSAGES {
+            if messages.len() > MAX_SENT_ON_MESSAGES {
                 return Err(WireError::Invalid("messages sent on (too many)"));
             }
             messages.iter().try_for_each(|m| check_message(m, max_topic_levels))?;

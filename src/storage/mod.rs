@@ -84,6 +84,27 @@ pub struct StoredDelivery {
     pub released: bool,
 }
 
+/// A retained message of the fleet as its shard's owners keep it: the
+/// newest version of the topic, set (`message`) or cleared (a tombstone,
+/// kept until `cleared_at_ms` plus the tombstone time so that a node that
+/// was away cannot bring the old value back).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FleetRetained {
+    pub topic: String,
+    /// Hybrid logical clock of the write (ms << 16 | counter) and the
+    /// node that made it: the newer (hlc, origin) wins.
+    pub hlc: u64,
+    pub origin: u64,
+    pub message: Option<Message>,
+    pub cleared_at_ms: u64,
+}
+
+impl FleetRetained {
+    pub fn version(&self) -> (u64, u64) {
+        (self.hlc, self.origin)
+    }
+}
+
 /// A write to a persistent session, as [`Storage::set_mirror`] sees it.
 #[derive(Debug, Clone)]
 pub enum Mirrored {
@@ -103,6 +124,7 @@ pub struct Storage {
     outbox: Tree,
     directory: Tree,
     replicas: Tree,
+    fleet_retained: Tree,
     /// Told of every write to a persistent session (the fleet copies them
     /// to the session's standby node); set once, by the cluster.
     mirror: std::sync::OnceLock<Box<dyn Fn(Mirrored) + Send + Sync>>,
@@ -137,6 +159,7 @@ impl Storage {
             outbox: engine.open_tree("outbox")?,
             directory: engine.open_tree("directory")?,
             replicas: engine.open_tree("replicas")?,
+            fleet_retained: engine.open_tree("fleet_retained")?,
             mirror: std::sync::OnceLock::new(),
             engine,
             dirty: AtomicBool::new(false),
@@ -165,6 +188,24 @@ impl Storage {
 
     pub fn retained(&self) -> Result<Vec<Message>> {
         self.scan(self.retained, "retained", b"").map(|rows| rows.into_iter().map(|(_, m)| m).collect())
+    }
+
+    // --- the fleet's retained messages, at their shards' owners -----------
+
+    pub fn put_fleet_retained(&self, item: &FleetRetained) -> Result<()> {
+        self.engine.insert(self.fleet_retained, item.topic.as_bytes(), &encode(item))?;
+        self.mark_dirty();
+        Ok(())
+    }
+
+    pub fn remove_fleet_retained(&self, topic: &str) -> Result<()> {
+        self.engine.remove(self.fleet_retained, topic.as_bytes())?;
+        self.mark_dirty();
+        Ok(())
+    }
+
+    pub fn fleet_retained(&self) -> Result<Vec<FleetRetained>> {
+        self.scan(self.fleet_retained, "fleet_retained", b"").map(|rows| rows.into_iter().map(|(_, r)| r).collect())
     }
 
     // --- sessions ----------------------------------------------------------

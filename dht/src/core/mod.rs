@@ -86,7 +86,7 @@ pub use frame::{
     FRAME_KINDS,
 };
 pub use id::NodeId;
-pub use node::{Action, CoreError, Counters, Event, Node, Rejected, RoutingConfig};
+pub use node::{Action, CoreError, Counters, Event, Node, Rejected, RouteTicket, RoutingConfig};
 pub use ownership::{
     Membership, MembershipDelta, Owners, Ownership, OwnershipConfig, Placement, RingOwnership, XorOwnership,
 };

@@ -449,7 +449,7 @@ impl Cluster {
         }
     }
 
-    fn spawn(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+    pub(super) fn spawn(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
         let mut tasks = self.sessions.tasks.lock();
         while tasks.try_join_next().is_some() {}
         tasks.spawn(task);

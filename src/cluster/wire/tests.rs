@@ -6,6 +6,10 @@ fn decode(bytes: &[u8]) -> Result<Wire, WireError> {
     super::decode(&Bytes::copy_from_slice(bytes))
 }
 
+fn retained_item(topic: &str, message: Option<Message>) -> crate::storage::FleetRetained {
+    crate::storage::FleetRetained { topic: topic.into(), hlc: 9 << 16, origin: 3, message, cleared_at_ms: 0 }
+}
+
 fn forward() -> Forward {
     Forward {
         id: 7,
@@ -47,7 +51,15 @@ fn forwards_and_acks_round_trip() {
     let wire = Wire::Forward(Box::new(f.clone()));
     assert_eq!(decode(&encode_forward(f.id, f.sequence, &f.message, &f.route)).unwrap(), wire);
     assert_eq!(decode(&encode_ack(2, u64::MAX)).unwrap(), Wire::Ack { epoch: 2, upto: u64::MAX });
-    assert_eq!(decode(&encode_retain(&[&f.message])).unwrap(), Wire::Retain(vec![f.message.clone()]));
+    let put =
+        RetainFrame::Put { items: vec![retained_item("a/b", Some(f.message.clone()))], relay: true, ack: Some(3) };
+    assert_eq!(decode(&encode_retained(&put)).unwrap(), Wire::Retained(Box::new(put)));
+    let stored = RetainFrame::Stored { req: 3 };
+    assert_eq!(decode(&encode_retained(&stored)).unwrap(), Wire::Retained(Box::new(stored)));
+    let query = RetainFrame::Query { req: 4, filter: "a/+".into() };
+    assert_eq!(decode(&encode_retained(&query)).unwrap(), Wire::Retained(Box::new(query)));
+    let answer = RetainFrame::Answer { req: 4, items: vec![retained_item("a/c", None)], last: true };
+    assert_eq!(decode(&encode_retained(&answer)).unwrap(), Wire::Retained(Box::new(answer)));
     assert_eq!(decode(&encode_rejoined()).unwrap(), Wire::Rejoined);
 }
 
@@ -161,12 +173,15 @@ fn shared_picks_origin_and_properties_are_checked() {
 
 #[test]
 fn retained_messages_are_checked_and_bounded() {
+    let put = |items| encode_retained(&RetainFrame::Put { items, relay: false, ack: None });
+    assert_eq!(invalid(decode(&put(vec![retained_item("a/#", None)]))), "topic");
     let mut m = forward().message;
     m.topic = "a/#".into();
-    assert_eq!(invalid(decode(&encode_retain(&[&m]))), "topic");
-    let good = forward().message;
-    let many: Vec<&Message> = std::iter::repeat_n(&good, MAX_RETAIN_MESSAGES + 1).collect();
-    assert_eq!(invalid(decode(&encode_retain(&many))), "retained messages (too many)");
+    assert_eq!(invalid(decode(&put(vec![retained_item("a/b", Some(m))]))), "topic", "the message is checked too");
+    let many = vec![retained_item("a/b", None); MAX_RETAINED_ITEMS + 1];
+    assert_eq!(invalid(decode(&put(many))), "retained messages (too many)");
+    let query = RetainFrame::Query { req: 1, filter: "a/#/b".into() };
+    assert_eq!(invalid(decode(&encode_retained(&query))), "retained query filter");
     assert_eq!(WireError::Invalid("topic").reason(), "invalid_topic");
     assert_eq!(WireError::Invalid("origin").reason(), "invalid_field");
     assert_eq!(WireError::Version(9).reason(), "version");
