@@ -120,6 +120,14 @@ pub struct ClusterSettings {
     /// How long a cleared retained message's tombstone is kept, so that a
     /// node away for less cannot bring the old value back.
     pub retained_tombstone_secs: u64,
+    /// MiB of QoS 1/2 forwards the outbox holds (on disk, until their
+    /// destinations acknowledge them); past it new QoS 1/2 publishes are
+    /// refused (MQTT 5 reason 0x97).
+    pub outbox_max_mib: u64,
+    /// How long a QoS 2 message from another node is remembered after its
+    /// delivery (persisted), so that its sender resending it after a
+    /// restart of either node does not deliver it twice.
+    pub qos2_dedupe_secs: u64,
 }
 
 impl ClusterSettings {
@@ -141,6 +149,8 @@ impl Default for ClusterSettings {
             send_buffer_mib: 256,
             subscribe_ack_timeout_ms: 2_000,
             retained_tombstone_secs: 7 * 24 * 3600,
+            outbox_max_mib: 1024,
+            qos2_dedupe_secs: 24 * 3600,
         }
     }
 }

@@ -582,9 +582,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             origin: Some(self.session.client_id.clone()),
             fleet_id: None,
         };
-        let (matched, kept) = self.broker.publish_kept(message);
+        let published = self.broker.publish_kept(message);
+        if published.refused {
+            return self.refuse_publish(publish.qos, packet_id);
+        }
+        let kept = published.kept;
         // MQTT 5: 0x10 tells the publisher nobody was subscribed.
-        let reason = if matched == 0 && self.version == Version::V5 { 0x10 } else { 0 };
+        let reason = if published.matched == 0 && self.version == Version::V5 { 0x10 } else { 0 };
         match publish.qos {
             QoS::AtMostOnce => {}
             QoS::AtLeastOnce => self.acknowledge(Packet::PubAck(PubAck::with_reason(packet_id, reason)), kept),
@@ -686,6 +690,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
 
     /// A PUBACK for a client's QoS 1 PUBLISH, which stays in flight (for
     /// Receive Maximum) until the PUBACK is written.
+    /// The fleet could not keep a QoS 1/2 message (its outbox is full):
+    /// MQTT 5 says so with 0x97 (Quota exceeded) and the client keeps the
+    /// message; MQTT 3.1.1 has no refusal in PUBACK, so the connection is
+    /// closed without one and the client sends the message again when it
+    /// reconnects. Nothing is acknowledged that the fleet cannot keep.
+    fn refuse_publish(&mut self, qos: QoS, packet_id: u16) -> Result<(), Close> {
+        if qos == QoS::ExactlyOnce {
+            let mut st = self.session.lock();
+            st.incoming_qos2.remove(&packet_id);
+            self.session.save(&st, &self.broker.storage);
+        }
+        match (self.version, qos) {
+            (Version::V5, QoS::AtLeastOnce) => self.send_ack(Packet::PubAck(PubAck::with_reason(packet_id, 0x97))),
+            (Version::V5, QoS::ExactlyOnce) => self.send_ack(Packet::PubRec(PubAck::with_reason(packet_id, 0x97))),
+            _ => return Err(Close::Error(DisconnectReason::QuotaExceeded, "the fleet's outbox is full")),
+        }
+        Ok(())
+    }
+
     /// Sends `ack` now, or once `wait` resolves (input waits meanwhile).
     fn acknowledge(&mut self, ack: Packet, wait: Option<BoxFuture<'static, ()>>) {
         match wait {

@@ -5,7 +5,7 @@
 //! - `GET /api/v1/broker`: the same figures as JSON.
 //! - `GET /api/v1/cluster`: the fleet's members (404 on a single node).
 //! - `GET /api/v1/routes?topic=a/b`: where a publish to the topic goes (404 on a single node).
-//! - `POST /api/v1/faults?cut=NAME` / `?delay=NAME&ms=N` / `?heal`: test-only fault hooks, served
+//! - `POST /api/v1/faults?cut=NAME` / `?delay=NAME&ms=N` / `?mute_acks=NAME` / `?heal`: test-only fault hooks, served
 //!   only when the node started with `KADMQ_FAULTS=1` (see `crate::cluster::faults`).
 
 use crate::broker::limits::Limit;
@@ -124,14 +124,20 @@ async fn faults(
     Query(query): Query<std::collections::HashMap<String, String>>,
 ) -> axum::response::Response {
     let Some(cluster) = app.cluster else { return (StatusCode::NOT_FOUND, NOT_CLUSTERED).into_response() };
+    use crate::cluster::faults::Fault;
     let ms = query.get("ms").and_then(|ms| ms.parse().ok()).map(std::time::Duration::from_millis);
-    let (peer, delay) = match (query.get("cut"), query.get("delay"), ms, query.contains_key("heal")) {
-        (Some(peer), None, None, false) => (Some(peer.as_str()), None),
-        (None, Some(peer), Some(ms), false) => (Some(peer.as_str()), Some(ms)),
-        (None, None, None, true) => (None, None),
-        _ => return (StatusCode::BAD_REQUEST, "give ?cut=NAME, ?delay=NAME&ms=N or ?heal").into_response(),
+    let named = |key: &str| query.get(key).map(String::as_str);
+    let (peer, fault) = match (named("cut"), named("delay"), named("mute_acks"), ms, query.contains_key("heal")) {
+        (Some(peer), None, None, None, false) => (Some(peer), Fault::Cut),
+        (None, Some(peer), None, Some(ms), false) => (Some(peer), Fault::Delay(ms)),
+        (None, None, Some(peer), None, false) => (Some(peer), Fault::MuteAcks),
+        (None, None, None, None, true) => (None, Fault::Cut),
+        _ => {
+            let usage = "give ?cut=NAME, ?delay=NAME&ms=N, ?mute_acks=NAME or ?heal";
+            return (StatusCode::BAD_REQUEST, usage).into_response();
+        }
     };
-    match cluster.fault(peer, delay).await {
+    match cluster.fault(peer, fault).await {
         Ok(()) => StatusCode::NO_CONTENT.into_response(),
         Err(err) => (StatusCode::FORBIDDEN, err).into_response(),
     }

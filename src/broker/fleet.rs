@@ -88,6 +88,9 @@ pub enum PublishRoute {
     /// hands its local part to [`super::Broker::deliver`] once it knows.
     /// A QoS 1/2 message is persisted until then.
     Pending,
+    /// Not published: the fleet cannot keep another QoS 1/2 message now
+    /// (its outbox is full). The publisher is told (MQTT 5: 0x97).
+    Refused,
 }
 
 /// Which of this node's matching subscriptions get a message.

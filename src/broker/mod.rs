@@ -66,6 +66,16 @@ pub fn node_local(topic_or_filter: &str) -> bool {
     topic_or_filter.starts_with("$SYS")
 }
 
+/// What [`Broker::publish_kept`] did with a message.
+pub struct Published {
+    /// Deliveries queued (1 when a fleet cannot tell yet).
+    pub matched: usize,
+    /// What a retained message's acknowledgement waits for.
+    pub kept: Option<BoxFuture<'static, ()>>,
+    /// The fleet could not keep it (full): not published at all.
+    pub refused: bool,
+}
+
 /// Counters behind `$SYS` and the logs.
 #[derive(Default)]
 pub struct Stats {
@@ -591,38 +601,36 @@ impl Broker {
     /// it); returns the number of deliveries queued, or 1 when a fleet
     /// cannot tell yet. Retained messages are stored or cleared first.
     pub fn publish(&self, message: Message) -> usize {
-        self.publish_kept(message).0
+        self.publish_kept(message).matched
     }
 
-    /// [`Broker::publish`], and what a client's acknowledgement of a
-    /// retained message waits for: the fleet's owners keeping it.
-    pub fn publish_kept(&self, message: Message) -> (usize, Option<BoxFuture<'static, ()>>) {
-        let fleet = self.fleet.get().filter(|_| !node_local(&message.topic));
-        let mut kept = None;
-        if message.retain {
-            match fleet {
-                // The fleet keeps it, at the topic's owners.
-                Some(fleet) => kept = fleet.retained(&message),
-                None => self.retain(&message),
+    /// [`Broker::publish`], with what a client's acknowledgement waits for
+    /// or says: the fleet's owners keeping a retained message, the fleet
+    /// refusing a QoS 1/2 message it cannot keep.
+    pub fn publish_kept(&self, message: Message) -> Published {
+        let Some(fleet) = self.fleet.get().filter(|_| !node_local(&message.topic)) else {
+            if message.retain {
+                self.retain(&message);
             }
-        }
-        (self.route(message), kept)
-    }
-
-    fn route(&self, message: Message) -> usize {
-        let fleet = self.fleet.get().filter(|_| !node_local(&message.topic));
-        let Some(fleet) = fleet else { return self.deliver(Arc::new(message), &Recipients::All) };
+            let matched = self.deliver(Arc::new(message), &Recipients::All);
+            return Published { matched, kept: None, refused: false };
+        };
         let mut message = message;
         if message.qos != QoS::AtMostOnce && message.fleet_id.is_none() {
             message.fleet_id = Some(fleet.message_id());
         }
         let message = Arc::new(message);
-        match fleet.publish(&message) {
+        let matched = match fleet.publish(&message) {
             PublishRoute::Decided { local, forwards } => {
-                forwards + local.map_or(0, |recipients| self.deliver(message, &recipients))
+                forwards + local.map_or(0, |recipients| self.deliver(message.clone(), &recipients))
             }
             PublishRoute::Pending => 1,
-        }
+            // Counted by the fleet.
+            PublishRoute::Refused => return Published { matched: 0, kept: None, refused: true },
+        };
+        // The fleet keeps a retained message at the topic's owners.
+        let kept = if message.retain { fleet.retained(&message) } else { None };
+        Published { matched, kept, refused: false }
     }
 
     /// Queues `message` for this node's matching sessions that

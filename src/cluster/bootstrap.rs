@@ -105,6 +105,8 @@ pub async fn start(settings: &ClusterSettings, cx: StartContext<'_>) -> Result<A
         tracing::info!(held = outbox.len(), unrouted = replay.len(), "cluster outbox restored");
     }
 
+    let outbox_bytes = outbox.bytes();
+    let qos2_seen = super::dedupe::Qos2Seen::new(settings.qos2_dedupe_secs.saturating_mul(1000), storage.seen()?);
     let (sessions, session_changes) = Sessions::new(Directory::load(storage));
     let retained = super::retained::FleetRetainedStore::open(storage, settings.retained_tombstone_secs)?;
     let cluster = Arc::new(Cluster {
@@ -125,11 +127,14 @@ pub async fn start(settings: &ClusterSettings, cx: StartContext<'_>) -> Result<A
         members: RwLock::new(std::collections::HashSet::new()),
         dead_timeout: Duration::from_secs(settings.dead_timeout_secs),
         subscribe_ack_timeout: Duration::from_millis(settings.subscribe_ack_timeout_ms),
+        outbox_bytes,
+        outbox_max: settings.outbox_max_mib.saturating_mul(1 << 20),
         remembered: Mutex::new(remembered),
         stats: ClusterStats::default(),
         replication: settings.replication,
         sessions,
         retained,
+        qos2_seen: Mutex::new(qos2_seen),
         faults: super::faults::Faults::from_env(),
         this: std::sync::OnceLock::new(),
     });

@@ -3,12 +3,17 @@
 //!
 //! Job: accept a sender's forwards only in sequence (a forward after a gap
 //! is dropped and comes again), acknowledge cumulatively, drop duplicates,
-//! and follow the sender's `base` (what it gave up) and epoch (its run).
+//! and follow the sender's `base` and epoch (its run) — [`Inbound`], in
+//! memory, for one run of each side. Across a restart of either side the
+//! numbering starts over, so QoS 2 messages are also remembered by their
+//! fleet id, persisted in the same batch as their delivery ([`Qos2Seen`]):
+//! a QoS 2 message resent after a restart is acknowledged, not delivered
+//! again.
 //! Boundary: bookkeeping only; the receive path acts on the [`Verdict`].
 
 use super::outbox::Sequence;
 use kadmq_dht::core::NodeId;
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 
 /// What a receiver does with a sequenced forward.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,6 +74,64 @@ impl Inbound {
     }
 }
 
+/// The QoS 2 messages of other nodes delivered here (their fleet ids,
+/// when), kept `keep_ms` (`cluster.qos2_dedupe_secs`); the same set is in
+/// the storage's `fleet_seen` tree.
+pub struct Qos2Seen {
+    at: HashMap<(u64, u64), u64>,
+    by_time: BTreeSet<(u64, (u64, u64))>,
+    keep_ms: u64,
+}
+
+impl Qos2Seen {
+    pub fn new(keep_ms: u64, seen: Vec<((u64, u64), u64)>) -> Qos2Seen {
+        let mut set = Qos2Seen { at: HashMap::new(), by_time: BTreeSet::new(), keep_ms };
+        for (id, at) in seen {
+            set.insert(id, at);
+        }
+        set
+    }
+
+    /// Records `id` at `now_ms`; false if it was delivered before.
+    pub fn insert(&mut self, id: (u64, u64), now_ms: u64) -> bool {
+        if self.at.contains_key(&id) {
+            return false;
+        }
+        self.at.insert(id, now_ms);
+        self.by_time.insert((now_ms, id));
+        true
+    }
+
+    /// Forgets a record whose delivery was not stored after all.
+    pub fn remove(&mut self, id: (u64, u64)) {
+        if let Some(at) = self.at.remove(&id) {
+            self.by_time.remove(&(at, id));
+        }
+    }
+
+    /// Takes out the records older than the keep time at `now_ms`.
+    pub fn expire(&mut self, now_ms: u64) -> Vec<(u64, u64)> {
+        let mut gone = Vec::new();
+        while let Some(&(at, id)) = self.by_time.first() {
+            if at.saturating_add(self.keep_ms) > now_ms {
+                break;
+            }
+            self.by_time.pop_first();
+            self.at.remove(&id);
+            gone.push(id);
+        }
+        gone
+    }
+
+    pub fn len(&self) -> usize {
+        self.at.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.at.is_empty()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -90,5 +153,18 @@ mod tests {
         // The sender restarted: a new epoch starts from its base.
         assert_eq!(inbound.accept(from, Sequence { epoch: 2, seq: 0, base: 0 }), Verdict::Deliver);
         assert_eq!(inbound.ack_for(from), Some((2, 0)));
+    }
+
+    #[test]
+    fn qos2_messages_are_delivered_once_until_forgotten() {
+        let mut seen = Qos2Seen::new(1_000, vec![((7, 1), 100)]);
+        assert!(!seen.insert((7, 1), 200), "restored from storage");
+        assert!(seen.insert((7, 2), 200));
+        assert!(!seen.insert((7, 2), 300));
+        assert_eq!(seen.expire(1_099), vec![]);
+        assert_eq!(seen.expire(1_200), vec![(7, 1), (7, 2)]);
+        assert!(seen.is_empty() && seen.insert((7, 1), 1_300), "forgotten after the keep time");
+        seen.remove((7, 1));
+        assert_eq!(seen.len(), 0);
     }
 }

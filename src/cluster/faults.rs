@@ -1,10 +1,11 @@
 //! Test-only fault hooks: the route frames between this node and chosen
 //! peers are lost, as a broken link or a full queue would lose them, or
-//! the ones this node sends them are late (in order), as on a slow link;
+//! the ones this node sends them are late (in order), as on a slow link,
+//! or the acknowledgements of their QoS 1/2 forwards are not sent (muted);
 //! the peers stay members (heartbeats, forwards and session frames still
 //! flow). Off unless the node starts with `KADMQ_FAULTS=1`; only then does
 //! the HTTP endpoint serve `POST /api/v1/faults?cut=NAME`,
-//! `POST /api/v1/faults?delay=NAME&ms=N` and `POST /api/v1/faults?heal`.
+//! `?delay=NAME&ms=N`, `?mute_acks=NAME` and `?heal`.
 //!
 //! Job: the cut and delayed peers and the count of frames lost. Boundary:
 //! the send and receive paths ask [`Faults::cuts`] and [`Faults::delays`];
@@ -20,6 +21,17 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
+/// What a fault hook does to a peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Route frames to and from it are lost.
+    Cut,
+    /// Route frames to it leave this late.
+    Delay(Duration),
+    /// Its QoS 1/2 forwards are not acknowledged.
+    MuteAcks,
+}
+
 /// Frames for a delayed peer and when each may leave.
 type DelayQueue = mpsc::UnboundedSender<(Instant, Bytes)>;
 
@@ -29,6 +41,7 @@ pub struct Faults {
     /// Whether any peer is cut (the hot path reads only this).
     any: AtomicBool,
     cut: RwLock<HashSet<NodeId>>,
+    muted: RwLock<HashSet<NodeId>>,
     /// Per delayed peer: how late, and the queue of its sender task.
     delayed: RwLock<HashMap<NodeId, (Duration, DelayQueue)>>,
     /// Route frames lost to a cut, both ways.
@@ -52,6 +65,17 @@ impl Faults {
         }
         self.dropped.fetch_add(1, Ordering::Relaxed);
         true
+    }
+
+    /// Whether the acknowledgements for `peer` (named only if a fault is
+    /// on) are muted.
+    pub fn mutes(&self, peer: impl FnOnce() -> NodeId) -> bool {
+        self.any.load(Ordering::Relaxed) && self.muted.read().contains(&peer())
+    }
+
+    pub fn mute_acks(&self, peer: NodeId) {
+        self.muted.write().insert(peer);
+        self.any.store(true, Ordering::Relaxed);
     }
 
     pub fn cut(&self, peer: NodeId) {
@@ -87,6 +111,7 @@ impl Faults {
     /// Ends every cut and delay (frames already delayed still leave).
     pub fn heal(&self) {
         self.cut.write().clear();
+        self.muted.write().clear();
         self.delayed.write().clear();
         self.any.store(false, Ordering::Relaxed);
     }

@@ -33,6 +33,11 @@ pub struct ClusterStats {
     pub local_refused: AtomicU64,
     /// Publishes routed from the per-topic memo, without the core.
     pub topic_route_hits: Counter,
+    /// QoS 2 messages of other nodes that came again after a restart and
+    /// were not delivered again.
+    pub qos2_duplicates: AtomicU64,
+    /// QoS 1/2 publishes refused: the outbox was full.
+    pub publishes_refused: AtomicU64,
     /// SUBACKs that waited for the route owners' acknowledgements.
     pub subscribe_waits: AtomicU64,
     /// SUBACKs sent when the wait timed out (the routes are still retried).
@@ -248,10 +253,28 @@ impl Cluster {
                 st.outbox.resent,
             ),
             figure(
-                "kadmq_cluster_outbox_dropped_total",
+                "kadmq_cluster_qos2_duplicates_total",
                 "counter",
-                "QoS 1/2 forwards given up because the outbox was full.",
-                st.outbox.dropped,
+                "QoS 2 messages of other nodes that came again after a restart of either node, not delivered again.",
+                get(&s.qos2_duplicates),
+            ),
+            figure(
+                "kadmq_cluster_qos2_remembered",
+                "gauge",
+                "QoS 2 messages of other nodes remembered as delivered (cluster.qos2_dedupe_secs).",
+                self.qos2_seen.lock().len() as u64,
+            ),
+            figure(
+                "kadmq_cluster_outbox_bytes",
+                "gauge",
+                "Bytes of the QoS 1/2 forwards waiting for acknowledgement (bounded by cluster.outbox_max_mib).",
+                self.outbox_bytes.load(Ordering::Relaxed),
+            ),
+            figure(
+                "kadmq_cluster_publishes_refused_total",
+                "counter",
+                "QoS 1/2 publishes refused because the outbox was full (MQTT 5: reason 0x97).",
+                get(&s.publishes_refused),
             ),
             figure(
                 "kadmq_cluster_frames_dropped_total",

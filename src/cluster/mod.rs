@@ -140,6 +140,10 @@ pub struct Cluster {
     /// Read per batch of frames, outside the state mutex.
     members: RwLock<HashSet<driver::PeerId>>,
     dead_timeout: Duration,
+    /// The outbox's bytes ([`outbox::Outbox::bytes`]) and their bound: QoS
+    /// 1/2 publishes are refused while it is reached.
+    outbox_bytes: Arc<AtomicU64>,
+    outbox_max: u64,
     /// How long a SUBACK waits for the route owners ([`Cluster::routes_settled`]).
     subscribe_ack_timeout: Duration,
     /// What the peers file holds (as written last, or read at start).
@@ -149,6 +153,8 @@ pub struct Cluster {
     replication: usize,
     /// Sessions following their clients ([`sessions`]).
     sessions: sessions::Sessions,
+    /// QoS 2 messages of other nodes delivered here ([`dedupe::Qos2Seen`]).
+    qos2_seen: Mutex<dedupe::Qos2Seen>,
     /// The fleet's retained messages this node keeps ([`retained`]).
     retained: retained::FleetRetainedStore,
     /// Test-only fault hooks ([`faults`]).
@@ -195,10 +201,9 @@ impl Cluster {
         result
     }
 
-    /// Fault hook ([`faults`]): cut the route frames to and from the member
-    /// named `peer` (`delay: None`) or make the ones to it late, or heal
-    /// every fault (`peer: None`).
-    pub async fn fault(&self, peer: Option<&str>, delay: Option<Duration>) -> Result<(), String> {
+    /// Fault hook ([`faults`]): on the member named `peer`, or heal every
+    /// fault (`peer: None`).
+    pub async fn fault(&self, peer: Option<&str>, fault: faults::Fault) -> Result<(), String> {
         if !self.faults.enabled() {
             return Err("fault hooks are off (start the node with KADMQ_FAULTS=1)".into());
         }
@@ -208,9 +213,11 @@ impl Cluster {
         };
         let members = self.client.members().await.unwrap_or_default();
         let member = members.iter().find(|m| m.name == peer).ok_or_else(|| format!("no member named {peer:?}"))?;
-        match delay {
-            None => self.faults.cut(node_id(&member.peer_id)),
-            Some(by) => self.faults.delay(node_id(&member.peer_id), by, self.links.sender(member.peer_id)),
+        let node = node_id(&member.peer_id);
+        match fault {
+            faults::Fault::Cut => self.faults.cut(node),
+            faults::Fault::Delay(by) => self.faults.delay(node, by, self.links.sender(member.peer_id)),
+            faults::Fault::MuteAcks => self.faults.mute_acks(node),
         }
         Ok(())
     }

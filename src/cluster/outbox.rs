@@ -8,8 +8,15 @@
 //! destination's unacknowledged forwards in order when it is silent
 //! (go-back-N). The receiving side is [`super::dedupe`]. Each forward carries
 //! the sender's lowest unacknowledged `seq` for the destination (`base`),
-//! so a receiver that restarted, or a sender that gave a message up, never
-//! leaves the receiver waiting for what will not come.
+//! so a receiver that restarted never leaves the receiver waiting for what
+//! will not come.
+//!
+//! Nothing is given up for a destination that is alive, however long it
+//! takes; a destination declared dead has its part taken out
+//! ([`Outbox::take_destination`]) and sent on to whoever adopts its
+//! sessions. The outbox is bounded in bytes (`cluster.outbox_max_mib`):
+//! once full, new QoS 1/2 publishes are refused (the publisher is told,
+//! MQTT 5 reason 0x97) rather than acknowledged and then lost.
 //!
 //! Boundary: no network; [`Storage`] only. The cluster task sends what
 //! [`Outbox::due`] returns and feeds acknowledgements to [`Outbox::ack`].
@@ -19,17 +26,13 @@ use crate::storage::Storage;
 use kadmq_dht::core::{ForwardRoute, NodeId};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// Resend a destination's forwards when none was acknowledged for this long.
 pub const RESEND_AFTER_MS: u64 = 3_000;
 /// Forwards resent to one destination per resend round.
 pub const RESEND_BATCH: usize = 4_096;
-/// Messages held at most; beyond it the oldest are given up (and logged).
-pub const CAPACITY: usize = 200_000;
-/// How long a message waits for a destination node that is away (killed,
-/// partitioned) to come back before it is given up.
-pub const MAX_HOLD_MS: u64 = 3_600_000;
 
 /// Where a QoS 1/2 forward stands in its sender's sequence to one destination.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -54,7 +57,16 @@ struct Held {
     message: Arc<Message>,
     /// Destinations that have not acknowledged yet.
     waiting: Vec<(NodeId, ForwardRoute)>,
-    held_since_ms: u64,
+}
+
+/// What a held message counts against the bound: its payload, topic and
+/// properties, and a record's overhead.
+fn size_of(message: &Message) -> u64 {
+    let p = &message.properties;
+    let strings = p.content_type.iter().chain(&p.response_topic).map(String::len).sum::<usize>();
+    let user: usize = p.user_properties.iter().map(|u| u.0.len() + u.1.len()).sum();
+    let properties = strings + user + p.correlation_data.as_ref().map_or(0, |d| d.len());
+    (message.payload.len() + message.topic.len() + properties + 64) as u64
 }
 
 /// The numbering towards one destination node.
@@ -78,15 +90,41 @@ pub struct Outbox {
     epoch: u64,
     destinations: HashMap<NodeId, Destination>,
     held: BTreeMap<u64, Held>,
-    /// Messages given up (outbox full, or destination away too long).
-    pub dropped: u64,
+    /// Bytes held (see [`size_of`]), shared with the publish path, which
+    /// reads it without the state mutex.
+    bytes: Arc<AtomicU64>,
     /// Forwards sent again after no acknowledgement.
     pub resent: u64,
 }
 
 impl Outbox {
     pub fn new(epoch: u64) -> Outbox {
-        Outbox { epoch, destinations: HashMap::new(), held: BTreeMap::new(), dropped: 0, resent: 0 }
+        Outbox {
+            epoch,
+            destinations: HashMap::new(),
+            held: BTreeMap::new(),
+            bytes: Arc::new(AtomicU64::new(0)),
+            resent: 0,
+        }
+    }
+
+    /// The bytes held, as a gauge the publish path can read at any time.
+    pub fn bytes(&self) -> Arc<AtomicU64> {
+        self.bytes.clone()
+    }
+
+    fn insert(&mut self, id: u64, held: Held) {
+        self.bytes.fetch_add(size_of(&held.message), Ordering::Relaxed);
+        if let Some(old) = self.held.insert(id, held) {
+            self.bytes.fetch_sub(size_of(&old.message), Ordering::Relaxed);
+        }
+    }
+
+    fn remove(&mut self, storage: &Storage, id: u64) {
+        if let Some(held) = self.held.remove(&id) {
+            self.bytes.fetch_sub(size_of(&held.message), Ordering::Relaxed);
+        }
+        forget(storage, id);
     }
 
     /// Messages held.
@@ -112,20 +150,9 @@ impl Outbox {
 
     /// Holds message `id`, forwarded (numbered with [`Outbox::assign`]) to
     /// `waiting`, until each acknowledges it. Persisted before returning.
-    pub fn hold(
-        &mut self,
-        storage: &Storage,
-        id: u64,
-        message: Arc<Message>,
-        waiting: Vec<(NodeId, ForwardRoute)>,
-        now_ms: u64,
-    ) {
+    pub fn hold(&mut self, storage: &Storage, id: u64, message: Arc<Message>, waiting: Vec<(NodeId, ForwardRoute)>) {
         persist(storage, id, &message, true, &waiting);
-        self.held.insert(id, Held { message, waiting, held_since_ms: now_ms });
-        while self.held.len() > CAPACITY {
-            let Some(&oldest) = self.held.keys().next() else { break };
-            self.give_up(storage, oldest, "cluster outbox full: giving up an unacknowledged forward");
-        }
+        self.insert(id, Held { message, waiting });
     }
 
     /// Takes back a message persisted by a previous run: numbered afresh
@@ -134,7 +161,7 @@ impl Outbox {
         for (node, _) in &waiting {
             self.assign(*node, id, 0);
         }
-        self.held.insert(id, Held { message, waiting, held_since_ms: 0 });
+        self.insert(id, Held { message, waiting });
     }
 
     /// `from` acknowledged every forward of `epoch` up to `upto`.
@@ -152,8 +179,7 @@ impl Outbox {
             let Some(held) = self.held.get_mut(&id) else { continue };
             held.waiting.retain(|(node, _)| *node != from);
             if held.waiting.is_empty() {
-                self.held.remove(&id);
-                forget(storage, id);
+                self.remove(storage, id);
             } else {
                 persist(storage, id, &held.message, true, &held.waiting);
             }
@@ -163,24 +189,11 @@ impl Outbox {
     /// Forwards to resend at `now_ms`: for each destination `reachable`
     /// says is up and that acknowledged nothing for [`RESEND_AFTER_MS`],
     /// its unacknowledged forwards in order (at most [`RESEND_BATCH`]).
-    /// Messages held longer than [`MAX_HOLD_MS`] are given up first.
     pub fn due(
         &mut self,
-        storage: &Storage,
         now_ms: u64,
         reachable: impl Fn(NodeId) -> bool,
     ) -> Vec<(Sequence, u64, Arc<Message>, NodeId, ForwardRoute)> {
-        // Held in id order, which is (nearly) the order they were held in:
-        // the expired ones are at the front.
-        let expired: Vec<u64> = self
-            .held
-            .iter()
-            .take_while(|(_, h)| now_ms.saturating_sub(h.held_since_ms) > MAX_HOLD_MS)
-            .map(|(id, _)| *id)
-            .collect();
-        for id in expired {
-            self.give_up(storage, id, "cluster outbox: destination away for an hour, forward given up");
-        }
         let mut out = Vec::new();
         for (node, link) in &mut self.destinations {
             if link.unacked.is_empty() || now_ms < link.sent_at_ms + RESEND_AFTER_MS || !reachable(*node) {
@@ -212,32 +225,12 @@ impl Outbox {
             let (_, route) = held.waiting.remove(at);
             taken.push((held.message.clone(), route));
             if held.waiting.is_empty() {
-                self.held.remove(&id);
-                forget(storage, id);
+                self.remove(storage, id);
             } else {
                 persist(storage, id, &held.message, true, &held.waiting);
             }
         }
         taken
-    }
-
-    fn give_up(&mut self, storage: &Storage, id: u64, why: &str) {
-        let Some(held) = self.held.remove(&id) else { return };
-        for (node, _) in &held.waiting {
-            if let Some(link) = self.destinations.get_mut(node) {
-                // The oldest message is (almost always) the first of each
-                // link: no scan of a full outbox per message given up.
-                match link.unacked.first_key_value() {
-                    Some((&seq, &first)) if first == id => {
-                        link.unacked.remove(&seq);
-                    }
-                    _ => link.unacked.retain(|_, m| *m != id),
-                }
-            }
-        }
-        self.dropped += 1;
-        tracing::warn!(id, topic = %held.message.topic, "{why}");
-        forget(storage, id);
     }
 }
 
@@ -306,7 +299,7 @@ mod tests {
 
     fn forward(outbox: &mut Outbox, storage: &Storage, id: u64, to: &[NodeId], now: u64) -> Vec<Sequence> {
         let seqs = to.iter().map(|n| outbox.assign(*n, id, now)).collect();
-        outbox.hold(storage, id, message(), to.iter().map(|n| (*n, route())).collect(), now);
+        outbox.hold(storage, id, message(), to.iter().map(|n| (*n, route())).collect());
         seqs
     }
 
@@ -355,17 +348,31 @@ mod tests {
             forward(&mut outbox, &storage, id, &[NodeId(1), NodeId(2)], 1_000);
         }
         outbox.ack(&storage, NodeId(2), 1, 0, 1_000);
-        assert!(outbox.due(&storage, 1_000 + RESEND_AFTER_MS - 1, |_| true).is_empty());
-        let due = outbox.due(&storage, 1_000 + RESEND_AFTER_MS, |n| n == NodeId(2));
+        assert!(outbox.due(1_000 + RESEND_AFTER_MS - 1, |_| true).is_empty());
+        let due = outbox.due(1_000 + RESEND_AFTER_MS, |n| n == NodeId(2));
         let seqs: Vec<(u64, u64, u64)> = due.iter().map(|(s, id, _, _, _)| (s.seq, s.base, *id)).collect();
         assert_eq!(seqs, vec![(1, 1, 11), (2, 1, 12)]);
-        assert!(outbox.due(&storage, 1_000 + RESEND_AFTER_MS + 1, |_| false).is_empty());
-        // A destination away for longer than MAX_HOLD_MS: given up.
-        assert!(outbox.due(&storage, 2_000 + MAX_HOLD_MS, |_| false).is_empty());
+        assert!(outbox.due(1_000 + RESEND_AFTER_MS + 1, |_| false).is_empty());
+        // A destination away for days that is still alive: nothing given up.
+        let days = 1_000 + 3 * 86_400_000;
+        assert_eq!(outbox.due(days, |_| true).len(), 5, "both destinations' forwards, again");
+        assert_eq!(outbox.len(), 3);
+        assert_eq!(restore(&storage).len(), 3);
+    }
+
+    #[test]
+    fn the_bound_counts_bytes_held_until_acknowledged() {
+        let storage = Storage::in_memory();
+        let mut outbox = Outbox::new(1);
+        let bytes = outbox.bytes();
+        forward(&mut outbox, &storage, 1, &[NodeId(1), NodeId(2)], 0);
+        forward(&mut outbox, &storage, 2, &[NodeId(1)], 0);
+        let one = size_of(&message());
+        assert_eq!(bytes.load(Ordering::Relaxed), 2 * one);
+        outbox.ack(&storage, NodeId(1), 1, 1, 0);
+        assert_eq!(bytes.load(Ordering::Relaxed), one, "message 2 is done; 1 waits for node 2");
+        outbox.take_destination(&storage, NodeId(2));
+        assert_eq!(bytes.load(Ordering::Relaxed), 0);
         assert!(outbox.is_empty());
-        assert_eq!(outbox.dropped, 3);
-        assert!(restore(&storage).is_empty());
-        // What was given up no longer holds the base back.
-        assert_eq!(outbox.assign(NodeId(1), 99, 0).base, 3);
     }
 }

@@ -109,6 +109,15 @@ impl Fleet for Cluster {
 
     fn publish(&self, message: &Arc<Message>) -> PublishRoute {
         let Some(broker) = self.broker.upgrade() else { return PublishRoute::Decided { local: None, forwards: 0 } };
+        if message.qos != QoS::AtMostOnce && self.outbox_bytes.load(Ordering::Relaxed) >= self.outbox_max {
+            if self.stats.publishes_refused.fetch_add(1, Ordering::Relaxed) == 0 {
+                tracing::warn!(
+                    max_mib = self.outbox_max >> 20,
+                    "cluster outbox full: QoS 1/2 publishes are refused until other nodes acknowledge (counted in kadmq_cluster_publishes_refused_total; logged once)"
+                );
+            }
+            return PublishRoute::Refused;
+        }
         let none_held = self.publishers_held.load(Ordering::Acquire) == 0;
         if none_held {
             let routed = self.with_remembered_route(&message.topic, |route| {
@@ -163,7 +172,7 @@ impl Cluster {
                 waiting.push((*node, to.clone()));
                 sender.send(Class::Resendable, |out| wire::write_forward(out, id, Some(sequence), message, to));
             }
-            st.outbox.hold(storage, id, message.clone(), waiting, now);
+            st.outbox.hold(storage, id, message.clone(), waiting);
         }
         self.stats.forwarded_out.add(route.forwards.len() as u64);
         PublishRoute::Decided { local: route.local.clone(), forwards: route.forwards.len() }
@@ -369,7 +378,7 @@ impl Cluster {
                             }
                         }
                         if !pending.waiting.is_empty() {
-                            st.outbox.hold(storage, msg, pending.message, pending.waiting, now);
+                            st.outbox.hold(storage, msg, pending.message, pending.waiting);
                         } else if pending.persisted {
                             outbox::forget(storage, msg);
                         }

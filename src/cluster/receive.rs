@@ -14,12 +14,13 @@
 use super::dedupe::Verdict;
 use super::directory::Record;
 use super::links::{self, Class};
+use super::memo::recipients;
 use super::metrics::bump;
-use super::publish::deliver_all;
 use super::state::State;
 use super::wire::{self, Forward, Wire};
 use super::Cluster;
 use crate::broker::message::Message;
+use crate::broker::Broker;
 use crate::storage::Storage;
 use kadmq_dht::core::{self, Event, ForwardRoute, NodeId};
 use kadmq_dht::driver::{self, PeerId};
@@ -94,7 +95,7 @@ impl Cluster {
     /// sessions and on disk).
     pub(super) fn deliver_received(&self, received: Received) {
         let Some(broker) = self.broker.upgrade() else { return };
-        deliver_all(&broker, received.local);
+        self.deliver_once(&broker, received.local);
         if !received.dead_sessions.is_empty() {
             self.adopt(&broker, received.dead_sessions);
         }
@@ -108,8 +109,34 @@ impl Cluster {
                 return;
             }
             for (peer, (epoch, upto)) in received.acks {
+                if self.faults.mutes(|| super::node_id(&peer)) {
+                    continue;
+                }
                 let ack = wire::encode_ack(epoch, upto);
                 self.links.sender(peer).send(Class::Control, links::copy_of(&ack));
+            }
+        }
+    }
+
+    /// Delivers what arrived; a QoS 2 message of another node only if it
+    /// was not delivered here before (a resend after a restart of either
+    /// node), its record written in the same batch as its deliveries.
+    fn deliver_once(&self, broker: &Broker, local: Vec<(Arc<Message>, ForwardRoute)>) {
+        let now = broker.now_ms();
+        for (message, route) in local {
+            let qos2 = message.qos == crate::protocol::QoS::ExactlyOnce;
+            let Some(id) = message.fleet_id.filter(|(origin, _)| qos2 && *origin != self.me.0) else {
+                broker.deliver(message, &recipients(route));
+                continue;
+            };
+            if !self.qos2_seen.lock().insert(id, now) {
+                bump(&self.stats.qos2_duplicates, 1);
+                continue;
+            }
+            let record = broker.storage.seen_write(id.0, id.1, now);
+            if let Err(err) = broker.storage.in_batch(vec![record], || broker.deliver(message, &recipients(route))) {
+                self.qos2_seen.lock().remove(id);
+                tracing::error!(cause = %err, "could not store a QoS 2 delivery; it is not acknowledged");
             }
         }
     }

@@ -96,7 +96,7 @@ impl Cluster {
             let mut st = self.state.lock();
             let st = &mut *st;
             let (live, peers) = (&st.live, &st.peers);
-            for (sequence, id, message, to, route) in st.outbox.due(&broker.storage, now, |node| live.contains(&node)) {
+            for (sequence, id, message, to, route) in st.outbox.due(now, |node| live.contains(&node)) {
                 if let Some(peer) = peers.get(&to) {
                     self.links
                         .sender(*peer)
@@ -105,6 +105,11 @@ impl Cluster {
             }
             self.membership_tick(st);
             self.retained_tick(&broker.storage, broker.now_ms());
+            for (origin, id) in self.qos2_seen.lock().expire(broker.now_ms()) {
+                if let Err(err) = broker.storage.remove_seen(origin, id) {
+                    tracing::error!(cause = %err, "could not forget a QoS 2 delivery record");
+                }
+            }
             if self.started.elapsed() >= REPLAY_AFTER {
                 for (id, message) in std::mem::take(&mut st.replay) {
                     self.route(st, &broker.storage, id, Arc::new(message), &mut local);

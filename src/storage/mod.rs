@@ -125,6 +125,7 @@ pub struct Storage {
     directory: Tree,
     replicas: Tree,
     fleet_retained: Tree,
+    fleet_seen: Tree,
     /// Told of every write to a persistent session (the fleet copies them
     /// to the session's standby node); set once, by the cluster.
     mirror: std::sync::OnceLock<Box<dyn Fn(Mirrored) + Send + Sync>>,
@@ -160,6 +161,7 @@ impl Storage {
             directory: engine.open_tree("directory")?,
             replicas: engine.open_tree("replicas")?,
             fleet_retained: engine.open_tree("fleet_retained")?,
+            fleet_seen: engine.open_tree("fleet_seen")?,
             mirror: std::sync::OnceLock::new(),
             engine,
             dirty: AtomicBool::new(false),
@@ -175,13 +177,13 @@ impl Storage {
     // --- retained messages -------------------------------------------------
 
     pub fn put_retained(&self, message: &Message) -> Result<()> {
-        self.engine.insert(self.retained, message.topic.as_bytes(), &encode(message))?;
+        self.write_insert(self.retained, message.topic.as_bytes(), &encode(message))?;
         self.mark_dirty();
         Ok(())
     }
 
     pub fn remove_retained(&self, topic: &str) -> Result<()> {
-        self.engine.remove(self.retained, topic.as_bytes())?;
+        self.write_remove(self.retained, topic.as_bytes())?;
         self.mark_dirty();
         Ok(())
     }
@@ -193,13 +195,13 @@ impl Storage {
     // --- the fleet's retained messages, at their shards' owners -----------
 
     pub fn put_fleet_retained(&self, item: &FleetRetained) -> Result<()> {
-        self.engine.insert(self.fleet_retained, item.topic.as_bytes(), &encode(item))?;
+        self.write_insert(self.fleet_retained, item.topic.as_bytes(), &encode(item))?;
         self.mark_dirty();
         Ok(())
     }
 
     pub fn remove_fleet_retained(&self, topic: &str) -> Result<()> {
-        self.engine.remove(self.fleet_retained, topic.as_bytes())?;
+        self.write_remove(self.fleet_retained, topic.as_bytes())?;
         self.mark_dirty();
         Ok(())
     }
@@ -211,7 +213,7 @@ impl Storage {
     // --- sessions ----------------------------------------------------------
 
     pub fn put_session(&self, client_id: &str, session: &StoredSession) -> Result<()> {
-        self.engine.insert(self.sessions, client_id.as_bytes(), &encode(session))?;
+        self.write_insert(self.sessions, client_id.as_bytes(), &encode(session))?;
         self.mark_dirty();
         self.tell_mirror(|| Mirrored::Session(client_id.into(), session.clone()));
         Ok(())
@@ -259,14 +261,14 @@ impl Storage {
     // --- deliveries --------------------------------------------------------
 
     pub fn put_delivery(&self, client_id: &str, seq: u64, delivery: &StoredDelivery) -> Result<()> {
-        self.engine.insert(self.deliveries, &delivery_key(client_id, seq), &encode(delivery))?;
+        self.write_insert(self.deliveries, &delivery_key(client_id, seq), &encode(delivery))?;
         self.mark_dirty();
         self.tell_mirror(|| Mirrored::Delivery(client_id.into(), seq, Box::new(delivery.clone())));
         Ok(())
     }
 
     pub fn remove_delivery(&self, client_id: &str, seq: u64) -> Result<()> {
-        self.engine.remove(self.deliveries, &delivery_key(client_id, seq))?;
+        self.write_remove(self.deliveries, &delivery_key(client_id, seq))?;
         self.mark_dirty();
         self.tell_mirror(|| Mirrored::DeliveryRemoved(client_id.into(), seq));
         Ok(())
@@ -279,13 +281,13 @@ impl Storage {
     // mirrored: they are copies already.
 
     pub fn put_directory(&self, client_id: &str, record: &[u8]) -> Result<()> {
-        self.engine.insert(self.directory, client_id.as_bytes(), record)?;
+        self.write_insert(self.directory, client_id.as_bytes(), record)?;
         self.mark_dirty();
         Ok(())
     }
 
     pub fn remove_directory(&self, client_id: &str) -> Result<()> {
-        self.engine.remove(self.directory, client_id.as_bytes())?;
+        self.write_remove(self.directory, client_id.as_bytes())?;
         self.mark_dirty();
         Ok(())
     }
@@ -304,13 +306,13 @@ impl Storage {
     /// are kept per home: while a session moves, the node it leaves and the
     /// node it reaches both number deliveries for it.
     pub fn put_replica(&self, client_id: &str, home: u64, seq: u64, delivery: &StoredDelivery) -> Result<()> {
-        self.engine.insert(self.replicas, &replica_key(client_id, Some(home), Some(seq)), &encode(delivery))?;
+        self.write_insert(self.replicas, &replica_key(client_id, Some(home), Some(seq)), &encode(delivery))?;
         self.mark_dirty();
         Ok(())
     }
 
     pub fn remove_replica(&self, client_id: &str, home: u64, seq: u64) -> Result<()> {
-        self.engine.remove(self.replicas, &replica_key(client_id, Some(home), Some(seq)))?;
+        self.write_remove(self.replicas, &replica_key(client_id, Some(home), Some(seq)))?;
         self.mark_dirty();
         Ok(())
     }
@@ -363,13 +365,13 @@ impl Storage {
     /// Keeps a QoS 1/2 message forwarded to other nodes until they
     /// acknowledge it (`record` is the cluster's own encoding).
     pub fn put_outbox(&self, id: u64, record: &[u8]) -> Result<()> {
-        self.engine.insert(self.outbox, &id.to_be_bytes(), record)?;
+        self.write_insert(self.outbox, &id.to_be_bytes(), record)?;
         self.mark_dirty();
         Ok(())
     }
 
     pub fn remove_outbox(&self, id: u64) -> Result<()> {
-        self.engine.remove(self.outbox, &id.to_be_bytes())?;
+        self.write_remove(self.outbox, &id.to_be_bytes())?;
         self.mark_dirty();
         Ok(())
     }
@@ -388,6 +390,79 @@ impl Storage {
     }
 
     // --- durability --------------------------------------------------------
+
+    /// Runs `f`, and makes every write it makes to this storage (on this
+    /// thread), with `extra`, one atomic batch: a restart sees all or none
+    /// of them. (Used to record that a QoS 2 message was delivered in the
+    /// same batch as its deliveries.)
+    pub fn in_batch<T>(&self, extra: Vec<Write>, f: impl FnOnce() -> T) -> Result<T> {
+        let me = self as *const Storage as usize;
+        let outer = BATCH.with(|b| b.borrow_mut().replace((me, Vec::new())));
+        let result = f();
+        let (_, mut writes) = BATCH.with(|b| std::mem::replace(&mut *b.borrow_mut(), outer)).expect("ours");
+        writes.extend(extra);
+        if !writes.is_empty() {
+            self.engine.commit(writes)?;
+            self.mark_dirty();
+        }
+        Ok(result)
+    }
+
+    fn batching(&self, write: Write) -> std::result::Result<(), Write> {
+        let me = self as *const Storage as usize;
+        BATCH.with(|b| match &mut *b.borrow_mut() {
+            Some((owner, writes)) if *owner == me => {
+                writes.push(write);
+                Ok(())
+            }
+            _ => Err(write),
+        })
+    }
+
+    fn write_insert(&self, tree: Tree, key: &[u8], value: &[u8]) -> Result<()> {
+        match self.batching(Write::Insert { tree, key: key.to_vec(), value: value.to_vec() }) {
+            Ok(()) => Ok(()),
+            Err(_) => self.engine.insert(tree, key, value),
+        }
+    }
+
+    fn write_remove(&self, tree: Tree, key: &[u8]) -> Result<()> {
+        match self.batching(Write::Remove { tree, key: key.to_vec() }) {
+            Ok(()) => Ok(()),
+            Err(_) => self.engine.remove(tree, key),
+        }
+    }
+
+    /// The write recording that QoS 2 message `id` of node `origin` was
+    /// delivered here at `at_ms` (for [`Storage::in_batch`]).
+    pub fn seen_write(&self, origin: u64, id: u64, at_ms: u64) -> Write {
+        Write::Insert { tree: self.fleet_seen, key: seen_key(origin, id), value: at_ms.to_be_bytes().to_vec() }
+    }
+
+    pub fn remove_seen(&self, origin: u64, id: u64) -> Result<()> {
+        self.write_remove(self.fleet_seen, &seen_key(origin, id))?;
+        self.mark_dirty();
+        Ok(())
+    }
+
+    /// Every recorded QoS 2 delivery: ((origin, id), when).
+    pub fn seen(&self) -> Result<Vec<((u64, u64), u64)>> {
+        let mut out = Vec::new();
+        for record in self.engine.scan_prefix(self.fleet_seen, b"")? {
+            let (key, value) = record?;
+            let number = |b: &[u8]| b.try_into().map(u64::from_be_bytes).ok();
+            match (key.get(..8).and_then(number), key.get(8..16).and_then(number), number(&value)) {
+                (Some(origin), Some(id), Some(at)) if key.len() == 16 => out.push(((origin, id), at)),
+                _ => {
+                    return Err(StorageError::Record {
+                        keyspace: "fleet_seen",
+                        detail: "not two numbers and a time".into(),
+                    })
+                }
+            }
+        }
+        Ok(out)
+    }
 
     fn mark_dirty(&self) {
         self.dirty.store(true, Ordering::Release);
@@ -427,6 +502,18 @@ impl Storage {
         }
         Ok(out)
     }
+}
+
+thread_local! {
+    /// The batch [`Storage::in_batch`] collects on this thread: the storage
+    /// it is for (its address) and the writes so far.
+    static BATCH: std::cell::RefCell<Option<(usize, Vec<Write>)>> = const { std::cell::RefCell::new(None) };
+}
+
+fn seen_key(origin: u64, id: u64) -> Vec<u8> {
+    let mut key = origin.to_be_bytes().to_vec();
+    key.extend_from_slice(&id.to_be_bytes());
+    key
 }
 
 fn delivery_prefix(client_id: &str) -> Vec<u8> {

@@ -257,3 +257,33 @@ fn processes_preparing_one_directory_at_once_all_succeed() {
         assert_eq!(format, format!("kadmq-data {FORMAT_VERSION}\n"));
     }
 }
+
+#[test]
+fn a_batch_holds_the_writes_made_in_it_and_its_extra_until_the_end() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let storage = Storage::open(dir.path()).unwrap();
+        let other = Storage::in_memory();
+        let record = storage.seen_write(7, 9, 1_000);
+        let inside = storage
+            .in_batch(vec![record], || {
+                storage.put_delivery("c", 1, &delivery("q/t", None)).unwrap();
+                // Not visible before the batch is committed.
+                let before = storage.deliveries("c").unwrap().len();
+                // Another storage is not part of the batch.
+                other.put_retained(&message("x")).unwrap();
+                assert_eq!(other.retained().unwrap().len(), 1);
+                before
+            })
+            .unwrap();
+        assert_eq!(inside, 0);
+        assert_eq!(storage.deliveries("c").unwrap().len(), 1);
+        assert_eq!(storage.seen().unwrap(), vec![((7, 9), 1_000)]);
+        storage.flush().unwrap();
+    }
+    let storage = Storage::open(dir.path()).unwrap();
+    assert_eq!(storage.seen().unwrap(), vec![((7, 9), 1_000)], "both survive a restart");
+    assert_eq!(storage.deliveries("c").unwrap().len(), 1);
+    storage.remove_seen(7, 9).unwrap();
+    assert!(storage.seen().unwrap().is_empty());
+}

@@ -135,7 +135,7 @@ fn counters(nodes: &[&Node]) -> String {
         ("kadmq_cluster_received_total", "received"),
         ("kadmq_cluster_outbox_messages", "in outbox"),
         ("kadmq_cluster_outbox_resent_total", "resent"),
-        ("kadmq_cluster_outbox_dropped_total", "given up"),
+        ("kadmq_cluster_publishes_refused_total", "refused (outbox full)"),
         ("kadmq_cluster_duplicates_total", "duplicates dropped"),
         ("kadmq_messages_dropped_total", "messages dropped"),
     ];

@@ -1,9 +1,12 @@
 //! QoS 1 forwards acknowledged to the publisher survive the destination
 //! node dying: they wait in the publishing node's persisted outbox and
-//! reach the destination's persistent session when it comes back.
+//! reach the destination's persistent session when it comes back. A full
+//! outbox refuses new QoS 1 publishes (0x97) instead of acknowledging what
+//! it cannot keep; a QoS 2 message resent after a restart of either node is
+//! delivered once.
 
 use crate::support::lab::{wait_for_members, Lab, SETTLE};
-use crate::support::mqtt::Client;
+use crate::support::mqtt::{Client, Client5};
 use crate::support::wait::wait_until;
 use rumqttc::{Event, MqttOptions, Packet, QoS};
 use std::time::Duration;
@@ -90,4 +93,109 @@ async fn acknowledged_forwards_survive_the_destination_node_dying() {
     let extra = keeper.publishes_within(Duration::from_millis(500)).await;
     assert!(extra.is_empty(), "no duplicate after the last message: {extra:?}");
     assert!(a.metric("kadmq_cluster_outbox_resent_total") >= MESSAGES as u64, "they arrived by resends");
+}
+
+/// Routing tests, not failure detection: a starved debug node must not be
+/// declared dead under them.
+const CALM: [&str; 2] = ["--dead-timeout", "30"];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_outbox_refuses_qos1_publishes_with_quota_exceeded() {
+    use rumqttc::v5::mqttbytes::v5::{Filter, Packet as P5};
+    use rumqttc::v5::mqttbytes::QoS as Q5;
+    use rumqttc::v5::Event as E5;
+    let lab = Lab::new();
+    let flags = [CALM[0], CALM[1], "--outbox-max-mib", "1"];
+    let [a, b] = lab.fleet(["f1", "f2"], &flags);
+    let (mut subscriber, _) = Client5::connect(Client5::options("sub", b.mqtt_port)).await;
+    subscriber.subscribe(vec![Filter::new("full/t", Q5::AtLeastOnce)], None).await;
+    b.mute_acks("f1");
+    let (mut publisher, _) = Client5::connect(Client5::options("pub", a.mqtt_port)).await;
+    // 8 KiB a message (and some overhead): the 1 MiB bound is reached
+    // after about 127.
+    let payload = vec![b'x'; 8 << 10];
+    let puback = |e: &E5| match e {
+        E5::Incoming(P5::PubAck(ack)) => Some(ack.reason),
+        _ => None,
+    };
+    let mut refused_at = None;
+    for i in 0..400 {
+        publisher.client.publish("full/t", Q5::AtLeastOnce, false, payload.clone()).await.unwrap();
+        let reason = publisher.wait_for("PUBACK", puback).await;
+        if reason == rumqttc::v5::mqttbytes::v5::PubAckReason::QuotaExceeded {
+            refused_at = Some(i);
+            break;
+        }
+    }
+    let refused_at = refused_at.expect("a publish past the bound is refused");
+    assert!((120..=130).contains(&refused_at), "refused after about 1 MiB: {refused_at}");
+    assert!(a.metric("kadmq_cluster_publishes_refused_total") >= 1);
+    assert!(a.log().matches("cluster outbox full").count() == 1, "logged once");
+    // Acknowledged again: the outbox drains and publishes are taken.
+    b.cut(None);
+    wait_until(SETTLE, "the outbox to drain", || a.metric("kadmq_cluster_outbox_bytes") == 0);
+    publisher.client.publish("full/t", Q5::AtLeastOnce, false, "again").await.unwrap();
+    let reason = publisher.wait_for("PUBACK", puback).await;
+    assert_eq!(reason, rumqttc::v5::mqttbytes::v5::PubAckReason::Success);
+    // Nothing acknowledged was lost: the subscriber has every taken one.
+    let got = subscriber.collect("the taken messages", refused_at + 1, Duration::from_secs(30), |e| match e {
+        E5::Incoming(P5::Publish(p)) => Some(p.payload.len()),
+        _ => None,
+    });
+    assert_eq!(got.await.len(), refused_at + 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_qos2_message_resent_after_either_node_restarts_is_delivered_once() {
+    use rumqttc::v5::mqttbytes::v5::{Filter, Packet as P5};
+    use rumqttc::v5::mqttbytes::QoS as Q5;
+    use rumqttc::v5::Event as E5;
+    let lab = Lab::new();
+    let [mut a, mut b] = lab.fleet(["e1", "e2"], &CALM);
+    let (mut subscriber, _) = Client5::connect(Client5::persistent("keeper", b.mqtt_port, 600)).await;
+    subscriber.subscribe(vec![Filter::new("once/t", Q5::ExactlyOnce)], None).await;
+    let publish = async |node: &crate::support::lab::Node, payload: &str| {
+        let (mut publisher, _) = Client5::connect(Client5::options("pub", node.mqtt_port)).await;
+        publisher.client.publish("once/t", Q5::ExactlyOnce, false, payload.to_string()).await.unwrap();
+        publisher.wait_for("PUBCOMP", |e| matches!(e, E5::Incoming(P5::PubComp(_))).then_some(())).await;
+    };
+    let next = |e: &E5| match e {
+        E5::Incoming(P5::Publish(p)) => Some(String::from_utf8_lossy(&p.payload).into_owned()),
+        _ => None,
+    };
+
+    // The receiver restarts: b delivers, but its acknowledgement never
+    // reaches a, which resends to the new b.
+    b.mute_acks("e1");
+    publish(&a, "one").await;
+    assert_eq!(subscriber.wait_for("the first", next).await, "one");
+    // The client's own QoS 2 flow with b completes (else b rightly sends
+    // it again, as a retransmission of its session).
+    let pubcomp = |e: &E5| matches!(e, E5::Outgoing(rumqttc::Outgoing::PubComp(_))).then_some(());
+    subscriber.wait_for("our PUBCOMP", pubcomp).await;
+    subscriber.client.disconnect().await.unwrap();
+    let _ = subscriber.next_within(Duration::from_secs(1), |_| None::<()>).await;
+    drop(subscriber);
+    b.kill();
+    b.start();
+    wait_for_members(&[&a, &b], &["e1", "e2"]);
+    wait_until(SETTLE, "a's resend to be acknowledged", || a.metric("kadmq_cluster_outbox_messages") == 0);
+    assert!(b.metric("kadmq_cluster_qos2_duplicates_total") >= 1, "the resend came and was recognised");
+    let (mut subscriber, ack) = Client5::connect(Client5::persistent("keeper", b.mqtt_port, 600)).await;
+    assert!(ack.session_present);
+    assert_eq!(subscriber.next_within(Duration::from_secs(3), next).await, None, "not delivered again");
+
+    // The sender restarts: its outbox, restored, resends under a new epoch.
+    b.mute_acks("e1");
+    publish(&a, "two").await;
+    assert_eq!(subscriber.wait_for("the second", next).await, "two");
+    subscriber.wait_for("our PUBCOMP", pubcomp).await;
+    let before = b.metric("kadmq_cluster_qos2_duplicates_total");
+    a.kill();
+    a.start();
+    wait_for_members(&[&a, &b], &["e1", "e2"]);
+    wait_until(SETTLE, "the resend after a's restart", || b.metric("kadmq_cluster_qos2_duplicates_total") > before);
+    assert_eq!(subscriber.next_within(Duration::from_secs(3), next).await, None, "not delivered again");
+    b.cut(None);
+    wait_until(SETTLE, "a's outbox to empty", || a.metric("kadmq_cluster_outbox_messages") == 0);
 }

@@ -264,6 +264,13 @@ impl Node {
         assert_eq!(status, 204, "POST {path} on {}: {body}", self.name);
     }
 
+    /// Fault hook: this node does not acknowledge `peer`'s QoS 1/2 forwards.
+    pub fn mute_acks(&self, peer: &str) {
+        let path = format!("/api/v1/faults?mute_acks={peer}");
+        let (status, body) = http_post(self.http_port, &path).unwrap_or_else(|e| panic!("POST {path}: {e}"));
+        assert_eq!(status, 204, "POST {path} on {}: {body}", self.name);
+    }
+
     /// Fault hook: the route frames this node sends `peer` leave `ms` late.
     pub fn delay(&self, peer: &str, ms: u64) {
         let path = format!("/api/v1/faults?delay={peer}&ms={ms}");
