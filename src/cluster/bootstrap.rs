@@ -106,6 +106,12 @@ pub async fn start(settings: &ClusterSettings, cx: StartContext<'_>) -> Result<A
     }
 
     let outbox_bytes = outbox.bytes();
+    let unwritten = outbox.unwritten();
+    if storage.before_flush(Box::new(move |storage| unwritten.write_all(storage))) {
+        outbox.defer_writes();
+    } else {
+        tracing::warn!("storage flush hook already set; forwarded messages are written one by one");
+    }
     let qos2_seen = super::dedupe::Qos2Seen::new(settings.qos2_dedupe_secs.saturating_mul(1000), storage.seen()?);
     let (sessions, session_changes) = Sessions::new(Directory::load(storage));
     let retained = super::retained::FleetRetainedStore::open(storage, settings.retained_tombstone_secs)?;

@@ -18,12 +18,18 @@
 //! once full, new QoS 1/2 publishes are refused (the publisher is told,
 //! MQTT 5 reason 0x97) rather than acknowledged and then lost.
 //!
+//! Group commit: a held message is written to the storage only when the
+//! storage next flushes ([`Unwritten`], run by the flush before anything is
+//! acknowledged to a client), all unwritten ones in one batch; one that
+//! every destination acknowledged before that is never written at all.
+//!
 //! Boundary: no network; [`Storage`] only. The cluster task sends what
 //! [`Outbox::due`] returns and feeds acknowledgements to [`Outbox::ack`].
 
 use crate::broker::message::Message;
 use crate::storage::Storage;
 use kadmq_dht::core::{ForwardRoute, NodeId};
+use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -85,6 +91,43 @@ impl Destination {
     }
 }
 
+/// Held messages not written to the storage yet (see the module docs).
+/// Its lock is a leaf: taken under the state mutex (holding, acknowledging)
+/// and by the storage's flush, never the other way.
+#[derive(Default)]
+pub struct Unwritten(Mutex<BTreeMap<u64, (Arc<Message>, Waiting)>>);
+
+/// The destinations a held message waits for, and what each delivers.
+type Waiting = Vec<(NodeId, ForwardRoute)>;
+
+impl Unwritten {
+    /// Writes every unwritten record in one batch (the storage's flush
+    /// calls this before it persists). The lock is held until the batch is
+    /// in: an acknowledgement meanwhile finds the record written and
+    /// removes it after, not before.
+    pub fn write_all(&self, storage: &Storage) {
+        let mut unwritten = self.0.lock();
+        if unwritten.is_empty() {
+            return;
+        }
+        let writes = std::mem::take(&mut *unwritten)
+            .into_iter()
+            .map(|(id, (message, waiting))| storage.outbox_write(id, &record_bytes(&message, true, &waiting)))
+            .collect();
+        if let Err(err) = storage.commit(writes) {
+            tracing::error!(cause = %err, "could not persist forwarded messages");
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.lock().is_empty()
+    }
+}
+
 /// The sending side. See the module docs.
 pub struct Outbox {
     epoch: u64,
@@ -93,6 +136,10 @@ pub struct Outbox {
     /// Bytes held (see [`size_of`]), shared with the publish path, which
     /// reads it without the state mutex.
     bytes: Arc<AtomicU64>,
+    unwritten: Arc<Unwritten>,
+    /// Whether the storage's flush writes `unwritten` ([`Outbox::defer_writes`]);
+    /// if not, every record is written at once.
+    deferred: bool,
     /// Forwards sent again after no acknowledgement.
     pub resent: u64,
 }
@@ -104,7 +151,31 @@ impl Outbox {
             destinations: HashMap::new(),
             held: BTreeMap::new(),
             bytes: Arc::new(AtomicU64::new(0)),
+            unwritten: Arc::new(Unwritten::default()),
+            deferred: false,
             resent: 0,
+        }
+    }
+
+    /// What the storage's flush writes first ([`Storage::before_flush`]).
+    pub fn unwritten(&self) -> Arc<Unwritten> {
+        self.unwritten.clone()
+    }
+
+    /// Records are written at the storage's flush from now on (the caller
+    /// made the flush run [`Unwritten::write_all`]).
+    pub fn defer_writes(&mut self) {
+        self.deferred = true;
+    }
+
+    /// Writes the record of `id` now if it is on disk already, else (still
+    /// unwritten) updates it for the next flush.
+    fn update(&mut self, storage: &Storage, id: u64) {
+        let Some(held) = self.held.get(&id) else { return };
+        let mut unwritten = self.unwritten.0.lock();
+        match unwritten.get_mut(&id) {
+            Some(record) => record.1 = held.waiting.clone(),
+            None => persist(storage, id, &held.message, true, &held.waiting),
         }
     }
 
@@ -124,7 +195,10 @@ impl Outbox {
         if let Some(held) = self.held.remove(&id) {
             self.bytes.fetch_sub(size_of(&held.message), Ordering::Relaxed);
         }
-        forget(storage, id);
+        // Never written: nothing to delete.
+        if self.unwritten.0.lock().remove(&id).is_none() {
+            forget(storage, id);
+        }
     }
 
     /// Messages held.
@@ -149,9 +223,22 @@ impl Outbox {
     }
 
     /// Holds message `id`, forwarded (numbered with [`Outbox::assign`]) to
-    /// `waiting`, until each acknowledges it. Persisted before returning.
-    pub fn hold(&mut self, storage: &Storage, id: u64, message: Arc<Message>, waiting: Vec<(NodeId, ForwardRoute)>) {
-        persist(storage, id, &message, true, &waiting);
+    /// `waiting`, until each acknowledges it. Written at the storage's next
+    /// flush (`on_disk`: its record was written before, unrouted, and is
+    /// rewritten now).
+    pub fn hold(
+        &mut self,
+        storage: &Storage,
+        id: u64,
+        message: Arc<Message>,
+        waiting: Vec<(NodeId, ForwardRoute)>,
+        on_disk: bool,
+    ) {
+        if on_disk || !self.deferred {
+            persist(storage, id, &message, true, &waiting);
+        } else {
+            self.unwritten.0.lock().insert(id, (message.clone(), waiting.clone()));
+        }
         self.insert(id, Held { message, waiting });
     }
 
@@ -181,7 +268,7 @@ impl Outbox {
             if held.waiting.is_empty() {
                 self.remove(storage, id);
             } else {
-                persist(storage, id, &held.message, true, &held.waiting);
+                self.update(storage, id);
             }
         }
     }
@@ -227,21 +314,25 @@ impl Outbox {
             if held.waiting.is_empty() {
                 self.remove(storage, id);
             } else {
-                persist(storage, id, &held.message, true, &held.waiting);
+                self.update(storage, id);
             }
         }
         taken
     }
 }
 
-/// Writes the record of message `id` (replacing an earlier one).
-pub fn persist(storage: &Storage, id: u64, message: &Message, routed: bool, waiting: &[(NodeId, ForwardRoute)]) {
+fn record_bytes(message: &Message, routed: bool, waiting: &[(NodeId, ForwardRoute)]) -> Vec<u8> {
     let record = Record {
         message: message.clone(),
         routed,
         waiting: waiting.iter().map(|(node, route)| (node.0, route.clone())).collect(),
     };
-    let bytes = rmp_serde::to_vec(&record).expect("in-memory records always encode");
+    rmp_serde::to_vec(&record).expect("in-memory records always encode")
+}
+
+/// Writes the record of message `id` (replacing an earlier one).
+pub fn persist(storage: &Storage, id: u64, message: &Message, routed: bool, waiting: &[(NodeId, ForwardRoute)]) {
+    let bytes = record_bytes(message, routed, waiting);
     if let Err(err) = storage.put_outbox(id, &bytes) {
         tracing::error!(cause = %err, "could not persist a forwarded message");
     }
@@ -299,7 +390,7 @@ mod tests {
 
     fn forward(outbox: &mut Outbox, storage: &Storage, id: u64, to: &[NodeId], now: u64) -> Vec<Sequence> {
         let seqs = to.iter().map(|n| outbox.assign(*n, id, now)).collect();
-        outbox.hold(storage, id, message(), to.iter().map(|n| (*n, route())).collect());
+        outbox.hold(storage, id, message(), to.iter().map(|n| (*n, route())).collect(), false);
         seqs
     }
 
@@ -358,6 +449,27 @@ mod tests {
         assert_eq!(outbox.due(days, |_| true).len(), 5, "both destinations' forwards, again");
         assert_eq!(outbox.len(), 3);
         assert_eq!(restore(&storage).len(), 3);
+    }
+
+    #[test]
+    fn a_record_is_written_at_the_flush_unless_acknowledged_before() {
+        let storage = Storage::in_memory();
+        let mut outbox = Outbox::new(1);
+        outbox.defer_writes();
+        let unwritten = outbox.unwritten();
+        forward(&mut outbox, &storage, 1, &[NodeId(1)], 0);
+        forward(&mut outbox, &storage, 2, &[NodeId(1), NodeId(2)], 0);
+        assert!(storage.outbox().unwrap().is_empty(), "nothing written before the flush");
+        outbox.ack(&storage, NodeId(1), 1, 0, 0);
+        assert_eq!(unwritten.len(), 1, "1 was acknowledged first: never written");
+        unwritten.write_all(&storage);
+        let rows = restore(&storage);
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].0, 2);
+        outbox.ack(&storage, NodeId(1), 1, 1, 0);
+        assert_eq!(restore(&storage)[0].1.waiting.len(), 1, "a written record follows partial acks");
+        outbox.ack(&storage, NodeId(2), 1, 0, 0);
+        assert!(storage.outbox().unwrap().is_empty() && unwritten.is_empty());
     }
 
     #[test]

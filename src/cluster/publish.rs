@@ -172,7 +172,7 @@ impl Cluster {
                 waiting.push((*node, to.clone()));
                 sender.send(Class::Resendable, |out| wire::write_forward(out, id, Some(sequence), message, to));
             }
-            st.outbox.hold(storage, id, message.clone(), waiting);
+            st.outbox.hold(storage, id, message.clone(), waiting, false);
         }
         self.stats.forwarded_out.add(route.forwards.len() as u64);
         PublishRoute::Decided { local: route.local.clone(), forwards: route.forwards.len() }
@@ -378,7 +378,7 @@ impl Cluster {
                             }
                         }
                         if !pending.waiting.is_empty() {
-                            st.outbox.hold(storage, msg, pending.message, pending.waiting);
+                            st.outbox.hold(storage, msg, pending.message, pending.waiting, pending.persisted);
                         } else if pending.persisted {
                             outbox::forget(storage, msg);
                         }

@@ -105,6 +105,9 @@ impl FleetRetained {
     }
 }
 
+/// What [`Storage::flush`] runs first ([`Storage::before_flush`]).
+pub type FlushHook = dyn Fn(&Storage) + Send + Sync;
+
 /// A write to a persistent session, as [`Storage::set_mirror`] sees it.
 #[derive(Debug, Clone)]
 pub enum Mirrored {
@@ -129,6 +132,8 @@ pub struct Storage {
     /// Told of every write to a persistent session (the fleet copies them
     /// to the session's standby node); set once, by the cluster.
     mirror: std::sync::OnceLock<Box<dyn Fn(Mirrored) + Send + Sync>>,
+    /// Run by [`Storage::flush`] before it persists (set once, by the cluster).
+    before_flush: std::sync::OnceLock<Box<FlushHook>>,
     dirty: AtomicBool,
     /// Held across "clear dirty, persist": a caller that finds nothing
     /// dirty must still wait for a persist in progress that covers its write.
@@ -163,6 +168,7 @@ impl Storage {
             fleet_retained: engine.open_tree("fleet_retained")?,
             fleet_seen: engine.open_tree("fleet_seen")?,
             mirror: std::sync::OnceLock::new(),
+            before_flush: std::sync::OnceLock::new(),
             engine,
             dirty: AtomicBool::new(false),
             flushing: parking_lot::Mutex::new(()),
@@ -370,6 +376,27 @@ impl Storage {
         Ok(())
     }
 
+    /// The write of outbox record `id` (for [`Storage::commit`]).
+    pub fn outbox_write(&self, id: u64, record: &[u8]) -> Write {
+        Write::Insert { tree: self.outbox, key: id.to_be_bytes().to_vec(), value: record.to_vec() }
+    }
+
+    /// Applies `writes` as one atomic batch.
+    pub fn commit(&self, writes: Vec<Write>) -> Result<()> {
+        if writes.is_empty() {
+            return Ok(());
+        }
+        self.engine.commit(writes)?;
+        self.mark_dirty();
+        Ok(())
+    }
+
+    /// Sets what every [`Storage::flush`] runs first, once: the cluster's
+    /// outbox writes the messages it holds unwritten (group commit).
+    pub fn before_flush(&self, hook: Box<FlushHook>) -> bool {
+        self.before_flush.set(hook).is_ok()
+    }
+
     pub fn remove_outbox(&self, id: u64) -> Result<()> {
         self.write_remove(self.outbox, &id.to_be_bytes())?;
         self.mark_dirty();
@@ -477,6 +504,9 @@ impl Storage {
     /// survive the process being killed. Cheap when nothing was written.
     pub fn flush(&self) -> Result<()> {
         let _flushing = self.flushing.lock();
+        if let Some(hook) = self.before_flush.get() {
+            hook(self);
+        }
         if self.dirty.swap(false, Ordering::AcqRel) {
             self.engine.persist(Durability::Buffer)?;
         }
