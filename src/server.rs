@@ -4,7 +4,7 @@
 //! accepts connections (tests use it with port 0 and read the bound
 //! addresses); a node that joins a fleet through a bootstrap list answers
 //! them with a refusal until it has joined (see [`crate::broker::admission`]:
-//! the server closes the door and [`admit_when_joined`] opens it). [`run`]
+//! the server closes the door and `admit_when_joined` opens it). [`run`]
 //! is what the binary calls: start, wait for the shutdown signal, stop
 //! gracefully.
 
