@@ -75,11 +75,14 @@ fn a_starting_node_admits_no_client_before_it_joined() {
     let mut joiner = lab.unstarted("a2", Some(&boot), &lab.key, &["--join-timeout-ms", "600000"]);
     joiner.launch();
 
-    // 1. Its bootstrap address does not answer: it waits, and says so.
+    // 1. Its bootstrap address does not answer: it waits, and says so,
+    // also well past the settle a joined node waits (1.5 s).
     let (status, body) = ready(&joiner);
     assert_eq!(status, 503, "/health/ready before the join: {body}");
     assert!(body.contains("joining"), "{body}");
     assert_eq!(joiner.get("/health/live").0, 200, "live while it waits");
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(ready(&joiner).0, 503, "alone, it does not take its own view for a fleet");
     refuses_clients(&rt, &joiner, "early");
     assert_eq!(joiner.metric("kadmq_connections_refused_not_ready_total"), 2);
     assert_eq!(joiner.metric("kadmq_connections_total"), 0, "no client was served");
