@@ -139,9 +139,10 @@ start_single() { # name -> SINGLE_PID
     wait_listening "$SINGLE_PORT"
 }
 
-cluster_alive() { # nodes -> 0 when every node lists that many members, all alive
+cluster_alive() { # nodes -> 0 when every node lists that many members, all alive, and takes clients
     local n=$1 i
     for i in $(seq "$n"); do
+        curl -sf -m 2 -o /dev/null "http://127.0.0.1:$((28910 + i))/health/ready" || return 1
         curl -s -m 2 "http://127.0.0.1:$((28910 + i))/api/v1/cluster" | python3 -c '
 import json, sys
 d = json.load(sys.stdin)

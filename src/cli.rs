@@ -157,6 +157,9 @@ pub struct StartArgs {
     /// Node to join through, /ip4/../tcp/7000/p2p/PEER_ID or /dns4/../tcp/7000; repeat for several [toml: cluster.bootstrap]
     #[arg(long, env = "KADMQ_BOOTSTRAP", value_name = "MULTIADDR", value_delimiter = ',')]
     pub bootstrap: Vec<String>,
+    /// With --bootstrap: milliseconds the node refuses MQTT clients while it joins, at most; 0 = no wait [toml: cluster.join_timeout_ms]
+    #[arg(long, env = "KADMQ_JOIN_TIMEOUT_MS", value_name = "MS")]
+    pub join_timeout_ms: Option<u64>,
     /// Pre-shared cluster key file, from `kadmq keygen` [toml: cluster.cluster_key_file]
     #[arg(long, env = "KADMQ_CLUSTER_KEY_FILE", value_name = "FILE")]
     pub cluster_key_file: Option<PathBuf>,
@@ -237,6 +240,7 @@ impl StartArgs {
         if !self.bootstrap.is_empty() {
             c.bootstrap = self.bootstrap.clone();
         }
+        set(&mut c.join_timeout_ms, &self.join_timeout_ms);
         if self.cluster_key_file.is_some() {
             c.cluster_key_file = self.cluster_key_file.clone();
         }
@@ -328,6 +332,8 @@ mod tests {
             "12",
             "--cluster-send-buffer",
             "64",
+            "--join-timeout-ms",
+            "2500",
         ]);
         let c = args.resolve().unwrap().cluster;
         assert!(c.enabled());
@@ -337,6 +343,7 @@ mod tests {
         assert_eq!(c.cluster_key_file.as_deref(), Some(key.as_path()));
         assert_eq!((c.replication, c.shard_depth, c.dead_timeout_secs), (2, 3, 12));
         assert_eq!(c.send_buffer_mib, 64);
+        assert_eq!(c.join_timeout_ms, 2500);
     }
 
     #[test]
@@ -370,6 +377,7 @@ mod tests {
             ("replication", "KADMQ_REPLICATION"),
             ("shard-depth", "KADMQ_SHARD_DEPTH"),
             ("dead-timeout", "KADMQ_DEAD_TIMEOUT"),
+            ("join-timeout-ms", "KADMQ_JOIN_TIMEOUT_MS"),
         ] {
             let arg = start.get_arguments().find(|a| a.get_long() == Some(flag)).unwrap_or_else(|| panic!("--{flag}"));
             assert_eq!(arg.get_env().and_then(|v| v.to_str()), Some(var), "--{flag}");

@@ -102,6 +102,10 @@ pub struct ClusterSettings {
     pub p2p_listen: Vec<String>,
     /// Multiaddrs of nodes to join through (`/ip4/../tcp/7000/p2p/<id>`, `/dns4/../tcp/7000`).
     pub bootstrap: Vec<String>,
+    /// With a bootstrap list: how long the node refuses MQTT clients while
+    /// it joins the fleet, at most, in milliseconds (0 = it does not wait).
+    /// See `crate::broker::admission`.
+    pub join_timeout_ms: u64,
     /// Pre-shared cluster key file (`kadmq keygen`); required in a cluster.
     pub cluster_key_file: Option<PathBuf>,
     /// Owners per route shard (R); every node of a fleet must agree.
@@ -142,6 +146,7 @@ impl Default for ClusterSettings {
             node_name: None,
             p2p_listen: Vec::new(),
             bootstrap: Vec::new(),
+            join_timeout_ms: 30_000,
             cluster_key_file: None,
             replication: 3,
             shard_depth: kadmq_dht::shard::DEFAULT_SHARD_DEPTH,
@@ -360,7 +365,7 @@ mod tests {
         let config = Config::from_toml(
             "[cluster]\nnode_name = \"n1\"\np2p_listen = [\"/ip4/0.0.0.0/tcp/7000\"]\n\
              bootstrap = [\"/dns4/kadmq-1/tcp/7000\"]\ncluster_key_file = \"k\"\nreplication = 2\n\
-             shard_depth = 3\ndead_timeout_secs = 12\n",
+             shard_depth = 3\ndead_timeout_secs = 12\njoin_timeout_ms = 4500\n",
         )
         .unwrap();
         let c = &config.cluster;
@@ -369,6 +374,8 @@ mod tests {
         assert_eq!(c.bootstrap, vec!["/dns4/kadmq-1/tcp/7000".to_string()]);
         assert_eq!(c.cluster_key_file.as_deref(), Some(Path::new("k")));
         assert_eq!((c.replication, c.shard_depth, c.dead_timeout_secs), (2, 3, 12));
+        assert_eq!(c.join_timeout_ms, 4500);
+        assert_eq!(ClusterSettings::default().join_timeout_ms, 30_000);
         assert!(Config::from_toml("[cluster]\nreplicas = 2\n").is_err(), "unknown keys refused");
     }
 

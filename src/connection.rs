@@ -71,24 +71,28 @@ where
     broker.stats.clients_connected.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
 }
 
-/// Answers a connection over `mqtt.max_connections`: reads its CONNECT
-/// (briefly) and refuses it with CONNACK 0x97 Quota exceeded (3.1.1: return
-/// code 3, server unavailable), so the client learns why instead of waiting.
-pub async fn refuse<S>(stream: S, peer: SocketAddr, broker: Arc<Broker>)
+/// Answers a connection the server does not serve: reads its CONNECT
+/// (briefly), refuses it with CONNACK `code` in the client's version (over
+/// `mqtt.max_connections`: 0x97 Quota exceeded; before the node joined its
+/// fleet: 0x88 Server unavailable; 3.1.1 gets return code 3 for both), so
+/// the client learns why instead of waiting, and closes it. Returns the
+/// client id (empty when no CONNECT came).
+pub async fn refuse<S>(stream: S, broker: &Broker, code: ConnectReason) -> String
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let mut client = ClientStream { stream, rbuf: BytesMut::with_capacity(1024), wbuf: BytesMut::with_capacity(64) };
     let wait = Duration::from_secs(broker.config.connect_timeout_secs.min(5));
-    let who = match tokio::time::timeout(wait, client.read_connect(&broker)).await {
+    let who = match tokio::time::timeout(wait, client.read_connect(broker)).await {
         Ok(Ok(connect)) => {
-            client.queue(&connack(ConnectReason::QuotaExceeded, false), connect.version);
+            client.queue(&connack(code, false), connect.version);
             connect.client_id
         }
         _ => String::new(),
     };
-    broker.limits.hit(Limit::Connections, &who, &format!("connection from {peer} refused"));
     let _ = tokio::time::timeout(wait, client.flush()).await;
+    let _ = tokio::time::timeout(wait, client.stream.shutdown()).await;
+    who
 }
 
 /// The client's byte stream with its read and write buffers.

@@ -7,6 +7,9 @@
 //! - `GET /api/v1/routes?topic=a/b`: where a publish to the topic goes (404 on a single node).
 //! - `POST /api/v1/faults?cut=NAME` / `?delay=NAME&ms=N` / `?mute_acks=NAME` / `?heal`: test-only fault hooks, served
 //!   only when the node started with `KADMQ_FAULTS=1` (see `crate::cluster::faults`).
+//! - `GET /health/live`: 200 while the process serves HTTP.
+//! - `GET /health/ready`: 200 once the node takes MQTT clients, 503 while
+//!   it is still joining its fleet (see `crate::broker::admission`).
 
 use crate::broker::limits::Limit;
 use crate::broker::{Broker, Stats};
@@ -36,6 +39,8 @@ pub async fn serve(
     stop: impl Future<Output = ()> + Send + 'static,
 ) {
     let app = Router::new()
+        .route("/health/live", get(|| async { "live\n" }))
+        .route("/health/ready", get(ready))
         .route("/metrics", get(metrics))
         .route("/api/v1/broker", get(broker_json))
         .route("/api/v1/cluster", get(cluster_json))
@@ -54,6 +59,18 @@ fn figures(broker: &Broker, cluster: Option<&Cluster>) -> Vec<Figure> {
         figure("kadmq_uptime_seconds", "gauge", "Seconds since the broker started.", broker.uptime().as_secs()),
         figure("kadmq_connections", "gauge", "Client connections open now.", Stats::get(&s.clients_connected)),
         figure("kadmq_connections_total", "counter", "Client connections accepted.", Stats::get(&s.clients_total)),
+        figure(
+            "kadmq_connections_refused_not_ready_total",
+            "counter",
+            "Client connections refused (CONNACK 0x88, 3.1.1: 3) because this node had not joined its fleet yet.",
+            broker.admission.refused(),
+        ),
+        figure(
+            "kadmq_ready",
+            "gauge",
+            "1 once the node takes MQTT clients, 0 while it is still joining its fleet.",
+            u64::from(broker.admission.is_admitted()),
+        ),
         figure("kadmq_sessions", "gauge", "Sessions held (connected and offline).", broker.session_count() as u64),
         figure("kadmq_subscriptions", "gauge", "Subscriptions in the local trie.", broker.subscription_count() as u64),
         figure("kadmq_retained_messages", "gauge", "Retained messages held.", broker.retained_count() as u64),
@@ -94,6 +111,14 @@ pub fn render_metrics(broker: &Broker, cluster: Option<&Cluster>) -> String {
         let _ = writeln!(out, "{name}{{limit=\"{}\"}} {}", limit.name(), broker.limits.count(limit));
     }
     out
+}
+
+async fn ready(State(app): State<App>) -> (StatusCode, &'static str) {
+    if app.broker.admission.is_admitted() {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready: joining the fleet (MQTT clients are refused until then)\n")
+    }
 }
 
 async fn metrics(State(app): State<App>) -> impl IntoResponse {

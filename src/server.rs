@@ -2,9 +2,13 @@
 //!
 //! [`Server::start`] binds every listener and returns once the broker
 //! accepts connections (tests use it with port 0 and read the bound
-//! addresses); [`run`] is what the binary calls: start, wait for the
-//! shutdown signal, stop gracefully.
+//! addresses); a node that joins a fleet through a bootstrap list answers
+//! them with a refusal until it has joined (see [`crate::broker::admission`]:
+//! the server closes the door and `admit_when_joined` opens it). [`run`]
+//! is what the binary calls: start, wait for the shutdown signal, stop
+//! gracefully.
 
+use crate::broker::admission::Door;
 use crate::broker::clock::{Clock, SystemClock};
 use crate::broker::limits::Limit;
 use crate::broker::{sys, Broker};
@@ -12,7 +16,7 @@ use crate::cluster::{self, Cluster};
 use crate::config::Config;
 use crate::connection;
 use crate::http;
-use crate::protocol::DisconnectReason;
+use crate::protocol::{ConnectReason, DisconnectReason};
 use crate::storage::Storage;
 use crate::websocket;
 use std::future::Future;
@@ -88,6 +92,16 @@ impl Server {
         } else {
             None
         };
+        // A node that joins through a bootstrap list takes clients once it
+        // has joined (or the join timeout passed); one alone by
+        // configuration at once.
+        let join_timeout = Duration::from_millis(config.cluster.join_timeout_ms);
+        let waits = !config.cluster.bootstrap.is_empty() && !join_timeout.is_zero();
+        if let Some(cluster) = cluster.as_ref().filter(|_| waits) {
+            broker.admission.wait_to_join(join_timeout);
+            let door = Door::new(broker.uptime(), join_timeout, cluster::sessions::CLAIM_SETTLE);
+            tasks.spawn(admit_when_joined(broker.clone(), cluster.clone(), door, stop.subscribe()));
+        }
         for (listener, transport) in
             tcp.into_iter().map(|l| (l, Transport::Tcp)).chain(ws.into_iter().map(|l| (l, Transport::WebSocket)))
         {
@@ -122,7 +136,7 @@ impl Server {
             tasks.spawn(http::serve(listener, broker.clone(), cluster.clone(), stopped));
         }
         if let Some(addr) = http_addr {
-            tracing::info!(%addr, "HTTP endpoint ready (/metrics, /api/v1/broker)");
+            tracing::info!(%addr, "HTTP endpoint ready (/metrics, /api/v1/broker, /health/ready)");
         }
         for addr in &mqtt_addrs {
             tracing::info!(%addr, "MQTT listener ready");
@@ -198,8 +212,45 @@ async fn bound(addrs: &[SocketAddr]) -> Result<Vec<TcpListener>, StartError> {
     Ok(listeners)
 }
 
-/// Connections over `mqtt.max_connections` answered at once (the rest are closed).
+/// How often a node that waits to join looks at its membership view.
+const ADMISSION_LOOK: Duration = Duration::from_millis(100);
+
+/// Opens the broker's door once this node has joined its fleet or the join
+/// timeout passed: the door ([`Door`]) is shown the routing core's view
+/// every [`ADMISSION_LOOK`]. Ends then, or at shutdown.
+async fn admit_when_joined(
+    broker: Arc<Broker>,
+    cluster: Arc<Cluster>,
+    mut door: Door,
+    mut stop: broadcast::Receiver<()>,
+) {
+    let mut look = tokio::time::interval(ADMISSION_LOOK);
+    look.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.recv() => return,
+            _ = look.tick() => {}
+        }
+        let (members, version) = cluster.with_core(|node| (node.membership().len(), node.membership().version()));
+        if let Some(opened) = door.look(broker.uptime(), members, version) {
+            broker.admission.admit(opened);
+            return;
+        }
+    }
+}
+
+/// Connections refused (over `mqtt.max_connections`, or before the node
+/// joined its fleet) answered at once; the rest are closed unanswered.
 const MAX_REFUSALS_AT_ONCE: usize = 64;
+
+/// Why a connection is answered with a refusal instead of being served.
+#[derive(Clone, Copy)]
+enum Refusal {
+    /// `mqtt.max_connections` are open.
+    Full,
+    /// The node has not joined its fleet yet.
+    NotJoined,
+}
 
 async fn accept_loop(
     listener: TcpListener,
@@ -210,7 +261,7 @@ async fn accept_loop(
 ) {
     let mut stop_rx = stop.subscribe();
     let mut connections = JoinSet::new();
-    // Connections over the limit are answered (CONNACK 0x97) by at most
+    // Refused connections are answered (CONNACK 0x97 or 0x88) by at most
     // this many tasks at once; past that they are closed unanswered.
     let refusals = Arc::new(Semaphore::new(MAX_REFUSALS_AT_ONCE));
     loop {
@@ -229,36 +280,59 @@ async fn accept_loop(
         // Reap finished connection tasks so the set does not grow.
         while connections.try_join_next().is_some() {}
         let broker = broker.clone();
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
-            match refusals.clone().try_acquire_owned() {
-                Ok(refusal) => {
+        let why = if broker.admission.is_admitted() {
+            match permits.clone().try_acquire_owned() {
+                Ok(permit) => {
+                    let shutdown = stop.subscribe();
                     connections.spawn(async move {
-                        let _ = stream.set_nodelay(true);
-                        match transport {
-                            Transport::Tcp => connection::refuse(stream, peer, broker).await,
-                            Transport::WebSocket => {
-                                if let Ok(bridge) = websocket::accept(stream).await {
-                                    connection::refuse(bridge, peer, broker).await;
-                                }
-                            }
-                        }
-                        drop(refusal);
+                        serve_stream(stream, peer, transport, broker, shutdown).await;
+                        drop(permit);
                     });
+                    continue;
                 }
-                Err(_) => broker.limits.hit(Limit::Connections, "", &format!("connection from {peer} closed")),
+                Err(_) => Refusal::Full,
             }
-            continue;
+        } else {
+            broker.admission.count_refusal(peer);
+            Refusal::NotJoined
         };
-        let shutdown = stop.subscribe();
-        connections.spawn(async move {
-            serve_stream(stream, peer, transport, broker, shutdown).await;
-            drop(permit);
-        });
+        match refusals.clone().try_acquire_owned() {
+            Ok(refusal) => {
+                connections.spawn(async move {
+                    refuse_stream(stream, peer, transport, &broker, why).await;
+                    drop(refusal);
+                });
+            }
+            Err(_) => {
+                if let Refusal::Full = why {
+                    broker.limits.hit(Limit::Connections, "", &format!("connection from {peer} closed"));
+                }
+            }
+        }
     }
     // Give connections a moment to send DISCONNECT, then stop them.
     let _ =
         tokio::time::timeout(Duration::from_secs(3), async { while connections.join_next().await.is_some() {} }).await;
     connections.abort_all();
+}
+
+/// Answers a connection with a refusal (CONNACK `why`) and closes it.
+async fn refuse_stream(stream: TcpStream, peer: SocketAddr, transport: Transport, broker: &Broker, why: Refusal) {
+    let _ = stream.set_nodelay(true);
+    let code = match why {
+        Refusal::Full => ConnectReason::QuotaExceeded,
+        Refusal::NotJoined => ConnectReason::ServerUnavailable,
+    };
+    let who = match transport {
+        Transport::Tcp => connection::refuse(stream, broker, code).await,
+        Transport::WebSocket => match websocket::accept(stream).await {
+            Ok(bridge) => connection::refuse(bridge, broker, code).await,
+            Err(_) => String::new(),
+        },
+    };
+    if let Refusal::Full = why {
+        broker.limits.hit(Limit::Connections, &who, &format!("connection from {peer} refused"));
+    }
 }
 
 async fn serve_stream(

@@ -20,6 +20,7 @@
 //! `fleet_changes` while the trie lock orders them, and sent in that order
 //! under `fleet_gate`, so the fleet may deliver while it handles them.
 
+pub mod admission;
 pub mod clock;
 pub mod fleet;
 pub mod limits;
@@ -102,6 +103,8 @@ pub struct Broker {
     pub config: MqttConfig,
     pub storage: Storage,
     pub stats: Stats,
+    /// Whether clients are let in yet (a node joining its fleet waits).
+    pub admission: admission::Admission,
     /// Each time a client ran into one of its limits.
     pub limits: LimitHits,
     /// All the broker knows of time (see [`clock`]).
@@ -169,6 +172,7 @@ impl Broker {
             config,
             storage,
             stats: Stats::default(),
+            admission: admission::Admission::default(),
             limits: LimitHits::new(clock.clone()),
             started: clock.monotonic(),
             clock,

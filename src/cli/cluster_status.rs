@@ -137,11 +137,12 @@ pub fn render(status: &ClusterStatus) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{} members ({alive} alive) as seen by {}; replication {}, shard depth {}",
+        "{} members ({alive} alive) as seen by {}; replication {}, shard depth {}{}",
         status.members.len(),
         status.node,
         status.replication,
-        status.shard_depth
+        status.shard_depth,
+        if status.admitted { "" } else { "; joining: MQTT clients refused until then" }
     );
     let mut line = |marker: &str, cells: &[String]| {
         let mut text = String::from(marker);
@@ -203,6 +204,7 @@ mod tests {
             node: "n1".into(),
             replication: 3,
             shard_depth: 2,
+            admitted: true,
             members: vec![member("n1", true, "alive"), member("node-two", false, "suspect")],
         };
         let text = render(&status);
@@ -219,6 +221,18 @@ mod tests {
         }
         assert!(lines[2].contains(" - "), "empty MQTT list shows as -: {text}");
         assert!(lines[2].ends_with("1234"), "{text}");
+        let joining = render(&ClusterStatus { admitted: false, ..status });
+        assert_eq!(
+            joining.lines().next().unwrap(),
+            "2 members (1 alive) as seen by n1; replication 3, shard depth 2; joining: MQTT clients refused until then"
+        );
+    }
+
+    #[test]
+    fn a_status_without_the_admitted_field_reads_as_admitted() {
+        let json = r#"{"node":"n1","replication":3,"shard_depth":2,"members":[]}"#;
+        let status: ClusterStatus = serde_json::from_str(json).unwrap();
+        assert!(status.admitted);
     }
 
     #[test]

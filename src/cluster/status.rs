@@ -21,7 +21,16 @@ pub struct ClusterStatus {
     pub node: String,
     pub replication: usize,
     pub shard_depth: usize,
+    /// Whether the node answering takes MQTT clients (false while it joins
+    /// its fleet, see `crate::broker::admission`). Nodes older than this
+    /// field took clients from the start.
+    #[serde(default = "taken_from_the_start")]
+    pub admitted: bool,
     pub members: Vec<MemberStatus>,
+}
+
+fn taken_from_the_start() -> bool {
+    true
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -109,13 +118,15 @@ impl Cluster {
                 }
             })
             .collect();
+        let mut admitted = true;
         if let Some(broker) = self.broker.upgrade() {
             for m in out.iter_mut().filter(|m| m.local) {
                 m.connections = Stats::get(&broker.stats.clients_connected);
             }
+            admitted = broker.admission.is_admitted();
         }
         out.sort_by(|a, b| a.name.cmp(&b.name).then_with(|| a.peer_id.cmp(&b.peer_id)));
-        ClusterStatus { node: self.name.clone(), replication, shard_depth, members: out }
+        ClusterStatus { node: self.name.clone(), replication, shard_depth, admitted, members: out }
     }
 
     /// Where a publish to `topic` goes, from this node's owned shards and

@@ -64,6 +64,23 @@ impl TestBroker {
     }
 }
 
+/// A broker that is a cluster node joining its fleet through a bootstrap
+/// address where nothing listens (so it refuses clients until
+/// `join_timeout_ms` passed), with its HTTP endpoint; its cluster key is
+/// written into `keys`.
+pub async fn joining_broker(keys: &Path, join_timeout_ms: u64) -> TestBroker {
+    let key = keys.join("cluster.key");
+    kadmq_dht::driver::write_cluster_key(&key, &kadmq_dht::driver::generate_cluster_key()).expect("cluster key");
+    TestBroker::start_with(|c| {
+        c.listeners.http = Some("127.0.0.1:0".parse().unwrap());
+        c.cluster.p2p_listen = vec!["/ip4/127.0.0.1/tcp/0".into()];
+        c.cluster.bootstrap = vec![format!("/ip4/127.0.0.1/tcp/{}", free_port())];
+        c.cluster.cluster_key_file = Some(key);
+        c.cluster.join_timeout_ms = join_timeout_ms;
+    })
+    .await
+}
+
 pub fn test_config(data_dir: &Path, tweak: impl FnOnce(&mut Config)) -> Config {
     let mut config = Config { data_dir: data_dir.to_path_buf(), ..Config::default() };
     config.listeners.mqtt = vec!["127.0.0.1:0".parse().unwrap()];

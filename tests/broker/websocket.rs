@@ -1,10 +1,11 @@
 //! MQTT over WebSocket (path /mqtt, subprotocol mqtt): a raw tungstenite
 //! client carrying MQTT bytes, mixed with TCP clients; paho-mqtt interop.
 
-use crate::common::TestBroker;
+use crate::common::{joining_broker, TestBroker};
+use crate::support::http::http_get_async;
 use crate::support::mqtt::Client;
 use crate::support::paho;
-use crate::support::raw::{connect_v311, encode311, publish_packet, will, Raw, WAIT};
+use crate::support::raw::{connect_v311, connect_v5, encode311, publish_packet, will, Raw, WAIT};
 use bytes::BytesMut;
 use futures_util::{SinkExt, StreamExt};
 use kadmq::protocol::{self, ConnectReason, Packet as P, PubAck, QoS as Q, Subscribe, SubscribeFilter, Version};
@@ -117,6 +118,34 @@ async fn ws_wrong_path_is_refused() {
     }
     // The listener still serves the right path.
     WsMqtt::connect(broker.ws(), "ws-after-refusals").await;
+}
+
+/// A node that has not joined its fleet yet refuses a CONNECT over
+/// WebSocket as over TCP: CONNACK return code 3 (MQTT 5 over TCP: 0x88
+/// Server unavailable), then the close; `/health/ready` says 503.
+#[tokio::test]
+async fn ws_clients_are_refused_until_the_node_joined() {
+    let keys = tempfile::tempdir().unwrap();
+    let broker = joining_broker(keys.path(), 600_000).await;
+    let server = broker.server.as_ref().unwrap();
+    let http = server.http_addr().unwrap().port();
+    assert_eq!(http_get_async(http, "/health/ready").await.unwrap().0, 503);
+    assert_eq!(http_get_async(http, "/health/live").await.unwrap().0, 200);
+
+    let (ws, _) = ws_open(broker.ws(), "/mqtt", Some("mqtt")).await.expect("WebSocket handshake");
+    let mut c = WsMqtt { ws, buf: BytesMut::new() };
+    c.send(&P::Connect(connect_v311("ws-early", true, 30))).await;
+    match c.recv().await {
+        P::ConnAck(a) => assert_eq!((a.code, a.session_present), (ConnectReason::ServerUnavailable, false)),
+        other => panic!("expected CONNACK, got {other:?}"),
+    }
+    c.expect_closed().await;
+
+    let (mut tcp, ack) = Raw::connect(broker.mqtt(), connect_v5("tcp-early")).await;
+    assert_eq!(ack.code, ConnectReason::ServerUnavailable);
+    assert!(tcp.expect_closed(WAIT).await.is_empty());
+    assert_eq!(server.broker.admission.refused(), 2);
+    assert!(!server.broker.admission.is_admitted());
 }
 
 #[tokio::test]

@@ -721,7 +721,8 @@ fn a_node_with_another_cluster_key_is_refused() {
     let other_key = lab.dir.path().join("other.key");
     lab.keygen(&other_key);
     assert_ne!(std::fs::read(&other_key).unwrap(), std::fs::read(&lab.key).unwrap());
-    let w3 = lab.node_with("w3", Some(&boot), &other_key, &CALM);
+    // It joins nobody: a short join timeout lets it take clients (alone) soon.
+    let w3 = lab.node_with("w3", Some(&boot), &other_key, &[CALM[0], CALM[1], "--join-timeout-ms", "1000"]);
 
     let rt = runtime();
     let mut outsider = connect(&rt, &w3, "outsider");

@@ -5,6 +5,7 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod admission;
 mod churn;
 mod cli;
 mod forwarding;

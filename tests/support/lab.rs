@@ -28,6 +28,11 @@ use std::time::Duration;
 /// How long a test waits for the cluster to do something it should.
 pub const SETTLE: Duration = Duration::from_secs(20);
 
+/// How long a node started with a bootstrap address may take to be ready
+/// (`/health/ready` 200): it joins within seconds, and its join timeout
+/// (30 s unless the test gives `--join-timeout-ms`) admits it anyway.
+pub const READY: Duration = Duration::from_secs(40);
+
 /// The file whose `flock` is the machine-wide turn. Not the
 /// `kadmq-cluster.lock` a whole `cargo test --test cluster` may run under
 /// (`flock /tmp/kadmq-cluster.lock cargo test ...`): a lab inside such a
@@ -92,15 +97,20 @@ impl Lab {
 
     /// Starts a fleet: the first node alone, each other one bootstrapping
     /// from it, all with the extra `kadmq start` flags `flags`; returns once
-    /// every node sees every one alive.
+    /// every node sees every one alive and takes clients (`/health/ready`).
     pub fn fleet<const N: usize>(&self, names: [&str; N], flags: &[&str]) -> [Node; N] {
         let mut boot = None;
+        // Launched without waiting for each to join: they join together.
         let nodes = names.map(|name| {
-            let node = self.node_with(name, boot.as_deref(), &self.key, flags);
+            let mut node = self.unstarted(name, boot.as_deref(), &self.key, flags);
+            node.launch();
             boot.get_or_insert_with(|| node.multiaddr());
             node
         });
         wait_for_members(&nodes.iter().collect::<Vec<_>>(), &names);
+        for node in &nodes {
+            node.wait_ready();
+        }
         nodes
     }
 
@@ -109,9 +119,19 @@ impl Lab {
         self.node_with(name, bootstrap, &self.key, &[])
     }
 
-    /// Starts a node with its own key file and extra `kadmq start` flags.
+    /// Starts a node with its own key file and extra `kadmq start` flags
+    /// ([`Node::start`]: with a bootstrap address, it returns once the node
+    /// takes clients).
     pub fn node_with(&self, name: &str, bootstrap: Option<&str>, key: &Path, extra: &[&str]) -> Node {
-        let mut node = Node {
+        let mut node = self.unstarted(name, bootstrap, key, extra);
+        node.start();
+        node
+    }
+
+    /// A node of this lab not started yet: its ports and flags may still be
+    /// changed before [`Node::start`] or [`Node::launch`].
+    pub fn unstarted(&self, name: &str, bootstrap: Option<&str>, key: &Path, extra: &[&str]) -> Node {
+        Node {
             process: None,
             name: name.into(),
             data_dir: self.dir.path().join(name),
@@ -121,10 +141,9 @@ impl Lab {
             p2p_port: free_port(),
             bootstrap: bootstrap.map(String::from),
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            env: Vec::new(),
             log: self.dir.path().join(format!("{name}.log")),
-        };
-        node.start();
-        node
+        }
     }
 }
 
@@ -166,14 +185,26 @@ pub struct Node {
     pub p2p_port: u16,
     pub bootstrap: Option<String>,
     pub extra: Vec<String>,
+    /// Environment variables of the process (settings given as `KADMQ_*`).
+    pub env: Vec<(String, String)>,
     /// Where the node's log goes (read it with [`Node::log`]).
     pub log: PathBuf,
 }
 
 impl Node {
     /// (Re)starts the process with the same ports, data dir and flags, and
-    /// waits until its HTTP endpoint listens.
+    /// waits until its HTTP endpoint listens and, for a node with a bootstrap
+    /// address, until it has joined and takes clients (`/health/ready`).
     pub fn start(&mut self) {
+        self.launch();
+        if self.bootstrap.is_some() {
+            self.wait_ready();
+        }
+    }
+
+    /// [`Node::start`] without waiting for the node to take clients: a node
+    /// with a bootstrap address refuses them until it has joined.
+    pub fn launch(&mut self) {
         assert!(self.process.is_none(), "{} is running", self.name);
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
         let mut command = kadmq();
@@ -195,10 +226,23 @@ impl Node {
         if let Some(bootstrap) = &self.bootstrap {
             command.args(["--bootstrap", bootstrap]);
         }
+        command.envs(self.env.iter().map(|(k, v)| (k, v)));
         self.process = Some(Process::spawn(command));
         let port = self.http_port;
         wait_until(Duration::from_secs(30), &format!("{} to listen", self.name), || {
             std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+    }
+
+    /// Waits (up to [`READY`]) until `/health/ready` answers 200.
+    pub fn wait_ready(&self) {
+        let port = self.http_port;
+        wait_until(READY, &format!("{} to take clients (/health/ready)", self.name), || {
+            match http_get(port, "/health/ready") {
+                Ok((200, _)) => Ok(()),
+                Ok((status, body)) => Err(format!("{status}: {}", body.trim())),
+                Err(err) => Err(err.to_string()),
+            }
         });
     }
 
