@@ -406,6 +406,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 _ = tokio::task::yield_now(), if more => {}
                 _ = &mut keep_alive_timer => {
                     let Some(keep_alive) = self.keep_alive else { continue };
+                    if awaiting {
+                        // We are not reading (an acknowledgement waits for the
+                        // fleet): the client's silence is ours, not its.
+                        last_seen = Instant::now();
+                    }
                     if last_seen.elapsed() >= keep_alive {
                         break Close::Error(DisconnectReason::KeepAliveTimeout, "keep-alive timeout");
                     }

@@ -133,7 +133,9 @@ async fn a_full_outbox_refuses_qos1_publishes_with_quota_exceeded() {
     assert!(a.log().matches("cluster outbox full").count() == 1, "logged once");
     // Acknowledged again: the outbox drains and publishes are taken.
     b.cut(None);
-    wait_until(SETTLE, "the outbox to drain", || a.metric("kadmq_cluster_outbox_bytes") == 0);
+    tokio::task::block_in_place(|| {
+        wait_until(SETTLE, "the outbox to drain", || a.metric("kadmq_cluster_outbox_bytes") == 0)
+    });
     publisher.client.publish("full/t", Q5::AtLeastOnce, false, "again").await.unwrap();
     let reason = publisher.wait_for("PUBACK", puback).await;
     assert_eq!(reason, rumqttc::v5::mqttbytes::v5::PubAckReason::Success);
@@ -179,7 +181,9 @@ async fn a_qos2_message_resent_after_either_node_restarts_is_delivered_once() {
     b.kill();
     b.start();
     wait_for_members(&[&a, &b], &["e1", "e2"]);
-    wait_until(SETTLE, "a's resend to be acknowledged", || a.metric("kadmq_cluster_outbox_messages") == 0);
+    tokio::task::block_in_place(|| {
+        wait_until(SETTLE, "a's resend to be acknowledged", || a.metric("kadmq_cluster_outbox_messages") == 0)
+    });
     assert!(b.metric("kadmq_cluster_qos2_duplicates_total") >= 1, "the resend came and was recognised");
     let (mut subscriber, ack) = Client5::connect(Client5::persistent("keeper", b.mqtt_port, 600)).await;
     assert!(ack.session_present);
@@ -194,8 +198,12 @@ async fn a_qos2_message_resent_after_either_node_restarts_is_delivered_once() {
     a.kill();
     a.start();
     wait_for_members(&[&a, &b], &["e1", "e2"]);
-    wait_until(SETTLE, "the resend after a's restart", || b.metric("kadmq_cluster_qos2_duplicates_total") > before);
+    tokio::task::block_in_place(|| {
+        wait_until(SETTLE, "the resend after a's restart", || b.metric("kadmq_cluster_qos2_duplicates_total") > before)
+    });
     assert_eq!(subscriber.next_within(Duration::from_secs(3), next).await, None, "not delivered again");
     b.cut(None);
-    wait_until(SETTLE, "a's outbox to empty", || a.metric("kadmq_cluster_outbox_messages") == 0);
+    tokio::task::block_in_place(|| {
+        wait_until(SETTLE, "a's outbox to empty", || a.metric("kadmq_cluster_outbox_messages") == 0)
+    });
 }

@@ -157,8 +157,10 @@ async fn a_thousand_retained_topics_over_five_nodes_come_once_per_wildcard_subsc
     // the owners in the publisher's view; a write relayed to an owner its
     // view missed may be a moment behind), none holds them all.
     let held = || -> Vec<u64> { nodes.iter().map(|n| n.metric("kadmq_cluster_retained_messages")).collect() };
-    crate::support::wait::wait_until(Duration::from_secs(10), "three copies of each topic", || {
-        held().iter().sum::<u64>() == 3 * TOPICS as u64
+    tokio::task::block_in_place(|| {
+        crate::support::wait::wait_until(Duration::from_secs(10), "three copies of each topic", || {
+            held().iter().sum::<u64>() == 3 * TOPICS as u64
+        })
     });
     let held = held();
     assert!(held.iter().all(|h| *h < TOPICS as u64), "no node holds the whole set: {held:?}");

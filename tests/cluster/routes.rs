@@ -56,7 +56,7 @@ async fn a_publish_right_after_the_suback_reaches_a_subscriber_on_another_node()
     }
     // Every publish was acknowledged: what is forwarded is on its way.
     let got = || subscriber.received().into_iter().map(|r| r.publish.topic).collect::<BTreeSet<String>>();
-    wait_until(WAIT, "the publishes", || got().len() >= TOPICS);
+    tokio::task::block_in_place(|| wait_until(WAIT, "the publishes", || got().len() >= TOPICS));
     let got = got();
     let missed: Vec<String> = (0..TOPICS).map(|i| format!("fresh/{i}/t")).filter(|t| !got.contains(t)).collect();
     assert!(missed.is_empty(), "published right after the SUBACK and missed: {missed:?}");
@@ -135,13 +135,17 @@ async fn route_views_converge_after_frames_are_lost_during_churn() {
             BTreeSet::new()
         }
     };
-    let converged = try_wait_until_every(Duration::from_secs(1), Duration::from_secs(75), "route views", || {
-        for node in nodes {
-            for i in 0..TOPICS {
-                view_is(node, &topic(i), &want(i))?;
+    // Blocking HTTP polls: off the runtime's worker (block_in_place), so
+    // the clients' tasks (keep-alive included) go on meanwhile.
+    let converged = tokio::task::block_in_place(|| {
+        try_wait_until_every(Duration::from_secs(1), Duration::from_secs(75), "route views", || {
+            for node in nodes {
+                for i in 0..TOPICS {
+                    view_is(node, &topic(i), &want(i))?;
+                }
             }
-        }
-        Ok(())
+            Ok(())
+        })
     });
     converged.unwrap();
     let repaired: u64 = nodes.iter().map(|n| n.metric("kadmq_cluster_assertions_retried_total")).sum();
@@ -156,7 +160,7 @@ async fn route_views_converge_after_frames_are_lost_during_churn() {
         let received = subscriber.received().into_iter().map(|r| r.publish);
         received.filter(|p| p.payload.as_ref() == b"after").map(|p| p.topic).collect()
     };
-    wait_until(WAIT, "the publishes after the heal", || after().len() >= TOPICS / 2);
+    tokio::task::block_in_place(|| wait_until(WAIT, "the publishes after the heal", || after().len() >= TOPICS / 2));
     // Anything extra would have come with them.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let got = after();
@@ -182,8 +186,10 @@ async fn a_suback_whose_owners_are_cut_off_goes_out_after_the_timeout() {
         node.cut(None);
     }
     // The retries bring the route to a and b: a publish there reaches c.
-    wait_until(Duration::from_secs(60), "the route to settle", || {
-        c.metric("kadmq_cluster_route_unsettled_shards") == 0
+    tokio::task::block_in_place(|| {
+        wait_until(Duration::from_secs(60), "the route to settle", || {
+            c.metric("kadmq_cluster_route_unsettled_shards") == 0
+        })
     });
     let mut publisher = connect(&a, "pub-a").await;
     publisher.publish("cut/off/t", QoS::AtLeastOnce, false, "late").await;
