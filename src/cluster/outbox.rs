@@ -22,6 +22,9 @@
 //! storage next flushes ([`Unwritten`], run by the flush before anything is
 //! acknowledged to a client), all unwritten ones in one batch; one that
 //! every destination acknowledged before that is never written at all.
+//! The removal of a written one, once acknowledged, goes in the next batch
+//! too (a crash before it resends the message after the restart: QoS 1
+//! allows that, and the destination drops a QoS 2 one it delivered).
 //!
 //! Boundary: no network; [`Storage`] only. The cluster task sends what
 //! [`Outbox::due`] returns and feeds acknowledgements to [`Outbox::ack`].
@@ -95,7 +98,14 @@ impl Destination {
 /// Its lock is a leaf: taken under the state mutex (holding, acknowledging)
 /// and by the storage's flush, never the other way.
 #[derive(Default)]
-pub struct Unwritten(Mutex<BTreeMap<u64, (Arc<Message>, Waiting)>>);
+pub struct Unwritten(Mutex<Pending>);
+
+/// What the next flush writes: records, and removals of records written.
+#[derive(Default)]
+struct Pending {
+    records: BTreeMap<u64, (Arc<Message>, Waiting)>,
+    removed: Vec<u64>,
+}
 
 /// The destinations a held message waits for, and what each delivers.
 type Waiting = Vec<(NodeId, ForwardRoute)>;
@@ -106,25 +116,30 @@ impl Unwritten {
     /// in: an acknowledgement meanwhile finds the record written and
     /// removes it after, not before.
     pub fn write_all(&self, storage: &Storage) {
-        let mut unwritten = self.0.lock();
-        if unwritten.is_empty() {
+        let mut pending = self.0.lock();
+        if pending.records.is_empty() && pending.removed.is_empty() {
             return;
         }
-        let writes = std::mem::take(&mut *unwritten)
-            .into_iter()
-            .map(|(id, (message, waiting))| storage.outbox_write(id, &record_bytes(&message, true, &waiting)))
-            .collect();
+        let Pending { records, removed } = std::mem::take(&mut *pending);
+        let mut writes: Vec<_> = removed.into_iter().map(|id| storage.outbox_removal(id)).collect();
+        writes.extend(
+            records
+                .into_iter()
+                .map(|(id, (message, waiting))| storage.outbox_write(id, &record_bytes(&message, true, &waiting))),
+        );
         if let Err(err) = storage.commit(writes) {
             tracing::error!(cause = %err, "could not persist forwarded messages");
         }
     }
 
+    /// Records and removals waiting for the next flush.
     pub fn len(&self) -> usize {
-        self.0.lock().len()
+        let pending = self.0.lock();
+        pending.records.len() + pending.removed.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.0.lock().is_empty()
+        self.len() == 0
     }
 }
 
@@ -172,11 +187,11 @@ impl Outbox {
     /// unwritten) updates it for the next flush.
     fn update(&mut self, storage: &Storage, id: u64) {
         let Some(held) = self.held.get(&id) else { return };
-        let mut unwritten = self.unwritten.0.lock();
-        match unwritten.get_mut(&id) {
-            Some(record) => record.1 = held.waiting.clone(),
-            None => persist(storage, id, &held.message, true, &held.waiting),
+        if !self.deferred {
+            return persist(storage, id, &held.message, true, &held.waiting);
         }
+        let mut pending = self.unwritten.0.lock();
+        pending.records.insert(id, (held.message.clone(), held.waiting.clone()));
     }
 
     /// The bytes held, as a gauge the publish path can read at any time.
@@ -195,9 +210,14 @@ impl Outbox {
         if let Some(held) = self.held.remove(&id) {
             self.bytes.fetch_sub(size_of(&held.message), Ordering::Relaxed);
         }
+        let mut pending = self.unwritten.0.lock();
         // Never written: nothing to delete.
-        if self.unwritten.0.lock().remove(&id).is_none() {
-            forget(storage, id);
+        if pending.records.remove(&id).is_none() {
+            if self.deferred {
+                pending.removed.push(id);
+            } else {
+                forget(storage, id);
+            }
         }
     }
 
@@ -237,7 +257,7 @@ impl Outbox {
         if on_disk || !self.deferred {
             persist(storage, id, &message, true, &waiting);
         } else {
-            self.unwritten.0.lock().insert(id, (message.clone(), waiting.clone()));
+            self.unwritten.0.lock().records.insert(id, (message.clone(), waiting.clone()));
         }
         self.insert(id, Held { message, waiting });
     }
@@ -467,8 +487,11 @@ mod tests {
         assert_eq!(rows.len(), 1);
         assert_eq!(rows[0].0, 2);
         outbox.ack(&storage, NodeId(1), 1, 1, 0);
+        unwritten.write_all(&storage);
         assert_eq!(restore(&storage)[0].1.waiting.len(), 1, "a written record follows partial acks");
         outbox.ack(&storage, NodeId(2), 1, 0, 0);
+        assert_eq!(storage.outbox().unwrap().len(), 1, "its removal waits for the next flush");
+        unwritten.write_all(&storage);
         assert!(storage.outbox().unwrap().is_empty() && unwritten.is_empty());
     }
 

@@ -122,6 +122,11 @@ impl Cluster {
             }
         };
         deliver_all(&broker, local);
+        // Outbox removals (and anything else) written since the last flush
+        // go to disk at least once a second, publishes or not.
+        if let Err(err) = broker.storage.flush() {
+            tracing::error!(cause = %err, "storage flush failed");
+        }
         let _ = self.client.set_load(load).await;
         if self.started.elapsed().as_secs() % 10 == 5 {
             self.remember_members().await;

@@ -381,6 +381,11 @@ impl Storage {
         Write::Insert { tree: self.outbox, key: id.to_be_bytes().to_vec(), value: record.to_vec() }
     }
 
+    /// The removal of outbox record `id` (for [`Storage::commit`]).
+    pub fn outbox_removal(&self, id: u64) -> Write {
+        Write::Remove { tree: self.outbox, key: id.to_be_bytes().to_vec() }
+    }
+
     /// Applies `writes` as one atomic batch.
     pub fn commit(&self, writes: Vec<Write>) -> Result<()> {
         if writes.is_empty() {
