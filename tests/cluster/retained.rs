@@ -24,19 +24,7 @@ async fn publish_retained(node: &Node, topic: &str, payload: &[u8]) {
 /// arrive within `quiet` after the SUBSCRIBE.
 async fn retained_on(node: &Node, filter: &str, quiet: Duration) -> Vec<(String, Vec<u8>)> {
     let id = format!("sub-{}-{}", node.name, filter.len());
-    let (mut client, _) = Client::connect(Client::options(&id, node.mqtt_port)).await;
-    client.client.subscribe(filter, QoS::AtLeastOnce).await.unwrap();
-    let mut got: Vec<(String, Vec<u8>)> = client
-        .publishes_within(quiet)
-        .await
-        .into_iter()
-        .filter(|p| p.retain)
-        .map(|p| (p.topic.clone(), p.payload.to_vec()))
-        .collect();
-    if let Some(err) = client.ended() {
-        panic!("subscriber on {}: {err}", node.name);
-    }
-    client.client.disconnect().await.unwrap();
+    let mut got = retained_arrivals(node, &id, filter, quiet).await;
     got.sort();
     got
 }
@@ -78,13 +66,13 @@ async fn retained_messages_reach_every_node_and_a_late_joiner() {
     wait_retained(&n4, "status/#", &[("status/b", b"off")]).await;
 }
 
-/// Every retained message a new subscriber to `filter` on `node` gets (in
-/// arrival order, duplicates kept), once nothing more came for a second.
-async fn retained_arrivals(node: &Node, id: &str, filter: &str) -> Vec<(String, Vec<u8>)> {
+/// Every retained message a new subscriber `id` to `filter` on `node` gets
+/// (in arrival order, duplicates kept), once nothing more came for `quiet`.
+async fn retained_arrivals(node: &Node, id: &str, filter: &str, quiet: Duration) -> Vec<(String, Vec<u8>)> {
     let (mut client, _) = Client::connect(Client::options(id, node.mqtt_port)).await;
     client.client.subscribe(filter, QoS::AtLeastOnce).await.unwrap();
     let got: Vec<(String, Vec<u8>)> = client
-        .publishes_until_quiet(Duration::from_secs(1))
+        .publishes_until_quiet(quiet)
         .await
         .into_iter()
         .filter(|p| p.retain)
@@ -179,7 +167,7 @@ async fn a_thousand_retained_topics_over_five_nodes_come_once_per_wildcard_subsc
     ];
     for (k, (filter, wanted)) in filters.iter().enumerate() {
         let node = &nodes[k % nodes.len()];
-        let got = retained_arrivals(node, &format!("sub-{k}"), filter).await;
+        let got = retained_arrivals(node, &format!("sub-{k}"), filter, Duration::from_secs(1)).await;
         let mut seen = std::collections::BTreeMap::new();
         for (topic, payload) in &got {
             *seen.entry(topic.clone()).or_insert(0) += 1;
