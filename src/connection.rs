@@ -697,8 +697,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         }
     }
 
-    /// A PUBACK for a client's QoS 1 PUBLISH, which stays in flight (for
-    /// Receive Maximum) until the PUBACK is written.
     /// The fleet could not keep a QoS 1/2 message (its outbox is full):
     /// MQTT 5 says so with 0x97 (Quota exceeded) and the client keeps the
     /// message; MQTT 3.1.1 has no refusal in PUBACK, so the connection is
@@ -734,6 +732,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         }
     }
 
+    /// A PUBACK for a client's QoS 1 PUBLISH, which stays in flight (for
+    /// Receive Maximum) until the PUBACK is written.
     fn send_puback(&mut self, ack: PubAck) {
         if self.version == Version::V5 {
             self.unwritten_pubacks += 1;

@@ -603,7 +603,8 @@ impl Broker {
 
     /// Routes a message to every matching session (in a fleet, through
     /// it); returns the number of deliveries queued, or 1 when a fleet
-    /// cannot tell yet. Retained messages are stored or cleared first.
+    /// cannot tell yet. A single node stores or clears a retained message
+    /// first; a fleet keeps it at its owners, once routed.
     pub fn publish(&self, message: Message) -> usize {
         self.publish_kept(message).matched
     }
@@ -812,19 +813,18 @@ impl Broker {
     /// them here (memory and storage): a node that joins a fleet.
     pub fn take_fleet_retained(&self) -> Vec<Message> {
         let mut tree = self.retained.write();
-        let mut taken = Vec::new();
-        for message in tree.matching("#").into_iter().chain(tree.matching("+/#")) {
-            if node_local(&message.topic) || taken.iter().any(|m: &Message| m.topic == message.topic) {
-                continue;
-            }
-            taken.push((*message).clone());
+        // Storage holds every durable one (`$` topics too, which `#` does
+        // not match); the tree may hold a newer one not flushed yet.
+        let mut taken: HashMap<String, Message> = HashMap::new();
+        for message in self.storage.retained().unwrap_or_default().into_iter().filter(|m| !node_local(&m.topic)) {
+            taken.insert(message.topic.clone(), message);
         }
-        let dollar = self.storage.retained().unwrap_or_default();
-        for message in dollar.into_iter().filter(|m| !node_local(&m.topic)) {
-            if !taken.iter().any(|m| m.topic == message.topic) {
-                taken.push(message);
+        for message in tree.matching("#") {
+            if !node_local(&message.topic) {
+                taken.insert(message.topic.clone(), (*message).clone());
             }
         }
+        let taken: Vec<Message> = taken.into_values().collect();
         for message in &taken {
             tree.remove(&message.topic);
             if let Err(err) = self.storage.remove_retained(&message.topic) {
@@ -931,26 +931,24 @@ impl Broker {
     /// Queues retained `messages` for a new subscription of `session`.
     pub fn queue_retained(&self, session: &Arc<Session>, subscription: &Subscription, messages: Vec<Arc<Message>>) {
         let now = self.now_ms();
-        {
-            for message in messages {
-                if message.is_expired(now) {
-                    if self.fleet.get().is_none() || node_local(&message.topic) {
-                        self.forget_expired_retained(&message.topic, now);
-                    }
-                    continue;
+        for message in messages {
+            if message.is_expired(now) {
+                if self.fleet.get().is_none() || node_local(&message.topic) {
+                    self.forget_expired_retained(&message.topic, now);
                 }
-                let delivery = Delivery {
-                    qos: message.qos.min(subscription.options.qos),
-                    retain: true,
-                    subscription_ids: subscription.identifier.into_iter().collect(),
-                    message,
-                    seq: None,
-                    shared: None,
-                };
-                let limits = QueueLimits { qos0_offline: true, ..self.queue_limits() };
-                if let Err(dropped) = session.enqueue(delivery, &limits, &self.storage) {
-                    self.count_dropped(session, dropped);
-                }
+                continue;
+            }
+            let delivery = Delivery {
+                qos: message.qos.min(subscription.options.qos),
+                retain: true,
+                subscription_ids: subscription.identifier.into_iter().collect(),
+                message,
+                seq: None,
+                shared: None,
+            };
+            let limits = QueueLimits { qos0_offline: true, ..self.queue_limits() };
+            if let Err(dropped) = session.enqueue(delivery, &limits, &self.storage) {
+                self.count_dropped(session, dropped);
             }
         }
     }

@@ -60,6 +60,11 @@
 //! other way), so per-pair FIFO holds. A plain QoS 0 forward is delivered
 //! without the mutex; local deliveries run after it is released (the broker's
 //! locks come after this module's in the order written in `crate::broker`).
+//! The leaf locks added for retained messages and the outbox are taken
+//! under the state mutex or alone, never one inside another: the retained
+//! store, its `writes` and `requests` maps, `qos2_seen`, the outbox's
+//! `Unwritten` (also taken by the storage's flush, under its `flushing`
+//! lock, which nothing here holds).
 
 mod bootstrap;
 pub mod counter;

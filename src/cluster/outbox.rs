@@ -115,21 +115,23 @@ impl Unwritten {
     /// calls this before it persists). The lock is held until the batch is
     /// in: an acknowledgement meanwhile finds the record written and
     /// removes it after, not before.
-    pub fn write_all(&self, storage: &Storage) {
+    /// On an error nothing is taken: the records stay for the next flush,
+    /// and the flush fails, so nothing is acknowledged on them.
+    pub fn write_all(&self, storage: &Storage) -> crate::storage::Result<()> {
         let mut pending = self.0.lock();
         if pending.records.is_empty() && pending.removed.is_empty() {
-            return;
+            return Ok(());
         }
-        let Pending { records, removed } = std::mem::take(&mut *pending);
-        let mut writes: Vec<_> = removed.into_iter().map(|id| storage.outbox_removal(id)).collect();
+        let mut writes: Vec<_> = pending.removed.iter().map(|id| storage.outbox_removal(*id)).collect();
         writes.extend(
-            records
-                .into_iter()
-                .map(|(id, (message, waiting))| storage.outbox_write(id, &record_bytes(&message, true, &waiting))),
+            pending
+                .records
+                .iter()
+                .map(|(id, (message, waiting))| storage.outbox_write(*id, &record_bytes(message, true, waiting))),
         );
-        if let Err(err) = storage.commit(writes) {
-            tracing::error!(cause = %err, "could not persist forwarded messages");
-        }
+        storage.commit(writes)?;
+        *pending = Pending::default();
+        Ok(())
     }
 
     /// Records and removals waiting for the next flush.
@@ -482,16 +484,16 @@ mod tests {
         assert!(storage.outbox().unwrap().is_empty(), "nothing written before the flush");
         outbox.ack(&storage, NodeId(1), 1, 0, 0);
         assert_eq!(unwritten.len(), 1, "1 was acknowledged first: never written");
-        unwritten.write_all(&storage);
+        unwritten.write_all(&storage).unwrap();
         let rows = restore(&storage);
         assert_eq!(rows.len(), 1);
         assert_eq!(rows[0].0, 2);
         outbox.ack(&storage, NodeId(1), 1, 1, 0);
-        unwritten.write_all(&storage);
+        unwritten.write_all(&storage).unwrap();
         assert_eq!(restore(&storage)[0].1.waiting.len(), 1, "a written record follows partial acks");
         outbox.ack(&storage, NodeId(2), 1, 0, 0);
         assert_eq!(storage.outbox().unwrap().len(), 1, "its removal waits for the next flush");
-        unwritten.write_all(&storage);
+        unwritten.write_all(&storage).unwrap();
         assert!(storage.outbox().unwrap().is_empty() && unwritten.is_empty());
     }
 

@@ -95,12 +95,17 @@ impl Cluster {
     /// sessions and on disk).
     pub(super) fn deliver_received(&self, received: Received) {
         let Some(broker) = self.broker.upgrade() else { return };
-        self.deliver_once(&broker, received.local);
+        let stored = self.deliver_once(&broker, received.local);
         if !received.dead_sessions.is_empty() {
             self.adopt(&broker, received.dead_sessions);
         }
         for (dead, messages) in received.sent_on {
             self.deliver_sent_on(&broker, dead, messages);
+        }
+        if !stored {
+            // A QoS 2 delivery was not stored: nothing of this batch is
+            // acknowledged; the senders resend, and it is delivered then.
+            return;
         }
         if !received.acks.is_empty() {
             // What we acknowledge must survive a crash of this node.
@@ -121,8 +126,10 @@ impl Cluster {
     /// Delivers what arrived; a QoS 2 message of another node only if it
     /// was not delivered here before (a resend after a restart of either
     /// node), its record written in the same batch as its deliveries.
-    fn deliver_once(&self, broker: &Broker, local: Vec<(Arc<Message>, ForwardRoute)>) {
+    /// Returns false if such a batch could not be stored.
+    fn deliver_once(&self, broker: &Broker, local: Vec<(Arc<Message>, ForwardRoute)>) -> bool {
         let now = broker.now_ms();
+        let mut stored = true;
         for (message, route) in local {
             let qos2 = message.qos == crate::protocol::QoS::ExactlyOnce;
             let Some(id) = message.fleet_id.filter(|(origin, _)| qos2 && *origin != self.me.0) else {
@@ -136,9 +143,11 @@ impl Cluster {
             let record = broker.storage.seen_write(id.0, id.1, now);
             if let Err(err) = broker.storage.in_batch(vec![record], || broker.deliver(message, &recipients(route))) {
                 self.qos2_seen.lock().remove(id);
+                stored = false;
                 tracing::error!(cause = %err, "could not store a QoS 2 delivery; it is not acknowledged");
             }
         }
+        stored
     }
 
     /// One frame (a batch, usually) of a member, decoded and carried out.

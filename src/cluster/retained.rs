@@ -69,7 +69,8 @@ pub enum RetainFrame {
     /// an owner in its view is relayed once to the owners in its view: the
     /// writer's view may lag and miss an owner.
     /// With `ack`, each receiver answers [`RetainFrame::Stored`] once it
-    /// has applied (and persisted) the items.
+    /// has applied the items (written to its store, flushed with its next
+    /// flush; also when it held a newer version, which wins).
     Put { items: Vec<FleetRetained>, relay: bool, ack: Option<u64> },
     /// The items of put `req` are kept here.
     Stored { req: u64 },
@@ -125,6 +126,8 @@ struct Store {
     cleared: RetainedTree,
     /// Tombstones by the time they were cleared, for purging.
     tombstones: BTreeSet<(u64, Box<str>)>,
+    /// Live messages with a Message Expiry Interval, by when they expire.
+    expiring: BTreeSet<(u64, Box<str>)>,
     /// Payload and topic bytes of the live messages.
     bytes: u64,
 }
@@ -149,6 +152,9 @@ impl Store {
             Some(message) => {
                 self.bytes += (message.payload.len() + message.topic.len()) as u64;
                 self.live.insert(message.clone());
+                if let Some(at) = message.expires_at_ms {
+                    self.expiring.insert((at, item.topic.as_str().into()));
+                }
             }
             None => {
                 self.cleared.insert(Arc::new(tombstone(&item.topic)));
@@ -173,6 +179,9 @@ impl Store {
             Some(message) => {
                 self.bytes -= (message.payload.len() + message.topic.len()) as u64;
                 self.live.remove(topic);
+                if let Some(at) = message.expires_at_ms {
+                    self.expiring.remove(&(at, topic.into()));
+                }
             }
             None => {
                 self.cleared.remove(topic);
@@ -282,7 +291,7 @@ impl FleetRetainedStore {
         let wall = now_ms << 16;
         let mut last = self.hlc.load(Ordering::Relaxed);
         loop {
-            let next = wall.max(last + 1);
+            let next = wall.max(last.saturating_add(1));
             match self.hlc.compare_exchange_weak(last, next, Ordering::AcqRel, Ordering::Relaxed) {
                 Ok(_) => return next,
                 Err(seen) => last = seen,
@@ -361,14 +370,24 @@ impl Cluster {
             self.send_to(&st, *owner, Class::Control, links::copy_of(&frame));
         }
         let (req, stored) = stored?;
-        let cluster = self.this.get().cloned();
+        // The waiter goes however the future ends: resolved, timed out, or
+        // dropped unpolled (a QoS 0 publish, a will, a closed connection).
+        struct Waiter(Option<Arc<Cluster>>, u64);
+        impl Drop for Waiter {
+            fn drop(&mut self) {
+                if let Some(cluster) = &self.0 {
+                    cluster.retained.writes.lock().remove(&self.1);
+                }
+            }
+        }
+        let waiter = Waiter(self.this.get().and_then(|c| c.upgrade()), req);
         Some(Box::pin(async move {
             if tokio::time::timeout(wait, stored).await.is_err() {
-                if let Some(cluster) = cluster.and_then(|c| c.upgrade()) {
-                    cluster.retained.writes.lock().remove(&req);
+                if let Some(cluster) = &waiter.0 {
                     bump(&cluster.retained.stats.unacknowledged, 1);
                 }
             }
+            drop(waiter);
         }))
     }
 
@@ -575,10 +594,29 @@ impl Cluster {
         }
     }
 
-    /// Once a tick: shards let go after their grace, tombstones past the
-    /// tombstone time purged (memory and disk).
+    /// Once a tick: expired messages become tombstones (at their version,
+    /// so an older copy elsewhere cannot come back), shards let go after
+    /// their grace, tombstones past the tombstone time purged (memory and
+    /// disk).
     pub(super) fn retained_tick(&self, storage: &Storage, now_ms: u64) {
         let mut store = self.retained.store.lock();
+        while let Some((at, topic)) = store.expiring.first().cloned() {
+            if at > now_ms {
+                break;
+            }
+            let Some(held) = store.forget(&topic) else { continue };
+            let cleared = FleetRetained {
+                topic: topic.to_string(),
+                hlc: held.hlc,
+                origin: held.origin,
+                message: None,
+                cleared_at_ms: at,
+            };
+            store.apply(&cleared);
+            if let Err(err) = storage.put_fleet_retained(&cleared) {
+                tracing::error!(cause = %err, "could not store an expired retained message's tombstone");
+            }
+        }
         let released: Vec<Box<str>> = store
             .held
             .iter()
@@ -650,6 +688,17 @@ mod tests {
         assert!(store.apply(&item("a/b", 8, Some("again"))));
         assert_eq!(store.tombstones.len(), 0);
         assert_eq!(store.bytes, ("again".len() + "a/b".len()) as u64);
+    }
+
+    #[test]
+    fn expiring_messages_are_indexed_until_replaced() {
+        let mut store = Store::default();
+        let mut expiring = item("e/x", 5, Some("soon"));
+        expiring.message.as_mut().unwrap().expires_at_ms = Some(1_000);
+        assert!(store.apply(&expiring));
+        assert_eq!(store.expiring.len(), 1);
+        assert!(store.apply(&item("e/x", 6, Some("forever"))));
+        assert!(store.expiring.is_empty(), "the newer value does not expire");
     }
 
     #[test]

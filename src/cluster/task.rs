@@ -105,11 +105,6 @@ impl Cluster {
             }
             self.membership_tick(st);
             self.retained_tick(&broker.storage, broker.now_ms());
-            for (origin, id) in self.qos2_seen.lock().expire(broker.now_ms()) {
-                if let Err(err) = broker.storage.remove_seen(origin, id) {
-                    tracing::error!(cause = %err, "could not forget a QoS 2 delivery record");
-                }
-            }
             if self.started.elapsed() >= REPLAY_AFTER {
                 for (id, message) in std::mem::take(&mut st.replay) {
                     self.route(st, &broker.storage, id, Arc::new(message), &mut local);
@@ -122,6 +117,11 @@ impl Cluster {
             }
         };
         deliver_all(&broker, local);
+        let expired = self.qos2_seen.lock().expire(broker.now_ms());
+        let removals = expired.into_iter().map(|(origin, id)| broker.storage.seen_removal(origin, id)).collect();
+        if let Err(err) = broker.storage.commit(removals) {
+            tracing::error!(cause = %err, "could not forget QoS 2 delivery records");
+        }
         // Outbox removals (and anything else) written since the last flush
         // go to disk at least once a second, publishes or not.
         if let Err(err) = broker.storage.flush() {

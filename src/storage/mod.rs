@@ -106,7 +106,7 @@ impl FleetRetained {
 }
 
 /// What [`Storage::flush`] runs first ([`Storage::before_flush`]).
-pub type FlushHook = dyn Fn(&Storage) + Send + Sync;
+pub type FlushHook = dyn Fn(&Storage) -> Result<()> + Send + Sync;
 
 /// A write to a persistent session, as [`Storage::set_mirror`] sees it.
 #[derive(Debug, Clone)]
@@ -428,10 +428,21 @@ impl Storage {
     /// of them. (Used to record that a QoS 2 message was delivered in the
     /// same batch as its deliveries.)
     pub fn in_batch<T>(&self, extra: Vec<Write>, f: impl FnOnce() -> T) -> Result<T> {
+        /// Puts the outer batch back however the scope ends (a panic in
+        /// `f` included), so no later write on this thread is captured.
+        struct Scope(Option<(usize, Vec<Write>)>);
+        impl Drop for Scope {
+            fn drop(&mut self) {
+                let outer = self.0.take();
+                let _ = BATCH.try_with(|b| *b.borrow_mut() = outer);
+            }
+        }
         let me = self as *const Storage as usize;
-        let outer = BATCH.with(|b| b.borrow_mut().replace((me, Vec::new())));
+        let scope = Scope(BATCH.with(|b| b.borrow_mut().replace((me, Vec::new()))));
         let result = f();
-        let (_, mut writes) = BATCH.with(|b| std::mem::replace(&mut *b.borrow_mut(), outer)).expect("ours");
+        let taken = BATCH.with(|b| b.borrow_mut().take());
+        drop(scope);
+        let (_, mut writes) = taken.expect("ours");
         writes.extend(extra);
         if !writes.is_empty() {
             self.engine.commit(writes)?;
@@ -471,10 +482,10 @@ impl Storage {
         Write::Insert { tree: self.fleet_seen, key: seen_key(origin, id), value: at_ms.to_be_bytes().to_vec() }
     }
 
-    pub fn remove_seen(&self, origin: u64, id: u64) -> Result<()> {
-        self.write_remove(self.fleet_seen, &seen_key(origin, id))?;
-        self.mark_dirty();
-        Ok(())
+    /// The removal of the record [`Storage::seen_write`] made (for
+    /// [`Storage::commit`]).
+    pub fn seen_removal(&self, origin: u64, id: u64) -> Write {
+        Write::Remove { tree: self.fleet_seen, key: seen_key(origin, id) }
     }
 
     /// Every recorded QoS 2 delivery: ((origin, id), when).
@@ -510,7 +521,7 @@ impl Storage {
     pub fn flush(&self) -> Result<()> {
         let _flushing = self.flushing.lock();
         if let Some(hook) = self.before_flush.get() {
-            hook(self);
+            hook(self)?;
         }
         if self.dirty.swap(false, Ordering::AcqRel) {
             self.engine.persist(Durability::Buffer)?;

@@ -284,6 +284,6 @@ fn a_batch_holds_the_writes_made_in_it_and_its_extra_until_the_end() {
     let storage = Storage::open(dir.path()).unwrap();
     assert_eq!(storage.seen().unwrap(), vec![((7, 9), 1_000)], "both survive a restart");
     assert_eq!(storage.deliveries("c").unwrap().len(), 1);
-    storage.remove_seen(7, 9).unwrap();
+    storage.commit(vec![storage.seen_removal(7, 9)]).unwrap();
     assert!(storage.seen().unwrap().is_empty());
 }

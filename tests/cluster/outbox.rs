@@ -145,6 +145,9 @@ async fn a_full_outbox_refuses_qos1_publishes_with_quota_exceeded() {
         _ => None,
     });
     assert_eq!(got.await.len(), refused_at + 1);
+    let more =
+        subscriber.next_within(Duration::from_secs(2), |e| matches!(e, E5::Incoming(P5::Publish(_))).then_some(()));
+    assert_eq!(more.await, None, "the refused message was not published after all");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -361,7 +361,8 @@ impl LocalShard {
 #[derive(Clone, Debug)]
 struct OwnerLink {
     owner: NodeId,
-    /// The last number used (0: nothing sent yet, so the next is a replacement).
+    /// The last number used (0: nothing sent yet; the next is 1, which an
+    /// owner holding nothing of ours takes as next in line).
     seq: u64,
     /// The newest stamp the owner acknowledged.
     acked: u64,
@@ -697,14 +698,13 @@ impl Node {
                 left
             }
         };
+        let key = filter_shard(filter, self.config.shard_depth);
         if left == 0 && counts.is_empty() {
             self.local.remove(filter);
-            let key = filter_shard(filter, self.config.shard_depth);
             if let Some(shard) = self.local_shards.get_mut(&key) {
                 shard.filters.remove(filter);
             }
         }
-        let key = filter_shard(filter, self.config.shard_depth);
         if self.local_shards.contains_key(&key) {
             let op = RouteOp { filter: filter.to_string(), group: group.map(str::to_string), count: left };
             self.assert_change(now, key, op, out);
@@ -1368,7 +1368,7 @@ impl Node {
                     // it is watched already, keep it current.
                     Applied::NotCached => {
                         match self.cache.pending_mut(&key).and_then(|p| p.warming_answer(from, req)) {
-                            Some(warming) if warming.version + 1 == version => {
+                            Some(warming) if warming.version.checked_add(1) == Some(version) => {
                                 warming.version = version;
                                 apply_changes(&mut warming.entries, &changes);
                             }
@@ -1409,7 +1409,11 @@ impl Node {
                 shards.dedup();
                 for key in shards {
                     let owners = self.owners(&key);
-                    self.reassert(now, key, &owners, out);
+                    // Only for a shard we hold something of, or that the
+                    // asker owns (a stale entry of ours to clear there).
+                    if self.local_shards.contains_key(&key) || owners.contains(&from) {
+                        self.reassert(now, key, &owners, out);
+                    }
                 }
             }
             Frame::OwnDigests { items } => {
@@ -1498,6 +1502,9 @@ impl Node {
         let shard = self.owned.get_mut(&key).expect("present");
         let order = shard.sequence(from, seq, replace);
         let changes = shard.assert_from(from, replace, ops);
+        if order == InOrder::Next {
+            shard.forget_order_if_empty(from);
+        }
         self.push_changes(now, key, changes, out);
         // Acknowledged once applied and pushed to the watchers.
         match order {

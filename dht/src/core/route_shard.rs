@@ -241,6 +241,15 @@ impl RouteShard {
 
     /// Applies `node`'s assertion; with `replace`, entries of `node` absent
     /// from `ops` are removed. Returns the changes, for watchers.
+    /// Forgets where `node`'s numbered assertions stand once it holds no
+    /// entry here: its next run of assertions (a shard it subscribes to
+    /// again) starts at 1.
+    pub fn forget_order_if_empty(&mut self, node: NodeId) {
+        if !self.by_node.contains_key(&node) {
+            self.assertions.remove(&node);
+        }
+    }
+
     pub fn assert_from(&mut self, node: NodeId, replace: bool, ops: &[RouteOp]) -> Vec<RouteChange> {
         let mut changes = Vec::new();
         for op in ops {
@@ -279,7 +288,7 @@ impl RouteShard {
     /// the last one applied.
     pub fn sequence(&mut self, node: NodeId, seq: u64, replace: bool) -> InOrder {
         let state = self.assertions.entry(node).or_default();
-        if replace || (!state.gap && seq == state.applied + 1) {
+        if replace || (!state.gap && Some(seq) == state.applied.checked_add(1)) {
             *state = AssertionSeq { applied: seq, gap: false };
             return InOrder::Next;
         }
