@@ -181,6 +181,9 @@ pub struct StartArgs {
     /// Seconds a cleared retained message's tombstone is kept (longer than a node may be away) [toml: cluster.retained_tombstone_secs]
     #[arg(long, env = "KADMQ_RETAINED_TOMBSTONE_SECS", value_name = "SECS")]
     pub retained_tombstone_secs: Option<u64>,
+    /// Seconds between the retained owners' digest exchanges, which repair lost writes (0 = off) [toml: cluster.retained_check_secs]
+    #[arg(long, env = "KADMQ_RETAINED_CHECK_SECS", value_name = "SECS")]
+    pub retained_check_secs: Option<u64>,
     /// MiB of unacknowledged QoS 1/2 forwards held; past it QoS 1/2 publishes are refused (0x97) [toml: cluster.outbox_max_mib]
     #[arg(long, env = "KADMQ_OUTBOX_MAX_MIB", value_name = "MIB")]
     pub outbox_max_mib: Option<u64>,
@@ -250,6 +253,7 @@ impl StartArgs {
         set(&mut c.send_buffer_mib, &self.cluster_send_buffer);
         set(&mut c.subscribe_ack_timeout_ms, &self.subscribe_ack_timeout_ms);
         set(&mut c.retained_tombstone_secs, &self.retained_tombstone_secs);
+        set(&mut c.retained_check_secs, &self.retained_check_secs);
         set(&mut c.outbox_max_mib, &self.outbox_max_mib);
         set(&mut c.qos2_dedupe_secs, &self.qos2_dedupe_secs);
         config.validate()?;

@@ -124,6 +124,8 @@ pub struct ClusterSettings {
     /// How long a cleared retained message's tombstone is kept, so that a
     /// node away for less cannot bring the old value back.
     pub retained_tombstone_secs: u64,
+    /// Period of the retained owners' digest exchange (0 = off).
+    pub retained_check_secs: u64,
     /// MiB of QoS 1/2 forwards the outbox holds (on disk, until their
     /// destinations acknowledge them); past it new QoS 1/2 publishes are
     /// refused (MQTT 5 reason 0x97).
@@ -154,6 +156,7 @@ impl Default for ClusterSettings {
             send_buffer_mib: 256,
             subscribe_ack_timeout_ms: 2_000,
             retained_tombstone_secs: 7 * 24 * 3600,
+            retained_check_secs: 30,
             outbox_max_mib: 1024,
             qos2_dedupe_secs: 24 * 3600,
         }

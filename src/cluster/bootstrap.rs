@@ -114,7 +114,11 @@ pub async fn start(settings: &ClusterSettings, cx: StartContext<'_>) -> Result<A
     }
     let qos2_seen = super::dedupe::Qos2Seen::new(settings.qos2_dedupe_secs.saturating_mul(1000), storage.seen()?);
     let (sessions, session_changes) = Sessions::new(Directory::load(storage));
-    let retained = super::retained::FleetRetainedStore::open(storage, settings.retained_tombstone_secs)?;
+    let retained = super::retained::FleetRetainedStore::open(
+        storage,
+        settings.retained_tombstone_secs,
+        settings.retained_check_secs,
+    )?;
     let cluster = Arc::new(Cluster {
         state: Mutex::new(State::new(node, peer_id, outbox, replay)),
         max_topic_levels: core_config.max_topic_levels,

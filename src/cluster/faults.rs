@@ -1,5 +1,6 @@
 //! Test-only fault hooks: the route frames between this node and chosen
-//! peers are lost, as a broken link or a full queue would lose them, or
+//! peers are lost (and the retained frames from them), as a broken link or
+//! a full queue would lose them, or
 //! the ones this node sends them are late (in order), as on a slow link,
 //! or the acknowledgements of their QoS 1/2 forwards are not sent (muted);
 //! the peers stay members (heartbeats, forwards and session frames still

@@ -187,6 +187,12 @@ impl Cluster {
                 get(&self.retained.stats.stale),
             ),
             figure(
+                "kadmq_cluster_retained_repaired_total",
+                "counter",
+                "Retained shards whose digest differed from another owner's (their items exchanged).",
+                get(&self.retained.stats.repaired),
+            ),
+            figure(
                 "kadmq_cluster_retained_unacknowledged_total",
                 "counter",
                 "Retained writes whose owners did not all confirm in time (the PUBACK went anyway).",

@@ -208,7 +208,7 @@ impl Cluster {
         let sender = st.id_of(from);
         let mut actions = Vec::new();
         match wire {
-            Wire::Route(_) if self.faults.cuts(sender) => {}
+            Wire::Route(_) | Wire::Retained(_) if self.faults.cuts(sender) => {}
             Wire::Route(frame) => {
                 let result = self.core_event(st, Event::Frame { from: sender, frame }, &mut actions);
                 self.core_refusal(from, result);

@@ -27,6 +27,11 @@
 //!   holds of each shard to the owners that are new for it (chunked by
 //!   bytes, paced by the send budget), and lets go of the shards it no
 //!   longer owns after a grace period.
+//! - **Anti-entropy:** every `cluster.retained_check_secs` each owner sends
+//!   the other owners a hash per shard of what it holds; where the hashes
+//!   differ, the receiver sends its items back, so owners converge on the
+//!   newest version of every topic (a write or a hand-over lost on the way
+//!   is repaired).
 //!
 //! Boundary: the broker keeps node-local retained messages (`$SYS`) itself
 //! and asks this module for the fleet's through its [`Fleet`] doorway.
@@ -74,6 +79,14 @@ pub enum RetainFrame {
     Put { items: Vec<FleetRetained>, relay: bool, ack: Option<u64> },
     /// The items of put `req` are kept here.
     Stored { req: u64 },
+    /// Owner → the other owners, every `cluster.retained_check_secs`: my
+    /// hash of what I hold of each shard we both own. A receiver whose
+    /// hash differs (0: it holds nothing there) sends back what it holds
+    /// of that shard and, unless this is a `reply`, its own hashes of those
+    /// shards, to which the first sends its items: both sides end with the
+    /// newest version of every topic of the shard, and a write lost on the
+    /// way to one owner reaches it from another.
+    Digests { items: Vec<(ShardKey, u64)>, reply: bool },
     /// What do you hold of the shards you own that matches `filter`?
     Query { req: u64, filter: String },
     /// One chunk of the answer to query `req`; `last` ends it.
@@ -85,7 +98,7 @@ impl RetainFrame {
     pub fn items(&self) -> &[FleetRetained] {
         match self {
             RetainFrame::Put { items, .. } | RetainFrame::Answer { items, .. } => items,
-            RetainFrame::Query { .. } | RetainFrame::Stored { .. } => &[],
+            RetainFrame::Query { .. } | RetainFrame::Stored { .. } | RetainFrame::Digests { .. } => &[],
         }
     }
 }
@@ -245,6 +258,8 @@ pub struct RetainedStats {
     pub handed_over: AtomicU64,
     /// Writes whose owners did not all answer in time (the PUBACK went).
     pub unacknowledged: AtomicU64,
+    /// Shards sent to another owner because their digests differed.
+    pub repaired: AtomicU64,
     /// Tombstones purged after the tombstone time.
     pub purged: AtomicU64,
 }
@@ -262,12 +277,19 @@ pub struct FleetRetainedStore {
     writes: Mutex<HashMap<u64, Asked<Option<oneshot::Sender<()>>>>>,
     next_request: AtomicU64,
     tombstone_ms: u64,
+    /// Period of the owners' digest exchange, and when it is due next.
+    check_ms: u64,
+    next_check_ms: AtomicU64,
     pub stats: RetainedStats,
 }
 
 impl FleetRetainedStore {
     /// The store with what `storage` holds.
-    pub fn open(storage: &Storage, tombstone_secs: u64) -> Result<FleetRetainedStore, crate::storage::StorageError> {
+    pub fn open(
+        storage: &Storage,
+        tombstone_secs: u64,
+        check_secs: u64,
+    ) -> Result<FleetRetainedStore, crate::storage::StorageError> {
         let mut store = Store::default();
         let mut hlc = 0;
         for item in storage.fleet_retained()? {
@@ -281,6 +303,8 @@ impl FleetRetainedStore {
             writes: Mutex::new(HashMap::new()),
             next_request: AtomicU64::new(1),
             tombstone_ms: tombstone_secs.saturating_mul(1000),
+            check_ms: check_secs.saturating_mul(1000),
+            next_check_ms: AtomicU64::new(0),
             stats: RetainedStats::default(),
         })
     }
@@ -474,6 +498,41 @@ impl Cluster {
     /// A retained frame from `from`.
     pub(super) fn on_retain_frame(&self, st: &State, storage: &Storage, from: NodeId, frame: RetainFrame) {
         match frame {
+            RetainFrame::Digests { items, reply } => {
+                let membership = st.node.membership().clone();
+                let mut mine = self.retained_by_shard(st, &membership);
+                let owns = |key: &ShardKey| membership.owners(key, self.replication).contains(&self.me);
+                let mut topics = Vec::new();
+                let mut answer = Vec::new();
+                for (key, theirs) in items {
+                    if !owns(&key) {
+                        continue;
+                    }
+                    let (digest, held) = mine.remove(&key).unwrap_or_default();
+                    if digest != theirs {
+                        topics.extend(held);
+                        answer.push((key, digest));
+                    }
+                }
+                if answer.is_empty() {
+                    return;
+                }
+                bump(&self.retained.stats.repaired, answer.len() as u64);
+                let store = self.retained.store.lock();
+                let items: Vec<FleetRetained> =
+                    topics.iter().filter_map(|t| store.held.get(t.as_ref()).map(|h| h.item(t))).collect();
+                drop(store);
+                if !items.is_empty() {
+                    for items in chunks(items) {
+                        let frame = wire::encode_retained(&RetainFrame::Put { items, relay: false, ack: None });
+                        self.send_to(st, from, Class::Control, links::copy_of(&frame));
+                    }
+                }
+                if !reply {
+                    let frame = wire::encode_retained(&RetainFrame::Digests { items: answer, reply: true });
+                    self.send_to(st, from, Class::Control, links::copy_of(&frame));
+                }
+            }
             RetainFrame::Stored { req } => {
                 let mut writes = self.retained.writes.lock();
                 if let Some((waiting, done)) = writes.get_mut(&req) {
@@ -591,6 +650,55 @@ impl Cluster {
                     }
                 }
             });
+        }
+    }
+
+    /// What this node holds of each shard it owns: the shard's digest (a
+    /// hash of each topic's version, order-free) and its topics.
+    fn retained_by_shard(&self, st: &State, membership: &Membership) -> HashMap<ShardKey, (u64, Vec<Box<str>>)> {
+        let depth = st.node.config().shard_depth;
+        let store = self.retained.store.lock();
+        let mut owned: HashMap<ShardKey, bool> = HashMap::new();
+        let mut shards: HashMap<ShardKey, (u64, Vec<Box<str>>)> = HashMap::new();
+        for (topic, held) in &store.held {
+            let key = filter_shard(topic, depth);
+            let mine =
+                *owned.entry(key).or_insert_with(|| membership.owners(&key, self.replication).contains(&self.me));
+            if !mine {
+                continue;
+            }
+            let hash = kadmq_dht::core::id::StableHasher::new()
+                .bytes(topic.as_bytes())
+                .u64(held.hlc)
+                .u64(held.origin)
+                .finish();
+            let shard = shards.entry(key).or_default();
+            shard.0 ^= hash;
+            shard.1.push(topic.clone());
+        }
+        shards
+    }
+
+    /// Once every `retained_check_secs`: each other owner of the shards
+    /// this node holds gets its digests ([`RetainFrame::Digests`]).
+    pub(super) fn retained_check(&self, st: &State, now_ms: u64) {
+        let retained = &self.retained;
+        if retained.check_ms == 0 || now_ms < retained.next_check_ms.load(Ordering::Relaxed) {
+            return;
+        }
+        retained.next_check_ms.store(now_ms + retained.check_ms, Ordering::Relaxed);
+        let membership = st.node.membership().clone();
+        let mut per_owner: HashMap<NodeId, Vec<(ShardKey, u64)>> = HashMap::new();
+        for (key, (digest, _)) in self.retained_by_shard(st, &membership) {
+            for owner in membership.owners(&key, self.replication).iter().filter(|o| **o != self.me) {
+                per_owner.entry(*owner).or_default().push((key, digest));
+            }
+        }
+        for (owner, items) in per_owner {
+            for items in items.chunks(wire::MAX_RETAINED_ITEMS) {
+                let frame = wire::encode_retained(&RetainFrame::Digests { items: items.to_vec(), reply: false });
+                self.send_to(st, owner, Class::Control, links::copy_of(&frame));
+            }
         }
     }
 
@@ -714,7 +822,7 @@ mod tests {
 
     #[test]
     fn the_clock_never_goes_back() {
-        let store = FleetRetainedStore::open(&Storage::in_memory(), 60).unwrap();
+        let store = FleetRetainedStore::open(&Storage::in_memory(), 60, 30).unwrap();
         let a = store.tick(1_000);
         store.witness(5_000 << 16);
         let b = store.tick(1_000);

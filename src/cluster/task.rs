@@ -105,6 +105,7 @@ impl Cluster {
             }
             self.membership_tick(st);
             self.retained_tick(&broker.storage, broker.now_ms());
+            self.retained_check(st, broker.now_ms());
             if self.started.elapsed() >= REPLAY_AFTER {
                 for (id, message) in std::mem::take(&mut st.replay) {
                     self.route(st, &broker.storage, id, Arc::new(message), &mut local);

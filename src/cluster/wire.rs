@@ -508,6 +508,9 @@ pub fn decode_within(frame: &Bytes, max_topic_levels: usize) -> Result<Wire, Wir
                     check_message(message, max_topic_levels)?;
                 }
             }
+            if matches!(&frame, RetainFrame::Digests { items, .. } if items.len() > MAX_RETAINED_ITEMS) {
+                return Err(WireError::Invalid("retained digests (too many)"));
+            }
             if let RetainFrame::Query { filter, .. } = &frame {
                 if !topic::valid_topic_filter(filter) || topic::level_count(filter) > max_topic_levels {
                     return Err(WireError::Invalid("retained query filter"));

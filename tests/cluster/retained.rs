@@ -3,7 +3,8 @@
 //! to a node that joins later; a value cleared or replaced while a node was
 //! away does not come back with it; 1,000 topics over 5 nodes come once per
 //! wildcard subscribe, wherever the wildcard is; an owner killed under load
-//! loses no acknowledged value.
+//! loses no acknowledged value; a write lost on the way to one owner
+//! reaches it from another (the owners' digest exchange).
 
 use crate::support::lab::{wait_for_members, Lab, Node};
 use crate::support::mqtt::Client;
@@ -228,4 +229,28 @@ async fn a_shard_owner_killed_under_retained_load_loses_no_acknowledged_value() 
     // shards were handed to their new owners).
     let held: u64 = [&k1, &k2, &k3].iter().map(|n| n.metric("kadmq_cluster_retained_messages")).sum();
     assert_eq!(held, 3 * TOPICS as u64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retained_write_lost_on_the_way_to_an_owner_reaches_it_from_another() {
+    let lab = Lab::new();
+    let flags = ["--dead-timeout", "30", "--retained-check-secs", "2", "--subscribe-ack-timeout-ms", "500"];
+    let [l1, l2, l3] = lab.fleet(["l1", "l2", "l3"], &flags);
+    // l3 loses what l1 sends it (route and retained frames): the write
+    // reaches l2 (and l1 itself) only.
+    l3.cut(Some("l1"));
+    publish_retained(&l1, "lost/x", b"v").await;
+    assert_eq!(l1.metric("kadmq_cluster_retained_unacknowledged_total"), 1, "l3 never confirmed");
+    // The owners' digest exchange brings it to l3 from l2, cut or not.
+    tokio::task::block_in_place(|| {
+        crate::support::wait::wait_until(Duration::from_secs(30), "l3 to hold lost/x", || {
+            l3.metric("kadmq_cluster_retained_messages") == 1
+        })
+    });
+    assert!(
+        l3.metric("kadmq_cluster_retained_repaired_total") > 0
+            || l2.metric("kadmq_cluster_retained_repaired_total") > 0
+    );
+    l3.cut(None);
+    wait_retained(&l3, "lost/+", &[("lost/x", b"v")]).await;
 }

@@ -54,6 +54,8 @@ fn forwards_and_acks_round_trip() {
     let put =
         RetainFrame::Put { items: vec![retained_item("a/b", Some(f.message.clone()))], relay: true, ack: Some(3) };
     assert_eq!(decode(&encode_retained(&put)).unwrap(), Wire::Retained(Box::new(put)));
+    let digests = RetainFrame::Digests { items: vec![(kadmq_dht::shard::ShardKey::of_prefix("a/b"), 7)], reply: false };
+    assert_eq!(decode(&encode_retained(&digests)).unwrap(), Wire::Retained(Box::new(digests)));
     let stored = RetainFrame::Stored { req: 3 };
     assert_eq!(decode(&encode_retained(&stored)).unwrap(), Wire::Retained(Box::new(stored)));
     let query = RetainFrame::Query { req: 4, filter: "a/+".into() };
