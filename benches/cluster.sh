@@ -520,14 +520,14 @@ if counted:
     print()
     print("Node 1 / node 2 cluster counters, delta over each measured run (after a warm-up)")
     print()
-    print("| variant | scenario | rep | sent | n1 remote lookups | n1 cache hits | n1 cache misses | n1 owned reads | n1 forwarded | n2 received | n1 resent | n1 outbox dropped | received by subscriber |")
+    print("| variant | scenario | rep | sent | n1 remote lookups | n1 cache hits | n1 cache misses | n1 owned reads | n1 forwarded | n2 received | n1 resent | n1 refused (outbox full) | received by subscriber |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in counted:
         n1, n2 = r["n1"], r["n2"]
         print(f"| {r['variant']} | {r['scenario']} | {r['rep']} | {r.get('sent', '-')} | {n1.get('remote_lookups_total')} | "
               f"{n1.get('route_cache_hits_total')} | {n1.get('route_cache_misses_total')} | {n1.get('owned_reads_total')} | "
               f"{n1.get('forwarded_total')} | {n2.get('received_total')} | {n1.get('outbox_resent_total')} | "
-              f"{n1.get('outbox_dropped_total')} | {r.get('received', '-')} |")
+              f"{n1.get('publishes_refused_total')} | {r.get('received', '-')} |")
 
 if routes:
     print()
