@@ -187,6 +187,9 @@ pub struct StartArgs {
     /// MiB of unacknowledged QoS 1/2 forwards held; past it QoS 1/2 publishes are refused (0x97) [toml: cluster.outbox_max_mib]
     #[arg(long, env = "KADMQ_OUTBOX_MAX_MIB", value_name = "MIB")]
     pub outbox_max_mib: Option<u64>,
+    /// Milliseconds a QoS 1/2 PUBACK waits for the other nodes' acknowledgements of its forwards before they are written to disk (0 = write at once) [toml: cluster.forward_ack_window_ms]
+    #[arg(long, env = "KADMQ_FORWARD_ACK_WINDOW_MS", value_name = "MS")]
+    pub forward_ack_window_ms: Option<u64>,
     /// Seconds a delivered QoS 2 message of another node is remembered (no second delivery after a restart) [toml: cluster.qos2_dedupe_secs]
     #[arg(long, env = "KADMQ_QOS2_DEDUPE_SECS", value_name = "SECS")]
     pub qos2_dedupe_secs: Option<u64>,
@@ -255,6 +258,7 @@ impl StartArgs {
         set(&mut c.retained_tombstone_secs, &self.retained_tombstone_secs);
         set(&mut c.retained_check_secs, &self.retained_check_secs);
         set(&mut c.outbox_max_mib, &self.outbox_max_mib);
+        set(&mut c.forward_ack_window_ms, &self.forward_ack_window_ms);
         set(&mut c.qos2_dedupe_secs, &self.qos2_dedupe_secs);
         config.validate()?;
         Ok(config)

@@ -130,6 +130,11 @@ pub struct ClusterSettings {
     /// destinations acknowledge them); past it new QoS 1/2 publishes are
     /// refused (MQTT 5 reason 0x97).
     pub outbox_max_mib: u64,
+    /// How long a client's PUBACK/PUBREC for a QoS 1/2 message forwarded to
+    /// other nodes waits for their acknowledgements before the forward is
+    /// written to disk instead (0 = write at once). A forward acknowledged
+    /// within it is never written.
+    pub forward_ack_window_ms: u64,
     /// How long a QoS 2 message from another node is remembered after its
     /// delivery (persisted), so that its sender resending it after a
     /// restart of either node does not deliver it twice.
@@ -158,6 +163,7 @@ impl Default for ClusterSettings {
             retained_tombstone_secs: 7 * 24 * 3600,
             retained_check_secs: 30,
             outbox_max_mib: 1024,
+            forward_ack_window_ms: 2,
             qos2_dedupe_secs: 24 * 3600,
         }
     }

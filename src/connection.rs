@@ -210,6 +210,10 @@ struct Connection<S> {
     /// PUBACKs in the write buffer (MQTT 5 only; 3.1.1 has no Receive
     /// Maximum): their PUBLISHes are still in flight from the client's side.
     unwritten_pubacks: usize,
+    /// The fleet's number of the newest QoS 1/2 publish of this client
+    /// forwarded to other nodes since the last flush: the flush waits for
+    /// [`Fleet::forwards_settled`] up to it before it acknowledges.
+    newest_forward: Option<u64>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
@@ -324,6 +328,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             throttled_until: None,
             awaiting: None,
             unwritten_pubacks: 0,
+            newest_forward: None,
         };
         if connection.broker.fleet().is_some() {
             let client_id = connection.session.client_id.clone();
@@ -596,6 +601,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             return self.refuse_publish(publish.qos, packet_id);
         }
         let kept = published.kept;
+        if published.forwarded.is_some() {
+            self.newest_forward = self.newest_forward.max(published.forwarded);
+        }
         // MQTT 5: 0x10 tells the publisher nobody was subscribed.
         let reason = if published.matched == 0 && self.version == Version::V5 { 0x10 } else { 0 };
         match publish.qos {
@@ -754,6 +762,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             return Ok(());
         }
         if self.needs_flush || self.broker.storage.is_dirty() {
+            if let Some(upto) = self.newest_forward.take() {
+                if let Some(settled) = self.broker.fleet().and_then(|fleet| fleet.forwards_settled(upto)) {
+                    settled.await;
+                }
+            }
             self.needs_flush = false;
             if let Err(err) = self.broker.storage.flush() {
                 tracing::error!(cause = %err, "storage flush failed");

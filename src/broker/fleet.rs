@@ -59,6 +59,13 @@ pub trait Fleet: Send + Sync {
     /// `$share/group/`, already told through `subscribed`), or once the
     /// fleet's timeout passed. `None`: nothing to wait for.
     fn routes_settled(&self, filters: &[&str]) -> Option<BoxFuture<'static, ()>>;
+    /// Resolves once the QoS 1/2 forwards of local publishes numbered up
+    /// to `upto` ([`Fleet::message_id`]) are acknowledged by their
+    /// destinations, or once a short window passed, having made the
+    /// storage's next flush write them. A client's PUBACK waits for this,
+    /// then for the flush, so a forward acknowledged in time is never
+    /// written. `None`: nothing to wait for (flush and acknowledge).
+    fn forwards_settled(&self, upto: u64) -> Option<BoxFuture<'static, ()>>;
 }
 
 /// A boxed future, for the fleet's asynchronous calls.

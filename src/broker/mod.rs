@@ -75,6 +75,10 @@ pub struct Published {
     pub kept: Option<BoxFuture<'static, ()>>,
     /// The fleet could not keep it (full): not published at all.
     pub refused: bool,
+    /// The fleet's number of a QoS 1/2 message forwarded to other nodes:
+    /// the client's acknowledgement waits for
+    /// [`Fleet::forwards_settled`] up to it.
+    pub forwarded: Option<u64>,
 }
 
 /// Counters behind `$SYS` and the logs.
@@ -618,24 +622,25 @@ impl Broker {
                 self.retain(&message);
             }
             let matched = self.deliver(Arc::new(message), &Recipients::All);
-            return Published { matched, kept: None, refused: false };
+            return Published { matched, kept: None, refused: false, forwarded: None };
         };
         let mut message = message;
         if message.qos != QoS::AtMostOnce && message.fleet_id.is_none() {
             message.fleet_id = Some(fleet.message_id());
         }
         let message = Arc::new(message);
-        let matched = match fleet.publish(&message) {
+        let (matched, forwards) = match fleet.publish(&message) {
             PublishRoute::Decided { local, forwards } => {
-                forwards + local.map_or(0, |recipients| self.deliver(message.clone(), &recipients))
+                (forwards + local.map_or(0, |recipients| self.deliver(message.clone(), &recipients)), forwards)
             }
-            PublishRoute::Pending => 1,
+            PublishRoute::Pending => (1, 0),
             // Counted by the fleet.
-            PublishRoute::Refused => return Published { matched: 0, kept: None, refused: true },
+            PublishRoute::Refused => return Published { matched: 0, kept: None, refused: true, forwarded: None },
         };
         // The fleet keeps a retained message at the topic's owners.
         let kept = if message.retain { fleet.retained(&message) } else { None };
-        Published { matched, kept, refused: false }
+        let forwarded = message.fleet_id.filter(|_| forwards > 0).map(|(_, number)| number);
+        Published { matched, kept, refused: false, forwarded }
     }
 
     /// Queues `message` for this node's matching sessions that

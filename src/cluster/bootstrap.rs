@@ -107,8 +107,10 @@ pub async fn start(settings: &ClusterSettings, cx: StartContext<'_>) -> Result<A
 
     let outbox_bytes = outbox.bytes();
     let unwritten = outbox.unwritten();
-    if storage.before_flush(Box::new(move |storage| unwritten.write_all(storage))) {
-        outbox.defer_writes();
+    let writer = unwritten.clone();
+    let forward_ack_window = Duration::from_millis(settings.forward_ack_window_ms);
+    if storage.before_flush(Box::new(move |storage| writer.write_all(storage))) {
+        outbox.defer_writes(forward_ack_window);
     } else {
         tracing::warn!("storage flush hook already set; forwarded messages are written one by one");
     }
@@ -138,6 +140,8 @@ pub async fn start(settings: &ClusterSettings, cx: StartContext<'_>) -> Result<A
         dead_timeout: Duration::from_secs(settings.dead_timeout_secs),
         subscribe_ack_timeout: Duration::from_millis(settings.subscribe_ack_timeout_ms),
         outbox_bytes,
+        unwritten,
+        forward_ack_window,
         outbox_max: settings.outbox_max_mib.saturating_mul(1 << 20),
         remembered: Mutex::new(remembered),
         stats: ClusterStats::default(),

@@ -253,6 +253,18 @@ impl Cluster {
                 st.outbox.len() as u64,
             ),
             figure(
+                "kadmq_cluster_outbox_written_total",
+                "counter",
+                "QoS 1/2 forwards written to disk: not acknowledged within cluster.forward_ack_window_ms.",
+                self.unwritten.written.load(Ordering::Relaxed),
+            ),
+            figure(
+                "kadmq_cluster_outbox_spared_total",
+                "counter",
+                "QoS 1/2 forwards acknowledged by every destination before they had to be written (never written).",
+                self.unwritten.spared.load(Ordering::Relaxed),
+            ),
+            figure(
                 "kadmq_cluster_outbox_resent_total",
                 "counter",
                 "QoS 1/2 forwards sent again for lack of acknowledgement.",

@@ -148,6 +148,10 @@ pub struct Cluster {
     /// The outbox's bytes ([`outbox::Outbox::bytes`]) and their bound: QoS
     /// 1/2 publishes are refused while it is reached.
     outbox_bytes: Arc<AtomicU64>,
+    /// The outbox's records not written yet, and how long a client's
+    /// acknowledgement waits for their destinations' before they are.
+    unwritten: Arc<outbox::Unwritten>,
+    forward_ack_window: Duration,
     outbox_max: u64,
     /// How long a SUBACK waits for the route owners ([`Cluster::routes_settled`]).
     subscribe_ack_timeout: Duration,
@@ -237,6 +241,8 @@ impl Cluster {
     /// driver's events stop, the delivery stage after it, the send queues'
     /// tasks as they are closed here.
     pub async fn shutdown(&self) {
+        // The storage's sync at shutdown writes every forward still held.
+        self.unwritten.require_all();
         if let Err(err) = self.client.shutdown().await {
             tracing::debug!(cause = %err, "cluster driver already stopped");
         }

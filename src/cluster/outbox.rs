@@ -37,6 +37,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// Resend a destination's forwards when none was acknowledged for this long.
 pub const RESEND_AFTER_MS: u64 = 3_000;
@@ -98,46 +99,138 @@ impl Destination {
 /// Its lock is a leaf: taken under the state mutex (holding, acknowledging)
 /// and by the storage's flush, never the other way.
 #[derive(Default)]
-pub struct Unwritten(Mutex<Pending>);
+pub struct Unwritten {
+    pending: Mutex<Pending>,
+    /// Woken when fresh records leave the pending set (acknowledged or written).
+    gone: tokio::sync::Notify,
+    /// Fresh records written, and acknowledged before they were (never written).
+    pub written: AtomicU64,
+    pub spared: AtomicU64,
+}
 
-/// What the next flush writes: records, and removals of records written.
+/// What the next flushes write: fresh records once due, rewrites of
+/// records written before, and removals of records written.
 #[derive(Default)]
 struct Pending {
-    records: BTreeMap<u64, (Arc<Message>, Waiting)>,
+    /// Never written yet, by id (in the order they were held).
+    fresh: BTreeMap<u64, Fresh>,
+    /// Written before, with fewer destinations now: rewritten at the next flush.
+    rewrites: BTreeMap<u64, (Arc<Message>, Waiting)>,
     removed: Vec<u64>,
+    /// Fresh records up to this id are written at the next flush, however
+    /// young ([`Unwritten::require`]).
+    due: u64,
+    /// How long a fresh record may wait for its acknowledgements before a
+    /// flush writes it anyway.
+    window: Duration,
+}
+
+struct Fresh {
+    message: Arc<Message>,
+    waiting: Waiting,
+    held_at: Instant,
 }
 
 /// The destinations a held message waits for, and what each delivers.
 type Waiting = Vec<(NodeId, ForwardRoute)>;
 
 impl Unwritten {
-    /// Writes every unwritten record in one batch (the storage's flush
-    /// calls this before it persists). The lock is held until the batch is
-    /// in: an acknowledgement meanwhile finds the record written and
-    /// removes it after, not before.
+    /// Writes in one batch the removals, the rewrites and the fresh records
+    /// that are due: required ([`Unwritten::require`]) or held for the
+    /// window (the storage's flush calls this before it persists). The lock
+    /// is held until the batch is in: an acknowledgement meanwhile finds
+    /// the record written and removes it after, not before.
     /// On an error nothing is taken: the records stay for the next flush,
     /// and the flush fails, so nothing is acknowledged on them.
     pub fn write_all(&self, storage: &Storage) -> crate::storage::Result<()> {
-        let mut pending = self.0.lock();
-        if pending.records.is_empty() && pending.removed.is_empty() {
+        let mut pending = self.pending.lock();
+        let now = Instant::now();
+        let due = pending.due;
+        let window = pending.window;
+        let fresh: Vec<u64> = pending
+            .fresh
+            .iter()
+            .take_while(|(id, record)| **id <= due || now.duration_since(record.held_at) >= window)
+            .map(|(id, _)| *id)
+            .collect();
+        if fresh.is_empty() && pending.rewrites.is_empty() && pending.removed.is_empty() {
             return Ok(());
         }
         let mut writes: Vec<_> = pending.removed.iter().map(|id| storage.outbox_removal(*id)).collect();
         writes.extend(
             pending
-                .records
+                .rewrites
                 .iter()
                 .map(|(id, (message, waiting))| storage.outbox_write(*id, &record_bytes(message, true, waiting))),
         );
+        writes.extend(fresh.iter().map(|id| {
+            let record = &pending.fresh[id];
+            storage.outbox_write(*id, &record_bytes(&record.message, true, &record.waiting))
+        }));
         storage.commit(writes)?;
-        *pending = Pending::default();
+        pending.removed.clear();
+        pending.rewrites.clear();
+        for id in &fresh {
+            pending.fresh.remove(id);
+        }
+        drop(pending);
+        self.written.fetch_add(fresh.len() as u64, Ordering::Relaxed);
+        if !fresh.is_empty() {
+            self.gone.notify_waiters();
+        }
         Ok(())
     }
 
-    /// Records and removals waiting for the next flush.
+    /// Makes the records up to id `upto` due: the next flush writes them.
+    pub fn require(&self, upto: u64) {
+        let mut pending = self.pending.lock();
+        pending.due = pending.due.max(upto);
+    }
+
+    /// Makes every record held so far due.
+    pub fn require_all(&self) {
+        let mut pending = self.pending.lock();
+        if let Some(newest) = pending.fresh.keys().next_back().copied() {
+            pending.due = pending.due.max(newest);
+        }
+    }
+
+    /// Resolves once every record up to id `upto` has been acknowledged by
+    /// its destinations or written, or else once the window passed, having
+    /// made them due ([`Unwritten::require`]). `None` when none is
+    /// unwritten. A client's PUBACK waits for this, then for a flush.
+    pub fn settled(self: &Arc<Self>, upto: u64) -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
+        let window = {
+            let pending = self.pending.lock();
+            if pending.fresh.keys().next().is_none_or(|first| *first > upto) {
+                return None;
+            }
+            pending.window
+        };
+        let this = self.clone();
+        Some(async move {
+            let settled = async {
+                loop {
+                    let gone = this.gone.notified();
+                    tokio::pin!(gone);
+                    gone.as_mut().enable();
+                    if this.pending.lock().fresh.keys().next().is_none_or(|first| *first > upto) {
+                        return;
+                    }
+                    gone.await;
+                }
+            };
+            if tokio::time::timeout(window, settled).await.is_err() {
+                let mut pending = this.pending.lock();
+                pending.due = pending.due.max(upto);
+            }
+        })
+    }
+
+    /// Records, rewrites and removals waiting for a flush.
     pub fn len(&self) -> usize {
-        let pending = self.0.lock();
-        pending.records.len() + pending.removed.len()
+        let pending = self.pending.lock();
+        pending.fresh.len() + pending.rewrites.len() + pending.removed.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -180,9 +273,11 @@ impl Outbox {
     }
 
     /// Records are written at the storage's flush from now on (the caller
-    /// made the flush run [`Unwritten::write_all`]).
-    pub fn defer_writes(&mut self) {
+    /// made the flush run [`Unwritten::write_all`]), once they have waited
+    /// `window` for their acknowledgements or are required sooner.
+    pub fn defer_writes(&mut self, window: Duration) {
         self.deferred = true;
+        self.unwritten.pending.lock().window = window;
     }
 
     /// Writes the record of `id` now if it is on disk already, else (still
@@ -192,8 +287,13 @@ impl Outbox {
         if !self.deferred {
             return persist(storage, id, &held.message, true, &held.waiting);
         }
-        let mut pending = self.unwritten.0.lock();
-        pending.records.insert(id, (held.message.clone(), held.waiting.clone()));
+        let mut pending = self.unwritten.pending.lock();
+        match pending.fresh.get_mut(&id) {
+            Some(fresh) => fresh.waiting = held.waiting.clone(),
+            None => {
+                pending.rewrites.insert(id, (held.message.clone(), held.waiting.clone()));
+            }
+        }
     }
 
     /// The bytes held, as a gauge the publish path can read at any time.
@@ -212,14 +312,15 @@ impl Outbox {
         if let Some(held) = self.held.remove(&id) {
             self.bytes.fetch_sub(size_of(&held.message), Ordering::Relaxed);
         }
-        let mut pending = self.unwritten.0.lock();
+        let mut pending = self.unwritten.pending.lock();
+        pending.rewrites.remove(&id);
         // Never written: nothing to delete.
-        if pending.records.remove(&id).is_none() {
-            if self.deferred {
-                pending.removed.push(id);
-            } else {
-                forget(storage, id);
-            }
+        if pending.fresh.remove(&id).is_some() {
+            self.unwritten.spared.fetch_add(1, Ordering::Relaxed);
+        } else if self.deferred {
+            pending.removed.push(id);
+        } else {
+            forget(storage, id);
         }
     }
 
@@ -259,7 +360,8 @@ impl Outbox {
         if on_disk || !self.deferred {
             persist(storage, id, &message, true, &waiting);
         } else {
-            self.unwritten.0.lock().records.insert(id, (message.clone(), waiting.clone()));
+            let fresh = Fresh { message: message.clone(), waiting: waiting.clone(), held_at: Instant::now() };
+            self.unwritten.pending.lock().fresh.insert(id, fresh);
         }
         self.insert(id, Held { message, waiting });
     }
@@ -293,6 +395,7 @@ impl Outbox {
                 self.update(storage, id);
             }
         }
+        self.unwritten.gone.notify_waiters();
     }
 
     /// Forwards to resend at `now_ms`: for each destination `reachable`
@@ -339,16 +442,21 @@ impl Outbox {
                 self.update(storage, id);
             }
         }
+        self.unwritten.gone.notify_waiters();
         taken
     }
 }
 
+/// [`Record`] borrowed: encodes the same, without copying the message.
+#[derive(Serialize)]
+struct RecordRef<'a> {
+    message: &'a Message,
+    routed: bool,
+    waiting: Vec<(u64, &'a ForwardRoute)>,
+}
+
 fn record_bytes(message: &Message, routed: bool, waiting: &[(NodeId, ForwardRoute)]) -> Vec<u8> {
-    let record = Record {
-        message: message.clone(),
-        routed,
-        waiting: waiting.iter().map(|(node, route)| (node.0, route.clone())).collect(),
-    };
+    let record = RecordRef { message, routed, waiting: waiting.iter().map(|(node, route)| (node.0, route)).collect() };
     rmp_serde::to_vec(&record).expect("in-memory records always encode")
 }
 
@@ -477,7 +585,7 @@ mod tests {
     fn a_record_is_written_at_the_flush_unless_acknowledged_before() {
         let storage = Storage::in_memory();
         let mut outbox = Outbox::new(1);
-        outbox.defer_writes();
+        outbox.defer_writes(Duration::ZERO);
         let unwritten = outbox.unwritten();
         forward(&mut outbox, &storage, 1, &[NodeId(1)], 0);
         forward(&mut outbox, &storage, 2, &[NodeId(1), NodeId(2)], 0);
@@ -495,6 +603,59 @@ mod tests {
         assert_eq!(storage.outbox().unwrap().len(), 1, "its removal waits for the next flush");
         unwritten.write_all(&storage).unwrap();
         assert!(storage.outbox().unwrap().is_empty() && unwritten.is_empty());
+    }
+
+    #[test]
+    fn a_young_record_waits_for_its_window_unless_required() {
+        let storage = Storage::in_memory();
+        let mut outbox = Outbox::new(1);
+        outbox.defer_writes(Duration::from_secs(3600));
+        let unwritten = outbox.unwritten();
+        for id in 1..=3 {
+            forward(&mut outbox, &storage, id, &[NodeId(1)], 0);
+        }
+        unwritten.write_all(&storage).unwrap();
+        assert!(storage.outbox().unwrap().is_empty(), "young and not required: not written");
+        unwritten.require(2);
+        unwritten.write_all(&storage).unwrap();
+        let written: Vec<u64> = restore(&storage).into_iter().map(|(id, _)| id).collect();
+        assert_eq!(written, vec![1, 2], "required up to 2");
+        outbox.ack(&storage, NodeId(1), 1, 2, 0);
+        unwritten.write_all(&storage).unwrap();
+        assert!(storage.outbox().unwrap().is_empty(), "1 and 2 removed; 3 acknowledged before it was written");
+        assert!(unwritten.is_empty());
+    }
+
+    #[tokio::test]
+    async fn settled_resolves_on_the_acknowledgement() {
+        let storage = Storage::in_memory();
+        let mut outbox = Outbox::new(1);
+        outbox.defer_writes(Duration::from_secs(3600));
+        let unwritten = outbox.unwritten();
+        assert!(unwritten.settled(1).is_none(), "nothing held");
+        forward(&mut outbox, &storage, 1, &[NodeId(1)], 0);
+        forward(&mut outbox, &storage, 2, &[NodeId(1)], 0);
+        let settled = unwritten.settled(1).expect("1 is unwritten");
+        let waiter = tokio::spawn(settled);
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished(), "1 is not acknowledged yet");
+        outbox.ack(&storage, NodeId(1), 1, 0, 0);
+        tokio::time::timeout(Duration::from_secs(10), waiter).await.expect("settled on the ack").unwrap();
+        unwritten.write_all(&storage).unwrap();
+        assert!(storage.outbox().unwrap().is_empty(), "1 never written, 2 not due");
+    }
+
+    #[tokio::test]
+    async fn past_the_window_settled_makes_the_records_due() {
+        let storage = Storage::in_memory();
+        let mut outbox = Outbox::new(1);
+        outbox.defer_writes(Duration::from_millis(20));
+        let unwritten = outbox.unwritten();
+        forward(&mut outbox, &storage, 1, &[NodeId(1)], 0);
+        unwritten.settled(1).expect("1 is unwritten").await;
+        unwritten.write_all(&storage).unwrap();
+        assert_eq!(restore(&storage).len(), 1, "not acknowledged within the window: written");
+        assert!(unwritten.settled(1).is_none());
     }
 
     #[test]

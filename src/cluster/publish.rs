@@ -43,6 +43,14 @@ impl Fleet for Cluster {
         (self.me.0, self.next_id.fetch_add(1, Ordering::Relaxed))
     }
 
+    fn forwards_settled(&self, upto: u64) -> Option<BoxFuture<'static, ()>> {
+        if self.forward_ack_window.is_zero() {
+            self.unwritten.require(upto);
+            return None;
+        }
+        Some(Box::pin(self.unwritten.settled(upto)?))
+    }
+
     fn routes_settled(&self, filters: &[&str]) -> Option<BoxFuture<'static, ()>> {
         if self.subscribe_ack_timeout.is_zero() {
             return None;

@@ -108,7 +108,9 @@ impl Cluster {
             return;
         }
         if !received.acks.is_empty() {
-            // What we acknowledge must survive a crash of this node.
+            // What we acknowledge must survive a crash of this node,
+            // including what we sent on (held in our outbox).
+            self.unwritten.require_all();
             if let Err(err) = broker.storage.flush() {
                 tracing::error!(cause = %err, "storage flush failed; forwards not acknowledged");
                 return;

@@ -532,6 +532,9 @@ impl Storage {
     /// Flushes and fsyncs: used at shutdown.
     pub fn sync(&self) -> Result<()> {
         let _flushing = self.flushing.lock();
+        if let Some(hook) = self.before_flush.get() {
+            hook(self)?;
+        }
         self.dirty.store(false, Ordering::Release);
         self.engine.persist(Durability::Sync)?;
         Ok(())
