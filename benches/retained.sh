@@ -8,6 +8,8 @@
 #
 #   benches/retained.sh                 # 1,000,000 topics
 #   TOPICS=200000 benches/retained.sh   # fewer
+#   SETTLE_SECS=60 benches/retained.sh    # measure a minute after the burst (default 10 s)
+#   NODE_FLAGS="--retained-check-secs 0" benches/retained.sh   # extra flags for the fleet's nodes
 #
 # Every process started here is killed by its PID on exit. Needs: cargo,
 # python3, curl.
@@ -35,7 +37,7 @@ metric() { curl -s "http://127.0.0.1:$1/metrics" | awk -v k="$2" '$1==k {print $
 start() { # i extra...
     local i=$1
     shift
-    "$K" start --no-ws --log warn --sys-interval 0 --dead-timeout 60 \
+    "$K" start --no-ws --log warn --sys-interval 0 --dead-timeout 60 ${NODE_FLAGS:-} \
         --mqtt "127.0.0.1:2930$i" --http "127.0.0.1:2931$i" \
         --p2p-listen "/ip4/127.0.0.1/tcp/2932$i" --cluster-key-file key \
         --data-dir "n$i" --node-name "n$i" "$@" >"n$i.log" 2>&1 &
@@ -69,7 +71,7 @@ for _ in $(seq 120); do
     sleep 5
 done
 ((sum == want)) || log "the owners hold $sum copies, not $want"
-sleep 10
+sleep "${SETTLE_SECS:-10}"
 echo "| node | retained messages | share of the fleet's | retained bytes | RSS growth KiB | data dir growth KiB |"
 echo "|---|---:|---:|---:|---:|---:|"
 for i in 1 2 3 4 5; do
@@ -93,5 +95,5 @@ for _ in $(seq 60); do
     [[ $(metric 29310 kadmq_retained_messages) == "$TOPICS" ]] && break
     sleep 2
 done
-sleep 10
+sleep "${SETTLE_SECS:-10}"
 echo "full copy (one node): $(metric 29310 kadmq_retained_messages) messages, RSS growth $(($(rss $single) - rss0)) KiB, data dir growth $(($(disk single) - disk0)) KiB"

@@ -44,7 +44,7 @@ use super::state::State;
 use super::wire;
 use super::Cluster;
 use crate::broker::message::Message;
-use crate::broker::retained::RetainedTree;
+use crate::broker::retained::{Retained, RetainedTree};
 use crate::broker::BoxFuture;
 use crate::storage::{FleetRetained, Storage};
 use kadmq_dht::core::{Membership, NodeId, Ownership};
@@ -103,15 +103,24 @@ impl RetainFrame {
     }
 }
 
-/// One held topic.
+/// One held topic, as the fleet store's tree keeps it.
 struct Held {
     hlc: u64,
     origin: u64,
-    /// `None`: cleared (a tombstone) at `cleared_at_ms`.
-    message: Option<Arc<Message>>,
+    /// The retained message; for a tombstone (`cleared`) an empty one,
+    /// for its topic.
+    message: Arc<Message>,
+    cleared: bool,
+    /// When a tombstone was cleared (0 for a live message).
     cleared_at_ms: u64,
     /// Set while this node no longer owns the topic's shard: when it goes.
     release_at_ms: Option<u64>,
+}
+
+impl Retained for Held {
+    fn topic(&self) -> &str {
+        &self.message.topic
+    }
 }
 
 impl Held {
@@ -119,24 +128,22 @@ impl Held {
         (self.hlc, self.origin)
     }
 
-    fn item(&self, topic: &str) -> FleetRetained {
+    fn item(&self) -> FleetRetained {
         FleetRetained {
-            topic: topic.to_string(),
+            topic: self.message.topic.clone(),
             hlc: self.hlc,
             origin: self.origin,
-            message: self.message.as_deref().cloned(),
+            message: (!self.cleared).then(|| self.message.as_ref().clone()),
             cleared_at_ms: self.cleared_at_ms,
         }
     }
 }
 
+/// The topics this node keeps, live and cleared, in one tree (no second
+/// index: the tree is the map from topic to version).
 #[derive(Default)]
 struct Store {
-    held: HashMap<Box<str>, Held>,
-    /// The live messages, for matching filters.
-    live: RetainedTree,
-    /// The tombstones (as empty messages), for matching filters.
-    cleared: RetainedTree,
+    held: RetainedTree<Held>,
     /// Tombstones by the time they were cleared, for purging.
     tombstones: BTreeSet<(u64, Box<str>)>,
     /// Live messages with a Message Expiry Interval, by when they expire.
@@ -148,71 +155,64 @@ struct Store {
 impl Store {
     /// Takes `item` if it is newer than what is held; returns whether it did.
     fn apply(&mut self, item: &FleetRetained) -> bool {
-        if let Some(held) = self.held.get(item.topic.as_str()) {
+        if let Some(held) = self.held.get(&item.topic) {
             if held.version() >= item.version() {
                 return false;
             }
         }
         self.forget(&item.topic);
-        let message = item.message.clone().map(|mut m| {
-            m.topic = item.topic.clone();
-            m.retain = true;
-            m.origin = None;
-            m.fleet_id = None;
-            Arc::new(m)
-        });
-        match &message {
+        let cleared = item.message.is_none();
+        let message = match &item.message {
             Some(message) => {
+                let mut message = message.clone();
+                message.topic = item.topic.clone();
+                message.retain = true;
+                message.origin = None;
+                message.fleet_id = None;
                 self.bytes += (message.payload.len() + message.topic.len()) as u64;
-                self.live.insert(message.clone());
                 if let Some(at) = message.expires_at_ms {
                     self.expiring.insert((at, item.topic.as_str().into()));
                 }
+                message
             }
             None => {
-                self.cleared.insert(Arc::new(tombstone(&item.topic)));
                 self.tombstones.insert((item.cleared_at_ms, item.topic.as_str().into()));
+                tombstone(&item.topic)
             }
-        }
-        let held = Held {
+        };
+        self.held.insert(Held {
             hlc: item.hlc,
             origin: item.origin,
-            message,
+            message: Arc::new(message),
+            cleared,
             cleared_at_ms: item.cleared_at_ms,
             release_at_ms: None,
-        };
-        self.held.insert(item.topic.as_str().into(), held);
+        });
         true
     }
 
     /// Drops `topic` from memory (not from disk).
     fn forget(&mut self, topic: &str) -> Option<Held> {
         let held = self.held.remove(topic)?;
-        match &held.message {
-            Some(message) => {
-                self.bytes -= (message.payload.len() + message.topic.len()) as u64;
-                self.live.remove(topic);
-                if let Some(at) = message.expires_at_ms {
-                    self.expiring.remove(&(at, topic.into()));
-                }
-            }
-            None => {
-                self.cleared.remove(topic);
-                self.tombstones.remove(&(held.cleared_at_ms, topic.into()));
+        if held.cleared {
+            self.tombstones.remove(&(held.cleared_at_ms, topic.into()));
+        } else {
+            self.bytes -= (held.message.payload.len() + held.message.topic.len()) as u64;
+            if let Some(at) = held.message.expires_at_ms {
+                self.expiring.remove(&(at, topic.into()));
             }
         }
         Some(held)
     }
 
+    /// Live messages held.
+    fn live(&self) -> usize {
+        self.held.len() - self.tombstones.len()
+    }
+
     /// What matches `filter` (live and cleared) among `owned` topics.
     fn matching(&self, filter: &str, owned: impl Fn(&str) -> bool) -> Vec<FleetRetained> {
-        let live = self.live.matching(filter);
-        let cleared = self.cleared.matching(filter);
-        live.iter()
-            .chain(&cleared)
-            .filter(|m| owned(&m.topic))
-            .filter_map(|m| self.held.get(m.topic.as_str()).map(|h| h.item(&m.topic)))
-            .collect()
+        self.held.matching_refs(filter).into_iter().filter(|h| owned(h.topic())).map(Held::item).collect()
     }
 }
 
@@ -330,7 +330,7 @@ impl FleetRetainedStore {
     /// Live retained messages held, tombstones held, live bytes.
     pub fn figures(&self) -> (u64, u64, u64) {
         let store = self.store.lock();
-        (store.live.len() as u64, store.tombstones.len() as u64, store.bytes)
+        (store.live() as u64, store.tombstones.len() as u64, store.bytes)
     }
 
     /// Applies items from a peer (or this node), persisting what is newer.
@@ -520,7 +520,7 @@ impl Cluster {
                 bump(&self.retained.stats.repaired, answer.len() as u64);
                 let store = self.retained.store.lock();
                 let items: Vec<FleetRetained> =
-                    topics.iter().filter_map(|t| store.held.get(t.as_ref()).map(|h| h.item(t))).collect();
+                    topics.iter().filter_map(|t| store.held.get(t).map(Held::item)).collect();
                 drop(store);
                 if !items.is_empty() {
                     for items in chunks(items) {
@@ -564,7 +564,7 @@ impl Cluster {
                     if owners.is_empty() || owners.contains(&self.me) {
                         continue;
                     }
-                    if let Some(held) = store.held.get_mut(item.topic.as_str()) {
+                    if let Some(held) = store.held.get_mut(&item.topic) {
                         held.release_at_ms.get_or_insert(now_ms + RELEASE_GRACE_MS);
                     }
                     if relay {
@@ -610,8 +610,8 @@ impl Cluster {
         {
             let mut store = self.retained.store.lock();
             let mut owners_of: HashMap<ShardKey, (Vec<NodeId>, bool)> = HashMap::new();
-            for (topic, held) in store.held.iter_mut() {
-                let key = filter_shard(topic, depth);
+            store.held.for_each_mut(|held| {
+                let key = filter_shard(held.topic(), depth);
                 let (fresh, owned) = owners_of.entry(key).or_insert_with(|| {
                     let old = before.owners(&key, r);
                     let new = after.owners(&key, r);
@@ -619,14 +619,14 @@ impl Cluster {
                     (fresh, new.contains(&self.me) || new.is_empty())
                 });
                 for node in fresh.iter() {
-                    per_node.entry(*node).or_default().push(held.item(topic));
+                    per_node.entry(*node).or_default().push(held.item());
                 }
                 match (*owned, held.release_at_ms) {
                     (true, _) => held.release_at_ms = None,
                     (false, None) => held.release_at_ms = Some(now_ms + RELEASE_GRACE_MS),
                     (false, Some(_)) => {}
                 }
-            }
+            });
         }
         for (node, items) in per_node {
             bump(&self.retained.stats.handed_over, items.len() as u64);
@@ -660,7 +660,8 @@ impl Cluster {
         let store = self.retained.store.lock();
         let mut owned: HashMap<ShardKey, bool> = HashMap::new();
         let mut shards: HashMap<ShardKey, (u64, Vec<Box<str>>)> = HashMap::new();
-        for (topic, held) in &store.held {
+        for held in store.held.values() {
+            let topic = held.topic();
             let key = filter_shard(topic, depth);
             let mine =
                 *owned.entry(key).or_insert_with(|| membership.owners(&key, self.replication).contains(&self.me));
@@ -674,7 +675,7 @@ impl Cluster {
                 .finish();
             let shard = shards.entry(key).or_default();
             shard.0 ^= hash;
-            shard.1.push(topic.clone());
+            shard.1.push(topic.into());
         }
         shards
     }
@@ -727,9 +728,9 @@ impl Cluster {
         }
         let released: Vec<Box<str>> = store
             .held
-            .iter()
-            .filter(|(_, h)| h.release_at_ms.is_some_and(|at| at <= now_ms))
-            .map(|(t, _)| t.clone())
+            .values()
+            .filter(|h| h.release_at_ms.is_some_and(|at| at <= now_ms))
+            .map(|h| h.topic().into())
             .collect();
         let mut purged = Vec::new();
         while let Some((at, topic)) = store.tombstones.first().cloned() {
@@ -785,9 +786,9 @@ mod tests {
         let mut store = Store::default();
         assert!(store.apply(&item("a/b", 5, Some("new"))));
         assert!(!store.apply(&item("a/b", 3, Some("old"))), "an older version is refused");
-        assert_eq!(store.live.matching("a/+")[0].payload, "new");
+        assert_eq!(store.matching("a/+", |_| true)[0].message.as_ref().unwrap().payload, "new");
         assert!(store.apply(&item("a/b", 7, None)), "cleared later");
-        assert!(store.live.matching("a/#").is_empty());
+        assert_eq!(store.live(), 0);
         assert!(!store.apply(&item("a/b", 6, Some("stale"))), "the tombstone keeps the stale value out");
         let all = store.matching("#", |_| true);
         assert_eq!(all.len(), 1);

@@ -25,12 +25,22 @@ impl From<fjall::Error> for StorageError {
     }
 }
 
+/// The most a tree keeps in memory before it writes a segment to disk.
+/// fjall's default (64 MiB of keys and values, some three times that in
+/// memory with the skiplist and allocations) is per tree, a fixed cost of
+/// every node however little it stores; 8 MiB keeps writes batched.
+const MEMTABLE_BYTES: u64 = 8 << 20;
+/// The journals' size past which fjall flushes the trees holding the
+/// oldest one back (its default, 512 MiB, is disk a node holds on to
+/// however little it stores; 64 MiB is fjall's minimum).
+const JOURNAL_BYTES: u64 = 64 << 20;
+
 impl FjallEngine {
     /// Opens (or creates) the store in `data_dir/store`. The caller has
     /// checked the data directory's format ([`super::prepare_data_dir`]).
     pub fn open(data_dir: &Path) -> Result<FjallEngine> {
         let store = data_dir.join("store");
-        let db = guarded(data_dir, || Database::builder(&store).open())?;
+        let db = guarded(data_dir, || Database::builder(&store).max_journaling_size(JOURNAL_BYTES).open())?;
         Ok(FjallEngine { data_dir: data_dir.to_path_buf(), db, trees: Vec::new() })
     }
 
@@ -61,7 +71,8 @@ impl Engine for FjallEngine {
         if let Some(index) = self.trees.iter().position(|(n, _)| *n == name) {
             return Ok(Tree(index));
         }
-        let keyspace = guarded(&self.data_dir, || self.db.keyspace(name, KeyspaceCreateOptions::default))?;
+        let options = || KeyspaceCreateOptions::default().max_memtable_size(MEMTABLE_BYTES);
+        let keyspace = guarded(&self.data_dir, || self.db.keyspace(name, options))?;
         self.trees.push((name, keyspace));
         Ok(Tree(self.trees.len() - 1))
     }
