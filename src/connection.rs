@@ -814,6 +814,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         let now = self.broker.now_ms();
         let will = self.will.take().filter(|_| will).map(|w| will_message(w, self.version, &client_id, now));
         self.broker.disconnect(&self.session, Departure { connection_id: self.attachment.connection_id, will });
+        // A QoS 2 PUBLISH taken but not answered is answered at once when
+        // the client sends it again: its forwards must be safe by then.
+        if let Some(upto) = self.newest_forward.take() {
+            if let Some(settled) = self.broker.fleet().and_then(|fleet| fleet.forwards_settled(upto)) {
+                settled.await;
+            }
+        }
         if let Err(err) = self.broker.storage.flush() {
             tracing::error!(cause = %err, "storage flush failed");
         }

@@ -90,10 +90,15 @@ impl Cluster {
             // Its clients' sessions and wills: this node acts for some.
             received.dead_sessions.extend(self.sessions_of_dead(st, id));
         }
-        let held = st.outbox.take_destination(storage, id);
+        // Sent on first, its new forwards made due, and only then taken
+        // out: a flush meanwhile (a publisher's PUBACK waiting for the
+        // dead node) finds either the old record or the new ones due.
+        let held = st.outbox.part_for(id);
         if !held.is_empty() {
             self.send_on_held(st, storage, id, held, received);
+            self.unwritten.require_all();
         }
+        st.outbox.take_destination(storage, id);
     }
 
     /// What this node held for `dead` (forwarded, unacknowledged), sent

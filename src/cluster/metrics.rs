@@ -255,13 +255,13 @@ impl Cluster {
             figure(
                 "kadmq_cluster_outbox_written_total",
                 "counter",
-                "QoS 1/2 forwards written to disk: not acknowledged within cluster.forward_ack_window_ms.",
+                "QoS 1/2 forwards written to disk: not acknowledged within cluster.forward_ack_window_ms (or written at once: at shutdown, sent on for a dead node).",
                 self.unwritten.written.load(Ordering::Relaxed),
             ),
             figure(
                 "kadmq_cluster_outbox_spared_total",
                 "counter",
-                "QoS 1/2 forwards acknowledged by every destination before they had to be written (never written).",
+                "QoS 1/2 forwards done before they had to be written (acknowledged, or their destination's part sent on): never written.",
                 self.unwritten.spared.load(Ordering::Relaxed),
             ),
             figure(

@@ -196,9 +196,10 @@ impl Unwritten {
     }
 
     /// Resolves once every record up to id `upto` has been acknowledged by
-    /// its destinations or written, or else once the window passed, having
-    /// made them due ([`Unwritten::require`]). `None` when none is
-    /// unwritten. A client's PUBACK waits for this, then for a flush.
+    /// its destinations or written, or else once the window passed (the
+    /// records, held before this was called, are then past it: the next
+    /// flush writes them). `None` when none is unwritten. A client's
+    /// PUBACK waits for this, then for a flush.
     pub fn settled(self: &Arc<Self>, upto: u64) -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
         let window = {
             let pending = self.pending.lock();
@@ -220,10 +221,7 @@ impl Unwritten {
                     gone.await;
                 }
             };
-            if tokio::time::timeout(window, settled).await.is_err() {
-                let mut pending = this.pending.lock();
-                pending.due = pending.due.max(upto);
-            }
+            let _ = tokio::time::timeout(window, settled).await;
         })
     }
 
@@ -333,6 +331,20 @@ impl Outbox {
         self.held.is_empty()
     }
 
+    /// What `dead` has not acknowledged, and what each delivers there, in
+    /// order (left in the outbox: see [`Outbox::take_destination`]).
+    pub fn part_for(&self, dead: NodeId) -> Vec<(Arc<Message>, ForwardRoute)> {
+        let Some(link) = self.destinations.get(&dead) else { return Vec::new() };
+        link.unacked
+            .values()
+            .filter_map(|id| {
+                let held = self.held.get(id)?;
+                let (_, route) = held.waiting.iter().find(|(node, _)| *node == dead)?;
+                Some((held.message.clone(), route.clone()))
+            })
+            .collect()
+    }
+
     /// Numbers the next forward of message `id` to `to`, sent at `now_ms`.
     pub fn assign(&mut self, to: NodeId, id: u64, now_ms: u64) -> Sequence {
         let link = self.destinations.entry(to).or_default();
@@ -429,13 +441,12 @@ impl Outbox {
     /// back what it was to deliver there, in order, for the caller to send
     /// elsewhere.
     pub fn take_destination(&mut self, storage: &Storage, dead: NodeId) -> Vec<(Arc<Message>, ForwardRoute)> {
-        let Some(link) = self.destinations.remove(&dead) else { return Vec::new() };
-        let mut taken = Vec::new();
+        let taken = self.part_for(dead);
+        let Some(link) = self.destinations.remove(&dead) else { return taken };
         for id in link.unacked.into_values() {
             let Some(held) = self.held.get_mut(&id) else { continue };
             let Some(at) = held.waiting.iter().position(|(node, _)| *node == dead) else { continue };
-            let (_, route) = held.waiting.remove(at);
-            taken.push((held.message.clone(), route));
+            held.waiting.remove(at);
             if held.waiting.is_empty() {
                 self.remove(storage, id);
             } else {
@@ -522,6 +533,19 @@ mod tests {
         let seqs = to.iter().map(|n| outbox.assign(*n, id, now)).collect();
         outbox.hold(storage, id, message(), to.iter().map(|n| (*n, route())).collect(), false);
         seqs
+    }
+
+    #[test]
+    fn looking_at_a_dead_destinations_part_leaves_it_in_the_outbox() {
+        let storage = Storage::in_memory();
+        let mut outbox = Outbox::new(1);
+        forward(&mut outbox, &storage, 1, &[NodeId(1), NodeId(2)], 0);
+        assert_eq!(outbox.part_for(NodeId(2)).len(), 1);
+        assert_eq!(outbox.part_for(NodeId(2)).len(), 1, "looking leaves it in the outbox");
+        assert!(outbox.part_for(NodeId(3)).is_empty());
+        assert_eq!(outbox.take_destination(&storage, NodeId(2)).len(), 1);
+        assert!(outbox.part_for(NodeId(2)).is_empty());
+        assert_eq!(outbox.len(), 1, "still waiting for node 1");
     }
 
     #[test]

@@ -140,7 +140,7 @@ impl Fleet for Cluster {
         let mut local = Vec::new();
         let routed = {
             let mut st = self.state.lock();
-            self.route(&mut st, &broker.storage, id, message.clone(), &mut local)
+            self.route(&mut st, &broker.storage, id, message.clone(), false, &mut local)
         };
         // This publish's own local part goes back to the broker when it is
         // decided; anything else (a publish released by this one) is
@@ -238,6 +238,7 @@ impl Cluster {
         storage: &Storage,
         id: u64,
         message: Arc<Message>,
+        persisted: bool,
         local: &mut Vec<(Arc<Message>, ForwardRoute)>,
     ) -> Option<usize> {
         let origin = message.origin.clone();
@@ -249,7 +250,7 @@ impl Cluster {
             queue.push_back((id, Some((message, durable))));
             return None;
         }
-        let routed = self.route_now(st, storage, id, message, false, local);
+        let routed = self.route_now(st, storage, id, message, persisted, local);
         if let (None, Some(origin)) = (routed, origin) {
             st.held.insert(origin, VecDeque::from([(id, None)]));
             self.publishers_held.fetch_add(1, Ordering::AcqRel);

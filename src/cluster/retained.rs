@@ -207,7 +207,7 @@ impl Store {
 
     /// Live messages held.
     fn live(&self) -> usize {
-        self.held.len() - self.tombstones.len()
+        self.held.len().saturating_sub(self.tombstones.len())
     }
 
     /// What matches `filter` (live and cleared) among `owned` topics.

@@ -107,8 +107,10 @@ impl Cluster {
             self.retained_tick(&broker.storage, broker.now_ms());
             self.retained_check(st, broker.now_ms());
             if self.started.elapsed() >= REPLAY_AFTER {
+                // Their unrouted records are on disk: once routed they
+                // are rewritten (or forgotten, with no destination).
                 for (id, message) in std::mem::take(&mut st.replay) {
-                    self.route(st, &broker.storage, id, Arc::new(message), &mut local);
+                    self.route(st, &broker.storage, id, Arc::new(message), true, &mut local);
                 }
             }
             driver::Load {
