@@ -212,7 +212,7 @@ struct Connection<S> {
     unwritten_pubacks: usize,
     /// The fleet's number of the newest QoS 1/2 publish of this client
     /// forwarded to other nodes since the last flush: the flush waits for
-    /// [`Fleet::forwards_settled`] up to it before it acknowledges.
+    /// it ([`Connection::settle_forwards`]) before it acknowledges.
     newest_forward: Option<u64>,
 }
 
@@ -762,11 +762,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             return Ok(());
         }
         if self.needs_flush || self.broker.storage.is_dirty() {
-            if let Some(upto) = self.newest_forward.take() {
-                if let Some(settled) = self.broker.fleet().and_then(|fleet| fleet.forwards_settled(upto)) {
-                    settled.await;
-                }
-            }
+            self.settle_forwards().await;
             self.needs_flush = false;
             if let Err(err) = self.broker.storage.flush() {
                 tracing::error!(cause = %err, "storage flush failed");
@@ -777,6 +773,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         self.unwritten_pubacks = 0;
         Stats::add(&self.broker.stats.bytes_sent, n as u64);
         Ok(())
+    }
+
+    /// Waits for [`Fleet::forwards_settled`](crate::broker::Fleet::forwards_settled)
+    /// up to this client's newest forwarded publish: then the next storage
+    /// flush makes what is still unacknowledged safe.
+    async fn settle_forwards(&mut self) {
+        let Some(upto) = self.newest_forward.take() else { return };
+        if let Some(settled) = self.broker.fleet().and_then(|fleet| fleet.forwards_settled(upto)) {
+            settled.await;
+        }
     }
 
     async fn close(&mut self, close: Close) {
@@ -816,11 +822,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         self.broker.disconnect(&self.session, Departure { connection_id: self.attachment.connection_id, will });
         // A QoS 2 PUBLISH taken but not answered is answered at once when
         // the client sends it again: its forwards must be safe by then.
-        if let Some(upto) = self.newest_forward.take() {
-            if let Some(settled) = self.broker.fleet().and_then(|fleet| fleet.forwards_settled(upto)) {
-                settled.await;
-            }
-        }
+        self.settle_forwards().await;
         if let Err(err) = self.broker.storage.flush() {
             tracing::error!(cause = %err, "storage flush failed");
         }

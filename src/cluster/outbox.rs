@@ -125,6 +125,13 @@ struct Pending {
     window: Duration,
 }
 
+impl Pending {
+    /// Whether no fresh record up to id `upto` is left.
+    fn settled(&self, upto: u64) -> bool {
+        self.fresh.keys().next().is_none_or(|first| *first > upto)
+    }
+}
+
 struct Fresh {
     message: Arc<Message>,
     waiting: Waiting,
@@ -203,7 +210,7 @@ impl Unwritten {
     pub fn settled(self: &Arc<Self>, upto: u64) -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
         let window = {
             let pending = self.pending.lock();
-            if pending.fresh.keys().next().is_none_or(|first| *first > upto) {
+            if pending.settled(upto) {
                 return None;
             }
             pending.window
@@ -215,7 +222,7 @@ impl Unwritten {
                     let gone = this.gone.notified();
                     tokio::pin!(gone);
                     gone.as_mut().enable();
-                    if this.pending.lock().fresh.keys().next().is_none_or(|first| *first > upto) {
+                    if this.pending.lock().settled(upto) {
                         return;
                     }
                     gone.await;
@@ -535,6 +542,14 @@ mod tests {
         seqs
     }
 
+    /// An outbox whose records wait `window` for the storage's flush.
+    fn deferred(window: Duration) -> (Storage, Outbox, Arc<Unwritten>) {
+        let mut outbox = Outbox::new(1);
+        outbox.defer_writes(window);
+        let unwritten = outbox.unwritten();
+        (Storage::in_memory(), outbox, unwritten)
+    }
+
     #[test]
     fn looking_at_a_dead_destinations_part_leaves_it_in_the_outbox() {
         let storage = Storage::in_memory();
@@ -607,10 +622,7 @@ mod tests {
 
     #[test]
     fn a_record_is_written_at_the_flush_unless_acknowledged_before() {
-        let storage = Storage::in_memory();
-        let mut outbox = Outbox::new(1);
-        outbox.defer_writes(Duration::ZERO);
-        let unwritten = outbox.unwritten();
+        let (storage, mut outbox, unwritten) = deferred(Duration::ZERO);
         forward(&mut outbox, &storage, 1, &[NodeId(1)], 0);
         forward(&mut outbox, &storage, 2, &[NodeId(1), NodeId(2)], 0);
         assert!(storage.outbox().unwrap().is_empty(), "nothing written before the flush");
@@ -631,10 +643,7 @@ mod tests {
 
     #[test]
     fn a_young_record_waits_for_its_window_unless_required() {
-        let storage = Storage::in_memory();
-        let mut outbox = Outbox::new(1);
-        outbox.defer_writes(Duration::from_secs(3600));
-        let unwritten = outbox.unwritten();
+        let (storage, mut outbox, unwritten) = deferred(Duration::from_secs(3600));
         for id in 1..=3 {
             forward(&mut outbox, &storage, id, &[NodeId(1)], 0);
         }
@@ -652,10 +661,7 @@ mod tests {
 
     #[tokio::test]
     async fn settled_resolves_on_the_acknowledgement() {
-        let storage = Storage::in_memory();
-        let mut outbox = Outbox::new(1);
-        outbox.defer_writes(Duration::from_secs(3600));
-        let unwritten = outbox.unwritten();
+        let (storage, mut outbox, unwritten) = deferred(Duration::from_secs(3600));
         assert!(unwritten.settled(1).is_none(), "nothing held");
         forward(&mut outbox, &storage, 1, &[NodeId(1)], 0);
         forward(&mut outbox, &storage, 2, &[NodeId(1)], 0);
@@ -671,10 +677,7 @@ mod tests {
 
     #[tokio::test]
     async fn past_the_window_settled_makes_the_records_due() {
-        let storage = Storage::in_memory();
-        let mut outbox = Outbox::new(1);
-        outbox.defer_writes(Duration::from_millis(20));
-        let unwritten = outbox.unwritten();
+        let (storage, mut outbox, unwritten) = deferred(Duration::from_millis(20));
         forward(&mut outbox, &storage, 1, &[NodeId(1)], 0);
         unwritten.settled(1).expect("1 is unwritten").await;
         unwritten.write_all(&storage).unwrap();
