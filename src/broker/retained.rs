@@ -72,8 +72,9 @@ impl<V: Retained> RetainedTree<V> {
         self.len == 0
     }
 
-    /// Stores `value` for its topic, replacing the previous one.
-    pub fn insert(&mut self, value: V) {
+    /// Stores `value` for its topic, replacing the previous one; returns
+    /// where it now is.
+    pub fn insert(&mut self, value: V) -> &mut V {
         let mut node = &mut self.root;
         for level in levels(value.topic()) {
             if !node.children.contains_key(level) {
@@ -81,9 +82,10 @@ impl<V: Retained> RetainedTree<V> {
             }
             node = node.children.get_mut(level).expect("inserted above");
         }
-        if node.value.replace(value).is_none() {
+        if node.value.is_none() {
             self.len += 1;
         }
+        node.value.insert(value)
     }
 
     /// Takes out what is held for `topic`.

@@ -80,6 +80,7 @@ pub mod outbox;
 mod publish;
 mod receive;
 pub mod retained;
+pub mod retained_item;
 pub mod sessions;
 mod state;
 pub mod status;

@@ -40,18 +40,20 @@
 
 use super::links::{self, Class};
 use super::metrics::bump;
+use super::retained_item::{FleetRetained, Packed};
 use super::state::State;
 use super::wire;
 use super::Cluster;
 use crate::broker::message::Message;
 use crate::broker::retained::{Retained, RetainedTree};
 use crate::broker::BoxFuture;
-use crate::storage::{FleetRetained, Storage};
+use crate::storage::{Storage, StorageError};
 use kadmq_dht::core::{Membership, NodeId, Ownership};
 use kadmq_dht::shard::{filter_prefix, filter_shard, ShardKey};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeSet, HashMap, HashSet};
+use std::num::NonZeroU64;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -105,37 +107,21 @@ impl RetainFrame {
 
 /// One held topic, as the fleet store's tree keeps it.
 struct Held {
-    hlc: u64,
-    origin: u64,
-    /// The retained message; for a tombstone (`cleared`) an empty one,
-    /// for its topic.
-    message: Arc<Message>,
-    cleared: bool,
-    /// When a tombstone was cleared (0 for a live message).
-    cleared_at_ms: u64,
+    /// Its version, topic and message (or tombstone), in one allocation.
+    packed: Packed,
     /// Set while this node no longer owns the topic's shard: when it goes.
-    release_at_ms: Option<u64>,
+    release_at_ms: Option<NonZeroU64>,
 }
 
 impl Retained for Held {
     fn topic(&self) -> &str {
-        &self.message.topic
+        self.packed.topic()
     }
 }
 
 impl Held {
-    fn version(&self) -> (u64, u64) {
-        (self.hlc, self.origin)
-    }
-
     fn item(&self) -> FleetRetained {
-        FleetRetained {
-            topic: self.message.topic.clone(),
-            hlc: self.hlc,
-            origin: self.origin,
-            message: (!self.cleared).then(|| self.message.as_ref().clone()),
-            cleared_at_ms: self.cleared_at_ms,
-        }
+        self.packed.item()
     }
 }
 
@@ -153,52 +139,43 @@ struct Store {
 }
 
 impl Store {
-    /// Takes `item` if it is newer than what is held; returns whether it did.
-    fn apply(&mut self, item: &FleetRetained) -> bool {
-        if let Some(held) = self.held.get(&item.topic) {
-            if held.version() >= item.version() {
-                return false;
+    /// Takes `item` if it is newer than what is held; returns the packed
+    /// form it keeps (to store) if it did.
+    fn apply(&mut self, item: &FleetRetained) -> Option<&Packed> {
+        if self.held.get(&item.topic).is_some_and(|held| held.packed.version() >= item.version()) {
+            return None;
+        }
+        self.keep(Packed::pack(item))
+    }
+
+    /// Takes `packed` if it is newer than what is held.
+    fn keep(&mut self, packed: Packed) -> Option<&Packed> {
+        let topic = packed.topic();
+        if self.held.get(topic).is_some_and(|held| held.packed.version() >= packed.version()) {
+            return None;
+        }
+        self.forget(topic);
+        if packed.is_cleared() {
+            self.tombstones.insert((packed.cleared_at_ms(), topic.into()));
+        } else {
+            let (bytes, expiry) = packed.size_and_expiry();
+            self.bytes += bytes;
+            if let Some(at) = expiry {
+                self.expiring.insert((at, topic.into()));
             }
         }
-        self.forget(&item.topic);
-        let cleared = item.message.is_none();
-        let message = match &item.message {
-            Some(message) => {
-                let mut message = message.clone();
-                message.topic = item.topic.clone();
-                message.retain = true;
-                message.origin = None;
-                message.fleet_id = None;
-                self.bytes += (message.payload.len() + message.topic.len()) as u64;
-                if let Some(at) = message.expires_at_ms {
-                    self.expiring.insert((at, item.topic.as_str().into()));
-                }
-                message
-            }
-            None => {
-                self.tombstones.insert((item.cleared_at_ms, item.topic.as_str().into()));
-                tombstone(&item.topic)
-            }
-        };
-        self.held.insert(Held {
-            hlc: item.hlc,
-            origin: item.origin,
-            message: Arc::new(message),
-            cleared,
-            cleared_at_ms: item.cleared_at_ms,
-            release_at_ms: None,
-        });
-        true
+        Some(&self.held.insert(Held { packed, release_at_ms: None }).packed)
     }
 
     /// Drops `topic` from memory (not from disk).
     fn forget(&mut self, topic: &str) -> Option<Held> {
         let held = self.held.remove(topic)?;
-        if held.cleared {
-            self.tombstones.remove(&(held.cleared_at_ms, topic.into()));
+        if held.packed.is_cleared() {
+            self.tombstones.remove(&(held.packed.cleared_at_ms(), topic.into()));
         } else {
-            self.bytes -= (held.message.payload.len() + held.message.topic.len()) as u64;
-            if let Some(at) = held.message.expires_at_ms {
+            let (bytes, expiry) = held.packed.size_and_expiry();
+            self.bytes -= bytes;
+            if let Some(at) = expiry {
                 self.expiring.remove(&(at, topic.into()));
             }
         }
@@ -216,34 +193,38 @@ impl Store {
     }
 }
 
-fn tombstone(topic: &str) -> Message {
-    Message {
-        topic: topic.to_string(),
-        payload: bytes::Bytes::new(),
-        qos: crate::protocol::QoS::AtMostOnce,
-        retain: true,
-        properties: Default::default(),
-        expires_at_ms: None,
-        origin: None,
-        fleet_id: None,
-    }
+/// When a shard no longer owned at `now_ms` goes.
+fn release_at(now_ms: u64) -> NonZeroU64 {
+    NonZeroU64::new(now_ms.saturating_add(RELEASE_GRACE_MS)).expect("past the grace")
 }
 
-/// Splits `items` into chunks of about [`CHUNK_BYTES`].
+/// Splits `items` into chunks of about [`CHUNK_BYTES`] (one, empty, for
+/// none: an answer's last chunk).
 fn chunks(items: Vec<FleetRetained>) -> Vec<Vec<FleetRetained>> {
-    let mut out = vec![Vec::new()];
-    let mut size = 0;
-    for item in items {
-        let bytes = item.topic.len() + 64 + item.message.as_ref().map_or(0, |m| m.payload.len() + m.topic.len());
-        let full = out.last().expect("one").len() >= wire::MAX_RETAINED_ITEMS;
-        if (full || size + bytes > CHUNK_BYTES) && !out.last().expect("one").is_empty() {
-            out.push(Vec::new());
-            size = 0;
-        }
-        size += bytes;
-        out.last_mut().expect("one").push(item);
+    let mut items = items.into_iter().peekable();
+    let mut out = vec![next_chunk(&mut items)];
+    while items.peek().is_some() {
+        out.push(next_chunk(&mut items));
     }
     out
+}
+
+/// The next chunk of about [`CHUNK_BYTES`] from `items` (at least one item
+/// if any is left), made as it is sent: a hand-over of a million topics
+/// never exists in the open form all at once.
+fn next_chunk(items: &mut std::iter::Peekable<impl Iterator<Item = FleetRetained>>) -> Vec<FleetRetained> {
+    let mut chunk = Vec::new();
+    let mut size = 0;
+    while let Some(item) = items.peek() {
+        let bytes = item.topic.len() + 64 + item.message.as_ref().map_or(0, |m| m.payload.len() + m.topic.len());
+        let full = chunk.len() >= wire::MAX_RETAINED_ITEMS || size + bytes > CHUNK_BYTES;
+        if full && !chunk.is_empty() {
+            break;
+        }
+        size += bytes;
+        chunk.extend(items.next());
+    }
+    chunk
 }
 
 #[derive(Default)]
@@ -292,10 +273,13 @@ impl FleetRetainedStore {
     ) -> Result<FleetRetainedStore, crate::storage::StorageError> {
         let mut store = Store::default();
         let mut hlc = 0;
-        for item in storage.fleet_retained()? {
-            hlc = hlc.max(item.hlc);
-            store.apply(&item);
-        }
+        storage.for_each_fleet_retained(|topic, record| {
+            let packed = Packed::from_stored(topic, record)
+                .map_err(|detail| StorageError::Record { keyspace: "fleet_retained", detail })?;
+            hlc = hlc.max(packed.hlc());
+            store.keep(packed);
+            Ok(())
+        })?;
         Ok(FleetRetainedStore {
             store: Mutex::new(store),
             hlc: AtomicU64::new(hlc),
@@ -338,8 +322,8 @@ impl FleetRetainedStore {
         let mut store = self.store.lock();
         for item in items {
             self.witness(item.hlc);
-            if store.apply(item) {
-                if let Err(err) = storage.put_fleet_retained(item) {
+            if let Some(packed) = store.apply(item) {
+                if let Err(err) = storage.put_fleet_retained(&item.topic, packed.as_bytes()) {
                     tracing::error!(cause = %err, "could not store a retained message");
                 }
             } else {
@@ -565,7 +549,7 @@ impl Cluster {
                         continue;
                     }
                     if let Some(held) = store.held.get_mut(&item.topic) {
-                        held.release_at_ms.get_or_insert(now_ms + RELEASE_GRACE_MS);
+                        held.release_at_ms.get_or_insert(release_at(now_ms));
                     }
                     if relay {
                         for owner in owners.iter().filter(|o| **o != from) {
@@ -606,7 +590,7 @@ impl Cluster {
     pub(super) fn retained_membership_changed(&self, st: &State, before: &Membership, after: &Membership, now_ms: u64) {
         let depth = st.node.config().shard_depth;
         let r = self.replication;
-        let mut per_node: HashMap<NodeId, Vec<FleetRetained>> = HashMap::new();
+        let mut per_node: HashMap<NodeId, Vec<Packed>> = HashMap::new();
         {
             let mut store = self.retained.store.lock();
             let mut owners_of: HashMap<ShardKey, (Vec<NodeId>, bool)> = HashMap::new();
@@ -619,11 +603,11 @@ impl Cluster {
                     (fresh, new.contains(&self.me) || new.is_empty())
                 });
                 for node in fresh.iter() {
-                    per_node.entry(*node).or_default().push(held.item());
+                    per_node.entry(*node).or_default().push(held.packed.clone());
                 }
                 match (*owned, held.release_at_ms) {
                     (true, _) => held.release_at_ms = None,
-                    (false, None) => held.release_at_ms = Some(now_ms + RELEASE_GRACE_MS),
+                    (false, None) => held.release_at_ms = Some(release_at(now_ms)),
                     (false, Some(_)) => {}
                 }
             });
@@ -632,14 +616,14 @@ impl Cluster {
             bump(&self.retained.stats.handed_over, items.len() as u64);
             let Some(peer) = st.peers.get(&node).copied() else { continue };
             let sender = self.links.sender(peer);
-            let frames: Vec<bytes::Bytes> = chunks(items)
-                .into_iter()
-                .map(|items| wire::encode_retained(&RetainFrame::Put { items, relay: false, ack: None }))
-                .collect();
             // Paced by the send budget (below the share kept for control
-            // frames), so a large hand-over neither floods nor is cut.
+            // frames), so a large hand-over neither floods nor is cut; each
+            // chunk is opened and encoded as its turn comes.
             self.spawn(async move {
-                for frame in frames {
+                let mut items = items.iter().map(Packed::item).peekable();
+                while items.peek().is_some() {
+                    let items = next_chunk(&mut items);
+                    let frame = wire::encode_retained(&RetainFrame::Put { items, relay: false, ack: None });
                     let deadline = tokio::time::Instant::now() + HANDOVER_PATIENCE;
                     while !sender.send(Class::Resendable, links::copy_of(&frame)) {
                         if tokio::time::Instant::now() >= deadline {
@@ -670,8 +654,8 @@ impl Cluster {
             }
             let hash = kadmq_dht::core::id::StableHasher::new()
                 .bytes(topic.as_bytes())
-                .u64(held.hlc)
-                .u64(held.origin)
+                .u64(held.packed.hlc())
+                .u64(held.packed.origin())
                 .finish();
             let shard = shards.entry(key).or_default();
             shard.0 ^= hash;
@@ -716,20 +700,21 @@ impl Cluster {
             let Some(held) = store.forget(&topic) else { continue };
             let cleared = FleetRetained {
                 topic: topic.to_string(),
-                hlc: held.hlc,
-                origin: held.origin,
+                hlc: held.packed.hlc(),
+                origin: held.packed.origin(),
                 message: None,
                 cleared_at_ms: at,
             };
-            store.apply(&cleared);
-            if let Err(err) = storage.put_fleet_retained(&cleared) {
+            let packed = Packed::pack(&cleared);
+            if let Err(err) = storage.put_fleet_retained(&topic, packed.as_bytes()) {
                 tracing::error!(cause = %err, "could not store an expired retained message's tombstone");
             }
+            store.keep(packed);
         }
         let released: Vec<Box<str>> = store
             .held
             .values()
-            .filter(|h| h.release_at_ms.is_some_and(|at| at <= now_ms))
+            .filter(|h| h.release_at_ms.is_some_and(|at| at.get() <= now_ms))
             .map(|h| h.topic().into())
             .collect();
         let mut purged = Vec::new();
@@ -776,7 +761,16 @@ mod tests {
             topic: topic.into(),
             hlc,
             origin: 1,
-            message: payload.map(|p| Message { payload: p.to_string().into(), ..tombstone(topic) }),
+            message: payload.map(|p| Message {
+                topic: topic.into(),
+                payload: p.to_string().into(),
+                qos: crate::protocol::QoS::AtMostOnce,
+                retain: true,
+                properties: Default::default(),
+                expires_at_ms: None,
+                origin: None,
+                fleet_id: None,
+            }),
             cleared_at_ms: if payload.is_none() { hlc } else { 0 },
         }
     }
@@ -784,17 +778,17 @@ mod tests {
     #[test]
     fn the_newest_version_wins_and_a_tombstone_outvotes_an_old_value() {
         let mut store = Store::default();
-        assert!(store.apply(&item("a/b", 5, Some("new"))));
-        assert!(!store.apply(&item("a/b", 3, Some("old"))), "an older version is refused");
+        assert!(store.apply(&item("a/b", 5, Some("new"))).is_some());
+        assert!(store.apply(&item("a/b", 3, Some("old"))).is_none(), "an older version is refused");
         assert_eq!(store.matching("a/+", |_| true)[0].message.as_ref().unwrap().payload, "new");
-        assert!(store.apply(&item("a/b", 7, None)), "cleared later");
+        assert!(store.apply(&item("a/b", 7, None)).is_some(), "cleared later");
         assert_eq!(store.live(), 0);
-        assert!(!store.apply(&item("a/b", 6, Some("stale"))), "the tombstone keeps the stale value out");
+        assert!(store.apply(&item("a/b", 6, Some("stale"))).is_none(), "the tombstone keeps the stale value out");
         let all = store.matching("#", |_| true);
         assert_eq!(all.len(), 1);
         assert!(all[0].message.is_none() && all[0].hlc == 7, "queries see tombstones: {all:?}");
         assert_eq!(store.bytes, 0);
-        assert!(store.apply(&item("a/b", 8, Some("again"))));
+        assert!(store.apply(&item("a/b", 8, Some("again"))).is_some());
         assert_eq!(store.tombstones.len(), 0);
         assert_eq!(store.bytes, ("again".len() + "a/b".len()) as u64);
     }
@@ -804,9 +798,9 @@ mod tests {
         let mut store = Store::default();
         let mut expiring = item("e/x", 5, Some("soon"));
         expiring.message.as_mut().unwrap().expires_at_ms = Some(1_000);
-        assert!(store.apply(&expiring));
+        assert!(store.apply(&expiring).is_some());
         assert_eq!(store.expiring.len(), 1);
-        assert!(store.apply(&item("e/x", 6, Some("forever"))));
+        assert!(store.apply(&item("e/x", 6, Some("forever"))).is_some());
         assert!(store.expiring.is_empty(), "the newer value does not expire");
     }
 
@@ -819,6 +813,26 @@ mod tests {
         assert_eq!(chunks.iter().map(Vec::len).sum::<usize>(), 10);
         assert!(chunks.iter().all(|c| c.len() <= 4));
         assert_eq!(super::chunks(Vec::new()).len(), 1, "an empty answer is one (last) chunk");
+    }
+
+    #[test]
+    fn a_reopened_store_holds_what_it_stored_and_reads_older_records() {
+        let storage = Storage::in_memory();
+        let store = FleetRetainedStore::open(&storage, 60, 30).unwrap();
+        store.apply_all(&storage, &[item("a/b", 5, Some("kept")), item("a/c", 6, None)]);
+        let older = item("a/d", 7 << 16, Some("from an older version"));
+        storage.put_fleet_retained("a/d", &rmp_serde::to_vec_named(&older).unwrap()).unwrap();
+        let reopened = FleetRetainedStore::open(&storage, 60, 30).unwrap();
+        assert_eq!(reopened.figures(), (2, 1, ("kept".len() + 3 + "from an older version".len() + 3) as u64));
+        assert!(reopened.tick(0) > 7 << 16, "the clock starts past every stored version");
+        let all = reopened.store.lock().matching("#", |_| true);
+        let mut topics: Vec<&str> = all.iter().map(|i| i.topic.as_str()).collect();
+        topics.sort();
+        assert_eq!(topics, ["a/b", "a/c", "a/d"]);
+
+        storage.put_fleet_retained("a/e", b"\xc1 damaged").unwrap();
+        let err = FleetRetainedStore::open(&storage, 60, 30).err().expect("a damaged record is refused");
+        assert!(err.to_string().contains("fleet_retained"), "{err}");
     }
 
     #[test]

@@ -84,27 +84,6 @@ pub struct StoredDelivery {
     pub released: bool,
 }
 
-/// A retained message of the fleet as its shard's owners keep it: the
-/// newest version of the topic, set (`message`) or cleared (a tombstone,
-/// kept until `cleared_at_ms` plus the tombstone time so that a node that
-/// was away cannot bring the old value back).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct FleetRetained {
-    pub topic: String,
-    /// Hybrid logical clock of the write (ms << 16 | counter) and the
-    /// node that made it: the newer (hlc, origin) wins.
-    pub hlc: u64,
-    pub origin: u64,
-    pub message: Option<Message>,
-    pub cleared_at_ms: u64,
-}
-
-impl FleetRetained {
-    pub fn version(&self) -> (u64, u64) {
-        (self.hlc, self.origin)
-    }
-}
-
 /// What [`Storage::flush`] runs first ([`Storage::before_flush`]).
 pub type FlushHook = dyn Fn(&Storage) -> Result<()> + Send + Sync;
 
@@ -200,8 +179,10 @@ impl Storage {
 
     // --- the fleet's retained messages, at their shards' owners -----------
 
-    pub fn put_fleet_retained(&self, item: &FleetRetained) -> Result<()> {
-        self.write_insert(self.fleet_retained, item.topic.as_bytes(), &encode(item))?;
+    /// Stores a fleet retained record (the cluster's packed form) under
+    /// its topic.
+    pub fn put_fleet_retained(&self, topic: &str, record: &[u8]) -> Result<()> {
+        self.write_insert(self.fleet_retained, topic.as_bytes(), record)?;
         self.mark_dirty();
         Ok(())
     }
@@ -212,8 +193,14 @@ impl Storage {
         Ok(())
     }
 
-    pub fn fleet_retained(&self) -> Result<Vec<FleetRetained>> {
-        self.scan(self.fleet_retained, "fleet_retained", b"").map(|rows| rows.into_iter().map(|(_, r)| r).collect())
+    /// Every fleet retained record, as (topic, record), one at a time (a
+    /// node may hold millions).
+    pub fn for_each_fleet_retained(&self, mut each: impl FnMut(&[u8], &[u8]) -> Result<()>) -> Result<()> {
+        for record in self.engine.scan_prefix(self.fleet_retained, b"")? {
+            let (key, value) = record?;
+            each(&key, &value)?;
+        }
+        Ok(())
     }
 
     // --- sessions ----------------------------------------------------------

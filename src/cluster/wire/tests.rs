@@ -6,8 +6,14 @@ fn decode(bytes: &[u8]) -> Result<Wire, WireError> {
     super::decode(&Bytes::copy_from_slice(bytes))
 }
 
-fn retained_item(topic: &str, message: Option<Message>) -> crate::storage::FleetRetained {
-    crate::storage::FleetRetained { topic: topic.into(), hlc: 9 << 16, origin: 3, message, cleared_at_ms: 0 }
+fn retained_item(topic: &str, message: Option<Message>) -> crate::cluster::retained_item::FleetRetained {
+    crate::cluster::retained_item::FleetRetained {
+        topic: topic.into(),
+        hlc: 9 << 16,
+        origin: 3,
+        message,
+        cleared_at_ms: 0,
+    }
 }
 
 fn forward() -> Forward {
