@@ -18,7 +18,7 @@ use crate::protocol::{
 };
 use bytes::BytesMut;
 use kadmq_dht::topic;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -206,14 +206,45 @@ struct Connection<S> {
     /// message for its owners ([`Broker::publish_kept`]). Nothing more is
     /// read or handled until it is sent, so what the client does after the
     /// acknowledgement sees the fleet updated.
-    awaiting: Option<(Packet, BoxFuture<'static, ()>)>,
+    /// With the fleet number of the publish's forward, if it had one.
+    awaiting: Option<Awaiting>,
     /// PUBACKs in the write buffer (MQTT 5 only; 3.1.1 has no Receive
     /// Maximum): their PUBLISHes are still in flight from the client's side.
     unwritten_pubacks: usize,
-    /// The fleet's number of the newest QoS 1/2 publish of this client
-    /// forwarded to other nodes since the last flush: the flush waits for
-    /// it ([`Connection::settle_forwards`]) before it acknowledges.
-    newest_forward: Option<u64>,
+    /// PUBACKs and PUBRECs waiting for the client's publishes forwarded
+    /// to other nodes ([`HeldAcks`]).
+    held: HeldAcks,
+}
+
+/// An acknowledgement waiting for the fleet, input stopped meanwhile
+/// ([`Connection::awaiting`]): the packet, the fleet number of its
+/// publish's forward, and what it waits for.
+type Awaiting = (Packet, Option<u64>, BoxFuture<'static, ()>);
+
+/// PUBACKs and PUBRECs held until this client's publishes forwarded to
+/// other nodes are settled ([`Fleet::forwards_settled`]: acknowledged by
+/// the destinations, or past the window and written by the next storage
+/// flush), in the order of their PUBLISHes (MQTT-4.6.0-2, -3: an
+/// acknowledgement without a forward of its own waits behind the held
+/// ones). Input is read and routed meanwhile, so a publisher with many
+/// messages in flight keeps the link busy during the round trip instead of
+/// waiting for it batch by batch.
+///
+/// [`Fleet::forwards_settled`]: crate::broker::Fleet::forwards_settled
+#[derive(Default)]
+struct HeldAcks {
+    /// Each with the fleet number of the newest forward it waits for.
+    queue: VecDeque<(u64, Packet)>,
+    /// The wait under way: for the forwards up to this number.
+    settling: Option<(u64, BoxFuture<'static, ()>)>,
+    /// PUBACKs held: MQTT 5's Receive Maximum counts them in flight.
+    pubacks: usize,
+}
+
+impl HeldAcks {
+    fn newest(&self) -> Option<u64> {
+        self.queue.back().map(|(id, _)| *id)
+    }
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
@@ -328,7 +359,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             throttled_until: None,
             awaiting: None,
             unwritten_pubacks: 0,
-            newest_forward: None,
+            held: HeldAcks::default(),
         };
         if connection.broker.fleet().is_some() {
             let client_id = connection.session.client_id.clone();
@@ -386,14 +417,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                     break Close::Error(reason, "closed by the broker");
                 }
                 _ = fleet_settled(&mut self.awaiting), if awaiting => {
-                    let (ack, _) = self.awaiting.take().expect("awaiting");
-                    self.send_ack(ack);
+                    let (ack, forwarded, _) = self.awaiting.take().expect("awaiting");
+                    match ack {
+                        Packet::PubAck(_) | Packet::PubRec(_) => self.ack_publish(ack, forwarded),
+                        ack => self.send_ack(ack),
+                    }
                     // The client did send; only we held back from reading it.
                     last_seen = Instant::now();
                     if let Err(close) = self.handle_input() {
                         break close;
                     }
                     more = true;
+                }
+                upto = forwards_settled(&mut self.held.settling), if self.held.settling.is_some() => {
+                    self.release_held(upto);
+                    self.settle_held();
                 }
                 _ = tokio::time::sleep_until(throttled.unwrap_or_else(|| Instant::now() + far)), if throttled.is_some() => {
                     self.throttled_until = None;
@@ -541,7 +579,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             // until its PUBACK is written (a retransmission is not a new one).
             let st = self.session.lock();
             let resent = publish.qos == QoS::ExactlyOnce && st.incoming_qos2.contains(&packet_id);
-            let in_flight = st.incoming_qos2.len() + self.unwritten_pubacks;
+            let in_flight = st.incoming_qos2.len() + self.unwritten_pubacks + self.held.pubacks;
             if !resent && in_flight >= self.broker.config.receive_maximum as usize {
                 return Err(Close::Error(DisconnectReason::ReceiveMaximumExceeded, "receive maximum exceeded"));
             }
@@ -553,11 +591,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             self.broker.limits.hit(limit.into(), &self.session.client_id, "PUBLISH refused (0x90)");
             return match (self.version, publish.qos) {
                 (Version::V5, QoS::AtLeastOnce) => {
-                    self.send_puback(PubAck::with_reason(packet_id, 0x90));
+                    self.ack_publish(Packet::PubAck(PubAck::with_reason(packet_id, 0x90)), None);
                     Ok(())
                 }
                 (Version::V5, QoS::ExactlyOnce) => {
-                    self.send(Packet::PubRec(PubAck::with_reason(packet_id, 0x90)));
+                    self.ack_publish(Packet::PubRec(PubAck::with_reason(packet_id, 0x90)), None);
                     Ok(())
                 }
                 _ => Err(Close::Error(DisconnectReason::TopicNameInvalid, "topic over the topic limits")),
@@ -569,8 +607,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             // MQTT 5: acknowledge with 0x99 (payload format invalid), do not route.
             match publish.qos {
                 QoS::AtMostOnce => {}
-                QoS::AtLeastOnce => self.send_puback(PubAck::with_reason(packet_id, 0x99)),
-                QoS::ExactlyOnce => self.send(Packet::PubRec(PubAck::with_reason(packet_id, 0x99))),
+                QoS::AtLeastOnce => self.ack_publish(Packet::PubAck(PubAck::with_reason(packet_id, 0x99)), None),
+                QoS::ExactlyOnce => self.ack_publish(Packet::PubRec(PubAck::with_reason(packet_id, 0x99)), None),
             }
             return Ok(());
         }
@@ -579,7 +617,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             if st.incoming_qos2.contains(&packet_id) {
                 // A retransmission: already routed; acknowledge again.
                 drop(st);
-                self.send(Packet::PubRec(PubAck::new(packet_id)));
+                self.ack_publish(Packet::PubRec(PubAck::new(packet_id)), None);
                 return Ok(());
             }
             st.incoming_qos2.insert(packet_id);
@@ -600,16 +638,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         if published.refused {
             return self.refuse_publish(publish.qos, packet_id);
         }
-        let kept = published.kept;
-        if published.forwarded.is_some() {
-            self.newest_forward = self.newest_forward.max(published.forwarded);
-        }
+        let (kept, forwarded) = (published.kept, published.forwarded);
         // MQTT 5: 0x10 tells the publisher nobody was subscribed.
         let reason = if published.matched == 0 && self.version == Version::V5 { 0x10 } else { 0 };
-        match publish.qos {
-            QoS::AtMostOnce => {}
-            QoS::AtLeastOnce => self.acknowledge(Packet::PubAck(PubAck::with_reason(packet_id, reason)), kept),
-            QoS::ExactlyOnce => self.acknowledge(Packet::PubRec(PubAck::with_reason(packet_id, reason)), kept),
+        let ack = match publish.qos {
+            QoS::AtMostOnce => return Ok(()),
+            QoS::AtLeastOnce => Packet::PubAck(PubAck::with_reason(packet_id, reason)),
+            QoS::ExactlyOnce => Packet::PubRec(PubAck::with_reason(packet_id, reason)),
+        };
+        match kept {
+            Some(kept) => self.awaiting = Some((ack, forwarded, kept)),
+            None => self.ack_publish(ack, forwarded),
         }
         Ok(())
     }
@@ -717,8 +756,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             self.session.save(&st, &self.broker.storage);
         }
         match (self.version, qos) {
-            (Version::V5, QoS::AtLeastOnce) => self.send_ack(Packet::PubAck(PubAck::with_reason(packet_id, 0x97))),
-            (Version::V5, QoS::ExactlyOnce) => self.send_ack(Packet::PubRec(PubAck::with_reason(packet_id, 0x97))),
+            (Version::V5, QoS::AtLeastOnce) => {
+                self.ack_publish(Packet::PubAck(PubAck::with_reason(packet_id, 0x97)), None)
+            }
+            (Version::V5, QoS::ExactlyOnce) => {
+                self.ack_publish(Packet::PubRec(PubAck::with_reason(packet_id, 0x97)), None)
+            }
             _ => return Err(Close::Error(DisconnectReason::QuotaExceeded, "the fleet's outbox is full")),
         }
         Ok(())
@@ -727,9 +770,61 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     /// Sends `ack` now, or once `wait` resolves (input waits meanwhile).
     fn acknowledge(&mut self, ack: Packet, wait: Option<BoxFuture<'static, ()>>) {
         match wait {
-            Some(wait) => self.awaiting = Some((ack, wait)),
+            Some(wait) => self.awaiting = Some((ack, None, wait)),
             None => self.send_ack(ack),
         }
+    }
+
+    /// Sends a PUBACK or PUBREC once the forwards up to `forwarded` are
+    /// settled, and after every one held before it ([`HeldAcks`]).
+    fn ack_publish(&mut self, ack: Packet, forwarded: Option<u64>) {
+        let Some(upto) = forwarded.max(self.held.newest()) else { return self.send_ack(ack) };
+        if matches!(ack, Packet::PubAck(_)) && self.version == Version::V5 {
+            self.held.pubacks += 1;
+        }
+        self.held.queue.push_back((upto, ack));
+        self.settle_held();
+    }
+
+    /// Starts waiting for the held acknowledgements' forwards; with nothing
+    /// to wait for, they go at once.
+    fn settle_held(&mut self) {
+        while self.held.settling.is_none() {
+            let Some(upto) = self.held.newest() else { return };
+            match self.broker.fleet().and_then(|fleet| fleet.forwards_settled(upto)) {
+                Some(wait) => self.held.settling = Some((upto, wait)),
+                None => self.release_held(upto),
+            }
+        }
+    }
+
+    /// The held acknowledgements whose forwards up to `upto` are settled
+    /// go to the write buffer; its flush first flushes the storage, which
+    /// writes the forwards still unacknowledged.
+    fn release_held(&mut self, upto: u64) {
+        self.held.settling = None;
+        while self.held.queue.front().is_some_and(|(id, _)| *id <= upto) {
+            let (_, ack) = self.held.queue.pop_front().expect("a front");
+            if matches!(ack, Packet::PubAck(_)) && self.version == Version::V5 {
+                self.held.pubacks -= 1;
+            }
+            self.send_ack(ack);
+        }
+    }
+
+    /// Waits for every held acknowledgement's forwards and sends them (a
+    /// QoS 2 PUBLISH taken but not answered is answered at once when the
+    /// client sends it again: its forwards must be safe by then).
+    async fn release_all_held(&mut self) {
+        let Some(upto) = self.held.newest() else { return };
+        let wait = match self.held.settling.take() {
+            Some((settling, wait)) if settling == upto => Some(wait),
+            _ => self.broker.fleet().and_then(|fleet| fleet.forwards_settled(upto)),
+        };
+        if let Some(wait) = wait {
+            wait.await;
+        }
+        self.release_held(upto);
     }
 
     fn send_ack(&mut self, ack: Packet) {
@@ -762,7 +857,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             return Ok(());
         }
         if self.needs_flush || self.broker.storage.is_dirty() {
-            self.settle_forwards().await;
             self.needs_flush = false;
             if let Err(err) = self.broker.storage.flush() {
                 tracing::error!(cause = %err, "storage flush failed");
@@ -775,18 +869,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         Ok(())
     }
 
-    /// Waits for [`Fleet::forwards_settled`](crate::broker::Fleet::forwards_settled)
-    /// up to this client's newest forwarded publish: then the next storage
-    /// flush makes what is still unacknowledged safe.
-    async fn settle_forwards(&mut self) {
-        let Some(upto) = self.newest_forward.take() else { return };
-        if let Some(settled) = self.broker.fleet().and_then(|fleet| fleet.forwards_settled(upto)) {
-            settled.await;
-        }
-    }
-
     async fn close(&mut self, close: Close) {
         let client_id = self.session.client_id.clone();
+        self.release_all_held().await;
         let will = match &close {
             Close::ClientDisconnect { will } => *will,
             Close::Error(DisconnectReason::SessionTakenOver, _) => true,
@@ -820,9 +905,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         let now = self.broker.now_ms();
         let will = self.will.take().filter(|_| will).map(|w| will_message(w, self.version, &client_id, now));
         self.broker.disconnect(&self.session, Departure { connection_id: self.attachment.connection_id, will });
-        // A QoS 2 PUBLISH taken but not answered is answered at once when
-        // the client sends it again: its forwards must be safe by then.
-        self.settle_forwards().await;
         if let Err(err) = self.broker.storage.flush() {
             tracing::error!(cause = %err, "storage flush failed");
         }
@@ -861,9 +943,21 @@ fn strip_problem_information(packet: &mut Packet) {
 
 /// Waits for what an acknowledgement waits for (pending forever when none
 /// waits; the caller polls it only while one does).
-async fn fleet_settled(awaiting: &mut Option<(Packet, BoxFuture<'static, ()>)>) {
+async fn fleet_settled(awaiting: &mut Option<Awaiting>) {
     match awaiting {
-        Some((_, wait)) => wait.as_mut().await,
+        Some((_, _, wait)) => wait.as_mut().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The forwards number the held acknowledgements' wait was for, once it
+/// resolves.
+async fn forwards_settled(settling: &mut Option<(u64, BoxFuture<'static, ()>)>) -> u64 {
+    match settling {
+        Some((upto, wait)) => {
+            wait.as_mut().await;
+            *upto
+        }
         None => std::future::pending().await,
     }
 }

@@ -239,6 +239,12 @@ impl Cluster {
                     message.fleet_id = Some((sender.0, id));
                 }
                 let message = Arc::new(message);
+                if route.shared.is_empty() {
+                    // Nothing for the core to pick: as for QoS 0, the broker
+                    // matches the topic against its sessions.
+                    local.push((message, route));
+                    break 'forward;
+                }
                 let event = Event::Forwarded { from: sender, topic: &message.topic, msg: id, route };
                 let result = self.core_event(st, event, &mut actions);
                 self.core_refusal(from, result);

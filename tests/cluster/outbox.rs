@@ -257,3 +257,52 @@ async fn a_forward_acknowledged_within_the_window_is_never_written() {
         wait_until(SETTLE, "the outbox to drain", || a.metric("kadmq_cluster_outbox_messages") == 0)
     });
 }
+
+/// While a PUBACK waits for its forward's acknowledgement, the publisher's
+/// connection is read and routed on; the PUBACKs still go in the order of
+/// their PUBLISHes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publisher_is_read_on_while_its_acknowledgements_wait_for_the_fleet() {
+    let lab = Lab::new();
+    // Long enough that "the next publish was routed before the window
+    // ended" cannot be a race on a loaded machine.
+    let flags = [CALM[0], CALM[1], "--forward-ack-window-ms", "5000"];
+    let [a, b] = lab.fleet(["p1", "p2"], &flags);
+    let (mut remote, _) = Client::connect(options("remote", b.mqtt_port, true)).await;
+    remote.subscribe("far/#", QoS::AtLeastOnce).await;
+    let (mut near, _) = Client::connect(options("near", a.mqtt_port, true)).await;
+    near.subscribe("near/#", QoS::AtLeastOnce).await;
+    let (mut publisher, _) = Client::connect(options("pub", a.mqtt_port, true)).await;
+    let pubacks = |e: &Event| match e {
+        Event::Incoming(Packet::PubAck(ack)) => Some(ack.pkid),
+        _ => None,
+    };
+    // Warm-ups: each topic's route is known, nothing left in the outbox.
+    publisher.publish("far/t", QoS::AtLeastOnce, false, "warm-up").await;
+    remote.next_publish().await;
+    publisher.publish("near/t", QoS::AtLeastOnce, false, "warm-up").await;
+    near.next_publish().await;
+    publisher.collect("the warm-ups' PUBACKs", 2, Duration::from_secs(30), pubacks).await;
+    tokio::task::block_in_place(|| {
+        wait_until(SETTLE, "the warm-up acknowledged", || a.metric("kadmq_cluster_outbox_messages") == 0)
+    });
+    let written = a.metric("kadmq_cluster_outbox_written_total");
+
+    // The forward to p2 is not acknowledged: its PUBACK waits the window.
+    b.mute_acks("p1");
+    publisher.publish("far/t", QoS::AtLeastOnce, false, "held").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    publisher.publish("near/t", QoS::AtLeastOnce, false, "behind").await;
+    let behind = near.next_publish().await;
+    assert_eq!(&behind.payload[..], b"behind");
+    // Had the connection stopped reading until the window ended, the held
+    // forward would have been written before "behind" was routed.
+    assert_eq!(a.metric("kadmq_cluster_outbox_written_total"), written, "routed while the first PUBACK waited");
+    let acks = publisher.collect("both PUBACKs", 2, Duration::from_secs(30), pubacks).await;
+    assert!(acks[0] < acks[1], "PUBACKs in the order of their PUBLISHes: {acks:?}");
+    assert_eq!(a.metric("kadmq_cluster_outbox_written_total"), written + 1, "written at the window's end");
+    b.cut(None);
+    tokio::task::block_in_place(|| {
+        wait_until(SETTLE, "the outbox to drain", || a.metric("kadmq_cluster_outbox_messages") == 0)
+    });
+}
