@@ -859,7 +859,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         if self.needs_flush || self.broker.storage.is_dirty() {
             self.needs_flush = false;
             if let Err(err) = self.broker.storage.flush() {
-                tracing::error!(cause = %err, "storage flush failed");
+                // What the write buffer acknowledges is not safe: it is not
+                // sent, and the connection closes (the client sends its
+                // unacknowledged messages again when it reconnects).
+                tracing::error!(peer = %self.peer, cause = %err, "storage flush failed: connection closed unacknowledged");
+                return Err(std::io::Error::other(err));
             }
         }
         // No byte taken for a keep-alive period: the client is gone.
@@ -982,5 +986,35 @@ mod tests {
         assert!(client.wbuf.capacity() <= MAX_IDLE_WBUF, "write buffer kept {} bytes", client.wbuf.capacity());
         drop(client);
         assert_eq!(reader.await.unwrap(), 4 << 20);
+    }
+
+    /// A PUBACK promises the message is kept: when the storage cannot
+    /// flush, none is sent and the connection closes.
+    #[tokio::test]
+    async fn no_puback_goes_out_when_the_storage_cannot_flush() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let storage = crate::storage::Storage::in_memory();
+        let failing = Arc::new(AtomicBool::new(false));
+        let fail = failing.clone();
+        storage.before_flush(Box::new(move |_| match fail.load(Ordering::Relaxed) {
+            true => Err(crate::storage::StorageError::Store(Box::new(std::io::Error::other("disk gone")))),
+            false => Ok(()),
+        }));
+        let broker = Arc::new(Broker::open(crate::config::MqttConfig::default(), storage).unwrap());
+        let (ours, mut theirs) = tokio::io::duplex(64 * 1024);
+        let (_stop, stopped) = broadcast::channel(1);
+        let served = tokio::spawn(serve(ours, "127.0.0.1:1".parse().unwrap(), broker, stopped));
+        // CONNECT (3.1.1, clean session, no client id); CONNACK.
+        theirs.write_all(b"\x10\x0c\x00\x04MQTT\x04\x02\x00\x3c\x00\x00").await.unwrap();
+        let mut connack = [0u8; 4];
+        theirs.read_exact(&mut connack).await.unwrap();
+        assert_eq!(connack, [0x20, 2, 0, 0]);
+        failing.store(true, Ordering::Relaxed);
+        // PUBLISH QoS 1 to "a", packet id 1.
+        theirs.write_all(b"\x32\x06\x00\x01a\x00\x01x").await.unwrap();
+        let mut next = [0u8; 16];
+        let n = tokio::time::timeout(Duration::from_secs(30), theirs.read(&mut next)).await.expect("closed").unwrap();
+        assert_eq!(&next[..n], b"", "closed with nothing after the CONNACK: no PUBACK");
+        served.await.unwrap();
     }
 }
