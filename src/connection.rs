@@ -399,6 +399,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             let awaiting = self.awaiting.is_some();
             tokio::select! {
                 biased;
+                // Before the socket: a client that keeps sending must not
+                // hold its own acknowledgements back.
+                upto = forwards_settled(&mut self.held.settling), if self.held.settling.is_some() => {
+                    self.release_held(upto);
+                    self.settle_held();
+                }
                 read = self.client.stream.read_buf(&mut self.client.rbuf), if throttled.is_none() && !awaiting => {
                     match read {
                         Ok(0) | Err(_) => break Close::Transport,
@@ -428,10 +434,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                         break close;
                     }
                     more = true;
-                }
-                upto = forwards_settled(&mut self.held.settling), if self.held.settling.is_some() => {
-                    self.release_held(upto);
-                    self.settle_held();
                 }
                 _ = tokio::time::sleep_until(throttled.unwrap_or_else(|| Instant::now() + far)), if throttled.is_some() => {
                     self.throttled_until = None;
@@ -816,7 +818,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     /// QoS 2 PUBLISH taken but not answered is answered at once when the
     /// client sends it again: its forwards must be safe by then).
     async fn release_all_held(&mut self) {
-        let Some(upto) = self.held.newest() else { return };
+        // A retained publish's forward waits in `awaiting` until its owners
+        // stored it: made safe too (its acknowledgement is not sent).
+        let awaiting = self.awaiting.as_ref().and_then(|(_, forwarded, _)| *forwarded);
+        let Some(upto) = self.held.newest().max(awaiting) else { return };
         let wait = match self.held.settling.take() {
             Some((settling, wait)) if settling == upto => Some(wait),
             _ => self.broker.fleet().and_then(|fleet| fleet.forwards_settled(upto)),

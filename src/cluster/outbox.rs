@@ -228,7 +228,12 @@ impl Unwritten {
                     gone.await;
                 }
             };
-            let _ = tokio::time::timeout(window, settled).await;
+            if tokio::time::timeout(window, settled).await.is_err() {
+                // Past the window: the next flush writes every record up to
+                // `upto`, also one held after a newer one (ids are taken
+                // before the records are held, on several threads).
+                this.require(upto);
+            }
         })
     }
 
@@ -673,6 +678,21 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(10), waiter).await.expect("settled on the ack").unwrap();
         unwritten.write_all(&storage).unwrap();
         assert!(storage.outbox().unwrap().is_empty(), "1 never written, 2 not due");
+    }
+
+    #[tokio::test]
+    async fn past_the_window_every_record_up_to_the_id_is_written_whatever_its_age() {
+        // Ids are taken before records are held: 1 may be held after 2.
+        let (storage, mut outbox, unwritten) = deferred(Duration::from_millis(40));
+        forward(&mut outbox, &storage, 2, &[NodeId(1)], 0);
+        let waiting = tokio::spawn(unwritten.settled(2).expect("2 is unwritten"));
+        tokio::time::sleep(Duration::from_millis(15)).await;
+        forward(&mut outbox, &storage, 1, &[NodeId(1)], 0);
+        waiting.await.unwrap();
+        unwritten.write_all(&storage).unwrap();
+        let mut written: Vec<u64> = restore(&storage).into_iter().map(|(id, _)| id).collect();
+        written.sort();
+        assert_eq!(written, [1, 2], "the younger record 1 does not keep 2 from being written");
     }
 
     #[tokio::test]

@@ -693,10 +693,8 @@ impl Cluster {
     /// disk).
     pub(super) fn retained_tick(&self, storage: &Storage, now_ms: u64) {
         let mut store = self.retained.store.lock();
-        while let Some((at, topic)) = store.expiring.first().cloned() {
-            if at > now_ms {
-                break;
-            }
+        while store.expiring.first().is_some_and(|(at, _)| *at <= now_ms) {
+            let (at, topic) = store.expiring.pop_first().expect("a first");
             let Some(held) = store.forget(&topic) else { continue };
             let cleared = FleetRetained {
                 topic: topic.to_string(),

@@ -12,7 +12,7 @@
 //!
 //! | bytes | field |
 //! |---|---|
-//! | 1 | [`MAGIC`] |
+//! | 1 | 0xC1 (`MAGIC`) |
 //! | 8 | hybrid logical clock of the write |
 //! | 8 | the node that wrote it |
 //! | 1 | kind: tombstone, plain or full |

@@ -511,7 +511,12 @@ impl Storage {
             hook(self)?;
         }
         if self.dirty.swap(false, Ordering::AcqRel) {
-            self.engine.persist(Durability::Buffer)?;
+            if let Err(err) = self.engine.persist(Durability::Buffer) {
+                // Still not persisted: the next flush tries again (and
+                // fails too, rather than answering Ok over unsaved writes).
+                self.dirty.store(true, Ordering::Release);
+                return Err(err);
+            }
         }
         Ok(())
     }
@@ -522,7 +527,10 @@ impl Storage {
         // What the hook could not write is lost; the rest is still synced.
         let written = self.before_flush.get().map_or(Ok(()), |hook| hook(self));
         self.dirty.store(false, Ordering::Release);
-        self.engine.persist(Durability::Sync)?;
+        if let Err(err) = self.engine.persist(Durability::Sync) {
+            self.dirty.store(true, Ordering::Release);
+            return Err(err);
+        }
         written
     }
 

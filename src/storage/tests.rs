@@ -287,3 +287,52 @@ fn a_batch_holds_the_writes_made_in_it_and_its_extra_until_the_end() {
     storage.commit(vec![storage.seen_removal(7, 9)]).unwrap();
     assert!(storage.seen().unwrap().is_empty());
 }
+
+/// An engine whose `persist` fails while `failing` is set.
+struct FailingPersist {
+    inner: MemoryEngine,
+    failing: std::sync::Arc<AtomicBool>,
+}
+
+impl Engine for FailingPersist {
+    fn open_tree(&mut self, name: &'static str) -> Result<Tree> {
+        self.inner.open_tree(name)
+    }
+    fn get(&self, tree: Tree, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        self.inner.get(tree, key)
+    }
+    fn insert(&self, tree: Tree, key: &[u8], value: &[u8]) -> Result<()> {
+        self.inner.insert(tree, key, value)
+    }
+    fn remove(&self, tree: Tree, key: &[u8]) -> Result<()> {
+        self.inner.remove(tree, key)
+    }
+    fn scan_prefix<'a>(&'a self, tree: Tree, prefix: &[u8]) -> Result<Records<'a>> {
+        self.inner.scan_prefix(tree, prefix)
+    }
+    fn commit(&self, writes: Vec<Write>) -> Result<()> {
+        self.inner.commit(writes)
+    }
+    fn persist(&self, durability: Durability) -> Result<()> {
+        match self.failing.load(Ordering::Relaxed) {
+            true => Err(StorageError::Store(Box::new(std::io::Error::other("disk gone")))),
+            false => self.inner.persist(durability),
+        }
+    }
+}
+
+/// A flush that could not persist leaves the writes pending: the next one
+/// fails too (acknowledgements wait on it), until one succeeds.
+#[test]
+fn a_failed_persist_is_not_forgotten_by_the_next_flush() {
+    let failing = std::sync::Arc::new(AtomicBool::new(true));
+    let engine = FailingPersist { inner: MemoryEngine::new(), failing: failing.clone() };
+    let storage = Storage::with_engine(Box::new(engine)).unwrap();
+    storage.put_retained(&message("a/b")).unwrap();
+    assert!(storage.flush().is_err());
+    assert!(storage.flush().is_err(), "still not persisted");
+    assert!(storage.sync().is_err());
+    failing.store(false, Ordering::Relaxed);
+    storage.flush().unwrap();
+    assert!(!storage.is_dirty());
+}
