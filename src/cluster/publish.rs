@@ -117,7 +117,9 @@ impl Fleet for Cluster {
 
     fn publish(&self, message: &Arc<Message>) -> PublishRoute {
         let Some(broker) = self.broker.upgrade() else { return PublishRoute::Decided { local: None, forwards: 0 } };
-        if message.qos != QoS::AtMostOnce && self.outbox_bytes.load(Ordering::Relaxed) >= self.outbox_max {
+        let full = self.outbox_bytes.load(Ordering::Relaxed) >= self.outbox_max;
+        // A publish that stays on this node needs no room in the outbox.
+        if message.qos != QoS::AtMostOnce && full && !self.state.lock().node.stays_here(&message.topic, self.now()) {
             if self.stats.publishes_refused.fetch_add(1, Ordering::Relaxed) == 0 {
                 tracing::warn!(
                     max_mib = self.outbox_max >> 20,

@@ -110,6 +110,12 @@ async fn a_full_outbox_refuses_qos1_publishes_with_quota_exceeded() {
     let [a, b] = lab.fleet(["f1", "f2"], &flags);
     let (mut subscriber, _) = Client5::connect(Client5::options("sub", b.mqtt_port)).await;
     subscriber.subscribe(vec![Filter::new("full/t", Q5::AtLeastOnce)], None).await;
+    // A subscriber on the publishing node: publishes to it need no outbox.
+    let (mut near, _) = Client5::connect(Client5::options("near", a.mqtt_port)).await;
+    near.subscribe(vec![Filter::new("near/t", Q5::AtLeastOnce)], None).await;
+    // Past the hand-off warm-up after the fleet formed (3 s), a node reads
+    // its own copy of the shards it owns: what stays here is known here.
+    tokio::time::sleep(Duration::from_secs(4)).await;
     b.mute_acks("f1");
     let (mut publisher, _) = Client5::connect(Client5::options("pub", a.mqtt_port)).await;
     // 8 KiB a message (and some overhead): the 1 MiB bound is reached
@@ -132,6 +138,15 @@ async fn a_full_outbox_refuses_qos1_publishes_with_quota_exceeded() {
     assert!((120..=130).contains(&refused_at), "refused after about 1 MiB: {refused_at}");
     assert!(a.metric("kadmq_cluster_publishes_refused_total") >= 1);
     assert!(a.log().matches("cluster outbox full").count() == 1, "logged once");
+    // Full, the outbox still lets through what stays on this node.
+    publisher.client.publish("near/t", Q5::AtLeastOnce, false, "local").await.unwrap();
+    let reason = publisher.wait_for("PUBACK", puback).await;
+    assert_eq!(reason, rumqttc::v5::mqttbytes::v5::PubAckReason::Success, "a local-only publish is taken");
+    let near_publish = |e: &E5| match e {
+        E5::Incoming(P5::Publish(p)) => Some(p.payload.clone()),
+        _ => None,
+    };
+    assert_eq!(&near.wait_for("the local publish", near_publish).await[..], b"local");
     // Acknowledged again: the outbox drains and publishes are taken.
     b.cut(None);
     tokio::task::block_in_place(|| {

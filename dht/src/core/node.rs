@@ -496,6 +496,36 @@ impl Node {
         &self.cache
     }
 
+    /// Whether a publish to `topic` at `now` would be decided at once and
+    /// forwarded to no other node: every shard it reads is known here
+    /// (owned or cached) and names no other live node, shared groups
+    /// included. Changes nothing (no counter, no cache order); a caller
+    /// that must not forward (a full outbox) asks this first.
+    pub fn stays_here(&self, topic: &str, now: u64) -> bool {
+        if self.check_topic(topic).is_err() {
+            return false;
+        }
+        let elsewhere = |routes: &FilterTrie<FilterRoutes>| {
+            let mut found = false;
+            routes.match_topic(topic, |_, _, r| {
+                let other = |n: NodeId| n != self.id && self.membership.contains(n);
+                found |= r.nodes.iter().any(|(n, _)| other(*n))
+                    || r.groups.iter().any(|(_, members)| members.iter().any(|(n, _)| other(*n)));
+            });
+            found
+        };
+        publish_shards(topic, self.config.shard_depth).into_iter().all(|(_, key)| {
+            let own_copy = self.reads_own_copy(&key, now);
+            if let Some(shard) = self.owned.get(&key).filter(|s| own_copy && s.release_at.is_none()) {
+                !elsewhere(shard.routes())
+            } else if let Some(shard) = self.cache.peek(&key) {
+                !elsewhere(&shard.routes)
+            } else {
+                own_copy
+            }
+        })
+    }
+
     /// Distinct local filters (shared or not).
     pub fn local_filters(&self) -> usize {
         self.local.len()
@@ -1914,6 +1944,24 @@ mod tests {
             }
             Err(other) => panic!("unexpected {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_publish_stays_here_only_when_no_other_node_matches() {
+        let mut n = node();
+        let now = 1_000_000;
+        n.handle(now, Event::Subscribe { filter: "mine/x", group: None }, &mut Vec::new()).unwrap();
+        assert!(n.stays_here("mine/x", now));
+        assert!(n.stays_here("nobody/x", now), "no subscriber anywhere");
+        assert!(!n.stays_here("bad/+", now), "not a topic name");
+        assert_eq!(feed(&mut n, PEER, assert_frame("mine/+", None, shard("mine/+"))), None);
+        assert!(!n.stays_here("mine/x", now), "PEER subscribes too");
+        assert_eq!(feed(&mut n, PEER, assert_frame("other/#", Some("g"), shard("other/#"))), None);
+        assert!(!n.stays_here("other/y", now), "a shared group member on PEER");
+        // Asked, the core changed nothing: the same publish routes as before.
+        let mut out = Vec::new();
+        n.handle(now, Event::Publish { topic: "mine/x", msg: 1 }, &mut out).unwrap();
+        assert!(out.iter().any(|a| matches!(a, Action::Forward { to, .. } if *to == PEER)));
     }
 
     #[test]
