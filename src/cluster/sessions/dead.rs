@@ -113,11 +113,24 @@ impl Cluster {
         // task runs ahead of this stage): kept for `adopt`, a while.
         if !(dead_here && adopt_ran) {
             let mut waiting = self.sessions.sent_on_waiting.lock();
-            waiting.retain(|_, (since, _)| since.elapsed() < SENT_ON_KEPT);
+            let mut dropped = 0;
+            waiting.retain(|_, (since, held)| {
+                let keep = since.elapsed() < SENT_ON_KEPT;
+                dropped += if keep { 0 } else { held.len() };
+                keep
+            });
             let (since, held) = waiting.entry(dead).or_insert_with(|| (Instant::now(), Vec::new()));
             *since = Instant::now();
             let room = SENT_ON_WAITING.saturating_sub(held.len());
+            dropped += messages.len().saturating_sub(room);
             held.extend(messages.into_iter().take(room));
+            drop(waiting);
+            if dropped > 0 && self.sessions.stats.sent_on_dropped.fetch_add(dropped as u64, Ordering::Relaxed) == 0 {
+                tracing::warn!(
+                    dropped,
+                    "messages held for a dead node could not wait for this node to adopt its sessions (counted in kadmq_cluster_sent_on_dropped_total; logged once)"
+                );
+            }
         }
     }
 }

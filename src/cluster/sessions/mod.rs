@@ -225,6 +225,10 @@ pub struct SessionStats {
     pub handovers_unanswered: AtomicU64,
     /// Messages held for a dead node, given here to sessions adopted from it.
     pub sent_on_delivered: AtomicU64,
+    /// Messages held for a dead node that came before this node adopted
+    /// its sessions and could not wait (over the bound, or no adoption
+    /// within the wait).
+    pub sent_on_dropped: AtomicU64,
 }
 
 impl Sessions {
@@ -299,6 +303,12 @@ impl Sessions {
                 "counter",
                 "Messages other nodes held for a dead node, queued here for the sessions adopted from it.",
                 get(&s.sent_on_delivered),
+            ),
+            Figure::new(
+                "kadmq_cluster_sent_on_dropped_total",
+                "counter",
+                "Messages other nodes held for a dead node that came before this node adopted its sessions and could not wait for it (over 100,000 waiting, or no adoption within 60 s): lost for those sessions.",
+                get(&s.sent_on_dropped),
             ),
             Figure::new(
                 "kadmq_cluster_claims_unanswered_total",
