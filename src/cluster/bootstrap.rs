@@ -12,7 +12,6 @@ use super::directory::Directory;
 use super::outbox::{self, Outbox};
 use super::sessions::Sessions;
 use super::state::State;
-use super::task::DELIVERY_QUEUE;
 use super::wire;
 use super::{Cluster, ClusterError, ClusterStats};
 use crate::broker::Broker;
@@ -24,7 +23,7 @@ use std::path::Path;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::Notify;
 use tokio::task::JoinSet;
 
 /// Everything [`start`] needs besides the settings.
@@ -34,7 +33,7 @@ pub struct StartContext<'a> {
     /// MQTT listener URLs announced to other nodes (e.g. `mqtt://10.0.0.5:1883`).
     pub mqtt_listeners: Vec<String>,
     /// The server's task set: the driver's event loop, the cluster task and
-    /// the delivery stage run in it, so they stop with the server.
+    /// the directory task run in it, so they stop with the server.
     pub tasks: &'a mut JoinSet<()>,
 }
 
@@ -161,9 +160,7 @@ pub async fn start(settings: &ClusterSettings, cx: StartContext<'_>) -> Result<A
         let mut local = Vec::new();
         cluster.execute(&mut st, storage, actions, None, &mut local);
     }
-    let (delivery, delivered) = mpsc::channel(DELIVERY_QUEUE);
-    cx.tasks.spawn(cluster.clone().run(events, delivery));
-    cx.tasks.spawn(cluster.clone().deliver_stage(delivered));
+    cx.tasks.spawn(cluster.clone().run(events));
     cx.tasks.spawn(cluster.clone().directory_task(session_changes));
     // Retained messages kept before this node was in a fleet join the
     // fleet's (at version 0: any write made in the fleet is newer).

@@ -239,8 +239,8 @@ impl Cluster {
 
     /// Leaves the fleet (other nodes mark this one dead at once). The
     /// cluster's tasks end with the driver: the cluster task when the
-    /// driver's events stop, the delivery stage after it, the send queues'
-    /// tasks as they are closed here.
+    /// driver's events stop (with the last batch delivered), the send
+    /// queues' tasks as they are closed here.
     pub async fn shutdown(&self) {
         // The storage's sync at shutdown writes every forward still held.
         self.unwritten.require_all();

@@ -5,8 +5,8 @@
 //! inbound filter to local delivery, acknowledgements to the outbox,
 //! retained copies to the broker), hold or refuse the frames of peers that
 //! are not members, and hand what is left to do once the state mutex is
-//! released to the delivery stage ([`Cluster::deliver_received`]): local
-//! deliveries, then acknowledgements. Boundary: membership events go to
+//! released to the delivery stage ([`Cluster::deliver_received`], run by
+//! the cluster task right after): local deliveries, then acknowledgements. Boundary: membership events go to
 //! `membership.rs`; deliveries reach the broker through
 //! [`Broker::deliver`](crate::broker::Broker::deliver) only, in the delivery
 //! stage.
@@ -39,6 +39,13 @@ pub(super) struct Received {
     pub dead_sessions: Vec<(Arc<str>, Record)>,
     /// Messages held for a node declared dead, for its adopted sessions.
     pub sent_on: Vec<(NodeId, Vec<Arc<Message>>)>,
+}
+
+impl Received {
+    /// Nothing to deliver, acknowledge or adopt.
+    pub fn is_empty(&self) -> bool {
+        self.local.is_empty() && self.acks.is_empty() && self.dead_sessions.is_empty() && self.sent_on.is_empty()
+    }
 }
 
 /// A batch of driver events being handled: the state mutex, taken at the

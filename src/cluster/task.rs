@@ -1,17 +1,17 @@
-//! The cluster task and the delivery stage: the two loops that drive the
-//! rooms of `super`.
+//! The cluster task: the loop that drives the rooms of `super`.
 //!
-//! Job: the cluster task takes driver events in batches (the receive path),
-//! fires the core's timer, and ticks once a second (outbox resends, rejoin
-//! notices, pruning, the replay of the last run's unrouted publishes, the
-//! load in our heartbeats, the peers file); the delivery stage delivers what
-//! each batch received, beside it and in order. Boundary: both are started
-//! by [`super::start`] into the server's task set and end by themselves
-//! when the driver stops (no detached task).
+//! Job: take driver events in batches (the receive path) and deliver what
+//! each batch received, in order, once the state mutex is released; fire
+//! the core's timer; tick once a second (outbox resends, rejoin notices,
+//! pruning, the replay of the last run's unrouted publishes, the load in
+//! our heartbeats, the peers file). Delivering here, not in a second task,
+//! saves a wake-up per batch on the path a QoS 1/2 acknowledgement waits
+//! for (docs/BENCHMARKS.md, "Held acknowledgements"). Boundary: started by
+//! [`super::start`] into the server's task set; ends by itself when the
+//! driver stops (no detached task).
 
 use super::links::Class;
 use super::publish::deliver_all;
-use super::receive::Received;
 use super::wire;
 use super::Cluster;
 use kadmq_dht::core::Event;
@@ -22,20 +22,14 @@ use tokio::sync::mpsc;
 
 /// Driver events handled per lock of the core.
 const EVENT_BATCH: usize = 512;
-/// Batches of received messages waiting for the delivery stage.
-pub(super) const DELIVERY_QUEUE: usize = 64;
 /// Outbox records of the previous run that were not routed yet are routed
 /// again this long after start (so the node has heard of its peers).
 pub(super) const REPLAY_AFTER: Duration = Duration::from_secs(5);
 
 impl Cluster {
     /// The cluster task: driver events, the core's timer, and a 1 s tick.
-    /// Ends when the driver stops (or the delivery stage did).
-    pub(super) async fn run(
-        self: Arc<Self>,
-        mut events: mpsc::Receiver<driver::Event>,
-        delivery: mpsc::Sender<Received>,
-    ) {
+    /// Ends when the driver stops.
+    pub(super) async fn run(self: Arc<Self>, mut events: mpsc::Receiver<driver::Event>) {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut batch = Vec::with_capacity(EVENT_BATCH);
@@ -55,23 +49,14 @@ impl Cluster {
                         return;
                     }
                     let received = self.on_events(batch.drain(..));
-                    if delivery.send(received).await.is_err() {
-                        return;
+                    if !received.is_empty() {
+                        self.deliver_received(received);
                     }
                 }
                 _ = timer => self.on_timer(),
                 _ = self.timer.notified() => {}
                 _ = tick.tick() => self.on_tick().await,
             }
-        }
-    }
-
-    /// The delivery stage: decoding and routing (the cluster task) and
-    /// delivering (here) run side by side, in order. Ends after the
-    /// cluster task, with the last batch delivered.
-    pub(super) async fn deliver_stage(self: Arc<Self>, mut delivered: mpsc::Receiver<Received>) {
-        while let Some(received) = delivered.recv().await {
-            self.deliver_received(received);
         }
     }
 
