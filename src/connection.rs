@@ -781,11 +781,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     /// settled, and after every one held before it ([`HeldAcks`]).
     fn ack_publish(&mut self, ack: Packet, forwarded: Option<u64>) {
         let Some(upto) = forwarded.max(self.held.newest()) else { return self.send_ack(ack) };
-        if matches!(ack, Packet::PubAck(_)) && self.version == Version::V5 {
+        if self.in_flight_until_written(&ack) {
             self.held.pubacks += 1;
         }
         self.held.queue.push_back((upto, ack));
         self.settle_held();
+    }
+
+    /// Whether `ack`'s PUBLISH counts against MQTT 5's Receive Maximum until
+    /// `ack` is written (a PUBACK; a QoS 2 PUBLISH counts until PUBREL).
+    fn in_flight_until_written(&self, ack: &Packet) -> bool {
+        matches!(ack, Packet::PubAck(_)) && self.version == Version::V5
     }
 
     /// Starts waiting for the held acknowledgements' forwards; with nothing
@@ -807,7 +813,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         self.held.settling = None;
         while self.held.queue.front().is_some_and(|(id, _)| *id <= upto) {
             let (_, ack) = self.held.queue.pop_front().expect("a front");
-            if matches!(ack, Packet::PubAck(_)) && self.version == Version::V5 {
+            if self.in_flight_until_written(&ack) {
                 self.held.pubacks -= 1;
             }
             self.send_ack(ack);

@@ -142,18 +142,23 @@ impl Store {
     /// Takes `item` if it is newer than what is held; returns the packed
     /// form it keeps (to store) if it did.
     fn apply(&mut self, item: &FleetRetained) -> Option<&Packed> {
-        if self.held.get(&item.topic).is_some_and(|held| held.packed.version() >= item.version()) {
-            return None;
-        }
-        self.keep(Packed::pack(item))
+        // Checked before packing: a stale copy is not packed at all.
+        self.is_newer(&item.topic, item.version()).then(|| self.replace(Packed::pack(item)))
     }
 
     /// Takes `packed` if it is newer than what is held.
     fn keep(&mut self, packed: Packed) -> Option<&Packed> {
+        self.is_newer(packed.topic(), packed.version()).then(|| self.replace(packed))
+    }
+
+    /// Whether `version` of `topic` is newer than what is held of it.
+    fn is_newer(&self, topic: &str, version: (u64, u64)) -> bool {
+        self.held.get(topic).is_none_or(|held| held.packed.version() < version)
+    }
+
+    /// Holds `packed` in place of what is held of its topic.
+    fn replace(&mut self, packed: Packed) -> &Packed {
         let topic = packed.topic();
-        if self.held.get(topic).is_some_and(|held| held.packed.version() >= packed.version()) {
-            return None;
-        }
         self.forget(topic);
         if packed.is_cleared() {
             self.tombstones.insert((packed.cleared_at_ms(), topic.into()));
@@ -164,7 +169,7 @@ impl Store {
                 self.expiring.insert((at, topic.into()));
             }
         }
-        Some(&self.held.insert(Held { packed, release_at_ms: None }).packed)
+        &self.held.insert(Held { packed, release_at_ms: None }).packed
     }
 
     /// Drops `topic` from memory (not from disk).
@@ -707,7 +712,7 @@ impl Cluster {
             if let Err(err) = storage.put_fleet_retained(&topic, packed.as_bytes()) {
                 tracing::error!(cause = %err, "could not store an expired retained message's tombstone");
             }
-            store.keep(packed);
+            store.replace(packed);
         }
         let released: Vec<Box<str>> = store
             .held
