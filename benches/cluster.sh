@@ -66,6 +66,8 @@ cleanup() {
     for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
     for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
     rm -f "$WORK/hold"
+    # The data directories and binary copies; results and logs stay.
+    [[ ${KEEP_DATA:-0} == 1 ]] || rm -rf "$WORK"/*-data "$WORK"/rmqtt-[0-9] "$WORK"/kadmq "$WORK"/kadmq-loadgen "$WORK"/rmqttd
 }
 trap cleanup EXIT
 

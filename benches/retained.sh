@@ -18,7 +18,13 @@ TOPICS=${TOPICS:-1000000}
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 WORK=${WORK:-$(mktemp -d /tmp/kadmq-retained-bench.XXXXXX)}
 PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done; }
+# On exit: the processes by PID, then the data directories and the binary
+# copy (GBs at 1,000,000 topics); the logs stay. KEEP_DATA=1 keeps all.
+cleanup() {
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+    [[ ${KEEP_DATA:-0} == 1 ]] || rm -rf "$WORK"/n[1-5] "$WORK/single" "$WORK/kadmq"
+}
 trap cleanup EXIT
 log() { echo "[retained.sh $(date -u +%H:%M:%S)] $*" >&2; }
 

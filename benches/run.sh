@@ -32,6 +32,8 @@ cleanup() {
         kill "$BROKER_PID" 2>/dev/null || true
         wait "$BROKER_PID" 2>/dev/null || true
     fi
+    # The data directory and binary copies; results and logs stay.
+    [[ ${KEEP_DATA:-0} == 1 ]] || rm -rf "$WORK/kadmq-data" "$WORK/kadmq" "$WORK/kadmq-loadgen"
 }
 trap cleanup EXIT
 
