@@ -184,6 +184,9 @@ pub struct StartArgs {
     /// Seconds between the retained owners' digest exchanges, which repair lost writes (0 = off) [toml: cluster.retained_check_secs]
     #[arg(long, env = "KADMQ_RETAINED_CHECK_SECS", value_name = "SECS")]
     pub retained_check_secs: Option<u64>,
+    /// Seconds between route anti-entropy rounds, which repair route frames lost unseen (0 = off) [toml: cluster.route_check_secs]
+    #[arg(long, env = "KADMQ_ROUTE_CHECK_SECS", value_name = "SECS")]
+    pub route_check_secs: Option<u64>,
     /// MiB of unacknowledged QoS 1/2 forwards held; past it QoS 1/2 publishes are refused (0x97) [toml: cluster.outbox_max_mib]
     #[arg(long, env = "KADMQ_OUTBOX_MAX_MIB", value_name = "MIB")]
     pub outbox_max_mib: Option<u64>,
@@ -257,6 +260,7 @@ impl StartArgs {
         set(&mut c.subscribe_ack_timeout_ms, &self.subscribe_ack_timeout_ms);
         set(&mut c.retained_tombstone_secs, &self.retained_tombstone_secs);
         set(&mut c.retained_check_secs, &self.retained_check_secs);
+        set(&mut c.route_check_secs, &self.route_check_secs);
         set(&mut c.outbox_max_mib, &self.outbox_max_mib);
         set(&mut c.forward_ack_window_ms, &self.forward_ack_window_ms);
         set(&mut c.qos2_dedupe_secs, &self.qos2_dedupe_secs);

@@ -126,6 +126,12 @@ pub struct ClusterSettings {
     pub retained_tombstone_secs: u64,
     /// Period of the retained owners' digest exchange (0 = off).
     pub retained_check_secs: u64,
+    /// Period of the route table's anti-entropy round (0 = off): replicas
+    /// compare digests, subscriber nodes check their entries at the
+    /// owners, publishers the versions of the shards they cache. It
+    /// repairs the losses no sender saw; losses a sender saw are repaired
+    /// within a second or two (the resync).
+    pub route_check_secs: u64,
     /// MiB of QoS 1/2 forwards the outbox holds (on disk, until their
     /// destinations acknowledge them); past it new QoS 1/2 publishes are
     /// refused (MQTT 5 reason 0x97).
@@ -162,6 +168,7 @@ impl Default for ClusterSettings {
             subscribe_ack_timeout_ms: 2_000,
             retained_tombstone_secs: 7 * 24 * 3600,
             retained_check_secs: 30,
+            route_check_secs: 30,
             outbox_max_mib: 1024,
             forward_ack_window_ms: 2,
             qos2_dedupe_secs: 24 * 3600,
@@ -374,7 +381,7 @@ mod tests {
         let config = Config::from_toml(
             "[cluster]\nnode_name = \"n1\"\np2p_listen = [\"/ip4/0.0.0.0/tcp/7000\"]\n\
              bootstrap = [\"/dns4/kadmq-1/tcp/7000\"]\ncluster_key_file = \"k\"\nreplication = 2\n\
-             shard_depth = 3\ndead_timeout_secs = 12\njoin_timeout_ms = 4500\n",
+             shard_depth = 3\ndead_timeout_secs = 12\njoin_timeout_ms = 4500\nroute_check_secs = 5\n",
         )
         .unwrap();
         let c = &config.cluster;
@@ -384,6 +391,7 @@ mod tests {
         assert_eq!(c.cluster_key_file.as_deref(), Some(Path::new("k")));
         assert_eq!((c.replication, c.shard_depth, c.dead_timeout_secs), (2, 3, 12));
         assert_eq!(c.join_timeout_ms, 4500);
+        assert_eq!((c.route_check_secs, ClusterSettings::default().route_check_secs), (5, 30));
         assert_eq!(ClusterSettings::default().join_timeout_ms, 30_000);
         assert!(Config::from_toml("[cluster]\nreplicas = 2\n").is_err(), "unknown keys refused");
     }

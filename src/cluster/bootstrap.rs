@@ -76,6 +76,7 @@ pub async fn start(settings: &ClusterSettings, cx: StartContext<'_>) -> Result<A
         replication: settings.replication,
         shard_depth: settings.shard_depth,
         max_topic_levels: cx.broker.config.max_topic_levels,
+        anti_entropy_interval_ms: settings.route_check_secs.saturating_mul(1000),
         ..core::RoutingConfig::default()
     };
     let mut node = Node::new(me, core_config.clone());

@@ -4,7 +4,7 @@
 //!
 //! Job: remember, per topic, what the core decided (the forwards with their
 //! send queues, the local recipients), valid for one core *generation*
-//! (bumped by every event but publishes and forwards); replay it. Boundary:
+//! (bumped by every event but publishes, forwards and lost-frame reports); replay it. Boundary:
 //! not for `$share` routes (they pick a member per message), nor for
 //! publishes the core could not route at once (a lookup).
 

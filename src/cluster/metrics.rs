@@ -151,6 +151,12 @@ impl Cluster {
                 c.delta_gaps + c.watch_mismatches,
             ),
             figure(
+                "kadmq_cluster_route_resyncs_total",
+                "counter",
+                "Peers brought up to date (watched shard versions, unacknowledged assertions) after route frames to them were lost.",
+                c.resyncs,
+            ),
+            figure(
                 "kadmq_cluster_retained_messages",
                 "gauge",
                 "Retained messages this node keeps as an owner of their shards.",

@@ -191,7 +191,8 @@ impl Cluster {
         event: Event<'_>,
         actions: &mut Vec<core::Action>,
     ) -> Result<(), core::CoreError> {
-        if !matches!(event, Event::Publish { .. } | Event::Forwarded { .. }) {
+        // A lost frame changes no route (it schedules a resync).
+        if !matches!(event, Event::Publish { .. } | Event::Forwarded { .. } | Event::FramesLost { .. }) {
             self.generation.fetch_add(1, Ordering::AcqRel);
         }
         let result = st.node.handle(self.now(), event, actions);

@@ -199,12 +199,15 @@ impl Cluster {
 
     /// Queues for node `to` the frame `write` appends (see
     /// [`links::Sender::send`]); a node whose peer id is unknown is counted.
-    pub(super) fn send_to(&self, st: &State, to: NodeId, class: Class, write: impl FnOnce(&mut Vec<u8>)) {
+    /// Whether the frame was queued (not refused by the send budget, nor
+    /// for a node without a link).
+    pub(super) fn send_to(&self, st: &State, to: NodeId, class: Class, write: impl FnOnce(&mut Vec<u8>)) -> bool {
         match st.peers.get(&to) {
-            Some(peer) => {
-                self.links.sender(*peer).send(class, write);
+            Some(peer) => self.links.sender(*peer).send(class, write),
+            None => {
+                bump(&self.stats.unroutable, 1);
+                false
             }
-            None => bump(&self.stats.unroutable, 1),
         }
     }
 
@@ -339,17 +342,22 @@ impl Cluster {
         let now = self.now();
         let mut routed = Vec::new();
         let mut released = Vec::new();
+        // Nodes a route frame to was lost to (told to the core at the end).
+        let mut lost: Vec<NodeId> = Vec::new();
         for action in actions {
             match action {
                 Action::Send { to, frame } => {
                     if self.faults.cuts(to) {
+                        lost.push(to);
                         continue;
                     }
                     let bytes = wire::encode_route(&frame);
                     if self.faults.delays(to, &bytes) {
                         continue;
                     }
-                    self.send_to(st, to, Class::Control, links::copy_of(&bytes));
+                    if !self.send_to(st, to, Class::Control, links::copy_of(&bytes)) {
+                        lost.push(to);
+                    }
                 }
                 Action::Forward { to, msg, mut route } => {
                     let Some(pending) = st.routing.get_mut(&msg) else { continue };
@@ -404,6 +412,14 @@ impl Cluster {
         }
         for origin in released {
             self.release_held(st, storage, origin, local);
+        }
+        lost.sort_unstable();
+        lost.dedup();
+        for to in lost {
+            // Schedules a resync: the only action is the timer.
+            let mut later = Vec::new();
+            let _ = self.core_event(st, Event::FramesLost { to }, &mut later);
+            self.execute(st, storage, later, None, local);
         }
         routed
     }

@@ -92,9 +92,24 @@ impl Cluster {
                 driver::Event::MemberUp(member) => self.member_up(&mut batch, member),
                 driver::Event::MemberSuspect(peer) => tracing::info!(%peer, "member suspect"),
                 driver::Event::MemberDead(peer) => self.member_dead(&mut batch, peer),
+                driver::Event::FramesLost { peer } => self.frames_lost(&mut batch, peer),
             }
         }
         batch.received
+    }
+
+    /// Route frames to a member may be lost (its link broke): the core
+    /// brings it up to date shortly.
+    fn frames_lost(&self, batch: &mut Batch<'_>, peer: PeerId) {
+        if !self.members.read().contains(&peer) {
+            return;
+        }
+        let storage = batch.storage;
+        let (st, Received { local, .. }) = batch.parts();
+        let to = st.id_of(peer);
+        let mut actions = Vec::new();
+        let _ = self.core_event(st, Event::FramesLost { to }, &mut actions);
+        self.execute(st, storage, actions, None, local);
     }
 
     /// The delivery stage: delivers to the local sessions, then

@@ -54,6 +54,9 @@ pub const DEFAULT_MAX_TOPIC_LEVELS: usize = crate::topic::DEFAULT_MAX_LEVELS;
 /// is at most 16 MiB, so this only bites on frames of tiny items; it bounds
 /// the work one frame can ask for.
 pub const MAX_FRAME_ITEMS: usize = 1 << 20;
+/// Items per [`Frame::WatchState`] a resync sends (~30 bytes each: well
+/// under the frame limit).
+const WATCH_STATE_ITEMS: usize = 65_536;
 
 /// The routing core's settings, shared by the whole fleet (every node must
 /// agree on `replication`, `shard_depth` and the ownership strategy).
@@ -139,6 +142,15 @@ pub enum Event<'a> {
     /// and forget the routes cached from it (the next publish looks up and
     /// watches again).
     Rejoined { from: NodeId },
+    /// Route frames sent to `to` may not have arrived: a write to it
+    /// failed, its link closed, or a queue refused a frame. A lost delta
+    /// with no later one shows no gap at the watcher, and an assertion's
+    /// retry may have backed off far; so `assert_retry_ms` later (once,
+    /// however many losses come meanwhile) `to` is told the version of
+    /// every shard it watches here ([`Frame::WatchState`]: it drops a copy
+    /// that missed a delta) and this node's unacknowledged assertions to it
+    /// are sent again. A loss the sender cannot see is left to anti-entropy.
+    FramesLost { to: NodeId },
 }
 
 /// An output of the core, for the caller to carry out in order.
@@ -283,6 +295,9 @@ pub struct Counters {
     /// Cached shards dropped because the owner's version or watch differed
     /// at a watch check.
     pub watch_mismatches: u64,
+    /// Nodes brought up to date after frames to them were lost
+    /// ([`Event::FramesLost`]).
+    pub resyncs: u64,
     /// Frames sent, by [`FrameKind`] (index: position in [`FrameKind::ALL`]).
     pub frames_sent: [u64; FRAME_KINDS],
     pub frames_received: [u64; FRAME_KINDS],
@@ -417,6 +432,9 @@ pub struct Node {
     assert_retries: BTreeSet<(u64, ShardKey)>,
     /// When an owned shard's watchers are told the version of its last push.
     tails: BTreeSet<(u64, ShardKey)>,
+    /// Nodes that frames were lost to, and when they are brought up to
+    /// date ([`Event::FramesLost`]); one entry per node.
+    resyncs: BTreeSet<(u64, NodeId)>,
     next_anti_entropy: Option<u64>,
     armed: Option<u64>,
     inbox: VecDeque<Frame>,
@@ -450,6 +468,7 @@ impl Node {
             lookup_deadlines: BTreeSet::new(),
             assert_retries: BTreeSet::new(),
             tails: BTreeSet::new(),
+            resyncs: BTreeSet::new(),
             next_anti_entropy: None,
             armed: None,
             inbox: VecDeque::new(),
@@ -565,6 +584,7 @@ impl Node {
             self.lookup_deadlines.first().map(|e| e.0),
             self.assert_retries.first().map(|e| e.0),
             self.tails.first().map(|e| e.0),
+            self.resyncs.first().map(|e| e.0),
             self.next_anti_entropy,
         ]
         .into_iter()
@@ -606,6 +626,10 @@ impl Node {
             }
             Event::Rejoined { from } => {
                 self.on_rejoined(now, from, out);
+                Ok(())
+            }
+            Event::FramesLost { to } => {
+                self.on_frames_lost(now, to);
                 Ok(())
             }
         };
@@ -1692,6 +1716,14 @@ impl Node {
         for (watcher, items) in tails {
             self.send(watcher, Frame::WatchState { items }, out);
         }
+        // Nodes that frames were lost to.
+        while let Some(&(at, peer)) = self.resyncs.first() {
+            if at > now {
+                break;
+            }
+            self.resyncs.pop_first();
+            self.resync(now, peer, out);
+        }
         // Shards whose grace period ended.
         while let Some(&(at, key)) = self.releases.first() {
             if at > now {
@@ -1786,6 +1818,45 @@ impl Node {
         for (source, mut items) in per_source {
             items.sort_unstable();
             self.send(source, Frame::WatchCheck { items }, out);
+        }
+    }
+
+    /// Schedules the resync of `to` ([`Event::FramesLost`]) unless one is
+    /// due already.
+    fn on_frames_lost(&mut self, now: u64, to: NodeId) {
+        if to == self.id || !self.membership.contains(to) || self.resyncs.iter().any(|(_, n)| *n == to) {
+            return;
+        }
+        self.resyncs.insert((now + self.config.assert_retry_ms, to));
+    }
+
+    /// Brings `peer` up to date after frames to it were lost: the version
+    /// of each shard it watches here, and this node's unacknowledged
+    /// assertions to it again.
+    fn resync(&mut self, now: u64, peer: NodeId, out: &mut Vec<Action>) {
+        if !self.membership.contains(peer) {
+            return;
+        }
+        self.counters.resyncs += 1;
+        let mut versions: Vec<(ShardKey, u64, Option<u64>)> = Vec::new();
+        for (key, shard) in &self.owned {
+            let watches = shard.watchers().iter().filter(|(w, _)| *w == peer);
+            versions.extend(watches.map(|&(_, req)| (*key, req, Some(shard.version))));
+        }
+        versions.sort_unstable();
+        for items in versions.chunks(WATCH_STATE_ITEMS) {
+            self.send(peer, Frame::WatchState { items: items.to_vec() }, out);
+        }
+        let mut unacked: Vec<ShardKey> = self
+            .local_shards
+            .iter()
+            .filter(|(_, s)| s.owners.contains(&peer) && s.link(peer).is_some_and(|l| !l.unacked.is_empty()))
+            .map(|(k, _)| *k)
+            .collect();
+        unacked.sort_unstable();
+        self.counters.assertions_retried += unacked.len() as u64;
+        for key in unacked {
+            self.reassert(now, key, &[peer], out);
         }
     }
 
@@ -1962,6 +2033,74 @@ mod tests {
         let mut out = Vec::new();
         n.handle(now, Event::Publish { topic: "mine/x", msg: 1 }, &mut out).unwrap();
         assert!(out.iter().any(|a| matches!(a, Action::Forward { to, .. } if *to == PEER)));
+    }
+
+    /// ME and PEER, one owner per shard; a filter of a shard `owner` owns.
+    fn sole_owners() -> (Node, impl Fn(NodeId) -> String) {
+        let config = RoutingConfig { replication: 1, ..RoutingConfig::default() };
+        let mut node = Node::new(ME, config);
+        let view = Arc::new(Membership::new(1, [ME, PEER], OwnershipConfig::Xor));
+        node.handle(0, Event::Membership(view.clone()), &mut Vec::new()).unwrap();
+        let filter_of = move |owner: NodeId| {
+            (0..).map(|i| format!("t{i}/x")).find(|f| view.owners(&shard(f), 1).as_slice() == [owner]).unwrap()
+        };
+        (node, filter_of)
+    }
+
+    fn sent_to(out: &[Action], to: NodeId) -> Vec<&Frame> {
+        out.iter()
+            .filter_map(|a| match a {
+                Action::Send { to: t, frame } if *t == to => Some(frame),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_node_that_route_frames_were_lost_to_is_brought_up_to_date() {
+        let (mut n, filter_of) = sole_owners();
+        let (mine, theirs) = (filter_of(ME), filter_of(PEER));
+        let retry = n.config().assert_retry_ms;
+        // PEER watches a shard ME owns; ME subscribes to one PEER owns.
+        let mut t = 10_000;
+        let mut out = Vec::new();
+        n.handle(t, Event::Frame { from: PEER, frame: Frame::Lookup { shard: shard(&mine), req: 7 } }, &mut out)
+            .unwrap();
+        n.handle(t, Event::Subscribe { filter: &theirs, group: None }, &mut out).unwrap();
+        // A change PEER misses: the delta, and a retry later the tail.
+        n.handle(t, Event::Subscribe { filter: &mine, group: None }, &mut out).unwrap();
+        assert!(sent_to(&out, PEER).iter().any(|f| matches!(f, Frame::Delta { .. })));
+        t += retry;
+        out.clear();
+        n.handle(t, Event::Timer, &mut out).unwrap();
+        let tail = sent_to(&out, PEER).iter().any(|f| matches!(f, Frame::WatchState { .. }));
+        assert!(tail, "the tail: {out:?}");
+        // Both lost; so is every frame sent while the link is down. One
+        // resync however many losses are reported before it is due.
+        n.handle(t, Event::FramesLost { to: PEER }, &mut Vec::new()).unwrap();
+        n.handle(t + 10, Event::FramesLost { to: PEER }, &mut Vec::new()).unwrap();
+        out.clear();
+        n.handle(t + retry - 1, Event::Timer, &mut out).unwrap();
+        assert!(sent_to(&out, PEER).is_empty(), "not before the resync: {out:?}");
+        out.clear();
+        n.handle(t + retry, Event::Timer, &mut out).unwrap();
+        let frames = sent_to(&out, PEER);
+        let version = n.owned_shard(&shard(&mine)).unwrap().version;
+        let told = frames.iter().any(
+            |f| matches!(f, Frame::WatchState { items } if items.as_slice() == [(shard(&mine), 7, Some(version))]),
+        );
+        assert!(told, "PEER hears the version of the shard it watches: {frames:?}");
+        let asserted = frames
+            .iter()
+            .any(|f| matches!(f, Frame::Assert { shard: k, replace: true, ops, .. } if *k == shard(&theirs) && ops.len() == 1));
+        assert!(asserted, "the unacknowledged assertion goes again: {frames:?}");
+        assert_eq!(n.counters().resyncs, 1);
+        out.clear();
+        n.handle(t + 2 * retry, Event::Timer, &mut out).unwrap();
+        assert!(!sent_to(&out, PEER).iter().any(|f| matches!(f, Frame::WatchState { .. })), "once: {out:?}");
+        // A node that is not a member is not resynced.
+        n.handle(t, Event::FramesLost { to: NodeId(99) }, &mut Vec::new()).unwrap();
+        assert!(n.resyncs.is_empty());
     }
 
     #[test]

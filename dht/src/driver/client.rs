@@ -46,6 +46,11 @@ pub enum Event {
     /// `MemberUp`, frames to it dropped, its frame streams refused). Once
     /// per peer until its record matches; `reason` says what differs.
     MemberRefused { peer: PeerId, reason: String },
+    /// Frames sent to `peer` may not have arrived: a write to its frame
+    /// stream failed (the frames of that write are dropped), or its last
+    /// connection closed (frames written just before may be lost with it).
+    /// Delivery is at most once; the user repairs what it must.
+    FramesLost { peer: PeerId },
 }
 
 /// Requests from a [`Client`] to the event loop.

@@ -494,7 +494,7 @@ impl EventLoop {
         // Unbounded in frames, bounded in bytes: every frame in it holds
         // its share of the node's send budget.
         let (queue, rx) = mpsc::unbounded_channel();
-        let task = self.tasks.spawn(frames::write_loop(peer, self.control.clone(), rx));
+        let task = self.tasks.spawn(frames::write_loop(peer, self.control.clone(), rx, self.events.clone()));
         self.writers.insert(peer, LinkWriter { queue: queue.clone(), task, created: Instant::now() });
         queue
     }
@@ -676,6 +676,8 @@ impl EventLoop {
                 debug!(peer = %peer_id, remaining = num_established, cause = ?cause, "connection closed");
                 if num_established == 0 {
                     self.connected_since.remove(&peer_id);
+                    // What was written to it last may be lost with it.
+                    self.emit(Event::FramesLost { peer: peer_id });
                 }
             }
             SwarmEvent::OutgoingConnectionError { connection_id, peer_id, error } => {

@@ -175,11 +175,13 @@ pub(crate) async fn accept_loop(
 /// and drains `queue` onto it, re-opening the stream after failures. Ends
 /// when every sender of `queue` is gone, or when the event loop aborts it
 /// (peer blocked or dead, or the event loop itself dropped). Each frame's
-/// share of the send budget comes back when it is written or dropped.
+/// share of the send budget comes back when it is written or dropped; a
+/// dropped batch is reported as [`Event::FramesLost`] on `events`.
 pub(crate) async fn write_loop(
     peer: PeerId,
     mut control: libp2p_stream::Control,
     mut queue: mpsc::UnboundedReceiver<(Bytes, Charged)>,
+    events: mpsc::Sender<Event>,
 ) {
     let mut batch: Vec<(Bytes, Charged)> = Vec::with_capacity(MAX_BATCH_FRAMES);
     let mut buf: Vec<u8> = Vec::new();
@@ -225,6 +227,7 @@ pub(crate) async fn write_loop(
             if let Err(e) = written {
                 warn!(%peer, cause = %e, lost_frames = batch.len(), "frame stream broke; re-opening");
                 batch.clear();
+                let _ = events.send(Event::FramesLost { peer }).await;
                 continue 'link;
             }
             batch.clear();
