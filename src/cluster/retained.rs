@@ -322,6 +322,51 @@ impl FleetRetainedStore {
         (store.live() as u64, store.tombstones.len() as u64, store.bytes)
     }
 
+    /// Once a tick: expired messages become tombstones (at their version,
+    /// so an older copy elsewhere cannot come back), shards let go after
+    /// their grace, tombstones past the tombstone time purged (memory and
+    /// disk).
+    pub fn sweep(&self, storage: &Storage, now_ms: u64) {
+        let mut store = self.store.lock();
+        while store.expiring.first().is_some_and(|(at, _)| *at <= now_ms) {
+            let (at, topic) = store.expiring.pop_first().expect("a first");
+            let Some(held) = store.forget(&topic) else { continue };
+            let cleared = FleetRetained {
+                topic: topic.to_string(),
+                hlc: held.packed.hlc(),
+                origin: held.packed.origin(),
+                message: None,
+                cleared_at_ms: at,
+            };
+            let packed = Packed::pack(&cleared);
+            if let Err(err) = storage.put_fleet_retained(&topic, packed.as_bytes()) {
+                tracing::error!(cause = %err, "could not store an expired retained message's tombstone");
+            }
+            store.replace(packed);
+        }
+        let released: Vec<Box<str>> = store
+            .held
+            .values()
+            .filter(|h| h.release_at_ms.is_some_and(|at| at.get() <= now_ms))
+            .map(|h| h.topic().into())
+            .collect();
+        let mut purged = Vec::new();
+        while let Some((at, topic)) = store.tombstones.first().cloned() {
+            if at.saturating_add(self.tombstone_ms) > now_ms {
+                break;
+            }
+            purged.push(topic);
+            store.tombstones.pop_first();
+        }
+        bump(&self.stats.purged, purged.len() as u64);
+        for topic in released.iter().chain(&purged) {
+            store.forget(topic);
+            if let Err(err) = storage.remove_fleet_retained(topic) {
+                tracing::error!(cause = %err, "could not drop a retained message");
+            }
+        }
+    }
+
     /// Applies items from a peer (or this node), persisting what is newer.
     fn apply_all(&self, storage: &Storage, items: &[FleetRetained]) {
         let mut store = self.store.lock();
@@ -692,51 +737,6 @@ impl Cluster {
         }
     }
 
-    /// Once a tick: expired messages become tombstones (at their version,
-    /// so an older copy elsewhere cannot come back), shards let go after
-    /// their grace, tombstones past the tombstone time purged (memory and
-    /// disk).
-    pub(super) fn retained_tick(&self, storage: &Storage, now_ms: u64) {
-        let mut store = self.retained.store.lock();
-        while store.expiring.first().is_some_and(|(at, _)| *at <= now_ms) {
-            let (at, topic) = store.expiring.pop_first().expect("a first");
-            let Some(held) = store.forget(&topic) else { continue };
-            let cleared = FleetRetained {
-                topic: topic.to_string(),
-                hlc: held.packed.hlc(),
-                origin: held.packed.origin(),
-                message: None,
-                cleared_at_ms: at,
-            };
-            let packed = Packed::pack(&cleared);
-            if let Err(err) = storage.put_fleet_retained(&topic, packed.as_bytes()) {
-                tracing::error!(cause = %err, "could not store an expired retained message's tombstone");
-            }
-            store.replace(packed);
-        }
-        let released: Vec<Box<str>> = store
-            .held
-            .values()
-            .filter(|h| h.release_at_ms.is_some_and(|at| at.get() <= now_ms))
-            .map(|h| h.topic().into())
-            .collect();
-        let mut purged = Vec::new();
-        while let Some((at, topic)) = store.tombstones.first().cloned() {
-            if at.saturating_add(self.retained.tombstone_ms) > now_ms {
-                break;
-            }
-            purged.push(topic);
-            store.tombstones.pop_first();
-        }
-        bump(&self.retained.stats.purged, purged.len() as u64);
-        for topic in released.iter().chain(&purged) {
-            store.forget(topic);
-            if let Err(err) = storage.remove_fleet_retained(topic) {
-                tracing::error!(cause = %err, "could not drop a retained message");
-            }
-        }
-    }
-
     /// Moves what the broker kept before this node was in a fleet (its
     /// `retained` tree) into the fleet's store, at version 0: any write
     /// made in the fleet is newer.
@@ -836,6 +836,34 @@ mod tests {
         storage.put_fleet_retained("a/e", b"\xc1 damaged").unwrap();
         let err = FleetRetainedStore::open(&storage, 60, 30).err().expect("a damaged record is refused");
         assert!(err.to_string().contains("fleet_retained"), "{err}");
+    }
+
+    #[test]
+    fn an_expired_message_becomes_a_tombstone_that_is_purged_after_the_tombstone_time() {
+        let storage = Storage::in_memory();
+        let store = FleetRetainedStore::open(&storage, 60, 30).unwrap();
+        // An expiry makes it the fully encoded kind (not payload only).
+        let mut expiring = item("e/x", 5, Some("soon"));
+        expiring.message.as_mut().unwrap().expires_at_ms = Some(1_000);
+        store.apply_all(&storage, &[expiring, item("e/y", 6, Some("stays"))]);
+        let live_bytes = ("stays".len() + 3) as u64;
+        store.sweep(&storage, 999);
+        assert_eq!(store.figures(), (2, 0, live_bytes + 4 + 3), "not yet");
+        store.sweep(&storage, 1_000);
+        assert_eq!(store.figures(), (1, 1, live_bytes), "expired: a tombstone at its version");
+        let reopened = FleetRetainedStore::open(&storage, 60, 30).unwrap();
+        assert_eq!(reopened.figures(), (1, 1, live_bytes), "the tombstone is what is on disk");
+        let kept = store.store.lock().matching("e/x", |_| true);
+        assert!(kept.len() == 1 && kept[0].message.is_none() && kept[0].hlc == 5, "{kept:?}");
+        store.apply_all(&storage, &[item("e/x", 4, Some("older copy"))]);
+        assert_eq!(store.figures().0, 1, "an older copy cannot come back");
+        store.sweep(&storage, 1_000 + 60_000 - 1);
+        assert_eq!(store.figures().1, 1, "kept for the tombstone time");
+        store.sweep(&storage, 1_000 + 60_000);
+        assert_eq!(store.figures(), (1, 0, live_bytes), "purged");
+        assert_eq!(store.stats.purged.load(Ordering::Relaxed), 1);
+        let reopened = FleetRetainedStore::open(&storage, 60, 30).unwrap();
+        assert_eq!(reopened.figures(), (1, 0, live_bytes), "and gone from disk");
     }
 
     #[test]

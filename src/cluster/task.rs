@@ -89,7 +89,7 @@ impl Cluster {
                 }
             }
             self.membership_tick(st);
-            self.retained_tick(&broker.storage, broker.now_ms());
+            self.retained.sweep(&broker.storage, broker.now_ms());
             self.retained_check(st, broker.now_ms());
             if self.started.elapsed() >= REPLAY_AFTER {
                 // Their unrouted records are on disk: once routed they
