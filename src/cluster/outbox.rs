@@ -38,6 +38,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
 
 /// Resend a destination's forwards when none was acknowledged for this long.
 pub const RESEND_AFTER_MS: u64 = 3_000;
@@ -101,8 +102,6 @@ impl Destination {
 #[derive(Default)]
 pub struct Unwritten {
     pending: Mutex<Pending>,
-    /// Woken when fresh records leave the pending set (acknowledged or written).
-    gone: tokio::sync::Notify,
     /// Fresh records written, and acknowledged before they were (never written).
     pub written: AtomicU64,
     pub spared: AtomicU64,
@@ -123,12 +122,25 @@ struct Pending {
     /// How long a fresh record may wait for its acknowledgements before a
     /// flush writes it anyway.
     window: Duration,
+    /// Who waits for every fresh record up to an id to go
+    /// ([`Unwritten::settled`]), by that id: woken when the oldest fresh
+    /// record left is past it, and only then (not on every change).
+    waiters: BTreeMap<u64, Vec<oneshot::Sender<()>>>,
 }
 
 impl Pending {
     /// Whether no fresh record up to id `upto` is left.
     fn settled(&self, upto: u64) -> bool {
         self.fresh.keys().next().is_none_or(|first| *first > upto)
+    }
+
+    /// Wakes the waiters whose records all went.
+    fn wake_settled(&mut self) {
+        let first = self.fresh.keys().next().copied().unwrap_or(u64::MAX);
+        let waiting = self.waiters.split_off(&first);
+        for waiter in std::mem::replace(&mut self.waiters, waiting).into_values().flatten() {
+            let _ = waiter.send(());
+        }
     }
 }
 
@@ -180,11 +192,11 @@ impl Unwritten {
         for id in &fresh {
             pending.fresh.remove(id);
         }
+        if !fresh.is_empty() {
+            pending.wake_settled();
+        }
         drop(pending);
         self.written.fetch_add(fresh.len() as u64, Ordering::Relaxed);
-        if !fresh.is_empty() {
-            self.gone.notify_waiters();
-        }
         Ok(())
     }
 
@@ -208,26 +220,17 @@ impl Unwritten {
     /// flush writes them). `None` when none is unwritten. A client's
     /// PUBACK waits for this, then for a flush.
     pub fn settled(self: &Arc<Self>, upto: u64) -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
-        let window = {
-            let pending = self.pending.lock();
+        let (window, settled) = {
+            let mut pending = self.pending.lock();
             if pending.settled(upto) {
                 return None;
             }
-            pending.window
+            let (tx, rx) = oneshot::channel();
+            pending.waiters.entry(upto).or_default().push(tx);
+            (pending.window, rx)
         };
         let this = self.clone();
         Some(async move {
-            let settled = async {
-                loop {
-                    let gone = this.gone.notified();
-                    tokio::pin!(gone);
-                    gone.as_mut().enable();
-                    if this.pending.lock().settled(upto) {
-                        return;
-                    }
-                    gone.await;
-                }
-            };
             if tokio::time::timeout(window, settled).await.is_err() {
                 // Past the window: the next flush writes every record up to
                 // `upto`, also one held after a newer one (ids are taken
@@ -235,6 +238,11 @@ impl Unwritten {
                 this.require(upto);
             }
         })
+    }
+
+    /// Wakes who waits for records that went meanwhile.
+    fn wake_settled(&self) {
+        self.pending.lock().wake_settled();
     }
 
     /// Records, rewrites and removals waiting for a flush.
@@ -419,7 +427,7 @@ impl Outbox {
                 self.update(storage, id);
             }
         }
-        self.unwritten.gone.notify_waiters();
+        self.unwritten.wake_settled();
     }
 
     /// Forwards to resend at `now_ms`: for each destination `reachable`
@@ -465,7 +473,7 @@ impl Outbox {
                 self.update(storage, id);
             }
         }
-        self.unwritten.gone.notify_waiters();
+        self.unwritten.wake_settled();
         taken
     }
 }
@@ -678,6 +686,30 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(10), waiter).await.expect("settled on the ack").unwrap();
         unwritten.write_all(&storage).unwrap();
         assert!(storage.outbox().unwrap().is_empty(), "1 never written, 2 not due");
+    }
+
+    #[tokio::test]
+    async fn a_waiter_wakes_once_its_own_records_went_not_before() {
+        let (storage, mut outbox, unwritten) = deferred(Duration::from_secs(3600));
+        for id in 1..=3 {
+            forward(&mut outbox, &storage, id, &[NodeId(id)], 0);
+        }
+        let first = tokio::spawn(unwritten.settled(1).expect("1 is unwritten"));
+        let third = tokio::spawn(unwritten.settled(3).expect("3 is unwritten"));
+        // 3 and 2 go, 1 is left: nobody is done (3 waits for 1 and 2 too).
+        outbox.ack(&storage, NodeId(3), 1, 3, 0);
+        outbox.ack(&storage, NodeId(2), 1, 2, 0);
+        tokio::task::yield_now().await;
+        assert!(!first.is_finished() && !third.is_finished());
+        outbox.ack(&storage, NodeId(1), 1, 1, 0);
+        let both = async { (first.await.unwrap(), third.await.unwrap()) };
+        tokio::time::timeout(Duration::from_secs(10), both).await.expect("both settled on the last ack");
+        // Written rather than acknowledged: the flush wakes too.
+        forward(&mut outbox, &storage, 4, &[NodeId(1)], 0);
+        let fourth = tokio::spawn(unwritten.settled(4).expect("4 is unwritten"));
+        unwritten.require(4);
+        unwritten.write_all(&storage).unwrap();
+        tokio::time::timeout(Duration::from_secs(10), fourth).await.expect("settled on the write").unwrap();
     }
 
     #[tokio::test]
