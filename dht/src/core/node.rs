@@ -44,6 +44,9 @@ const LOOKUP_RETRY_MS: u64 = 100;
 /// The longest wait between two retries of an unacknowledged assertion
 /// (they back off from [`RoutingConfig::assert_retry_ms`] to this).
 const MAX_ASSERT_RETRY_MS: u64 = 30_000;
+/// The longest wait between resyncs of a node that frames keep being lost
+/// to ([`Event::FramesLost`]; the wait doubles from `assert_retry_ms`).
+const MAX_RESYNC_MS: u64 = 4_000;
 /// Most unacknowledged assertions remembered per (shard, owner); older
 /// ones are forgotten (a later acknowledgement covers them).
 const MAX_UNACKED: usize = 256;
@@ -54,9 +57,9 @@ pub const DEFAULT_MAX_TOPIC_LEVELS: usize = crate::topic::DEFAULT_MAX_LEVELS;
 /// is at most 16 MiB, so this only bites on frames of tiny items; it bounds
 /// the work one frame can ask for.
 pub const MAX_FRAME_ITEMS: usize = 1 << 20;
-/// Items per [`Frame::WatchState`] a resync sends (~30 bytes each: well
-/// under the frame limit).
-const WATCH_STATE_ITEMS: usize = 65_536;
+/// Items per [`Frame::WatchState`] a resync sends (a shard key is
+/// encoded as 32 integers: 55-85 bytes an item, ~0.5 MiB a frame).
+const WATCH_STATE_ITEMS: usize = 8_192;
 
 /// The routing core's settings, shared by the whole fleet (every node must
 /// agree on `replication`, `shard_depth` and the ownership strategy).
@@ -435,6 +438,10 @@ pub struct Node {
     /// Nodes that frames were lost to, and when they are brought up to
     /// date ([`Event::FramesLost`]); one entry per node.
     resyncs: BTreeSet<(u64, NodeId)>,
+    /// Per node resynced while no frame came back from it: the wait before
+    /// its next resync (doubled by each, up to [`MAX_RESYNC_MS`]; gone
+    /// with its next frame).
+    resync_waits: FastMap<NodeId, u64>,
     next_anti_entropy: Option<u64>,
     armed: Option<u64>,
     inbox: VecDeque<Frame>,
@@ -469,6 +476,7 @@ impl Node {
             assert_retries: BTreeSet::new(),
             tails: BTreeSet::new(),
             resyncs: BTreeSet::new(),
+            resync_waits: FastMap::default(),
             next_anti_entropy: None,
             armed: None,
             inbox: VecDeque::new(),
@@ -604,6 +612,10 @@ impl Node {
             Event::Publish { topic, msg } => self.publish(now, topic, msg, out),
             Event::Frame { from, frame } => {
                 self.counters.frames_received[kind_index(frame.kind())] += 1;
+                if !self.resync_waits.is_empty() {
+                    // It hears us again, or soon will: resync it promptly next time.
+                    self.resync_waits.remove(&from);
+                }
                 match self.check_frame(from, &frame) {
                     Ok(()) => {
                         self.on_frame(now, from, frame, out);
@@ -1827,7 +1839,8 @@ impl Node {
         if to == self.id || !self.membership.contains(to) || self.resyncs.iter().any(|(_, n)| *n == to) {
             return;
         }
-        self.resyncs.insert((now + self.config.assert_retry_ms, to));
+        let wait = self.resync_waits.get(&to).copied().unwrap_or(self.config.assert_retry_ms);
+        self.resyncs.insert((now + wait, to));
     }
 
     /// Brings `peer` up to date after frames to it were lost: the version
@@ -1838,6 +1851,10 @@ impl Node {
             return;
         }
         self.counters.resyncs += 1;
+        // Should these frames be lost too (the link is still down), the next
+        // resync waits longer.
+        let wait = self.resync_waits.get(&peer).copied().unwrap_or(self.config.assert_retry_ms);
+        self.resync_waits.insert(peer, (wait * 2).clamp(1, MAX_RESYNC_MS));
         let mut versions: Vec<(ShardKey, u64, Option<u64>)> = Vec::new();
         for (key, shard) in &self.owned {
             let watches = shard.watchers().iter().filter(|(w, _)| *w == peer);
@@ -2098,9 +2115,19 @@ mod tests {
         out.clear();
         n.handle(t + 2 * retry, Event::Timer, &mut out).unwrap();
         assert!(!sent_to(&out, PEER).iter().any(|f| matches!(f, Frame::WatchState { .. })), "once: {out:?}");
+        // Lost again with no word from PEER: the next resync waits twice as
+        // long; a frame from PEER brings the wait back.
+        t += 2 * retry;
+        n.handle(t, Event::FramesLost { to: PEER }, &mut Vec::new()).unwrap();
+        assert_eq!(n.resyncs.first(), Some(&(t + 2 * retry, PEER)));
+        n.handle(t + 2 * retry, Event::Timer, &mut Vec::new()).unwrap();
+        let ack = Frame::LookupReply { shard: shard(&theirs), req: 99, version: 0, answer: LookupAnswer::NotOwner };
+        n.handle(t + 2 * retry, Event::Frame { from: PEER, frame: ack }, &mut Vec::new()).unwrap();
+        n.handle(t + 2 * retry, Event::FramesLost { to: PEER }, &mut Vec::new()).unwrap();
+        assert_eq!(n.resyncs.first(), Some(&(t + 3 * retry, PEER)));
         // A node that is not a member is not resynced.
         n.handle(t, Event::FramesLost { to: NodeId(99) }, &mut Vec::new()).unwrap();
-        assert!(n.resyncs.is_empty());
+        assert!(n.resyncs.iter().all(|(_, node)| *node == PEER));
     }
 
     #[test]
