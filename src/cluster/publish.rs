@@ -416,12 +416,23 @@ impl Cluster {
         lost.sort_unstable();
         lost.dedup();
         for to in lost {
-            // Schedules a resync: the only action is the timer.
-            let mut later = Vec::new();
-            let _ = self.core_event(st, Event::FramesLost { to }, &mut later);
-            self.execute(st, storage, later, None, local);
+            self.report_lost_frames(st, storage, to, local);
         }
         routed
+    }
+
+    /// Tells the core that route frames to `to` may be lost: it schedules
+    /// a resync (the only action is its timer).
+    pub(super) fn report_lost_frames(
+        &self,
+        st: &mut State,
+        storage: &Storage,
+        to: NodeId,
+        local: &mut Vec<(Arc<Message>, ForwardRoute)>,
+    ) {
+        let mut actions = Vec::new();
+        let _ = self.core_event(st, Event::FramesLost { to }, &mut actions);
+        self.execute(st, storage, actions, None, local);
     }
 }
 

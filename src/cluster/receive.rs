@@ -107,9 +107,7 @@ impl Cluster {
         let storage = batch.storage;
         let (st, Received { local, .. }) = batch.parts();
         let to = st.id_of(peer);
-        let mut actions = Vec::new();
-        let _ = self.core_event(st, Event::FramesLost { to }, &mut actions);
-        self.execute(st, storage, actions, None, local);
+        self.report_lost_frames(st, storage, to, local);
     }
 
     /// The delivery stage: delivers to the local sessions, then
