@@ -5,7 +5,7 @@
 //! - `GET /api/v1/broker`: the same figures as JSON.
 //! - `GET /api/v1/cluster`: the fleet's members (404 on a single node).
 //! - `GET /api/v1/routes?topic=a/b`: where a publish to the topic goes (404 on a single node).
-//! - `POST /api/v1/faults?cut=NAME` / `?delay=NAME&ms=N` / `?mute_acks=NAME` / `?heal`: test-only fault hooks, served
+//! - `POST /api/v1/faults?cut=NAME` / `?delay=NAME&ms=N` / `?mute_acks=NAME` / `?drop_forwards=NAME` / `?heal`: test-only fault hooks, served
 //!   only when the node started with `KADMQ_FAULTS=1` (see `crate::cluster::faults`).
 //! - `GET /health/live`: 200 while the process serves HTTP.
 //! - `GET /health/ready`: 200 once the node takes MQTT clients, 503 while
@@ -151,14 +151,18 @@ async fn faults(
     let Some(cluster) = app.cluster else { return (StatusCode::NOT_FOUND, NOT_CLUSTERED).into_response() };
     use crate::cluster::faults::Fault;
     let ms = query.get("ms").and_then(|ms| ms.parse().ok()).map(std::time::Duration::from_millis);
-    let named = |key: &str| query.get(key).map(String::as_str);
-    let (peer, fault) = match (named("cut"), named("delay"), named("mute_acks"), ms, query.contains_key("heal")) {
-        (Some(peer), None, None, None, false) => (Some(peer), Fault::Cut),
-        (None, Some(peer), None, Some(ms), false) => (Some(peer), Fault::Delay(ms)),
-        (None, None, Some(peer), None, false) => (Some(peer), Fault::MuteAcks),
-        (None, None, None, None, true) => (None, Fault::Cut),
+    let named: Vec<(&str, &str)> = ["cut", "delay", "mute_acks", "drop_forwards"]
+        .into_iter()
+        .filter_map(|key| query.get(key).map(|peer| (key, peer.as_str())))
+        .collect();
+    let (peer, fault) = match (named.as_slice(), ms, query.contains_key("heal")) {
+        ([("cut", peer)], None, false) => (Some(*peer), Fault::Cut),
+        ([("delay", peer)], Some(ms), false) => (Some(*peer), Fault::Delay(ms)),
+        ([("mute_acks", peer)], None, false) => (Some(*peer), Fault::MuteAcks),
+        ([("drop_forwards", peer)], None, false) => (Some(*peer), Fault::DropForwards),
+        ([], None, true) => (None, Fault::Cut),
         _ => {
-            let usage = "give ?cut=NAME, ?delay=NAME&ms=N, ?mute_acks=NAME or ?heal";
+            let usage = "give ?cut=NAME, ?delay=NAME&ms=N, ?mute_acks=NAME, ?drop_forwards=NAME or ?heal";
             return (StatusCode::BAD_REQUEST, usage).into_response();
         }
     };

@@ -2,11 +2,13 @@
 //! peers are lost (and the retained frames from them), as a broken link or
 //! a full queue would lose them, or
 //! the ones this node sends them are late (in order), as on a slow link,
-//! or the acknowledgements of their QoS 1/2 forwards are not sent (muted);
-//! the peers stay members (heartbeats, forwards and session frames still
-//! flow). Off unless the node starts with `KADMQ_FAULTS=1`; only then does
-//! the HTTP endpoint serve `POST /api/v1/faults?cut=NAME`,
-//! `?delay=NAME&ms=N`, `?mute_acks=NAME` and `?heal`.
+//! or the acknowledgements of their QoS 1/2 forwards are not sent (muted),
+//! or their QoS 1/2 forwards are lost on arrival (their outbox resends
+//! them); the peers stay members (heartbeats, session frames and, unless
+//! dropped, forwards still flow). Off unless the node starts with
+//! `KADMQ_FAULTS=1`; only then does the HTTP endpoint serve
+//! `POST /api/v1/faults?cut=NAME`, `?delay=NAME&ms=N`, `?mute_acks=NAME`,
+//! `?drop_forwards=NAME` and `?heal`.
 //!
 //! Job: the cut and delayed peers and the count of frames lost. Boundary:
 //! the send and receive paths ask [`Faults::cuts`] and [`Faults::delays`];
@@ -31,6 +33,8 @@ pub enum Fault {
     Delay(Duration),
     /// Its QoS 1/2 forwards are not acknowledged.
     MuteAcks,
+    /// Its QoS 1/2 forwards are lost on arrival.
+    DropForwards,
 }
 
 /// Frames for a delayed peer and when each may leave.
@@ -43,9 +47,10 @@ pub struct Faults {
     any: AtomicBool,
     cut: RwLock<HashSet<NodeId>>,
     muted: RwLock<HashSet<NodeId>>,
+    dropping: RwLock<HashSet<NodeId>>,
     /// Per delayed peer: how late, and the queue of its sender task.
     delayed: RwLock<HashMap<NodeId, (Duration, DelayQueue)>>,
-    /// Route frames lost to a cut, both ways.
+    /// Frames lost to a cut (both ways) or dropped forwards.
     pub dropped: AtomicU64,
 }
 
@@ -76,6 +81,20 @@ impl Faults {
 
     pub fn mute_acks(&self, peer: NodeId) {
         self.muted.write().insert(peer);
+        self.any.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether a QoS 1/2 forward from `peer` is lost; counts it if so.
+    pub fn drops_forwards(&self, peer: NodeId) -> bool {
+        if !self.any.load(Ordering::Relaxed) || !self.dropping.read().contains(&peer) {
+            return false;
+        }
+        self.dropped.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+
+    pub fn drop_forwards(&self, peer: NodeId) {
+        self.dropping.write().insert(peer);
         self.any.store(true, Ordering::Relaxed);
     }
 
@@ -113,6 +132,7 @@ impl Faults {
     pub fn heal(&self) {
         self.cut.write().clear();
         self.muted.write().clear();
+        self.dropping.write().clear();
         self.delayed.write().clear();
         self.any.store(false, Ordering::Relaxed);
     }
@@ -131,5 +151,10 @@ mod tests {
         faults.heal();
         assert!(!faults.cuts(NodeId(1)));
         assert_eq!(faults.dropped.load(Ordering::Relaxed), 1);
+        faults.drop_forwards(NodeId(2));
+        assert!(faults.drops_forwards(NodeId(2)) && !faults.drops_forwards(NodeId(1)) && !faults.cuts(NodeId(2)));
+        faults.heal();
+        assert!(!faults.drops_forwards(NodeId(2)));
+        assert_eq!(faults.dropped.load(Ordering::Relaxed), 2);
     }
 }

@@ -10,8 +10,8 @@
 //! alive; this room only follows it.
 
 use super::links::{self, Class};
+use super::metrics::bump;
 use super::receive::{Batch, Received};
-use super::sessions::in_parts;
 use super::state::State;
 use super::wire;
 use super::Cluster;
@@ -22,8 +22,6 @@ use kadmq_dht::driver::{self, PeerId};
 use std::sync::Arc;
 use std::time::Instant;
 
-/// Messages sent on for a dead node per frame.
-const SENT_ON_CHUNK: usize = 256;
 /// Ticks a member we took for dead is told to assert its routes again: the
 /// notice is a frame, and frames right after a link comes back can be lost.
 const REJOIN_NOTICES: u8 = 3;
@@ -89,6 +87,7 @@ impl Cluster {
             self.apply_membership(st, storage, &mut received.local);
             // Its clients' sessions and wills: this node acts for some.
             received.dead_sessions.extend(self.sessions_of_dead(st, id));
+            received.dead_nodes.push(id);
         }
         // Sent on first, its new forwards made due, and only then taken
         // out: a flush meanwhile (a publisher's PUBACK waiting for the
@@ -102,9 +101,12 @@ impl Cluster {
     }
 
     /// What this node held for `dead` (forwarded, unacknowledged), sent
-    /// elsewhere: the messages for its sessions to every other member and
-    /// to this node (each gives them to the sessions it adopted from
-    /// `dead`), and each shared group it was picked for to another member.
+    /// elsewhere: the messages for its sessions to this node and to every
+    /// other member, as forwards flagged "sent on for `dead`" that the
+    /// outbox holds like any other (persisted, resent until acknowledged);
+    /// each shared group it was picked for is routed again. One this node
+    /// only relayed to `dead` (sent on by another node, which sent it to
+    /// every member) goes to this node's adopted sessions only.
     fn send_on_held(
         &self,
         st: &mut State,
@@ -114,7 +116,12 @@ impl Cluster {
         received: &mut Received,
     ) {
         let mut for_sessions = Vec::new();
+        let mut relayed = Vec::new();
         for (message, route) in held {
+            if route.sent_on == Some(dead) {
+                relayed.push(message);
+                continue;
+            }
             if route.plain {
                 for_sessions.push(message.clone());
             }
@@ -122,25 +129,48 @@ impl Cluster {
                 self.route_again_for(st, storage, message, route.shared, &mut received.local);
             }
         }
-        if for_sessions.is_empty() {
-            return;
+        if !for_sessions.is_empty() {
+            tracing::info!(
+                messages = for_sessions.len(),
+                "messages held for a dead node sent on to whoever adopts its sessions"
+            );
         }
-        tracing::info!(
-            messages = for_sessions.len(),
-            "messages held for a dead node sent on to whoever adopts its sessions"
-        );
         let others: Vec<NodeId> = st.live.iter().copied().filter(|n| *n != self.me).collect();
-        // Frames of at most SENT_ON_CHUNK messages and PART_BYTES bytes.
-        for chunk in for_sessions.chunks(SENT_ON_CHUNK) {
-            for part in in_parts(chunk.to_vec(), |m| &**m) {
-                let refs: Vec<&Message> = part.iter().map(|m| &**m).collect();
-                let frame = wire::encode_sent_on(dead.0, &refs);
-                for node in &others {
-                    self.send_to(st, *node, Class::Control, links::copy_of(&frame));
-                }
+        let route = ForwardRoute { sent_on: Some(dead), ..ForwardRoute::plain() };
+        for message in &for_sessions {
+            self.forward_held(st, storage, message.clone(), &others, &route);
+        }
+        for_sessions.extend(relayed);
+        if !for_sessions.is_empty() {
+            received.sent_on.push((dead, for_sessions));
+        }
+    }
+
+    /// A message another node held for `dead` and sent on (see
+    /// [`Cluster::send_on_held`]): for this node's own sessions if it is
+    /// `dead` (taken for dead, wrongly); forwarded to `dead` if it is alive
+    /// here (the sender took it for dead first, or wrongly: its sessions
+    /// are still there); else for the sessions adopted here from it.
+    pub(super) fn sent_on_arrived(
+        &self,
+        st: &mut State,
+        storage: &Storage,
+        dead: NodeId,
+        message: Arc<Message>,
+        received: &mut Received,
+    ) {
+        if dead == self.me {
+            received.local.push((message, ForwardRoute::plain()));
+        } else if st.live.contains(&dead) {
+            let route = ForwardRoute { sent_on: Some(dead), ..ForwardRoute::plain() };
+            self.forward_held(st, storage, message, &[dead], &route);
+            bump(&self.sessions.stats.sent_on_relayed, 1);
+        } else {
+            match received.sent_on.last_mut() {
+                Some((node, messages)) if *node == dead => messages.push(message),
+                _ => received.sent_on.push((dead, vec![message])),
             }
         }
-        received.sent_on.push((dead, for_sessions));
     }
 
     /// Gives the core the membership view of the live set.

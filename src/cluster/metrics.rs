@@ -213,7 +213,7 @@ impl Cluster {
             figure(
                 "kadmq_cluster_fault_frames_dropped_total",
                 "counter",
-                "Route frames lost to a test fault hook (always 0 unless KADMQ_FAULTS=1 and a cut was asked for).",
+                "Route frames and QoS 1/2 forwards lost to a test fault hook (always 0 unless KADMQ_FAULTS=1 and a cut or dropped forwards were asked for).",
                 get(&self.faults.dropped),
             ),
             figure(

@@ -229,6 +229,7 @@ impl Cluster {
             faults::Fault::Cut => self.faults.cut(node),
             faults::Fault::Delay(by) => self.faults.delay(node, by, self.links.sender(member.peer_id)),
             faults::Fault::MuteAcks => self.faults.mute_acks(node),
+            faults::Fault::DropForwards => self.faults.drop_forwards(node),
         }
         Ok(())
     }

@@ -14,7 +14,8 @@
 //! Nothing is given up for a destination that is alive, however long it
 //! takes; a destination declared dead has its part taken out
 //! ([`Outbox::take_destination`]) and sent on to whoever adopts its
-//! sessions. The outbox is bounded in bytes (`cluster.outbox_max_mib`):
+//! sessions, held here again as forwards to the other members
+//! ([`ForwardRoute::sent_on`]). The outbox is bounded in bytes (`cluster.outbox_max_mib`):
 //! once full, new QoS 1/2 publishes are refused (the publisher is told,
 //! MQTT 5 reason 0x97) rather than acknowledged and then lost.
 //!
@@ -546,7 +547,7 @@ mod tests {
     }
 
     fn route() -> ForwardRoute {
-        ForwardRoute { plain: true, shared: Vec::new() }
+        ForwardRoute::plain()
     }
 
     fn forward(outbox: &mut Outbox, storage: &Storage, id: u64, to: &[NodeId], now: u64) -> Vec<Sequence> {

@@ -308,7 +308,7 @@ impl Cluster {
                 tracing::warn!(cause = %err, "routing core refused a publish; delivering locally only (further ones are counted, not logged)");
             }
             st.routing.remove(&id);
-            local.push((message, ForwardRoute { plain: true, shared: Vec::new() }));
+            local.push((message, ForwardRoute::plain()));
             return Some(0);
         }
         self.remember_route(st, &message.topic, id, generation, &actions);
@@ -467,6 +467,36 @@ impl Cluster {
             return;
         }
         self.execute(st, storage, actions, None, local);
+    }
+}
+
+impl Cluster {
+    /// Forwards `message` to each of `to` along `route`: numbered and held
+    /// in the outbox as a publish is (written at the next flush, resent
+    /// until acknowledged), under a fresh id.
+    pub(super) fn forward_held(
+        &self,
+        st: &mut State,
+        storage: &Storage,
+        message: Arc<Message>,
+        to: &[NodeId],
+        route: &ForwardRoute,
+    ) {
+        if to.is_empty() {
+            return;
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let now = self.now();
+        let mut waiting = Vec::with_capacity(to.len());
+        for node in to {
+            let sequence = st.outbox.assign(*node, id, now);
+            waiting.push((*node, route.clone()));
+            self.send_to(st, *node, Class::Resendable, |out| {
+                wire::write_forward(out, id, Some(sequence), &message, route)
+            });
+        }
+        st.outbox.hold(storage, id, message, waiting, false);
+        self.stats.forwarded_out.add(to.len() as u64);
     }
 }
 

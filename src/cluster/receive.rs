@@ -35,7 +35,8 @@ pub(super) struct Received {
     pub local: Vec<(Arc<Message>, ForwardRoute)>,
     /// Per sending peer, the acknowledgement to send: (epoch, upto).
     pub acks: HashMap<PeerId, (u64, u64)>,
-    /// Sessions of nodes declared dead that this node now acts for.
+    /// Nodes declared dead, and the sessions of theirs this node now acts for.
+    pub dead_nodes: Vec<NodeId>,
     pub dead_sessions: Vec<(Arc<str>, Record)>,
     /// Messages held for a node declared dead, for its adopted sessions.
     pub sent_on: Vec<(NodeId, Vec<Arc<Message>>)>,
@@ -44,7 +45,7 @@ pub(super) struct Received {
 impl Received {
     /// Nothing to deliver, acknowledge or adopt.
     pub fn is_empty(&self) -> bool {
-        self.local.is_empty() && self.acks.is_empty() && self.dead_sessions.is_empty() && self.sent_on.is_empty()
+        self.local.is_empty() && self.acks.is_empty() && self.dead_nodes.is_empty() && self.sent_on.is_empty()
     }
 }
 
@@ -116,8 +117,8 @@ impl Cluster {
     pub(super) fn deliver_received(&self, received: Received) {
         let Some(broker) = self.broker.upgrade() else { return };
         let stored = self.deliver_once(&broker, received.local);
-        if !received.dead_sessions.is_empty() {
-            self.adopt(&broker, received.dead_sessions);
+        if !received.dead_nodes.is_empty() {
+            self.adopt(&broker, &received.dead_nodes, received.dead_sessions);
         }
         for (dead, messages) in received.sent_on {
             self.deliver_sent_on(&broker, dead, messages);
@@ -226,11 +227,13 @@ impl Cluster {
     /// One decoded frame from `from` that needs the state.
     fn on_wire(&self, batch: &mut Batch<'_>, from: PeerId, wire: Wire) {
         let storage = batch.storage;
-        let (st, Received { local, acks, sent_on: batch_sent_on, .. }) = batch.parts();
+        let (st, received) = batch.parts();
+        let Received { local, acks, .. } = received;
         let sender = st.id_of(from);
         let mut actions = Vec::new();
         match wire {
             Wire::Route(_) | Wire::Retained(_) if self.faults.cuts(sender) => {}
+            Wire::Forward(forward) if forward.sequence.is_some() && self.faults.drops_forwards(sender) => {}
             Wire::Route(frame) => {
                 let result = self.core_event(st, Event::Frame { from: sender, frame }, &mut actions);
                 self.core_refusal(from, result);
@@ -259,6 +262,10 @@ impl Cluster {
                     message.fleet_id = Some((sender.0, id));
                 }
                 let message = Arc::new(message);
+                if let Some(dead) = route.sent_on {
+                    self.sent_on_arrived(st, storage, dead, message, received);
+                    break 'forward;
+                }
                 if route.shared.is_empty() {
                     // Nothing for the core to pick: as for QoS 0, the broker
                     // matches the topic against its sessions.
@@ -275,10 +282,6 @@ impl Cluster {
                 tracing::info!(peer = %from, "a member had taken this node for dead: routes asserted to it again");
                 let _ = self.core_event(st, Event::Rejoined { from: sender }, &mut actions);
                 self.execute(st, storage, actions, None, local);
-            }
-            Wire::SentOn { dead, messages } => {
-                let messages = messages.into_iter().map(Arc::new).collect();
-                batch_sent_on.push((NodeId(dead), messages));
             }
             Wire::Session(frame) => {
                 if let Some(broker) = self.broker.upgrade() {

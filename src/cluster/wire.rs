@@ -18,11 +18,11 @@ use crate::broker::message::Message;
 use crate::protocol::QoS;
 use crate::storage::StoredDelivery;
 use bytes::Bytes;
-use kadmq_dht::core::{self, ForwardRoute, SharedPick};
+use kadmq_dht::core::{self, ForwardRoute, NodeId, SharedPick};
 use kadmq_dht::topic;
 use std::sync::Arc;
 
-pub const VERSION: u8 = 4;
+pub const VERSION: u8 = 5;
 
 const ROUTE: u8 = 1;
 const FORWARD: u8 = 2;
@@ -31,7 +31,9 @@ const RETAINED: u8 = 4;
 const REJOINED: u8 = 5;
 const BATCH: u8 = 6;
 const SESSION: u8 = 7;
-const SENT_ON: u8 = 8;
+
+/// A forward's route flag: sent on for a dead node ([`ForwardRoute::sent_on`]).
+const SENT_ON_FLAG: u8 = 2;
 
 /// A message forwarded to one destination node.
 #[derive(Debug, Clone, PartialEq)]
@@ -62,13 +64,6 @@ pub enum Wire {
     Rejoined,
     /// Sessions following their clients (`super::sessions`).
     Session(Box<SessionFrame>),
-    /// QoS 1/2 messages the sender had forwarded to node `dead` (a node id)
-    /// for its sessions, unacknowledged when `dead` was declared dead: for
-    /// the sessions the receiver adopted from it.
-    SentOn {
-        dead: u64,
-        messages: Vec<Message>,
-    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -111,9 +106,6 @@ impl WireError {
 /// lower: a broker allows properties up to its `max_packet_size`, and what
 /// a node accepts from its clients its peers must take from it.
 pub const MAX_PROPERTIES: usize = kadmq_dht::driver::frames::MAX_FRAME;
-/// Most messages sent on one frame may carry (a node sends them in chunks
-/// of 256).
-pub const MAX_SENT_ON_MESSAGES: usize = 4096;
 /// Most retained items one frame may carry (a node sends at most this many
 /// and at most 1 MiB of them).
 pub const MAX_RETAINED_ITEMS: usize = 4096;
@@ -166,9 +158,10 @@ fn forward_size(message: &Message, route: &ForwardRoute) -> usize {
 /// the header, integers big-endian: id u64; sequence flag u8 (then epoch,
 /// seq, base u64); qos u8; retain u8; topic (u16 length, bytes); origin flag
 /// u8 (then u16 length, bytes); expiry flag u8 (then u64); properties flag
-/// u8 (then u32 length, rmp-serde; only when any is set); plain u8; shared
-/// picks u16, each a group and a filter (u16 length, bytes); payload (u32
-/// length, bytes), last.
+/// u8 (then u32 length, rmp-serde; only when any is set); route flags u8
+/// (bit 0 plain, bit 1 sent on: then the dead node's id u64); shared picks
+/// u16, each a group and a filter (u16 length, bytes); payload (u32 length,
+/// bytes), last.
 pub fn write_forward(out: &mut Vec<u8>, id: u64, sequence: Option<Sequence>, message: &Message, route: &ForwardRoute) {
     out.extend_from_slice(&[VERSION, FORWARD]);
     out.extend_from_slice(&id.to_be_bytes());
@@ -206,7 +199,13 @@ pub fn write_forward(out: &mut Vec<u8>, id: u64, sequence: Option<Sequence>, mes
         out.extend_from_slice(&(props.len() as u32).to_be_bytes());
         out.extend_from_slice(&props);
     }
-    out.push(route.plain as u8);
+    match route.sent_on {
+        Some(dead) => {
+            out.push(route.plain as u8 | SENT_ON_FLAG);
+            out.extend_from_slice(&dead.0.to_be_bytes());
+        }
+        None => out.push(route.plain as u8),
+    }
     out.extend_from_slice(&(route.shared.len() as u16).to_be_bytes());
     for pick in &route.shared {
         put_str(out, &pick.group);
@@ -271,7 +270,20 @@ fn read_forward(frame: &Bytes, max_levels: usize) -> Result<Forward, WireError> 
             rmp_serde::from_slice(r.take(len)?)?
         }
     };
-    let plain = r.u8()? != 0;
+    let flags = r.u8()?;
+    if flags & !(1 | SENT_ON_FLAG) != 0 {
+        return Err(WireError::Invalid("route flags"));
+    }
+    let plain = flags & 1 != 0;
+    let sent_on = match flags & SENT_ON_FLAG {
+        0 => None,
+        _ => Some(NodeId(r.u64()?)),
+    };
+    // Only a held (numbered) forward is sent on, and only for what the
+    // dead node delivered itself.
+    if sent_on.is_some() && (sequence.is_none() || !plain) {
+        return Err(WireError::Invalid("route (sent on)"));
+    }
     let picks = r.u16()?;
     let mut shared = Vec::with_capacity(picks.min(64) as usize);
     for _ in 0..picks {
@@ -293,7 +305,7 @@ fn read_forward(frame: &Bytes, max_levels: usize) -> Result<Forward, WireError> 
     let payload = frame.slice(start..start + len);
     let message = Message { topic, payload, qos, retain, properties, expires_at_ms, origin, fleet_id: None };
     check_message(&message, max_levels)?;
-    Ok(Forward { id, sequence, message, route: ForwardRoute { plain, shared } })
+    Ok(Forward { id, sequence, message, route: ForwardRoute { plain, shared, sent_on } })
 }
 
 struct Reader<'a> {
@@ -413,10 +425,6 @@ fn check_session(frame: &SessionFrame, max_levels: usize) -> Result<(), WireErro
 /// The largest MQTT 5 Subscription Identifier (a variable byte integer).
 const MAX_SUBSCRIPTION_IDENTIFIER: u32 = 268_435_455;
 
-pub fn encode_sent_on(dead: u64, messages: &[&Message]) -> Bytes {
-    with_header(SENT_ON, &rmp_serde::to_vec(&(dead, messages)).expect("in-memory messages always encode"))
-}
-
 pub fn encode_rejoined() -> Bytes {
     with_header(REJOINED, &[])
 }
@@ -519,14 +527,6 @@ pub fn decode_within(frame: &Bytes, max_topic_levels: usize) -> Result<Wire, Wir
             Wire::Retained(Box::new(frame))
         }
         REJOINED => Wire::Rejoined,
-        SENT_ON => {
-            let (dead, messages): (u64, Vec<Message>) = rmp_serde::from_slice(body)?;
-            if messages.len() > MAX_SENT_ON_MESSAGES {
-                return Err(WireError::Invalid("messages sent on (too many)"));
-            }
-            messages.iter().try_for_each(|m| check_message(m, max_topic_levels))?;
-            Wire::SentOn { dead, messages }
-        }
         SESSION => {
             let frame: SessionFrame = rmp_serde::from_slice(body)?;
             check_session(&frame, max_topic_levels)?;

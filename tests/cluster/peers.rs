@@ -197,7 +197,7 @@ fn invalid_frames_of_a_member_are_counted_and_the_node_keeps_routing() {
         origin: None,
         fleet_id: None,
     };
-    let plain = kadmq_dht::core::ForwardRoute { plain: true, shared: Vec::new() };
+    let plain = kadmq_dht::core::ForwardRoute::plain();
     wire::write_forward(&mut wildcard, 0, None, &message, &plain);
     // Each bad frame 20 times: counted 20 times, logged once.
     for _ in 0..20 {
@@ -291,4 +291,57 @@ fn what_a_node_keeps_for_a_dead_peer_goes_after_the_dead_timeout() {
         n1.metric("kadmq_cluster_peer_queues") == 0 && n1.metric("kadmq_cluster_peers_known") == 1
     });
     assert_eq!(n1.metric("kadmq_cluster_send_buffer_bytes"), 0, "nothing held for the dead");
+}
+
+/// A QoS 1 forward flagged "sent on for node X" (what a node that took X
+/// for dead sends every member) from a member peer to n1, for three X: n2,
+/// alive at n1 (n1 forwards it to n2, whose subscriber gets it); n1 itself
+/// (taken for dead wrongly: its own subscriber gets it); and a node n1
+/// never knew (it adopted no session of it: nobody gets it).
+#[test]
+fn a_message_sent_on_for_a_node_alive_here_goes_to_it_and_one_for_this_node_is_delivered_here() {
+    let rt = runtime();
+    let lab = Lab::new();
+    let n1 = lab.node("n1", None);
+    let n2 = lab.node("n2", Some(&n1.multiaddr()));
+    wait_for_members(&[&n1, &n2], &["n1", "n2"]);
+    let (_, to_n1) = test_peer(&rt, &lab, &n1, "sender", Some(fleet()));
+    wait_until(SETTLE, "n1 to admit the test peer", || n1.alive_members().contains(&"sender".to_string()));
+    let node_of = |node: &Node| {
+        let peer = driver::peer_id_of(&node.multiaddr().parse().unwrap()).unwrap();
+        kadmq::cluster::node_id(&peer)
+    };
+    let sent_on = |seq: u64, to: kadmq_dht::core::NodeId, payload: &'static str| {
+        let message = Message {
+            topic: "relay/x".into(),
+            payload: Bytes::from_static(payload.as_bytes()),
+            qos: kadmq::protocol::QoS::AtLeastOnce,
+            retain: false,
+            properties: Default::default(),
+            expires_at_ms: None,
+            origin: None,
+            fleet_id: None,
+        };
+        let route = kadmq_dht::core::ForwardRoute { sent_on: Some(to), ..kadmq_dht::core::ForwardRoute::plain() };
+        let sequence = kadmq::cluster::outbox::Sequence { epoch: 1, seq, base: 0 };
+        let mut frame = Vec::new();
+        wire::write_forward(&mut frame, seq + 1, Some(sequence), &message, &route);
+        Bytes::from(frame)
+    };
+    let payloads = |client: &Client| -> Vec<String> {
+        client.received().iter().map(|r| String::from_utf8_lossy(&r.publish.payload).into_owned()).collect()
+    };
+    let (mut on_n1, _) = rt.block_on(Client::connect_ok(Client::options("on-n1", n1.mqtt_port)));
+    let (mut on_n2, _) = rt.block_on(Client::connect_ok(Client::options("on-n2", n2.mqtt_port)));
+    rt.block_on(on_n1.subscribe("relay/#", QoS::AtLeastOnce));
+    rt.block_on(on_n2.subscribe("relay/#", QoS::AtLeastOnce));
+    to_n1.send(sent_on(0, kadmq_dht::core::NodeId(12_345), "for nobody")).unwrap();
+    to_n1.send(sent_on(1, node_of(&n2), "for n2")).unwrap();
+    to_n1.send(sent_on(2, node_of(&n1), "for n1")).unwrap();
+    wait_until(SETTLE, "the messages for n1 and n2", || !payloads(&on_n1).is_empty() && !payloads(&on_n2).is_empty());
+    // Anything more would have come with them.
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(payloads(&on_n1), ["for n1"], "on n1");
+    assert_eq!(payloads(&on_n2), ["for n2"], "on n2");
+    assert_eq!(n1.metric("kadmq_cluster_sent_on_relayed_total"), 1);
 }

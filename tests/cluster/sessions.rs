@@ -19,6 +19,8 @@
 //!   a member on another node;
 //! - i. paho-mqtt interop and the session conformance checks of
 //!   `tests/broker` through a round-robin proxy over the three nodes.
+//! - j. what a SIGKILLed node had not acknowledged reaches the sessions
+//!   adopted from it, though the first sending-on is lost.
 //!
 //! Each test gathers what went wrong into one report and fails once at the
 //! end (so one run tells everything), except where a later step cannot run
@@ -997,4 +999,69 @@ fn i_interop_and_session_conformance_through_a_round_robin_proxy() {
     println!("the proxy sent {} connections to nodes {routed:?}", routed.len());
     assert!((0..3).all(|node| routed.contains(&node)), "the proxy used every node: {routed:?}");
     verdict("through the round-robin proxy", &problems);
+}
+
+// ----- j. what a killed node had not acknowledged -----------------------------------------------
+
+/// j. Twelve persistent 5.0 sessions subscribed to `held/#` on n1 go
+/// offline; n3 loses n2's QoS 1/2 forwards (fault hook); n1 is SIGKILLed
+/// and 20 QoS 1 messages published on n2 at once are acknowledged (n2
+/// holds them for n1). Once n2 declares n1 dead it sends them on, to its
+/// own adopted sessions and to n3, whose copy is lost; the fault is healed
+/// a second after n3 lost them, and n2's outbox resends them. Every session,
+/// reconnected on n3, has all 20. n3 must have adopted at least one session
+/// and been given the messages for it (else the test shows nothing): with
+/// twelve, the chance that n2 adopts every one is 1 in 4,096.
+#[test]
+fn j_what_a_killed_node_had_not_acknowledged_reaches_its_adopted_sessions_though_the_first_sending_on_is_lost() {
+    const N: u64 = 20;
+    let rt = runtime();
+    let lab = Lab::new();
+    let [mut n1, n2, n3] = lab.fleet(NAMES, &FAST);
+    let ids: Vec<String> = (0..12).map(|i| format!("held-{i}")).collect();
+    for id in &ids {
+        let (mut sub, _) = connect5(&rt, &n1, id);
+        subscribe5(&rt, &mut sub, &[("held/#", Q5::AtLeastOnce)]);
+        disconnect5(&rt, sub, &n1);
+    }
+    wait_routed(&[&n2, &n3], "held/x", &["n1"]);
+    let (publisher, _) = connect311(&rt, &n2, "held-pub", true);
+    n3.drop_forwards("n2");
+    n1.kill();
+    publish_acked(&rt, &publisher, "held/x", 0..N);
+    let mut problems = Vec::new();
+    wait_for_members(&[&n2, &n3], &["n2", "n3"]);
+    let lost = try_wait_until(SETTLE, "n3 to lose what n2 sent on", || {
+        n3.metric("kadmq_cluster_fault_frames_dropped_total") > 0
+    });
+    if let Err(why) = lost {
+        problems.push(format!("the test shows nothing: {why}"));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    n3.cut(None);
+    let adopted = n3.metric("kadmq_cluster_sessions_adopted_total");
+    if adopted == 0 {
+        problems.push("the test shows nothing: n3 adopted none of n1's sessions".into());
+    } else if let Err(why) = try_wait_until(SETTLE, "n3 to queue what n2 sent on for its adopted sessions", || {
+        n3.metric("kadmq_cluster_sent_on_delivered_total") >= adopted * N
+    }) {
+        problems.push(why);
+    }
+    for id in &ids {
+        let (sub, present) = connect5(&rt, &n3, id);
+        if !present {
+            problems.push(format!("{id} reconnected on n3: session present 0"));
+        }
+        let got = || numbers_5(&sub, "held/x").into_iter().collect::<BTreeSet<u64>>();
+        let _ = try_wait_until(SETTLE, &format!("the {N} messages for {id} on n3"), || got().len() as u64 >= N);
+        if let Some(gap) = missing(0..N, &got()) {
+            problems.push(format!("{id}, reconnected on n3: {gap}"));
+        }
+    }
+    println!(
+        "n3 adopted {adopted} sessions, was given {} messages sent on for them; n2 resent {} forwards",
+        n3.metric("kadmq_cluster_sent_on_delivered_total"),
+        n2.metric("kadmq_cluster_outbox_resent_total")
+    );
+    verdict("messages a killed node had not acknowledged", &problems);
 }

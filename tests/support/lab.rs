@@ -298,26 +298,33 @@ impl Node {
     }
 
     /// Fault hook: loses the route frames between this node and `peer`
-    /// (`Some`), or heals every cut (`None`).
+    /// (`Some`), or heals every fault (`None`).
     pub fn cut(&self, peer: Option<&str>) {
-        let path = match peer {
-            Some(peer) => format!("/api/v1/faults?cut={peer}"),
-            None => "/api/v1/faults?heal".to_string(),
-        };
-        let (status, body) = http_post(self.http_port, &path).unwrap_or_else(|e| panic!("POST {path}: {e}"));
-        assert_eq!(status, 204, "POST {path} on {}: {body}", self.name);
+        match peer {
+            Some(peer) => self.fault(&format!("cut={peer}")),
+            None => self.fault("heal"),
+        }
     }
 
     /// Fault hook: this node does not acknowledge `peer`'s QoS 1/2 forwards.
     pub fn mute_acks(&self, peer: &str) {
-        let path = format!("/api/v1/faults?mute_acks={peer}");
-        let (status, body) = http_post(self.http_port, &path).unwrap_or_else(|e| panic!("POST {path}: {e}"));
-        assert_eq!(status, 204, "POST {path} on {}: {body}", self.name);
+        self.fault(&format!("mute_acks={peer}"));
+    }
+
+    /// Fault hook: this node loses `peer`'s QoS 1/2 forwards on arrival
+    /// (until healed with `cut(None)`).
+    pub fn drop_forwards(&self, peer: &str) {
+        self.fault(&format!("drop_forwards={peer}"));
     }
 
     /// Fault hook: the route frames this node sends `peer` leave `ms` late.
     pub fn delay(&self, peer: &str, ms: u64) {
-        let path = format!("/api/v1/faults?delay={peer}&ms={ms}");
+        self.fault(&format!("delay={peer}&ms={ms}"));
+    }
+
+    /// `POST /api/v1/faults?{query}`, answered 204.
+    fn fault(&self, query: &str) {
+        let path = format!("/api/v1/faults?{query}");
         let (status, body) = http_post(self.http_port, &path).unwrap_or_else(|e| panic!("POST {path}: {e}"));
         assert_eq!(status, 204, "POST {path} on {}: {body}", self.name);
     }

@@ -45,9 +45,21 @@ pub struct ForwardRoute {
     pub plain: bool,
     /// Deliver to exactly one local member of each of these shared groups.
     pub shared: Vec<SharedPick>,
+    /// Never set by the core: the message was held for this node, which
+    /// was declared dead before it acknowledged, and is sent on for the
+    /// sessions adopted from it (`plain` then says what it delivered
+    /// there). Read by the glue only; a field of its own so that the
+    /// sender's outbox holds, resends and persists it like any forward.
+    #[serde(default)]
+    pub sent_on: Option<NodeId>,
 }
 
 impl ForwardRoute {
+    /// Deliver to every local non-shared subscription matching the topic, only.
+    pub fn plain() -> ForwardRoute {
+        ForwardRoute { plain: true, ..ForwardRoute::default() }
+    }
+
     pub fn is_empty(&self) -> bool {
         !self.plain && self.shared.is_empty()
     }

@@ -2232,11 +2232,14 @@ mod tests {
         let mut n = node();
         let deep = vec!["t"; DEFAULT_MAX_TOPIC_LEVELS + 1].join("/");
         for (topic, route, reason) in [
-            ("a/+", ForwardRoute { plain: true, shared: vec![] }, Rejected::InvalidFilter),
-            (deep.as_str(), ForwardRoute { plain: true, shared: vec![] }, Rejected::TooDeep),
+            ("a/+", ForwardRoute::plain(), Rejected::InvalidFilter),
+            (deep.as_str(), ForwardRoute::plain(), Rejected::TooDeep),
             (
                 "a/b",
-                ForwardRoute { plain: false, shared: vec![SharedPick { group: "g/x".into(), filter: "a/+".into() }] },
+                ForwardRoute {
+                    shared: vec![SharedPick { group: "g/x".into(), filter: "a/+".into() }],
+                    ..ForwardRoute::default()
+                },
                 Rejected::InvalidGroup,
             ),
         ] {

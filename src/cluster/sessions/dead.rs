@@ -20,18 +20,21 @@ impl Cluster {
         records
     }
 
-    /// Takes in the sessions of a dead node this node acts for: persistent
-    /// ones are adopted (from the copy, if this node is their standby; the
-    /// will due after its delay), the wills of the others published now.
-    pub(in crate::cluster) fn adopt(&self, broker: &Broker, dead_sessions: Vec<(Arc<str>, Record)>) {
-        let mut dead_nodes = Vec::new();
+    /// Takes in the sessions of dead nodes `dead_nodes` this node acts for:
+    /// persistent ones are adopted (from the copy, if this node is their
+    /// standby; the will due after its delay), the wills of the others
+    /// published now; then what was sent on for those nodes goes to them.
+    pub(in crate::cluster) fn adopt(
+        &self,
+        broker: &Broker,
+        dead_nodes: &[NodeId],
+        dead_sessions: Vec<(Arc<str>, Record)>,
+    ) {
+        let any = !dead_sessions.is_empty();
         let adopted_before = self.sessions.stats.adopted.load(Ordering::Relaxed);
         let wills_before = self.sessions.stats.wills_of_dead.load(Ordering::Relaxed);
         for (client, record) in dead_sessions {
             let dead = NodeId(record.home);
-            if !dead_nodes.contains(&dead) {
-                dead_nodes.push(dead);
-            }
             // Claimed elsewhere since the record was read (the client
             // reconnected): not this node's to adopt any more.
             let current = self.sessions.directory.lock().get(&client).map(|r| (r.home, r.version));
@@ -66,11 +69,13 @@ impl Cluster {
         let (adopted, wills) = (adopted_before, wills_before);
         let adopted = self.sessions.stats.adopted.load(Ordering::Relaxed) - adopted;
         let wills = self.sessions.stats.wills_of_dead.load(Ordering::Relaxed) - wills;
-        // One line per dead node, not one per client.
-        tracing::info!(adopted, wills, "sessions of a dead node adopted, wills of its clients published");
+        if any {
+            // One line per dead node, not one per client.
+            tracing::info!(adopted, wills, "sessions of a dead node adopted, wills of its clients published");
+        }
         // What others held for those nodes and sent on before this node
         // had declared them dead.
-        for dead in dead_nodes {
+        for dead in dead_nodes.iter().copied() {
             self.sessions.adopted.lock().entry(dead).or_insert_with(|| (Instant::now(), Vec::new(), false)).2 = true;
             let waiting = self.sessions.sent_on_waiting.lock().remove(&dead);
             if let Some((_, messages)) = waiting {

@@ -229,6 +229,9 @@ pub struct SessionStats {
     /// its sessions and could not wait (over the bound, or no adoption
     /// within the wait).
     pub sent_on_dropped: AtomicU64,
+    /// Messages another node sent on for a node that is alive here,
+    /// forwarded to it.
+    pub sent_on_relayed: AtomicU64,
 }
 
 impl Sessions {
@@ -309,6 +312,12 @@ impl Sessions {
                 "counter",
                 "Messages other nodes held for a dead node that came before this node adopted its sessions and could not wait for it (over 100,000 waiting, or no adoption within 60 s): lost for those sessions.",
                 get(&s.sent_on_dropped),
+            ),
+            Figure::new(
+                "kadmq_cluster_sent_on_relayed_total",
+                "counter",
+                "Messages another node held for a node it took for dead and sent on, forwarded from here to that node (alive here).",
+                get(&s.sent_on_relayed),
             ),
             Figure::new(
                 "kadmq_cluster_claims_unanswered_total",

@@ -30,7 +30,11 @@ fn forward() -> Forward {
             origin: Some("c1".into()),
             fleet_id: None,
         },
-        route: ForwardRoute { plain: true, shared: vec![SharedPick { group: "g".into(), filter: "a/+".into() }] },
+        route: ForwardRoute {
+            plain: true,
+            shared: vec![SharedPick { group: "g".into(), filter: "a/+".into() }],
+            sent_on: None,
+        },
     }
 }
 
@@ -46,7 +50,7 @@ fn forwards_with_properties_and_without_options_round_trip() {
     f.message.expires_at_ms = None;
     f.message.retain = true;
     f.message.qos = QoS::AtMostOnce;
-    f.route = ForwardRoute { plain: true, shared: Vec::new() };
+    f.route = ForwardRoute::plain();
     let bytes = encode_forward(f.id, f.sequence, &f.message, &f.route);
     assert_eq!(decode(&bytes).unwrap(), Wire::Forward(Box::new(f)));
 }
@@ -154,6 +158,27 @@ fn sequences_and_ids_must_fit_the_qos() {
     let mut bytes = encode_forward(7, None, &forward().message, &forward().route).to_vec();
     bytes[11] = 3;
     assert!(matches!(decode(&bytes), Err(WireError::Forward("qos"))));
+}
+
+#[test]
+fn a_forward_sent_on_for_a_dead_node_round_trips_and_must_be_numbered_and_plain() {
+    let mut f = forward();
+    f.route.sent_on = Some(NodeId(u64::MAX - 1));
+    assert_eq!(decode_forward(&f).unwrap(), Wire::Forward(Box::new(f.clone())));
+    let mut unnumbered = f.clone();
+    unnumbered.sequence = None;
+    unnumbered.message.qos = QoS::AtMostOnce;
+    assert_eq!(invalid(decode_forward(&unnumbered)), "route (sent on)");
+    let mut shared_only = f.clone();
+    shared_only.route.plain = false;
+    assert_eq!(invalid(decode_forward(&shared_only)), "route (sent on)");
+    // An unknown route flag is refused, not read as "plain".
+    let bytes = encode_forward(f.id, f.sequence, &f.message, &ForwardRoute::plain()).to_vec();
+    let flags = bytes.len() - f.message.payload.len() - 4 - 2 - 1;
+    assert_eq!(bytes[flags], 1, "the route flags byte");
+    let mut bytes = bytes;
+    bytes[flags] = 4 | 1;
+    assert_eq!(invalid(decode(&bytes)), "route flags");
 }
 
 #[test]
