@@ -32,10 +32,11 @@
 
 use crate::broker::message::Message;
 use crate::storage::Storage;
+use ahash::AHashMap;
 use kadmq_dht::core::{ForwardRoute, NodeId};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -85,15 +86,24 @@ fn size_of(message: &Message) -> u64 {
 #[derive(Default)]
 struct Destination {
     next_seq: u64,
-    /// seq → message id, in order.
-    unacked: BTreeMap<u64, u64>,
+    /// The message ids of the unacknowledged forwards, in order: their
+    /// sequence numbers run without a gap from [`Destination::base`] (only
+    /// acknowledgements take them out, and from the front).
+    unacked: VecDeque<u64>,
     /// When the oldest unacknowledged forward was last (re)sent.
     sent_at_ms: u64,
 }
 
 impl Destination {
+    /// The lowest unacknowledged sequence number (the next one if none).
     fn base(&self) -> u64 {
-        self.unacked.keys().next().copied().unwrap_or(self.next_seq)
+        self.next_seq - self.unacked.len() as u64
+    }
+
+    /// Takes out every forward up to sequence number `upto`, in order.
+    fn acknowledge(&mut self, upto: u64) -> std::collections::vec_deque::Drain<'_, u64> {
+        let count = upto.saturating_add(1).saturating_sub(self.base()).min(self.unacked.len() as u64);
+        self.unacked.drain(..count as usize)
     }
 }
 
@@ -261,7 +271,7 @@ impl Unwritten {
 pub struct Outbox {
     epoch: u64,
     destinations: HashMap<NodeId, Destination>,
-    held: BTreeMap<u64, Held>,
+    held: AHashMap<u64, Held>,
     /// Bytes held (see [`size_of`]), shared with the publish path, which
     /// reads it without the state mutex.
     bytes: Arc<AtomicU64>,
@@ -278,7 +288,7 @@ impl Outbox {
         Outbox {
             epoch,
             destinations: HashMap::new(),
-            held: BTreeMap::new(),
+            held: AHashMap::new(),
             bytes: Arc::new(AtomicU64::new(0)),
             unwritten: Arc::new(Unwritten::default()),
             deferred: false,
@@ -328,19 +338,32 @@ impl Outbox {
     }
 
     fn remove(&mut self, storage: &Storage, id: u64) {
-        if let Some(held) = self.held.remove(&id) {
-            self.bytes.fetch_sub(size_of(&held.message), Ordering::Relaxed);
-        }
+        self.remove_all(storage, [id]);
+    }
+
+    /// Forgets the messages `ids` (done with), under one lock of the
+    /// unwritten records; the messages are dropped after it is released.
+    fn remove_all(&mut self, storage: &Storage, ids: impl IntoIterator<Item = u64>) {
+        let mut gone = Vec::new();
         let mut pending = self.unwritten.pending.lock();
-        pending.rewrites.remove(&id);
-        // Never written: nothing to delete.
-        if pending.fresh.remove(&id).is_some() {
-            self.unwritten.spared.fetch_add(1, Ordering::Relaxed);
-        } else if self.deferred {
-            pending.removed.push(id);
-        } else {
-            forget(storage, id);
+        for id in ids {
+            if let Some(held) = self.held.remove(&id) {
+                self.bytes.fetch_sub(size_of(&held.message), Ordering::Relaxed);
+                gone.push(held);
+            }
+            pending.rewrites.remove(&id);
+            // Never written: nothing to delete.
+            if let Some(fresh) = pending.fresh.remove(&id) {
+                self.unwritten.spared.fetch_add(1, Ordering::Relaxed);
+                gone.push(Held { message: fresh.message, waiting: fresh.waiting });
+            } else if self.deferred {
+                pending.removed.push(id);
+            } else {
+                forget(storage, id);
+            }
         }
+        drop(pending);
+        drop(gone);
     }
 
     /// Messages held.
@@ -357,7 +380,7 @@ impl Outbox {
     pub fn part_for(&self, dead: NodeId) -> Vec<(Arc<Message>, ForwardRoute)> {
         let Some(link) = self.destinations.get(&dead) else { return Vec::new() };
         link.unacked
-            .values()
+            .iter()
             .filter_map(|id| {
                 let held = self.held.get(id)?;
                 let (_, route) = held.waiting.iter().find(|(node, _)| *node == dead)?;
@@ -374,7 +397,7 @@ impl Outbox {
         if link.unacked.is_empty() {
             link.sent_at_ms = now_ms;
         }
-        link.unacked.insert(seq, id);
+        link.unacked.push_back(id);
         Sequence { epoch: self.epoch, seq, base: link.base() }
     }
 
@@ -414,20 +437,21 @@ impl Outbox {
             return; // for a previous run of this node
         }
         let Some(link) = self.destinations.get_mut(&from) else { return };
-        let rest = link.unacked.split_off(&(upto.saturating_add(1)));
-        let acked = std::mem::replace(&mut link.unacked, rest);
+        let acked: Vec<u64> = link.acknowledge(upto).collect();
         if !acked.is_empty() {
             link.sent_at_ms = now_ms;
         }
-        for id in acked.into_values() {
+        let mut done = Vec::with_capacity(acked.len());
+        for id in acked {
             let Some(held) = self.held.get_mut(&id) else { continue };
             held.waiting.retain(|(node, _)| *node != from);
             if held.waiting.is_empty() {
-                self.remove(storage, id);
+                done.push(id);
             } else {
                 self.update(storage, id);
             }
         }
+        self.remove_all(storage, done);
         self.unwritten.wake_settled();
     }
 
@@ -446,7 +470,7 @@ impl Outbox {
             }
             link.sent_at_ms = now_ms;
             let base = link.base();
-            for (&seq, id) in link.unacked.iter().take(RESEND_BATCH) {
+            for (seq, id) in (base..).zip(link.unacked.iter().take(RESEND_BATCH)) {
                 let Some(held) = self.held.get(id) else { continue };
                 let Some((_, route)) = held.waiting.iter().find(|(n, _)| n == node) else { continue };
                 let sequence = Sequence { epoch: self.epoch, seq, base };
@@ -464,7 +488,7 @@ impl Outbox {
     pub fn take_destination(&mut self, storage: &Storage, dead: NodeId) -> Vec<(Arc<Message>, ForwardRoute)> {
         let taken = self.part_for(dead);
         let Some(link) = self.destinations.remove(&dead) else { return taken };
-        for id in link.unacked.into_values() {
+        for id in link.unacked {
             let Some(held) = self.held.get_mut(&id) else { continue };
             let Some(at) = held.waiting.iter().position(|(node, _)| *node == dead) else { continue };
             held.waiting.remove(at);
