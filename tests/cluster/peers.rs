@@ -120,6 +120,21 @@ fn test_peer_after(
     (me, tx)
 }
 
+/// Nodes n1 and n2 of `lab`, and a test peer `name` that n1 admitted as a
+/// member (its frames go to n1).
+fn two_nodes_and_a_member_peer(
+    rt: &Runtime,
+    lab: &Lab,
+    name: &str,
+) -> (Node, Node, PeerId, mpsc::UnboundedSender<Bytes>) {
+    let n1 = lab.node("n1", None);
+    let n2 = lab.node("n2", Some(&n1.multiaddr()));
+    wait_for_members(&[&n1, &n2], &["n1", "n2"]);
+    let (peer, to_n1) = test_peer(rt, lab, &n1, name, Some(fleet()));
+    wait_until(SETTLE, "n1 to admit the test peer", || n1.alive_members().contains(&name.to_string()));
+    (n1, n2, peer, to_n1)
+}
+
 fn assert_op(filter: &str, shard_of: &str) -> Bytes {
     let op = RouteOp { filter: filter.into(), group: None, count: 1 };
     wire::encode_route(&Frame::Assert {
@@ -178,12 +193,7 @@ fn a_peer_without_a_record_or_with_other_settings_gets_nothing_applied() {
 fn invalid_frames_of_a_member_are_counted_and_the_node_keeps_routing() {
     let rt = runtime();
     let lab = Lab::new();
-    let n1 = lab.node("n1", None);
-    let n2 = lab.node("n2", Some(&n1.multiaddr()));
-    wait_for_members(&[&n1, &n2], &["n1", "n2"]);
-
-    let (bad, to_n1) = test_peer(&rt, &lab, &n1, "bad", Some(fleet()));
-    wait_until(SETTLE, "n1 to admit the test peer", || n1.alive_members().contains(&"bad".to_string()));
+    let (n1, n2, bad, to_n1) = two_nodes_and_a_member_peer(&rt, &lab, "bad");
     let deep = vec!["l"; 129].join("/");
     let garbage = Bytes::from_static(&[wire::VERSION, 1, 0xc1, 0xff]);
     let mut wildcard = Vec::new();
@@ -302,11 +312,7 @@ fn what_a_node_keeps_for_a_dead_peer_goes_after_the_dead_timeout() {
 fn a_message_sent_on_for_a_node_alive_here_goes_to_it_and_one_for_this_node_is_delivered_here() {
     let rt = runtime();
     let lab = Lab::new();
-    let n1 = lab.node("n1", None);
-    let n2 = lab.node("n2", Some(&n1.multiaddr()));
-    wait_for_members(&[&n1, &n2], &["n1", "n2"]);
-    let (_, to_n1) = test_peer(&rt, &lab, &n1, "sender", Some(fleet()));
-    wait_until(SETTLE, "n1 to admit the test peer", || n1.alive_members().contains(&"sender".to_string()));
+    let (n1, n2, _, to_n1) = two_nodes_and_a_member_peer(&rt, &lab, "sender");
     let node_of = |node: &Node| {
         let peer = driver::peer_id_of(&node.multiaddr().parse().unwrap()).unwrap();
         kadmq::cluster::node_id(&peer)
