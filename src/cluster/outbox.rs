@@ -337,10 +337,6 @@ impl Outbox {
         }
     }
 
-    fn remove(&mut self, storage: &Storage, id: u64) {
-        self.remove_all(storage, [id]);
-    }
-
     /// Forgets the messages `ids` (done with), under one lock of the
     /// unwritten records; the messages are dropped after it is released.
     fn remove_all(&mut self, storage: &Storage, ids: impl IntoIterator<Item = u64>) {
@@ -488,16 +484,18 @@ impl Outbox {
     pub fn take_destination(&mut self, storage: &Storage, dead: NodeId) -> Vec<(Arc<Message>, ForwardRoute)> {
         let taken = self.part_for(dead);
         let Some(link) = self.destinations.remove(&dead) else { return taken };
+        let mut done = Vec::new();
         for id in link.unacked {
             let Some(held) = self.held.get_mut(&id) else { continue };
             let Some(at) = held.waiting.iter().position(|(node, _)| *node == dead) else { continue };
             held.waiting.remove(at);
             if held.waiting.is_empty() {
-                self.remove(storage, id);
+                done.push(id);
             } else {
                 self.update(storage, id);
             }
         }
+        self.remove_all(storage, done);
         self.unwritten.wake_settled();
         taken
     }
