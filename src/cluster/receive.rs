@@ -258,7 +258,9 @@ impl Cluster {
                 }
                 self.stats.forwarded_in.add(1);
                 let mut message = message;
-                if message.qos != crate::protocol::QoS::AtMostOnce {
+                // A copy sent on came with the fleet id it was first
+                // delivered under; any other is known by its sender's.
+                if message.qos != crate::protocol::QoS::AtMostOnce && route.sent_on.is_none() {
                     message.fleet_id = Some((sender.0, id));
                 }
                 let message = Arc::new(message);

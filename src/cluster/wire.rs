@@ -22,7 +22,7 @@ use kadmq_dht::core::{self, ForwardRoute, NodeId, SharedPick};
 use kadmq_dht::topic;
 use std::sync::Arc;
 
-pub const VERSION: u8 = 5;
+pub const VERSION: u8 = 6;
 
 const ROUTE: u8 = 1;
 const FORWARD: u8 = 2;
@@ -159,7 +159,8 @@ fn forward_size(message: &Message, route: &ForwardRoute) -> usize {
 /// seq, base u64); qos u8; retain u8; topic (u16 length, bytes); origin flag
 /// u8 (then u16 length, bytes); expiry flag u8 (then u64); properties flag
 /// u8 (then u32 length, rmp-serde; only when any is set); route flags u8
-/// (bit 0 plain, bit 1 sent on: then the dead node's id u64); shared picks
+/// (bit 0 plain, bit 1 sent on: then the dead node's id u64 and the
+/// message's fleet id, origin u64 and number u64); shared picks
 /// u16, each a group and a filter (u16 length, bytes); payload (u32 length,
 /// bytes), last.
 pub fn write_forward(out: &mut Vec<u8>, id: u64, sequence: Option<Sequence>, message: &Message, route: &ForwardRoute) {
@@ -201,8 +202,15 @@ pub fn write_forward(out: &mut Vec<u8>, id: u64, sequence: Option<Sequence>, mes
     }
     match route.sent_on {
         Some(dead) => {
+            // A copy sent on keeps the fleet id it was first delivered
+            // under: the sessions adopted from `dead` and `dead` itself
+            // recognise it by that id (a QoS 1/2 message always has one;
+            // the id is the fallback).
+            let (origin, number) = message.fleet_id.unwrap_or((0, id));
             out.push(route.plain as u8 | SENT_ON_FLAG);
-            out.extend_from_slice(&dead.0.to_be_bytes());
+            for n in [dead.0, origin, number] {
+                out.extend_from_slice(&n.to_be_bytes());
+            }
         }
         None => out.push(route.plain as u8),
     }
@@ -275,10 +283,13 @@ fn read_forward(frame: &Bytes, max_levels: usize) -> Result<Forward, WireError> 
         return Err(WireError::Invalid("route flags"));
     }
     let plain = flags & 1 != 0;
-    let sent_on = match flags & SENT_ON_FLAG {
-        0 => None,
-        _ => Some(NodeId(r.u64()?)),
+    let (sent_on, fleet_id) = match flags & SENT_ON_FLAG {
+        0 => (None, None),
+        _ => (Some(NodeId(r.u64()?)), Some((r.u64()?, r.u64()?))),
     };
+    if fleet_id.is_some_and(|(_, number)| number == 0) {
+        return Err(WireError::Invalid("fleet id"));
+    }
     // Only a held (numbered) forward is sent on, and only for what the
     // dead node delivered itself.
     if sent_on.is_some() && (sequence.is_none() || !plain) {
@@ -303,7 +314,7 @@ fn read_forward(frame: &Bytes, max_levels: usize) -> Result<Forward, WireError> 
         return Err(WireError::Forward("trailing bytes"));
     }
     let payload = frame.slice(start..start + len);
-    let message = Message { topic, payload, qos, retain, properties, expires_at_ms, origin, fleet_id: None };
+    let message = Message { topic, payload, qos, retain, properties, expires_at_ms, origin, fleet_id };
     check_message(&message, max_levels)?;
     Ok(Forward { id, sequence, message, route: ForwardRoute { plain, shared, sent_on } })
 }

@@ -303,51 +303,66 @@ fn what_a_node_keeps_for_a_dead_peer_goes_after_the_dead_timeout() {
     assert_eq!(n1.metric("kadmq_cluster_send_buffer_bytes"), 0, "nothing held for the dead");
 }
 
-/// A QoS 1 forward flagged "sent on for node X" (what a node that took X
-/// for dead sends every member) from a member peer to n1, for three X: n2,
-/// alive at n1 (n1 forwards it to n2, whose subscriber gets it); n1 itself
-/// (taken for dead wrongly: its own subscriber gets it); and a node n1
-/// never knew (it adopted no session of it: nobody gets it).
+/// Forwards flagged "sent on for X" (what a node that took X for dead
+/// sends every member) from a member peer to n1, for three X: n2, alive at
+/// n1 (n1 forwards it to n2, whose subscriber gets it); n1 itself (taken
+/// for dead wrongly: its own subscriber gets it); and a node n1 never knew
+/// (it adopted no session of it: nobody gets it). Then a QoS 2 message n1
+/// delivered, sent on for n1 again: it keeps its fleet id, and n1 does not
+/// deliver it twice.
 #[test]
-fn a_message_sent_on_for_a_node_alive_here_goes_to_it_and_one_for_this_node_is_delivered_here() {
+fn a_message_sent_on_for_a_node_alive_here_goes_to_it_and_one_for_this_node_is_delivered_here_once() {
     let rt = runtime();
     let lab = Lab::new();
-    let (n1, n2, _, to_n1) = two_nodes_and_a_member_peer(&rt, &lab, "sender");
+    let (n1, n2, peer, to_n1) = two_nodes_and_a_member_peer(&rt, &lab, "sender");
     let node_of = |node: &Node| {
         let peer = driver::peer_id_of(&node.multiaddr().parse().unwrap()).unwrap();
         kadmq::cluster::node_id(&peer)
     };
-    let sent_on = |seq: u64, to: kadmq_dht::core::NodeId, payload: &'static str| {
-        let message = Message {
-            topic: "relay/x".into(),
-            payload: Bytes::from_static(payload.as_bytes()),
-            qos: kadmq::protocol::QoS::AtLeastOnce,
-            retain: false,
-            properties: Default::default(),
-            expires_at_ms: None,
-            origin: None,
-            fleet_id: None,
+    // A forward numbered `id` by the peer, of the message it first
+    // forwarded as `fleet`.
+    let forward =
+        |seq: u64, id: u64, fleet: u64, sent_on: Option<kadmq_dht::core::NodeId>, qos, payload: &'static str| {
+            let message = Message {
+                topic: "relay/x".into(),
+                payload: Bytes::from_static(payload.as_bytes()),
+                qos,
+                retain: false,
+                properties: Default::default(),
+                expires_at_ms: None,
+                origin: None,
+                fleet_id: sent_on.map(|_| (kadmq::cluster::node_id(&peer).0, fleet)),
+            };
+            let route = kadmq_dht::core::ForwardRoute { sent_on, ..kadmq_dht::core::ForwardRoute::plain() };
+            let sequence = kadmq::cluster::outbox::Sequence { epoch: 1, seq, base: 0 };
+            let mut frame = Vec::new();
+            wire::write_forward(&mut frame, id, Some(sequence), &message, &route);
+            Bytes::from(frame)
         };
-        let route = kadmq_dht::core::ForwardRoute { sent_on: Some(to), ..kadmq_dht::core::ForwardRoute::plain() };
-        let sequence = kadmq::cluster::outbox::Sequence { epoch: 1, seq, base: 0 };
-        let mut frame = Vec::new();
-        wire::write_forward(&mut frame, seq + 1, Some(sequence), &message, &route);
-        Bytes::from(frame)
-    };
+    let sent_on =
+        |seq: u64, to, payload| forward(seq, seq + 1, seq + 1, Some(to), kadmq::protocol::QoS::AtLeastOnce, payload);
     let payloads = |client: &Client| -> Vec<String> {
         client.received().iter().map(|r| String::from_utf8_lossy(&r.publish.payload).into_owned()).collect()
     };
     let (mut on_n1, _) = rt.block_on(Client::connect_ok(Client::options("on-n1", n1.mqtt_port)));
     let (mut on_n2, _) = rt.block_on(Client::connect_ok(Client::options("on-n2", n2.mqtt_port)));
-    rt.block_on(on_n1.subscribe("relay/#", QoS::AtLeastOnce));
+    rt.block_on(on_n1.subscribe("relay/#", QoS::ExactlyOnce));
     rt.block_on(on_n2.subscribe("relay/#", QoS::AtLeastOnce));
     to_n1.send(sent_on(0, kadmq_dht::core::NodeId(12_345), "for nobody")).unwrap();
     to_n1.send(sent_on(1, node_of(&n2), "for n2")).unwrap();
     to_n1.send(sent_on(2, node_of(&n1), "for n1")).unwrap();
-    wait_until(SETTLE, "the messages for n1 and n2", || !payloads(&on_n1).is_empty() && !payloads(&on_n2).is_empty());
-    // Anything more would have come with them.
-    std::thread::sleep(Duration::from_secs(1));
-    assert_eq!(payloads(&on_n1), ["for n1"], "on n1");
+    let qos2 = kadmq::protocol::QoS::ExactlyOnce;
+    to_n1.send(forward(3, 100, 100, None, qos2, "qos 2")).unwrap();
+    // Sent on under a new number, as the outbox does.
+    to_n1.send(forward(4, 101, 100, Some(node_of(&n1)), qos2, "qos 2")).unwrap();
+    // n1 takes one member's frames in order: once it counted the second
+    // "qos 2" as a duplicate, it has delivered everything before it.
+    wait_until(SETTLE, "n1 to see the QoS 2 copy sent on as a duplicate", || {
+        n1.metric("kadmq_cluster_qos2_duplicates_total") == 1
+    });
+    wait_until(SETTLE, "n1's deliveries", || payloads(&on_n1).len() >= 2);
+    wait_until(SETTLE, "the message for n2", || !payloads(&on_n2).is_empty());
+    assert_eq!(payloads(&on_n1), ["for n1", "qos 2"], "on n1");
     assert_eq!(payloads(&on_n2), ["for n2"], "on n2");
     assert_eq!(n1.metric("kadmq_cluster_sent_on_relayed_total"), 1);
 }

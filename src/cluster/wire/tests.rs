@@ -161,10 +161,14 @@ fn sequences_and_ids_must_fit_the_qos() {
 }
 
 #[test]
-fn a_forward_sent_on_for_a_dead_node_round_trips_and_must_be_numbered_and_plain() {
+fn a_forward_sent_on_for_a_dead_node_round_trips_with_its_fleet_id_and_must_be_numbered_and_plain() {
     let mut f = forward();
     f.route.sent_on = Some(NodeId(u64::MAX - 1));
-    assert_eq!(decode_forward(&f).unwrap(), Wire::Forward(Box::new(f.clone())));
+    f.message.fleet_id = Some((11, 5));
+    assert_eq!(decode_forward(&f).unwrap(), Wire::Forward(Box::new(f.clone())), "the fleet id travels with it");
+    let mut numberless = f.clone();
+    numberless.message.fleet_id = Some((11, 0));
+    assert_eq!(invalid(decode_forward(&numberless)), "fleet id");
     let mut unnumbered = f.clone();
     unnumbered.sequence = None;
     unnumbered.message.qos = QoS::AtMostOnce;
