@@ -478,14 +478,15 @@ impl Outbox {
     }
 
     /// `dead` will never acknowledge: takes its part out of every held
-    /// message (a message no other node waits for is forgotten) and hands
-    /// back what it was to deliver there, in order, for the caller to send
-    /// elsewhere.
-    pub fn take_destination(&mut self, storage: &Storage, dead: NodeId) -> Vec<(Arc<Message>, ForwardRoute)> {
-        let taken = self.part_for(dead);
-        let Some(link) = self.destinations.remove(&dead) else { return taken };
+    /// message (a message no other node waits for is forgotten; the caller
+    /// sent on what [`Outbox::part_for`] gave first). Its numbering goes on
+    /// where it stood: should `dead` come back without a restart, its
+    /// duplicate filter takes what follows as new, not as what it saw.
+    pub fn take_destination(&mut self, storage: &Storage, dead: NodeId) {
+        let Some(link) = self.destinations.get_mut(&dead) else { return };
+        let unacked = std::mem::take(&mut link.unacked);
         let mut done = Vec::new();
-        for id in link.unacked {
+        for id in unacked {
             let Some(held) = self.held.get_mut(&id) else { continue };
             let Some(at) = held.waiting.iter().position(|(node, _)| *node == dead) else { continue };
             held.waiting.remove(at);
@@ -497,7 +498,14 @@ impl Outbox {
         }
         self.remove_all(storage, done);
         self.unwritten.wake_settled();
-        taken
+    }
+
+    /// Forgets the numbering towards `node`, gone for good, unless
+    /// something still waits for it.
+    pub fn forget_destination(&mut self, node: NodeId) {
+        if self.destinations.get(&node).is_some_and(|link| link.unacked.is_empty()) {
+            self.destinations.remove(&node);
+        }
     }
 }
 
@@ -594,27 +602,56 @@ mod tests {
         assert_eq!(outbox.part_for(NodeId(2)).len(), 1);
         assert_eq!(outbox.part_for(NodeId(2)).len(), 1, "looking leaves it in the outbox");
         assert!(outbox.part_for(NodeId(3)).is_empty());
-        assert_eq!(outbox.take_destination(&storage, NodeId(2)).len(), 1);
+        outbox.take_destination(&storage, NodeId(2));
         assert!(outbox.part_for(NodeId(2)).is_empty());
         assert_eq!(outbox.len(), 1, "still waiting for node 1");
     }
 
     #[test]
-    fn a_dead_destinations_part_is_taken_out_and_handed_back() {
+    fn a_dead_destinations_part_is_taken_out() {
         let storage = Storage::in_memory();
         let mut outbox = Outbox::new(7);
         let (a, dead) = (NodeId(1), NodeId(2));
         forward(&mut outbox, &storage, 10, &[a, dead], 0);
         forward(&mut outbox, &storage, 11, &[dead], 0);
         forward(&mut outbox, &storage, 12, &[a], 0);
-        let taken = outbox.take_destination(&storage, dead);
-        assert_eq!(taken.len(), 2, "messages 10 and 11, in order");
+        let part: Vec<_> = outbox.part_for(dead).iter().map(|(m, _)| m.clone()).collect();
+        assert_eq!(part.len(), 2, "messages 10 and 11, in order");
+        outbox.take_destination(&storage, dead);
         assert_eq!(outbox.len(), 2, "11 waited for the dead node only: forgotten");
         assert_eq!(storage.outbox().unwrap().len(), 2);
-        assert!(outbox.take_destination(&storage, dead).is_empty(), "nothing left for it");
+        assert!(outbox.part_for(dead).is_empty(), "nothing left for it");
         // The rest is acknowledged as before.
         outbox.ack(&storage, a, 7, 1, 0);
         assert!(outbox.is_empty());
+    }
+
+    /// A node taken for dead that was not (and did not restart) goes on
+    /// from the numbers it saw: what is forwarded to it next is new to its
+    /// duplicate filter, and its acknowledgement releases it.
+    #[test]
+    fn a_destination_back_from_the_dead_goes_on_numbering_where_it_stood() {
+        let storage = Storage::in_memory();
+        let mut outbox = Outbox::new(7);
+        let node = NodeId(2);
+        forward(&mut outbox, &storage, 10, &[node], 0);
+        forward(&mut outbox, &storage, 11, &[node], 0);
+        outbox.take_destination(&storage, node);
+        assert!(outbox.is_empty());
+        let seqs = forward(&mut outbox, &storage, 12, &[node], 0);
+        assert_eq!(seqs, [Sequence { epoch: 7, seq: 2, base: 2 }], "after 0 and 1, with nothing before it waiting");
+        // Its filter saw 0 and 1 (delivered them, unacknowledged):
+        // it accepts 2 and acknowledges up to it.
+        let mut inbound = crate::cluster::dedupe::Inbound::default();
+        for s in 0..2 {
+            inbound.accept(node, Sequence { epoch: 7, seq: s, base: 0 });
+        }
+        assert_eq!(inbound.accept(node, seqs[0]), crate::cluster::dedupe::Verdict::Deliver);
+        outbox.ack(&storage, node, 7, 2, 0);
+        assert!(outbox.is_empty(), "12 acknowledged, not taken for an old number");
+        // Gone for good: its numbering is forgotten.
+        outbox.forget_destination(node);
+        assert_eq!(forward(&mut outbox, &storage, 13, &[node], 0)[0].seq, 0);
     }
 
     #[test]

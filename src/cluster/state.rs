@@ -143,7 +143,8 @@ impl State {
             }
         }
         let keep = dead_timeout * IDENTITY_KEPT;
-        let (incarnations, inbound, live) = (&mut self.incarnations, &mut self.inbound, &self.live);
+        let (incarnations, inbound, outbox, live) =
+            (&mut self.incarnations, &mut self.inbound, &mut self.outbox, &self.live);
         self.gone.retain(|id, since| {
             // Back meanwhile (a member again): its identity is in use.
             if live.contains(id) {
@@ -153,6 +154,7 @@ impl State {
             if !keep {
                 incarnations.remove(id);
                 inbound.forget(*id);
+                outbox.forget_destination(*id);
             }
             keep
         });
