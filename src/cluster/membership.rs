@@ -150,7 +150,8 @@ impl Cluster {
     /// [`Cluster::send_on_held`]): for this node's own sessions if it is
     /// `dead` (taken for dead, wrongly); forwarded to `dead` if it is alive
     /// here (the sender took it for dead first, or wrongly: its sessions
-    /// are still there); else for the sessions adopted here from it.
+    /// are still there); else for the sessions adopted here from it, if
+    /// this node knew it.
     pub(super) fn sent_on_arrived(
         &self,
         st: &mut State,
@@ -165,6 +166,14 @@ impl Cluster {
             let route = ForwardRoute { sent_on: Some(dead), ..ForwardRoute::plain() };
             self.forward_held(st, storage, message, &[dead], &route);
             bump(&self.sessions.stats.sent_on_relayed, 1);
+        } else if !st.peers.contains_key(&dead)
+            && !st.gone.contains_key(&dead)
+            && !self.sessions.adopted.lock().contains_key(&dead)
+        {
+            // Never known here (or forgotten long ago): none of its
+            // sessions was adopted here, and none will be. (The adopted
+            // sessions' lock is a leaf.)
+            bump(&self.sessions.stats.sent_on_unknown, 1);
         } else {
             match received.sent_on.last_mut() {
                 Some((node, messages)) if *node == dead => messages.push(message),

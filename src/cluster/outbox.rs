@@ -6,18 +6,20 @@
 //! message (persisted, so a PUBACK never promises more than the disk
 //! holds) until every destination acknowledges it, and resend a
 //! destination's unacknowledged forwards in order when it is silent
-//! (go-back-N). The receiving side is [`super::dedupe`]. Each forward carries
-//! the sender's lowest unacknowledged `seq` for the destination (`base`),
-//! so a receiver that restarted never leaves the receiver waiting for what
+//! (go-back-N). The receiving side is [`super::dedupe`]. Each forward
+//! carries the sender's lowest unacknowledged `seq` for the destination
+//! (`base`), so a receiver that restarted is never left waiting for what
 //! will not come.
 //!
 //! Nothing is given up for a destination that is alive, however long it
 //! takes; a destination declared dead has its part taken out
-//! ([`Outbox::take_destination`]) and sent on to whoever adopts its
-//! sessions, held here again as forwards to the other members
-//! ([`ForwardRoute::sent_on`]). The outbox is bounded in bytes (`cluster.outbox_max_mib`):
-//! once full, new QoS 1/2 publishes are refused (the publisher is told,
-//! MQTT 5 reason 0x97) rather than acknowledged and then lost.
+//! ([`Outbox::take_destination`]; its numbering goes on) and sent on to
+//! whoever adopts its sessions, held here again as forwards to the other
+//! members ([`ForwardRoute::sent_on`]). The outbox is bounded in bytes
+//! (`cluster.outbox_max_mib`): once full, new QoS 1/2 publishes are
+//! refused (the publisher is told, MQTT 5 reason 0x97) rather than
+//! acknowledged and then lost; what is sent on counts, but is never
+//! refused (it was acknowledged already).
 //!
 //! Group commit: a held message is written to the storage only when the
 //! storage next flushes ([`Unwritten`], run by the flush before anything is

@@ -365,4 +365,6 @@ fn a_message_sent_on_for_a_node_alive_here_goes_to_it_and_one_for_this_node_is_d
     assert_eq!(payloads(&on_n1), ["for n1", "qos 2"], "on n1");
     assert_eq!(payloads(&on_n2), ["for n2"], "on n2");
     assert_eq!(n1.metric("kadmq_cluster_sent_on_relayed_total"), 1);
+    assert_eq!(n1.metric("kadmq_cluster_sent_on_unknown_total"), 1, "the one for nobody, not kept");
+    assert_eq!(n1.metric("kadmq_cluster_sent_on_dropped_total"), 0);
 }

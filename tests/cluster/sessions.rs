@@ -1037,7 +1037,13 @@ fn j_what_a_killed_node_had_not_acknowledged_reaches_its_adopted_sessions_though
     if let Err(why) = lost {
         problems.push(format!("the test shows nothing: {why}"));
     }
-    std::thread::sleep(Duration::from_secs(1));
+    let all_adopted = try_wait_until(SETTLE, "n2 and n3 to adopt n1's sessions", || {
+        let adopted = |node: &Node| node.metric("kadmq_cluster_sessions_adopted_total");
+        adopted(&n2) + adopted(&n3) >= ids.len() as u64
+    });
+    if let Err(why) = all_adopted {
+        problems.push(why);
+    }
     n3.cut(None);
     let adopted = n3.metric("kadmq_cluster_sessions_adopted_total");
     if adopted == 0 {

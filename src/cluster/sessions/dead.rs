@@ -70,8 +70,13 @@ impl Cluster {
         let adopted = self.sessions.stats.adopted.load(Ordering::Relaxed) - adopted;
         let wills = self.sessions.stats.wills_of_dead.load(Ordering::Relaxed) - wills;
         if any {
-            // One line per dead node, not one per client.
-            tracing::info!(adopted, wills, "sessions of a dead node adopted, wills of its clients published");
+            // One line per batch of deaths, not one per client.
+            tracing::info!(
+                nodes = dead_nodes.len(),
+                adopted,
+                wills,
+                "sessions of dead nodes adopted, wills of their clients published"
+            );
         }
         // What others held for those nodes and sent on before this node
         // had declared them dead.

@@ -201,7 +201,7 @@ pub(super) struct Sessions {
     tasks: Mutex<JoinSet<()>>,
     /// Per dead node, since when and the clients whose sessions this node
     /// adopted from it: what others held for it goes to them.
-    adopted: Mutex<HashMap<NodeId, Adopted>>,
+    pub(in crate::cluster) adopted: Mutex<HashMap<NodeId, Adopted>>,
     /// Messages held for a node not (yet) dead here, for when it is.
     sent_on_waiting: Mutex<HashMap<NodeId, Waiting>>,
     /// Claims are answered from then on (see [`Sessions::membership_changed`]).
@@ -232,6 +232,9 @@ pub struct SessionStats {
     /// Messages another node sent on for a node that is alive here,
     /// forwarded to it.
     pub sent_on_relayed: AtomicU64,
+    /// Messages sent on for a node this node never knew (it adopted none
+    /// of its sessions): not kept.
+    pub sent_on_unknown: AtomicU64,
 }
 
 impl Sessions {
@@ -318,6 +321,12 @@ impl Sessions {
                 "counter",
                 "Messages another node held for a node it took for dead and sent on, forwarded from here to that node (alive here).",
                 get(&s.sent_on_relayed),
+            ),
+            Figure::new(
+                "kadmq_cluster_sent_on_unknown_total",
+                "counter",
+                "Messages another node sent on for a node this node never knew (or forgot: ten dead timeouts and ten minutes after its death): none of its sessions is here; not kept.",
+                get(&s.sent_on_unknown),
             ),
             Figure::new(
                 "kadmq_cluster_claims_unanswered_total",
