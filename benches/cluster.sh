@@ -10,6 +10,9 @@
 #   RMQTTD=/path/to/rmqttd RMQTT_WAIT=2400 benches/cluster.sh
 #                                          # wait up to 40 min for rmqttd to appear
 #   LOAD_WAIT=900 LOAD_MAX=1.5 benches/cluster.sh # wait up to 15 min for a quiet machine
+#   THREADS=1 benches/cluster.sh          # every broker process with 1 worker thread
+#                                          # (kadmq --threads, rmqttd TOKIO_WORKER_THREADS);
+#                                          # default 0: one per core
 #
 # Part 1 "forward" (every repetition starts fresh processes of all systems,
 # then for every scenario runs every variant, the order rotating each
@@ -46,6 +49,7 @@ RMQTT_WAIT=${RMQTT_WAIT:-0}
 LOAD_WAIT=${LOAD_WAIT:-0}
 LOAD_MAX=${LOAD_MAX:-1.5}
 FILTERS_PER_NODE=${FILTERS_PER_NODE:-20000}
+THREADS=${THREADS:-0}
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 WORK=${WORK:-$(mktemp -d /tmp/kadmq-cluster-bench.XXXXXX)}
 mkdir -p "$WORK"
@@ -126,11 +130,11 @@ wait_quiet() {
         sleep 30
         waited=$((waited + 30))
     done
-    log "machine: $(nproc) CPUs, load $(cut -d' ' -f1-3 /proc/loadavg)"
+    log "machine: $(nproc) CPUs, load $(cut -d' ' -f1-3 /proc/loadavg); broker worker threads: ${THREADS} (0: one per core)"
 }
 
 # --- kadmq -------------------------------------------------------------------
-KADMQ_COMMON=(--no-ws --log warn --sys-interval 0 --max-queued-messages 1000000)
+KADMQ_COMMON=(--no-ws --log warn --sys-interval 0 --max-queued-messages 1000000 --threads "$THREADS")
 
 start_single() { # name -> SINGLE_PID
     rm -rf "$WORK/$1-data"
@@ -223,7 +227,8 @@ start_rmqtt() { # -> RMQTT_PIDS
     for i in 1 2 3; do
         rm -rf "$WORK/rmqtt-$i"
         cp -r "$ROOT/benches/cluster/rmqtt/$i" "$WORK/rmqtt-$i"
-        (cd "$WORK/rmqtt-$i" && exec "$WORK/rmqttd" -f rmqtt.toml >>"$WORK/rmqtt-$i.log" 2>&1) &
+        # THREADS=N gives rmqttd's tokio runtime N workers too (0: its default).
+        (cd "$WORK/rmqtt-$i" && { ((THREADS > 0)) && export TOKIO_WORKER_THREADS=$THREADS; exec "$WORK/rmqttd" -f rmqtt.toml >>"$WORK/rmqtt-$i.log" 2>&1; }) &
         RMQTT_PIDS+=($!)
         PIDS+=($!)
     done

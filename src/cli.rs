@@ -97,6 +97,9 @@ pub struct StartArgs {
     /// Log filter, e.g. info or kadmq=debug [toml: log; also RUST_LOG]
     #[arg(long, env = "KADMQ_LOG", value_name = "FILTER")]
     pub log: Option<String>,
+    /// Worker threads of the async runtime, 0 = one per CPU core [toml: threads]
+    #[arg(long, env = "KADMQ_THREADS", value_name = "N")]
+    pub threads: Option<usize>,
     /// Largest packet accepted, in bytes [toml: mqtt.max_packet_size]
     #[arg(long, env = "KADMQ_MAX_PACKET_SIZE", value_name = "BYTES")]
     pub max_packet_size: Option<u32>,
@@ -221,6 +224,7 @@ impl StartArgs {
         }
         set(&mut config.data_dir, &self.data_dir);
         set(&mut config.log, &self.log);
+        set(&mut config.threads, &self.threads);
         let m = &mut config.mqtt;
         set(&mut m.max_packet_size, &self.max_packet_size);
         set(&mut m.max_connections, &self.max_connections);
@@ -312,6 +316,18 @@ mod tests {
         let start = cli.find_subcommand("start").unwrap();
         let arg = start.get_arguments().find(|a| a.get_long() == Some("outgoing-topic-aliases")).unwrap();
         assert_eq!(arg.get_env().and_then(|e| e.to_str()), Some("KADMQ_OUTGOING_TOPIC_ALIASES"));
+    }
+
+    #[test]
+    fn threads_from_flag_or_file_and_bounded() {
+        assert_eq!(Config::default().threads, 0, "one per core");
+        assert_eq!(start_args(&["--threads", "1"]).resolve().unwrap().threads, 1);
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("kadmq.toml");
+        std::fs::write(&file, "threads = 3\n").unwrap();
+        assert_eq!(start_args(&["--config", file.to_str().unwrap()]).resolve().unwrap().threads, 3);
+        let err = start_args(&["--threads", "5000"]).resolve().unwrap_err().to_string();
+        assert!(err.contains("threads"), "{err}");
     }
 
     fn start_args(args: &[&str]) -> StartArgs {

@@ -29,6 +29,8 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// Log filter, `RUST_LOG` syntax (`info`, `kadmq=debug,warn`).
     pub log: String,
+    /// Worker threads of the async runtime; 0: one per CPU core.
+    pub threads: usize,
     pub listeners: Listeners,
     pub mqtt: MqttConfig,
     pub cluster: ClusterSettings,
@@ -181,6 +183,7 @@ impl Default for Config {
         Config {
             data_dir: PathBuf::from("kadmq-data"),
             log: "info,fjall=warn,lsm_tree=warn".into(),
+            threads: 0,
             listeners: Listeners::default(),
             mqtt: MqttConfig::default(),
             cluster: ClusterSettings::default(),
@@ -240,6 +243,9 @@ impl Config {
         let invalid = |msg: &str| Err(ConfigError::Invalid(msg.to_string()));
         if self.listeners.mqtt.is_empty() && self.listeners.ws.is_empty() {
             return invalid("no listener: give at least one of listeners.mqtt / listeners.ws");
+        }
+        if self.threads > 1024 {
+            return invalid("threads (--threads) must be at most 1024 (0: one per CPU core)");
         }
         let m = &self.mqtt;
         if m.max_packet_size < 64 || m.max_packet_size as usize > crate::protocol::MAX_PACKET_SIZE {

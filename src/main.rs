@@ -57,7 +57,11 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
                 .with_writer(std::io::stderr)
                 .with_ansi(std::io::stderr().is_terminal())
                 .init();
-            let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+            let mut runtime = tokio::runtime::Builder::new_multi_thread();
+            if config.threads > 0 {
+                runtime.worker_threads(config.threads);
+            }
+            let runtime = runtime.enable_all().build().context("cannot start the async runtime")?;
             runtime.block_on(kadmq::run(config, shutdown_signal())).map_err(anyhow::Error::from)
         }
     }

@@ -72,6 +72,16 @@ pub struct Links {
     /// One sender task per queue.
     tasks: Mutex<JoinSet<()>>,
     refusals: Arc<SendRefusals>,
+    rounds: Arc<SendRounds>,
+}
+
+/// What the sender tasks handed to the driver: rounds (each every batch
+/// filled since the previous one) and the frames in them; frames per round
+/// is how much batching the load gives.
+#[derive(Default)]
+pub struct SendRounds {
+    pub rounds: AtomicU64,
+    pub frames: AtomicU64,
 }
 
 /// Frames the send budget had no room for, by [`Class`].
@@ -108,6 +118,7 @@ struct Queue {
     wake: Notify,
     budget: driver::SendBudget,
     refusals: Arc<SendRefusals>,
+    rounds: Arc<SendRounds>,
 }
 
 /// The send queue of one node: a handle to keep (routes remember theirs)
@@ -186,12 +197,18 @@ impl Links {
             queues: RwLock::new(AHashMap::new()),
             tasks: Mutex::new(JoinSet::new()),
             refusals: Arc::default(),
+            rounds: Arc::default(),
         }
     }
 
     /// What the send budget refused so far.
     pub fn refusals(&self) -> &SendRefusals {
         &self.refusals
+    }
+
+    /// What the sender tasks sent so far.
+    pub fn rounds(&self) -> &SendRounds {
+        &self.rounds
     }
 
     /// The send queue of `peer` (started on first use).
@@ -209,6 +226,7 @@ impl Links {
                     wake: Notify::new(),
                     budget: self.client.send_budget().clone(),
                     refusals: self.refusals.clone(),
+                    rounds: self.rounds.clone(),
                 });
                 let mut tasks = self.tasks.lock();
                 // Reap the tasks of forgotten peers so the set does not grow.
@@ -263,9 +281,10 @@ async fn send_rounds(client: driver::Client, peer: PeerId, queue: Arc<Queue>) {
     loop {
         queue.wake.notified().await;
         loop {
-            let (batches, closed) = {
+            let (batches, frames, closed) = {
                 let mut pending = queue.pending.lock();
-                (pending.take(&queue.budget), pending.closed)
+                let frames = pending.frames;
+                (pending.take(&queue.budget), frames, pending.closed)
             };
             if closed {
                 return;
@@ -273,6 +292,8 @@ async fn send_rounds(client: driver::Client, peer: PeerId, queue: Arc<Queue>) {
             if batches.is_empty() {
                 break;
             }
+            queue.rounds.rounds.fetch_add(1, Ordering::Relaxed);
+            queue.rounds.frames.fetch_add(frames as u64, Ordering::Relaxed);
             for (batch, charged) in batches {
                 match client.send_charged(peer, Bytes::from(batch), charged).await {
                     Ok(()) => {}

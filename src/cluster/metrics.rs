@@ -57,9 +57,22 @@ impl Cluster {
         let s = &self.stats;
         let get = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
         let refused = self.links.refusals();
+        let rounds = self.links.rounds();
         let retained = self.retained.figures();
         let figure = Figure::new;
         let mut figures = vec![
+            figure(
+                "kadmq_cluster_send_rounds_total",
+                "counter",
+                "Rounds of the per-node sender tasks: each hands the driver every batch of frames filled since the previous round.",
+                get(&rounds.rounds),
+            ),
+            figure(
+                "kadmq_cluster_send_round_frames_total",
+                "counter",
+                "Frames handed to the driver by those rounds (frames per round: how much the load batches).",
+                get(&rounds.frames),
+            ),
             figure(
                 "kadmq_cluster_members",
                 "gauge",
