@@ -30,5 +30,9 @@ fi
 
 cargo test --workspace --locked "$@"
 
+# The patched XSalsa20 that libp2p-pnet encrypts with (vendor/README.md):
+# its crate's known-answer and seek tests, the 4-block path included.
+cargo test --manifest-path vendor/salsa20/Cargo.toml --target-dir target/vendor --locked --test mod
+
 # The API docs build without a broken or private link.
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked --quiet
