@@ -35,14 +35,18 @@
 use crate::broker::message::Message;
 use crate::storage::Storage;
 use ahash::AHashMap;
+use fresh::FreshRecords;
 use kadmq_dht::core::{ForwardRoute, NodeId};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
+use smallvec::SmallVec;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
+
+mod fresh;
 
 /// Resend a destination's forwards when none was acknowledged for this long.
 pub const RESEND_AFTER_MS: u64 = 3_000;
@@ -71,7 +75,7 @@ pub struct Record {
 struct Held {
     message: Arc<Message>,
     /// Destinations that have not acknowledged yet.
-    waiting: Vec<(NodeId, ForwardRoute)>,
+    waiting: Waiting,
 }
 
 /// What a held message counts against the bound: its payload, topic and
@@ -125,7 +129,7 @@ pub struct Unwritten {
 #[derive(Default)]
 struct Pending {
     /// Never written yet, by id (in the order they were held).
-    fresh: BTreeMap<u64, Fresh>,
+    fresh: FreshRecords<Fresh>,
     /// Written before, with fewer destinations now: rewritten at the next flush.
     rewrites: BTreeMap<u64, (Arc<Message>, Waiting)>,
     removed: Vec<u64>,
@@ -144,12 +148,12 @@ struct Pending {
 impl Pending {
     /// Whether no fresh record up to id `upto` is left.
     fn settled(&self, upto: u64) -> bool {
-        self.fresh.keys().next().is_none_or(|first| *first > upto)
+        self.fresh.first().is_none_or(|first| first > upto)
     }
 
     /// Wakes the waiters whose records all went.
     fn wake_settled(&mut self) {
-        let first = self.fresh.keys().next().copied().unwrap_or(u64::MAX);
+        let first = self.fresh.first().unwrap_or(u64::MAX);
         let waiting = self.waiters.split_off(&first);
         for waiter in std::mem::replace(&mut self.waiters, waiting).into_values().flatten() {
             let _ = waiter.send(());
@@ -163,8 +167,9 @@ struct Fresh {
     held_at: Instant,
 }
 
-/// The destinations a held message waits for, and what each delivers.
-type Waiting = Vec<(NodeId, ForwardRoute)>;
+/// The destinations a held message waits for, and what each delivers:
+/// usually one, kept inline (no allocation of its own).
+pub type Waiting = SmallVec<[(NodeId, ForwardRoute); 1]>;
 
 impl Unwritten {
     /// Writes in one batch the removals, the rewrites and the fresh records
@@ -179,11 +184,11 @@ impl Unwritten {
         let now = Instant::now();
         let due = pending.due;
         let window = pending.window;
-        let fresh: Vec<u64> = pending
+        let fresh: Vec<(u64, Vec<u8>)> = pending
             .fresh
             .iter()
-            .take_while(|(id, record)| **id <= due || now.duration_since(record.held_at) >= window)
-            .map(|(id, _)| *id)
+            .take_while(|(id, record)| *id <= due || now.duration_since(record.held_at) >= window)
+            .map(|(id, record)| (id, record_bytes(&record.message, true, &record.waiting)))
             .collect();
         if fresh.is_empty() && pending.rewrites.is_empty() && pending.removed.is_empty() {
             return Ok(());
@@ -195,15 +200,12 @@ impl Unwritten {
                 .iter()
                 .map(|(id, (message, waiting))| storage.outbox_write(*id, &record_bytes(message, true, waiting))),
         );
-        writes.extend(fresh.iter().map(|id| {
-            let record = &pending.fresh[id];
-            storage.outbox_write(*id, &record_bytes(&record.message, true, &record.waiting))
-        }));
+        writes.extend(fresh.iter().map(|(id, record)| storage.outbox_write(*id, record)));
         storage.commit(writes)?;
         pending.removed.clear();
         pending.rewrites.clear();
-        for id in &fresh {
-            pending.fresh.remove(id);
+        for (id, _) in &fresh {
+            pending.fresh.remove(*id);
         }
         if !fresh.is_empty() {
             pending.wake_settled();
@@ -222,7 +224,7 @@ impl Unwritten {
     /// Makes every record held so far due.
     pub fn require_all(&self) {
         let mut pending = self.pending.lock();
-        if let Some(newest) = pending.fresh.keys().next_back().copied() {
+        if let Some(newest) = pending.fresh.last() {
             pending.due = pending.due.max(newest);
         }
     }
@@ -319,7 +321,7 @@ impl Outbox {
             return persist(storage, id, &held.message, true, &held.waiting);
         }
         let mut pending = self.unwritten.pending.lock();
-        match pending.fresh.get_mut(&id) {
+        match pending.fresh.get_mut(id) {
             Some(fresh) => fresh.waiting = held.waiting.clone(),
             None => {
                 pending.rewrites.insert(id, (held.message.clone(), held.waiting.clone()));
@@ -351,7 +353,7 @@ impl Outbox {
             }
             pending.rewrites.remove(&id);
             // Never written: nothing to delete.
-            if let Some(fresh) = pending.fresh.remove(&id) {
+            if let Some(fresh) = pending.fresh.remove(id) {
                 self.unwritten.spared.fetch_add(1, Ordering::Relaxed);
                 gone.push(Held { message: fresh.message, waiting: fresh.waiting });
             } else if self.deferred {
@@ -403,14 +405,7 @@ impl Outbox {
     /// `waiting`, until each acknowledges it. Written at the storage's next
     /// flush (`on_disk`: its record was written before, unrouted, and is
     /// rewritten now).
-    pub fn hold(
-        &mut self,
-        storage: &Storage,
-        id: u64,
-        message: Arc<Message>,
-        waiting: Vec<(NodeId, ForwardRoute)>,
-        on_disk: bool,
-    ) {
+    pub fn hold(&mut self, storage: &Storage, id: u64, message: Arc<Message>, waiting: Waiting, on_disk: bool) {
         if on_disk || !self.deferred {
             persist(storage, id, &message, true, &waiting);
         } else {
@@ -422,7 +417,7 @@ impl Outbox {
 
     /// Takes back a message persisted by a previous run: numbered afresh
     /// in this run's epoch, due for sending at once.
-    pub fn restore(&mut self, id: u64, message: Arc<Message>, waiting: Vec<(NodeId, ForwardRoute)>) {
+    pub fn restore(&mut self, id: u64, message: Arc<Message>, waiting: Waiting) {
         for (node, _) in &waiting {
             self.assign(*node, id, 0);
         }

@@ -176,7 +176,7 @@ impl Cluster {
             let id = self.publish_id(message);
             let now = self.now();
             let mut st = self.state.lock();
-            let mut waiting = Vec::with_capacity(route.forwards.len());
+            let mut waiting = outbox::Waiting::with_capacity(route.forwards.len());
             for (node, sender, to) in &route.forwards {
                 let sequence = st.outbox.assign(*node, id, now);
                 waiting.push((*node, to.clone()));
@@ -297,7 +297,8 @@ impl Cluster {
         local: &mut Vec<(Arc<Message>, ForwardRoute)>,
     ) -> Option<usize> {
         let durable = message.qos != QoS::AtMostOnce;
-        st.routing.insert(id, Routing { message: message.clone(), waiting: Vec::new(), persisted, only: None });
+        st.routing
+            .insert(id, Routing { message: message.clone(), waiting: outbox::Waiting::new(), persisted, only: None });
         let mut actions = Vec::new();
         let generation = self.generation.load(Ordering::Acquire);
         if let Err(err) = self.core_event(st, Event::Publish { topic: &message.topic, msg: id }, &mut actions) {
@@ -459,7 +460,8 @@ impl Cluster {
         local: &mut Vec<(Arc<Message>, ForwardRoute)>,
     ) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let routing = Routing { message: message.clone(), waiting: Vec::new(), persisted: false, only: Some(groups) };
+        let routing =
+            Routing { message: message.clone(), waiting: outbox::Waiting::new(), persisted: false, only: Some(groups) };
         st.routing.insert(id, routing);
         let mut actions = Vec::new();
         if self.core_event(st, Event::Publish { topic: &message.topic, msg: id }, &mut actions).is_err() {
@@ -487,7 +489,7 @@ impl Cluster {
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let now = self.now();
-        let mut waiting = Vec::with_capacity(to.len());
+        let mut waiting = outbox::Waiting::with_capacity(to.len());
         for node in to {
             let sequence = st.outbox.assign(*node, id, now);
             waiting.push((*node, route.clone()));

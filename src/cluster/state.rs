@@ -13,7 +13,7 @@ use super::guard;
 use super::node_id;
 use super::outbox::Outbox;
 use crate::broker::message::Message;
-use kadmq_dht::core::{ForwardRoute, Node, NodeId, RouteTicket, SharedPick};
+use kadmq_dht::core::{Node, NodeId, RouteTicket, SharedPick};
 use kadmq_dht::driver::PeerId;
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 pub(super) struct Routing {
     pub message: Arc<Message>,
     /// Destinations of its QoS 1/2 forwards.
-    pub waiting: Vec<(NodeId, ForwardRoute)>,
+    pub waiting: super::outbox::Waiting,
     /// An outbox record (`routed: false`) was written while it waited.
     pub persisted: bool,
     /// Routed again for these shared groups only (their picked node died).
