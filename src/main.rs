@@ -57,10 +57,14 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
                 .with_writer(std::io::stderr)
                 .with_ansi(std::io::stderr().is_terminal())
                 .init();
+            // 0: one per core (the documented default; not tokio's, which
+            // would also read TOKIO_WORKER_THREADS).
+            let threads = match config.threads {
+                0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+                n => n,
+            };
             let mut runtime = tokio::runtime::Builder::new_multi_thread();
-            if config.threads > 0 {
-                runtime.worker_threads(config.threads);
-            }
+            runtime.worker_threads(threads);
             let runtime = runtime.enable_all().build().context("cannot start the async runtime")?;
             runtime.block_on(kadmq::run(config, shutdown_signal())).map_err(anyhow::Error::from)
         }

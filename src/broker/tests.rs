@@ -136,6 +136,27 @@ async fn an_expired_retained_message_is_not_sent_and_is_forgotten() {
     assert!(broker.storage.retained().unwrap().is_empty());
 }
 
+/// What another node sent on for a dead node reaches each session adopted
+/// from it once: a session that holds the message already (by its fleet
+/// id, which a copy sent on keeps) is skipped.
+#[tokio::test]
+async fn a_message_a_session_holds_already_is_not_queued_for_it_again() {
+    let (_, broker) = broker_at(START);
+    let adopted = broker.connect("adopted", false, 60).await;
+    subscribe(&broker, &adopted.session, "t");
+    leave(&broker, &adopted, None);
+    let mut held = message("t", false, None);
+    held.fleet_id = Some((7, 1));
+    broker.publish(held.clone());
+    let clients = [Arc::<str>::from("adopted")];
+    assert_eq!(broker.deliver_to_sessions(&Arc::new(held), &clients), 0, "held already");
+    let mut other = message("t", false, None);
+    other.fleet_id = Some((7, 2));
+    assert_eq!(broker.deliver_to_sessions(&Arc::new(other), &clients), 1, "a message it does not hold");
+    let resumed = broker.connect("adopted", false, 60).await;
+    assert_eq!(take(&broker, &resumed.session).0.len(), 2, "each once");
+}
+
 #[test]
 fn uptime_counts_from_open_on_the_monotonic_reading() {
     let clock = Arc::new(ManualClock::at(START));

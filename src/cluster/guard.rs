@@ -121,6 +121,11 @@ impl Strangers {
         true
     }
 
+    /// The peers whose frames are held.
+    pub fn held_peers(&self) -> impl Iterator<Item = &PeerId> {
+        self.peers.keys()
+    }
+
     /// The frames held for `peer`, oldest first (it became a member).
     pub fn take(&mut self, peer: &PeerId) -> Vec<Bytes> {
         match self.peers.remove(peer) {

@@ -175,6 +175,10 @@ impl Pending {
         let bytes = batch.len() - before;
         if !budget.try_reserve(bytes, class.ceiling(budget)) {
             batch.truncate(before);
+            if *charged == 0 {
+                // A batch opened for this frame alone: nothing to send.
+                self.batches.pop();
+            }
             return false;
         }
         *charged += bytes;

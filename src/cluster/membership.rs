@@ -169,10 +169,12 @@ impl Cluster {
         } else if !st.peers.contains_key(&dead)
             && !st.gone.contains_key(&dead)
             && !self.sessions.adopted.lock().contains_key(&dead)
+            && !st.strangers.held_peers().any(|peer| super::node_id(peer) == dead)
         {
-            // Never known here (or forgotten long ago): none of its
-            // sessions was adopted here, and none will be. (The adopted
-            // sessions' lock is a leaf.)
+            // Never known here (or forgotten long ago, or before this
+            // node restarted), and not about to be (no frames of it wait
+            // for its record): none of its sessions was adopted here, and
+            // none will be. (The adopted sessions' lock is a leaf.)
             bump(&self.sessions.stats.sent_on_unknown, 1);
         } else {
             match received.sent_on.last_mut() {

@@ -33,8 +33,9 @@ pub struct ClusterStats {
     pub local_refused: AtomicU64,
     /// Publishes routed from the per-topic memo, without the core.
     pub topic_route_hits: Counter,
-    /// QoS 2 messages of other nodes that came again after a restart and
-    /// were not delivered again.
+    /// QoS 2 messages of other nodes that came again (after a restart of
+    /// either node, or sent back to a node taken for dead) and were not
+    /// delivered again.
     pub qos2_duplicates: AtomicU64,
     /// QoS 1/2 publishes refused: the outbox was full.
     pub publishes_refused: AtomicU64,
@@ -292,7 +293,7 @@ impl Cluster {
             figure(
                 "kadmq_cluster_qos2_duplicates_total",
                 "counter",
-                "QoS 2 messages of other nodes that came again after a restart of either node, not delivered again.",
+                "QoS 2 messages of other nodes that came again (after a restart of either node, or sent back to a node taken for dead), not delivered again.",
                 get(&s.qos2_duplicates),
             ),
             figure(

@@ -62,9 +62,9 @@
 //! locks come after this module's in the order written in `crate::broker`).
 //! The leaf locks added for retained messages and the outbox are taken
 //! under the state mutex or alone, never one inside another: the retained
-//! store, its `writes` and `requests` maps, `qos2_seen`, the outbox's
-//! `Unwritten` (also taken by the storage's flush, under its `flushing`
-//! lock, which nothing here holds).
+//! store, its `writes` and `requests` maps, `qos2_seen`, the sessions'
+//! `adopted` map, the outbox's `Unwritten` (also taken by the storage's
+//! flush, under its `flushing` lock, which nothing here holds).
 
 mod bootstrap;
 pub mod counter;

@@ -477,8 +477,9 @@ impl Outbox {
     /// `dead` will never acknowledge: takes its part out of every held
     /// message (a message no other node waits for is forgotten; the caller
     /// sent on what [`Outbox::part_for`] gave first). Its numbering goes on
-    /// where it stood: should `dead` come back without a restart, its
-    /// duplicate filter takes what follows as new, not as what it saw.
+    /// where it stood, and is kept for this run (a few bytes per node ever
+    /// known): should `dead` come back without a restart, however late,
+    /// its duplicate filter takes what follows as new, not as what it saw.
     pub fn take_destination(&mut self, storage: &Storage, dead: NodeId) {
         let Some(link) = self.destinations.get_mut(&dead) else { return };
         let unacked = std::mem::take(&mut link.unacked);
@@ -495,14 +496,6 @@ impl Outbox {
         }
         self.remove_all(storage, done);
         self.unwritten.wake_settled();
-    }
-
-    /// Forgets the numbering towards `node`, gone for good, unless
-    /// something still waits for it.
-    pub fn forget_destination(&mut self, node: NodeId) {
-        if self.destinations.get(&node).is_some_and(|link| link.unacked.is_empty()) {
-            self.destinations.remove(&node);
-        }
     }
 }
 
@@ -646,9 +639,6 @@ mod tests {
         assert_eq!(inbound.accept(node, seqs[0]), crate::cluster::dedupe::Verdict::Deliver);
         outbox.ack(&storage, node, 7, 2, 0);
         assert!(outbox.is_empty(), "12 acknowledged, not taken for an old number");
-        // Gone for good: its numbering is forgotten.
-        outbox.forget_destination(node);
-        assert_eq!(forward(&mut outbox, &storage, 13, &[node], 0)[0].seq, 0);
     }
 
     #[test]

@@ -143,8 +143,7 @@ impl State {
             }
         }
         let keep = dead_timeout * IDENTITY_KEPT;
-        let (incarnations, inbound, outbox, live) =
-            (&mut self.incarnations, &mut self.inbound, &mut self.outbox, &self.live);
+        let (incarnations, inbound, live) = (&mut self.incarnations, &mut self.inbound, &self.live);
         self.gone.retain(|id, since| {
             // Back meanwhile (a member again): its identity is in use.
             if live.contains(id) {
@@ -154,7 +153,6 @@ impl State {
             if !keep {
                 incarnations.remove(id);
                 inbound.forget(*id);
-                outbox.forget_destination(*id);
             }
             keep
         });

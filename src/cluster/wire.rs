@@ -147,11 +147,14 @@ pub fn encode_forward(id: u64, sequence: Option<Sequence>, message: &Message, ro
     Bytes::from(out)
 }
 
-/// A close upper bound of a forward's encoded size (properties aside).
+/// An upper bound of a forward's encoded size, properties aside: 59
+/// bytes of fields (a sequence and an expiry included), 24 more when sent
+/// on, then the strings and the payload.
 #[cfg(test)]
 fn forward_size(message: &Message, route: &ForwardRoute) -> usize {
     let shared: usize = route.shared.iter().map(|p| p.group.len() + p.filter.len() + 4).sum();
-    64 + message.topic.len() + message.payload.len() + message.origin.as_ref().map_or(0, |o| o.len()) + shared
+    let sent_on = if route.sent_on.is_some() { 24 } else { 0 };
+    59 + sent_on + message.topic.len() + message.payload.len() + message.origin.as_ref().map_or(0, |o| o.len()) + shared
 }
 
 /// Appends a whole forward frame (header included) to `out`. Layout after
@@ -204,8 +207,10 @@ pub fn write_forward(out: &mut Vec<u8>, id: u64, sequence: Option<Sequence>, mes
         Some(dead) => {
             // A copy sent on keeps the fleet id it was first delivered
             // under: the sessions adopted from `dead` and `dead` itself
-            // recognise it by that id (a QoS 1/2 message always has one;
-            // the id is the fallback).
+            // recognise it by that id. A held QoS 1/2 message always has
+            // one; the fallback (origin 0, this forward's id) names a new
+            // message, recognised by nobody.
+            debug_assert!(message.fleet_id.is_some(), "a message sent on has a fleet id");
             let (origin, number) = message.fleet_id.unwrap_or((0, id));
             out.push(route.plain as u8 | SENT_ON_FLAG);
             for n in [dead.0, origin, number] {

@@ -325,7 +325,7 @@ impl Sessions {
             Figure::new(
                 "kadmq_cluster_sent_on_unknown_total",
                 "counter",
-                "Messages another node sent on for a node this node never knew (or forgot: ten dead timeouts and ten minutes after its death): none of its sessions is here; not kept.",
+                "Messages another node sent on for a node this node never knew, forgot (the later of ten dead timeouts and ten minutes after its death) or has not heard of since it restarted: none of its sessions is here; not kept.",
                 get(&s.sent_on_unknown),
             ),
             Figure::new(

@@ -166,6 +166,8 @@ fn a_forward_sent_on_for_a_dead_node_round_trips_with_its_fleet_id_and_must_be_n
     f.route.sent_on = Some(NodeId(u64::MAX - 1));
     f.message.fleet_id = Some((11, 5));
     assert_eq!(decode_forward(&f).unwrap(), Wire::Forward(Box::new(f.clone())), "the fleet id travels with it");
+    let bytes = encode_forward(f.id, f.sequence, &f.message, &f.route);
+    assert!(bytes.len() <= forward_size(&f.message, &f.route), "{} bytes", bytes.len());
     let mut numberless = f.clone();
     numberless.message.fleet_id = Some((11, 0));
     assert_eq!(invalid(decode_forward(&numberless)), "fleet id");

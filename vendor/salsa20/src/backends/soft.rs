@@ -15,9 +15,10 @@ use cipher::{
 /// Blocks computed at once by [`StreamCipherBackend::gen_par_ks_blocks`].
 const LANES: usize = 4;
 
-/// One state word of each of the [`LANES`] blocks: an SSE2 register on
-/// x86-64 (its baseline: no detection needed), an array elsewhere.
-#[cfg(target_arch = "x86_64")]
+/// One state word of each of the [`LANES`] blocks: an SSE2 register where
+/// the target has SSE2 (every x86-64 target but a few bare-metal ones: no
+/// detection needed), an array elsewhere.
+#[cfg(all(target_arch = "x86_64", target_feature = "sse2"))]
 mod lanes {
     use core::arch::x86_64::{
         __m128i, _mm_add_epi32, _mm_or_si128, _mm_set1_epi32, _mm_set_epi32, _mm_slli_epi32,
@@ -30,7 +31,8 @@ mod lanes {
     impl Lanes {
         #[inline(always)]
         pub(super) fn splat(word: u32) -> Self {
-            // SAFETY (here and below): SSE2 is part of the x86-64 baseline.
+            // SAFETY (here and below): this module is built only for targets
+            // with SSE2 enabled.
             Lanes(unsafe { _mm_set1_epi32(word as i32) })
         }
 
@@ -61,7 +63,7 @@ mod lanes {
     }
 }
 
-#[cfg(not(target_arch = "x86_64"))]
+#[cfg(not(all(target_arch = "x86_64", target_feature = "sse2")))]
 mod lanes {
     #[derive(Clone, Copy)]
     pub(super) struct Lanes([u32; 4]);
