@@ -28,15 +28,22 @@ pub struct Conn {
 }
 
 impl Conn {
-    /// Connects, sends CONNECT (clean start, no keep-alive) and waits for a
-    /// successful CONNACK.
-    pub async fn connect(addr: &str, client_id: String, version: Version) -> Result<Conn> {
+    /// Connects, sends CONNECT (clean start, `keep_alive` seconds, 0 for
+    /// none) and waits for a successful CONNACK. `buffers`: the read and
+    /// write buffers' starting capacity.
+    pub async fn connect(
+        addr: &str,
+        client_id: String,
+        version: Version,
+        keep_alive: u16,
+        buffers: usize,
+    ) -> Result<Conn> {
         let stream = TcpStream::connect(addr).await.with_context(|| format!("connecting to {addr}"))?;
         stream.set_nodelay(true)?;
         let mut conn = Conn {
             stream,
-            rbuf: BytesMut::with_capacity(64 * 1024),
-            wbuf: BytesMut::with_capacity(64 * 1024),
+            rbuf: BytesMut::with_capacity(buffers),
+            wbuf: BytesMut::with_capacity(buffers),
             version,
             client_id,
         };
@@ -50,7 +57,7 @@ impl Conn {
             version,
             client_id: conn.client_id.clone(),
             clean_start: true,
-            keep_alive: 0,
+            keep_alive,
             username: None,
             password: None,
             will: None,

@@ -18,6 +18,9 @@
 //!   subscriber holds it. Expected: P x M per subscriber.
 //! - `pairs`: P pairs; publisher i and subscriber i share
 //!   `<prefix>/<run>/pair/<i>` (S is taken to be P). Expected: M per subscriber.
+//! - `idle`: `--connections` clients, each subscribed to its own topic, held
+//!   `--hold` seconds, nothing published (what idle connections cost; see
+//!   `idle.rs` and `benches/connections.sh`).
 //!
 //! Throughput is messages received (all subscribers) divided by the time
 //! from the first send to the last receive.
@@ -27,6 +30,7 @@
 //! closed a connection); the report is printed in every case but 1.
 
 mod conn;
+mod idle;
 mod payload;
 mod publisher;
 mod subscriber;
@@ -52,6 +56,8 @@ enum Mode {
     FanOut,
     /// N publisher/subscriber pairs, each pair on its own topic.
     Pairs,
+    /// N idle connections, one subscription each (--connections, --hold).
+    Idle,
 }
 
 impl Mode {
@@ -60,6 +66,7 @@ impl Mode {
             Mode::FanIn => "fan-in",
             Mode::FanOut => "fan-out",
             Mode::Pairs => "pairs",
+            Mode::Idle => "idle",
         }
     }
 }
@@ -114,6 +121,16 @@ struct Args {
     /// First topic level; a random run id follows it
     #[arg(long, default_value = "kadmq-bench")]
     topic_prefix: String,
+    /// Keep-alive in CONNECT, seconds (0: none). Only idle mode sends
+    /// PINGREQ: otherwise give more than the run lasts (rumqttd refuses 0)
+    #[arg(long, default_value_t = 0)]
+    keep_alive: u16,
+    /// Idle mode: connections to open and hold
+    #[arg(long, default_value_t = 1_000)]
+    connections: u32,
+    /// Idle mode: seconds to hold them once all are subscribed
+    #[arg(long, default_value_t = 10.0)]
+    hold: f64,
 }
 
 /// One run's result; `--json` prints it as is (serde_json writes a
@@ -180,6 +197,9 @@ fn main() -> Result<()> {
         runtime.worker_threads(threads.max(1));
     }
     let runtime = runtime.enable_all().build().context("starting the tokio runtime")?;
+    if args.mode == Mode::Idle {
+        return run_idle(&args, runtime);
+    }
     let report = runtime.block_on(run(&args))?;
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
@@ -191,6 +211,42 @@ fn main() -> Result<()> {
     // The report is out either way; a script can tell a run that hit the
     // duration limit or lost its connection by the exit code.
     if !report.errors.is_empty() {
+        std::process::exit(3);
+    }
+    Ok(())
+}
+
+/// `--mode idle`: prints the readiness line, then the report.
+fn run_idle(args: &Args, runtime: tokio::runtime::Runtime) -> Result<()> {
+    if args.connections == 0 || args.hold < 0.0 || !args.hold.is_finite() {
+        bail!("--connections must be at least 1 and --hold not negative");
+    }
+    let run_id = format!("{:08x}", rand::random::<u32>());
+    let cfg = idle::IdleConfig {
+        addrs: args.pub_addrs.clone(),
+        connections: args.connections,
+        qos: QoS::from_u8(args.qos).expect("clap checked the range"),
+        version: if args.mqtt_version == "5" { Version::V5 } else { Version::V311 },
+        keep_alive: args.keep_alive,
+        hold: Duration::from_secs_f64(args.hold),
+        deadline: Instant::now() + Duration::from_secs_f64(args.duration_limit),
+        topic_base: format!("{}/{run_id}", args.topic_prefix),
+        run_id,
+    };
+    let report = runtime.block_on(idle::run(cfg))?;
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!(
+            "idle: {} connections subscribed in {:.3} s, held {:.1} s, {} closed early",
+            report.connections, report.connect_s, report.held_s, report.closed_early
+        );
+        for e in &report.errors {
+            println!("  error       {e}");
+        }
+    }
+    runtime.shutdown_timeout(Duration::from_millis(100));
+    if report.closed_early > 0 {
         std::process::exit(3);
     }
     Ok(())
@@ -208,18 +264,19 @@ async fn run(args: &Args) -> Result<Report> {
     let base = format!("{}/{run_id}", args.topic_prefix);
     let pub_topic = |i: u32| match args.mode {
         Mode::FanIn => format!("{base}/in/{i}"),
-        Mode::FanOut => format!("{base}/out"),
+        Mode::FanOut | Mode::Idle => format!("{base}/out"),
         Mode::Pairs => format!("{base}/pair/{i}"),
     };
     let sub_filter = |i: u32| match args.mode {
         Mode::FanIn => format!("{base}/in/+"),
-        Mode::FanOut => format!("{base}/out"),
+        Mode::FanOut | Mode::Idle => format!("{base}/out"),
         Mode::Pairs => format!("{base}/pair/{i}"),
     };
     let expected_per_sub = match args.mode {
-        Mode::FanIn | Mode::FanOut => publishers as u64 * args.messages,
+        Mode::FanIn | Mode::FanOut | Mode::Idle => publishers as u64 * args.messages,
         Mode::Pairs => args.messages,
     };
+    let keep_alive = args.keep_alive;
     let templates = (0..publishers)
         .map(|i| Template::new(&pub_topic(i), qos, args.payload, version))
         .collect::<Result<Vec<_>>>()?;
@@ -231,7 +288,7 @@ async fn run(args: &Args) -> Result<Report> {
         let filter = sub_filter(i);
         let client_id = format!("lg-{run_id}-s{i}");
         set.spawn(async move {
-            let mut conn = Conn::connect(&addr, client_id, version).await?;
+            let mut conn = Conn::connect(&addr, client_id, version, keep_alive, 64 * 1024).await?;
             conn.subscribe(&filter, qos).await?;
             anyhow::Ok((i, conn))
         });
@@ -241,7 +298,9 @@ async fn run(args: &Args) -> Result<Report> {
     for i in 0..publishers {
         let addr = args.pub_addrs[i as usize % args.pub_addrs.len()].clone();
         let client_id = format!("lg-{run_id}-p{i}");
-        set.spawn(async move { anyhow::Ok((i, Conn::connect(&addr, client_id, version).await?)) });
+        set.spawn(
+            async move { anyhow::Ok((i, Conn::connect(&addr, client_id, version, keep_alive, 64 * 1024).await?)) },
+        );
     }
     let mut pub_conns = collect_conns(set, deadline, "publishers").await?;
     sub_conns.sort_by_key(|(i, _)| *i);
