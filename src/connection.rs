@@ -30,6 +30,38 @@ use tokio::time::Instant;
 const DELIVERY_BATCH: usize = 512;
 /// A write buffer grown past this by a burst is given back once written.
 const MAX_IDLE_WBUF: usize = 256 * 1024;
+/// What the read buffer takes once the client has sent something, and the
+/// write buffer once there is something to send. Both are given back when
+/// they are empty again (the write buffer: when it is no larger than this,
+/// or at the keep-alive tick), so an idle connection holds neither.
+const IO_BUFFER: usize = 8 * 1024;
+
+/// A read smaller than this that empties the read buffer gives the buffer
+/// back ([`ClientStream::read_more`]).
+const SMALL_READ: usize = 1024;
+
+/// A client stream that can tell when it has bytes to read without being
+/// handed a buffer to read them into.
+pub trait ReadReady {
+    /// Resolves once a read would not wait (a stream that cannot tell: at
+    /// once, and its idle connections keep a read buffer).
+    fn read_ready(&self) -> impl std::future::Future<Output = ()> + Send;
+}
+
+impl ReadReady for tokio::net::TcpStream {
+    async fn read_ready(&self) {
+        // An error shows in the read that follows.
+        let _ = self.readable().await;
+    }
+}
+
+impl ReadReady for crate::websocket::WsBridge {
+    async fn read_ready(&self) {}
+}
+
+impl ReadReady for tokio::io::DuplexStream {
+    async fn read_ready(&self) {}
+}
 
 /// Why a connection ends.
 #[derive(Debug)]
@@ -45,10 +77,9 @@ enum Close {
 /// Serves one client until it disconnects, fails, or the broker stops.
 pub async fn serve<S>(stream: S, peer: SocketAddr, broker: Arc<Broker>, shutdown: broadcast::Receiver<()>)
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + ReadReady + Unpin,
 {
-    let mut client =
-        ClientStream { stream, rbuf: BytesMut::with_capacity(8 * 1024), wbuf: BytesMut::with_capacity(8 * 1024) };
+    let mut client = ClientStream { stream, rbuf: BytesMut::with_capacity(1024), wbuf: BytesMut::new(), last_read: 0 };
     let timeout = Duration::from_secs(broker.config.connect_timeout_secs);
     let connect = match tokio::time::timeout(timeout, client.read_connect(&broker)).await {
         Ok(Ok(connect)) => connect,
@@ -81,7 +112,8 @@ pub async fn refuse<S>(stream: S, broker: &Broker, code: ConnectReason) -> Strin
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut client = ClientStream { stream, rbuf: BytesMut::with_capacity(1024), wbuf: BytesMut::with_capacity(64) };
+    let mut client =
+        ClientStream { stream, rbuf: BytesMut::with_capacity(1024), wbuf: BytesMut::with_capacity(64), last_read: 0 };
     let wait = Duration::from_secs(broker.config.connect_timeout_secs.min(5));
     let who = match tokio::time::timeout(wait, client.read_connect(broker)).await {
         Ok(Ok(connect)) => {
@@ -100,6 +132,8 @@ struct ClientStream<S> {
     stream: S,
     rbuf: BytesMut,
     wbuf: BytesMut,
+    /// Bytes the last [`ClientStream::read_more`] read.
+    last_read: usize,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> ClientStream<S> {
@@ -130,6 +164,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ClientStream<S> {
     }
 
     fn queue(&mut self, packet: &Packet, version: Version) {
+        if self.wbuf.capacity() == 0 {
+            // `with_capacity`, not `reserve`: a `BytesMut` grows by its
+            // starting capacity.
+            self.wbuf = BytesMut::with_capacity(IO_BUFFER);
+        }
         if let Err(err) = protocol::encode(packet, version, &mut self.wbuf) {
             tracing::error!(cause = %err, packet = packet.name(), "could not encode");
         }
@@ -165,10 +204,39 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ClientStream<S> {
             bounded(stall, self.stream.flush()).await?;
             self.wbuf.clear();
         }
-        if self.wbuf.capacity() > MAX_IDLE_WBUF {
-            self.wbuf = BytesMut::with_capacity(8 * 1024);
+        // A small buffer is cheap to take again; a large one (a busy
+        // subscriber's) is kept for the next burst, up to a bound.
+        if self.wbuf.capacity() <= IO_BUFFER || self.wbuf.capacity() > MAX_IDLE_WBUF {
+            self.wbuf = BytesMut::new();
         }
         Ok(n)
+    }
+
+    /// Reads more of the client's bytes. A read buffer left empty by a
+    /// small read (the client sends little: it is idle, or about to be) is
+    /// given back first, and taken again only once the stream has something
+    /// to read: a silent client costs no buffer. A busy client's is kept.
+    async fn read_more(&mut self) -> std::io::Result<usize>
+    where
+        S: ReadReady,
+    {
+        if self.rbuf.is_empty() && (self.rbuf.capacity() == 0 || self.last_read < SMALL_READ) {
+            self.rbuf = BytesMut::new();
+            self.stream.read_ready().await;
+            // `with_capacity`, not `reserve`: a `BytesMut` split by the
+            // decoder grows by its starting capacity.
+            self.rbuf = BytesMut::with_capacity(IO_BUFFER);
+        }
+        let n = self.stream.read_buf(&mut self.rbuf).await?;
+        self.last_read = n;
+        Ok(n)
+    }
+
+    /// Gives back an empty write buffer of any size (the connection is idle).
+    fn release_idle_buffers(&mut self) {
+        if self.wbuf.is_empty() {
+            self.wbuf = BytesMut::new();
+        }
     }
 }
 
@@ -247,7 +315,7 @@ impl HeldAcks {
     }
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
+impl<S: AsyncRead + AsyncWrite + ReadReady + Unpin> Connection<S> {
     /// Checks the CONNECT, attaches to the session and answers CONNACK.
     async fn accept(
         mut client: ClientStream<S>,
@@ -405,7 +473,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                     self.release_held(upto);
                     self.settle_held();
                 }
-                read = self.client.stream.read_buf(&mut self.client.rbuf), if throttled.is_none() && !awaiting => {
+                read = self.client.read_more(), if throttled.is_none() && !awaiting => {
                     match read {
                         Ok(0) | Err(_) => break Close::Transport,
                         Ok(n) => {
@@ -450,6 +518,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 // again at once (after a look at the socket above).
                 _ = tokio::task::yield_now(), if more => {}
                 _ = &mut keep_alive_timer => {
+                    self.client.release_idle_buffers();
                     let Some(keep_alive) = self.keep_alive else { continue };
                     if awaiting {
                         // We are not reading (an acknowledgement waits for the
@@ -991,12 +1060,35 @@ mod tests {
             theirs.read_to_end(&mut sink).await.unwrap();
             sink.len()
         });
-        let mut client = ClientStream { stream: ours, rbuf: BytesMut::new(), wbuf: BytesMut::with_capacity(8 * 1024) };
+        let mut client =
+            ClientStream { stream: ours, rbuf: BytesMut::new(), wbuf: BytesMut::with_capacity(8 * 1024), last_read: 0 };
         client.wbuf.extend_from_slice(&vec![0u8; 4 << 20]);
         assert_eq!(client.flush().await.unwrap(), 4 << 20);
         assert!(client.wbuf.capacity() <= MAX_IDLE_WBUF, "write buffer kept {} bytes", client.wbuf.capacity());
         drop(client);
         assert_eq!(reader.await.unwrap(), 4 << 20);
+    }
+
+    /// A client that sent a little and went quiet leaves its connection
+    /// holding neither buffer; the next bytes it sends are read as before.
+    #[tokio::test]
+    async fn a_quiet_client_costs_no_buffers() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut theirs = tokio::net::TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (ours, _) = listener.accept().await.unwrap();
+        let mut client = ClientStream { stream: ours, rbuf: BytesMut::new(), wbuf: BytesMut::new(), last_read: 0 };
+        theirs.write_all(b"ab").await.unwrap();
+        assert_eq!(client.read_more().await.unwrap(), 2);
+        client.rbuf.clear(); // handled
+        client.queue(&Packet::PingResp, Version::V311);
+        assert_eq!(client.flush().await.unwrap(), 2);
+        assert_eq!(client.wbuf.capacity(), 0, "a small write buffer is given back once written");
+        let quiet = tokio::time::timeout(Duration::from_millis(50), client.read_more()).await;
+        assert!(quiet.is_err(), "nothing to read");
+        assert_eq!(client.rbuf.capacity(), 0, "no read buffer while the client is quiet");
+        theirs.write_all(b"cde").await.unwrap();
+        assert_eq!(client.read_more().await.unwrap(), 3);
+        assert_eq!(&client.rbuf[..], b"cde");
     }
 
     /// A PUBACK promises the message is kept: when the storage cannot
