@@ -79,27 +79,37 @@ pub async fn serve<S>(stream: S, peer: SocketAddr, broker: Arc<Broker>, shutdown
 where
     S: AsyncRead + AsyncWrite + ReadReady + Unpin,
 {
-    let mut client = ClientStream { stream, rbuf: BytesMut::with_capacity(1024), wbuf: BytesMut::new(), last_read: 0 };
-    let timeout = Duration::from_secs(broker.config.connect_timeout_secs);
-    let connect = match tokio::time::timeout(timeout, client.read_connect(&broker)).await {
-        Ok(Ok(connect)) => connect,
-        Ok(Err(reason)) => {
-            tracing::info!(%peer, reason, "connection refused before CONNECT");
-            let _ = client.flush().await;
-            return;
-        }
-        Err(_) => {
-            tracing::info!(%peer, "no CONNECT within {}s", timeout.as_secs());
-            return;
-        }
-    };
-    let Some(mut connection) = Connection::accept(client, connect, peer, broker.clone()).await else {
-        return;
-    };
+    // Boxed: what only the handshake needs is not held in the task for the
+    // connection's whole life (an idle connection's memory is mostly its
+    // task).
+    let Some(mut connection) = Box::pin(handshake(stream, peer, &broker)).await else { return };
     Stats::add(&broker.stats.clients_connected, 1);
     Stats::add(&broker.stats.clients_total, 1);
     connection.run(shutdown).await;
     broker.stats.clients_connected.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Reads the client's CONNECT (within the connect timeout) and accepts it:
+/// the connection, unless it was refused or closed.
+async fn handshake<S>(stream: S, peer: SocketAddr, broker: &Arc<Broker>) -> Option<Connection<S>>
+where
+    S: AsyncRead + AsyncWrite + ReadReady + Unpin,
+{
+    let mut client = ClientStream { stream, rbuf: BytesMut::with_capacity(1024), wbuf: BytesMut::new(), last_read: 0 };
+    let timeout = Duration::from_secs(broker.config.connect_timeout_secs);
+    let connect = match tokio::time::timeout(timeout, client.read_connect(broker)).await {
+        Ok(Ok(connect)) => connect,
+        Ok(Err(reason)) => {
+            tracing::info!(%peer, reason, "connection refused before CONNECT");
+            let _ = client.flush().await;
+            return None;
+        }
+        Err(_) => {
+            tracing::info!(%peer, "no CONNECT within {}s", timeout.as_secs());
+            return None;
+        }
+    };
+    Connection::accept(client, connect, peer, broker.clone()).await
 }
 
 /// Answers a connection the server does not serve: reads its CONNECT
@@ -251,13 +261,14 @@ struct Connection<S> {
     version: Version,
     session: Arc<Session>,
     attachment: AttachmentHandle,
-    will: Option<LastWill>,
+    /// Boxed, as is `awaiting`: rarely set, and large inline.
+    will: Option<Box<LastWill>>,
     keep_alive: Option<Duration>,
     /// Session expiry at CONNECT: 0 forbids a later non-zero value.
     connect_expiry: u32,
     topic_aliases: HashMap<u16, String>,
     /// Aliases we send (MQTT 5, when the client accepts them).
-    outgoing_aliases: OutgoingAliases,
+    outgoing_aliases: Option<Box<OutgoingAliases>>,
     /// The client's Maximum Packet Size (protocol maximum if it gave none).
     client_max_packet_size: usize,
     problem_information: bool,
@@ -275,7 +286,7 @@ struct Connection<S> {
     /// read or handled until it is sent, so what the client does after the
     /// acknowledgement sees the fleet updated.
     /// With the fleet number of the publish's forward, if it had one.
-    awaiting: Option<Awaiting>,
+    awaiting: Option<Box<Awaiting>>,
     /// PUBACKs in the write buffer (MQTT 5 only; 3.1.1 has no Receive
     /// Maximum): their PUBLISHes are still in flight from the client's side.
     unwritten_pubacks: usize,
@@ -387,10 +398,11 @@ impl<S: AsyncRead + AsyncWrite + ReadReady + Unpin> Connection<S> {
             };
         }
         let outgoing_aliases = match version {
-            Version::V5 if config.outgoing_topic_aliases => OutgoingAliases::new(
+            Version::V5 if config.outgoing_topic_aliases => Some(Box::new(OutgoingAliases::new(
                 connect.properties.topic_alias_maximum.unwrap_or(0).min(config.topic_alias_maximum),
-            ),
-            _ => OutgoingAliases::new(0),
+            )))
+            .filter(|aliases| aliases.enabled()),
+            _ => None,
         };
         if version == Version::V5 {
             props.receive_maximum = Some(config.receive_maximum);
@@ -414,7 +426,7 @@ impl<S: AsyncRead + AsyncWrite + ReadReady + Unpin> Connection<S> {
             version,
             session: connected.session,
             attachment: connected.handle,
-            will: connect.will,
+            will: connect.will.map(Box::new),
             keep_alive: (keep_alive > 0).then(|| Duration::from_millis(keep_alive as u64 * 1500)),
             connect_expiry: expiry,
             topic_aliases: HashMap::new(),
@@ -432,7 +444,7 @@ impl<S: AsyncRead + AsyncWrite + ReadReady + Unpin> Connection<S> {
         if connection.broker.fleet().is_some() {
             let client_id = connection.session.client_id.clone();
             let now = connection.broker.now_ms();
-            let will = connection.will.clone().map(|w| will_message(w, version, &client_id, now));
+            let will = connection.will.clone().map(|w| will_message(*w, version, &client_id, now));
             connection.broker.announce_connected(&client_id, will);
         }
         for packet in connection.session.resend_inflight(connection.broker.now_ms()) {
@@ -491,7 +503,7 @@ impl<S: AsyncRead + AsyncWrite + ReadReady + Unpin> Connection<S> {
                     break Close::Error(reason, "closed by the broker");
                 }
                 _ = fleet_settled(&mut self.awaiting), if awaiting => {
-                    let (ack, forwarded, _) = self.awaiting.take().expect("awaiting");
+                    let (ack, forwarded, _) = *self.awaiting.take().expect("awaiting");
                     match ack {
                         Packet::PubAck(_) | Packet::PubRec(_) => self.ack_publish(ack, forwarded),
                         ack => self.send_ack(ack),
@@ -503,7 +515,7 @@ impl<S: AsyncRead + AsyncWrite + ReadReady + Unpin> Connection<S> {
                     }
                     more = true;
                 }
-                _ = tokio::time::sleep_until(throttled.unwrap_or_else(|| Instant::now() + far)), if throttled.is_some() => {
+                _ = throttle_over(throttled), if throttled.is_some() => {
                     self.throttled_until = None;
                     // The client did send; only we held back from reading it.
                     last_seen = Instant::now();
@@ -718,7 +730,7 @@ impl<S: AsyncRead + AsyncWrite + ReadReady + Unpin> Connection<S> {
             QoS::ExactlyOnce => Packet::PubRec(PubAck::with_reason(packet_id, reason)),
         };
         match kept {
-            Some(kept) => self.awaiting = Some((ack, forwarded, kept)),
+            Some(kept) => self.awaiting = Some(Box::new((ack, forwarded, kept))),
             None => self.ack_publish(ack, forwarded),
         }
         Ok(())
@@ -788,10 +800,10 @@ impl<S: AsyncRead + AsyncWrite + ReadReady + Unpin> Connection<S> {
     /// and alias, later ones an empty topic. Topics of up to 3 bytes are
     /// sent as they are (an alias would not make them shorter).
     fn alias_topic(&mut self, publish: &mut Publish) {
-        if !self.outgoing_aliases.enabled() || publish.topic.len() <= 3 {
+        if self.outgoing_aliases.is_none() || publish.topic.len() <= 3 {
             return;
         }
-        if let Some(alias) = self.outgoing_aliases.known(&publish.topic) {
+        if let Some(alias) = self.outgoing_aliases.as_mut().and_then(|aliases| aliases.known(&publish.topic)) {
             publish.topic.clear();
             publish.properties.topic_alias = Some(alias);
             return;
@@ -805,7 +817,7 @@ impl<S: AsyncRead + AsyncWrite + ReadReady + Unpin> Connection<S> {
                 return;
             }
         }
-        match self.outgoing_aliases.assign(&publish.topic) {
+        match self.outgoing_aliases.as_mut().and_then(|aliases| aliases.assign(&publish.topic)) {
             Some(AliasUse::Bound(alias)) => publish.properties.topic_alias = Some(alias),
             Some(AliasUse::Known(alias)) => {
                 publish.topic.clear();
@@ -841,7 +853,7 @@ impl<S: AsyncRead + AsyncWrite + ReadReady + Unpin> Connection<S> {
     /// Sends `ack` now, or once `wait` resolves (input waits meanwhile).
     fn acknowledge(&mut self, ack: Packet, wait: Option<BoxFuture<'static, ()>>) {
         match wait {
-            Some(wait) => self.awaiting = Some((ack, None, wait)),
+            Some(wait) => self.awaiting = Some(Box::new((ack, None, wait))),
             None => self.send_ack(ack),
         }
     }
@@ -895,7 +907,7 @@ impl<S: AsyncRead + AsyncWrite + ReadReady + Unpin> Connection<S> {
     async fn release_all_held(&mut self) {
         // A retained publish's forward waits in `awaiting` until its owners
         // stored it: made safe too (its acknowledgement is not sent).
-        let awaiting = self.awaiting.as_ref().and_then(|(_, forwarded, _)| *forwarded);
+        let awaiting = self.awaiting.as_ref().and_then(|awaiting| awaiting.1);
         let Some(upto) = self.held.newest().max(awaiting) else { return };
         let wait = match self.held.settling.take() {
             Some((settling, wait)) if settling == upto => Some(wait),
@@ -987,7 +999,7 @@ impl<S: AsyncRead + AsyncWrite + ReadReady + Unpin> Connection<S> {
         let shutdown = self.client.stream.shutdown();
         let _ = tokio::time::timeout(self.keep_alive.unwrap_or(Duration::from_secs(5)), shutdown).await;
         let now = self.broker.now_ms();
-        let will = self.will.take().filter(|_| will).map(|w| will_message(w, self.version, &client_id, now));
+        let will = self.will.take().filter(|_| will).map(|w| will_message(*w, self.version, &client_id, now));
         self.broker.disconnect(&self.session, Departure { connection_id: self.attachment.connection_id, will });
         if let Err(err) = self.broker.storage.flush() {
             tracing::error!(cause = %err, "storage flush failed");
@@ -1025,11 +1037,20 @@ fn strip_problem_information(packet: &mut Packet) {
     }
 }
 
+/// Resolves at `at` (pending forever without one). Its timer is boxed, made
+/// only when polled: a connection never throttled carries none.
+async fn throttle_over(at: Option<Instant>) {
+    match at {
+        Some(at) => Box::pin(tokio::time::sleep_until(at)).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Waits for what an acknowledgement waits for (pending forever when none
 /// waits; the caller polls it only while one does).
-async fn fleet_settled(awaiting: &mut Option<Awaiting>) {
+async fn fleet_settled(awaiting: &mut Option<Box<Awaiting>>) {
     match awaiting {
-        Some((_, _, wait)) => wait.as_mut().await,
+        Some(awaiting) => awaiting.2.as_mut().await,
         None => std::future::pending().await,
     }
 }

@@ -346,9 +346,17 @@ async fn serve_stream(
     let _ = stream.set_nodelay(true);
     match transport {
         Transport::Tcp => connection::serve(stream, peer, broker, shutdown).await,
-        Transport::WebSocket => match websocket::accept(stream).await {
-            Ok(bridge) => connection::serve(bridge, peer, broker, shutdown).await,
-            Err(err) => tracing::info!(%peer, cause = %err, "WebSocket handshake refused"),
-        },
+        // Boxed: a WebSocket connection's state is larger, and every TCP
+        // connection's task would be that large too (an idle connection's
+        // memory is mostly its task).
+        Transport::WebSocket => {
+            Box::pin(async move {
+                match websocket::accept(stream).await {
+                    Ok(bridge) => connection::serve(bridge, peer, broker, shutdown).await,
+                    Err(err) => tracing::info!(%peer, cause = %err, "WebSocket handshake refused"),
+                }
+            })
+            .await
+        }
     }
 }
