@@ -243,7 +243,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ClientStream<S> {
     }
 
     /// Gives back an empty write buffer of any size (the connection is idle).
-    fn release_idle_buffers(&mut self) {
+    fn release_idle_write_buffer(&mut self) {
         if self.wbuf.is_empty() {
             self.wbuf = BytesMut::new();
         }
@@ -530,7 +530,7 @@ impl<S: AsyncRead + AsyncWrite + ReadReady + Unpin> Connection<S> {
                 // again at once (after a look at the socket above).
                 _ = tokio::task::yield_now(), if more => {}
                 _ = &mut keep_alive_timer => {
-                    self.client.release_idle_buffers();
+                    self.client.release_idle_write_buffer();
                     let Some(keep_alive) = self.keep_alive else { continue };
                     if awaiting {
                         // We are not reading (an acknowledgement waits for the

@@ -166,15 +166,7 @@ impl Cluster {
             let route = ForwardRoute { sent_on: Some(dead), ..ForwardRoute::plain() };
             self.forward_held(st, storage, message, &[dead], &route);
             bump(&self.sessions.stats.sent_on_relayed, 1);
-        } else if !st.peers.contains_key(&dead)
-            && !st.gone.contains_key(&dead)
-            && !self.sessions.adopted.lock().contains_key(&dead)
-            && !st.strangers.held_peers().any(|peer| super::node_id(peer) == dead)
-        {
-            // Never known here (or forgotten long ago, or before this
-            // node restarted), and not about to be (no frames of it wait
-            // for its record): none of its sessions was adopted here, and
-            // none will be. (The adopted sessions' lock is a leaf.)
+        } else if self.never_knew(st, dead) {
             bump(&self.sessions.stats.sent_on_unknown, 1);
         } else {
             match received.sent_on.last_mut() {
@@ -182,6 +174,17 @@ impl Cluster {
                 _ => received.sent_on.push((dead, vec![message])),
             }
         }
+    }
+
+    /// Whether `node` was never known here (or forgotten long ago, or
+    /// before this node restarted) and is not about to be (no frames of it
+    /// wait for its record): none of its sessions was adopted here, and
+    /// none will be. (The adopted sessions' lock is a leaf.)
+    fn never_knew(&self, st: &State, node: NodeId) -> bool {
+        !st.peers.contains_key(&node)
+            && !st.gone.contains_key(&node)
+            && !self.sessions.adopted_from(node)
+            && !st.strangers.held_peers().any(|peer| super::node_id(peer) == node)
     }
 
     /// Gives the core the membership view of the live set.

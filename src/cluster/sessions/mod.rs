@@ -201,7 +201,7 @@ pub(super) struct Sessions {
     tasks: Mutex<JoinSet<()>>,
     /// Per dead node, since when and the clients whose sessions this node
     /// adopted from it: what others held for it goes to them.
-    pub(in crate::cluster) adopted: Mutex<HashMap<NodeId, Adopted>>,
+    adopted: Mutex<HashMap<NodeId, Adopted>>,
     /// Messages held for a node not (yet) dead here, for when it is.
     sent_on_waiting: Mutex<HashMap<NodeId, Waiting>>,
     /// Claims are answered from then on (see [`Sessions::membership_changed`]).
@@ -254,6 +254,12 @@ impl Sessions {
             stats: SessionStats::default(),
         };
         (sessions, changes)
+    }
+
+    /// Whether this node adopted sessions of dead node `node` (or ran
+    /// adoption for it) within the time it remembers that.
+    pub(in crate::cluster) fn adopted_from(&self, node: NodeId) -> bool {
+        self.adopted.lock().contains_key(&node)
     }
 
     /// A sender of storage's writes to persistent sessions, for
