@@ -172,6 +172,9 @@ pub struct StartArgs {
     /// Topic levels naming a route shard, the same on every node [toml: cluster.shard_depth]
     #[arg(long, env = "KADMQ_SHARD_DEPTH", value_name = "N")]
     pub shard_depth: Option<usize>,
+    /// Entries at which a route shard splits by the next topic level (0 = never) [toml: cluster.split_entries]
+    #[arg(long, env = "KADMQ_SPLIT_ENTRIES", value_name = "N")]
+    pub split_entries: Option<usize>,
     /// Seconds of silence before a node is declared dead [toml: cluster.dead_timeout_secs]
     #[arg(long, env = "KADMQ_DEAD_TIMEOUT", value_name = "SECS")]
     pub dead_timeout: Option<u64>,
@@ -259,6 +262,7 @@ impl StartArgs {
         }
         set(&mut c.replication, &self.replication);
         set(&mut c.shard_depth, &self.shard_depth);
+        set(&mut c.split_entries, &self.split_entries);
         set(&mut c.dead_timeout_secs, &self.dead_timeout);
         set(&mut c.send_buffer_mib, &self.cluster_send_buffer);
         set(&mut c.subscribe_ack_timeout_ms, &self.subscribe_ack_timeout_ms);
@@ -404,6 +408,7 @@ mod tests {
             ("cluster-key-file", "KADMQ_CLUSTER_KEY_FILE"),
             ("replication", "KADMQ_REPLICATION"),
             ("shard-depth", "KADMQ_SHARD_DEPTH"),
+            ("split-entries", "KADMQ_SPLIT_ENTRIES"),
             ("dead-timeout", "KADMQ_DEAD_TIMEOUT"),
             ("join-timeout-ms", "KADMQ_JOIN_TIMEOUT_MS"),
         ] {

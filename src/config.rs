@@ -114,6 +114,9 @@ pub struct ClusterSettings {
     pub replication: usize,
     /// Literal topic levels that name a shard; every node of a fleet must agree.
     pub shard_depth: usize,
+    /// Entries at which a route shard splits by the next topic level (0 =
+    /// never), so a hot prefix (`devices/eu/…`) spreads over the fleet.
+    pub split_entries: usize,
     /// Seconds without a heartbeat before a node is declared dead (suspect at half).
     pub dead_timeout_secs: u64,
     /// MiB held for all other nodes together (frames queued or being
@@ -165,6 +168,7 @@ impl Default for ClusterSettings {
             cluster_key_file: None,
             replication: 3,
             shard_depth: kadmq_dht::shard::DEFAULT_SHARD_DEPTH,
+            split_entries: kadmq_dht::core::node::DEFAULT_SPLIT_ENTRIES,
             dead_timeout_secs: 8,
             send_buffer_mib: 256,
             subscribe_ack_timeout_ms: 2_000,

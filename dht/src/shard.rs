@@ -67,7 +67,13 @@ pub fn filter_prefix(filter: &str, depth: usize) -> &str {
     &filter[..end.min(filter.len())]
 }
 
-/// The shard of a topic filter.
+/// Levels of `filter` before its first wildcard (every level of a topic).
+pub fn literal_depth(filter: &str) -> usize {
+    levels(filter).take_while(|level| *level != "+" && *level != "#").count()
+}
+
+/// The shard of a topic filter, before any hot-prefix split (a split moves
+/// it a level deeper: see the routing core's `node` module).
 pub fn filter_shard(filter: &str, depth: usize) -> ShardKey {
     ShardKey::of_prefix(filter_prefix(filter, depth))
 }
@@ -107,6 +113,10 @@ mod tests {
         assert_eq!(filter_prefix("a", 3), "a");
         assert_eq!(filter_prefix("/x", 1), "");
         assert_eq!(filter_prefix("a/#", 3), "a");
+        assert_eq!(literal_depth("a/b/c"), 3);
+        assert_eq!(literal_depth("a/+/c"), 1);
+        assert_eq!(literal_depth("#"), 0);
+        assert_eq!(literal_depth("/x"), 2);
     }
 
     #[test]

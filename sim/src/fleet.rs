@@ -531,6 +531,9 @@ impl Simulation {
                 }
                 Action::Deliver { msg, route } => self.delivered(from, msg, &route),
                 Action::Routed { msg, .. } => self.msgs[msg as usize].routed_at = Some(now),
+                Action::Split { shard, .. } => {
+                    self.oracle.split(shard);
+                }
                 Action::ArmTimer { at } => {
                     self.nodes[from as usize].timer_at = Some(at);
                     self.queue.schedule(at, SimEvent::Timer { node: from, at });
@@ -943,6 +946,14 @@ pub fn add_counters(sum: &mut Counters, c: &Counters) {
     sum.repairs_requested += c.repairs_requested;
     sum.shards_released += c.shards_released;
     sum.entries_dropped += c.entries_dropped;
+    sum.assertions_retried += c.assertions_retried;
+    sum.assertion_gaps += c.assertion_gaps;
+    sum.delta_gaps += c.delta_gaps;
+    sum.watch_mismatches += c.watch_mismatches;
+    sum.resyncs += c.resyncs;
+    sum.splits += c.splits;
+    sum.splits_adopted += c.splits_adopted;
+    sum.filters_moved += c.filters_moved;
     for i in 0..sum.frames_sent.len() {
         sum.frames_sent[i] += c.frames_sent[i];
         sum.frames_received[i] += c.frames_received[i];

@@ -14,14 +14,21 @@
 //! figures may judge ([`DeliveryWindow`]): a publish is steady only if no
 //! fault could have touched it between its publish and its last delivery.
 //!
+//! Which shard a filter belongs in follows the core's hot-prefix splits:
+//! the fleet tells the oracle of each split the moment an owner makes it
+//! ([`Oracle::split`]), and the truth of the filters that go deeper moves
+//! to the child shards at once (the replicas follow as the subscriber nodes
+//! move them, which the audits see as convergence).
+//!
 //! Boundary: truth only. It never routes, and it is updated by the fleet
 //! the instant a subscription is made or its node dies.
 
 use crate::engine::Millis;
 use kadmq_dht::core::route_shard::entry_hash;
 use kadmq_dht::core::NodeId;
-use kadmq_dht::{filter_shard, ShardKey};
-use rustc_hash::FxHashMap;
+use kadmq_dht::shard::{filter_prefix, literal_depth};
+use kadmq_dht::ShardKey;
+use rustc_hash::{FxHashMap, FxHashSet};
 
 const NONE: u32 = u32::MAX;
 
@@ -34,6 +41,7 @@ struct TrieNode {
 
 #[derive(Default)]
 struct Slot {
+    filter: Box<str>,
     /// Nodes with non-shared subscriptions to this filter, their count and
     /// since when they have had one.
     plain: Vec<Entry>,
@@ -142,6 +150,9 @@ pub struct Oracle {
     groups: Vec<Group>,
     group_ids: FxHashMap<(Box<str>, Box<str>), u32>,
     shards: FxHashMap<ShardKey, ShardTruth>,
+    /// Split shards, and the slots (filters) that live in each shard.
+    splits: FxHashSet<ShardKey>,
+    homed: FxHashMap<ShardKey, Vec<u32>>,
     entries: u64,
 }
 
@@ -156,8 +167,65 @@ impl Oracle {
             groups: Vec::new(),
             group_ids: FxHashMap::default(),
             shards: FxHashMap::default(),
+            splits: FxHashSet::default(),
+            homed: FxHashMap::default(),
             entries: 0,
         }
+    }
+
+    /// The shard `filter` lives in, given the splits so far (the core's rule).
+    fn home(&self, filter: &str) -> ShardKey {
+        let literal = literal_depth(filter);
+        let mut depth = literal.min(self.shard_depth);
+        let mut key = ShardKey::of_prefix(filter_prefix(filter, depth));
+        while depth < literal && self.splits.contains(&key) {
+            depth += 1;
+            key = ShardKey::of_prefix(filter_prefix(filter, depth));
+        }
+        key
+    }
+
+    /// Shard `key` split: its filters that go deeper belong to the child
+    /// shards now. False if it had split before.
+    pub fn split(&mut self, key: ShardKey) -> bool {
+        if !self.splits.insert(key) {
+            return false;
+        }
+        let slots = self.homed.remove(&key).unwrap_or_default();
+        for slot in slots {
+            let home = self.home(&self.slots[slot as usize].filter);
+            if home != key {
+                let (entries, digest) = self.slot_truth(slot);
+                let old = self.shards.entry(key).or_default();
+                old.entries -= entries;
+                old.digest ^= digest;
+                let new = self.shards.entry(home).or_default();
+                new.entries += entries;
+                new.digest ^= digest;
+            }
+            self.homed.entry(home).or_default().push(slot);
+        }
+        true
+    }
+
+    /// Split shards so far.
+    pub fn splits(&self) -> usize {
+        self.splits.len()
+    }
+
+    /// The entries of one filter (plain and shared) and their digest.
+    fn slot_truth(&self, slot: u32) -> (u64, u64) {
+        let s = &self.slots[slot as usize];
+        let mut entries = s.plain.len() as u64;
+        let mut digest = s.plain.iter().fold(0, |h, &(n, _, _)| h ^ entry_hash(NodeId(n as u64), &s.filter, None));
+        for &g in &s.shared {
+            let group = &self.groups[g as usize];
+            entries += group.members.len() as u64;
+            for &(n, _, _) in &group.members {
+                digest ^= entry_hash(NodeId(n as u64), &s.filter, Some(&group.group));
+            }
+        }
+        (entries, digest)
     }
 
     /// Distinct (filter, group, node) entries: the size of a fully
@@ -215,8 +283,11 @@ impl Oracle {
             };
         }
         if self.nodes[at as usize].slot == NONE {
-            self.slots.push(Slot::default());
-            self.nodes[at as usize].slot = (self.slots.len() - 1) as u32;
+            self.slots.push(Slot { filter: filter.into(), ..Slot::default() });
+            let slot = (self.slots.len() - 1) as u32;
+            self.nodes[at as usize].slot = slot;
+            let home = self.home(filter);
+            self.homed.entry(home).or_default().push(slot);
         }
         self.nodes[at as usize].slot
     }
@@ -279,7 +350,7 @@ impl Oracle {
         };
         let flipped = (before == 0) != (after == 0);
         if flipped {
-            let key = filter_shard(filter, self.shard_depth);
+            let key = self.home(filter);
             let truth = self.shards.entry(key).or_default();
             truth.digest ^= entry_hash(NodeId(node as u64), filter, group);
             if after > 0 {
@@ -358,6 +429,7 @@ impl Oracle {
 mod tests {
     use super::*;
     use crate::dice::Dice;
+    use kadmq_dht::filter_shard;
 
     /// The MQTT rules written out plainly, to check the trie against.
     fn plain_match(filter: &str, topic: &str) -> bool {
@@ -456,5 +528,32 @@ mod tests {
         o.change(0, 3, "a/+", Some("g"), -1);
         assert_eq!(o.expected("a/x"), Expected::default());
         assert_eq!(o.shard(&filter_shard("a/+", 1)), ShardTruth::default(), "digest returns to 0");
+    }
+
+    #[test]
+    fn a_split_moves_the_truth_of_deeper_filters_to_the_children() {
+        let mut o = Oracle::new(1);
+        o.change(0, 1, "d/x/t", None, 1);
+        o.change(0, 2, "d/x/#", Some("g"), 1);
+        o.change(0, 1, "d/y", None, 1);
+        o.change(0, 3, "d/+/t", None, 1);
+        let (parent, x, y) = (filter_shard("d", 1), ShardKey::of_prefix("d/x"), ShardKey::of_prefix("d/y"));
+        assert_eq!(o.shard(&parent).entries, 4);
+        assert!(o.split(parent));
+        assert!(!o.split(parent), "once");
+        assert_eq!(o.shard(&parent).entries, 1, "the wildcard at the split level stays");
+        assert_eq!(o.shard(&x).entries, 2);
+        assert_eq!(o.shard(&y).entries, 1);
+        // The same digest as building the children from scratch.
+        let mut fresh = Oracle::new(1);
+        fresh.split(parent);
+        fresh.change(0, 1, "d/x/t", None, 1);
+        fresh.change(0, 2, "d/x/#", Some("g"), 1);
+        assert_eq!(o.shard(&x), fresh.shard(&x));
+        // A new filter goes to its child at once; one that leaves leaves it.
+        o.change(0, 4, "d/x/u", None, 1);
+        o.change(0, 1, "d/x/t", None, -1);
+        assert_eq!(o.shard(&x).entries, 2);
+        assert_eq!(o.shard(&parent).entries, 1);
     }
 }

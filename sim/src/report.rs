@@ -456,6 +456,12 @@ impl Report {
             "lookups: {:.4} remote per publish, cache hit rate {:.4}, failed {}, retries {}",
             l.remote_lookups_per_publish, l.cache_hit_rate, l.lookups_failed, l.lookup_retries
         );
+        let c = &self.core_counters;
+        let _ = writeln!(
+            w,
+            "splits: {} shards split by an owner ({} adoptions by other owners), {} filters moved to child shards",
+            c.splits, c.splits_adopted, c.filters_moved
+        );
         let wi = &self.wire;
         let _ = writeln!(
             w,

@@ -69,6 +69,8 @@ pub struct FleetConfig {
     pub lookup_timeout_ms: u64,
     /// 0 turns anti-entropy off.
     pub anti_entropy_interval_ms: u64,
+    /// Entries at which an owner splits a shard by the next level (0 = never).
+    pub split_entries: usize,
 }
 
 impl Default for FleetConfig {
@@ -89,6 +91,7 @@ impl Default for FleetConfig {
             handoff_warmup_ms: core.handoff_warmup_ms,
             lookup_timeout_ms: core.lookup_timeout_ms,
             anti_entropy_interval_ms: core.anti_entropy_interval_ms,
+            split_entries: core.split_entries,
         }
     }
 }
@@ -110,6 +113,7 @@ impl FleetConfig {
             handoff_warmup_ms: self.handoff_warmup_ms,
             lookup_timeout_ms: self.lookup_timeout_ms,
             anti_entropy_interval_ms: self.anti_entropy_interval_ms,
+            split_entries: self.split_entries,
             ..RoutingConfig::default()
         }
     }
@@ -182,6 +186,11 @@ pub struct TopicConfig {
     pub second_level_zipf: f64,
     pub depth_min: usize,
     pub depth_max: usize,
+    /// A share of topics and filters (`hot_share`) starts with these levels
+    /// instead of the first one (`devices/eu`: the skewed tree of a fleet
+    /// that names devices under one prefix).
+    pub hot_prefix: String,
+    pub hot_share: f64,
 }
 
 impl Default for TopicConfig {
@@ -193,6 +202,8 @@ impl Default for TopicConfig {
             second_level_zipf: 0.0,
             depth_min: 2,
             depth_max: 4,
+            hot_prefix: String::new(),
+            hot_share: 0.0,
         }
     }
 }

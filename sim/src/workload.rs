@@ -78,6 +78,10 @@ impl Workload {
             let name = if i == 1 { self.second.sample(rng) } else { rng.int(0..self.topics.branching) };
             levels.push(format!("l{name}"));
         }
+        let hot = &self.topics.hot_prefix;
+        if self.topics.hot_share > 0.0 && !hot.is_empty() && rng.chance(self.topics.hot_share.min(1.0)) {
+            levels.splice(0..1, hot.split('/').map(str::to_string));
+        }
         levels
     }
 

@@ -77,6 +77,7 @@ pub async fn start(settings: &ClusterSettings, cx: StartContext<'_>) -> Result<A
         shard_depth: settings.shard_depth,
         max_topic_levels: cx.broker.config.max_topic_levels,
         anti_entropy_interval_ms: settings.route_check_secs.saturating_mul(1000),
+        split_entries: settings.split_entries,
         ..core::RoutingConfig::default()
     };
     let mut node = Node::new(me, core_config.clone());

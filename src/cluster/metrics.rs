@@ -165,6 +165,24 @@ impl Cluster {
                 c.delta_gaps + c.watch_mismatches,
             ),
             figure(
+                "kadmq_cluster_route_splits_total",
+                "counter",
+                "Owned route shards this node split by the next topic level (they passed cluster.split_entries).",
+                c.splits,
+            ),
+            figure(
+                "kadmq_cluster_route_splits_adopted_total",
+                "counter",
+                "Owned route shards this node learned are split from another node (a replica, a subscriber node).",
+                c.splits_adopted,
+            ),
+            figure(
+                "kadmq_cluster_route_filters_moved_total",
+                "counter",
+                "Local filters moved to a child shard after their shard split.",
+                c.filters_moved,
+            ),
+            figure(
                 "kadmq_cluster_route_resyncs_total",
                 "counter",
                 "Peers brought up to date (watched shard versions, unacknowledged assertions) after route frames to them were lost.",

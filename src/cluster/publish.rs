@@ -405,6 +405,10 @@ impl Cluster {
                     }
                     routed.push((msg, forwards));
                 }
+                Action::Split { prefix, .. } => {
+                    // A few per fleet in its life: one line each is right.
+                    tracing::info!(prefix = %prefix, "route shard split by the next topic level (cluster.split_entries)");
+                }
                 Action::ArmTimer { at } => {
                     st.timer_at = Some(at);
                     self.timer.notify_one();

@@ -142,6 +142,8 @@ fn assert_op(filter: &str, shard_of: &str) -> Bytes {
         seq: 1,
         replace: false,
         ops: vec![op],
+        split: false,
+        more: false,
     })
 }
 

@@ -42,6 +42,10 @@ struct Net {
     /// Route frames a test wants lost: (from, to, frame) → lose it?
     lose: Option<Box<LosePick>>,
     lost: u64,
+    /// Shards split (each owner that split one counts).
+    splits: u64,
+    /// The largest encoded route frame sent.
+    largest_frame: usize,
 }
 
 impl Net {
@@ -62,6 +66,8 @@ impl Net {
             loss: 0.0,
             lose: None,
             lost: 0,
+            splits: 0,
+            largest_frame: 0,
         };
         let ids: Vec<NodeId> = (0..nodes).map(|_| net.fresh_id()).collect();
         for &id in &ids {
@@ -114,7 +120,9 @@ impl Net {
                         self.lost += 1;
                         continue;
                     }
-                    self.links.entry((id, to)).or_default().push_back(Wire::Frame(encode(&frame)));
+                    let bytes = encode(&frame);
+                    self.largest_frame = self.largest_frame.max(bytes.len());
+                    self.links.entry((id, to)).or_default().push_back(Wire::Frame(bytes));
                 }
                 Action::Forward { to, msg, route } => {
                     assert_ne!(to, id);
@@ -122,6 +130,7 @@ impl Net {
                 }
                 Action::Deliver { msg, route } => self.deliveries.push((id, msg, route)),
                 Action::Routed { .. } => {}
+                Action::Split { .. } => self.splits += 1,
                 Action::ArmTimer { at } => {
                     self.timers.insert(id, at);
                 }
@@ -661,6 +670,147 @@ fn every_publish_reaches_its_subscribers(net: &mut Net, topics: &[String], excep
     Ok(())
 }
 
+/// A shard that passes `split_entries` while publishes flow splits by the
+/// next level: every publish made at any point of the move (with frames
+/// still in flight, timers firing in between) reaches exactly the nodes the
+/// global table names; afterwards the filters sit in the child shards,
+/// spread over their owners, and the parent holds none.
+#[test]
+fn a_hot_shard_splits_without_missing_a_publish() {
+    let seeds: u64 = std::env::var("SPLIT_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(60);
+    for seed in 0..seeds {
+        let mut config = test_config();
+        // Passed between two flushes, so the split and the moves happen
+        // while frames are in flight.
+        config.split_entries = 42 + seed as usize % 6;
+        let mut net = Net::new(300 + seed, config, OwnershipConfig::Xor, 5);
+        let ids = net.ids();
+        let topic = |i: usize| format!("dev/d{i}/t");
+        let mut published: Vec<(u64, String)> = Vec::new();
+        // Subscriptions made before the last time everything was delivered:
+        // every publisher has heard of them. (One made since may not be in
+        // a publisher's cached copy yet even once its owners acknowledged
+        // it: a known race of any subscribe, split or not.)
+        let mut flushed = 0;
+        for i in 0..120 {
+            net.subscribe(ids[i % ids.len()], &topic(i), None);
+            // A wildcard at the split level: it stays in the parent.
+            net.subscribe(ids[(i + 1) % ids.len()], "dev/+/t", None);
+            net.unsubscribe(ids[(i + 1) % ids.len()], "dev/+/t", None);
+            for _ in 0..net.rng.gen_range(0..30) {
+                net.step();
+            }
+            // Publishes to devices made with frames in flight: the split
+            // and the moves happen among them.
+            let settled: Vec<usize> = (0..flushed).collect();
+            for _ in 0..4 {
+                if settled.is_empty() {
+                    break;
+                }
+                let t = topic(settled[net.rng.gen_range(0..settled.len())]);
+                let publisher = ids[net.rng.gen_range(0..ids.len())];
+                net.next_msg += 1;
+                net.topics.insert(net.next_msg, t.clone());
+                net.handle(publisher, Event::Publish { topic: &t, msg: net.next_msg });
+                published.push((net.next_msg, t));
+                for _ in 0..net.rng.gen_range(0..8) {
+                    net.step();
+                }
+            }
+            // Now and then time passes: moves finish, tails go out. (Frames
+            // do not wait across it: the warm-up covers their travel.)
+            if i % 10 == 9 {
+                net.run_for(100);
+                flushed = i + 1;
+            }
+        }
+        net.settle();
+        for (msg, t) in &published {
+            let got: Vec<(NodeId, ForwardRoute)> =
+                net.deliveries.iter().filter(|(_, m, _)| m == msg).map(|(n, _, r)| (*n, r.clone())).collect();
+            net.check(t, &got).unwrap_or_else(|e| panic!("seed {seed}, message {msg}: {e}"));
+        }
+        assert!(net.splits >= 1, "seed {seed}: the shard split");
+        let parent = ShardKey::of_prefix("dev");
+        for node in net.nodes.values() {
+            assert_eq!(node.owned_shard(&parent).map_or(0, |s| s.len()), 0, "seed {seed}: the parent let go");
+        }
+        let owned: Vec<usize> = net.nodes.values().map(|n| n.entries_owned()).collect();
+        let mean = owned.iter().sum::<usize>() as f64 / owned.len() as f64;
+        let max = *owned.iter().max().expect("nodes") as f64;
+        assert!(max <= 1.25 * mean, "seed {seed}: entries per node {owned:?}");
+        // A node that publishes to one device caches only that device's path.
+        let fresh = net.join();
+        net.settle();
+        let got = net.publish(fresh, &topic(7));
+        net.check(&topic(7), &got).unwrap();
+        assert!(
+            net.nodes[&fresh].cache().entries() <= 1,
+            "seed {seed}: {} cached",
+            net.nodes[&fresh].cache().entries()
+        );
+    }
+}
+
+/// A shard too large for one frame is answered, re-asserted to a new owner
+/// and dropped (its node crashed) in parts, and arrives whole.
+#[test]
+fn a_large_shard_travels_in_parts_and_arrives_whole() {
+    let mut config = test_config();
+    config.split_entries = 0;
+    config.frame_chunk_bytes = 300;
+    let mut net = Net::new(41, config, OwnershipConfig::Xor, 5);
+    let ids = net.ids();
+    let owners = net.owners_of("big/x");
+    let publisher = *ids.iter().find(|n| !owners.contains(n)).expect("a node that owns no copy");
+    let (subscriber, other) = {
+        let mut rest = ids.iter().copied().filter(|n| *n != publisher);
+        (rest.next().expect("four others"), rest.next().expect("four others"))
+    };
+    for i in 0..300 {
+        net.subscribe(subscriber, &format!("big/f{i}"), None);
+    }
+    for i in 0..100 {
+        net.subscribe(other, &format!("big/g{i}"), Some("grp"));
+    }
+    net.settle();
+    // The first part of the first answer to the publisher is lost: the
+    // rest is no answer (the next owner is asked).
+    let mut lost_one = false;
+    net.lose = Some(Box::new(move |_, to, frame| {
+        let first = !lost_one && to == publisher && matches!(frame, Frame::LookupReply { part: 0, more: true, .. });
+        lost_one |= first;
+        first
+    }));
+    let before = net.nodes[&publisher].counters().received(FrameKind::LookupReply);
+    for topic in ["big/f17", "big/g5"] {
+        let got = net.publish(publisher, topic);
+        net.check(topic, &got).unwrap();
+    }
+    net.lose = None;
+    assert_eq!(net.lost, 1, "a part was lost");
+    let parts = net.nodes[&publisher].counters().received(FrameKind::LookupReply) - before;
+    assert!(parts > 10, "400 entries in 300-byte parts: {parts} replies");
+    assert_eq!(net.nodes[&publisher].cache().entries(), 400, "the answer arrived whole");
+    // A new node takes over copies: the re-assertions to it come in parts.
+    let fresh = net.join();
+    net.settle();
+    let key = ShardKey::of_prefix("big");
+    for owner in net.owners_of("big/x") {
+        assert_eq!(net.nodes[&owner].owned_shard(&key).map_or(0, |s| s.len()), 400, "{owner:?} holds it all");
+    }
+    assert!(net.nodes[&fresh].counters().received(FrameKind::Assert) > 10);
+    // The crash of `other` removes 100 entries: deltas in parts.
+    net.remove(other, true);
+    net.settle();
+    for topic in ["big/f3", "big/g5", "big/f299"] {
+        let got = net.publish(publisher, topic);
+        net.check(topic, &got).unwrap();
+    }
+    assert_eq!(net.nodes[&publisher].cache().entries(), 300);
+    assert!(net.largest_frame < 1_000, "the largest route frame had {} bytes", net.largest_frame);
+}
+
 /// The subscriber has not noticed the change (its re-assertions to the new
 /// owners are not even sent) while everyone else, new owners included,
 /// already routes by the new view: new owners must defer to the owners of
@@ -765,9 +915,14 @@ mod churn {
     use super::*;
     use proptest::prelude::*;
 
-    const FILTERS: &[&str] =
-        &["a/b", "a/+", "a/#", "#", "+/b", "+", "b", "b/c/d", "b/+/d", "$SYS/x", "$SYS/#", "c/d", "+/+/d", "c/#"];
-    const TOPICS: &[&str] = &["a/b", "a", "b", "b/c/d", "$SYS/x", "c/d", "x/b", "a/b/c", "c"];
+    // Shard depth 1: "a", "b" and "c" hold several filters each, some of
+    // them deeper than one level, so a small `split_entries` splits them
+    // (and their children) in the middle of the churn.
+    const FILTERS: &[&str] = &[
+        "a/b", "a/+", "a/#", "#", "+/b", "+", "b", "b/c/d", "b/+/d", "$SYS/x", "$SYS/#", "c/d", "+/+/d", "c/#",
+        "a/b/c", "a/b/#", "a/c/+", "b/c/#", "b/d",
+    ];
+    const TOPICS: &[&str] = &["a/b", "a", "b", "b/c/d", "$SYS/x", "c/d", "x/b", "a/b/c", "c", "a/c/d", "b/d"];
     const GROUPS: &[Option<&str>] = &[None, None, Some("g1"), Some("g2")];
 
     #[derive(Clone, Debug)]
@@ -881,10 +1036,16 @@ mod churn {
             replication in 1usize..4,
             ring in any::<bool>(),
             lossy in any::<bool>(),
+            split_entries in prop_oneof![Just(0usize), 1usize..4],
+            // Small enough that answers, re-assertions and deltas of a few
+            // entries go in parts.
+            chunk in prop_oneof![Just(super::node::DEFAULT_FRAME_CHUNK_BYTES), 20usize..120],
             ops in proptest::collection::vec(op(), 0..60),
         ) {
             let mut config = test_config();
             config.replication = replication;
+            config.split_entries = split_entries;
+            config.frame_chunk_bytes = chunk;
             let ownership = if ring { OwnershipConfig::Ring { vnodes: 8 } } else { OwnershipConfig::Xor };
             let mut net = Net::new(seed, config, ownership, nodes);
             // Lossy cases lose 5% of the route frames during the churn and

@@ -14,7 +14,7 @@ use crate::shard::ShardKey;
 use serde::{Deserialize, Serialize};
 
 /// Bumped on any incompatible change to [`Frame`].
-pub const FRAME_VERSION: u16 = 2;
+pub const FRAME_VERSION: u16 = 3;
 
 /// One filter of the sending node, asserted to an owner of its shard.
 /// Idempotent: `count` is the node's current number of local subscribers
@@ -96,24 +96,35 @@ pub enum Frame {
     /// after a move, a retry or a repair request). `seq` numbers the
     /// assertions of one (shard, subscriber, owner): the owner applies an
     /// incremental one only right after the one before it, and asks for a
-    /// replacement when one is missing.
-    Assert { shard: ShardKey, seq: u64, replace: bool, ops: Vec<RouteOp> },
+    /// replacement when one is missing. `split`: the sender knows the shard
+    /// is split (hot-prefix split, see the `node` module docs); the owner
+    /// takes it on, so a split outlives every owner that saw it happen.
+    /// `more`: a replacement too large for one frame goes on in the next
+    /// assertions (the first has `replace`, the last not `more`); the
+    /// owner removes what no part named only with the last.
+    Assert { shard: ShardKey, seq: u64, replace: bool, ops: Vec<RouteOp>, split: bool, more: bool },
     /// Owner → subscriber: assertions up to `seq` are applied and their
-    /// changes pushed to the shard's watchers.
-    Acked { shard: ShardKey, seq: u64 },
+    /// changes pushed to the shard's watchers. `split`: the shard is split;
+    /// the subscriber moves its deeper filters to the child shards.
+    Acked { shard: ShardKey, seq: u64, split: bool },
     /// Publisher → one owner: send me the shard and watch it for me.
     Lookup { shard: ShardKey, req: u64 },
     /// Owner → publisher. `version` numbers the owner's copy: each
-    /// [`Frame::Delta`] after it carries the next one.
-    LookupReply { shard: ShardKey, req: u64, version: u64, answer: LookupAnswer },
+    /// [`Frame::Delta`] after it carries the next one. `split`: the shard is
+    /// split; a publish also consults the child shard on its topic's path.
+    /// `part`, `more`: a shard too large for one frame is answered in parts
+    /// numbered from 0, all at `version`; `more` on every one but the last.
+    /// An asker missing a part drops the answer (and asks again).
+    LookupReply { shard: ShardKey, req: u64, version: u64, answer: LookupAnswer, split: bool, part: u32, more: bool },
     /// Publisher → owner: stop pushing the watch that lookup `req` made.
     /// (The request id keeps an unwatch meant for an older lookup from
     /// cancelling a newer one.)
     Unwatch { shard: ShardKey, req: u64 },
     /// Owner → a watcher: entries changed (`req`: the watcher's lookup),
     /// making the owner's copy `version`. A watcher whose copy is not at
-    /// `version - 1` missed a delta and looks the shard up again.
-    Delta { shard: ShardKey, req: u64, version: u64, changes: Vec<RouteChange> },
+    /// `version - 1` missed a delta and looks the shard up again. `split`:
+    /// as in [`Frame::LookupReply`], as of this version.
+    Delta { shard: ShardKey, req: u64, version: u64, changes: Vec<RouteChange>, split: bool },
     /// Owner → watchers: I no longer serve this shard; look it up again.
     Released { shard: ShardKey },
     /// Replica → replica: my hash of each shard we both own.
@@ -264,14 +275,40 @@ mod tests {
                 seq: 3,
                 replace: true,
                 ops: vec![RouteOp { filter: "devices/#".into(), group: None, count: 1 }],
+                split: true,
+                more: true,
             },
-            Frame::Acked { shard, seq: 3 },
+            Frame::Acked { shard, seq: 3, split: true },
             Frame::Lookup { shard, req: 9 },
-            Frame::LookupReply { shard, req: 9, version: 4, answer: LookupAnswer::Entries(vec![change.clone()]) },
-            Frame::LookupReply { shard, req: 10, version: 0, answer: LookupAnswer::NotOwner },
-            Frame::LookupReply { shard, req: 11, version: 1, answer: LookupAnswer::Warming(vec![change.clone()]) },
+            Frame::LookupReply {
+                shard,
+                req: 9,
+                version: 4,
+                answer: LookupAnswer::Entries(vec![change.clone()]),
+                split: true,
+                part: 0,
+                more: true,
+            },
+            Frame::LookupReply {
+                shard,
+                req: 10,
+                version: 0,
+                answer: LookupAnswer::NotOwner,
+                split: false,
+                part: 0,
+                more: false,
+            },
+            Frame::LookupReply {
+                shard,
+                req: 11,
+                version: 1,
+                answer: LookupAnswer::Warming(vec![change.clone()]),
+                split: false,
+                part: 3,
+                more: false,
+            },
             Frame::Unwatch { shard, req: 9 },
-            Frame::Delta { shard, req: 9, version: 5, changes: vec![change] },
+            Frame::Delta { shard, req: 9, version: 5, changes: vec![change], split: true },
             Frame::Released { shard },
             Frame::Digest { items: vec![(shard, u64::MAX)] },
             Frame::NodeDigests { shard, items: vec![(NodeId(1), 5)] },

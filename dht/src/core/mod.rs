@@ -59,15 +59,23 @@
 //! [`Node::shards_owned`], [`RouteCache::entries`], [`Node::local_filters`],
 //! [`Node::parked`].
 //!
-//! # Not yet here
+//! # Hot-prefix splits
 //!
-//! Hot-prefix splitting (DESIGN.md "Hot prefixes") is not implemented: a
-//! shard holds every filter whose literal prefix names it, however many.
-//! The intended shape: an owner whose shard passes a threshold marks it split
-//! (a `split: bool` in the lookup answer, cached like routes); filters whose
-//! literal prefix goes a level deeper are re-asserted by their nodes to the
-//! child shard `ShardKey::of_prefix(prefix + "/" + level)`; a publisher that
-//! finds a split shard also consults the child on its topic's path.
+//! A shard at the shard depth or deeper (never the root) whose owner holds
+//! [`RoutingConfig::split_entries`] entries, some of them deeper than its
+//! prefix, *splits* by the next topic level (DESIGN.md "Hot prefixes"): the
+//! owner marks it split ([`Action::Split`]) and says so in every lookup
+//! answer, delta and acknowledgement after; filters whose literal prefix
+//! goes a level deeper move to the child shard `prefix + "/" + level` (their
+//! nodes assert them there, and withdraw them from the parent once the
+//! child's owners acknowledged them and `handoff_warmup_ms` passed);
+//! filters with a wildcard at that level stay. A publisher that finds a
+//! split shard on its topic's path also consults the child, and so on down
+//! while children are split. The split flag travels in the subscriber
+//! nodes' assertions too, so new owners of the parent (after any churn)
+//! learn it; replicas compare it in anti-entropy. Not built: merging a
+//! split shard back once it shrinks (a split is for the life of the fleet's
+//! nodes).
 
 pub mod filter_trie;
 pub mod frame;

@@ -20,6 +20,10 @@
 //!   destination node with what it matched; `$share` groups get exactly one
 //!   node per message, picked by a hash of (message, group, filter) so every
 //!   publisher with the same view picks the same node.
+//! - **hot-prefix splits** (all three roles; see the module docs of
+//!   `core`): an owner splits a shard past `split_entries`, subscriber nodes
+//!   move their deeper filters to the child shards, publishers follow the
+//!   split flag down their topic's path.
 //!
 //! Boundary: no sockets, no clock, no randomness: time comes in with each
 //! event, and everything else is a function of the events. Liveness (who is
@@ -30,8 +34,8 @@ use super::frame::{ForwardRoute, Frame, FrameKind, LookupAnswer, RouteChange, Ro
 use super::id::{FastMap, NodeId, StableHasher};
 use super::ownership::{Membership, Owners, Ownership, OwnershipConfig, XorOwnership};
 use super::route_cache::{Applied, Evicted, PendingLookup, RouteCache, Warming};
-use super::route_shard::{entry_hash, FilterRoutes, InOrder, RouteShard};
-use crate::shard::{filter_prefix, filter_shard, publish_shards, ShardKey, DEFAULT_SHARD_DEPTH};
+use super::route_shard::{entry_hash, FilterRoutes, InOrder, RouteShard, SPLIT_MARK};
+use crate::shard::{filter_prefix, literal_depth, publish_shards, ShardKey, DEFAULT_SHARD_DEPTH};
 use crate::topic::{valid_share_group, valid_topic_filter, valid_topic_name, TopicLimit, TopicLimits, MAX_TOPIC_LEN};
 use smallvec::SmallVec;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -51,14 +55,20 @@ const MAX_RESYNC_MS: u64 = 4_000;
 /// ones are forgotten (a later acknowledgement covers them).
 const MAX_UNACKED: usize = 256;
 
+/// Default of [`RoutingConfig::frame_chunk_bytes`]: 1 MiB.
+pub const DEFAULT_FRAME_CHUNK_BYTES: usize = 1 << 20;
+/// Default of [`RoutingConfig::split_entries`].
+pub const DEFAULT_SPLIT_ENTRIES: usize = 4_096;
 /// Default of [`RoutingConfig::max_topic_levels`].
 pub const DEFAULT_MAX_TOPIC_LEVELS: usize = crate::topic::DEFAULT_MAX_LEVELS;
 /// Most items (ops, changes, digests, shards) one frame may carry. A frame
 /// is at most 16 MiB, so this only bites on frames of tiny items; it bounds
 /// the work one frame can ask for.
 pub const MAX_FRAME_ITEMS: usize = 1 << 20;
-/// Items per [`Frame::WatchState`] a resync sends (a shard key is
-/// encoded as 32 integers: 55-85 bytes an item, ~0.5 MiB a frame).
+/// Items per frame of per-shard items ([`Frame::WatchState`],
+/// [`Frame::Digest`], [`Frame::OwnDigests`], [`Frame::WatchCheck`],
+/// [`Frame::Reassert`]): a shard key is encoded as 32 integers, 55-85 bytes
+/// an item, ~0.5 MiB a frame.
 const WATCH_STATE_ITEMS: usize = 8_192;
 
 /// The routing core's settings, shared by the whole fleet (every node must
@@ -92,6 +102,14 @@ pub struct RoutingConfig {
     /// Most levels a topic filter or topic may have, here or in a frame
     /// from another node.
     pub max_topic_levels: usize,
+    /// Entries at which an owner splits a shard by the next topic level
+    /// (0 = never): a hot prefix (`devices/eu/…`) spreads over the child
+    /// shards' owners instead of sitting on R nodes.
+    pub split_entries: usize,
+    /// Bytes of entries (or operations) one frame carries at most: a
+    /// lookup answer, a re-assertion or a delta that would be larger goes in
+    /// parts (a frame is at most 16 MiB).
+    pub frame_chunk_bytes: usize,
 }
 
 impl RoutingConfig {
@@ -114,6 +132,8 @@ impl Default for RoutingConfig {
             anti_entropy_interval_ms: 30_000,
             assert_retry_ms: 1_000,
             max_topic_levels: DEFAULT_MAX_TOPIC_LEVELS,
+            split_entries: DEFAULT_SPLIT_ENTRIES,
+            frame_chunk_bytes: DEFAULT_FRAME_CHUNK_BYTES,
         }
     }
 }
@@ -172,6 +192,10 @@ pub enum Action {
     /// `local` Deliver were emitted for it (a QoS 1/2 publisher waits for
     /// that many acknowledgements).
     Routed { msg: u64, forwards: u32, local: bool },
+    /// This node split shard `shard` (literal prefix `prefix`) because it
+    /// passed [`RoutingConfig::split_entries`]. For the record (a log line,
+    /// a count); nothing to carry out.
+    Split { shard: ShardKey, prefix: String },
     /// Call `handle(Event::Timer)` at `at` (ms). Replaces any earlier-armed
     /// time: the core only emits this when its next deadline moves earlier,
     /// and re-arms after each timer event.
@@ -301,6 +325,12 @@ pub struct Counters {
     /// Nodes brought up to date after frames to them were lost
     /// ([`Event::FramesLost`]).
     pub resyncs: u64,
+    /// Owned shards this node split (passed `split_entries`).
+    pub splits: u64,
+    /// Owned shards this node learned are split from another node.
+    pub splits_adopted: u64,
+    /// Local filters moved to a child shard after their shard split.
+    pub filters_moved: u64,
     /// Frames sent, by [`FrameKind`] (index: position in [`FrameKind::ALL`]).
     pub frames_sent: [u64; FRAME_KINDS],
     pub frames_received: [u64; FRAME_KINDS],
@@ -353,6 +383,15 @@ impl LocalCounts {
 #[derive(Clone, Debug, Default)]
 struct LocalShard {
     filters: BTreeSet<Box<str>>,
+    /// Levels of the shard's literal prefix.
+    depth: usize,
+    /// The shard is split: deeper filters live in the child shards. Kept
+    /// (and re-asserted to new owners) while the node lives, so a split
+    /// outlives the owners that made it.
+    split: bool,
+    /// Filters moved to a child shard that still wait to leave this one:
+    /// they do once the child's owners acknowledged them (the ticket).
+    moving: Vec<(Box<str>, RouteTicket)>,
     owners: Owners,
     /// Bumped by every change of this node's entries here; what a
     /// [`RouteTicket`] waits for.
@@ -404,6 +443,9 @@ struct Parked {
     msg: u64,
     matched: Vec<(NodeId, Option<SharedPick>)>,
     waiting: u32,
+    /// The deepest shard on the topic's path that is awaited and may be
+    /// split (its levels): if its answer says split, the child is next.
+    tip: Option<(ShardKey, usize)>,
 }
 
 /// One cluster member's routing core.
@@ -433,6 +475,8 @@ pub struct Node {
     lookup_deadlines: BTreeSet<(u64, ShardKey)>,
     /// When a local shard's unacknowledged assertions are sent again.
     assert_retries: BTreeSet<(u64, ShardKey)>,
+    /// When a split local shard's moved filters are checked for leaving it.
+    moves: BTreeSet<(u64, ShardKey)>,
     /// When an owned shard's watchers are told the version of its last push.
     tails: BTreeSet<(u64, ShardKey)>,
     /// Nodes that frames were lost to, and when they are brought up to
@@ -474,6 +518,7 @@ impl Node {
             releases: BTreeSet::new(),
             lookup_deadlines: BTreeSet::new(),
             assert_retries: BTreeSet::new(),
+            moves: BTreeSet::new(),
             tails: BTreeSet::new(),
             resyncs: BTreeSet::new(),
             resync_waits: FastMap::default(),
@@ -541,16 +586,41 @@ impl Node {
             });
             found
         };
-        publish_shards(topic, self.config.shard_depth).into_iter().all(|(_, key)| {
-            let own_copy = self.reads_own_copy(&key, now);
-            if let Some(shard) = self.owned.get(&key).filter(|s| own_copy && s.release_at.is_none()) {
-                !elsewhere(shard.routes())
-            } else if let Some(shard) = self.cache.peek(&key) {
-                !elsewhere(&shard.routes)
+        // Per shard: stays here (`Some(split)`) or not (`None`).
+        let stays = |key: &ShardKey| {
+            let own_copy = self.reads_own_copy(key, now);
+            if let Some(shard) = self.owned.get(key).filter(|s| own_copy && s.release_at.is_none()) {
+                (!elsewhere(shard.routes())).then_some(shard.split)
+            } else if let Some(shard) = self.cache.peek(key) {
+                (!elsewhere(&shard.routes)).then_some(shard.split)
             } else {
-                own_copy
+                own_copy.then_some(false)
             }
-        })
+        };
+        let mut tip_split = false;
+        let tip = self.splittable_tip(topic);
+        for (_, key) in publish_shards(topic, self.config.shard_depth) {
+            let Some(split) = stays(&key) else { return false };
+            tip_split |= split && tip.is_some_and(|(k, _)| k == key);
+        }
+        let Some((_, mut depth)) = tip else { return true };
+        while tip_split && depth < literal_depth(topic) {
+            depth += 1;
+            match stays(&ShardKey::of_prefix(filter_prefix(topic, depth))) {
+                Some(split) => tip_split = split,
+                None => return false,
+            }
+        }
+        true
+    }
+
+    /// The deepest shard a publish to `topic` consults before any split,
+    /// if a split could take it deeper (it is at the shard depth, not the
+    /// root, and the topic goes on).
+    fn splittable_tip(&self, topic: &str) -> Option<(ShardKey, usize)> {
+        let depth = self.config.shard_depth;
+        let prefix = filter_prefix(topic, depth);
+        (literal_depth(topic) > depth && !prefix.is_empty()).then(|| (ShardKey::of_prefix(prefix), depth))
     }
 
     /// Distinct local filters (shared or not).
@@ -562,8 +632,29 @@ impl Node {
     /// now: take it right after [`Event::Subscribe`], then wait for
     /// [`Node::settled`]. `None` when the filter names no shard here.
     pub fn ticket(&self, filter: &str) -> Option<RouteTicket> {
-        let shard = filter_shard(filter, self.config.shard_depth);
+        let (shard, _) = self.home_of(filter);
         self.local_shards.get(&shard).map(|s| RouteTicket { shard, stamp: s.stamp })
+    }
+
+    /// The shards `filter` passes through as far as this node knows the
+    /// splits: the shard of its literal prefix at the shard depth, then one
+    /// level deeper for each split shard on its way. The last is where it
+    /// lives now (its home); the others may still hold it while it moves.
+    fn chain_of(&self, filter: &str) -> SmallVec<[(ShardKey, usize); 2]> {
+        let literal = literal_depth(filter);
+        let mut depth = literal.min(self.config.shard_depth);
+        let mut chain: SmallVec<[(ShardKey, usize); 2]> = SmallVec::new();
+        chain.push((ShardKey::of_prefix(filter_prefix(filter, depth)), depth));
+        while depth < literal && self.local_shards.get(&chain[chain.len() - 1].0).is_some_and(|s| s.split) {
+            depth += 1;
+            chain.push((ShardKey::of_prefix(filter_prefix(filter, depth)), depth));
+        }
+        chain
+    }
+
+    /// Where `filter` lives now: its shard and that shard's levels.
+    fn home_of(&self, filter: &str) -> (ShardKey, usize) {
+        *self.chain_of(filter).last().expect("a chain has its first shard")
     }
 
     /// Whether every current owner of the ticket's shard acknowledged the
@@ -591,6 +682,7 @@ impl Node {
             self.releases.first().map(|e| e.0),
             self.lookup_deadlines.first().map(|e| e.0),
             self.assert_retries.first().map(|e| e.0),
+            self.moves.first().map(|e| e.0),
             self.tails.first().map(|e| e.0),
             self.resyncs.first().map(|e| e.0),
             self.next_anti_entropy,
@@ -724,19 +816,23 @@ impl Node {
                 }
             },
         };
-        let key = filter_shard(filter, self.config.shard_depth);
-        if !self.local_shards.contains_key(&key) {
-            let owners = self.owners(&key);
-            let retry_ms = self.config.assert_retry_ms;
-            self.local_shards.insert(key, LocalShard { owners, retry_ms, ..LocalShard::default() });
-        }
-        let shard = self.local_shards.get_mut(&key).expect("a subscribed filter's shard is known");
-        shard.filters.insert(filter.into());
+        let (key, depth) = self.home_of(filter);
+        self.local_shard_mut(key, depth).filters.insert(filter.into());
         // Owners hold the subscriber count per node (one entry per filter,
         // whatever the count): every change of it is asserted.
         let op = RouteOp { filter: filter.to_string(), group: group.map(str::to_string), count };
-        self.assert_change(now, key, op, out);
+        self.assert_ops(now, key, vec![op], out);
         Ok(())
+    }
+
+    /// The local shard `key` (of `depth` levels), made if new.
+    fn local_shard_mut(&mut self, key: ShardKey, depth: usize) -> &mut LocalShard {
+        if !self.local_shards.contains_key(&key) {
+            let owners = self.owners(&key);
+            let retry_ms = self.config.assert_retry_ms;
+            self.local_shards.insert(key, LocalShard { owners, depth, retry_ms, ..LocalShard::default() });
+        }
+        self.local_shards.get_mut(&key).expect("made")
     }
 
     fn unsubscribe(
@@ -764,28 +860,85 @@ impl Node {
                 left
             }
         };
-        let key = filter_shard(filter, self.config.shard_depth);
-        if left == 0 && counts.is_empty() {
+        let gone = left == 0 && counts.is_empty();
+        if gone {
             self.local.remove(filter);
-            if let Some(shard) = self.local_shards.get_mut(&key) {
+        }
+        // Its home, and a shard it is moving out of (a split) that still holds it.
+        let chain = self.chain_of(filter);
+        let home = chain[chain.len() - 1].0;
+        let op = RouteOp { filter: filter.to_string(), group: group.map(str::to_string), count: left };
+        for (key, _) in chain {
+            let Some(shard) = self.local_shards.get_mut(&key) else { continue };
+            if !shard.filters.contains(filter) && key != home {
+                continue;
+            }
+            if gone {
                 shard.filters.remove(filter);
             }
-        }
-        if self.local_shards.contains_key(&key) {
-            let op = RouteOp { filter: filter.to_string(), group: group.map(str::to_string), count: left };
-            self.assert_change(now, key, op, out);
+            self.assert_ops(now, key, vec![op.clone()], out);
         }
         Ok(())
     }
 
-    /// Asserts one changed entry of shard `key` to its owners, as the next
+    /// Asserts changed entries of shard `key` to its owners, as the next
     /// numbered assertion to each. (An owner that still numbers an earlier
     /// run of this node's assertions sees a gap and asks for a replacement.)
-    fn assert_change(&mut self, now: u64, key: ShardKey, op: RouteOp, out: &mut Vec<Action>) {
+    fn assert_ops(&mut self, now: u64, key: ShardKey, ops: Vec<RouteOp>, out: &mut Vec<Action>) {
         let Some(shard) = self.local_shards.get_mut(&key) else { return };
         shard.stamp += 1;
         for owner in shard.owners.clone() {
-            self.send_assertion(now, key, owner, false, vec![op.clone()], out);
+            self.send_assertion(now, key, owner, false, ops.clone(), out);
+        }
+    }
+
+    /// Shard `key` is split (an owner said so): its filters that go deeper
+    /// are asserted to their child shards now, and leave it once the
+    /// children's owners acknowledged them and views had time to agree
+    /// (`handoff_warmup_ms`): until then a publisher that has not heard of
+    /// the split still finds them here.
+    fn move_to_children(&mut self, now: u64, key: ShardKey, out: &mut Vec<Action>) {
+        let Some(shard) = self.local_shards.get_mut(&key).filter(|s| !s.split) else { return };
+        shard.split = true;
+        let depth = shard.depth;
+        let movers: Vec<Box<str>> = shard.filters.iter().filter(|f| literal_depth(f) > depth).cloned().collect();
+        let mut by_home: BTreeMap<ShardKey, Vec<Box<str>>> = BTreeMap::new();
+        for filter in movers {
+            let (home, home_depth) = self.home_of(&filter);
+            self.local_shard_mut(home, home_depth).filters.insert(filter.clone());
+            by_home.entry(home).or_default().push(filter);
+        }
+        let mut moving = Vec::new();
+        for (home, filters) in by_home {
+            let ops = filters.iter().flat_map(|f| self.ops_of(f)).collect();
+            self.assert_ops(now, home, ops, out);
+            let ticket = RouteTicket { shard: home, stamp: self.local_shards[&home].stamp };
+            moving.extend(filters.into_iter().map(|f| (f, ticket)));
+        }
+        if moving.is_empty() {
+            return;
+        }
+        self.counters.filters_moved += moving.len() as u64;
+        self.local_shards.get_mut(&key).expect("the split shard").moving.extend(moving);
+        self.moves.insert((now + self.config.handoff_warmup_ms, key));
+    }
+
+    /// Withdraws from split shard `key` the moved filters their child
+    /// shard's owners have acknowledged; looks again later for the rest.
+    fn finish_moves(&mut self, now: u64, key: ShardKey, out: &mut Vec<Action>) {
+        let Some(shard) = self.local_shards.get_mut(&key) else { return };
+        let moving = std::mem::take(&mut shard.moving);
+        let (done, waiting): (Vec<_>, Vec<_>) = moving.into_iter().partition(|(_, ticket)| self.settled(ticket));
+        let shard = self.local_shards.get_mut(&key).expect("still here");
+        let left: Vec<Box<str>> = done.into_iter().map(|(f, _)| f).filter(|f| shard.filters.remove(f)).collect();
+        let waits = !waiting.is_empty();
+        shard.moving = waiting;
+        let ops: Vec<RouteOp> = left.iter().flat_map(|f| self.ops_of(f)).map(|op| RouteOp { count: 0, ..op }).collect();
+        if !ops.is_empty() {
+            self.assert_ops(now, key, ops, out);
+        }
+        if waits {
+            self.moves.insert((now + self.config.assert_retry_ms, key));
         }
     }
 
@@ -800,8 +953,10 @@ impl Node {
         ops: Vec<RouteOp>,
         out: &mut Vec<Action>,
     ) {
+        let chunk = self.config.frame_chunk_bytes;
         let Some(shard) = self.local_shards.get_mut(&key) else { return };
         let stamp = shard.stamp;
+        let split = shard.split;
         let link = match shard.links.iter().position(|l| l.owner == owner) {
             Some(i) => &mut shard.links[i],
             None => {
@@ -809,25 +964,53 @@ impl Node {
                 shard.links.last_mut().expect("pushed")
             }
         };
-        link.seq += 1;
-        let seq = link.seq;
         if replace {
             // A replacement covers everything before it.
             link.unacked.clear();
-        } else if link.unacked.len() >= MAX_UNACKED {
-            link.unacked.pop_front();
         }
-        link.unacked.push_back((seq, stamp));
+        // Too large for one frame: in parts, numbered one after the other;
+        // only the last one's acknowledgement settles the change.
+        let parts = chunked(ops, op_bytes, chunk);
+        let last = parts.len() - 1;
+        let mut frames = Vec::with_capacity(parts.len());
+        for (i, part) in parts.into_iter().enumerate() {
+            link.seq += 1;
+            if link.unacked.len() >= MAX_UNACKED {
+                link.unacked.pop_front();
+            }
+            link.unacked.push_back((link.seq, if i == last { stamp } else { link.acked }));
+            let (first, more) = (i == 0, i < last);
+            let frame = Frame::Assert {
+                shard: key,
+                seq: link.seq,
+                replace: replace && first,
+                ops: part,
+                split,
+                more: replace && more,
+            };
+            frames.push(frame);
+        }
         if shard.retry_at.is_none() {
             let at = now + shard.retry_ms;
             shard.retry_at = Some(at);
             self.assert_retries.insert((at, key));
         }
-        self.send(owner, Frame::Assert { shard: key, seq, replace, ops }, out);
+        for frame in frames {
+            self.send(owner, frame, out);
+        }
     }
 
-    /// An owner acknowledged assertions of `key` up to `seq`.
-    fn on_acked(&mut self, from: NodeId, key: ShardKey, seq: u64) {
+    /// An owner acknowledged assertions of `key` up to `seq` (0: none, it
+    /// only tells that the shard is `split`).
+    fn on_acked(&mut self, now: u64, from: NodeId, key: ShardKey, seq: u64, split: bool, out: &mut Vec<Action>) {
+        if split {
+            self.move_to_children(now, key, out);
+        } else if self.local_shards.get(&key).is_some_and(|s| s.split && s.owners.contains(&from)) {
+            // An owner that does not know the shard is split (it was an
+            // owner before the split and missed it): our entries and the
+            // split, again.
+            self.reassert(now, key, &[from], out);
+        }
         let Some(shard) = self.local_shards.get_mut(&key) else { return };
         let Some(link) = shard.links.iter_mut().find(|l| l.owner == from) else { return };
         while let Some(&(number, stamp)) = link.unacked.front() {
@@ -844,9 +1027,9 @@ impl Node {
     }
 
     /// Drops the local shard of `key` once it has no filter left and every
-    /// owner acknowledged that.
+    /// owner acknowledged that (a split one stays: it carries the split).
     fn forget_if_settled(&mut self, key: ShardKey) {
-        if self.local_shards.get(&key).is_some_and(|s| s.filters.is_empty() && s.all_acked()) {
+        if self.local_shards.get(&key).is_some_and(|s| s.filters.is_empty() && s.all_acked() && !s.split) {
             self.local_shards.remove(&key);
         }
     }
@@ -874,24 +1057,31 @@ impl Node {
 
     /// All of this node's entries in shard `key`.
     fn local_ops(&self, key: &ShardKey) -> Vec<RouteOp> {
-        let mut ops = Vec::new();
-        let Some(shard) = self.local_shards.get(key) else { return ops };
-        for filter in &shard.filters {
-            let Some(counts) = self.local.get(filter) else { continue };
-            if counts.plain > 0 {
-                ops.push(RouteOp { filter: filter.to_string(), group: None, count: counts.plain });
-            }
-            for (group, count) in &counts.groups {
-                ops.push(RouteOp { filter: filter.to_string(), group: Some(group.to_string()), count: *count });
-            }
-        }
-        ops
+        let Some(shard) = self.local_shards.get(key) else { return Vec::new() };
+        shard.filters.iter().flat_map(|filter| self.ops_of(filter)).collect()
+    }
+
+    /// This node's entries of one filter (plain and per shared group).
+    fn ops_of(&self, filter: &str) -> Vec<RouteOp> {
+        let Some(counts) = self.local.get(filter) else { return Vec::new() };
+        let plain =
+            (counts.plain > 0).then(|| RouteOp { filter: filter.to_string(), group: None, count: counts.plain });
+        let groups = counts.groups.iter().map(|(group, count)| RouteOp {
+            filter: filter.to_string(),
+            group: Some(group.to_string()),
+            count: *count,
+        });
+        plain.into_iter().chain(groups).collect()
     }
 
     /// The hash an owner keeps of this node's entries in shard `key`
     /// ([`RouteShard::node_summary`]), from the local truth.
+    /// With the split mark if this node knows the shard is split, so an
+    /// owner that does not (or that knows and this node does not) is
+    /// repaired by anti-entropy.
     fn own_digest(&self, key: &ShardKey) -> u64 {
-        self.local_ops(key).iter().fold(0, |h, op| h ^ entry_hash(self.id, &op.filter, op.group.as_deref()))
+        let hash = self.local_ops(key).iter().fold(0, |h, op| h ^ entry_hash(self.id, &op.filter, op.group.as_deref()));
+        hash ^ split_mark(self.local_shards.get(key).is_some_and(|s| s.split))
     }
 
     fn on_rejoined(&mut self, now: u64, from: NodeId, out: &mut Vec<Action>) {
@@ -912,13 +1102,10 @@ impl Node {
         if to.is_empty() {
             return;
         }
-        if !self.local_shards.contains_key(&key) {
-            // Nothing here any more: the (empty) replacement is tracked until
-            // acknowledged like any other.
-            let owners = self.owners(&key);
-            let retry_ms = self.config.assert_retry_ms;
-            self.local_shards.insert(key, LocalShard { owners, retry_ms, ..LocalShard::default() });
-        }
+        // Nothing here any more: the (empty) replacement is tracked until
+        // acknowledged like any other. (Its depth matters only to a shard
+        // with filters.)
+        self.local_shard_mut(key, 0);
         let ops = self.local_ops(&key);
         for &owner in to {
             self.counters.reassertions += 1;
@@ -964,6 +1151,18 @@ impl Node {
         reasserts.sort_unstable_by_key(|(k, _)| *k);
         for (key, to) in reasserts {
             self.reassert(now, key, &to, out);
+        }
+        // A split this node knows of in a shard it owns (and missed as an
+        // owner, say while it was one of several).
+        let mut known: Vec<ShardKey> = self
+            .local_shards
+            .iter()
+            .filter(|(k, s)| s.split && s.owners.contains(&self.id) && self.owned.get(*k).is_none_or(|o| !o.split))
+            .map(|(k, _)| *k)
+            .collect();
+        known.sort_unstable();
+        for key in known {
+            self.adopt_split(now, key, out);
         }
         // Shards emptied here whose only laggard was an owner that left.
         let mut settled: Vec<ShardKey> =
@@ -1047,7 +1246,7 @@ impl Node {
 
     /// Forgets owned shards with no entries, no watchers and no pending release.
     fn drop_idle_owned(&mut self) {
-        self.owned.retain(|_, s| !(s.is_empty() && s.watchers().is_empty()));
+        self.owned.retain(|_, s| !s.is_idle());
     }
 
     // ----- publisher side ----------------------------------------------------
@@ -1063,20 +1262,21 @@ impl Node {
         keys.dedup();
         let mut matched = Vec::new();
         let mut missing: SmallVec<[ShardKey; 4]> = SmallVec::new();
+        let tip = self.splittable_tip(topic);
+        let mut parked_tip = None;
         for key in keys {
-            let own_copy = self.reads_own_copy(&key, now);
-            if let Some(shard) = self.owned.get(&key).filter(|s| own_copy && s.release_at.is_none()) {
-                self.counters.owned_reads += 1;
-                collect(shard.routes(), topic, msg, self.id, &self.membership, &mut matched);
-            } else if let Some(shard) = self.cache.get(&key) {
-                self.counters.cache_hits += 1;
-                collect(&shard.routes, topic, msg, self.id, &self.membership, &mut matched);
-            } else if own_copy {
-                // We own it and hold nothing: nobody subscribes there.
-                self.counters.owned_reads += 1;
-            } else {
-                self.counters.cache_misses += 1;
-                missing.push(key);
+            match self.consult(now, &key, topic, msg, &mut matched) {
+                Some(true) if tip.is_some_and(|(k, _)| k == key) => {
+                    parked_tip = self.consult_children(now, tip.expect("tip"), topic, msg, &mut matched);
+                    missing.extend(parked_tip.map(|(k, _)| k));
+                }
+                Some(_) => {}
+                None => {
+                    missing.push(key);
+                    if tip.is_some_and(|(k, _)| k == key) {
+                        parked_tip = tip;
+                    }
+                }
             }
         }
         if missing.is_empty() {
@@ -1084,7 +1284,8 @@ impl Node {
             return Ok(());
         }
         self.counters.publishes_parked += 1;
-        let parked = Parked { topic: topic.into(), msg, matched, waiting: missing.len() as u32 };
+        let waiting = missing.len() as u32;
+        let parked = Parked { topic: topic.into(), msg, matched, waiting, tip: parked_tip };
         let slot = match self.free_slots.pop() {
             Some(slot) => {
                 self.parked[slot as usize] = Some(parked);
@@ -1096,23 +1297,85 @@ impl Node {
             }
         };
         for key in missing {
-            if let Some(pending) = self.cache.pending_mut(&key) {
-                pending.waiters.push(slot);
-                continue;
-            }
-            self.next_req += 1;
-            let lookup = PendingLookup {
-                req: self.next_req,
-                asked: self.id,
-                tried: SmallVec::new(),
-                deadline: now,
-                waiters: smallvec::smallvec![slot],
-                warming: None,
-            };
-            self.cache.start(key, lookup);
-            self.try_next_owner(now, key, out);
+            self.await_lookup(now, key, slot, out);
         }
         Ok(())
+    }
+
+    /// Routes of shard `key` for a publish to `topic`, from this node's own
+    /// copy or the cache, into `matched`: `Some(split)`, or `None` if the
+    /// shard is not known here (a lookup is needed).
+    fn consult(
+        &mut self,
+        now: u64,
+        key: &ShardKey,
+        topic: &str,
+        msg: u64,
+        matched: &mut Vec<(NodeId, Option<SharedPick>)>,
+    ) -> Option<bool> {
+        let own_copy = self.reads_own_copy(key, now);
+        if let Some(shard) = self.owned.get(key).filter(|s| own_copy && s.release_at.is_none()) {
+            self.counters.owned_reads += 1;
+            collect(shard.routes(), topic, msg, self.id, &self.membership, matched);
+            Some(shard.split)
+        } else if let Some(shard) = self.cache.get(key) {
+            self.counters.cache_hits += 1;
+            collect(&shard.routes, topic, msg, self.id, &self.membership, matched);
+            Some(shard.split)
+        } else if own_copy {
+            // We own it and hold nothing: nobody subscribes there.
+            self.counters.owned_reads += 1;
+            Some(false)
+        } else {
+            self.counters.cache_misses += 1;
+            None
+        }
+    }
+
+    /// Below split shard `parent` (of that many levels) on `topic`'s path:
+    /// consults each child while the one above is split. Returns the first
+    /// child not known here (to look up; it is the new tip), if any.
+    fn consult_children(
+        &mut self,
+        now: u64,
+        parent: (ShardKey, usize),
+        topic: &str,
+        msg: u64,
+        matched: &mut Vec<(NodeId, Option<SharedPick>)>,
+    ) -> Option<(ShardKey, usize)> {
+        let mut depth = parent.1;
+        while depth < literal_depth(topic) {
+            depth += 1;
+            let key = ShardKey::of_prefix(filter_prefix(topic, depth));
+            match self.consult(now, &key, topic, msg, matched) {
+                Some(true) => {}
+                Some(false) => return None,
+                None => return Some((key, depth)),
+            }
+        }
+        None
+    }
+
+    /// Parks publish `slot` on the lookup of `key`, starting it if none is
+    /// in flight.
+    fn await_lookup(&mut self, now: u64, key: ShardKey, slot: u32, out: &mut Vec<Action>) {
+        if let Some(pending) = self.cache.pending_mut(&key) {
+            pending.waiters.push(slot);
+            return;
+        }
+        self.next_req += 1;
+        let lookup = PendingLookup {
+            req: self.next_req,
+            asked: self.id,
+            tried: SmallVec::new(),
+            deadline: now,
+            waiters: smallvec::smallvec![slot],
+            warming: None,
+            partial: Vec::new(),
+            parts: 0,
+        };
+        self.cache.start(key, lookup);
+        self.try_next_owner(now, key, out);
     }
 
     /// Sends the pending lookup of `key` to an owner not yet tried, or gives
@@ -1138,6 +1401,8 @@ impl Node {
                 }
                 pending.tried.push(owner);
                 pending.asked = owner;
+                pending.partial.clear();
+                pending.parts = 0;
                 pending.deadline = now + self.config.lookup_timeout_ms;
                 let req = pending.req;
                 self.lookup_deadlines.insert((pending.deadline, key));
@@ -1156,6 +1421,8 @@ impl Node {
                 let stale = pending.warming.take().map(|w| w.source);
                 pending.tried.clear();
                 pending.asked = self.id;
+                pending.partial.clear();
+                pending.parts = 0;
                 pending.deadline = now + LOOKUP_RETRY_MS;
                 self.lookup_deadlines.insert((pending.deadline, key));
                 self.counters.lookup_retries += 1;
@@ -1170,7 +1437,7 @@ impl Node {
                     // (and their watch) are the best there is, while that
                     // owner still is one.
                     Some(w) if owners.contains(&w.source) => {
-                        let evicted = self.cache.insert(key, w.source, pending.req, w.version, &w.entries);
+                        let evicted = self.cache.insert(key, w.source, pending.req, w.version, &w.entries, w.split);
                         self.unwatch_evicted(evicted, out);
                     }
                     Some(w) => {
@@ -1181,27 +1448,44 @@ impl Node {
                     }
                     None => self.counters.lookups_failed += 1,
                 }
-                self.resolve_waiters(&key, pending.waiters, out);
+                self.resolve_waiters(now, &key, pending.waiters, out);
             }
         }
     }
 
     /// Matches each waiting publish against the shard now cached for `key`
     /// (if any) and finishes those that wait for nothing else.
-    fn resolve_waiters(&mut self, key: &ShardKey, waiters: SmallVec<[u32; 4]>, out: &mut Vec<Action>) {
+    fn resolve_waiters(&mut self, now: u64, key: &ShardKey, waiters: SmallVec<[u32; 4]>, out: &mut Vec<Action>) {
         for slot in waiters {
-            let Some(parked) = self.parked[slot as usize].as_mut() else { continue };
+            let Some(mut parked) = self.parked[slot as usize].take() else { continue };
+            let mut split = false;
             if let Some(shard) = self.cache.peek(key) {
                 collect(&shard.routes, &parked.topic, parked.msg, self.id, &self.membership, &mut parked.matched);
+                split = shard.split;
             } else if let Some(shard) = self.owned.get(key).filter(|s| s.release_at.is_none()) {
                 // No other owner answered; our own copy, warming or not.
                 collect(shard.routes(), &parked.topic, parked.msg, self.id, &self.membership, &mut parked.matched);
+                split = shard.split;
             }
             parked.waiting -= 1;
+            if let Some(tip) = parked.tip.filter(|(k, _)| k == key) {
+                parked.tip = None;
+                if split {
+                    let (topic, msg) = (parked.topic.clone(), parked.msg);
+                    parked.tip = self.consult_children(now, tip, &topic, msg, &mut parked.matched);
+                    if let Some((child, _)) = parked.tip {
+                        parked.waiting += 1;
+                        self.parked[slot as usize] = Some(parked);
+                        self.await_lookup(now, child, slot, out);
+                        continue;
+                    }
+                }
+            }
             if parked.waiting == 0 {
-                let parked = self.parked[slot as usize].take().expect("parked");
                 self.free_slots.push(slot);
                 self.finish(&parked.topic, parked.msg, parked.matched, out);
+            } else {
+                self.parked[slot as usize] = Some(parked);
             }
         }
     }
@@ -1305,18 +1589,21 @@ impl Node {
         key: &ShardKey,
         entries: impl Iterator<Item = (&'a str, Option<&'a str>)>,
     ) -> Result<(), Rejected> {
-        let mut verified: Option<&str> = None;
+        // The prefix (and its levels) found to name `key`.
+        let mut verified: Option<(&str, usize)> = None;
+        let depth = self.config.shard_depth;
         for (filter, group) in entries {
             self.check_filter(filter)?;
             if let Some(group) = group {
                 check_group(group)?;
             }
-            let prefix = filter_prefix(filter, self.config.shard_depth);
-            if verified != Some(prefix) {
-                if ShardKey::of_prefix(prefix) != *key {
-                    return Err(Rejected::WrongShard);
-                }
-                verified = Some(prefix);
+            let literal = literal_depth(filter);
+            let same = verified.is_some_and(|(prefix, d)| {
+                (literal.min(depth)..=literal).contains(&d) && filter_prefix(filter, d) == prefix
+            });
+            if !same {
+                let d = home_depth(filter, key, depth).ok_or(Rejected::WrongShard)?;
+                verified = Some((filter_prefix(filter, d), d));
             }
         }
         Ok(())
@@ -1383,8 +1670,10 @@ impl Node {
 
     fn on_frame(&mut self, now: u64, from: NodeId, frame: Frame, out: &mut Vec<Action>) {
         match frame {
-            Frame::Assert { shard: key, seq, replace, ops } => self.on_assert(now, from, key, seq, replace, &ops, out),
-            Frame::Acked { shard: key, seq } => self.on_acked(from, key, seq),
+            Frame::Assert { shard: key, seq, replace, ops, split, more } => {
+                self.on_assert(now, from, key, Assertion { seq, replace, ops: &ops, split, more }, out)
+            }
+            Frame::Acked { shard: key, seq, split } => self.on_acked(now, from, key, seq, split, out),
             Frame::Lookup { shard: key, req } => {
                 let owner = self.owned.get(&key).map(|s| s.release_at.is_none());
                 let entries = match owner {
@@ -1396,33 +1685,44 @@ impl Node {
                     None if self.owners(&key).contains(&self.id) => {
                         let mut shard = RouteShard::new();
                         shard.owners = self.owners(&key);
+                        // Split, if this node's own filters say so.
+                        shard.split = self.local_shards.get(&key).is_some_and(|s| s.split);
+                        shard.split_pushed = shard.split;
                         shard.watch(from, req);
                         self.owned.insert(key, shard);
                         Some(Vec::new())
                     }
                     _ => None,
                 };
-                let answer = match entries {
-                    Some(entries) if self.warming(&key, now) => LookupAnswer::Warming(entries),
-                    Some(entries) => LookupAnswer::Entries(entries),
-                    None => LookupAnswer::NotOwner,
+                let (version, split) = self.owned.get(&key).map_or((0, false), |s| (s.version, s.split));
+                let Some(entries) = entries else {
+                    let answer = LookupAnswer::NotOwner;
+                    let frame = Frame::LookupReply { shard: key, req, version, answer, split, part: 0, more: false };
+                    self.send(from, frame, out);
+                    return;
                 };
-                let version = self.owned.get(&key).map_or(0, |s| s.version);
-                self.send(from, Frame::LookupReply { shard: key, req, version, answer }, out);
+                let warming = self.warming(&key, now);
+                let parts = chunked(entries, change_bytes, self.config.frame_chunk_bytes);
+                let last = parts.len() - 1;
+                for (i, part) in parts.into_iter().enumerate() {
+                    let answer = if warming { LookupAnswer::Warming(part) } else { LookupAnswer::Entries(part) };
+                    let (part, more) = (i as u32, i < last);
+                    self.send(from, Frame::LookupReply { shard: key, req, version, answer, split, part, more }, out);
+                }
             }
-            Frame::LookupReply { shard: key, req, version, answer } => {
-                self.on_lookup_reply(now, from, key, req, version, answer, out)
+            Frame::LookupReply { shard: key, req, version, answer, split, part, more } => {
+                self.on_lookup_reply(now, from, key, Reply { req, version, answer, split, part, more }, out)
             }
             Frame::Unwatch { shard: key, req } => {
                 if let Some(shard) = self.owned.get_mut(&key) {
                     shard.unwatch(from, req);
-                    if shard.is_empty() && shard.watchers().is_empty() && shard.release_at.is_none() {
+                    if shard.is_idle() && shard.release_at.is_none() {
                         self.owned.remove(&key);
                     }
                 }
             }
-            Frame::Delta { shard: key, req, version, changes } => {
-                match self.cache.apply(&key, from, req, version, &changes) {
+            Frame::Delta { shard: key, req, version, changes, split } => {
+                match self.cache.apply(&key, from, req, version, &changes, split) {
                     Applied::Yes(evicted) => self.unwatch_evicted(evicted, out),
                     Applied::Gap => {
                         // The next publish looks the shard up afresh.
@@ -1436,6 +1736,7 @@ impl Node {
                         match self.cache.pending_mut(&key).and_then(|p| p.warming_answer(from, req)) {
                             Some(warming) if warming.version.checked_add(1) == Some(version) => {
                                 warming.version = version;
+                                warming.split = split;
                                 apply_changes(&mut warming.entries, &changes);
                             }
                             Some(_) => {
@@ -1457,12 +1758,16 @@ impl Node {
             Frame::Digest { items } => {
                 for (key, hash) in items {
                     let mine = match self.owned.get(&key) {
-                        Some(s) if s.release_at.is_none() => s.digest(),
+                        Some(s) if s.release_at.is_none() => s.replica_digest(),
                         Some(_) => continue,
-                        None if self.owners(&key).contains(&self.id) => 0,
+                        None if self.owners(&key).contains(&self.id) => RouteShard::new().replica_digest(),
                         None => continue,
                     };
-                    if mine != hash {
+                    let unsplit = self.owned.get(&key).is_none_or(|s| !s.split);
+                    if unsplit && hash == mine ^ SPLIT_MARK {
+                        // The other replica split it; this one missed that.
+                        self.adopt_split(now, key, out);
+                    } else if mine != hash {
                         let items = self.owned.get(&key).map(|s| s.node_digests()).unwrap_or_default();
                         self.send(from, Frame::NodeDigests { shard: key, items }, out);
                     }
@@ -1486,7 +1791,7 @@ impl Node {
                 let mut differ = Vec::new();
                 for (key, hash) in items {
                     let mine = match self.owned.get(&key) {
-                        Some(s) if s.release_at.is_none() => s.node_summary(from).hash,
+                        Some(s) if s.release_at.is_none() => s.node_summary(from).hash ^ split_mark(s.split),
                         Some(_) => continue,
                         None if self.owners(&key).contains(&self.id) => 0,
                         None => continue,
@@ -1495,9 +1800,9 @@ impl Node {
                         differ.push(key);
                     }
                 }
-                if !differ.is_empty() {
-                    self.counters.repairs_requested += differ.len() as u64;
-                    self.send(from, Frame::Reassert { shards: differ }, out);
+                self.counters.repairs_requested += differ.len() as u64;
+                for part in differ.chunks(WATCH_STATE_ITEMS) {
+                    self.send(from, Frame::Reassert { shards: part.to_vec() }, out);
                 }
             }
             Frame::WatchCheck { items } => {
@@ -1512,8 +1817,8 @@ impl Node {
                         _ => differ.push((key, req, None)),
                     }
                 }
-                if !differ.is_empty() {
-                    self.send(from, Frame::WatchState { items: differ }, out);
+                for part in differ.chunks(WATCH_STATE_ITEMS) {
+                    self.send(from, Frame::WatchState { items: part.to_vec() }, out);
                 }
             }
             Frame::WatchState { items } => {
@@ -1537,21 +1842,12 @@ impl Node {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn on_assert(
-        &mut self,
-        now: u64,
-        from: NodeId,
-        key: ShardKey,
-        seq: u64,
-        replace: bool,
-        ops: &[RouteOp],
-        out: &mut Vec<Action>,
-    ) {
+    fn on_assert(&mut self, now: u64, from: NodeId, key: ShardKey, assertion: Assertion<'_>, out: &mut Vec<Action>) {
+        let Assertion { seq, replace, ops, split, more } = assertion;
         if !self.owned.contains_key(&key) {
-            if ops.iter().all(|op| op.count == 0) {
+            if !split && !more && ops.iter().all(|op| op.count == 0) {
                 // Nothing is held here for anyone: already so.
-                self.send(from, Frame::Acked { shard: key, seq }, out);
+                self.send(from, Frame::Acked { shard: key, seq, split: false }, out);
                 return;
             }
             let mut shard = RouteShard::new();
@@ -1566,15 +1862,31 @@ impl Node {
             self.owned.insert(key, shard);
         }
         let shard = self.owned.get_mut(&key).expect("present");
+        let adopted = split && !shard.split;
+        if adopted {
+            shard.split = true;
+            self.counters.splits_adopted += 1;
+        }
         let order = shard.sequence(from, seq, replace);
-        let changes = shard.assert_from(from, replace, ops);
+        if order != InOrder::Next {
+            // A part of a replacement may be what went missing.
+            shard.cancel_replacement(from);
+        }
+        let changes = shard.assert_part(from, replace, more, ops);
         if order == InOrder::Next {
             shard.forget_order_if_empty(from);
         }
+        // The split, if new here, goes to the watchers with these changes.
         self.push_changes(now, key, changes, out);
+        if adopted {
+            self.tell_subscribers_split(key, out);
+        } else {
+            self.maybe_split(now, key, out);
+        }
         // Acknowledged once applied and pushed to the watchers.
+        let split = self.owned.get(&key).is_some_and(|s| s.split);
         match order {
-            InOrder::Next => self.send(from, Frame::Acked { shard: key, seq }, out),
+            InOrder::Next => self.send(from, Frame::Acked { shard: key, seq, split }, out),
             InOrder::Gap { ask } => {
                 self.counters.assertion_gaps += 1;
                 if ask {
@@ -1584,18 +1896,107 @@ impl Node {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn on_lookup_reply(
-        &mut self,
-        now: u64,
-        from: NodeId,
-        key: ShardKey,
-        req: u64,
-        version: u64,
-        answer: LookupAnswer,
-        out: &mut Vec<Action>,
-    ) {
+    /// Splits owned shard `key` if it has passed `split_entries`, sits at
+    /// the shard depth or deeper (not the root), and holds filters that go
+    /// deeper than its prefix (otherwise a split would move nothing; it is
+    /// looked at again once the shard doubles).
+    fn maybe_split(&mut self, now: u64, key: ShardKey, out: &mut Vec<Action>) {
+        let threshold = self.config.split_entries;
+        let Some(shard) = self.owned.get_mut(&key) else { return };
+        if threshold == 0
+            || shard.split
+            || shard.release_at.is_some()
+            || shard.len() < threshold
+            || shard.len() < shard.unsplittable_at.saturating_mul(2)
+        {
+            return;
+        }
+        let placed = shard_prefix(shard, &key, self.config.shard_depth);
+        let deeper = |depth: usize| {
+            let mut any = false;
+            shard.routes().for_each_filter(|filter, _| any |= literal_depth(filter) > depth);
+            any
+        };
+        let prefix = match placed {
+            Some((prefix, depth)) if depth >= self.config.shard_depth && !prefix.is_empty() && deeper(depth) => prefix,
+            _ => {
+                shard.unsplittable_at = shard.len();
+                return;
+            }
+        };
+        shard.split = true;
+        self.counters.splits += 1;
+        // The other replicas hear of it now rather than at the next round.
+        let digest = shard.replica_digest();
+        let others: Owners = shard.owners.iter().copied().filter(|o| *o != self.id).collect();
+        out.push(Action::Split { shard: key, prefix });
+        for owner in others {
+            self.send(owner, Frame::Digest { items: vec![(key, digest)] }, out);
+        }
+        self.push_changes(now, key, Vec::new(), out);
+        self.tell_subscribers_split(key, out);
+    }
+
+    /// A replica of shard `key` is split (its digest says so): so is ours.
+    fn adopt_split(&mut self, now: u64, key: ShardKey, out: &mut Vec<Action>) {
+        if !self.owned.contains_key(&key) {
+            let mut shard = RouteShard::new();
+            shard.owners = self.owners(&key);
+            self.owned.insert(key, shard);
+        }
+        let shard = self.owned.get_mut(&key).expect("present");
+        if shard.split {
+            return;
+        }
+        shard.split = true;
+        self.counters.splits_adopted += 1;
+        self.push_changes(now, key, Vec::new(), out);
+        self.tell_subscribers_split(key, out);
+    }
+
+    /// Tells every node with entries in split shard `key` to move its
+    /// deeper filters to the child shards: an acknowledgement of nothing
+    /// (number 0) that says split.
+    fn tell_subscribers_split(&mut self, key: ShardKey, out: &mut Vec<Action>) {
+        let Some(shard) = self.owned.get(&key) else { return };
+        let mut nodes: Vec<NodeId> = shard.subscriber_nodes().collect();
+        nodes.sort_unstable();
+        for node in nodes {
+            if node == self.id || self.membership.contains(node) {
+                self.send(node, Frame::Acked { shard: key, seq: 0, split: true }, out);
+            }
+        }
+    }
+
+    fn on_lookup_reply(&mut self, now: u64, from: NodeId, key: ShardKey, reply: Reply, out: &mut Vec<Action>) {
+        let Reply { req, version, answer, split, part, more } = reply;
         let current = self.cache.pending(&key).is_some_and(|p| p.req == req && p.asked == from);
+        // An answer in parts: the entries wait for the last one; with a part
+        // missing it is no answer (a lost route frame).
+        let warming_answer = matches!(answer, LookupAnswer::Warming(_));
+        let answer = match answer {
+            LookupAnswer::Entries(entries) | LookupAnswer::Warming(entries) if current => {
+                let pending = self.cache.pending_mut(&key).expect("pending");
+                let whole = pending.parts == part;
+                pending.parts = if whole { part + 1 } else { u32::MAX };
+                pending.partial.extend(entries);
+                if more {
+                    return;
+                }
+                let entries = std::mem::take(&mut pending.partial);
+                pending.parts = 0;
+                if !whole {
+                    self.send(from, Frame::Unwatch { shard: key, req }, out);
+                    LookupAnswer::NotOwner
+                } else if warming_answer {
+                    LookupAnswer::Warming(entries)
+                } else {
+                    LookupAnswer::Entries(entries)
+                }
+            }
+            _ if more => return,
+            answer => answer,
+        };
         // An answer from a node our view says no longer owns the shard would
         // go stale silently (its owners assert elsewhere): ask a current owner.
         let answer = match answer {
@@ -1611,9 +2012,9 @@ impl Node {
                 if let Some(warming) = pending.warming {
                     self.send(warming.source, Frame::Unwatch { shard: key, req }, out);
                 }
-                let evicted = self.cache.insert(key, from, req, version, &entries);
+                let evicted = self.cache.insert(key, from, req, version, &entries, split);
                 self.unwatch_evicted(evicted, out);
-                self.resolve_waiters(&key, pending.waiters, out);
+                self.resolve_waiters(now, &key, pending.waiters, out);
             }
             LookupAnswer::Warming(entries) if current => {
                 // Keep the fuller of the warming answers (and its watch) in
@@ -1621,7 +2022,7 @@ impl Node {
                 let pending = self.cache.pending_mut(&key).expect("pending");
                 let keep = pending.warming.as_ref().is_none_or(|kept| entries.len() > kept.entries.len());
                 let dropped = if keep {
-                    pending.warming.replace(Warming { source: from, version, entries }).map(|w| w.source)
+                    pending.warming.replace(Warming { source: from, version, entries, split }).map(|w| w.source)
                 } else {
                     Some(from)
                 };
@@ -1712,6 +2113,14 @@ impl Node {
                 self.retry_assertions(now, key, out);
             }
         }
+        // Split shards whose moved filters may leave them now.
+        while let Some(&(at, key)) = self.moves.first() {
+            if at > now {
+                break;
+            }
+            self.moves.pop_first();
+            self.finish_moves(now, key, out);
+        }
         // Watchers of shards pushed to a while ago: the version they should be at.
         let mut tails: BTreeMap<NodeId, Vec<(ShardKey, u64, Option<u64>)>> = BTreeMap::new();
         while let Some(&(at, key)) = self.tails.first() {
@@ -1778,7 +2187,7 @@ impl Node {
             }
             for &peer in &shard.owners {
                 if peer != self.id {
-                    digests.entry(peer).or_default().push((*key, shard.digest()));
+                    digests.entry(peer).or_default().push((*key, shard.replica_digest()));
                 }
             }
         }
@@ -1788,7 +2197,9 @@ impl Node {
         }
         for (peer, mut items) in digests {
             items.sort_unstable();
-            self.send(peer, Frame::Digest { items }, out);
+            for part in items.chunks(WATCH_STATE_ITEMS) {
+                self.send(peer, Frame::Digest { items: part.to_vec() }, out);
+            }
         }
         self.drop_idle_owned();
         self.check_own_entries(out);
@@ -1812,7 +2223,9 @@ impl Node {
         }
         for (owner, mut items) in per_owner {
             items.sort_unstable();
-            self.send(owner, Frame::OwnDigests { items }, out);
+            for part in items.chunks(WATCH_STATE_ITEMS) {
+                self.send(owner, Frame::OwnDigests { items: part.to_vec() }, out);
+            }
         }
     }
 
@@ -1829,7 +2242,9 @@ impl Node {
         }
         for (source, mut items) in per_source {
             items.sort_unstable();
-            self.send(source, Frame::WatchCheck { items }, out);
+            for part in items.chunks(WATCH_STATE_ITEMS) {
+                self.send(source, Frame::WatchCheck { items: part.to_vec() }, out);
+            }
         }
     }
 
@@ -1881,23 +2296,109 @@ impl Node {
     /// A delta can be lost with no later one to show the gap: a while after
     /// the last push, the watchers are told the version they should be at
     /// (the tail; [`Frame::WatchState`]), and drop a copy that is not.
+    /// A split not yet told goes with them (alone, if there are none).
     fn push_changes(&mut self, now: u64, key: ShardKey, changes: Vec<RouteChange>, out: &mut Vec<Action>) {
-        if changes.is_empty() {
+        let Some(shard) = self.owned.get_mut(&key) else { return };
+        if changes.is_empty() && shard.split == shard.split_pushed {
             return;
         }
-        let Some(shard) = self.owned.get_mut(&key) else { return };
-        shard.version += 1;
-        let version = shard.version;
+        shard.split_pushed = shard.split;
+        let split = shard.split;
+        // Too many for one frame: one delta per part, each the next version.
+        let parts = chunked(changes, change_bytes, self.config.frame_chunk_bytes);
+        let first = shard.version + 1;
+        shard.version += parts.len() as u64;
         let watchers = shard.watchers().to_vec();
         if !watchers.is_empty() && shard.tail_at.is_none() {
             let at = now + self.config.assert_retry_ms;
             shard.tail_at = Some(at);
             self.tails.insert((at, key));
         }
-        for (w, req) in watchers {
-            self.send(w, Frame::Delta { shard: key, req, version, changes: changes.clone() }, out);
+        for (i, changes) in parts.into_iter().enumerate() {
+            let version = first + i as u64;
+            for &(w, req) in &watchers {
+                self.send(w, Frame::Delta { shard: key, req, version, changes: changes.clone(), split }, out);
+            }
         }
     }
+}
+
+/// One numbered assertion, as [`Frame::Assert`] carries it.
+struct Assertion<'a> {
+    seq: u64,
+    replace: bool,
+    ops: &'a [RouteOp],
+    split: bool,
+    more: bool,
+}
+
+/// A lookup answer, as [`Frame::LookupReply`] carries it.
+struct Reply {
+    req: u64,
+    version: u64,
+    answer: LookupAnswer,
+    split: bool,
+    part: u32,
+    more: bool,
+}
+
+/// Splits `items` into runs of at most `limit` bytes (as `size` counts
+/// them; a larger item has a run of its own), in order: at least one run.
+fn chunked<T>(items: Vec<T>, size: impl Fn(&T) -> usize, limit: usize) -> Vec<Vec<T>> {
+    let mut runs = vec![Vec::new()];
+    let mut bytes = 0;
+    for item in items {
+        let n = size(&item);
+        let run = runs.last_mut().expect("a run");
+        if bytes + n > limit && !run.is_empty() {
+            runs.push(Vec::new());
+            bytes = 0;
+        }
+        bytes += n;
+        runs.last_mut().expect("a run").push(item);
+    }
+    runs
+}
+
+/// About what a [`RouteOp`] takes in a frame.
+fn op_bytes(op: &RouteOp) -> usize {
+    op.filter.len() + op.group.as_ref().map_or(0, String::len) + 12
+}
+
+/// About what a [`RouteChange`] takes in a frame.
+fn change_bytes(change: &RouteChange) -> usize {
+    change.filter.len() + change.group.as_ref().map_or(0, String::len) + 24
+}
+
+/// What a split flag adds to a digest.
+fn split_mark(split: bool) -> u64 {
+    if split {
+        SPLIT_MARK
+    } else {
+        0
+    }
+}
+
+/// The literal prefix of owned shard `key` and its levels, found from one
+/// of its filters (every filter of a shard starts with its prefix);
+/// `None` for a shard with no filter.
+fn shard_prefix(shard: &RouteShard, key: &ShardKey, shard_depth: usize) -> Option<(String, usize)> {
+    let mut found = None;
+    shard.routes().for_each_filter(|filter, _| {
+        if found.is_none() {
+            found = home_depth(filter, key, shard_depth).map(|d| (filter_prefix(filter, d).to_string(), d));
+        }
+    });
+    found
+}
+
+/// The levels of `filter`'s literal prefix that name shard `key`, if `key`
+/// is one of the shards the filter may live in: the shard of its literal
+/// prefix at the shard depth, or one deeper (after splits), down to its
+/// whole literal prefix.
+fn home_depth(filter: &str, key: &ShardKey, shard_depth: usize) -> Option<usize> {
+    let literal = literal_depth(filter);
+    (literal.min(shard_depth)..=literal).find(|&d| ShardKey::of_prefix(filter_prefix(filter, d)) == *key)
 }
 
 /// A shared-subscription group name: non-empty, at most 65,535 bytes, no
@@ -2007,11 +2508,11 @@ mod tests {
 
     fn assert_frame(filter: &str, group: Option<&str>, shard: ShardKey) -> Frame {
         let op = RouteOp { filter: filter.into(), group: group.map(Into::into), count: 1 };
-        Frame::Assert { shard, seq: 1, replace: false, ops: vec![op] }
+        Frame::Assert { shard, seq: 1, replace: false, ops: vec![op], split: false, more: false }
     }
 
     fn shard(filter: &str) -> ShardKey {
-        filter_shard(filter, DEFAULT_SHARD_DEPTH)
+        crate::shard::filter_shard(filter, DEFAULT_SHARD_DEPTH)
     }
 
     /// Feeds `frame` from PEER; returns the rejection, if any, after
@@ -2121,7 +2622,15 @@ mod tests {
         n.handle(t, Event::FramesLost { to: PEER }, &mut Vec::new()).unwrap();
         assert_eq!(n.resyncs.first(), Some(&(t + 2 * retry, PEER)));
         n.handle(t + 2 * retry, Event::Timer, &mut Vec::new()).unwrap();
-        let ack = Frame::LookupReply { shard: shard(&theirs), req: 99, version: 0, answer: LookupAnswer::NotOwner };
+        let ack = Frame::LookupReply {
+            shard: shard(&theirs),
+            req: 99,
+            version: 0,
+            answer: LookupAnswer::NotOwner,
+            split: false,
+            part: 0,
+            more: false,
+        };
         n.handle(t + 2 * retry, Event::Frame { from: PEER, frame: ack }, &mut Vec::new()).unwrap();
         n.handle(t + 2 * retry, Event::FramesLost { to: PEER }, &mut Vec::new()).unwrap();
         assert_eq!(n.resyncs.first(), Some(&(t + 3 * retry, PEER)));
@@ -2161,7 +2670,7 @@ mod tests {
             RouteOp { filter: "x/y".into(), group: None, count: 1 },
         ];
         let mut n = node();
-        let frame = Frame::Assert { shard: shard("a/b/c"), seq: 1, replace: true, ops };
+        let frame = Frame::Assert { shard: shard("a/b/c"), seq: 1, replace: true, ops, split: false, more: false };
         assert_eq!(feed(&mut n, PEER, frame), Some(Rejected::WrongShard));
         assert_eq!(n.entries_held(), 0);
     }
@@ -2198,10 +2707,17 @@ mod tests {
     fn deltas_and_lookup_answers_are_checked_too() {
         let mut n = node();
         let bad = RouteChange { filter: "a/b".into(), group: None, node: PEER, count: 1 };
-        let frame = Frame::Delta { shard: shard("q/r"), req: 1, version: 1, changes: vec![bad.clone()] };
+        let frame = Frame::Delta { shard: shard("q/r"), req: 1, version: 1, changes: vec![bad.clone()], split: false };
         assert_eq!(feed(&mut n, PEER, frame), Some(Rejected::WrongShard));
-        let frame =
-            Frame::LookupReply { shard: shard("q/r"), req: 1, version: 0, answer: LookupAnswer::Warming(vec![bad]) };
+        let frame = Frame::LookupReply {
+            shard: shard("q/r"),
+            req: 1,
+            version: 0,
+            answer: LookupAnswer::Warming(vec![bad]),
+            split: false,
+            part: 0,
+            more: false,
+        };
         assert_eq!(feed(&mut n, PEER, frame), Some(Rejected::WrongShard));
         assert_eq!(n.cache().entries(), 0);
     }

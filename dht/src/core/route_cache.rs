@@ -31,6 +31,8 @@ pub struct CachedShard {
     /// The source's version of the shard this copy is at: its lookup
     /// answer's, then each delta's.
     pub version: u64,
+    /// The shard is split: a publish also consults the child on its path.
+    pub split: bool,
     entries: usize,
     last_used: u64,
 }
@@ -86,6 +88,11 @@ pub struct PendingLookup {
     /// The best answer so far from an owner still warming up (it watches
     /// the shard for us): used if no owner of longer standing answers.
     pub warming: Option<Warming>,
+    /// The entries of the asked owner's answer so far, while it comes in
+    /// parts (`LookupReply { more: true }`).
+    pub partial: Vec<RouteChange>,
+    /// Parts of it received in order (`u32::MAX`: one went missing).
+    pub parts: u32,
 }
 
 /// An answer from an owner still warming up, kept current by its deltas.
@@ -95,6 +102,7 @@ pub struct Warming {
     /// The owner's version of the entries (see [`CachedShard::version`]).
     pub version: u64,
     pub entries: Vec<RouteChange>,
+    pub split: bool,
 }
 
 impl PendingLookup {
@@ -202,12 +210,14 @@ impl RouteCache {
         req: u64,
         version: u64,
         entries: &[RouteChange],
+        split: bool,
     ) -> Vec<Evicted> {
         let mut evicted = Vec::new();
         if let Some(old) = self.remove(&key) {
             evicted.push((key, old.source, old.req));
         }
-        let mut shard = CachedShard { routes: FilterTrie::new(), source, req, version, entries: 0, last_used: 0 };
+        let mut shard =
+            CachedShard { routes: FilterTrie::new(), source, req, version, split, entries: 0, last_used: 0 };
         for change in entries.iter().filter(|c| c.count > 0) {
             shard.apply(change);
         }
@@ -223,8 +233,17 @@ impl RouteCache {
     /// Applies a delta pushed by `from` for our lookup `req` that makes the
     /// source's copy `version`: [`Applied::NotCached`] if we do not cache the
     /// shard from that watch (the caller should unwatch), [`Applied::Gap`]
-    /// (the copy is dropped) if a delta before it went missing.
-    pub fn apply(&mut self, key: &ShardKey, from: NodeId, req: u64, version: u64, changes: &[RouteChange]) -> Applied {
+    /// (the copy is dropped) if a delta before it went missing. `split` is
+    /// the shard's split flag as of `version`.
+    pub fn apply(
+        &mut self,
+        key: &ShardKey,
+        from: NodeId,
+        req: u64,
+        version: u64,
+        changes: &[RouteChange],
+        split: bool,
+    ) -> Applied {
         let Some(shard) = self.ready.get_mut(key).filter(|s| s.source == from && s.req == req) else {
             return Applied::NotCached;
         };
@@ -233,6 +252,7 @@ impl RouteCache {
             return Applied::Gap;
         }
         shard.version = version;
+        shard.split = split;
         let before = shard.weight();
         for change in changes {
             shard.apply(change);
@@ -278,12 +298,16 @@ mod tests {
     fn deltas_apply_only_from_the_source() {
         let mut cache = RouteCache::new(100);
         let key = ShardKey::of_prefix("a");
-        cache.insert(key, NodeId(9), 1, 4, &[change("a/b", 1, 1)]);
+        cache.insert(key, NodeId(9), 1, 4, &[change("a/b", 1, 1)], false);
         assert_eq!(cache.entries(), 1);
-        assert_eq!(cache.apply(&key, NodeId(8), 1, 5, &[change("a/c", 2, 1)]), Applied::NotCached);
-        assert_eq!(cache.apply(&key, NodeId(9), 0, 5, &[change("a/c", 2, 1)]), Applied::NotCached, "an older watch");
+        assert_eq!(cache.apply(&key, NodeId(8), 1, 5, &[change("a/c", 2, 1)], false), Applied::NotCached);
+        assert_eq!(
+            cache.apply(&key, NodeId(9), 0, 5, &[change("a/c", 2, 1)], false),
+            Applied::NotCached,
+            "an older watch"
+        );
         let both = [change("a/c", 2, 1), change("a/b", 1, 0)];
-        assert_eq!(cache.apply(&key, NodeId(9), 1, 5, &both), Applied::Yes(Vec::new()));
+        assert_eq!(cache.apply(&key, NodeId(9), 1, 5, &both, false), Applied::Yes(Vec::new()));
         let shard = cache.get(&key).unwrap();
         assert!(shard.routes.get("a/b").is_none());
         assert_eq!(shard.routes.get("a/c").unwrap().nodes.as_slice(), &[(NodeId(2), 1)]);
@@ -295,12 +319,12 @@ mod tests {
     fn a_missed_delta_drops_the_copy() {
         let mut cache = RouteCache::new(100);
         let key = ShardKey::of_prefix("a");
-        cache.insert(key, NodeId(9), 1, 4, &[change("a/b", 1, 1)]);
-        assert_eq!(cache.apply(&key, NodeId(9), 1, 6, &[change("a/c", 2, 1)]), Applied::Gap, "5 went missing");
+        cache.insert(key, NodeId(9), 1, 4, &[change("a/b", 1, 1)], false);
+        assert_eq!(cache.apply(&key, NodeId(9), 1, 6, &[change("a/c", 2, 1)], false), Applied::Gap, "5 went missing");
         assert!(!cache.contains(&key));
         assert_eq!(cache.entries(), 0);
-        cache.insert(key, NodeId(9), 2, 6, &[]);
-        assert_eq!(cache.apply(&key, NodeId(9), 2, 6, &[]), Applied::Gap, "a repeated version is no successor");
+        cache.insert(key, NodeId(9), 2, 6, &[], false);
+        assert_eq!(cache.apply(&key, NodeId(9), 2, 6, &[], false), Applied::Gap, "a repeated version is no successor");
     }
 
     #[test]
@@ -308,15 +332,15 @@ mod tests {
         let mut cache = RouteCache::new(3);
         let keys: Vec<ShardKey> = (0..4).map(|i| ShardKey::of_prefix(&format!("k{i}"))).collect();
         for (i, key) in keys[..3].iter().enumerate() {
-            assert!(cache.insert(*key, NodeId(i as u64), 7, 0, &[change("x", 1, 1)]).is_empty());
+            assert!(cache.insert(*key, NodeId(i as u64), 7, 0, &[change("x", 1, 1)], false).is_empty());
         }
         cache.get(&keys[0]);
-        let evicted = cache.insert(keys[3], NodeId(3), 7, 0, &[change("x", 1, 1)]);
+        let evicted = cache.insert(keys[3], NodeId(3), 7, 0, &[change("x", 1, 1)], false);
         assert_eq!(evicted, vec![(keys[1], NodeId(1), 7)]);
         assert!(cache.contains(&keys[0]) && !cache.contains(&keys[1]));
         // A shard larger than the whole cache stays, alone.
         let big: Vec<RouteChange> = (0..10).map(|n| change("y", n, 1)).collect();
-        let evicted = cache.insert(keys[1], NodeId(1), 8, 0, &big);
+        let evicted = cache.insert(keys[1], NodeId(1), 8, 0, &big, false);
         assert_eq!(evicted.len(), 3);
         assert_eq!(cache.shards(), 1);
     }

@@ -16,6 +16,7 @@ use super::frame::{RouteChange, RouteOp};
 use super::id::{FastMap, NodeId, StableHasher};
 use super::ownership::Owners;
 use smallvec::SmallVec;
+use std::collections::HashSet;
 
 /// Subscribers per node, sorted by node.
 pub type NodeCounts = SmallVec<[(NodeId, u32); 2]>;
@@ -136,7 +137,25 @@ pub struct RouteShard {
     pub(crate) tail_at: Option<u64>,
     /// Per subscriber node, where its numbered assertions stand.
     assertions: FastMap<NodeId, AssertionSeq>,
+    /// Hot-prefix split: filters whose literal prefix goes a level deeper
+    /// than this shard's belong to the child shards (they leave this one as
+    /// their nodes move them); publishers consult the child on their path.
+    pub(crate) split: bool,
+    /// The `split` the watchers were last told.
+    pub(crate) split_pushed: bool,
+    /// The size at which the shard was last found not worth splitting (no
+    /// filter deeper than its prefix): looked at again when it doubles.
+    pub(crate) unsplittable_at: usize,
+    /// Per subscriber node sending a replacement in parts: the entries its
+    /// parts named so far (the rest of its entries go with the last part).
+    replacing: FastMap<NodeId, HashSet<EntryKey>>,
 }
+
+/// A (filter, shared group) entry of one node.
+type EntryKey = (Box<str>, Option<Box<str>>);
+
+/// Folded into [`RouteShard::replica_digest`] when the shard is split.
+pub(crate) const SPLIT_MARK: u64 = 0x5b11_7ed0_c0ff_ee01;
 
 /// Where one subscriber node's numbered assertions to this shard stand.
 #[derive(Clone, Copy, Debug, Default)]
@@ -172,6 +191,12 @@ impl RouteShard {
         self.entries == 0
     }
 
+    /// Nothing to keep: no entry, no watcher, not split (a split shard
+    /// with no entry left still tells publishers to look deeper).
+    pub fn is_idle(&self) -> bool {
+        self.entries == 0 && self.watchers.is_empty() && !self.split
+    }
+
     /// Number of distinct filters.
     pub fn filters(&self) -> usize {
         self.routes.len()
@@ -184,6 +209,16 @@ impl RouteShard {
 
     pub fn routes(&self) -> &FilterTrie<FilterRoutes> {
         &self.routes
+    }
+
+    /// What replicas compare in anti-entropy: the digest, and whether split.
+    pub fn replica_digest(&self) -> u64 {
+        self.hash ^ if self.split { SPLIT_MARK } else { 0 }
+    }
+
+    /// Where `node`'s numbered assertions stand: the last applied in order.
+    pub fn applied_seq(&self, node: NodeId) -> u64 {
+        self.assertions.get(&node).map_or(0, |a| a.applied)
     }
 
     /// Per subscriber node: its entries and their hash, sorted by node.
@@ -258,29 +293,81 @@ impl RouteShard {
         if !replace {
             return changes;
         }
-        let asserted: std::collections::HashSet<(&str, Option<&str>)> =
+        let asserted: HashSet<(&str, Option<&str>)> =
             ops.iter().filter(|op| op.count > 0).map(|op| (op.filter.as_str(), op.group.as_deref())).collect();
-        // Every asserted entry is now present; if that is all the node has
-        // here, nothing is stale and the O(shard) scan is skipped (the usual
-        // re-assertion after a move, or a repair that finds nothing).
-        if self.node_summary(node).entries as usize == asserted.len() {
-            return changes;
+        let stale = self.unasserted(node, asserted.len(), |filter, group| asserted.contains(&(filter, group)));
+        for (filter, group) in stale {
+            changes.extend(self.set(node, &filter, group.as_deref(), 0));
         }
+        changes
+    }
+
+    /// Applies one part of `node`'s assertion. A replacement too large for
+    /// one frame comes in parts: the first `replace`, every one but the last
+    /// with `more`. Each part's entries are applied as they come (nothing
+    /// the node still has disappears meanwhile); the node's entries that no
+    /// part named go with the last part.
+    pub fn assert_part(&mut self, node: NodeId, replace: bool, more: bool, ops: &[RouteOp]) -> Vec<RouteChange> {
+        if replace && !more {
+            self.replacing.remove(&node);
+            return self.assert_from(node, true, ops);
+        }
+        if replace {
+            self.replacing.insert(node, HashSet::new());
+        }
+        let mut changes = self.assert_from(node, false, ops);
+        let Some(named) = self.replacing.get_mut(&node) else { return changes };
+        for op in ops {
+            let key = (Box::from(op.filter.as_str()), op.group.as_deref().map(Box::from));
+            if op.count > 0 {
+                named.insert(key);
+            } else {
+                named.remove(&key);
+            }
+        }
+        if !more {
+            let named = self.replacing.remove(&node).expect("replacing");
+            let stale = self.unasserted(node, named.len(), |filter, group| {
+                named.contains(&(Box::from(filter), group.map(Box::from)))
+            });
+            for (filter, group) in stale {
+                changes.extend(self.set(node, &filter, group.as_deref(), 0));
+            }
+        }
+        changes
+    }
+
+    /// Forgets a replacement in parts of `node` (a part went missing: the
+    /// node is asked for a new one, and nothing is removed for this one).
+    pub fn cancel_replacement(&mut self, node: NodeId) {
+        self.replacing.remove(&node);
+    }
+
+    /// `node`'s entries here that `asserted` (of `count` entries, all
+    /// present) does not name. If the node has no more than those, nothing
+    /// is stale and the O(shard) scan is skipped (the usual re-assertion
+    /// after a move, or a repair that finds nothing).
+    fn unasserted(
+        &self,
+        node: NodeId,
+        count: usize,
+        asserted: impl Fn(&str, Option<&str>) -> bool,
+    ) -> Vec<(String, Option<String>)> {
         let mut stale = Vec::new();
+        if self.node_summary(node).entries as usize == count {
+            return stale;
+        }
         self.routes.for_each(|levels, hash, routes| {
             routes.for_each(|group, n, _| {
                 if n == node {
                     let filter = join_filter(levels, hash);
-                    if !asserted.contains(&(filter.as_str(), group)) {
+                    if !asserted(&filter, group) {
                         stale.push((filter, group.map(str::to_string)));
                     }
                 }
             })
         });
-        for (filter, group) in stale {
-            changes.extend(self.set(node, &filter, group.as_deref(), 0));
-        }
-        changes
+        stale
     }
 
     /// Places assertion `seq` of `node` in its order: a replacement
@@ -300,6 +387,7 @@ impl RouteShard {
     /// Drops every entry of `node` (it died or its entries are stale).
     pub fn remove_node(&mut self, node: NodeId) -> Vec<RouteChange> {
         self.assertions.remove(&node);
+        self.replacing.remove(&node);
         if !self.by_node.contains_key(&node) {
             return Vec::new();
         }
