@@ -15,3 +15,4 @@ mod rejoin;
 mod retained;
 mod routes;
 mod sessions;
+mod splits;
