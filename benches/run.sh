@@ -1,25 +1,31 @@
 #!/usr/bin/env bash
-# Reproduces the kadmq vs mosquitto comparison in docs/BENCHMARKS.md.
+# Reproduces the kadmq vs mosquitto vs rumqttd comparison in docs/BENCHMARKS.md.
 #
 #   benches/run.sh                 # 5 repetitions of every scenario
 #   REPEATS=3 benches/run.sh       # fewer repetitions
 #   ONLY=qos1-fanin benches/run.sh # one scenario (comma-separated list)
 #   MQTTWRK=0 benches/run.sh       # skip the mqttwrk cross-check
+#   RUMQTTD=0 benches/run.sh       # skip rumqttd
 #
 # For every repetition and scenario it starts a fresh broker process (kadmq,
-# then mosquitto; the order flips every repetition), runs kadmq-loadgen
-# against it on loopback, and kills the broker by its PID. Prints a table of
-# medians and kadmq/mosquitto ratios; raw results (one JSON object per run)
-# stay in $WORK/results.jsonl.
+# mosquitto, rumqttd; each goes first in turn), runs kadmq-loadgen against it
+# on loopback, and kills the broker by its PID. Prints a table of medians
+# and kadmq/peer ratios; raw results (one JSON object per run) stay in
+# $WORK/results.jsonl.
 #
-# Needs: cargo, python3, root for `apt-get install mosquitto` if missing.
+# Needs: cargo, python3, root for `apt-get install mosquitto` if missing;
+# rumqttd 0.20 is installed with `cargo install rumqttd` (not --locked, ~10
+# minutes, once) unless RUMQTTD=0; if it does not build, that is said and it
+# is skipped.
 set -euo pipefail
 
 REPEATS=${REPEATS:-5}
 ONLY=${ONLY:-}
 MQTTWRK=${MQTTWRK:-1}
+RUMQTTD=${RUMQTTD:-1}
 KPORT=${KPORT:-28830}
 MPORT=${MPORT:-28831}
+RPORT=${RPORT:-28832}
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 WORK=${WORK:-$(mktemp -d /tmp/kadmq-bench.XXXXXX)}
 mkdir -p "$WORK"
@@ -47,6 +53,21 @@ if ! command -v mosquitto >/dev/null; then
 fi
 # The Debian package starts a system mosquitto on 1883; we never use it.
 command -v python3 >/dev/null || { log "python3 is needed for the table"; exit 1; }
+BROKERS=(kadmq mosquitto)
+if [[ $RUMQTTD == 1 ]]; then
+    RUMQTTD_BIN=$(command -v rumqttd || true)
+    if [[ -z $RUMQTTD_BIN ]]; then
+        log "installing rumqttd (cargo install rumqttd, at most 20 minutes)"
+        if timeout 1200 cargo install rumqttd >"$WORK/rumqttd-install.log" 2>&1; then
+            RUMQTTD_BIN=$(command -v rumqttd || echo "$HOME/.cargo/bin/rumqttd")
+        else
+            log "rumqttd did not install (see $WORK/rumqttd-install.log): rumqttd skipped"
+        fi
+    fi
+    if [[ -n ${RUMQTTD_BIN:-} && -x $RUMQTTD_BIN ]]; then BROKERS+=(rumqttd); fi
+else
+    log "RUMQTTD=0: rumqttd skipped"
+fi
 
 log "building kadmq and kadmq-loadgen (release)"
 (cd "$ROOT" && cargo build --release --bin kadmq --bin kadmq-loadgen)
@@ -68,6 +89,28 @@ max_inflight_messages 1000
 max_queued_messages 1000000
 persistence false
 log_dest none
+EOF
+
+# rumqttd 0.20: its example config with one MQTT 3.1.1 listener on
+# loopback, no delay between accepted connections, 100 in flight per
+# connection (as the loadgen keeps) and no Prometheus or console listener.
+cat >"$WORK/rumqttd.toml" <<EOF
+id = 0
+[router]
+id = 0
+max_connections = 10010
+max_outgoing_packet_count = 200
+max_segment_size = 104857600
+max_segment_count = 10
+[v4.1]
+name = "v4-1"
+listen = "127.0.0.1:$RPORT"
+next_connection_delay_ms = 0
+[v4.1.connections]
+connection_timeout_ms = 60000
+max_payload_size = 20480
+max_inflight_count = 100
+dynamic_filters = true
 EOF
 
 wait_listening() {
@@ -96,6 +139,11 @@ start_broker() {
         BROKER_PID=$!
         PORT=$MPORT
         ;;
+    rumqttd)
+        "$RUMQTTD_BIN" -q -c "$WORK/rumqttd.toml" >>"$WORK/rumqttd.log" 2>&1 &
+        BROKER_PID=$!
+        PORT=$RPORT
+        ;;
     esac
     wait_listening "$PORT"
 }
@@ -115,11 +163,13 @@ SCENARIOS=(
     "qos1-fanin|--mode fan-in --publishers 8 --subscribers 1 --qos 1 --messages 20000"
     "qos2-fanin|--mode fan-in --publishers 8 --subscribers 1 --qos 2 --messages 10000"
     "qos0-fanout|--mode fan-out --publishers 1 --subscribers 8 --qos 0 --messages 25000"
+    "qos1-fanout|--mode fan-out --publishers 1 --subscribers 8 --qos 1 --messages 20000"
     "qos1-pairs|--mode pairs --publishers 8 --qos 1 --messages 20000"
     "lat-qos0|--mode fan-in --publishers 4 --subscribers 1 --qos 0 --messages 4000 --rate 1000"
     "lat-qos1|--mode fan-in --publishers 4 --subscribers 1 --qos 1 --messages 4000 --rate 1000"
 )
-COMMON="--payload 64 --mqtt-version 3 --duration-limit 60 --drain 3 --json"
+# Keep-alive 60 s: rumqttd refuses 0.
+COMMON="--payload 64 --mqtt-version 3 --keep-alive 60 --duration-limit 60 --drain 3 --json"
 
 selected() { [[ -z $ONLY ]] || [[ ",$ONLY," == *",$1,"* ]]; }
 
@@ -144,7 +194,9 @@ run_one() { # broker scenario-name rep args...
 
 log "results in $RESULTS; machine: $(nproc) CPUs, load $(cut -d' ' -f1-3 /proc/loadavg)"
 for rep in $(seq 1 "$REPEATS"); do
-    if ((rep % 2)); then order=(kadmq mosquitto); else order=(mosquitto kadmq); fi
+    # Each broker goes first in turn.
+    shift_by=$(((rep - 1) % ${#BROKERS[@]}))
+    order=("${BROKERS[@]:shift_by}" "${BROKERS[@]:0:shift_by}")
     for scenario in "${SCENARIOS[@]}"; do
         name=${scenario%%|*}
         args=${scenario#*|}
@@ -170,7 +222,7 @@ fi
 if [[ $MQTTWRK == 1 && -n $MQTTWRK_BIN ]] && selected qos1-fanin; then
     log "mqttwrk cross-check: QoS 1 fan-in, 8 publishers x 20000 -> 1 subscriber, 64 B, 100 in flight"
     for rep in 1 2 3; do
-        for broker in kadmq mosquitto; do
+        for broker in "${BROKERS[@]}"; do
             start_broker "$broker"
             tput=$(timeout 120 "$MQTTWRK_BIN" bench -S 127.0.0.1 -P "$PORT" -n 20000 -p 8 -s 1 \
                 --publish-qos 1 --subscribe-qos 1 -m 64 -i 100 2>&1 |
@@ -198,16 +250,17 @@ def fmt(v, d=0):
 def ratio(a, b):
     return "-" if not a or not b else f"{a / b:.2f}"
 print()
-print("Medians over %d repetitions (ratio = kadmq / mosquitto)" % max(r["rep"] for r in rows))
+print("Medians over %d repetitions (k/m = kadmq / mosquitto, k/r = kadmq / rumqttd; rumqttd empty when it did not run)" % max(r["rep"] for r in rows))
 print()
-print("| scenario | kadmq msg/s | mosquitto msg/s | ratio | kadmq p50 µs | mosq p50 µs | kadmq p99 µs | mosq p99 µs | p99 ratio | lost k / m |")
-print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+print("| scenario | kadmq msg/s | mosquitto msg/s | k/m | rumqttd msg/s | k/r | kadmq p50 µs | mosq p50 µs | rumqttd p50 µs | kadmq p99 µs | mosq p99 µs | rumqttd p99 µs | lost k / m / r |")
+print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+brokers = ("kadmq", "mosquitto", "rumqttd")
 for s in order:
-    kt, mt = med(s, "kadmq", "throughput_msg_s"), med(s, "mosquitto", "throughput_msg_s")
-    k50, m50 = med(s, "kadmq", "latency_p50_us"), med(s, "mosquitto", "latency_p50_us")
-    k99, m99 = med(s, "kadmq", "latency_p99_us"), med(s, "mosquitto", "latency_p99_us")
-    kl, ml = med(s, "kadmq", "lost"), med(s, "mosquitto", "lost")
-    print(f"| {s} | {fmt(kt)} | {fmt(mt)} | {ratio(kt, mt)} | {fmt(k50)} | {fmt(m50)} | {fmt(k99)} | {fmt(m99)} | {ratio(k99, m99)} | {fmt(kl)} / {fmt(ml)} |")
+    kt, mt, rt = (med(s, b, "throughput_msg_s") for b in brokers)
+    k50, m50, r50 = (med(s, b, "latency_p50_us") for b in brokers)
+    k99, m99, r99 = (med(s, b, "latency_p99_us") for b in brokers)
+    kl, ml, rl = (med(s, b, "lost") for b in brokers)
+    print(f"| {s} | {fmt(kt)} | {fmt(mt)} | {ratio(kt, mt)} | {fmt(rt)} | {ratio(kt, rt)} | {fmt(k50)} | {fmt(m50)} | {fmt(r50)} | {fmt(k99)} | {fmt(m99)} | {fmt(r99)} | {fmt(kl)} / {fmt(ml)} / {fmt(rl)} |")
 errors = [r for r in rows if r.get("errors")]
 if errors:
     print()
