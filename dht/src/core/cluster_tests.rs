@@ -752,6 +752,35 @@ fn a_hot_shard_splits_without_missing_a_publish() {
     }
 }
 
+/// A node asked to re-assert a shard it holds nothing of (a repair) keeps
+/// a record of that shard until the owners acknowledge; a filter it
+/// subscribes meanwhile is its first there. When the shard splits, that
+/// filter (a wildcard at the split level) stays in it.
+#[test]
+fn a_filter_that_stays_in_a_split_shard_is_not_withdrawn_from_it() {
+    let mut config = test_config();
+    config.split_entries = 20;
+    let mut net = Net::new(77, config, OwnershipConfig::Xor, 5);
+    let ids = net.ids();
+    let owners = net.owners_of("dev/x");
+    let node = *ids.iter().find(|n| !owners.contains(n)).expect("a node that owns no copy");
+    let repair = Frame::Reassert { shards: vec![ShardKey::of_prefix("dev")] };
+    net.handle(node, Event::Frame { from: owners[0], frame: repair });
+    // Subscribed before the owners acknowledged the (empty) re-assertion.
+    net.subscribe(node, "dev/+/t", None);
+    for i in 0..30 {
+        net.subscribe(ids[i % ids.len()], &format!("dev/d{i}/t"), None);
+    }
+    net.settle();
+    assert!(net.splits >= 1, "the shard split");
+    for publisher in net.ids() {
+        for topic in ["dev/zz/t", "dev/d3/t"] {
+            let got = net.publish(publisher, topic);
+            net.check(topic, &got).unwrap();
+        }
+    }
+}
+
 /// A shard too large for one frame is answered, re-asserted to a new owner
 /// and dropped (its node crashed) in parts, and arrives whole.
 #[test]

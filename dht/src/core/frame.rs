@@ -104,8 +104,9 @@ pub enum Frame {
     /// owner removes what no part named only with the last.
     Assert { shard: ShardKey, seq: u64, replace: bool, ops: Vec<RouteOp>, split: bool, more: bool },
     /// Owner → subscriber: assertions up to `seq` are applied and their
-    /// changes pushed to the shard's watchers. `split`: the shard is split;
-    /// the subscriber moves its deeper filters to the child shards.
+    /// changes pushed to the shard's watchers (`seq` 0: none, the frame only
+    /// tells the split). `split`: the shard is split; the subscriber moves
+    /// its deeper filters to the child shards.
     Acked { shard: ShardKey, seq: u64, split: bool },
     /// Publisher → one owner: send me the shard and watch it for me.
     Lookup { shard: ShardKey, req: u64 },
@@ -114,7 +115,7 @@ pub enum Frame {
     /// split; a publish also consults the child shard on its topic's path.
     /// `part`, `more`: a shard too large for one frame is answered in parts
     /// numbered from 0, all at `version`; `more` on every one but the last.
-    /// An asker missing a part drops the answer (and asks again).
+    /// An asker missing a part drops the answer and asks the next owner.
     LookupReply { shard: ShardKey, req: u64, version: u64, answer: LookupAnswer, split: bool, part: u32, more: bool },
     /// Publisher → owner: stop pushing the watch that lookup `req` made.
     /// (The request id keeps an unwatch meant for an older lookup from

@@ -107,8 +107,10 @@ pub struct RoutingConfig {
     /// shards' owners instead of sitting on R nodes.
     pub split_entries: usize,
     /// Bytes of entries (or operations) one frame carries at most: a
-    /// lookup answer, a re-assertion or a delta that would be larger goes in
-    /// parts (a frame is at most 16 MiB).
+    /// lookup answer, an assertion or a delta that would be larger goes in
+    /// parts (a frame is at most 16 MiB). A replacement's parts are applied
+    /// as one (what no part named goes with the last); an incremental
+    /// assertion's parts one by one.
     pub frame_chunk_bytes: usize,
 }
 
@@ -327,9 +329,11 @@ pub struct Counters {
     pub resyncs: u64,
     /// Owned shards this node split (passed `split_entries`).
     pub splits: u64,
-    /// Owned shards this node learned are split from another node.
+    /// Owned shards this node learned are split from another node (or
+    /// from its own subscriptions, as a new owner).
     pub splits_adopted: u64,
-    /// Local filters moved to a child shard after their shard split.
+    /// Local filters moved to a child shard after their shard split
+    /// (counted when the move starts).
     pub filters_moved: u64,
     /// Frames sent, by [`FrameKind`] (index: position in [`FrameKind::ALL`]).
     pub frames_sent: [u64; FRAME_KINDS],
@@ -379,7 +383,8 @@ impl LocalCounts {
 
 /// This node's filters in one shard, the shard's owners in the current
 /// view, and where the assertions to each owner stand. Kept while an owner
-/// has not acknowledged the last change, even once no filter is left.
+/// has not acknowledged the last change, even once no filter is left, and
+/// for good once it is known split (it carries the split to new owners).
 #[derive(Clone, Debug, Default)]
 struct LocalShard {
     filters: BTreeSet<Box<str>>,
@@ -425,6 +430,9 @@ struct OwnerLink {
     acked: u64,
     /// (number, stamp) of each assertion not yet acknowledged, oldest first.
     unacked: VecDeque<(u64, u64)>,
+    /// The first number sent saying the shard is split: an owner that
+    /// acknowledges it or a later one without the split missed it.
+    split_from: Option<u64>,
 }
 
 /// A point in this node's subscription changes of one shard: settled once
@@ -817,7 +825,7 @@ impl Node {
             },
         };
         let (key, depth) = self.home_of(filter);
-        self.local_shard_mut(key, depth).filters.insert(filter.into());
+        self.local_shard_mut(key, Some(depth)).filters.insert(filter.into());
         // Owners hold the subscriber count per node (one entry per filter,
         // whatever the count): every change of it is asserted.
         let op = RouteOp { filter: filter.to_string(), group: group.map(str::to_string), count };
@@ -825,14 +833,20 @@ impl Node {
         Ok(())
     }
 
-    /// The local shard `key` (of `depth` levels), made if new.
-    fn local_shard_mut(&mut self, key: ShardKey, depth: usize) -> &mut LocalShard {
+    /// The local shard `key`, made if new; `depth`, its prefix's levels,
+    /// when the caller knows them (one made for an empty re-assertion does
+    /// not: it learns them with its first filter).
+    fn local_shard_mut(&mut self, key: ShardKey, depth: Option<usize>) -> &mut LocalShard {
         if !self.local_shards.contains_key(&key) {
             let owners = self.owners(&key);
             let retry_ms = self.config.assert_retry_ms;
-            self.local_shards.insert(key, LocalShard { owners, depth, retry_ms, ..LocalShard::default() });
+            self.local_shards.insert(key, LocalShard { owners, retry_ms, ..LocalShard::default() });
         }
-        self.local_shards.get_mut(&key).expect("made")
+        let shard = self.local_shards.get_mut(&key).expect("made");
+        if let Some(depth) = depth {
+            shard.depth = depth;
+        }
+        shard
     }
 
     fn unsubscribe(
@@ -902,10 +916,16 @@ impl Node {
         shard.split = true;
         let depth = shard.depth;
         let movers: Vec<Box<str>> = shard.filters.iter().filter(|f| literal_depth(f) > depth).cloned().collect();
+        // Every owner of the shard hears of the split from us too (one may
+        // have missed it: it owned the shard before the split with others).
+        self.assert_ops(now, key, Vec::new(), out);
         let mut by_home: BTreeMap<ShardKey, Vec<Box<str>>> = BTreeMap::new();
         for filter in movers {
             let (home, home_depth) = self.home_of(&filter);
-            self.local_shard_mut(home, home_depth).filters.insert(filter.clone());
+            if home == key {
+                continue;
+            }
+            self.local_shard_mut(home, Some(home_depth)).filters.insert(filter.clone());
             by_home.entry(home).or_default().push(filter);
         }
         let mut moving = Vec::new();
@@ -960,7 +980,7 @@ impl Node {
         let link = match shard.links.iter().position(|l| l.owner == owner) {
             Some(i) => &mut shard.links[i],
             None => {
-                shard.links.push(OwnerLink { owner, seq: 0, acked: 0, unacked: VecDeque::new() });
+                shard.links.push(OwnerLink { owner, seq: 0, acked: 0, unacked: VecDeque::new(), split_from: None });
                 shard.links.last_mut().expect("pushed")
             }
         };
@@ -973,6 +993,9 @@ impl Node {
         let parts = chunked(ops, op_bytes, chunk);
         let last = parts.len() - 1;
         let mut frames = Vec::with_capacity(parts.len());
+        if split && link.split_from.is_none() {
+            link.split_from = Some(link.seq + 1);
+        }
         for (i, part) in parts.into_iter().enumerate() {
             link.seq += 1;
             if link.unacked.len() >= MAX_UNACKED {
@@ -1005,10 +1028,13 @@ impl Node {
     fn on_acked(&mut self, now: u64, from: NodeId, key: ShardKey, seq: u64, split: bool, out: &mut Vec<Action>) {
         if split {
             self.move_to_children(now, key, out);
-        } else if self.local_shards.get(&key).is_some_and(|s| s.split && s.owners.contains(&from)) {
-            // An owner that does not know the shard is split (it was an
-            // owner before the split and missed it): our entries and the
-            // split, again.
+        } else if self.local_shards.get(&key).is_some_and(|s| {
+            let told = s.link(from).and_then(|l| l.split_from).is_some_and(|first| seq >= first);
+            s.split && s.owners.contains(&from) && told
+        }) {
+            // An owner that acknowledged the split without taking it on
+            // (it lost it since): our entries and the split, again. (Acks
+            // of assertions sent before this node knew are not that.)
             self.reassert(now, key, &[from], out);
         }
         let Some(shard) = self.local_shards.get_mut(&key) else { return };
@@ -1029,6 +1055,17 @@ impl Node {
     /// Drops the local shard of `key` once it has no filter left and every
     /// owner acknowledged that (a split one stays: it carries the split).
     fn forget_if_settled(&mut self, key: ShardKey) {
+        if let Some(shard) =
+            self.local_shards.get_mut(&key).filter(|s| s.split && s.filters.is_empty() && s.all_acked())
+        {
+            // Kept for the split; the owners forgot our numbering with our
+            // last entry, so the next assertion is number 1 again.
+            for link in &mut shard.links {
+                link.seq = 0;
+                link.split_from = None;
+            }
+            return;
+        }
         if self.local_shards.get(&key).is_some_and(|s| s.filters.is_empty() && s.all_acked() && !s.split) {
             self.local_shards.remove(&key);
         }
@@ -1105,7 +1142,7 @@ impl Node {
         // Nothing here any more: the (empty) replacement is tracked until
         // acknowledged like any other. (Its depth matters only to a shard
         // with filters.)
-        self.local_shard_mut(key, 0);
+        self.local_shard_mut(key, None);
         let ops = self.local_ops(&key);
         for &owner in to {
             self.counters.reassertions += 1;
@@ -1977,8 +2014,8 @@ impl Node {
         let answer = match answer {
             LookupAnswer::Entries(entries) | LookupAnswer::Warming(entries) if current => {
                 let pending = self.cache.pending_mut(&key).expect("pending");
-                let whole = pending.parts == part;
-                pending.parts = if whole { part + 1 } else { u32::MAX };
+                let whole = pending.parts != u32::MAX && pending.parts == part;
+                pending.parts = if whole { part.saturating_add(1) } else { u32::MAX };
                 pending.partial.extend(entries);
                 if more {
                     return;
