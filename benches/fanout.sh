@@ -29,24 +29,9 @@ PID=
 cleanup() { [[ -z $PID ]] || { kill "$PID" 2>/dev/null || true; wait "$PID" 2>/dev/null || true; }; }
 trap cleanup EXIT
 
-cat >"$WORK/rumqttd.toml" <<EOF
-id = 0
-[router]
-id = 0
-max_connections = 10010
-max_outgoing_packet_count = 200
-max_segment_size = 104857600
-max_segment_count = 10
-[v4.1]
-name = "v4-1"
-listen = "127.0.0.1:$RPORT"
-next_connection_delay_ms = 0
-[v4.1.connections]
-connection_timeout_ms = 60000
-max_payload_size = 20480
-max_inflight_count = 100
-dynamic_filters = true
-EOF
+# shellcheck source=benches/rumqttd.sh
+source "$ROOT/benches/rumqttd.sh"
+write_rumqttd_config "$WORK/rumqttd.toml" "$RPORT"
 
 : >"$WORK/results.txt"
 for qos in 1 0; do
