@@ -606,8 +606,9 @@ impl Node {
             }
         };
         let mut tip_split = false;
-        let tip = self.splittable_tip(topic);
-        for (_, key) in publish_shards(topic, self.config.shard_depth) {
+        let shards = publish_shards(topic, self.config.shard_depth);
+        let tip = self.splittable_tip(topic, &shards);
+        for (_, key) in shards {
             let Some(split) = stays(&key) else { return false };
             tip_split |= split && tip.is_some_and(|(k, _)| k == key);
         }
@@ -624,11 +625,12 @@ impl Node {
 
     /// The deepest shard a publish to `topic` consults before any split,
     /// if a split could take it deeper (it is at the shard depth, not the
-    /// root, and the topic goes on).
-    fn splittable_tip(&self, topic: &str) -> Option<(ShardKey, usize)> {
+    /// root, and the topic goes on): the last of its `shards`
+    /// ([`publish_shards`]), whose key is hashed already.
+    fn splittable_tip(&self, topic: &str, shards: &[(String, ShardKey)]) -> Option<(ShardKey, usize)> {
         let depth = self.config.shard_depth;
-        let prefix = filter_prefix(topic, depth);
-        (literal_depth(topic) > depth && !prefix.is_empty()).then(|| (ShardKey::of_prefix(prefix), depth))
+        let (prefix, key) = shards.last()?;
+        (literal_depth(topic) > depth && !prefix.is_empty()).then_some((*key, depth))
     }
 
     /// Distinct local filters (shared or not).
@@ -1293,13 +1295,13 @@ impl Node {
             return Err(CoreError::InvalidTopic(topic.to_string()));
         }
         self.counters.publishes += 1;
-        let mut keys: SmallVec<[ShardKey; 4]> =
-            publish_shards(topic, self.config.shard_depth).into_iter().map(|(_, k)| k).collect();
+        let shards = publish_shards(topic, self.config.shard_depth);
+        let tip = self.splittable_tip(topic, &shards);
+        let mut keys: SmallVec<[ShardKey; 4]> = shards.into_iter().map(|(_, k)| k).collect();
         keys.sort_unstable();
         keys.dedup();
         let mut matched = Vec::new();
         let mut missing: SmallVec<[ShardKey; 4]> = SmallVec::new();
-        let tip = self.splittable_tip(topic);
         let mut parked_tip = None;
         for key in keys {
             match self.consult(now, &key, topic, msg, &mut matched) {
